@@ -1,0 +1,499 @@
+"""IR -> readable, standalone PyTorch source (`model.py`).
+
+The flat IR is regrouped by the block instances recorded on its nodes: each block becomes an
+`nn.Module` class (instances with identical structure share one), repetitions become an
+`nn.ModuleList` driven by a loop, submodules are named after spec values, single-use unnamed
+values are inlined into their consumer, and every statement carries a shape comment.
+
+Identifiers in the output come only from validated spec names (checked again here), never from
+raw spec text, so no spec can inject code. The same graph always gives the same text.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from specc.compiler.dims import Sym, fmt
+from specc.compiler.ir import DTYPES, Frame, Graph, Node, Ref, TensorType
+
+from .lowering import ATOM, HELPERS, LOWERINGS, Ctx, Expr, dim_text, lit
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Names generated code uses itself; a spec value with one of these names gets a trailing '_'.
+_TAKEN = frozenset({"torch", "nn", "F", "math", "json", "struct", "Path", "self", "Model", "MultiHeadAttention",
+                    "MLP", "ACTIVATIONS", "layer", "load", "example_inputs", "INPUTS", "DIMS", "super", "range",
+                    "float", "int", "tuple", "list", "dict", "len", "print", "None", "True", "False"})
+
+
+class CodegenError(Exception):
+    """The graph cannot be written as PyTorch source (a compiler bug, or an unsupported op)."""
+
+
+def ident(name: str) -> str:
+    if not _IDENT.match(name):
+        raise CodegenError(f"'{name}' is not a valid identifier")
+    if keyword.iskeyword(name) or name in _TAKEN:
+        return name + "_"
+    return name
+
+
+def camel(name: str) -> str:
+    parts = [p for p in name.split("_") if p]
+    return "".join(p[:1].upper() + p[1:] for p in parts) or "Block"
+
+
+def shape_comment(types: tuple[TensorType, ...]) -> str:
+    return ", ".join("(" + ", ".join(fmt(d) for d in t.shape) + ("," if t.rank == 1 else "") + ")"
+                     for t in types)
+
+
+@dataclass
+class Inst:
+    """A block instance (or the top level): its own nodes and its child instances."""
+
+    scope: tuple[Frame, ...]
+    nodes: list[int] = field(default_factory=list)  # direct nodes, in id order
+    children: list[tuple[Frame, ...]] = field(default_factory=list)
+    all_nodes: set[int] = field(default_factory=set)
+    ext: list[Ref] = field(default_factory=list)  # values from outside, in order of first use
+    outs: list[Ref] = field(default_factory=list)  # values used outside
+    cls: str = ""
+
+
+class Generator:
+    def __init__(self, graph: Graph, header: str = ""):
+        self.graph = graph
+        self.header = header
+        self.insts: dict[tuple[Frame, ...], Inst] = {}
+        self.users: dict[Ref, list[int]] = {}
+        self.output_refs = {ref for _, ref in graph.outputs}
+        self.helpers: set[str] = set()
+        self.classes: dict[Any, str] = {}  # structural signature -> class name
+        self.class_src: list[str] = []
+        self.used_class_names = {"Model", "MultiHeadAttention", "MLP"}
+
+    # -- structure ---------------------------------------------------------------------------
+    def analyse(self) -> None:
+        g = self.graph
+        self.insts[()] = Inst(())
+        for nid, node in sorted(g.nodes(), key=lambda kv: kv[0]):
+            for i in range(len(node.scope) + 1):
+                s = node.scope[:i]
+                if s not in self.insts:
+                    self.insts[s] = Inst(s)
+                    self.insts[s[:-1]].children.append(s)
+                self.insts[s].all_nodes.add(nid)
+            self.insts[node.scope].nodes.append(nid)
+            for ref in node.inputs:
+                self.users.setdefault(ref, []).append(nid)
+        for s, inst in self.insts.items():
+            if not s:
+                continue
+            for nid in sorted(inst.all_nodes):
+                for ref in g.node(nid).inputs:
+                    if ref.node not in inst.all_nodes and ref not in inst.ext:
+                        inst.ext.append(ref)
+            for nid in sorted(inst.all_nodes):
+                for i in range(len(g.node(nid).outputs)):
+                    ref = Ref(nid, i)
+                    if ref in self.output_refs or any(u not in inst.all_nodes for u in self.users.get(ref, [])):
+                        inst.outs.append(ref)
+
+    def signature(self, s: tuple[Frame, ...]) -> Any:
+        """Structure of an instance, independent of where it sits: equal signatures share a class."""
+        inst = self.insts[s]
+        order = sorted(inst.all_nodes)
+        local = {nid: i for i, nid in enumerate(order)}
+        items = []
+        for nid in order:
+            n = self.graph.node(nid)
+            ins = tuple(("in", local[r.node], r.index) if r.node in local else ("ext", inst.ext.index(r))
+                        for r in n.inputs)
+            rel_scope = tuple((f.block, f.name, f.index) for f in n.scope[len(s):])
+            items.append((n.op, n.attrs, n.outputs, ins, rel_scope, n.path[len(inst_path(s)):], n.params))
+        outs = tuple((local[r.node], r.index) for r in inst.outs)
+        return (s[-1].block if s else "", tuple(items), outs, len(inst.ext))
+
+    # -- emission ----------------------------------------------------------------------------
+    def generate(self) -> str:
+        self.analyse()
+        model_src = self.emit_class((), "Model")
+        parts = [self.header.rstrip() + "\n"]
+        for h in sorted(self.helpers):
+            parts.append(HELPERS[h].rstrip() + "\n")
+        parts.extend(self.class_src)
+        parts.append(model_src)
+        return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+
+    def class_for(self, s: tuple[Frame, ...]) -> str:
+        sig = self.signature(s)
+        if sig in self.classes:
+            return self.classes[sig]
+        base = camel(s[-1].block)
+        name, i = base, 2
+        while name in self.used_class_names:
+            name = f"{base}{i}"
+            i += 1
+        self.used_class_names.add(name)
+        self.classes[sig] = name
+        self.class_src.append(self.emit_class(s, name))
+        return name
+
+    def emit_class(self, s: tuple[Frame, ...], cls: str) -> str:
+        inst = self.insts[s]
+        g = self.graph
+        init_lines: list[str] = []
+        units = self.units(inst)
+        # __init__: submodules of direct nodes and of child instances, in unit order
+        declared: set[str] = set()
+        for kind, payload in units:
+            if kind == "node":
+                node = g.node(payload)
+                low = self.lowering(node)
+                if node.params and low.init is not None:
+                    ctor = low.init(self.ctx(node, {}, "None"), [g.type_of(r) for r in node.inputs])
+                    if ctor:
+                        init_lines.append(f"self.{ident_attr(node.path[-1])} = {ctor}")
+                        self.helpers.update(low.helpers)
+            else:
+                children = payload
+                attr = ident_attr(children[0][-1].name)
+                if attr in declared:
+                    continue
+                declared.add(attr)
+                group = [c for c in inst.children if c[-1].name == children[0][-1].name]
+                names = [self.class_for(c) for c in group]
+                if group[0][-1].index is None:
+                    init_lines.append(f"self.{attr} = {names[0]}()")
+                elif len(set(names)) == 1:
+                    init_lines.append(f"self.{attr} = nn.ModuleList([{names[0]}() for _ in range({len(group)})])")
+                else:
+                    init_lines.append(f"self.{attr} = nn.ModuleList([{', '.join(n + '()' for n in names)}])")
+        ties = self.ties(inst) if not s else []
+        body, args, symbols_used = self.emit_forward(inst, units)
+        lines = [f"class {cls}(nn.Module):"]
+        doc = self.class_doc(s)
+        lines.append(f'    """{doc}"""')
+        lines.append("")
+        lines.append("    def __init__(self):")
+        lines.append("        super().__init__()")
+        for ln in init_lines:
+            lines.append("        " + ln)
+        if ties:
+            lines.append("        self.tie_weights()")
+        lines.append("")
+        if ties:
+            lines.append("    def tie_weights(self) -> None:")
+            lines.append('        """Share the tied parameters (call again after loading weights)."""')
+            for dst, src in ties:
+                lines.append(f"        self.{dst} = self.{src}")
+            lines.append("")
+        sig_args = ", ".join(f"{a}: torch.Tensor" for a in args)
+        lines.append(f"    def forward(self{', ' if args else ''}{sig_args}):")
+        lines.extend("        " + ln if ln else "" for ln in body)
+        return "\n".join(lines) + "\n"
+
+    def class_doc(self, s: tuple[Frame, ...]) -> str:
+        if not s:
+            return f"The {self.graph.name} model."
+        return f"Block '{s[-1].block}'."
+
+    def ties(self, inst: Inst) -> list[tuple[str, str]]:
+        out = []
+        for nid, node in self.graph.nodes():
+            for p in node.params:
+                if p.tied_to:
+                    dst = ".".join(attr_path(node.path + (p.name,)))
+                    out.append((dst, ".".join(attr_path(tuple(p.tied_to.split("."))))))
+        return out
+
+    def units(self, inst: Inst) -> list[tuple[str, Any]]:
+        """Direct nodes and child instances (repeat chains as one unit) in a topological order."""
+        g = self.graph
+        unit_of: dict[int, int] = {}
+        units: list[tuple[str, Any]] = []
+        groups: dict[str, list[tuple[Frame, ...]]] = {}
+        for c in inst.children:
+            groups.setdefault(c[-1].name, []).append(c)
+        for nid in inst.nodes:
+            unit_of[nid] = len(units)
+            units.append(("node", nid))
+        for name, members in groups.items():
+            if members[0][-1].index is not None and self.chains(members):
+                idx = len(units)
+                units.append(("loop", members))
+                for m in members:
+                    for nid in self.insts[m].all_nodes:
+                        unit_of[nid] = idx
+            else:
+                for m in members:
+                    idx = len(units)
+                    units.append(("call", [m]))
+                    for nid in self.insts[m].all_nodes:
+                        unit_of[nid] = idx
+        dag = nx.DiGraph()
+        dag.add_nodes_from(range(len(units)))
+        for nid in inst.all_nodes:
+            for r in g.node(nid).inputs:
+                if r.node in unit_of and unit_of[r.node] != unit_of[nid]:
+                    dag.add_edge(unit_of[r.node], unit_of[nid])
+        if not nx.is_directed_acyclic_graph(dag):
+            raise CodegenError("block instances interleave with their surroundings")  # a pass bug
+        first = {i: min(self.unit_nodes(u)) for i, u in enumerate(units)}
+        order = nx.lexicographical_topological_sort(dag, key=lambda i: first[i])
+        return [units[i] for i in order]
+
+    def unit_nodes(self, unit: tuple[str, Any]) -> set[int]:
+        if unit[0] == "node":
+            return {unit[1]}
+        out: set[int] = set()
+        for m in unit[1]:
+            out |= self.insts[m].all_nodes
+        return out
+
+    def chains(self, members: list[tuple[Frame, ...]]) -> bool:
+        """A repeat whose instances share a class and feed each other can be a loop."""
+        if len(members) < 2:
+            return False
+        if len({self.class_for(m) for m in members}) != 1:
+            return False
+        for prev, cur in zip(members, members[1:]):
+            p, c = self.insts[prev], self.insts[cur]
+            if c.ext != p.outs or any(u not in c.all_nodes for r in p.outs for u in self.users.get(r, [])) \
+                    or any(r in self.output_refs for r in p.outs):
+                return False
+        return True
+
+    # -- forward -----------------------------------------------------------------------------
+    def lowering(self, node: Node):
+        low = LOWERINGS.get(node.op)
+        if low is None:
+            raise CodegenError(f"the PyTorch backend has no lowering for op '{node.op}'")
+        return low
+
+    def ctx(self, node: Node, dims_used: dict, device: str) -> Ctx:
+        def dim(d):
+            if isinstance(d, Sym):
+                for s in d.symbols:
+                    dims_used[s] = True
+            return dim_text(d)
+
+        return Ctx(node, dim, device, self.helpers)
+
+    def emit_forward(self, inst: Inst, units) -> tuple[list[str], list[str], set[str]]:
+        g = self.graph
+        names: dict[Ref, str] = {}
+        live_until: dict[str, int] = {}  # python name -> last statement index that reads it
+        # Arguments: block parameters (or graph inputs)
+        if inst.scope:
+            arg_names = dict((ref, name) for name, ref in g.block_args.get(inst.scope, ()))
+            args = []
+            for ref in inst.ext:
+                base = arg_names.get(ref) or g.node(ref.node).name or "x"
+                args.append(self.fresh(base, set(args)))
+                names[ref] = args[-1]
+        else:
+            args = []
+            for name, nid in g.inputs:
+                args.append(ident(name))
+                names[Ref(nid)] = args[-1]
+        # Which nodes are inlined into their single consumer
+        use_count: dict[Ref, int] = {}
+        for nid in inst.all_nodes:
+            for r in g.node(nid).inputs:
+                use_count[r] = use_count.get(r, 0) + 1
+        for r in self.output_refs:
+            use_count[r] = use_count.get(r, 0) + 1
+        direct = set(inst.nodes)
+        inline: set[int] = set()
+        for nid in inst.nodes:
+            node = g.node(nid)
+            if node.op == "input" or len(node.outputs) != 1:
+                continue
+            ref = Ref(nid)
+            consumers = self.users.get(ref, [])
+            if use_count.get(ref, 0) == 1 and len(consumers) == 1 and consumers[0] in direct \
+                    and ref not in self.output_refs and ref not in inst.outs \
+                    and (node.name in ("", node.op) or node.op == "scalar"):
+                inline.add(nid)
+        dims_used: dict[str, bool] = {}
+        device = f"{args[0]}.device" if args else "None"
+        exprs: dict[Ref, Expr] = {}
+        statements: list[tuple[list[Ref], Any, str]] = []  # (targets, rendered rhs | loop, comment)
+
+        def expr_of(ref: Ref) -> Expr:
+            if ref in exprs:
+                return exprs[ref]
+            return Expr(f"<{ref}>", ATOM)  # placeholder replaced by the variable name later
+
+        for kind, payload in units:
+            if kind == "node":
+                nid = payload
+                node = g.node(nid)
+                if node.op == "input":
+                    continue
+                low = self.lowering(node)
+                self.helpers.update(low.helpers)
+                e = low.expr(self.ctx(node, dims_used, device), [expr_of(r) for r in node.inputs])
+                if nid in inline and len(e.text) <= 72:
+                    exprs[Ref(nid)] = e
+                    continue
+                targets = [Ref(nid, i) for i in range(len(node.outputs))]
+                statements.append((targets, e, shape_comment(node.outputs)))
+            elif kind == "call":
+                (child,) = payload
+                c = self.insts[child]
+                if not c.outs:
+                    continue
+                call_args = ", ".join(expr_of(r).text for r in c.ext)
+                attr = ident_attr(child[-1].name)
+                target = f"self.{attr}" if child[-1].index is None else f"self.{attr}[{child[-1].index}]"
+                statements.append((list(c.outs), Expr(f"{target}({call_args})"),
+                                   shape_comment(tuple(g.type_of(r) for r in c.outs))))
+            else:  # loop
+                members = payload
+                first, last = self.insts[members[0]], self.insts[members[-1]]
+                statements.append((list(last.outs), ("loop", ident_attr(members[0][-1].name),
+                                                     [expr_of(r) for r in first.ext]),
+                                   shape_comment(tuple(g.type_of(r) for r in last.outs))))
+        # Name the materialised values, reusing a name once its value is dead
+        reads: dict[Ref, int] = {}
+        placeholder = re.compile(r"<%(\d+)(?:\.(\d+))?>")
+
+        def refs_in(text: str) -> list[Ref]:
+            return [Ref(int(m.group(1)), int(m.group(2) or 0)) for m in placeholder.finditer(text)]
+
+        for i, (targets, rhs, _) in enumerate(statements):
+            texts = [rhs.text] if isinstance(rhs, Expr) else [x.text for x in rhs[2]]
+            for t in texts:
+                for r in refs_in(t):
+                    reads[r] = i
+        final_reads = len(statements)
+        for r in (inst.outs if inst.scope else [ref for _, ref in g.outputs]):
+            reads[r] = final_reads
+        bound: dict[str, Ref] = {}
+        for a, ref in ((names[r], r) for r in names):
+            bound[a] = ref
+        lines: list[str] = []
+        for i, (targets, rhs, comment) in enumerate(statements):
+            texts = rhs.text if isinstance(rhs, Expr) else None
+            out_names = []
+            for r in targets:
+                node = g.node(r.node)
+                hint = self.hint_for(r, inst)
+                chosen = None
+                for cand in candidates(hint):
+                    holder = bound.get(cand)
+                    if holder is None or (reads.get(holder, -1) <= i and holder not in targets):
+                        if cand in out_names:
+                            continue
+                        chosen = cand
+                        break
+                out_names.append(chosen)
+            def fill(text: str) -> str:
+                return placeholder.sub(lambda m: names[Ref(int(m.group(1)), int(m.group(2) or 0))], text)
+            if isinstance(rhs, Expr):
+                rhs_text = fill(texts)
+                for r, n in zip(targets, out_names):
+                    names[r] = n
+                    bound[n] = r
+                lhs = ", ".join(out_names)
+                lines.append(f"{lhs} = {rhs_text}  # {comment}")
+            else:
+                _, attr, ins = rhs
+                in_texts = [fill(x.text) for x in ins]
+                for r, n in zip(targets, out_names):
+                    names[r] = n
+                    bound[n] = r
+                carried = ", ".join(out_names)
+                if in_texts != out_names:
+                    lines.append(f"{carried} = {', '.join(in_texts)}")
+                lines.append(f"for layer in self.{attr}:")
+                lines.append(f"    {carried} = layer({carried})  # {comment}")
+        outs = inst.outs if inst.scope else [ref for _, ref in g.outputs]
+        out_texts = []
+        for r in outs:
+            out_texts.append(names[r] if r in names else placeholder.sub(
+                lambda m: names[Ref(int(m.group(1)), int(m.group(2) or 0))], expr_of(r).text))
+        lines.append(f"return {', '.join(out_texts)}" if out_texts else "return None")
+        prologue = self.symbol_prologue(inst, args, names, sorted(dims_used))
+        return prologue + lines, args, set(dims_used)
+
+    def hint_for(self, ref: Ref, inst: Inst) -> str:
+        node = self.graph.node(ref.node)
+        hint = node.name or node.op
+        if node.scope != inst.scope:  # the result of a child instance: name it after the call's value
+            child = node.scope[len(inst.scope)]
+            outs = self.insts[inst.scope + (child,)].outs if child.index is None else None
+            hint = child.name if outs is None or len(outs) == 1 else f"{child.name}_{outs.index(ref)}"
+        if "," in hint:
+            parts = hint.split(",")
+            hint = parts[ref.index] if ref.index < len(parts) else node.op
+        return ident(hint) if _IDENT.match(hint) else node.op
+
+    def fresh(self, base: str, taken: set[str]) -> str:
+        base = ident(base) if _IDENT.match(base) else "x"
+        for cand in candidates(base):
+            if cand not in taken:
+                return cand
+        raise AssertionError  # pragma: no cover
+
+    def symbol_prologue(self, inst: Inst, args: list[str], names: dict[Ref, str], symbols: list[str]) -> list[str]:
+        g = self.graph
+        ins = inst.ext if inst.scope else [Ref(nid) for _, nid in g.inputs]
+        lines = []
+        for s in symbols:
+            found = None
+            for r in ins:
+                for axis, d in enumerate(g.type_of(r).shape):
+                    if d == Sym.of(s):
+                        found = (names[r], axis)
+                        break
+                if found:
+                    break
+            if found is None:
+                raise CodegenError(f"symbolic dimension {s} is not readable from the inputs of "
+                                   f"{'/'.join(inst_path(inst.scope)) or 'the model'}")
+            lines.append(f"{s} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
+        return lines
+
+
+def candidates(base: str):
+    yield base
+    i = 1
+    while True:
+        yield f"{base}_{i}"
+        i += 1
+
+
+def inst_path(s: tuple[Frame, ...]) -> tuple[str, ...]:
+    return tuple(seg for f in s for seg in f.segments)
+
+
+def ident_attr(name: str) -> str:
+    if not _IDENT.match(name) or keyword.iskeyword(name):
+        raise CodegenError(f"'{name}' is not a valid attribute name")
+    return name
+
+
+def attr_path(path: tuple[str, ...]) -> list[str]:
+    """Module path segments as attribute access: ('h', '0', 'q') -> ['h[0]', 'q']."""
+    out: list[str] = []
+    for seg in path:
+        if seg.isdigit() and out:
+            out[-1] += f"[{seg}]"
+        else:
+            out.append(ident_attr(seg))
+    return out
+
+
+def generate_source(graph: Graph, header: str) -> str:
+    return Generator(graph, header).generate()
+
+
+__all__ = ["generate_source", "CodegenError", "DTYPES", "lit"]

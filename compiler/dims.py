@@ -1,0 +1,151 @@
+"""Symbolic dimensions: integer polynomials over named symbols (B, T, ...).
+
+A dimension is a plain `int` when it is known, else a `Sym`: a sum of integer-coefficient
+monomials such as `2*B*T + 4`. Enough algebra for shapes: +, -, *, exact division, equality,
+evaluation under a binding. Sums and products normalise, so `B*T == T*B`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+Monomial = tuple[str, ...]  # sorted symbol names, with repetition for powers
+
+
+@dataclass(frozen=True)
+class Sym:
+    terms: tuple[tuple[Monomial, int], ...]  # sorted, no zero coefficients, at least one non-constant
+
+    @staticmethod
+    def of(name: str) -> "Sym":
+        return Sym(((((name,)), 1),))
+
+    # -- construction helpers ---------------------------------------------------------------
+    @staticmethod
+    def _norm(terms: dict[Monomial, int]) -> "Dim":
+        items = tuple(sorted((m, c) for m, c in terms.items() if c != 0))
+        if not items:
+            return 0
+        if len(items) == 1 and items[0][0] == ():
+            return items[0][1]
+        return Sym(items)
+
+    def _dict(self) -> dict[Monomial, int]:
+        return dict(self.terms)
+
+    # -- arithmetic ------------------------------------------------------------------------
+    def __add__(self, other: "Dim") -> "Dim":
+        d = self._dict()
+        for m, c in _terms(other).items():
+            d[m] = d.get(m, 0) + c
+        return Sym._norm(d)
+
+    __radd__ = __add__
+
+    def __neg__(self) -> "Dim":
+        return Sym._norm({m: -c for m, c in self.terms})
+
+    def __sub__(self, other: "Dim") -> "Dim":
+        return self + (-other if isinstance(other, Sym) else -other)
+
+    def __rsub__(self, other: "Dim") -> "Dim":
+        return (-self) + other
+
+    def __mul__(self, other: "Dim") -> "Dim":
+        d: dict[Monomial, int] = {}
+        for m1, c1 in self.terms:
+            for m2, c2 in _terms(other).items():
+                m = tuple(sorted(m1 + m2))
+                d[m] = d.get(m, 0) + c1 * c2
+        return Sym._norm(d)
+
+    __rmul__ = __mul__
+
+    def __str__(self) -> str:
+        parts = []
+        for m, c in sorted(self.terms, key=lambda t: (-len(t[0]), t[0])):
+            body = "*".join(m)
+            if not m:
+                parts.append(str(c))
+            elif c == 1:
+                parts.append(body)
+            elif c == -1:
+                parts.append("-" + body)
+            else:
+                parts.append(f"{c}*{body}")
+        return " + ".join(parts).replace("+ -", "- ")
+
+    __repr__ = __str__
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        return frozenset(s for m, _ in self.terms for s in m)
+
+
+Dim = Union[int, Sym]
+
+
+def _terms(d: Dim) -> dict[Monomial, int]:
+    if isinstance(d, Sym):
+        return d._dict()
+    return {(): int(d)} if d else {}
+
+
+def is_dim(x: object) -> bool:
+    return isinstance(x, Sym) or (isinstance(x, int) and not isinstance(x, bool))
+
+
+def div_exact(a: Dim, b: Dim) -> Dim | None:
+    """a / b when it divides exactly (as polynomials), else None."""
+    if isinstance(b, int):
+        if b == 0:
+            return None
+        if isinstance(a, int):
+            return a // b if a % b == 0 else None
+        if all(c % b == 0 for _, c in a.terms):
+            return Sym._norm({m: c // b for m, c in a.terms})
+        return None
+    if len(b.terms) != 1:
+        return 1 if a == b else None
+    (bm, bc), = b.terms
+    out: dict[Monomial, int] = {}
+    for m, c in _terms(a).items():
+        rest = list(m)
+        for s in bm:
+            if s not in rest:
+                return None
+            rest.remove(s)
+        if c % bc:
+            return None
+        out[tuple(rest)] = c // bc
+    return Sym._norm(out)
+
+
+def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:
+    """The integer value of a dimension under a binding of its symbols. KeyError if one is unbound."""
+    if isinstance(d, int):
+        return d
+    total = 0
+    for m, c in d.terms:
+        v = c
+        for s in m:
+            v *= bindings[s]
+        total += v
+    return total
+
+
+def symbols(d: Dim) -> frozenset[str]:
+    return d.symbols if isinstance(d, Sym) else frozenset()
+
+
+def fmt(d: Dim) -> str:
+    s = str(d)
+    return f"({s})" if isinstance(d, Sym) and len(d.terms) > 1 else s
+
+
+def product(dims) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = out * d
+    return out

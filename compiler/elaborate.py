@@ -1,0 +1,1099 @@
+"""Elaboration: a validated spec (YAML layer + parsed bodies) -> a typed `Graph`.
+
+Binds parameters (with overrides), declares symbolic dimensions, evaluates the graph body
+statement by statement, inlines block calls and repetitions (recording each instance as a `Frame`
+on its nodes), runs every op's shape rule, and checks the declared outputs.
+
+Errors never stop elaboration early: a failing statement binds its names to `POISON`, which
+silently propagates, so every independent error is reported once, with its location.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import networkx as nx
+
+from specc.dsl import ast as A
+from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
+from specc.dsl.parser import parse, walk
+from specc.dsl.schema import RESERVED, DimDecl, SpecSource, check_identifier
+from specc.dsl.yamlpos import TextOrigin
+
+from . import ops as _ops  # noqa: F401  (registers the built-in operators)
+from .dims import Dim, Sym, div_exact, fmt, is_dim
+from .ir import DTYPES, Frame, Graph, Node, Ref, TensorType
+from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
+
+OVERRIDES_FILE = "<--set>"
+DEFAULT_EXAMPLE = {"B": 2}
+DEFAULT_SYMBOL_EXAMPLE = 8
+
+#: Attribute names an nn.Module already has; a module path segment never takes one of these.
+MODULE_ATTRS = frozenset({
+    "training", "forward", "train", "eval", "parameters", "buffers", "modules", "children", "to", "cuda", "cpu",
+    "float", "double", "half", "bfloat16", "apply", "state_dict", "load_state_dict", "named_parameters",
+    "named_buffers", "named_modules", "named_children", "register_buffer", "register_parameter", "zero_grad",
+    "type", "extra_repr", "requires_grad_", "share_memory", "get_parameter", "get_submodule", "get_buffer",
+    "add_module", "register_module", "dump_patches", "call_super_init", "compile", "ipu", "xpu", "mtia",
+    "to_empty", "load", "example_inputs", "config",
+})
+
+
+class _Poison:
+    def __repr__(self) -> str:
+        return "POISON"
+
+
+POISON = _Poison()
+
+
+@dataclass(frozen=True)
+class TV:
+    """A tensor value during elaboration."""
+
+    ref: Ref
+    type: TensorType
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class OpRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class DTypeRef:
+    name: str
+
+
+@dataclass
+class Block:
+    sig: A.Signature
+    body: A.Body | None
+    span: Span
+
+
+@dataclass
+class _Scope:
+    """One block instance (or the top level) being elaborated."""
+
+    frames: tuple[Frame, ...]
+    names: set[str] = field(default_factory=set)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def claim(self, base: str, fallback: str | None = None) -> str:
+        """A unique module attribute name in this scope: `base`, else `fallback`, else a numbered one."""
+        if base in MODULE_ATTRS or keyword.iskeyword(base):
+            base = base + "_"
+        if base in self.names and fallback and fallback not in self.names:
+            base = fallback
+        name, i = base, 1
+        while name in self.names:
+            name = f"{base}_{i}"
+            i += 1
+        self.names.add(name)
+        return name
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(s for f in self.frames for s in f.segments)
+
+
+def _nodes_of_value(value: Any) -> bool:
+    return isinstance(value, TV) or (isinstance(value, (list, tuple)) and any(_nodes_of_value(v) for v in value))
+
+
+class Elaborator:
+    def __init__(self, src: SpecSource, overrides: Mapping[str, Any] | None = None,
+                 override_text: Mapping[str, tuple[str, Span]] | None = None):
+        self.src = src
+        self.spec = src.spec
+        self.doc = src.doc
+        self.errors = Collector()
+        self.overrides = dict(overrides or {})
+        self.override_text = dict(override_text or {})
+        self.sources = {src.file: src.text}
+        self.params: dict[str, Any] = {}
+        self.symbols: dict[str, tuple[int, int, int | None]] = {}
+        self.blocks: dict[str, Block] = {}
+        self.graph = Graph(self.spec.name, seed=self.spec.seed)
+        self.stack: list[str] = []  # block call stack, to refuse recursion
+
+    # -- locations ---------------------------------------------------------------------------
+    def origin(self, *path: Any) -> TextOrigin:
+        o = self.doc.origins.get(tuple(path))
+        if o is None:
+            s = self.doc.span(tuple(path))
+            return TextOrigin(s.file, s.line, s.col, False)
+        return o
+
+    def fail(self, span: Span, message: str, *notes: str) -> _Poison:
+        self.errors.error(span, message, *notes)
+        return POISON
+
+    # -- entry -------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        self.bind_params()
+        self.declare_dims()
+        self.declare_inputs()
+        self.read_blocks()
+        top = _Scope(())
+        top.env.update({name: TV(Ref(nid), self.graph.node(nid).type) for name, nid in self.graph.inputs})
+        body = parse(self.spec.graph, self.origin("graph"), "body", self.errors)
+        if body is not None:
+            self.check_order(body, set(top.env), self.doc.key_span(("graph",)))
+            self.exec_body(body, top, in_block=None)
+        self.bind_outputs(top)
+        if not self.errors:
+            self.check_symbols_known()
+        self.errors.raise_if_any(self.sources)
+        self.graph.params = dict(self.params)
+        self.graph.dims = dict(self.symbols)
+        return self.graph
+
+    # -- params and overrides ----------------------------------------------------------------
+    def bind_params(self) -> None:
+        self.params = dict(self.spec.params)
+        for name, value in self.overrides.items():
+            text, span = self.override_text.get(name, (None, Span(OVERRIDES_FILE, 1, 1)))
+            if name not in self.params:
+                span = Span(span.file, span.line, 1, span.line, len(name) + 1)
+                self.fail(span, f"unknown parameter '{name}' in override" + did_you_mean(name, self.params),
+                          f"parameters of {self.spec.name}: {', '.join(self.params) or 'none'}")
+                continue
+            default = self.params[name]
+            try:
+                self.params[name] = coerce_override(value, default)
+            except ValueError as e:
+                self.fail(span, f"bad override for '{name}': {e}")
+
+    # -- symbolic dimensions -----------------------------------------------------------------
+    def declare_dims(self) -> None:
+        for name, decl in self.spec.dims.items():
+            if name in self.params:
+                self.fail(self.doc.key_span(("dims", name)), f"'{name}' is both a parameter and a dimension")
+                continue
+            if isinstance(decl, int):
+                decl = DimDecl(example=decl)
+            hi = decl.max
+            if isinstance(hi, str):
+                expr = parse(hi, self.origin("dims", name, "max"), "expression", self.errors)
+                hi = self.const_eval(expr, "an integer") if expr is not None else None
+                if hi is POISON:
+                    hi = None
+            if hi is not None and (not isinstance(hi, int) or isinstance(hi, bool) or hi < decl.min):
+                self.fail(self.doc.span(("dims", name, "max")), f"dims.{name}.max must be an integer >= min")
+                hi = None
+            if decl.example < decl.min or (hi is not None and decl.example > hi):
+                self.fail(self.doc.span(("dims", name)),
+                          f"dims.{name}: the example {decl.example} is outside [{decl.min}, {hi if hi else 'inf'}]")
+            self.symbols[name] = (decl.example, decl.min, hi)
+
+    def const_eval(self, expr: A.Expr, want: str) -> Any:
+        scope = _Scope(())
+        v = self.ev(expr, scope, hint=None)
+        if v is POISON:
+            return POISON
+        if _nodes_of_value(v):
+            return self.fail(expr.span, f"expected {want} computed from params, not a tensor")
+        return v
+
+    def symbol(self, name: str, span: Span) -> Dim | _Poison:
+        """The dimension for an undefined name in a type: a declared or new symbolic dimension."""
+        if name in self.symbols:
+            return Sym.of(name)
+        hint = did_you_mean(name, self.params)
+        if hint or name in RESERVED:
+            return self.fail(span, f"unknown name '{name}' in a shape{hint}",
+                             "declare it under 'dims:' to make it a symbolic dimension")
+        if not check_identifier_ok(name):
+            return self.fail(span, f"'{name}' cannot be a dimension name")
+        self.symbols[name] = (DEFAULT_EXAMPLE.get(name, DEFAULT_SYMBOL_EXAMPLE), 1, None)
+        return Sym.of(name)
+
+    def eval_type(self, text: str, path: tuple, allow_range: bool) -> TensorType | _Poison:
+        te = parse(text, self.origin(*path), "tensor_type", self.errors)
+        if te is None:
+            return POISON
+        if te.dtype.id not in DTYPES:
+            return self.fail(te.dtype.span, f"unknown dtype '{te.dtype.id}'" + did_you_mean(te.dtype.id, DTYPES),
+                             f"dtypes: {', '.join(DTYPES)}")
+        dims: list[Dim] = []
+        scope = _Scope(())
+        for d in te.dims:
+            if isinstance(d, A.Name) and d.id not in self.params:
+                v = self.symbol(d.id, d.span)
+            else:
+                for sub in walk(d):
+                    if isinstance(sub, A.Name) and sub.id not in self.params and sub.id not in self.symbols:
+                        self.symbol(sub.id, sub.span)
+                v = self.ev(d, scope, hint=None)
+            if v is POISON:
+                return POISON
+            if not is_dim(v):
+                return self.fail(d.span, f"a dimension must be an integer or a symbolic dimension, got {_kind(v)}")
+            if isinstance(v, int) and v <= 0:
+                return self.fail(d.span, f"a dimension must be positive, got {v}")
+            dims.append(v)
+        rng = None
+        if te.range is not None:
+            if not allow_range:
+                return self.fail(te.range.span, "a value range is only allowed on integer inputs")
+            rng = self.eval_range(te.range, te.dtype.id)
+            if rng is POISON:
+                return POISON
+        return TensorType(te.dtype.id, tuple(dims), rng)
+
+    def eval_range(self, expr: A.Expr, dtype: str):
+        if not (isinstance(expr, A.Call) and expr.func_name == "range" and not expr.kwargs and 1 <= len(expr.args) <= 2):
+            return self.fail(expr.span, "expected 'range(hi)' or 'range(lo, hi)' after 'in'")
+        if dtype not in ("i8", "i32", "i64", "u8"):
+            return self.fail(expr.span, f"a value range needs an integer dtype, not {dtype}")
+        vals = [self.const_eval(a, "an integer") for a in expr.args]
+        if any(v is POISON for v in vals):
+            return POISON
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            return self.fail(expr.span, "range bounds must be integers")
+        lo, hi = (0, vals[0]) if len(vals) == 1 else vals
+        if hi <= lo:
+            return self.fail(expr.span, f"empty range({lo}, {hi})")
+        return (lo, hi)
+
+    def declare_inputs(self) -> None:
+        inputs = []
+        for name, text in self.spec.inputs.items():
+            t = self.eval_type(text, ("inputs", name), allow_range=True)
+            if t is POISON:
+                continue
+            span = self.doc.key_span(("inputs", name))
+            if name in self.params:
+                self.fail(span, f"input '{name}' has the same name as a parameter")
+                continue
+            nid = self.graph.add(Node("input", (), (("name", name),), (t,), span, name=name))
+            inputs.append((name, nid))
+        self.graph.inputs = tuple(inputs)
+
+    # -- blocks ------------------------------------------------------------------------------
+    def read_blocks(self) -> None:
+        for key, body_text in self.spec.blocks.items():
+            sig = parse(key, self.origin("blocks", key, "<key>"), "signature", self.errors)
+            if sig is None:
+                continue
+            name = sig.name.id
+            problem = self.name_problem(name, kind="block")
+            if problem:
+                self.fail(sig.name.span, problem)
+                continue
+            if name in self.blocks:
+                self.fail(sig.name.span, f"block '{name}' is defined twice")
+                continue
+            seen = set()
+            for p in sig.params:
+                if p.name.id in seen:
+                    self.fail(p.name.span, f"parameter '{p.name.id}' of block '{name}' is repeated")
+                seen.add(p.name.id)
+                if not check_identifier_ok(p.name.id):
+                    self.fail(p.name.span, f"'{p.name.id}' is a reserved word and cannot be a block argument")
+            body = parse(body_text, self.origin("blocks", key), "body", self.errors)
+            if body is not None:
+                self.check_order(body, {p.name.id for p in sig.params}, sig.span)
+            self.blocks[name] = Block(sig, body, sig.span)
+
+    def name_problem(self, name: str, kind: str) -> str | None:
+        if not check_identifier_ok(name):
+            return f"'{name}' is a reserved word and cannot name a {kind}"
+        if name in REGISTRY:
+            return f"'{name}' is a built-in operator and cannot name a {kind}"
+        if name in self.params:
+            return f"'{name}' is a parameter and cannot name a {kind}"
+        return None
+
+    # -- statements --------------------------------------------------------------------------
+    def check_order(self, body: A.Body, predefined: set[str], span: Span) -> None:
+        """Report names used before their definition, naming a cycle when there is one."""
+        defined = set(predefined)
+        first_def: dict[str, A.Stmt] = {}
+        for st in body.stmts:
+            if isinstance(st, A.Assign):
+                for t in st.targets:
+                    first_def.setdefault(t.id, st)
+        deps = nx.DiGraph()
+        for st in body.stmts:
+            if isinstance(st, A.Assign):
+                for t in st.targets:
+                    for n in _free_names(st.value):
+                        deps.add_edge(t.id, n)
+        self._late: dict[tuple[int, int, str], str] = getattr(self, "_late", {})
+        for st in body.stmts:
+            values = st.values if isinstance(st, A.Return) else (st.value,)
+            for v in values:
+                for sub in walk(v):
+                    if isinstance(sub, A.Name) and sub.id not in defined and sub.id in first_def:
+                        later = first_def[sub.id]
+                        note = f"'{sub.id}' is assigned at {later.span}; statements run top to bottom"
+                        if isinstance(st, A.Assign):
+                            try:
+                                cycle = nx.find_cycle(deps, sub.id)
+                                names = [e[0] for e in cycle] + [cycle[0][0]]
+                                if any(t.id in names for t in st.targets):
+                                    note = "cycle: " + " -> ".join(names)
+                            except nx.NetworkXNoCycle:
+                                pass
+                        self._late[(sub.span.line, sub.span.col, sub.id)] = note
+            if isinstance(st, A.Assign):
+                defined.update(t.id for t in st.targets)
+
+    def exec_body(self, body: A.Body, scope: _Scope, in_block: Block | None) -> Any:
+        result: Any = None
+        returned = False
+        for st in body.stmts:
+            if returned:
+                self.fail(st.span, "statement after 'return' is never run")
+                break
+            if isinstance(st, A.Return):
+                if in_block is None:
+                    self.fail(st.span, "'return' is only allowed in blocks; the graph's results are its 'outputs:'")
+                    continue
+                vals = [self.ev(v, scope, hint=None) for v in st.values]
+                result = vals[0] if len(vals) == 1 else tuple(vals)
+                returned = True
+                continue
+            self.exec_assign(st, scope)
+        if in_block is not None and not returned:
+            return self.fail(in_block.sig.span, f"block '{in_block.sig.name.id}' has no 'return' statement")
+        return result
+
+    def exec_assign(self, st: A.Assign, scope: _Scope) -> None:
+        ok = True
+        for t in st.targets:
+            problem = None
+            if not check_identifier_ok(t.id):
+                problem = f"'{t.id}' is a reserved word and cannot name a value"
+            elif t.id in self.params:
+                problem = f"'{t.id}' is a parameter; choose another name for this value"
+            elif t.id in self.symbols:
+                problem = f"'{t.id}' is a symbolic dimension; choose another name for this value"
+            elif t.id in self.blocks or t.id in REGISTRY:
+                problem = f"'{t.id}' names {'a block' if t.id in self.blocks else 'an operator'}; choose another name"
+            if problem:
+                self.fail(t.span, problem)
+                ok = False
+        hint = ",".join(t.id for t in st.targets)
+        value = self.ev(st.value, scope, hint=hint, direct=True) if ok else POISON
+        if len(st.targets) == 1:
+            scope.env[st.targets[0].id] = value
+            return
+        if value is not POISON:
+            if not isinstance(value, tuple):
+                value = self.fail(st.value.span, f"cannot unpack one value into {len(st.targets)} names")
+            elif len(value) != len(st.targets):
+                value = self.fail(st.value.span,
+                                  f"cannot unpack {len(value)} values into {len(st.targets)} names")
+        for i, t in enumerate(st.targets):
+            scope.env[t.id] = POISON if value is POISON else value[i]
+
+    # -- expressions -------------------------------------------------------------------------
+    def lookup(self, name: A.Name, scope: _Scope) -> Any:
+        n = name.id
+        if n in scope.env:
+            return scope.env[n]
+        if n in self.params:
+            return self.params[n]
+        if n in self.symbols:
+            return Sym.of(n)
+        if n in self.blocks:
+            return BlockRef(n)
+        if n in REGISTRY and REGISTRY[n].category != "internal":
+            return OpRef(n)
+        if n in DTYPES:
+            return DTypeRef(n)
+        if n == "identity":
+            return OpRef("identity")
+        late = getattr(self, "_late", {}).get((name.span.line, name.span.col, n))
+        if late:
+            return self.fail(name.span, f"'{n}' is used before it is defined", late)
+        known = set(scope.env) | set(self.params) | set(self.symbols) | set(self.blocks)
+        known |= {k for k, v in REGISTRY.items() if v.category != "internal"}
+        return self.fail(name.span, f"undefined name '{n}'" + did_you_mean(n, known))
+
+    def ev(self, e: A.Expr, scope: _Scope, hint: str | None, direct: bool = False) -> Any:
+        if isinstance(e, A.Const):
+            return e.value
+        if isinstance(e, A.Name):
+            return self.lookup(e, scope)
+        if isinstance(e, A.ListExpr):
+            items = [self.ev(i, scope, hint=None) for i in e.items]
+            if any(i is POISON for i in items):
+                return POISON
+            return tuple(items) if e.tuple_ else list(items)
+        if isinstance(e, A.Unary):
+            v = self.ev(e.operand, scope, hint=None)
+            return self.unary(e, v, scope)
+        if isinstance(e, A.BinOp):
+            if e.op in ("and", "or"):
+                left = self.ev(e.left, scope, hint=None)
+                if left is POISON:
+                    return POISON
+                if not isinstance(left, bool):
+                    return self.fail(e.left.span, f"'{e.op}' needs booleans, got {_kind(left)}")
+                if (e.op == "and" and not left) or (e.op == "or" and left):
+                    return left
+                right = self.ev(e.right, scope, hint=None)
+                if right is not POISON and not isinstance(right, bool):
+                    return self.fail(e.right.span, f"'{e.op}' needs booleans, got {_kind(right)}")
+                return right
+            left = self.ev(e.left, scope, hint=None)
+            right = self.ev(e.right, scope, hint=None)
+            return self.binary(e, left, right, scope, hint if direct else None)
+        if isinstance(e, A.IfExp):
+            cond = self.ev(e.cond, scope, hint=None)
+            if cond is POISON:
+                return POISON
+            if not isinstance(cond, bool):
+                return self.fail(e.cond.span, f"the condition of 'if' must be a boolean computed from params, "
+                                              f"got {_kind(cond)}")
+            return self.ev(e.then if cond else e.other, scope, hint, direct)
+        if isinstance(e, A.Index):
+            return self.index(e, scope, hint if direct else None)
+        if isinstance(e, A.Call):
+            return self.call(e, scope, hint if direct else None)
+        return self.fail(getattr(e, "span", Span("?", 0, 0)), "unsupported expression")  # pragma: no cover
+
+    def unary(self, e: A.Unary, v: Any, scope: _Scope) -> Any:
+        if v is POISON:
+            return POISON
+        if e.op == "not":
+            if not isinstance(v, bool):
+                return self.fail(e.span, f"'not' needs a boolean, got {_kind(v)}")
+            return not v
+        if isinstance(v, TV):
+            return v if e.op == "+" else self.make("neg", {"x": v}, {}, e.span, scope, None, {})
+        if isinstance(v, bool) or not (is_dim(v) or isinstance(v, float)):
+            return self.fail(e.span, f"unary '{e.op}' needs a number or a tensor, got {_kind(v)}")
+        return -v if e.op == "-" else v
+
+    def binary(self, e: A.BinOp, a: Any, b: Any, scope: _Scope, hint: str | None) -> Any:
+        if a is POISON or b is POISON:
+            return POISON
+        if isinstance(a, TV) or isinstance(b, TV):
+            if e.op == "@":
+                if not (isinstance(a, TV) and isinstance(b, TV)):
+                    return self.fail(e.span, "'@' needs two tensors")
+                return self.make("matmul", {"x": a, "y": b}, {}, e.span, scope, hint, {"x": e.left.span, "y": e.right.span})
+            opname = _ops.BINARY_OPS.get(e.op)
+            if opname is None:
+                return self.fail(e.span, f"operator '{e.op}' is not defined for tensors")
+            spans = {"x": e.left.span, "y": e.right.span}
+            a = self.as_tensor(a, b, e.left.span, scope)
+            b = self.as_tensor(b, a, e.right.span, scope)
+            if a is POISON or b is POISON:
+                return POISON
+            return self.make(opname, {"x": a, "y": b}, {}, e.span, scope, hint, spans)
+        try:
+            return const_arith(e.op, a, b)
+        except ValueError as err:
+            return self.fail(e.span, str(err))
+
+    def as_tensor(self, v: Any, other: Any, span: Span, scope: _Scope) -> Any:
+        """A Python number next to a tensor becomes a `scalar` node of a matching dtype."""
+        if isinstance(v, TV):
+            return v
+        if isinstance(v, bool) or not (isinstance(v, (int, float))):
+            if isinstance(v, Sym):
+                return self.fail(span, f"a symbolic dimension ({v}) cannot be used as a tensor value")
+            return self.fail(span, f"expected a tensor or a number, got {_kind(v)}")
+        odt = other.type.dtype if isinstance(other, TV) else "f32"
+        dtype = odt if (isinstance(v, int) or odt in _ops.FLOAT_DTYPES) else "f32"
+        if dtype == "bool":
+            dtype = "i64" if isinstance(v, int) else "f32"
+        return self.make("scalar", {}, {"value": v, "dtype": dtype}, span, scope, None, {})
+
+    def index(self, e: A.Index, scope: _Scope, hint: str | None) -> Any:
+        v = self.ev(e.value, scope, hint=None)
+        if v is POISON:
+            return POISON
+        if isinstance(v, (tuple, list)):
+            if len(e.items) != 1 or isinstance(e.items[0], A.Slice):
+                return self.fail(e.span, "a tuple takes one integer index")
+            i = self.ev(e.items[0], scope, hint=None)
+            if i is POISON:
+                return POISON
+            if not isinstance(i, int) or isinstance(i, bool) or not -len(v) <= i < len(v):
+                return self.fail(e.items[0].span, f"index {i} is out of range for {len(v)} values")
+            return v[i]
+        if not isinstance(v, TV):
+            return self.fail(e.value.span, f"cannot index {_kind(v)}")
+        items = []
+        for item in e.items:
+            if isinstance(item, A.Slice):
+                bounds = []
+                for b in (item.start, item.stop):
+                    bv = None if b is None else self.ev(b, scope, hint=None)
+                    if bv is POISON:
+                        return POISON
+                    if bv is not None and not is_dim(bv):
+                        return self.fail(b.span, f"slice bounds must be integers, got {_kind(bv)}")
+                    bounds.append(bv)
+                items.append(("slice", bounds[0], bounds[1]))
+            else:
+                iv = self.ev(item, scope, hint=None)
+                if iv is POISON:
+                    return POISON
+                if not isinstance(iv, int) or isinstance(iv, bool):
+                    return self.fail(item.span, f"indices must be integers, got {_kind(iv)}")
+                items.append(("int", iv))
+        return self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, hint, {"index": e.span})
+
+    # -- calls -------------------------------------------------------------------------------
+    def call(self, e: A.Call, scope: _Scope, hint: str | None) -> Any:
+        if not isinstance(e.func, A.Name):
+            return self.fail(e.func.span, "only named operators and blocks can be called")
+        fname = e.func.id
+        if fname == "repeat":
+            return self.repeat(e, scope, hint)
+        if fname in CONST_FUNCS and fname not in scope.env:
+            args = [self.ev(a, scope, hint=None) for a in e.args]
+            if any(a is POISON for a in args):
+                return POISON
+            if e.kwargs:
+                return self.fail(e.kwargs[0].span, f"{fname}() takes no keyword arguments")
+            try:
+                return CONST_FUNCS[fname](*args)
+            except (TypeError, ValueError) as err:
+                return self.fail(e.span, f"{fname}(): {err}")
+        if fname in self.blocks:
+            target: Any = BlockRef(fname)
+        elif fname in REGISTRY and REGISTRY[fname].category != "internal":
+            target = OpRef(fname)
+        else:
+            target = self.lookup(e.func, scope)
+        if target is POISON:
+            for a in e.args:
+                self.ev(a, scope, hint=None)  # still report errors inside the arguments
+            for k in e.kwargs:
+                self.ev(k.value, scope, hint=None)
+            return POISON
+        args = [self.ev(a, scope, hint=None) for a in e.args]
+        kwargs = {}
+        for k in e.kwargs:
+            if k.name in kwargs:
+                return self.fail(k.span, f"argument '{k.name}' is given twice")
+            kwargs[k.name] = self.ev(k.value, scope, hint=None)
+        if any(v is POISON for v in args) or any(v is POISON for v in kwargs.values()):
+            return POISON
+        if isinstance(target, BlockRef):
+            attr = hint if hint and "," not in hint else target.name
+            return self.call_block(self.blocks[target.name], args, kwargs, e, scope, scope.claim(attr), None)
+        if isinstance(target, OpRef) and target.name in REGISTRY:
+            return self.apply_op(REGISTRY[target.name], args, kwargs, e, scope, hint)
+        return self.fail(e.func.span, f"'{fname}' is {_kind(target)}, not an operator or a block")
+
+    def bind(self, opdef: OpDef, args: list, kwargs: dict, e: A.Call) -> tuple[dict, dict] | None:
+        """Match call arguments to the signature; returns (values, spans) by argument name."""
+        values: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        pos = list(zip(args, e.args))
+        params = list(opdef.args)
+        for i, a in enumerate(params):
+            if a.variadic:
+                rest = pos[i:]
+                if len(rest) == 1 and isinstance(rest[0][0], (list, tuple)):
+                    values[a.name] = list(rest[0][0])
+                else:
+                    values[a.name] = [v for v, _ in rest]
+                if rest:
+                    spans[a.name] = rest[0][1].span.merge(rest[-1][1].span)
+                pos = []
+                break
+            if i < len(pos):
+                values[a.name], spans[a.name] = pos[i][0], pos[i][1].span
+        else:
+            if len(pos) > len(params):
+                extra = e.args[len(params)]
+                self.fail(extra.span, f"{opdef.name}() takes at most {len(params)} positional arguments, "
+                                      f"got {len(pos)}", f"signature: {opdef.signature()}")
+                return None
+        for k in e.kwargs:
+            a = opdef.arg(k.name)
+            if a is None:
+                self.fail(k.span, f"{opdef.name}() has no argument '{k.name}'"
+                          + did_you_mean(k.name, [x.name for x in opdef.args]), f"signature: {opdef.signature()}")
+                return None
+            if k.name in values:
+                self.fail(k.span, f"{opdef.name}() got argument '{k.name}' twice")
+                return None
+            values[k.name], spans[k.name] = kwargs[k.name], k.span
+        for a in opdef.args:
+            if a.name not in values:
+                if a.required and not a.variadic:
+                    self.fail(e.span, f"{opdef.name}() is missing argument '{a.name}'",
+                              f"signature: {opdef.signature()}")
+                    return None
+                values[a.name] = [] if a.variadic else a.default
+        return values, spans
+
+    def apply_op(self, opdef: OpDef, args: list, kwargs: dict, e: A.Call, scope: _Scope, hint: str | None) -> Any:
+        bound = self.bind(opdef, args, kwargs, e)
+        if bound is None:
+            return POISON
+        values, spans = bound
+        tensors, attrs = {}, {}
+        for a in opdef.args:
+            v = values[a.name]
+            span = spans.get(a.name, e.span)
+            checked = self.check_kind(opdef, a, v, span)
+            if checked is POISON:
+                return POISON
+            (tensors if a.is_tensor else attrs)[a.name] = checked
+        return self.make(opdef.name, tensors, attrs, e.span, scope, hint, spans)
+
+    def check_kind(self, opdef: OpDef, a: Arg, v: Any, span: Span) -> Any:
+        where = f"{opdef.name}(): argument '{a.name}'"
+        k = a.kind
+        if k == "tensor":
+            return v if isinstance(v, TV) else self.fail(span, f"{where} must be a tensor, got {_kind(v)}")
+        if k == "tensor?":
+            return v if v is None or isinstance(v, TV) else self.fail(span, f"{where} must be a tensor, got {_kind(v)}")
+        if k == "tensors":
+            if isinstance(v, (list, tuple)) and all(isinstance(x, TV) for x in v):
+                return list(v)
+            return self.fail(span, f"{where} must be a list of tensors, e.g. [a, b]")
+        if k != "owner" and (isinstance(v, TV) or (isinstance(v, (list, tuple)) and any(isinstance(x, TV) for x in v))):
+            return self.fail(span, f"{where} must be a value computed from params, not a tensor")
+        if v is None and a.default is None:
+            return None
+        if k == "int":
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, Sym):
+                return self.fail(span, f"{where} must be a fixed integer, but {v} is a symbolic dimension")
+            return self.fail(span, f"{where} must be an integer, got {_kind(v)}")
+        if k == "dim":
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            return v if is_dim(v) else self.fail(span, f"{where} must be an integer or a dimension, got {_kind(v)}")
+        if k in ("float", "number"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v) if k == "float" else v
+            return self.fail(span, f"{where} must be a number, got {_kind(v)}")
+        if k == "bool":
+            return v if isinstance(v, bool) else self.fail(span, f"{where} must be true or false, got {_kind(v)}")
+        if k == "str":
+            if isinstance(v, OpRef):
+                v = v.name
+            if not isinstance(v, str):
+                return self.fail(span, f"{where} must be a string, got {_kind(v)}")
+            if a.choices and v not in a.choices:
+                return self.fail(span, f"{where} must be one of {', '.join(map(repr, a.choices))}, got {v!r}"
+                                 + did_you_mean(v, a.choices))
+            return v
+        if k == "op":
+            name = v.name if isinstance(v, OpRef) else v
+            if not isinstance(name, str) or (a.choices and name not in a.choices):
+                return self.fail(span, f"{where} must be one of {', '.join(a.choices)}, got "
+                                       f"{name if isinstance(name, str) else _kind(v)}"
+                                 + (did_you_mean(name, a.choices) if isinstance(name, str) else ""))
+            return name
+        if k == "dtype":
+            name = v.name if isinstance(v, DTypeRef) else v
+            if name not in DTYPES:
+                return self.fail(span, f"{where} must be a dtype ({', '.join(DTYPES)}), got {_kind(v)}")
+            return name
+        if k == "axis":
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            return self.fail(span, f"{where} must be an integer dimension index, got {_kind(v)}")
+        if k == "axes":
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                return tuple(v)
+            return self.fail(span, f"{where} must be a dimension index or a list of them, got {_kind(v)}")
+        if k == "dims":
+            out = []
+            for x in v:
+                if isinstance(x, float) and x.is_integer():
+                    x = int(x)
+                if not is_dim(x):
+                    return self.fail(span, f"{where} must be sizes (integers or dimensions), got {_kind(x)}")
+                out.append(x)
+            return tuple(out)
+        if k == "owner":
+            if not isinstance(v, TV):
+                return self.fail(span, f"{where} must be a value computed by a layer with a weight, got {_kind(v)}")
+            owner = self.graph.node(v.ref.node)
+            weight = next((p for p in owner.params if p.name == "weight"), None)
+            if weight is None:
+                return self.fail(span, f"{where}: the value was computed by '{owner.op}', which has no weight")
+            if weight.tied_to is not None:
+                return (weight.tied_to, weight.shape)
+            return (".".join(owner.path + ("weight",)), weight.shape)
+        if k == "any":
+            if isinstance(v, list):
+                return tuple(v)
+            return v
+        raise AssertionError(f"unknown argument kind {k}")  # pragma: no cover
+
+    def make(self, opname: str, tensors: dict, attrs: dict, span: Span, scope: _Scope, hint: str | None,
+             spans: dict[str, Span]) -> Any:
+        """Run the op's rules and add its node. Returns a TV, or a tuple of TVs for several outputs."""
+        opdef = REGISTRY[opname]
+        types = {k: (None if v is None else [x.type for x in v] if isinstance(v, list) else v.type)
+                 for k, v in tensors.items()}
+        bounds = {s: (lo, hi) for s, (_, lo, hi) in self.symbols.items()}
+        call = OpCall(opname, types, attrs, bounds)
+        try:
+            outs = opdef.infer(call)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            params = tuple(opdef.params(call)) if opdef.params else ()
+        except OpError as err:
+            return self.fail(spans.get(err.arg or "", span) if err.arg else span, err.message)
+        inputs: list[Ref] = []
+        for a in opdef.tensor_args:
+            v = tensors.get(a.name)
+            if isinstance(v, list):
+                inputs.extend(x.ref for x in v)
+            elif v is not None:
+                inputs.append(v.ref)
+        stored = []
+        for a in opdef.args:
+            if a.is_tensor:
+                if a.kind == "tensors":
+                    stored.append((f"{a.name}#", len(tensors[a.name])))
+                elif a.kind == "tensor?":
+                    stored.append((f"{a.name}?", tensors[a.name] is not None))
+            else:
+                stored.append((a.name, attrs[a.name]))
+        name = hint or opname
+        path = scope.path + (scope.claim(name if "," not in name else opname, opname),) if params else ()
+        node = Node(opname, tuple(inputs), tuple(stored), outs, span, name=name, scope=scope.frames,
+                    params=params, path=path)
+        nid = self.graph.add(node)
+        if len(outs) == 1:
+            return TV(Ref(nid, 0), outs[0])
+        return tuple(TV(Ref(nid, i), t) for i, t in enumerate(outs))
+
+    # -- blocks and repetition ---------------------------------------------------------------
+    def call_block(self, block: Block, args: list, kwargs: dict, e: A.Call, scope: _Scope, attr: str,
+                   index: int | None) -> Any:
+        name = block.sig.name.id
+        if name in self.stack:
+            return self.fail(e.span, f"block '{name}' calls itself (through {' -> '.join(self.stack + [name])})")
+        if block.body is None:
+            return POISON
+        params = block.sig.params
+        if len(args) > len(params):
+            return self.fail(e.span, f"block '{name}' takes {len(params)} arguments, got {len(args)}",
+                             f"defined at {block.span}")
+        env: dict[str, Any] = {}
+        for p, v in zip(params, args):
+            env[p.name.id] = v
+        for k, v in kwargs.items():
+            if k not in {p.name.id for p in params}:
+                return self.fail(e.span, f"block '{name}' has no argument '{k}'"
+                                 + did_you_mean(k, [p.name.id for p in params]), f"defined at {block.span}")
+            if k in env:
+                return self.fail(e.span, f"block '{name}' got argument '{k}' twice")
+            env[k] = v
+        for p in params:
+            if p.name.id not in env:
+                if p.default is None:
+                    return self.fail(e.span, f"block '{name}' is missing argument '{p.name.id}'",
+                                     f"defined at {block.span}")
+                env[p.name.id] = self.ev(p.default, _Scope(()), hint=None)
+        inner = _Scope(scope.frames + (Frame(name, attr, index),), env=env)
+        self.graph.block_args[inner.frames] = tuple((k, v.ref) for k, v in env.items() if isinstance(v, TV))
+        self.stack.append(name)
+        try:
+            before = len(self.errors.diagnostics)
+            result = self.exec_body(block.body, inner, in_block=block)
+            for i in range(before, len(self.errors.diagnostics)):
+                d = self.errors.diagnostics[i]
+                if not any(n.startswith("in block") for n in d.notes):
+                    self.errors.diagnostics[i] = d.with_note(f"in block '{name}' called at {e.span}")
+        finally:
+            self.stack.pop()
+        return result
+
+    def repeat(self, e: A.Call, scope: _Scope, hint: str | None) -> Any:
+        if len(e.args) < 3:
+            return self.fail(e.span, "repeat(n, block, x, ...) needs a count, a block and at least one value")
+        n = self.ev(e.args[0], scope, hint=None)
+        blk = self.ev(e.args[1], scope, hint=None)
+        carried = [self.ev(a, scope, hint=None) for a in e.args[2:]]
+        kwargs = {k.name: self.ev(k.value, scope, hint=None) for k in e.kwargs}
+        if n is POISON or blk is POISON or any(v is POISON for v in carried + list(kwargs.values())):
+            return POISON
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return self.fail(e.args[0].span, f"repeat count must be a non-negative integer, got {_kind(n)}")
+        if not isinstance(blk, BlockRef):
+            return self.fail(e.args[1].span, f"repeat needs a block name, got {_kind(blk)}")
+        block = self.blocks[blk.name]
+        attr = scope.claim(hint if hint and "," not in hint else blk.name)
+        state = tuple(carried)
+        for i in range(n):
+            out = self.call_block(block, list(state), kwargs, e, scope, attr, i)
+            if out is POISON:
+                return POISON
+            out = out if isinstance(out, tuple) else (out,)
+            if len(out) != len(state):
+                return self.fail(e.span, f"block '{blk.name}' returns {len(out)} values but repeat carries "
+                                         f"{len(state)}; a repeated block must return what it takes")
+            state = out
+        return state[0] if len(state) == 1 else state
+
+    def check_symbols_known(self) -> None:
+        """Every symbolic dimension the graph uses must be readable from an input's shape at run time."""
+        known: set[str] = set()
+        for _, nid in self.graph.inputs:
+            known |= self.graph.node(nid).type.symbols()
+        reported: set[str] = set()
+        for _, node in self.graph.nodes():
+            used: set[str] = set()
+            for t in node.outputs:
+                used |= t.symbols()
+            for k, v in node.attrs:
+                used |= _attr_symbols(v)
+            for s in sorted(used - known - reported):
+                reported.add(s)
+                self.fail(node.span, f"symbolic dimension '{s}' appears in no input's shape, so its value is "
+                                     f"unknown when the model runs")
+
+    # -- outputs -----------------------------------------------------------------------------
+    def bind_outputs(self, top: _Scope) -> None:
+        outputs = []
+        for name, declared in self.spec.outputs.items():
+            kspan = self.doc.key_span(("outputs", name))
+            if name not in top.env:
+                self.fail(kspan, f"output '{name}' is not defined by the graph" + did_you_mean(name, top.env))
+                continue
+            v = top.env[name]
+            if v is POISON:
+                continue
+            if not isinstance(v, TV):
+                self.fail(kspan, f"output '{name}' must be a tensor, got {_kind(v)}")
+                continue
+            if declared is not None:
+                want = self.eval_type(declared, ("outputs", name), allow_range=False)
+                if want is not POISON:
+                    self.check_output_type(name, want, v.type, self.doc.span(("outputs", name)), v.ref)
+            outputs.append((name, v.ref))
+        self.graph.outputs = tuple(outputs)
+
+    def check_output_type(self, name: str, want: TensorType, got: TensorType, span: Span, ref: Ref) -> None:
+        where = f"computed at {self.graph.node(ref.node).span}"
+        if want.dtype != got.dtype:
+            self.fail(span, f"output '{name}': declared dtype {want.dtype} but the graph computes {got.dtype}", where)
+        elif want.rank != got.rank:
+            self.fail(span, f"output '{name}': declared {want} (rank {want.rank}) but the graph computes "
+                            f"{_plain(got)} (rank {got.rank})", where)
+        else:
+            for i, (a, b) in enumerate(zip(want.shape, got.shape)):
+                if a != b:
+                    self.fail(span, f"output '{name}': declared {want} but the graph computes {_plain(got)}: "
+                                    f"dimension {i} is {fmt(b)}, declared {fmt(a)}", where)
+                    break
+
+
+# ---------------------------------------------------------------------------------------------
+# constant helpers
+# ---------------------------------------------------------------------------------------------
+
+def _plain(t: TensorType) -> str:
+    return str(TensorType(t.dtype, t.shape))
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, TV):
+        return f"a tensor {_plain(v.type)}"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, int):
+        return f"the integer {v}"
+    if isinstance(v, float):
+        return f"the number {v:g}"
+    if isinstance(v, str):
+        return f"the string {v!r}"
+    if isinstance(v, Sym):
+        return f"the dimension {v}"
+    if v is None:
+        return "none"
+    if isinstance(v, BlockRef):
+        return f"the block '{v.name}'"
+    if isinstance(v, OpRef):
+        return f"the operator '{v.name}'"
+    if isinstance(v, DTypeRef):
+        return f"the dtype {v.name}"
+    if isinstance(v, (list, tuple)):
+        return f"a list of {len(v)} values"
+    return type(v).__name__
+
+
+def _num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or isinstance(v, Sym)
+
+
+def const_arith(op: str, a: Any, b: Any) -> Any:
+    """Arithmetic on compile-time values. `/` on integers stays an integer when it divides exactly."""
+    if op in ("==", "!="):
+        return (a == b) if op == "==" else (a != b)
+    if op == "+" and isinstance(a, str) and isinstance(b, str):
+        return a + b
+    if not (_num(a) and _num(b)):
+        raise ValueError(f"operator '{op}' is not defined for {_kind(a)} and {_kind(b)}")
+    if op in ("<", "<=", ">", ">="):
+        if isinstance(a, Sym) or isinstance(b, Sym):
+            raise ValueError("symbolic dimensions cannot be compared")
+        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+    sym = isinstance(a, Sym) or isinstance(b, Sym)
+    if sym:
+        if isinstance(a, float) or isinstance(b, float):
+            raise ValueError("a symbolic dimension can only be combined with integers")
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        if op in ("/", "//"):
+            q = div_exact(a, b)
+            if q is None:
+                raise ValueError(f"{fmt(a)} is not divisible by {fmt(b)}")
+            return q
+        raise ValueError(f"operator '{op}' is not defined for symbolic dimensions")
+    try:
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        if op == "/":
+            if isinstance(a, int) and isinstance(b, int) and b and a % b == 0:
+                return a // b
+            return a / b
+        if op == "//":
+            return a // b
+        if op == "%":
+            return a % b
+        if op == "**":
+            r = a ** b
+            if isinstance(r, complex) or (isinstance(r, (int, float)) and abs(r) > 1e300):
+                raise ValueError("result out of range")
+            return r
+    except ZeroDivisionError:
+        raise ValueError("division by zero") from None
+    except OverflowError:
+        raise ValueError("result out of range") from None
+    raise ValueError(f"operator '{op}' is not defined for numbers")
+
+
+def _const_sqrt(x: Any) -> float:
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0:
+        raise ValueError("expects a non-negative number")
+    return math.sqrt(x)
+
+
+def _int(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"cannot convert {_kind(x)} to an integer")
+    return int(x)
+
+
+def _float(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"cannot convert {_kind(x)} to a number")
+    return float(x)
+
+
+def _minmax(f):
+    def g(*xs):
+        if not xs or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            raise ValueError("expects numbers")
+        return f(xs)
+    return g
+
+
+CONST_FUNCS = {"min": _minmax(min), "max": _minmax(max), "int": _int, "float": _float, "sqrt": _const_sqrt}
+
+
+def _attr_symbols(v: Any) -> set[str]:
+    if isinstance(v, Sym):
+        return set(v.symbols)
+    if isinstance(v, (list, tuple)):
+        out: set[str] = set()
+        for x in v:
+            out |= _attr_symbols(x)
+        return out
+    return set()
+
+
+def _free_names(e: A.Expr) -> set[str]:
+    return {s.id for s in walk(e) if isinstance(s, A.Name)}
+
+
+def check_identifier_ok(name: str) -> bool:
+    try:
+        check_identifier(name)
+        return True
+    except ValueError:
+        return False
+
+
+def coerce_override(value: Any, default: Any) -> Any:
+    """Convert an override (a CLI string or a Python value) to the type of the parameter's default."""
+    if isinstance(value, str) and not isinstance(default, str):
+        text = value.strip()
+        if isinstance(default, bool):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if isinstance(default, int):
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        if isinstance(default, float):
+            try:
+                v = float(text)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+            if not math.isfinite(v):
+                raise ValueError(f"expected a finite number, got {value!r}")
+            return v
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def elaborate(src: SpecSource, overrides: Mapping[str, Any] | None = None,
+              override_text: Mapping[str, tuple[str, Span]] | None = None) -> Graph:
+    """Elaborate a validated spec into a typed Graph. Raises SpecError with every problem found."""
+    return Elaborator(src, overrides, override_text).run()
+
+
+__all__ = ["elaborate", "Elaborator", "OVERRIDES_FILE", "coerce_override", "Diagnostic", "SpecError", "REQUIRED"]

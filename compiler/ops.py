@@ -1,0 +1,603 @@
+"""The operators of specc, each declared once: signature, shape and dtype rule, parameters, FLOPs.
+
+Conventions: FLOPs count a multiply-add as 2; elementwise ops count one per output element;
+parameter initialisers follow PyTorch's defaults so generated modules behave like hand-written ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .dims import Dim, Sym, div_exact, fmt, product
+from .ir import FLOAT_DTYPES, INT_DTYPES, Init, TensorType
+from .registry import Arg, OpCall, OpError, op, param, uniform_fan_in
+
+T = TensorType
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def shape_str(t: TensorType) -> str:
+    return str(TensorType(t.dtype, t.shape))
+
+
+def norm_axis(axis: int, rank: int, op_name: str, arg: str = "dim") -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise OpError(f"{op_name}: dimension {axis} is out of range for a rank-{rank} tensor", arg)
+    return axis % rank if rank else 0
+
+
+def need_float(t: TensorType, op_name: str, arg: str = "x") -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise OpError(f"{op_name}: expected a floating-point tensor for '{arg}', got {shape_str(t)}", arg)
+
+
+def need_rank(t: TensorType, lo: int, op_name: str, arg: str = "x", hi: int | None = None) -> None:
+    if t.rank < lo or (hi is not None and t.rank > hi):
+        want = f"rank {lo}" if hi == lo else (f"rank >= {lo}" if hi is None else f"rank {lo} to {hi}")
+        raise OpError(f"{op_name}: expected a tensor of {want} for '{arg}', got {shape_str(t)}", arg)
+
+
+def fixed_width(d: Dim, op_name: str, what: str, arg: str = "x") -> int:
+    if not isinstance(d, int):
+        raise OpError(f"{op_name}: the {what} must be a fixed size, but it is the symbolic dimension {d}", arg)
+    return d
+
+
+def broadcast(a: TensorType, b: TensorType, op_name: str) -> tuple[Dim, ...]:
+    out: list[Dim] = []
+    n = max(a.rank, b.rank)
+    for i in range(1, n + 1):
+        da = a.shape[-i] if i <= a.rank else 1
+        db = b.shape[-i] if i <= b.rank else 1
+        if da == db or db == 1:
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        else:
+            raise OpError(f"{op_name}: cannot broadcast {shape_str(a)} with {shape_str(b)}: "
+                          f"dimension -{i} is {fmt(da)} vs {fmt(db)}", "y")
+    return tuple(reversed(out))
+
+
+def promote(a: str, b: str) -> str:
+    if a == b:
+        return a
+    order = ["bool", "u8", "i8", "i32", "i64", "f16", "bf16", "f32", "f64"]
+    if {a, b} == {"f16", "bf16"}:
+        return "f32"
+    return max(a, b, key=order.index)
+
+
+def numel(t: TensorType) -> Dim:
+    return t.numel()
+
+
+def elementwise_flops(c: OpCall, outs) -> Dim:
+    return numel(outs[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and constants
+# ---------------------------------------------------------------------------------------------
+
+@op("input", Arg("type", "any"), Arg("name", "str"), category="internal")
+def _input(c: OpCall):
+    """A graph input."""
+    return c.a("type")
+
+
+@op("scalar", Arg("value", "number"), Arg("dtype", "dtype", "f32"), category="internal")
+def _scalar(c: OpCall):
+    """A constant scalar (a 0-d tensor), e.g. the 0.5 in `x * 0.5`."""
+    return T(c.a("dtype"), ())
+
+
+@op("arange", Arg("n", "dim"), Arg("dtype", "dtype", "i64"), flops=lambda c, o: 0)
+def _arange(c: OpCall):
+    """arange(n): the integers 0..n-1 (positions), as i64[n]."""
+    n = c.a("n")
+    hi = n if isinstance(n, int) else _max_of(n, c)
+    return T(c.a("dtype"), (n,), (0, hi) if hi is not None else None)
+
+
+def _max_of(d: Dim, c: OpCall) -> int | None:
+    if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+        lo_hi = c.bounds.get(d.terms[0][0][0])
+        return lo_hi[1] if lo_hi else None
+    return None
+
+
+@op("cast", Arg("x", "tensor"), Arg("dtype", "dtype"), flops=elementwise_flops)
+def _cast(c: OpCall):
+    """cast(x, dtype): convert to another dtype, e.g. cast(ids, f32)."""
+    return T(c.a("dtype"), c.t("x").shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise
+# ---------------------------------------------------------------------------------------------
+
+def _unary(name: str, doc: str, float_only: bool = True, extra: tuple[Arg, ...] = (), cost: int = 1):
+    def infer(c: OpCall):
+        x = c.t("x")
+        if float_only:
+            need_float(x, name)
+        return x if x.value_range is None else T(x.dtype, x.shape)
+
+    infer.__doc__ = doc
+    op(name, Arg("x", "tensor"), *extra, flops=lambda c, o: cost * numel(o[0]), category="activation")(infer)
+
+
+_unary("relu", "relu(x) = max(x, 0).")
+_unary("gelu", "gelu(x, approximate='none'|'tanh').", extra=(Arg("approximate", "str", "none", ("none", "tanh")),),
+       cost=8)
+_unary("silu", "silu(x) = x * sigmoid(x).", cost=4)
+_unary("tanh", "tanh(x).", cost=4)
+_unary("sigmoid", "sigmoid(x).", cost=4)
+_unary("exp", "exp(x).", cost=2)
+_unary("log", "log(x).", cost=2)
+_unary("sqrt", "sqrt(x).", cost=2)
+_unary("abs", "abs(x).", float_only=False)
+_unary("neg", "neg(x) = -x.", float_only=False)
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+
+
+def _binary(name: str, doc: str):
+    def infer(c: OpCall):
+        x, y = c.t("x"), c.t("y")
+        if (x.dtype == "bool") != (y.dtype == "bool") and name != "mul":
+            raise OpError(f"{name}: cannot combine {shape_str(x)} and {shape_str(y)}", "y")
+        dtype = promote(x.dtype, y.dtype)
+        if name == "div" and dtype not in FLOAT_DTYPES:
+            dtype = "f32"
+        return T(dtype, broadcast(x, y, name))
+
+    infer.__doc__ = doc
+    op(name, Arg("x", "tensor"), Arg("y", "tensor"), flops=elementwise_flops, category="elementwise")(infer)
+
+
+_binary("add", "x + y, with broadcasting.")
+_binary("sub", "x - y, with broadcasting.")
+_binary("mul", "x * y, with broadcasting.")
+_binary("div", "x / y, with broadcasting (true division).")
+_binary("pow", "x ** y, with broadcasting.")
+
+BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
+
+
+# ---------------------------------------------------------------------------------------------
+# layers with parameters
+# ---------------------------------------------------------------------------------------------
+
+def _linear_params(c: OpCall):
+    x = c.t("x")
+    fan_in = fixed_width(x.shape[-1], "linear", "input width (last dimension of x)")
+    out = c.a("out")
+    ps = [param("weight", (out, fan_in), uniform_fan_in(fan_in), op="linear", arg="out")]
+    tie = c.a("tie")
+    if tie is not None:
+        owner, shape = tie
+        if tuple(shape) != (out, fan_in):
+            raise OpError(f"linear: cannot tie to {owner} of shape [{', '.join(map(str, shape))}]; "
+                          f"this layer's weight has shape [{out}, {fan_in}]", "tie")
+        ps[0] = dataclasses.replace(ps[0], tied_to=owner)
+    if c.a("bias"):
+        ps.append(param("bias", (out,), uniform_fan_in(fan_in), op="linear", arg="out"))
+    return ps
+
+
+def _linear_flops(c: OpCall, outs):
+    x = c.t("x")
+    return 2 * numel(outs[0]) * x.shape[-1] + (numel(outs[0]) if c.a("bias") else 0)
+
+
+@op("linear", Arg("x", "tensor"), Arg("out", "int"), Arg("bias", "bool", True), Arg("tie", "owner", None),
+    params=_linear_params, flops=_linear_flops, category="layer")
+def _linear(c: OpCall):
+    """linear(x, out, bias=true, tie=none): x @ W^T + b over the last dimension.
+
+    tie=v shares the weight of the layer that computed v (e.g. an embedding: a tied output head).
+    """
+    x = c.t("x")
+    need_float(x, "linear")
+    need_rank(x, 1, "linear")
+    if c.a("out") <= 0:
+        raise OpError(f"linear: out must be positive, got {c.a('out')}", "out")
+    fixed_width(x.shape[-1], "linear", "input width (last dimension of x)")
+    return T(x.dtype, x.shape[:-1] + (c.a("out"),))
+
+
+@op("embedding", Arg("ids", "tensor"), Arg("num", "int"), Arg("dim", "int"),
+    params=lambda c: [param("weight", (c.a("num"), c.a("dim")), Init("normal", (1.0, 0.0)), op="embedding",
+                            arg="num")],
+    flops=lambda c, o: 0, category="layer")
+def _embedding(c: OpCall):
+    """embedding(ids, num, dim): a table of `num` rows of width `dim`, indexed by integer ids."""
+    ids = c.t("ids")
+    if ids.dtype not in INT_DTYPES:
+        raise OpError(f"embedding: ids must be an integer tensor, got {shape_str(ids)}", "ids")
+    num = c.a("num")
+    if ids.value_range is not None and (ids.value_range[0] < 0 or ids.value_range[1] > num):
+        lo, hi = ids.value_range
+        raise OpError(f"embedding: ids take values in range({lo}, {hi}), outside the table of {num} rows", "ids")
+    return T("f32", ids.shape + (c.a("dim"),))
+
+
+def _norm_params(name: str, with_bias: bool):
+    def params(c: OpCall):
+        if not c.a("affine"):
+            return []
+        d = fixed_width(c.t("x").shape[-1], name, "normalised width (last dimension of x)")
+        ps = [param("weight", (d,), Init("ones"), op=name)]
+        if with_bias and c.a("bias"):
+            ps.append(param("bias", (d,), Init("zeros"), op=name))
+        return ps
+
+    return params
+
+
+@op("layer_norm", Arg("x", "tensor"), Arg("eps", "float", 1e-5), Arg("affine", "bool", True),
+    Arg("bias", "bool", True), params=_norm_params("layer_norm", True),
+    flops=lambda c, o: 5 * numel(o[0]), category="layer")
+def _layer_norm(c: OpCall):
+    """layer_norm(x, eps=1e-5, affine=true, bias=true): normalise over the last dimension."""
+    x = c.t("x")
+    need_float(x, "layer_norm")
+    need_rank(x, 1, "layer_norm")
+    return x
+
+
+@op("rms_norm", Arg("x", "tensor"), Arg("eps", "float", 1e-6), Arg("affine", "bool", True),
+    params=_norm_params("rms_norm", False), flops=lambda c, o: 4 * numel(o[0]), category="layer")
+def _rms_norm(c: OpCall):
+    """rms_norm(x, eps=1e-6, affine=true): x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    x = c.t("x")
+    need_float(x, "rms_norm")
+    need_rank(x, 1, "rms_norm")
+    return x
+
+
+@op("dropout", Arg("x", "tensor"), Arg("p", "float", 0.1), flops=lambda c, o: 0, category="layer")
+def _dropout(c: OpCall):
+    """dropout(x, p=0.1): zero elements with probability p while training; identity at inference."""
+    if not 0.0 <= c.a("p") < 1.0:
+        raise OpError(f"dropout: p must be in [0, 1), got {c.a('p')}", "p")
+    need_float(c.t("x"), "dropout")
+    return c.t("x")
+
+
+def _attention_params(c: OpCall):
+    x, kv = c.t("x"), c.t("kv")
+    d = fixed_width(x.shape[-1], "attention", "model width (last dimension of x)")
+    dkv = d if kv is None else fixed_width(kv.shape[-1], "attention", "width of kv", "kv")
+    ps = []
+    for proj, fan_in in (("q", d), ("k", dkv), ("v", dkv), ("o", d)):
+        ps.append(param(f"{proj}.weight", (d, fan_in), uniform_fan_in(fan_in), op="attention"))
+        if c.a("bias"):
+            ps.append(param(f"{proj}.bias", (d,), uniform_fan_in(fan_in), op="attention"))
+    return ps
+
+
+def _attention_flops(c: OpCall, outs):
+    x, kv = c.t("x"), c.t("kv")
+    kv = kv or x
+    b_t = product(x.shape[:-1])
+    b_s = product(kv.shape[:-1])
+    d = x.shape[-1]
+    t, s = x.shape[-2], kv.shape[-2]
+    batch = product(x.shape[:-2])
+    proj = 2 * b_t * d * d * 2 + 2 * b_s * kv.shape[-1] * d * 2
+    scores = 2 * batch * t * s * d * 2  # QK^T and AV
+    return proj + scores + 5 * batch * c.a("heads") * t * s
+
+
+@op("attention", Arg("x", "tensor"), Arg("heads", "int"), Arg("causal", "bool", False),
+    Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
+    params=_attention_params, flops=_attention_flops, category="layer")
+def _attention(c: OpCall):
+    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0): multi-head softmax attention.
+
+    Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x). With causal,
+    position t attends only to positions <= t.
+    """
+    x, kv = c.t("x"), c.t("kv")
+    need_float(x, "attention")
+    need_rank(x, 2, "attention")
+    heads = c.a("heads")
+    d = fixed_width(x.shape[-1], "attention", "model width (last dimension of x)")
+    if heads <= 0 or d % heads:
+        raise OpError(f"attention: the width {d} is not divisible by heads={heads}", "heads")
+    if kv is not None:
+        need_float(kv, "attention", "kv")
+        need_rank(kv, 2, "attention", "kv")
+        if kv.shape[:-2] != x.shape[:-2]:
+            raise OpError(f"attention: batch dimensions of x {shape_str(x)} and kv {shape_str(kv)} differ", "kv")
+        if c.a("causal") and kv.shape[-2] != x.shape[-2]:
+            raise OpError("attention: causal attention needs kv of the same length as x", "causal")
+    if not 0.0 <= c.a("dropout") < 1.0:
+        raise OpError(f"attention: dropout must be in [0, 1), got {c.a('dropout')}", "dropout")
+    return x
+
+
+def _mlp_params(c: OpCall):
+    x = c.t("x")
+    d = fixed_width(x.shape[-1], "mlp", "input width (last dimension of x)")
+    hidden, out = c.a("hidden"), c.a("out") or d
+    ps = [param("fc1.weight", (hidden, d), uniform_fan_in(d), op="mlp", arg="hidden")]
+    if c.a("bias"):
+        ps.append(param("fc1.bias", (hidden,), uniform_fan_in(d), op="mlp", arg="hidden"))
+    ps.append(param("fc2.weight", (out, hidden), uniform_fan_in(hidden), op="mlp", arg="hidden"))
+    if c.a("bias"):
+        ps.append(param("fc2.bias", (out,), uniform_fan_in(hidden), op="mlp", arg="hidden"))
+    return ps
+
+
+def _mlp_flops(c: OpCall, outs):
+    x = c.t("x")
+    rows = product(x.shape[:-1])
+    hidden, out = c.a("hidden"), outs[0].shape[-1]
+    return 2 * rows * x.shape[-1] * hidden + 2 * rows * hidden * out + 9 * rows * hidden
+
+
+@op("mlp", Arg("x", "tensor"), Arg("hidden", "int"), Arg("out", "int", None), Arg("act", "op", "gelu", ACTIVATIONS),
+    Arg("bias", "bool", True), Arg("dropout", "float", 0.0), params=_mlp_params, flops=_mlp_flops, category="layer")
+def _mlp(c: OpCall):
+    """mlp(x, hidden, out=width of x, act=gelu, bias=true, dropout=0.0): linear -> act -> linear."""
+    x = c.t("x")
+    need_float(x, "mlp")
+    need_rank(x, 1, "mlp")
+    d = fixed_width(x.shape[-1], "mlp", "input width (last dimension of x)")
+    if c.a("hidden") <= 0:
+        raise OpError(f"mlp: hidden must be positive, got {c.a('hidden')}", "hidden")
+    return T(x.dtype, x.shape[:-1] + (c.a("out") or d,))
+
+
+def _lstm_params(c: OpCall):
+    x = c.t("x")
+    d = fixed_width(x.shape[-1], "lstm", "input width (last dimension of x)")
+    h, layers = c.a("hidden"), c.a("layers")
+    dirs = 2 if c.a("bidirectional") else 1
+    init = Init("uniform", (1.0 / h ** 0.5,))
+    ps = []
+    for layer in range(layers):
+        fan_in = d if layer == 0 else h * dirs
+        for suffix in ("", "_reverse")[:dirs]:
+            ps.append(param(f"weight_ih_l{layer}{suffix}", (4 * h, fan_in), init, op="lstm", arg="hidden"))
+            ps.append(param(f"weight_hh_l{layer}{suffix}", (4 * h, h), init, op="lstm", arg="hidden"))
+            ps.append(param(f"bias_ih_l{layer}{suffix}", (4 * h,), init, op="lstm", arg="hidden"))
+            ps.append(param(f"bias_hh_l{layer}{suffix}", (4 * h,), init, op="lstm", arg="hidden"))
+    return ps
+
+
+def _lstm_flops(c: OpCall, outs):
+    x = c.t("x")
+    h, dirs = c.a("hidden"), 2 if c.a("bidirectional") else 1
+    steps = product(x.shape[:-1])
+    total: Dim = 0
+    for layer in range(c.a("layers")):
+        fan_in = x.shape[-1] if layer == 0 else h * dirs
+        total = total + dirs * steps * (2 * 4 * h * (fan_in + h) + 4 * 4 * h + 6 * h)
+    return total
+
+
+@op("lstm", Arg("x", "tensor"), Arg("hidden", "int"), Arg("layers", "int", 1), Arg("bidirectional", "bool", False),
+    params=_lstm_params, flops=_lstm_flops, category="layer")
+def _lstm(c: OpCall):
+    """lstm(x, hidden, layers=1, bidirectional=false): x [B, T, d] -> [B, T, hidden * directions]."""
+    x = c.t("x")
+    need_float(x, "lstm")
+    need_rank(x, 3, "lstm", hi=3)
+    fixed_width(x.shape[-1], "lstm", "input width (last dimension of x)")
+    if c.a("hidden") <= 0 or c.a("layers") <= 0:
+        raise OpError("lstm: hidden and layers must be positive", "hidden")
+    dirs = 2 if c.a("bidirectional") else 1
+    return T(x.dtype, x.shape[:-1] + (c.a("hidden") * dirs,))
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions, softmax, matmul
+# ---------------------------------------------------------------------------------------------
+
+@op("softmax", Arg("x", "tensor"), Arg("dim", "axis", -1), flops=lambda c, o: 5 * numel(o[0]),
+    category="activation")
+def _softmax(c: OpCall):
+    """softmax(x, dim=-1)."""
+    x = c.t("x")
+    need_float(x, "softmax")
+    norm_axis(c.a("dim"), x.rank, "softmax")
+    return x
+
+
+def _reduce(name: str, doc: str):
+    def infer(c: OpCall):
+        x = c.t("x")
+        dims = c.a("dim")
+        if name == "mean":
+            need_float(x, name)
+        if dims is None:
+            axes = set(range(x.rank))
+        else:
+            dims = dims if isinstance(dims, (list, tuple)) else [dims]
+            axes = {norm_axis(d, x.rank, name) for d in dims}
+            if len(axes) != len(dims):
+                raise OpError(f"{name}: repeated dimension in {list(dims)}", "dim")
+        keep = c.a("keepdim")
+        shape = tuple((1 if keep else None) if i in axes else d for i, d in enumerate(x.shape))
+        dtype = x.dtype if x.dtype != "bool" else "i64"
+        return T(dtype, tuple(d for d in shape if d is not None))
+
+    infer.__doc__ = doc
+    op(name, Arg("x", "tensor"), Arg("dim", "axes", None), Arg("keepdim", "bool", False),
+       flops=lambda c, o: numel(c.t("x")), category="reduction")(infer)
+
+
+_reduce("mean", "mean(x, dim=none, keepdim=false): mean over one dimension, a list of them, or all.")
+_reduce("sum", "sum(x, dim=none, keepdim=false): sum over one dimension, a list of them, or all.")
+
+
+@op("matmul", Arg("x", "tensor"), Arg("y", "tensor"),
+    flops=lambda c, o: 2 * numel(o[0]) * c.t("x").shape[-1], category="elementwise")
+def _matmul(c: OpCall):
+    """matmul(x, y) or x @ y: [..., M, K] @ [..., K, N] -> [..., M, N], batch dimensions broadcast."""
+    x, y = c.t("x"), c.t("y")
+    need_rank(x, 2, "matmul")
+    need_rank(y, 2, "matmul", "y")
+    if x.dtype != y.dtype:
+        raise OpError(f"matmul: dtypes differ: {shape_str(x)} @ {shape_str(y)}", "y")
+    if x.shape[-1] != y.shape[-2]:
+        raise OpError(f"matmul: inner dimensions differ: {shape_str(x)} @ {shape_str(y)} "
+                      f"(dimension -1 of x is {fmt(x.shape[-1])}, dimension -2 of y is {fmt(y.shape[-2])})", "y")
+    batch = broadcast(T(x.dtype, x.shape[:-2]), T(y.dtype, y.shape[:-2]), "matmul")
+    return T(x.dtype, batch + (x.shape[-2], y.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# shape manipulation
+# ---------------------------------------------------------------------------------------------
+
+@op("transpose", Arg("x", "tensor"), Arg("dim0", "axis"), Arg("dim1", "axis"), flops=lambda c, o: 0,
+    category="shape")
+def _transpose(c: OpCall):
+    """transpose(x, dim0, dim1): swap two dimensions."""
+    x = c.t("x")
+    a = norm_axis(c.a("dim0"), x.rank, "transpose", "dim0")
+    b = norm_axis(c.a("dim1"), x.rank, "transpose", "dim1")
+    shape = list(x.shape)
+    shape[a], shape[b] = shape[b], shape[a]
+    return T(x.dtype, tuple(shape), x.value_range)
+
+
+@op("permute", Arg("x", "tensor"), Arg("dims", "axes", variadic=True), flops=lambda c, o: 0, category="shape")
+def _permute(c: OpCall):
+    """permute(x, d0, d1, ...): reorder all dimensions."""
+    x = c.t("x")
+    dims = [norm_axis(d, x.rank, "permute", "dims") for d in c.a("dims")]
+    if sorted(dims) != list(range(x.rank)):
+        raise OpError(f"permute: {list(c.a('dims'))} is not a permutation of the {x.rank} dimensions of "
+                      f"{shape_str(x)}", "dims")
+    return T(x.dtype, tuple(x.shape[d] for d in dims), x.value_range)
+
+
+@op("reshape", Arg("x", "tensor"), Arg("shape", "dims", variadic=True), flops=lambda c, o: 0, category="shape")
+def _reshape(c: OpCall):
+    """reshape(x, d0, d1, ...): a new shape with the same number of elements; one entry may be -1."""
+    x = c.t("x")
+    shape = list(c.a("shape"))
+    holes = [i for i, d in enumerate(shape) if d == -1]
+    if len(holes) > 1:
+        raise OpError("reshape: at most one dimension may be -1", "shape")
+    for d in shape:
+        if isinstance(d, int) and d < -1 or d == 0:
+            raise OpError(f"reshape: invalid size {d}", "shape")
+    total = x.numel()
+    if holes:
+        known = product(d for d in shape if d != -1)
+        rest = div_exact(total, known)
+        if rest is None:
+            raise OpError(f"reshape: cannot reshape {shape_str(x)} ({fmt(total)} elements) into "
+                          f"[{', '.join(fmt(d) for d in shape)}]: {fmt(total)} is not divisible by {fmt(known)}",
+                          "shape")
+        shape[holes[0]] = rest
+    elif product(shape) != total:
+        raise OpError(f"reshape: cannot reshape {shape_str(x)} ({fmt(total)} elements) into "
+                      f"[{', '.join(fmt(d) for d in shape)}] ({fmt(product(shape))} elements)", "shape")
+    return T(x.dtype, tuple(shape), x.value_range)
+
+
+@op("concat", Arg("xs", "tensors"), Arg("dim", "axis", -1), flops=lambda c, o: 0, category="shape")
+def _concat(c: OpCall):
+    """concat([a, b, ...], dim=-1): join tensors along one dimension."""
+    xs = c.t("xs")
+    if not xs:
+        raise OpError("concat: needs at least one tensor", "xs")
+    first = xs[0]
+    axis = norm_axis(c.a("dim"), first.rank, "concat")
+    total: Dim = 0
+    for i, t in enumerate(xs):
+        if t.rank != first.rank:
+            raise OpError(f"concat: tensor {i} is {shape_str(t)}, but tensor 0 is {shape_str(first)} "
+                          f"(rank {t.rank} vs {first.rank})", "xs")
+        if t.dtype != first.dtype:
+            raise OpError(f"concat: tensor {i} has dtype {t.dtype}, tensor 0 has {first.dtype}", "xs")
+        for j, (a, b) in enumerate(zip(first.shape, t.shape)):
+            if j != axis and a != b:
+                raise OpError(f"concat: tensor {i} is {shape_str(t)}, tensor 0 is {shape_str(first)}: "
+                              f"dimension {j} is {fmt(b)} vs {fmt(a)}", "xs")
+        total = total + t.shape[axis]
+    shape = list(first.shape)
+    shape[axis] = total
+    return T(first.dtype, tuple(shape))
+
+
+@op("split", Arg("x", "tensor"), Arg("sections", "any"), Arg("dim", "axis", -1), flops=lambda c, o: 0,
+    category="shape")
+def _split(c: OpCall):
+    """split(x, n or [s0, s1, ...], dim=-1): n equal parts, or parts of the given sizes. Returns several values."""
+    x = c.t("x")
+    axis = norm_axis(c.a("dim"), x.rank, "split")
+    size = x.shape[axis]
+    sections = c.a("sections")
+    if isinstance(sections, int) and not isinstance(sections, bool):
+        if sections <= 0:
+            raise OpError(f"split: the number of parts must be positive, got {sections}", "sections")
+        part = div_exact(size, sections)
+        if part is None:
+            raise OpError(f"split: dimension {axis} of {shape_str(x)} ({fmt(size)}) is not divisible into "
+                          f"{sections} equal parts", "sections")
+        sizes = [part] * sections
+    elif isinstance(sections, (list, tuple)) and sections:
+        sizes = list(sections)
+        if sum_dims(sizes) != size:
+            raise OpError(f"split: sizes {[fmt(s) for s in sizes]} add up to {fmt(sum_dims(sizes))}, but dimension "
+                          f"{axis} of {shape_str(x)} is {fmt(size)}", "sections")
+    else:
+        raise OpError("split: sections must be a number of parts or a list of sizes", "sections")
+    outs = []
+    for s in sizes:
+        shape = list(x.shape)
+        shape[axis] = s
+        outs.append(T(x.dtype, tuple(shape), x.value_range))
+    return tuple(outs)
+
+
+def sum_dims(ds) -> Dim:
+    total: Dim = 0
+    for d in ds:
+        total = total + d
+    return total
+
+
+@op("getitem", Arg("x", "tensor"), Arg("index", "any"), flops=lambda c, o: 0, category="shape")
+def _getitem(c: OpCall):
+    """x[i, a:b, :]: integer indices drop a dimension, slices keep it (constant bounds, step 1)."""
+    x = c.t("x")
+    items = c.a("index")
+    if len(items) > x.rank:
+        raise OpError(f"index: too many indices ({len(items)}) for {shape_str(x)}", "index")
+    shape: list[Dim] = []
+    for axis, item in enumerate(items):
+        n = x.shape[axis]
+        if item[0] == "int":
+            i = item[1]
+            if isinstance(n, int) and not -n <= i < n:
+                raise OpError(f"index: {i} is out of range for dimension {axis} of size {n}", "index")
+            continue
+        _, start, stop = item
+        start = 0 if start is None else start
+        if stop is None:
+            stop = n
+        for name, b in (("start", start), ("stop", stop)):
+            if isinstance(n, int) and isinstance(b, int) and not -n <= b <= n:
+                raise OpError(f"index: slice {name} {b} is out of range for dimension {axis} of size {n}", "index")
+        start = start + n if isinstance(start, int) and start < 0 else start
+        stop = stop + n if isinstance(stop, int) and stop < 0 else stop
+        length = stop - start
+        if isinstance(length, int) and length <= 0:
+            raise OpError(f"index: the slice of dimension {axis} is empty", "index")
+        shape.append(length)
+    shape.extend(x.shape[len(items):])
+    return T(x.dtype, tuple(shape), x.value_range)

@@ -1,0 +1,143 @@
+"""The op registry: each operator declared once, with its signature, shape/dtype rule, parameters
+and FLOPs. Backends key their lowerings by the same names.
+
+An `OpDef` takes tensors first (node inputs), then attributes (compile-time values). Rules receive
+an `OpCall` (the input types and bound attributes) and raise `OpError(message, arg=...)` on a
+mismatch; the elaborator turns that into a located diagnostic pointing at the offending argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .dims import Dim
+from .ir import Init, ParamSpec, TensorType
+
+REQUIRED = object()
+
+#: Argument kinds. Tensor kinds become node inputs; the rest become attributes.
+TENSOR_KINDS = frozenset({"tensor", "tensor?", "tensors"})
+ATTR_KINDS = frozenset({"int", "float", "number", "bool", "str", "dim", "dims", "axis", "axes", "op", "dtype", "owner", "any"})
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str
+    default: Any = REQUIRED
+    choices: tuple = ()
+    variadic: bool = False  # collects the remaining positional arguments (e.g. reshape(x, B, T, -1))
+    doc: str = ""
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.kind in TENSOR_KINDS
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+class OpError(Exception):
+    """A shape, dtype or argument error raised by a rule; `arg` names the argument to point at."""
+
+    def __init__(self, message: str, arg: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.arg = arg
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """What a rule sees: input tensor types and attributes by argument name."""
+
+    op: str
+    tensors: Mapping[str, Any]  # TensorType, list[TensorType] for 'tensors', or None for an absent 'tensor?'
+    attrs: Mapping[str, Any]
+    bounds: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)  # symbol -> (min, max)
+
+    def t(self, name: str) -> Any:
+        return self.tensors[name]
+
+    def a(self, name: str) -> Any:
+        return self.attrs[name]
+
+
+Infer = Callable[[OpCall], "TensorType | tuple[TensorType, ...]"]
+Params = Callable[[OpCall], "list[ParamSpec]"]
+Flops = Callable[[OpCall, "tuple[TensorType, ...]"], Dim]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    args: tuple[Arg, ...]
+    infer: Infer
+    params: Params | None = None
+    flops: Flops | None = None
+    doc: str = ""
+    category: str = "tensor"
+
+    def arg(self, name: str) -> Arg | None:
+        for a in self.args:
+            if a.name == name:
+                return a
+        return None
+
+    @property
+    def tensor_args(self) -> tuple[Arg, ...]:
+        return tuple(a for a in self.args if a.is_tensor)
+
+    def signature(self) -> str:
+        parts = []
+        for a in self.args:
+            s = ("*" if a.variadic else "") + a.name
+            if not a.required:
+                d = a.default
+                s += "=" + ("none" if d is None else str(d).lower() if isinstance(d, bool) else str(d))
+            parts.append(s)
+        return f"{self.name}({', '.join(parts)})"
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    if opdef.name in REGISTRY:
+        raise ValueError(f"operator '{opdef.name}' is already registered")
+    REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def op(name: str, *args: Arg, params: Params | None = None, flops: Flops | None = None,
+       category: str = "tensor") -> Callable[[Infer], Infer]:
+    """Decorator: declare an operator whose shape rule is the decorated function."""
+
+    def deco(infer: Infer) -> Infer:
+        register(OpDef(name, tuple(args), infer, params, flops, (infer.__doc__ or "").strip(), category))
+        return infer
+
+    return deco
+
+
+def get(name: str) -> OpDef | None:
+    return REGISTRY.get(name)
+
+
+# Small helpers shared by rules -------------------------------------------------------------
+
+def uniform_fan_in(fan_in: int) -> Init:
+    """PyTorch's default for linear and conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return Init("uniform", (1.0 / fan_in ** 0.5 if fan_in > 0 else 0.0,))
+
+
+def param(name: str, shape: tuple, init: Init, *, op: str, arg: str = "x") -> ParamSpec:
+    """A ParamSpec whose shape must be concrete; a symbolic size is a user error."""
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise OpError(f"{op}: parameter '{name}' would have symbolic size {d}; "
+                          f"its size must be fixed by params, not by a symbolic dimension", arg)
+        if d <= 0:
+            raise OpError(f"{op}: parameter '{name}' would have size {d}; sizes must be positive", arg)
+    return ParamSpec(name, tuple(shape), init)

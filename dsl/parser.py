@@ -1,0 +1,347 @@
+"""Text -> AST for graph bodies, block signatures, tensor types and expressions (lark, LALR).
+
+Positions come from lark's `meta` and are mapped to the spec file through a `TextOrigin`, so an
+error inside a `|` block scalar points at the real line. A body with several syntax errors reports
+all of them: after an error, the offending logical line is blanked and the parse is retried.
+"""
+
+from __future__ import annotations
+
+import ast as pyast
+from functools import lru_cache
+from importlib import resources
+from typing import Callable, Iterator
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ast as A
+from .diagnostics import Collector, Span
+from .yamlpos import TextOrigin
+
+_OPEN, _CLOSE = {"LPAR", "LSQB"}, {"RPAR", "RSQB"}
+_MAX_ERRORS = 20
+
+_PRETTY = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "a new line", "$END": "the end",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='",
+    "COLON": "':'", "SEMICOLON": "';'", "ADD_OP": "'+' or '-'", "MUL_OP": "an operator",
+    "UNARY_OP": "'-'", "COMP_OP": "a comparison", "POW_OP": "'**'",
+}
+
+
+class _BracketNewlines:
+    """Post-lexer: newlines inside (...) or [...] are not statement separators."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        depth = 0
+        for tok in stream:
+            if tok.type in _OPEN:
+                depth += 1
+            elif tok.type in _CLOSE:
+                depth = max(0, depth - 1)
+            elif tok.type == "_NL" and depth:
+                continue
+            yield tok
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files(__package__).joinpath("grammar.lark").read_text()
+    return Lark(grammar, parser="lalr", start=["body", "signature", "tensor_type", "expression"],
+                propagate_positions=True, postlex=_BracketNewlines(), maybe_placeholders=True)
+
+
+class _ToAst(Transformer):
+    def __init__(self, span_of: Callable[[object], Span]):
+        super().__init__()
+        self._span = span_of
+
+    def _s(self, meta) -> Span:
+        return self._span(meta)
+
+    # atoms
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return A.Name(str(children[0]), self._s(meta))
+
+    @v_args(meta=True)
+    def number(self, meta, children):
+        text = str(children[0])
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+        return A.Const(value, self._s(meta))
+
+    @v_args(meta=True)
+    def string(self, meta, children):
+        return A.Const(pyast.literal_eval(str(children[0])), self._s(meta))  # a plain quoted literal only
+
+    @v_args(meta=True)
+    def true(self, meta, _):
+        return A.Const(True, self._s(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, _):
+        return A.Const(False, self._s(meta))
+
+    @v_args(meta=True)
+    def none(self, meta, _):
+        return A.Const(None, self._s(meta))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return A.ListExpr(tuple(c for c in children if c is not None), self._s(meta))
+
+    @v_args(meta=True)
+    def tuple(self, meta, children):
+        return A.ListExpr(tuple(c for c in children if c is not None), self._s(meta), tuple_=True)
+
+    # operators
+    @v_args(meta=True)
+    def binop(self, meta, children):
+        left, op, right = children
+        return A.BinOp(str(op), left, right, self._s(meta))
+
+    compare = binop
+
+    @v_args(meta=True)
+    def or_(self, meta, children):
+        return A.BinOp("or", children[0], children[1], self._s(meta))
+
+    @v_args(meta=True)
+    def and_(self, meta, children):
+        return A.BinOp("and", children[0], children[1], self._s(meta))
+
+    @v_args(meta=True)
+    def not_(self, meta, children):
+        return A.Unary("not", children[0], self._s(meta))
+
+    @v_args(meta=True)
+    def unary(self, meta, children):
+        op, operand = children
+        return A.Unary(str(op), operand, self._s(meta))
+
+    @v_args(meta=True)
+    def ifexp(self, meta, children):
+        then, cond, other = children
+        return A.IfExp(cond, then, other, self._s(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func, *rest = children
+        args, kwargs = [], []
+        for c in rest:
+            if c is None:
+                continue
+            (kwargs if isinstance(c, A.Keyword) else args).append(c)
+        return A.Call(func, tuple(args), tuple(kwargs), self._s(meta))
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        name, value = children
+        return A.Keyword(str(name), value, self._s(meta))
+
+    @v_args(meta=True)
+    def index(self, meta, children):
+        value, *items = children
+        return A.Index(value, tuple(i for i in items if i is not None), self._s(meta))
+
+    @v_args(meta=True)
+    def slice(self, meta, children):
+        start, stop = children
+        return A.Slice(start, stop, self._s(meta))
+
+    # statements
+    @v_args(meta=True)
+    def targets(self, meta, children):
+        return tuple(A.Name(str(t), self._span_tok(t)) for t in children)
+
+    def _span_tok(self, tok: Token) -> Span:
+        return self._span(tok)
+
+    @v_args(meta=True)
+    def assign(self, meta, children):
+        targets, value = children
+        return A.Assign(targets, value, self._s(meta))
+
+    @v_args(meta=True)
+    def return_stmt(self, meta, children):
+        return A.Return(tuple(children), self._s(meta))
+
+    @v_args(meta=True)
+    def body(self, meta, children):
+        return A.Body(tuple(c for c in children if c is not None), self._s(meta))
+
+    @v_args(meta=True)
+    def param(self, meta, children):
+        name, default = children
+        return A.Param(A.Name(str(name), self._span(name)), default)
+
+    @v_args(meta=True)
+    def signature(self, meta, children):
+        name, *params = children
+        return A.Signature(A.Name(str(name), self._span(name)),
+                           tuple(p for p in params if p is not None), self._s(meta))
+
+    @v_args(meta=True)
+    def tensor_type(self, meta, children):
+        dtype, *rest = children
+        rng = rest[-1] if rest else None
+        dims = tuple(d for d in rest[:-1] if d is not None)
+        return A.TypeExpr(A.Name(str(dtype), self._span(dtype)), dims, rng, self._s(meta))
+
+    def expression(self, children):
+        return children[0]
+
+
+def _span_fn(origin: TextOrigin):
+    def span_of(meta) -> Span:
+        line = getattr(meta, "line", None)
+        if line is None:
+            return origin.span(1, 1)
+        return origin.span(line, meta.column, getattr(meta, "end_line", None), getattr(meta, "end_column", None))
+
+    return span_of
+
+
+def _describe(e: UnexpectedInput, parser: Lark) -> str:
+    if isinstance(e, UnexpectedCharacters):
+        return f"unexpected character {e.char!r}"
+    if isinstance(e, UnexpectedEOF):
+        return "unexpected end of text; an expression or a closing bracket is missing"
+    assert isinstance(e, UnexpectedToken)
+    tok = e.token
+    got = "the end" if tok.type == "$END" else ("a new line" if tok.type == "_NL" else repr(str(tok)))
+    expected = sorted({_PRETTY.get(t, _literal(parser, t)) for t in e.expected if not t.startswith("__")})
+    msg = f"syntax error: unexpected {got}"
+    if tok.type == "_NL" or tok.type == "$END":
+        msg = "syntax error: the statement ends too early"
+    if expected and len(expected) <= 6:
+        msg += f"; expected {', '.join(expected)}"
+    return msg
+
+
+def _literal(parser: Lark, term: str) -> str:
+    try:
+        pattern = parser.get_terminal(term).pattern
+        return repr(pattern.value) if pattern.type == "str" else term
+    except KeyError:
+        return term
+
+
+def _blank_line(text: str, line: int) -> str:
+    """Blank the logical line containing 1-based `line` (following open brackets), keeping newlines."""
+    lines = text.split("\n")
+    i = max(0, min(line - 1, len(lines) - 1))
+    depth = 0
+    j = i
+    while j < len(lines):
+        code = lines[j].split("#", 1)[0]
+        depth += sum(code.count(c) for c in "([") - sum(code.count(c) for c in ")]")
+        lines[j] = " " * len(lines[j])
+        if depth <= 0:
+            break
+        j += 1
+    return "\n".join(lines)
+
+
+def _unclosed_before(text: str, line: int, col: int) -> tuple[int, int, str] | None:
+    """The innermost bracket still open at (line, col), as (line, col, char), or None."""
+    stack: list[tuple[int, int, str]] = []
+    quote = None
+    for ln, raw in enumerate(text.split("\n"), start=1):
+        if ln > line:
+            break
+        for cn, ch in enumerate(raw, start=1):
+            if ln == line and cn >= col:
+                break
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "([":
+                stack.append((ln, cn, ch))
+            elif ch in ")]" and stack:
+                stack.pop()
+        quote = None
+    return stack[-1] if stack else None
+
+
+def parse(text: str, origin: TextOrigin, start: str, errors: Collector):
+    """Parse `text` as `start` ('body', 'signature', 'tensor_type' or 'expression').
+
+    Syntax errors go to `errors` (all of them, for bodies); returns the AST or None.
+    """
+    parser = _parser()
+    span_of = _span_fn(origin)
+    attempt = text
+    found = 0
+    while True:
+        try:
+            tree = parser.parse(attempt + ("\n" if start == "body" else ""), start=start)
+            break
+        except UnexpectedInput as e:
+            line, col = max(1, e.line or 1), max(1, e.column or 1)
+            if isinstance(e, UnexpectedToken) and e.token.type == "$END":
+                lines = text.rstrip("\n").split("\n")
+                line, col = len(lines), len(lines[-1]) + 1 if lines else 1
+            opened = _unclosed_before(attempt, line, col)
+            if opened is not None and opened[0] < line:
+                errors.error(origin.span(opened[0], opened[1]), f"'{opened[2]}' is never closed")
+                lines = attempt.split("\n")
+                for i in range(opened[0] - 1, line - 1):
+                    lines[i] = " " * len(lines[i])
+                blanked = "\n".join(lines)
+            else:
+                errors.error(origin.span(line, col), _describe(e, parser))
+                blanked = _blank_line(attempt, line)
+            found += 1
+            if start != "body" or found >= _MAX_ERRORS:
+                return None
+            if blanked == attempt:
+                return None
+            attempt = blanked
+    if found:
+        return None
+    try:
+        return _ToAst(span_of).transform(tree)
+    except VisitError as e:  # e.g. a malformed string literal
+        errors.error(origin.span(1, 1), f"invalid literal: {e.orig_exc}")
+        return None
+
+
+def walk(expr) -> Iterator:
+    """All sub-expressions of an expression, depth first."""
+    yield expr
+    if isinstance(expr, A.BinOp):
+        yield from walk(expr.left)
+        yield from walk(expr.right)
+    elif isinstance(expr, A.Unary):
+        yield from walk(expr.operand)
+    elif isinstance(expr, A.IfExp):
+        for e in (expr.cond, expr.then, expr.other):
+            yield from walk(e)
+    elif isinstance(expr, A.Call):
+        yield from walk(expr.func)
+        for a in expr.args:
+            yield from walk(a)
+        for k in expr.kwargs:
+            yield from walk(k.value)
+    elif isinstance(expr, A.Index):
+        yield from walk(expr.value)
+        for i in expr.items:
+            if isinstance(i, A.Slice):
+                for e in (i.start, i.stop):
+                    if e is not None:
+                        yield from walk(e)
+            else:
+                yield from walk(i)
+    elif isinstance(expr, A.ListExpr):
+        for i in expr.items:
+            yield from walk(i)
+
+
+__all__ = ["parse", "walk", "Tree"]

@@ -1,0 +1,213 @@
+"""The YAML layer of a spec: pydantic models, validated with located errors.
+
+`read_spec(text, file)` composes the YAML safely (yamlpos), validates it against `SpecFile`, and
+maps every pydantic error back to the line and column of the offending key or value.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .diagnostics import Collector, Diagnostic, SpecError, did_you_mean
+from .yamlpos import Located, load_yaml
+
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Names a spec may not define: they would shadow the language's own words.
+RESERVED = frozenset({"true", "false", "none", "range", "repeat", "return", "self"})
+
+
+def check_identifier(name: str) -> str:
+    if not isinstance(name, str) or not IDENT.match(name):
+        raise ValueError(f"'{name}' is not a valid name (letters, digits and '_', not starting with a digit)")
+    if keyword.iskeyword(name) or name in RESERVED:
+        raise ValueError(f"'{name}' is a reserved word and cannot be used as a name")
+    return name
+
+
+def _check_keys(d: dict) -> dict:
+    for k in d:
+        check_identifier(k)
+    return d
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DimDecl(_Strict):
+    """A symbolic dimension: the example value used by `check`/`example_inputs`, and its bounds."""
+
+    example: int = Field(gt=0)
+    min: int = Field(default=1, gt=0)
+    max: Union[int, str, None] = None  # an int or an expression over params, e.g. "block_size"
+
+
+ParamValue = Union[bool, int, float, str]
+
+
+class SpecFile(_Strict):
+    specc: Literal[1] = Field(description="Spec format version; always 1.")
+    name: str = Field(description="Name of the model; becomes the generated module's name.")
+    paper: str | None = Field(default=None, description="The paper this architecture comes from.")
+    description: str | None = None
+    params: dict[str, ParamValue] = Field(default_factory=dict,
+                                          description="Named parameters with defaults; override with --set k=v.")
+    dims: dict[str, Union[int, DimDecl]] = Field(default_factory=dict,
+                                                 description="Symbolic dimensions: example value and bounds.")
+    inputs: dict[str, str] = Field(description="Typed inputs, e.g. x: f32[B, T, d] or ids: i64[B, T] in range(vocab).")
+    blocks: dict[str, str] = Field(default_factory=dict,
+                                   description="Reusable blocks: 'name(arg, kw=default)': body.")
+    graph: str = Field(description="The graph body: one statement per line.")
+    outputs: dict[str, str | None] = Field(description="Declared outputs with their types (or null to infer).")
+    seed: int = Field(default=0, description="Seed for weight initialisation.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_identifier(v)
+
+    @field_validator("params", "dims", "inputs", "outputs")
+    @classmethod
+    def _keys(cls, v: dict) -> dict:
+        return _check_keys(v)
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _nonempty(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("at least one entry is required")
+        return v
+
+
+@dataclass(frozen=True)
+class SpecSource:
+    """A validated spec file with the positions of all its parts."""
+
+    spec: SpecFile
+    doc: Located
+
+    @property
+    def file(self) -> str:
+        return self.doc.file
+
+    @property
+    def text(self) -> str:
+        return self.doc.text
+
+
+def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
+    """Readable message for one pydantic error; second item: whether it points at a key."""
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        parent = _at(data, loc[:-1])
+        allowed: list[str] = []
+        if len(loc) == 1:
+            allowed = list(SpecFile.model_fields)
+        elif isinstance(parent, dict) and len(loc) == 3 and loc[0] == "dims":
+            allowed = list(DimDecl.model_fields)
+        where = "" if len(loc) == 1 else f" in '{'.'.join(map(str, loc[:-1]))}'"
+        return f"unknown key '{loc[-1]}'{where}" + did_you_mean(str(loc[-1]), allowed), True
+    if kind == "missing":
+        return f"missing required key '{loc[-1]}'", False
+    if kind == "literal_error" and loc == ("specc",):
+        return "unsupported spec version: 'specc' must be 1", False
+    if kind in _EXPECTED:
+        return f"{'.'.join(map(str, loc))}: expected {_EXPECTED[kind]}, got {_yaml_kind(_at(data, loc))}", False
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    field = ".".join(str(p) for p in loc)
+    return f"{field}: {msg}", False
+
+
+def _at(data: Any, path: tuple) -> Any:
+    for p in path:
+        try:
+            data = data[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _real_loc(err: dict[str, Any], data: Any) -> tuple[tuple, bool]:
+    """The error's path through the data, and whether pydantic added union-branch labels to it."""
+    real: list = []
+    labelled = False
+    cur = data
+    loc = tuple(err["loc"])
+    for i, p in enumerate(loc):
+        if isinstance(cur, dict) and p in cur:
+            real.append(p)
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
+            real.append(p)
+            cur = cur[p]
+        elif i == len(loc) - 1 and err["type"] == "missing":
+            real.append(p)
+        else:
+            labelled = True
+    return tuple(real), labelled
+
+
+_EXPECTED = {"bool_type": "a boolean", "bool_parsing": "a boolean", "int_type": "an integer",
+             "int_parsing": "an integer", "int_from_float": "an integer", "float_type": "a number",
+             "float_parsing": "a number", "string_type": "a string", "dict_type": "a mapping",
+             "model_type": "a mapping", "list_type": "a list"}
+
+
+def _yaml_kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", bool: "a boolean", int: "an integer", float: "a number",
+            str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _located_errors(e: ValidationError, doc: Located) -> Collector:
+    errors = Collector()
+    entries = [(err, *_real_loc(err, doc.data)) for err in e.errors()]
+    deep = {loc for _, loc, _ in entries}
+    unions: dict[tuple, list[str]] = {}
+    for err, loc, labelled in entries:
+        if labelled and any(len(o) > len(loc) and o[:len(loc)] == loc for o in deep):
+            continue  # a more specific error inside one union branch says more
+        if labelled and err["type"] in _EXPECTED:
+            unions.setdefault(loc, []).append(_EXPECTED[err["type"]])
+            continue
+        err = dict(err, loc=loc)
+        msg, at_key = _message(err, doc.data)
+        span = doc.key_span(loc) if at_key else (doc.span(loc[:-1]) if err["type"] == "missing" else doc.span(loc))
+        errors.error(span, msg)
+    for loc, kinds in unions.items():
+        field = ".".join(map(str, loc))
+        got = _yaml_kind(_at(doc.data, loc))
+        errors.error(doc.span(loc), f"{field}: expected {' or '.join(dict.fromkeys(kinds))}, got {got}")
+    return errors
+
+
+def read_spec(text: str, file: str) -> SpecSource:
+    """Parse and validate a spec file's YAML layer. Raises SpecError with every problem found."""
+    doc = load_yaml(text, file)
+    if not isinstance(doc.data, dict):
+        raise _not_mapping(doc)
+    try:
+        spec = SpecFile.model_validate(doc.data)
+    except ValidationError as e:
+        _located_errors(e, doc).raise_if_any({file: text})
+        raise  # pragma: no cover - every pydantic error is located above
+    return SpecSource(spec, doc)
+
+
+def _not_mapping(doc: Located) -> SpecError:
+    return SpecError(Diagnostic(doc.span(()), "a spec file must be a YAML mapping (key: value lines)"),
+                     {doc.file: doc.text})
+
+
+def json_schema() -> dict:
+    """JSON Schema of the spec format, for editors with a YAML language server."""
+    schema = SpecFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "specc spec file"
+    return schema

@@ -1,0 +1,62 @@
+"""The Python API: load(), check(), compile(), build().
+
+Each takes a spec as a path or as YAML text, plus parameter overrides as keyword arguments, and
+raises `SpecError` (with every located diagnostic) on a user error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from specc.compiler.frontend import compile_source
+from specc.compiler.ir import Graph
+from specc.compiler.summary import Summary, summarize
+from specc.dsl.diagnostics import Diagnostic, Span, SpecError
+from specc.dsl.schema import SpecSource
+
+
+def read_source(path_or_text: str | Path) -> tuple[str, str]:
+    """(text, file name) for a path or for spec text given directly."""
+    if isinstance(path_or_text, Path) or ("\n" not in str(path_or_text) and
+                                          str(path_or_text).endswith((".yaml", ".yml"))):
+        path = Path(path_or_text)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SpecError(Diagnostic(Span(str(path), 0, 0), f"cannot read spec file: {reason}")) from None
+    return str(path_or_text), "<spec>"
+
+
+def compile(path_or_text: str | Path, **overrides: Any) -> Graph:  # noqa: A001 - the public name
+    """The typed IR of a spec."""
+    return _front(path_or_text, overrides)[1]
+
+
+def check(path_or_text: str | Path, **overrides: Any) -> Summary:
+    """Parse, elaborate and infer every shape; the summary (outputs, parameters, FLOPs)."""
+    return summarize(compile(path_or_text, **overrides))
+
+
+def load(path_or_text: str | Path, **overrides: Any):
+    """The model as a torch.nn.Module (eval mode), built through the same code `specc build` writes."""
+    from specc.backends.pytorch.build import artifacts, load_in_memory
+
+    src, graph = _front(path_or_text, overrides)
+    return load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description))
+
+
+def build(path_or_text: str | Path, out: str | Path, **overrides: Any) -> Path:
+    """Write model.py, weights.safetensors and manifest.json into `out` (atomically)."""
+    from specc.backends.pytorch.build import artifacts, write_atomic
+
+    src, graph = _front(path_or_text, overrides)
+    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description))
+    return Path(out)
+
+
+def _front(path_or_text: str | Path, overrides: dict[str, Any],
+           override_text: dict[str, tuple[str, Span]] | None = None) -> tuple[SpecSource, Graph]:
+    text, file = read_source(path_or_text)
+    return compile_source(text, file, overrides, override_text)

@@ -1,0 +1,188 @@
+"""The `specc` command line.
+
+    specc check SPEC [--set k=v]...       shapes, parameters and FLOPs, or located errors (exit 2)
+    specc ir SPEC [--set k=v]...          the typed IR as text
+    specc build SPEC -o OUT [--set k=v]   model.py + weights.safetensors + manifest.json
+    specc ops                             the operators and their signatures
+
+User errors print `FILE:LINE:COL: error: ...` with the line and a caret, and exit 2; a user error
+never prints a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from specc.dsl.diagnostics import Collector, Span, SpecError
+
+OVERRIDES_FILE = "<--set>"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: exit 2 with the usage line, no traceback
+        self.print_usage(sys.stderr)
+        self.exit(2, f"specc: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="specc", description="A declarative model-spec compiler: spec -> typed IR -> PyTorch.")
+    p.add_argument("--version", action="version", version="specc 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def spec_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("spec", help="the spec file (YAML)")
+        c.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a parameter (repeatable)")
+        c.add_argument("--no-color", action="store_true", help="plain output")
+        return c
+
+    c = spec_cmd("check", "Parse and check a spec; print outputs, parameters and FLOPs.")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    spec_cmd("ir", "Print the typed IR, one node per line.")
+    b = spec_cmd("build", "Build a standalone PyTorch module with initialised weights.")
+    b.add_argument("-o", "--out", required=True, help="output directory (replaced atomically)")
+    b.add_argument("--run", action="store_true", help="after building, run the model on example_inputs()")
+    sub.add_parser("ops", help="List the operators with their signatures.")
+    return p
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[dict[str, str], dict[str, tuple[str, Span]], str, Collector]:
+    """`--set k=v` strings -> values, their spans in a pseudo-file (one override per line), and errors."""
+    values: dict[str, str] = {}
+    spans: dict[str, tuple[str, Span]] = {}
+    errors = Collector()
+    text = "\n".join(items)
+    for i, item in enumerate(items, start=1):
+        if "=" not in item:
+            errors.error(Span(OVERRIDES_FILE, i, 1, i, len(item) + 1),
+                         f"bad override '{item}': expected NAME=VALUE, e.g. --set d_model=256")
+            continue
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key in values:
+            errors.error(Span(OVERRIDES_FILE, i, 1, i, len(key) + 1), f"parameter '{key}' is set twice")
+            continue
+        values[key] = value
+        spans[key] = (value, Span(OVERRIDES_FILE, i, len(key) + 2 if value else 1, i, len(item) + 1))
+    return values, spans, text, errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    color = sys.stderr.isatty() and not getattr(args, "no_color", False) and "NO_COLOR" not in os.environ
+    if args.command == "ops":
+        return _ops()
+    values, spans, set_text, errors = parse_overrides(args.overrides)
+    try:
+        code = _run(args, values, spans, errors)
+        errors.raise_if_any({OVERRIDES_FILE: set_text})
+        return code
+    except SpecError as e:
+        e.diagnostics = errors.diagnostics + [d for d in e.diagnostics if d not in errors.diagnostics]
+        e.sources.setdefault(OVERRIDES_FILE, set_text)
+        print(e.render(color=color), file=sys.stderr)
+        n = len(e.diagnostics)
+        print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a compiler bug, not a user error
+        if os.environ.get("SPECC_DEBUG"):
+            raise
+        print(f"specc: internal error: {type(e).__name__}: {e}\n"
+              f"(this is a bug in specc; rerun with SPECC_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 3
+
+
+def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tuple[str, Span]],
+         earlier: Collector) -> int:
+    from specc.api import _front
+
+    src, graph = _front(Path(args.spec), values, spans)
+    if earlier:  # bad --set syntax: report it (with any spec errors) before doing anything
+        return 2
+    if args.command == "check":
+        from specc.compiler.summary import summarize
+
+        summary = summarize(graph)
+        if args.json:
+            print(json.dumps(summary.to_json(), indent=2))
+        else:
+            _print_summary(summary, color=not args.no_color)
+        return 0
+    if args.command == "ir":
+        from specc.compiler.printer import print_graph
+
+        sys.stdout.write(print_graph(graph))
+        return 0
+    if args.command == "build":
+        from specc.backends.pytorch.build import artifacts, write_atomic
+
+        files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description)
+        write_atomic(Path(args.out), files)
+        print(f"built {graph.name} -> {args.out}/ ({', '.join(files)})")
+        if args.run:
+            _run_built(Path(args.out))
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def _run_built(out: Path) -> None:
+    from specc.backends.pytorch.build import import_model_module
+
+    module = import_model_module(out)
+    model = module.load(out)
+    inputs = module.example_inputs()
+    import torch
+
+    with torch.no_grad():
+        result = model(*inputs)
+    results = result if isinstance(result, tuple) else (result,)
+    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in results)
+    print(f"ran {out}/model.py on example_inputs(): {shapes}")
+
+
+def _print_summary(summary, color: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from specc.compiler.dims import fmt
+    from specc.compiler.summary import human
+
+    console = Console(no_color=not color, highlight=False, soft_wrap=True)
+    table = Table(title=f"{summary.name}: ok", title_justify="left")
+    table.add_column("output")
+    table.add_column("type")
+    table.add_column("example shape")
+    for o in summary.outputs:
+        table.add_row(o.name, str(o.type), str(list(o.example_shape)))
+    console.print(table)
+    dims = ", ".join(f"{k}={v}" for k, v in summary.bindings.items())
+    console.print(f"parameters  {summary.params:,} ({human(summary.param_bytes)}B)"
+                  + (f", trainable {summary.trainable_params:,}" if summary.trainable_params != summary.params else ""))
+    console.print(f"FLOPs       {human(summary.example_flops)} at {dims or 'the declared shapes'}"
+                  f"  [{fmt(summary.flops)}]")
+    console.print(f"nodes       {summary.nodes}")
+
+
+def _ops() -> int:
+    from specc.compiler import ops as _  # noqa: F401
+    from specc.compiler.registry import REGISTRY
+
+    for name, opdef in sorted(REGISTRY.items()):
+        if opdef.category == "internal":
+            continue
+        first = opdef.doc.splitlines()[0] if opdef.doc else ""
+        print(f"{opdef.signature():70s} {first}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
