@@ -1,0 +1,71 @@
+"""`specc check`: the summary is computed from the IR alone (no weights), also for huge specs."""
+
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import specc
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT = ROOT / "specs" / "gpt.yaml"
+
+
+def gpt_params(vocab, block, d, layers, tied):
+    per_layer = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return vocab * d + block * d + layers * per_layer + 2 * d + (0 if tied else vocab * d)
+
+
+def test_summary_counts_parameters_and_flops():
+    s = specc.check(GPT)
+    assert s.params == gpt_params(65, 64, 64, 2, True)
+    assert specc.check(GPT, tied=False).params == gpt_params(65, 64, 64, 2, False)
+    assert [o.name for o in s.outputs] == ["logits"]
+    assert s.outputs[0].example_shape == (2, 16, 65)
+    assert s.example_flops > 2 * s.params * 2 * 16 * 0.5  # at least ~2 FLOPs per weight per token
+    bigger = specc.check(GPT, layers=4)
+    assert bigger.example_flops > s.example_flops
+
+
+def test_billions_of_parameters_check_fast_without_allocating():
+    overrides = dict(vocab=50257, block_size=2048, d_model=8192, heads=64, layers=48, tied=False)
+    expected = gpt_params(50257, 2048, 8192, 48, False)
+    assert expected > 3e10
+    specc.check(GPT, **overrides)  # warm imports
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    s = specc.check(GPT, **overrides)
+    elapsed = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert s.params == expected
+    assert elapsed < 1.0, f"check took {elapsed:.2f}s"
+    assert peak < 50e6, f"check allocated {peak / 1e6:.0f} MB"
+
+
+def test_cli_check_prints_summary_and_json():
+    r = subprocess.run([sys.executable, "-m", "specc.cli", "check", str(GPT), "--set", "layers=3", "--no-color"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "logits" in r.stdout and "f32[B, T, 65]" in r.stdout and "parameters" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "specc.cli", "check", str(GPT), "--json"], capture_output=True, text=True)
+    data = json.loads(r.stdout)
+    assert data["params"] == gpt_params(65, 64, 64, 2, True)
+    assert data["outputs"][0]["example_shape"] == [2, 16, 65]
+
+
+def test_cli_ir_and_build(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "specc.cli", "ir", str(GPT)], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "= attention(" in r.stdout and "gpt.yaml:" in r.stdout
+    out = tmp_path / "gpt"
+    r = subprocess.run([sys.executable, "-m", "specc.cli", "build", str(GPT), "-o", str(out), "--set", "layers=1",
+                        "--run"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "(2, 16, 65)" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["layers"] == 1
+    assert manifest["parameter_count"] == gpt_params(65, 64, 64, 1, True)
+    assert manifest["inputs"][0]["type"] == "i64[B, T] in range(65)"
