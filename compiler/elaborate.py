@@ -6,12 +6,17 @@ on its nodes), runs every op's shape rule, and checks the declared outputs.
 
 Errors never stop elaboration early: a failing statement binds its names to `POISON`, which
 silently propagates, so every independent error is reported once, with its location.
+
+Specs are untrusted, so elaboration is bounded: repeat counts, the number of nodes, the nesting of
+blocks and expressions, and tensor sizes all have limits that end in a located error, never in a
+hang, a memory blow-up or a Python RecursionError.
 """
 
 from __future__ import annotations
 
 import keyword
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -31,6 +36,12 @@ from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
 OVERRIDES_FILE = "<--set>"
 DEFAULT_EXAMPLE = {"B": 2}
 DEFAULT_SYMBOL_EXAMPLE = 8
+
+MAX_REPEAT = 10_000  # the count of one repeat(...)
+MAX_NODES = 100_000  # nodes in the elaborated graph, all repeats and block calls inlined
+MAX_BLOCK_DEPTH = 32  # blocks calling blocks
+MAX_EVAL_DEPTH = 120  # nested expressions being evaluated, through block calls (about 4 Python frames each)
+MAX_SIZE = 2 ** 63 - 1  # the largest tensor dimension (and element count) a backend can index
 
 #: Attribute names an nn.Module already has; a module path segment never takes one of these.
 MODULE_ATTRS = frozenset({
@@ -88,6 +99,9 @@ class _Scope:
     frames: tuple[Frame, ...]
     names: set[str] = field(default_factory=set)
     env: dict[str, Any] = field(default_factory=dict)
+    #: The body had a syntax error on a line whose names could not be read: an unknown name may
+    #: be one of those, so it is not reported.
+    lenient: bool = False
 
     def claim(self, base: str, fallback: str | None = None) -> str:
         """A unique module attribute name in this scope: `base`, else `fallback`, else a numbered one."""
@@ -118,6 +132,7 @@ class Elaborator:
         self.spec = src.spec
         self.doc = src.doc
         self.errors = Collector()
+        self.errors.extend(src.pending)  # errors of the YAML layer, whose entries were left out
         self.overrides = dict(overrides or {})
         self.override_text = dict(override_text or {})
         self.sources = {src.file: src.text}
@@ -126,6 +141,9 @@ class Elaborator:
         self.blocks: dict[str, Block] = {}
         self.graph = Graph(self.spec.name, seed=self.spec.seed)
         self.stack: list[str] = []  # block call stack, to refuse recursion
+        self.depth = 0  # nesting of `ev` calls, bounded by MAX_EVAL_DEPTH
+        self.too_big = False  # MAX_NODES was reached: no more nodes are added
+        self.called: set[str] = set()  # blocks elaborated at least once
 
     # -- locations ---------------------------------------------------------------------------
     def origin(self, *path: Any) -> TextOrigin:
@@ -146,12 +164,14 @@ class Elaborator:
         self.declare_inputs()
         self.read_blocks()
         top = _Scope(())
+        top.env.update({name: POISON for name in self.spec.inputs})  # inputs whose type failed
         top.env.update({name: TV(Ref(nid), self.graph.node(nid).type) for name, nid in self.graph.inputs})
         body = parse(self.spec.graph, self.origin("graph"), "body", self.errors)
         if body is not None:
             self.check_order(body, set(top.env), self.doc.key_span(("graph",)))
             self.exec_body(body, top, in_block=None)
-        self.bind_outputs(top)
+        self.bind_outputs(top, complete=body is not None and body.names_known)
+        self.check_unused_blocks()
         if not self.errors:
             self.check_symbols_known()
         self.errors.raise_if_any(self.sources)
@@ -161,7 +181,10 @@ class Elaborator:
 
     # -- params and overrides ----------------------------------------------------------------
     def bind_params(self) -> None:
-        self.params = dict(self.spec.params)
+        # entries of the spec left out for an error are unknown values, not undefined names
+        self.params = {name: POISON for section, name in self.src.unknown
+                       if section in ("params", "dims", "inputs")}
+        self.params.update(self.spec.params)
         for name, value in self.overrides.items():
             text, span = self.override_text.get(name, (None, Span(OVERRIDES_FILE, 1, 1)))
             if name not in self.params:
@@ -170,6 +193,8 @@ class Elaborator:
                           f"parameters of {self.spec.name}: {', '.join(self.params) or 'none'}")
                 continue
             default = self.params[name]
+            if default is POISON:
+                continue
             try:
                 self.params[name] = coerce_override(value, default)
             except ValueError as e:
@@ -182,7 +207,14 @@ class Elaborator:
                 self.fail(self.doc.key_span(("dims", name)), f"'{name}' is both a parameter and a dimension")
                 continue
             if isinstance(decl, int):
+                if decl <= 0:
+                    self.fail(self.doc.span(("dims", name)), f"dims.{name}: the example size must be positive, "
+                                                             f"got {decl}")
+                    continue
                 decl = DimDecl(example=decl)
+            if decl.example > MAX_SIZE or (isinstance(decl.max, int) and decl.max > MAX_SIZE):
+                self.fail(self.doc.span(("dims", name)), f"dims.{name}: sizes must stay below 2**63")
+                continue
             hi = decl.max
             if isinstance(hi, str):
                 expr = parse(hi, self.origin("dims", name, "max"), "expression", self.errors)
@@ -242,6 +274,9 @@ class Elaborator:
                 return self.fail(d.span, f"a dimension must be an integer or a symbolic dimension, got {_kind(v)}")
             if isinstance(v, int) and v <= 0:
                 return self.fail(d.span, f"a dimension must be positive, got {v}")
+            if _too_large(tuple(dims) + (v,)):
+                return self.fail(d.span, f"the dimension {fmt(v)} is too large "
+                                         f"(sizes and element counts must stay below 2**63)")
             dims.append(v)
         rng = None
         if te.range is not None:
@@ -279,18 +314,32 @@ class Elaborator:
                 continue
             nid = self.graph.add(Node("input", (), (("name", name),), (t,), span, name=name))
             inputs.append((name, nid))
-        self.graph.inputs = tuple(inputs)
+        for name, _ in inputs:  # a symbol may come from a later input's type
+            if name in self.symbols:
+                self.fail(self.doc.key_span(("inputs", name)), f"input '{name}' has the same name as a "
+                                                               f"symbolic dimension used in the input types")
+        self.graph.inputs = tuple((name, nid) for name, nid in inputs if name not in self.symbols)
 
     # -- blocks ------------------------------------------------------------------------------
     def read_blocks(self) -> None:
+        for section, name in self.src.unknown:  # left out for an error: calls to it are no further error
+            if section == "blocks" and name not in REGISTRY:
+                span = self.doc.span(("blocks",))
+                self.blocks[name] = Block(A.Signature(A.Name(name, span), (), span), None, span)
         for key, body_text in self.spec.blocks.items():
             sig = parse(key, self.origin("blocks", key, "<key>"), "signature", self.errors)
             if sig is None:
+                m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", key)
+                if m and m.group(1) not in self.blocks and m.group(1) not in REGISTRY:
+                    span = self.doc.key_span(("blocks", key))
+                    self.blocks[m.group(1)] = Block(A.Signature(A.Name(m.group(1), span), (), span), None, span)
                 continue
             name = sig.name.id
             problem = self.name_problem(name, kind="block")
             if problem:
                 self.fail(sig.name.span, problem)
+                if name not in REGISTRY and name not in self.blocks:  # calls to it are no further error
+                    self.blocks[name] = Block(sig, None, sig.span)
                 continue
             if name in self.blocks:
                 self.fail(sig.name.span, f"block '{name}' is defined twice")
@@ -300,16 +349,21 @@ class Elaborator:
                 if p.name.id in seen:
                     self.fail(p.name.span, f"parameter '{p.name.id}' of block '{name}' is repeated")
                 seen.add(p.name.id)
-                if not check_identifier_ok(p.name.id):
-                    self.fail(p.name.span, f"'{p.name.id}' is a reserved word and cannot be a block argument")
+                problem = identifier_problem(p.name.id)
+                if problem:
+                    self.fail(p.name.span, f"block argument: {problem}")
+                elif p.name.id in self.symbols:
+                    self.fail(p.name.span,
+                              f"block argument '{p.name.id}' has the same name as a symbolic dimension")
             body = parse(body_text, self.origin("blocks", key), "body", self.errors)
             if body is not None:
                 self.check_order(body, {p.name.id for p in sig.params}, sig.span)
             self.blocks[name] = Block(sig, body, sig.span)
 
     def name_problem(self, name: str, kind: str) -> str | None:
-        if not check_identifier_ok(name):
-            return f"'{name}' is a reserved word and cannot name a {kind}"
+        problem = identifier_problem(name)
+        if problem:
+            return f"{kind} name: {problem}"
         if name in REGISTRY:
             return f"'{name}' is a built-in operator and cannot name a {kind}"
         if name in self.params:
@@ -354,6 +408,9 @@ class Elaborator:
     def exec_body(self, body: A.Body, scope: _Scope, in_block: Block | None) -> Any:
         result: Any = None
         returned = False
+        for name in body.broken:  # assigned on a line with a syntax error: unknown, not undefined
+            scope.env[name] = POISON
+        scope.lenient = scope.lenient or not body.names_known
         for st in body.stmts:
             if returned:
                 self.fail(st.span, "statement after 'return' is never run")
@@ -368,6 +425,8 @@ class Elaborator:
                 continue
             self.exec_assign(st, scope)
         if in_block is not None and not returned:
+            if not body.complete:  # the return may be on a line with a syntax error
+                return POISON
             return self.fail(in_block.sig.span, f"block '{in_block.sig.name.id}' has no 'return' statement")
         return result
 
@@ -376,7 +435,7 @@ class Elaborator:
         for t in st.targets:
             problem = None
             if not check_identifier_ok(t.id):
-                problem = f"'{t.id}' is a reserved word and cannot name a value"
+                problem = identifier_problem(t.id)
             elif t.id in self.params:
                 problem = f"'{t.id}' is a parameter; choose another name for this value"
             elif t.id in self.symbols:
@@ -401,6 +460,19 @@ class Elaborator:
             scope.env[t.id] = POISON if value is POISON else value[i]
 
     # -- expressions -------------------------------------------------------------------------
+    def is_unknown(self, name: A.Name, scope: _Scope) -> bool:
+        """Whether `name` is defined nowhere (nor later in its body, nor possibly on a broken line)."""
+        n = name.id
+        return not (n in scope.env or n in self.params or n in self.symbols or n in self.blocks
+                    or n in REGISTRY or n in DTYPES or n in CONST_FUNCS or n in ("identity", "repeat")
+                    or scope.lenient or (name.span.line, name.span.col, n) in getattr(self, "_late", {}))
+
+    def unknown_operator(self, func: A.Name) -> _Poison:
+        callables = set(self.blocks) | set(CONST_FUNCS) | {"repeat"}
+        callables |= {k for k, v in REGISTRY.items() if v.category != "internal"}
+        return self.fail(func.span, f"unknown operator '{func.id}'" + did_you_mean(func.id, callables),
+                         "operators are listed by `specc ops`; blocks are defined under 'blocks:'")
+
     def lookup(self, name: A.Name, scope: _Scope) -> Any:
         n = name.id
         if n in scope.env:
@@ -420,11 +492,25 @@ class Elaborator:
         late = getattr(self, "_late", {}).get((name.span.line, name.span.col, n))
         if late:
             return self.fail(name.span, f"'{n}' is used before it is defined", late)
-        known = set(scope.env) | set(self.params) | set(self.symbols) | set(self.blocks)
-        known |= {k for k, v in REGISTRY.items() if v.category != "internal"}
-        return self.fail(name.span, f"undefined name '{n}'" + did_you_mean(n, known))
+        if scope.lenient:
+            return POISON
+        values = set(scope.env) | set(self.params) | set(self.symbols)
+        callables = set(self.blocks) | {k for k, v in REGISTRY.items() if v.category != "internal"}
+        hint = did_you_mean(n, values) or did_you_mean(n, callables)  # a value is the likelier intent
+        return self.fail(name.span, f"undefined name '{n}'" + hint)
 
     def ev(self, e: A.Expr, scope: _Scope, hint: str | None, direct: bool = False) -> Any:
+        if self.depth >= MAX_EVAL_DEPTH:
+            return self.fail(e.span, f"expressions and block calls nest more than {MAX_EVAL_DEPTH} levels deep")
+        self.depth += 1
+        try:
+            return self.ev_inner(e, scope, hint, direct)
+        except RecursionError:  # a last resort when the caller's own stack is already deep
+            return self.fail(e.span, "expressions and block calls nest too deeply to check")
+        finally:
+            self.depth -= 1
+
+    def ev_inner(self, e: A.Expr, scope: _Scope, hint: str | None, direct: bool) -> Any:
         if isinstance(e, A.Const):
             return e.value
         if isinstance(e, A.Name):
@@ -514,6 +600,9 @@ class Elaborator:
         dtype = odt if (isinstance(v, int) or odt in _ops.FLOAT_DTYPES) else "f32"
         if dtype == "bool":
             dtype = "i64" if isinstance(v, int) else "f32"
+        lo, hi = _INT_RANGES.get(dtype, (None, None))
+        if lo is not None and not lo <= v < hi:
+            return self.fail(span, f"the integer {v} does not fit the dtype {dtype} (range({lo}, {hi}))")
         return self.make("scalar", {}, {"value": v, "dtype": dtype}, span, scope, None, {})
 
     def index(self, e: A.Index, scope: _Scope, hint: str | None) -> Any:
@@ -563,6 +652,8 @@ class Elaborator:
             args = [self.ev(a, scope, hint=None) for a in e.args]
             if any(a is POISON for a in args):
                 return POISON
+            if fname in REGISTRY and any(_nodes_of_value(a) for a in args):
+                return self.apply_op(REGISTRY[fname], args, {}, e, scope, hint)  # e.g. sqrt(tensor)
             if e.kwargs:
                 return self.fail(e.kwargs[0].span, f"{fname}() takes no keyword arguments")
             try:
@@ -573,6 +664,8 @@ class Elaborator:
             target: Any = BlockRef(fname)
         elif fname in REGISTRY and REGISTRY[fname].category != "internal":
             target = OpRef(fname)
+        elif self.is_unknown(e.func, scope):
+            target = self.unknown_operator(e.func)
         else:
             target = self.lookup(e.func, scope)
         if target is POISON:
@@ -587,6 +680,9 @@ class Elaborator:
             if k.name in kwargs:
                 return self.fail(k.span, f"argument '{k.name}' is given twice")
             kwargs[k.name] = self.ev(k.value, scope, hint=None)
+        if isinstance(target, OpRef) and target.name in REGISTRY:
+            # argument names and kinds are checked even when some values are unknown
+            return self.apply_op(REGISTRY[target.name], args, kwargs, e, scope, hint)
         if any(v is POISON for v in args) or any(v is POISON for v in kwargs.values()):
             return POISON
         if isinstance(target, BlockRef):
@@ -646,13 +742,20 @@ class Elaborator:
             return POISON
         values, spans = bound
         tensors, attrs = {}, {}
+        ok = True
         for a in opdef.args:
             v = values[a.name]
+            if v is POISON or (isinstance(v, (list, tuple)) and any(x is POISON for x in v)):
+                ok = False  # already reported
+                continue
             span = spans.get(a.name, e.span)
             checked = self.check_kind(opdef, a, v, span)
             if checked is POISON:
-                return POISON
+                ok = False
+                continue
             (tensors if a.is_tensor else attrs)[a.name] = checked
+        if not ok:
+            return POISON
         return self.make(opdef.name, tensors, attrs, e.span, scope, hint, spans)
 
     def check_kind(self, opdef: OpDef, a: Arg, v: Any, span: Span) -> Any:
@@ -706,7 +809,7 @@ class Elaborator:
             return name
         if k == "dtype":
             name = v.name if isinstance(v, DTypeRef) else v
-            if name not in DTYPES:
+            if not isinstance(name, str) or name not in DTYPES:
                 return self.fail(span, f"{where} must be a dtype ({', '.join(DTYPES)}), got {_kind(v)}")
             return name
         if k == "axis":
@@ -721,7 +824,7 @@ class Elaborator:
             return self.fail(span, f"{where} must be a dimension index or a list of them, got {_kind(v)}")
         if k == "dims":
             out = []
-            for x in v:
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
                 if isinstance(x, float) and x.is_integer():
                     x = int(x)
                 if not is_dim(x):
@@ -758,6 +861,14 @@ class Elaborator:
             params = tuple(opdef.params(call)) if opdef.params else ()
         except OpError as err:
             return self.fail(spans.get(err.arg or "", span) if err.arg else span, err.message)
+        for t in outs:
+            if _too_large(t.shape):
+                return self.fail(span, f"{opname}: the result {_plain(t)} is too large "
+                                       f"(sizes and element counts must stay below 2**63)")
+        if len(self.graph) >= MAX_NODES:
+            self.too_big = True
+            return self.fail(span, f"the model has more than {MAX_NODES} operations once blocks and repeats "
+                                   f"are expanded", "reduce repeat counts or the number of layers")
         inputs: list[Ref] = []
         for a in opdef.tensor_args:
             v = tensors.get(a.name)
@@ -789,6 +900,9 @@ class Elaborator:
         name = block.sig.name.id
         if name in self.stack:
             return self.fail(e.span, f"block '{name}' calls itself (through {' -> '.join(self.stack + [name])})")
+        if len(self.stack) >= MAX_BLOCK_DEPTH:
+            return self.fail(e.span, f"blocks call blocks more than {MAX_BLOCK_DEPTH} levels deep")
+        self.called.add(name)
         if block.body is None:
             return POISON
         params = block.sig.params
@@ -800,10 +914,12 @@ class Elaborator:
             env[p.name.id] = v
         for k, v in kwargs.items():
             if k not in {p.name.id for p in params}:
-                return self.fail(e.span, f"block '{name}' has no argument '{k}'"
+                kspan = next((kw.span for kw in e.kwargs if kw.name == k), e.span)
+                return self.fail(kspan, f"block '{name}' has no argument '{k}'"
                                  + did_you_mean(k, [p.name.id for p in params]), f"defined at {block.span}")
             if k in env:
-                return self.fail(e.span, f"block '{name}' got argument '{k}' twice")
+                kspan = next((kw.span for kw in e.kwargs if kw.name == k), e.span)
+                return self.fail(kspan, f"block '{name}' got argument '{k}' twice")
             env[k] = v
         for p in params:
             if p.name.id not in env:
@@ -836,6 +952,8 @@ class Elaborator:
             return POISON
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             return self.fail(e.args[0].span, f"repeat count must be a non-negative integer, got {_kind(n)}")
+        if n > MAX_REPEAT:
+            return self.fail(e.args[0].span, f"repeat count {n} is too large (at most {MAX_REPEAT})")
         if not isinstance(blk, BlockRef):
             return self.fail(e.args[1].span, f"repeat needs a block name, got {_kind(blk)}")
         block = self.blocks[blk.name]
@@ -843,7 +961,7 @@ class Elaborator:
         state = tuple(carried)
         for i in range(n):
             out = self.call_block(block, list(state), kwargs, e, scope, attr, i)
-            if out is POISON:
+            if out is POISON or self.too_big:
                 return POISON
             out = out if isinstance(out, tuple) else (out,)
             if len(out) != len(state):
@@ -869,13 +987,38 @@ class Elaborator:
                 self.fail(node.span, f"symbolic dimension '{s}' appears in no input's shape, so its value is "
                                      f"unknown when the model runs")
 
+    def check_unused_blocks(self) -> None:
+        """Blocks the graph never calls get no shapes, but their unknown names are still errors."""
+        for name, block in self.blocks.items():
+            if name in self.called or block.body is None:
+                continue
+            body = block.body
+            scope = _Scope((), env={p.name.id: POISON for p in block.sig.params}, lenient=not body.names_known)
+            scope.env.update({n: POISON for n in body.broken})
+            for st in body.stmts:
+                if isinstance(st, A.Assign):
+                    scope.env.update({t.id: POISON for t in st.targets})
+            for st in body.stmts:
+                for value in (st.values if isinstance(st, A.Return) else (st.value,)):
+                    called = {id(c.func) for c in walk(value) if isinstance(c, A.Call)}
+                    for sub in walk(value):
+                        if isinstance(sub, A.Name) and self.is_unknown(sub, scope):
+                            if id(sub) in called:
+                                self.unknown_operator(sub)
+                            else:
+                                self.lookup(sub, scope)
+
     # -- outputs -----------------------------------------------------------------------------
-    def bind_outputs(self, top: _Scope) -> None:
+    def bind_outputs(self, top: _Scope, complete: bool = True) -> None:
+        """Bind the declared outputs; `complete` is False when the graph body could not be read
+        in full (a syntax error), so that a missing output is not reported as undefined."""
         outputs = []
         for name, declared in self.spec.outputs.items():
             kspan = self.doc.key_span(("outputs", name))
+            want = None if declared is None else self.eval_type(declared, ("outputs", name), allow_range=False)
             if name not in top.env:
-                self.fail(kspan, f"output '{name}' is not defined by the graph" + did_you_mean(name, top.env))
+                if complete:
+                    self.fail(kspan, f"output '{name}' is not defined by the graph" + did_you_mean(name, top.env))
                 continue
             v = top.env[name]
             if v is POISON:
@@ -883,10 +1026,8 @@ class Elaborator:
             if not isinstance(v, TV):
                 self.fail(kspan, f"output '{name}' must be a tensor, got {_kind(v)}")
                 continue
-            if declared is not None:
-                want = self.eval_type(declared, ("outputs", name), allow_range=False)
-                if want is not POISON:
-                    self.check_output_type(name, want, v.type, self.doc.span(("outputs", name)), v.ref)
+            if want is not None and want is not POISON:
+                self.check_output_type(name, want, v.type, self.doc.span(("outputs", name)), v.ref)
             outputs.append((name, v.ref))
         self.graph.outputs = tuple(outputs)
 
@@ -939,6 +1080,20 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+_INT_RANGES = {"u8": (0, 2 ** 8), "i8": (-2 ** 7, 2 ** 7), "i32": (-2 ** 31, 2 ** 31), "i64": (-2 ** 63, 2 ** 63)}
+
+
+def _too_large(shape: tuple) -> bool:
+    """Whether the fixed sizes of a shape, or their product, reach 2**63."""
+    total = 1
+    for d in shape:
+        if isinstance(d, int):
+            total *= max(d, 1)
+            if total > MAX_SIZE:
+                return True
+    return False
+
+
 def _num(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) or isinstance(v, Sym)
 
@@ -948,6 +1103,8 @@ def const_arith(op: str, a: Any, b: Any) -> Any:
     if op in ("==", "!="):
         return (a == b) if op == "==" else (a != b)
     if op == "+" and isinstance(a, str) and isinstance(b, str):
+        if len(a) + len(b) > _MAX_STR:
+            raise ValueError(f"the string would be longer than {_MAX_STR} characters")
         return a + b
     if not (_num(a) and _num(b)):
         raise ValueError(f"operator '{op}' is not defined for {_kind(a)} and {_kind(b)}")
@@ -960,11 +1117,11 @@ def const_arith(op: str, a: Any, b: Any) -> Any:
         if isinstance(a, float) or isinstance(b, float):
             raise ValueError("a symbolic dimension can only be combined with integers")
         if op == "+":
-            return a + b
+            return _small(a + b)
         if op == "-":
-            return a - b
+            return _small(a - b)
         if op == "*":
-            return a * b
+            return _small(a * b)
         if op in ("/", "//"):
             q = div_exact(a, b)
             if q is None:
@@ -972,29 +1129,53 @@ def const_arith(op: str, a: Any, b: Any) -> Any:
             return q
         raise ValueError(f"operator '{op}' is not defined for symbolic dimensions")
     try:
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        if op == "/":
-            if isinstance(a, int) and isinstance(b, int) and b and a % b == 0:
-                return a // b
-            return a / b
-        if op == "//":
-            return a // b
-        if op == "%":
-            return a % b
-        if op == "**":
-            r = a ** b
-            if isinstance(r, complex) or (isinstance(r, (int, float)) and abs(r) > 1e300):
-                raise ValueError("result out of range")
-            return r
+        r = _number_arith(op, a, b)
     except ZeroDivisionError:
         raise ValueError("division by zero") from None
     except OverflowError:
         raise ValueError("result out of range") from None
+    if isinstance(r, complex) or (isinstance(r, float) and not math.isfinite(r)) or \
+            (isinstance(r, int) and r.bit_length() > _MAX_INT_BITS):
+        raise ValueError("result out of range")
+    return r
+
+
+_MAX_INT_BITS = 1024  # integers computed from params; far beyond any size, yet cheap to compute
+_MAX_STR = 10_000  # strings computed from params
+_MAX_TERMS, _MAX_DEGREE = 64, 16  # symbolic dimensions such as 2*B*T + 4
+
+
+def _small(d: Any) -> Any:
+    """`d` if it is a dimension of reasonable size, else ValueError (they can grow exponentially)."""
+    if isinstance(d, Sym):
+        if len(d.terms) > _MAX_TERMS or any(len(m) > _MAX_DEGREE for m, _ in d.terms) or \
+                any(abs(c).bit_length() > _MAX_INT_BITS for _, c in d.terms):
+            raise ValueError("the symbolic expression is too large")
+    elif isinstance(d, int) and d.bit_length() > _MAX_INT_BITS:
+        raise ValueError("result out of range")
+    return d
+
+
+def _number_arith(op: str, a: int | float, b: int | float) -> int | float:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        if isinstance(a, int) and isinstance(b, int) and b and a % b == 0:
+            return a // b
+        return a / b
+    if op == "//":
+        return a // b
+    if op == "%":
+        return a % b
+    if op == "**":
+        if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 and \
+                (b > _MAX_INT_BITS or (abs(a).bit_length() - 1) * b > _MAX_INT_BITS):
+            raise OverflowError  # checked before computing: 10 ** 10 ** 10 would never finish
+        return a ** b
     raise ValueError(f"operator '{op}' is not defined for numbers")
 
 
@@ -1042,6 +1223,15 @@ def _free_names(e: A.Expr) -> set[str]:
     return {s.id for s in walk(e) if isinstance(s, A.Name)}
 
 
+def identifier_problem(name: str) -> str | None:
+    """Why `name` cannot name something in a spec, or None."""
+    try:
+        check_identifier(name)
+        return None
+    except ValueError as e:
+        return str(e)
+
+
 def check_identifier_ok(name: str) -> bool:
     try:
         check_identifier(name)
@@ -1062,7 +1252,7 @@ def coerce_override(value: Any, default: Any) -> Any:
             raise ValueError(f"expected true or false, got {value!r}")
         if isinstance(default, int):
             try:
-                return int(text)
+                value = int(text)
             except ValueError:
                 raise ValueError(f"expected an integer, got {value!r}") from None
         if isinstance(default, float):
@@ -1080,11 +1270,19 @@ def coerce_override(value: Any, default: Any) -> Any:
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {value!r}")
+        if value.bit_length() > _MAX_INT_BITS:
+            raise ValueError(f"the integer is too large (more than {_MAX_INT_BITS} bits)")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError("the number is too large") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return value
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value

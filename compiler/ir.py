@@ -82,6 +82,9 @@ class ParamSpec:
     dtype: str = "f32"
     frozen: bool = False
     tied_to: str | None = None  # the full name of the parameter this one shares storage with
+    #: For parameters made by a pass: how to compute the value from the unoptimised graph's
+    #: parameters, as a weight expression (see compiler/weightexpr.py). None: kept as it was.
+    derive: tuple | None = None
 
     def numel(self) -> int:
         n = 1

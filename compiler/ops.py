@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from .dims import Dim, Sym, div_exact, fmt, product
+from .dims import Dim, Sym, div_exact, fmt, is_dim, product
 from .ir import FLOAT_DTYPES, INT_DTYPES, Init, TensorType
 from .registry import Arg, OpCall, OpError, op, param, uniform_fan_in
 
 T = TensorType
+
+#: Bounds on counts that make an op build lists (parts, layers): a spec is untrusted input.
+MAX_PARTS = 4096
+MAX_LAYERS = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +279,14 @@ def _attention_params(c: OpCall):
     d = fixed_width(x.shape[-1], "attention", "model width (last dimension of x)")
     dkv = d if kv is None else fixed_width(kv.shape[-1], "attention", "width of kv", "kv")
     ps = []
-    for proj, fan_in in (("q", d), ("k", dkv), ("v", dkv), ("o", d)):
+    if c.a("qkv"):
+        ps.append(param("qkv.weight", (3 * d, d), uniform_fan_in(d), op="attention"))
+        if c.a("bias"):
+            ps.append(param("qkv.bias", (3 * d,), uniform_fan_in(d), op="attention"))
+        projections = (("o", d),)
+    else:
+        projections = (("q", d), ("k", dkv), ("v", dkv), ("o", d))
+    for proj, fan_in in projections:
         ps.append(param(f"{proj}.weight", (d, fan_in), uniform_fan_in(fan_in), op="attention"))
         if c.a("bias"):
             ps.append(param(f"{proj}.bias", (d,), uniform_fan_in(fan_in), op="attention"))
@@ -297,12 +308,14 @@ def _attention_flops(c: OpCall, outs):
 
 @op("attention", Arg("x", "tensor"), Arg("heads", "int"), Arg("causal", "bool", False),
     Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
+    Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")),
     params=_attention_params, flops=_attention_flops, category="layer")
 def _attention(c: OpCall):
     """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0): multi-head softmax attention.
 
     Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x). With causal,
-    position t attends only to positions <= t.
+    position t attends only to positions <= t. qkv=true keeps one fused q/k/v projection (self-attention
+    only); impl='sdpa' computes it with a fused attention kernel. Passes set both.
     """
     x, kv = c.t("x"), c.t("kv")
     need_float(x, "attention")
@@ -320,6 +333,8 @@ def _attention(c: OpCall):
             raise OpError("attention: causal attention needs kv of the same length as x", "causal")
     if not 0.0 <= c.a("dropout") < 1.0:
         raise OpError(f"attention: dropout must be in [0, 1), got {c.a('dropout')}", "dropout")
+    if c.a("qkv") and kv is not None:
+        raise OpError("attention: a fused q/k/v projection needs self-attention (no kv)", "qkv")
     return x
 
 
@@ -394,6 +409,8 @@ def _lstm(c: OpCall):
     fixed_width(x.shape[-1], "lstm", "input width (last dimension of x)")
     if c.a("hidden") <= 0 or c.a("layers") <= 0:
         raise OpError("lstm: hidden and layers must be positive", "hidden")
+    if c.a("layers") > MAX_LAYERS:
+        raise OpError(f"lstm: at most {MAX_LAYERS} layers, got {c.a('layers')}", "layers")
     dirs = 2 if c.a("bidirectional") else 1
     return T(x.dtype, x.shape[:-1] + (c.a("hidden") * dirs,))
 
@@ -544,6 +561,8 @@ def _split(c: OpCall):
     if isinstance(sections, int) and not isinstance(sections, bool):
         if sections <= 0:
             raise OpError(f"split: the number of parts must be positive, got {sections}", "sections")
+        if sections > MAX_PARTS:
+            raise OpError(f"split: at most {MAX_PARTS} parts, got {sections}", "sections")
         part = div_exact(size, sections)
         if part is None:
             raise OpError(f"split: dimension {axis} of {shape_str(x)} ({fmt(size)}) is not divisible into "
@@ -564,6 +583,15 @@ def _split(c: OpCall):
     return tuple(outs)
 
 
+def _index_item(item) -> bool:
+    """An index as the elaborator records it: ('int', i) or ('slice', start, stop)."""
+    if not isinstance(item, tuple) or not item:
+        return False
+    if item[0] == "int":
+        return len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)
+    return item[0] == "slice" and len(item) == 3 and all(b is None or is_dim(b) for b in item[1:])
+
+
 def sum_dims(ds) -> Dim:
     total: Dim = 0
     for d in ds:
@@ -576,6 +604,8 @@ def _getitem(c: OpCall):
     """x[i, a:b, :]: integer indices drop a dimension, slices keep it (constant bounds, step 1)."""
     x = c.t("x")
     items = c.a("index")
+    if not (isinstance(items, tuple) and all(_index_item(i) for i in items)):
+        raise OpError("getitem: write indices as x[i, a:b], not as a call", "index")
     if len(items) > x.rank:
         raise OpError(f"index: too many indices ({len(items)}) for {shape_str(x)}", "index")
     shape: list[Dim] = []

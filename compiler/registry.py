@@ -16,6 +16,9 @@ from .ir import Init, ParamSpec, TensorType
 
 REQUIRED = object()
 
+#: The most elements one parameter may have: what a tensor size can hold (int64).
+MAX_PARAM_NUMEL = 2 ** 63 - 1
+
 #: Argument kinds. Tensor kinds become node inputs; the rest become attributes.
 TENSOR_KINDS = frozenset({"tensor", "tensor?", "tensors"})
 ATTR_KINDS = frozenset({"int", "float", "number", "bool", "str", "dim", "dims", "axis", "axes", "op", "dtype", "owner", "any"})
@@ -140,4 +143,10 @@ def param(name: str, shape: tuple, init: Init, *, op: str, arg: str = "x") -> Pa
                           f"its size must be fixed by params, not by a symbolic dimension", arg)
         if d <= 0:
             raise OpError(f"{op}: parameter '{name}' would have size {d}; sizes must be positive", arg)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > MAX_PARAM_NUMEL:
+        raise OpError(f"{op}: parameter '{name}' would have {numel} elements; at most 2**63 - 1 can be stored",
+                      arg)
     return ParamSpec(name, tuple(shape), init)

@@ -109,8 +109,15 @@ Stmt = Union[Assign, Return]
 
 @dataclass(frozen=True)
 class Body:
+    """Statements of a graph or block body. After syntax errors, the statements that parsed:
+    `broken` names what the broken lines assign (to treat as unknown, not as undefined), and
+    `names_known` is False when a broken line's targets could not be read."""
+
     stmts: tuple[Stmt, ...]
     span: Span
+    broken: tuple[str, ...] = ()
+    complete: bool = True
+    names_known: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class Span:
     end_col: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
+        return f"{self.file}:{self.line}:{self.col}" if self.line >= 1 else self.file
 
     def merge(self, other: "Span | None") -> "Span":
         """The smallest span covering both (used when passes fuse nodes)."""
@@ -104,26 +104,44 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+#: Source lines longer than this are shown as a window around the caret.
+MAX_SHOWN = 100
+
+
 def render(diagnostics: Sequence[Diagnostic], sources: dict[str, str], color: bool = False) -> str:
-    """Format diagnostics like a compiler: location, message, source line and a caret."""
+    """Format diagnostics like a compiler: location, message, source line and a caret.
+
+    Text from the spec (names in messages, the source line) is shown with control characters
+    escaped, so a spec cannot send escape sequences to the terminal."""
     red, bold, reset, cyan = ("\x1b[31m", "\x1b[1m", "\x1b[0m", "\x1b[36m") if color else ("",) * 4
     out: list[str] = []
     for d in diagnostics:
         s = d.span
-        out.append(f"{bold}{s}: {red}{d.severity}:{reset}{bold} {d.message}{reset}")
+        out.append(f"{bold}{_printable(str(s))}: {red}{d.severity}:{reset}{bold} {_printable(d.message)}{reset}")
         text = sources.get(s.file)
         if text is not None and s.line >= 1:
             lines = text.splitlines()
             if s.line <= len(lines):
-                src = lines[s.line - 1].expandtabs(1)
-                gutter = f"{s.line:>5} | "
-                out.append(gutter + src)
+                src = "".join(c if c.isprintable() else " " if c == "\t" else "?" for c in lines[s.line - 1])
+                col = max(1, s.col)
                 width = 1
-                if s.end_line == s.line and s.end_col and s.end_col > s.col:
-                    width = s.end_col - s.col
-                width = max(1, min(width, len(src) - s.col + 1))
+                if s.end_line == s.line and s.end_col and s.end_col > col:
+                    width = s.end_col - col
+                prefix = suffix = ""
+                if len(src) > MAX_SHOWN:
+                    start = max(0, min(col - 1 - MAX_SHOWN // 2, len(src) - MAX_SHOWN))
+                    prefix, suffix = ("..." if start else ""), ("..." if start + MAX_SHOWN < len(src) else "")
+                    src, col = src[start:start + MAX_SHOWN], col - start
+                gutter = f"{s.line:>5} | "
+                out.append(gutter + prefix + src + suffix)
+                width = max(1, min(width, len(src) - col + 1))
                 caret = "^" + "~" * (width - 1)
-                out.append(" " * 6 + "| " + " " * (s.col - 1) + f"{cyan}{caret}{reset}")
+                out.append(" " * 6 + "| " + " " * (len(prefix) + col - 1) + f"{cyan}{caret}{reset}")
         for n in d.notes:
-            out.append(f"      = note: {n}")
+            out.append(f"      = note: {_printable(n)}")
     return "\n".join(out)
+
+
+def _printable(text: str) -> str:
+    """`text` with each unprintable character written as its escape, e.g. \\n or \\x1b."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -2,12 +2,17 @@
 
 Positions come from lark's `meta` and are mapped to the spec file through a `TextOrigin`, so an
 error inside a `|` block scalar points at the real line. A body with several syntax errors reports
-all of them: after an error, the offending logical line is blanked and the parse is retried.
+all of them: after an error, the offending logical line is blanked and the parse is retried; the
+statements that parse are still returned (see `Body.broken`), so errors elsewhere are reported too.
+Expressions nested deeper than `MAX_DEPTH` and numbers Python cannot hold are refused where they
+stand, so that nothing downstream recurses without bound.
 """
 
 from __future__ import annotations
 
 import ast as pyast
+import math
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Callable, Iterator
@@ -21,6 +26,10 @@ from .yamlpos import TextOrigin
 
 _OPEN, _CLOSE = {"LPAR", "LSQB"}, {"RPAR", "RSQB"}
 _MAX_ERRORS = 20
+#: Deepest nesting of the syntax tree (statement, operators, calls) a body may have.
+MAX_DEPTH = 100
+MAX_INT_BITS = 1024  # the largest integer literal, as in the YAML layer
+_TARGETS = re.compile(r"\s*([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*=(?!=)")
 
 _PRETTY = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "a new line", "$END": "the end",
@@ -230,8 +239,9 @@ def _literal(parser: Lark, term: str) -> str:
         return term
 
 
-def _blank_line(text: str, line: int) -> str:
-    """Blank the logical line containing 1-based `line` (following open brackets), keeping newlines."""
+def _blank_line(text: str, line: int) -> tuple[str, int, int]:
+    """Blank the logical line containing 1-based `line` (following open brackets), keeping newlines.
+    Returns the new text and the first and last blanked lines."""
     lines = text.split("\n")
     i = max(0, min(line - 1, len(lines) - 1))
     depth = 0
@@ -243,74 +253,166 @@ def _blank_line(text: str, line: int) -> str:
         if depth <= 0:
             break
         j += 1
-    return "\n".join(lines)
+    return "\n".join(lines), i + 1, min(j, len(lines) - 1) + 1
 
 
-def _unclosed_before(text: str, line: int, col: int) -> tuple[int, int, str] | None:
-    """The innermost bracket still open at (line, col), as (line, col, char), or None."""
-    stack: list[tuple[int, int, str]] = []
-    quote = None
+def _assigned(text: str) -> list[str] | None:
+    """The names a broken statement line assigns, or None when they cannot be read from it."""
+    names: list[str] = []
+    for part in text.split("#", 1)[0].split(";"):
+        if not part.strip() or part.strip().startswith("return"):
+            continue
+        m = _TARGETS.match(part)
+        if m is None:
+            return None
+        names.extend(n.strip() for n in m.group(1).split(","))
+    return names
+
+
+def _tree_problem(tree: Tree) -> tuple[int, int, str] | None:
+    """The first place (line, column, message) where a parse tree nests too deep or holds a number
+    Python cannot represent; None if there is none. Iterative, so any depth is safe to inspect."""
+    stack: list[tuple[object, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Token):
+            if node.type == "NUMBER":
+                problem = _number_problem(str(node))
+                if problem:
+                    return node.line or 1, node.column or 1, problem
+            continue
+        if not isinstance(node, Tree):
+            continue
+        if depth > MAX_DEPTH:
+            meta = node.meta
+            return (getattr(meta, "line", 1), getattr(meta, "column", 1),
+                    f"this expression is nested too deeply (more than {MAX_DEPTH} levels)")
+        stack.extend((c, depth + 1) for c in reversed(node.children))
+    return None
+
+
+def _number_problem(text: str) -> str | None:
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:  # more digits than Python converts
+        return f"the number {text[:20]}... has too many digits"
+    if (isinstance(value, float) and not math.isfinite(value)) or \
+            (isinstance(value, int) and value.bit_length() > MAX_INT_BITS):
+        return f"the number {text if len(text) <= 20 else text[:20] + '...'} is too large"
+    return None
+
+
+def _brackets(text: str) -> Iterator[tuple[int, int, str]]:
+    """(line, column, char) of every bracket outside strings and comments, 1-based."""
     for ln, raw in enumerate(text.split("\n"), start=1):
-        if ln > line:
-            break
+        quote = None
         for cn, ch in enumerate(raw, start=1):
-            if ln == line and cn >= col:
-                break
             if quote:
                 quote = None if ch == quote else quote
             elif ch in "'\"":
                 quote = ch
             elif ch == "#":
                 break
-            elif ch in "([":
-                stack.append((ln, cn, ch))
-            elif ch in ")]" and stack:
-                stack.pop()
-        quote = None
-    return stack[-1] if stack else None
+            elif ch in "([)]":
+                yield ln, cn, ch
+
+
+def _open_at(text: str, line: int, col: int) -> list[tuple[int, int, str]]:
+    """The brackets still open just before (line, col), outermost first."""
+    stack: list[tuple[int, int, str]] = []
+    for ln, cn, ch in _brackets(text):
+        if (ln, cn) >= (line, col):
+            break
+        if ch in "([":
+            stack.append((ln, cn, ch))
+        elif stack:
+            stack.pop()
+    return stack
+
+
+def _closing_line(text: str, opened: tuple[int, int, str]) -> int | None:
+    """The line on which the bracket at `opened` is closed, or None if it never is."""
+    depth = 0
+    for ln, cn, ch in _brackets(text):
+        if (ln, cn) < opened[:2]:
+            continue
+        depth += 1 if ch in "([" else -1
+        if depth == 0:
+            return ln
+    return None
+
+
+def _first_on_line(text: str, line: int, col: int) -> bool:
+    lines = text.split("\n")
+    return line <= len(lines) and not lines[line - 1][:col - 1].strip()
 
 
 def parse(text: str, origin: TextOrigin, start: str, errors: Collector):
     """Parse `text` as `start` ('body', 'signature', 'tensor_type' or 'expression').
 
-    Syntax errors go to `errors` (all of them, for bodies); returns the AST or None.
+    Syntax errors go to `errors` (all of them, for bodies); returns the AST or None. A body with
+    syntax errors still yields the statements that parse, marked incomplete (`Body.complete`).
     """
     parser = _parser()
     span_of = _span_fn(origin)
     attempt = text
     found = 0
+    broken: list[str] = []
+    names_known = True
     while True:
         try:
             tree = parser.parse(attempt + ("\n" if start == "body" else ""), start=start)
-            break
+            problem = _tree_problem(tree)
+            if problem is None:
+                break
+            line, col, message = problem
+            errors.error(origin.span(line, col), message)
+            opened = _open_at(attempt, line, col)
+            blanked, first, last = _blank_line(attempt, opened[0][0] if opened else line)
         except UnexpectedInput as e:
             line, col = max(1, e.line or 1), max(1, e.column or 1)
             if isinstance(e, UnexpectedToken) and e.token.type == "$END":
                 lines = text.rstrip("\n").split("\n")
                 line, col = len(lines), len(lines[-1]) + 1 if lines else 1
-            opened = _unclosed_before(attempt, line, col)
-            if opened is not None and opened[0] < line:
-                errors.error(origin.span(opened[0], opened[1]), f"'{opened[2]}' is never closed")
+            opened = _open_at(attempt, line, col)
+            at_end = isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END")
+            if opened and at_end:
+                errors.error(origin.span(opened[-1][0], opened[-1][1]), f"'{opened[-1][2]}' is never closed")
+                blanked, first, last = _blank_line(attempt, opened[0][0])
+            elif opened and opened[0][0] < line:  # inside a statement that began on an earlier line
+                close = _closing_line(attempt, opened[0])
+                if close is None:
+                    errors.error(origin.span(opened[-1][0], opened[-1][1]), f"'{opened[-1][2]}' is never closed")
+                    # the error line most likely starts the next statement; keep it unless it does not
+                    last = line - 1 if _first_on_line(attempt, line, col) else line
+                else:
+                    errors.error(origin.span(line, col), _describe(e, parser))
+                    last = close
+                first = opened[0][0]
                 lines = attempt.split("\n")
-                for i in range(opened[0] - 1, line - 1):
+                for i in range(first - 1, min(last, len(lines))):
                     lines[i] = " " * len(lines[i])
                 blanked = "\n".join(lines)
             else:
                 errors.error(origin.span(line, col), _describe(e, parser))
-                blanked = _blank_line(attempt, line)
-            found += 1
-            if start != "body" or found >= _MAX_ERRORS:
-                return None
-            if blanked == attempt:
-                return None
-            attempt = blanked
-    if found:
-        return None
+                blanked, first, last = _blank_line(attempt, line)
+        found += 1
+        if start != "body" or found >= _MAX_ERRORS or blanked == attempt:
+            return None
+        names = _assigned(attempt.split("\n")[first - 1])
+        if names is None:
+            names_known = False
+        else:
+            broken.extend(names)
+        attempt = blanked
     try:
-        return _ToAst(span_of).transform(tree)
-    except VisitError as e:  # e.g. a malformed string literal
+        result = _ToAst(span_of).transform(tree)
+    except VisitError as e:  # pragma: no cover - literals are checked before the transform
         errors.error(origin.span(1, 1), f"invalid literal: {e.orig_exc}")
         return None
+    if found and isinstance(result, A.Body):
+        result = A.Body(result.stmts, result.span, tuple(dict.fromkeys(broken)), False, names_known)
+    return result
 
 
 def walk(expr) -> Iterator:

@@ -7,6 +7,7 @@ maps every pydantic error back to the line and column of the offending key or va
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -16,23 +17,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .diagnostics import Collector, Diagnostic, SpecError, did_you_mean
 from .yamlpos import Located, load_yaml
 
-IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IDENT = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+#: The largest integers a spec may hold (far beyond any size, yet cheap to compute and print).
+MAX_INT_BITS = 1024
 #: Names a spec may not define: they would shadow the language's own words.
 RESERVED = frozenset({"true", "false", "none", "range", "repeat", "return", "self"})
 
 
 def check_identifier(name: str) -> str:
-    if not isinstance(name, str) or not IDENT.match(name):
-        raise ValueError(f"'{name}' is not a valid name (letters, digits and '_', not starting with a digit)")
+    """`name` if it can name something in a spec (and so in generated code), else ValueError."""
+    if not isinstance(name, str) or not IDENT.fullmatch(name):
+        raise ValueError(f"{_quoted(name)} is not a valid name (letters, digits and '_', not starting with a digit)")
     if keyword.iskeyword(name) or name in RESERVED:
         raise ValueError(f"'{name}' is a reserved word and cannot be used as a name")
+    if name.startswith("__"):
+        raise ValueError(f"'{name}' starts with '__', which Python reserves; choose another name")
     return name
 
 
-def _check_keys(d: dict) -> dict:
-    for k in d:
-        check_identifier(k)
-    return d
+def _quoted(name: object) -> str:
+    """A name for a message: quoted as written, or repr'd when it holds unprintable characters."""
+    text = str(name)
+    return f"'{text}'" if text.isprintable() else repr(text)
 
 
 class _Strict(BaseModel):
@@ -71,11 +77,6 @@ class SpecFile(_Strict):
     def _name(cls, v: str) -> str:
         return check_identifier(v)
 
-    @field_validator("params", "dims", "inputs", "outputs")
-    @classmethod
-    def _keys(cls, v: dict) -> dict:
-        return _check_keys(v)
-
     @field_validator("inputs", "outputs")
     @classmethod
     def _nonempty(cls, v: dict) -> dict:
@@ -86,10 +87,16 @@ class SpecFile(_Strict):
 
 @dataclass(frozen=True)
 class SpecSource:
-    """A validated spec file with the positions of all its parts."""
+    """A validated spec file with the positions of all its parts.
+
+    `pending` holds errors of the YAML layer that did not stop reading: the entries at fault were
+    left out of `spec` (their names are in `unknown`), so that elaboration can still report the
+    independent errors of the rest, and must then raise these too."""
 
     spec: SpecFile
     doc: Located
+    pending: tuple[Diagnostic, ...] = ()
+    unknown: frozenset[tuple[str, str]] = frozenset()  # (section, name) of the entries left out
 
     @property
     def file(self) -> str:
@@ -118,6 +125,11 @@ def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
         return "unsupported spec version: 'specc' must be 1", False
     if kind in _EXPECTED:
         return f"{'.'.join(map(str, loc))}: expected {_EXPECTED[kind]}, got {_yaml_kind(_at(data, loc))}", False
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = next(iter((err.get("ctx") or {}).values()), "?")
+        words = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than",
+                 "less_than_equal": "at most"}[kind]
+        return f"{'.'.join(map(str, loc))}: must be {words} {bound}, got {_at(data, loc)!r}", False
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -187,17 +199,91 @@ def _located_errors(e: ValidationError, doc: Located) -> Collector:
     return errors
 
 
+#: Sections whose keys name things (and so become identifiers in generated code).
+NAMED_SECTIONS = ("params", "dims", "inputs", "outputs")
+
+
+def _check_names(doc: Located, errors: Collector) -> set[tuple]:
+    """Every key that names something is a valid, unreserved identifier; parameter values are
+    finite. Checked apart from pydantic, so each bad key is reported at the key itself and also
+    when other entries of the same section have errors. Returns the paths of the bad entries."""
+    bad: set[tuple] = set()
+    for section in NAMED_SECTIONS:
+        entries = doc.data.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for key, value in entries.items():
+            try:
+                check_identifier(key)
+            except ValueError as e:
+                errors.error(doc.key_span((section, key)), f"{section}: {e}")
+                bad.add((section, key))
+            if section == "params" and isinstance(value, float) and not math.isfinite(value):
+                errors.error(doc.span((section, key)), f"params.{key}: expected a finite number, got {value}")
+                bad.add((section, key))
+            if section == "params" and isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+                errors.error(doc.span((section, key)), f"params.{key}: the integer is too large "
+                                                       f"(more than {MAX_INT_BITS} bits)")
+                bad.add((section, key))
+    return bad
+
+
+#: Stand-ins for top-level values in error, so that the rest of a spec can still be checked.
+_STAND_INS = {"specc": 1, "name": "model", "seed": 0}
+_ENTRY_SECTIONS = ("params", "dims", "inputs", "outputs", "blocks")
+
+
+def _salvage(data: dict, bad: set[tuple]) -> tuple[SpecFile | None, frozenset[tuple[str, str]]]:
+    """The spec without the entries at `bad` paths, and the names of the entries left out; None
+    when what remains is not a spec (e.g. the graph is missing)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    unknown: set[tuple[str, str]] = set()
+    for path in bad:
+        if not path:
+            return None, frozenset()
+        key = path[0]
+        if len(path) == 1 and key in _STAND_INS:
+            data[key] = _STAND_INS[key]
+        elif key in ("paper", "description") or (len(path) == 1 and key not in SpecFile.model_fields):
+            data.pop(key, None)  # free text, or an unknown top-level key
+        elif len(path) >= 2 and key in _ENTRY_SECTIONS and isinstance(data.get(key), dict):
+            data[key].pop(path[1], None)
+            if key == "blocks":  # a block's key is its signature: the name comes first
+                name = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", str(path[1]))
+                if name:
+                    unknown.add((key, name.group(1)))
+            elif IDENT.fullmatch(str(path[1])):
+                unknown.add((key, str(path[1])))
+        else:
+            return None, frozenset()
+    try:
+        return SpecFile.model_validate(data), frozenset(unknown)
+    except ValidationError:
+        return None, frozenset()
+
+
 def read_spec(text: str, file: str) -> SpecSource:
-    """Parse and validate a spec file's YAML layer. Raises SpecError with every problem found."""
+    """Parse and validate a spec file's YAML layer. Raises SpecError with every problem found,
+    unless the rest of the spec can still be checked: then the SpecSource carries the problems in
+    `pending` (and `elaborate` raises them, with any errors of the rest)."""
     doc = load_yaml(text, file)
     if not isinstance(doc.data, dict):
         raise _not_mapping(doc)
+    errors = Collector()
+    bad = _check_names(doc, errors)
     try:
-        spec = SpecFile.model_validate(doc.data)
+        spec: SpecFile | None = SpecFile.model_validate(doc.data)
     except ValidationError as e:
-        _located_errors(e, doc).raise_if_any({file: text})
-        raise  # pragma: no cover - every pydantic error is located above
-    return SpecSource(spec, doc)
+        errors.extend(_located_errors(e, doc).diagnostics)
+        bad |= {_real_loc(err, doc.data)[0] for err in e.errors()}
+        spec = None
+    if not errors:
+        return SpecSource(spec, doc)
+    spec, unknown = _salvage(doc.data, bad)
+    if spec is None:
+        errors.raise_if_any({file: text})
+    return SpecSource(spec, doc, tuple(sorted(errors.diagnostics, key=lambda d: (d.span.line, d.span.col))),
+                      unknown)
 
 
 def _not_mapping(doc: Located) -> SpecError:

@@ -2,8 +2,9 @@
 
 Spec files are untrusted. The YAML is *composed* (never constructed) with PyYAML's safe composer,
 then turned into plain Python data by hand, accepting only the core tags (str, int, float, bool,
-null, seq, map). Anything else (`!!python/object`, custom tags, merge keys, aliases) is refused
-with a located error, so no YAML feature can execute code or blow up memory.
+null, seq, map). Anything else (`!!python/object`, custom tags, merge keys, anchors and aliases,
+control characters made by escapes) is refused with a located error, so no YAML feature can
+execute code or blow up memory; files that are too large or nest too deep are refused too.
 
 Alongside the data, a `Located` document records the span of every value and key (by path), and
 for string scalars an origin that maps a (line, column) inside the string to the spec file, also
@@ -12,11 +13,14 @@ for `|` block scalars, so errors inside graph bodies point at the real line.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .diagnostics import Collector, Diagnostic, Span, SpecError
@@ -26,6 +30,9 @@ Path = tuple[Any, ...]
 _T = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_T + "str", _T + "int", _T + "float", _T + "bool", _T + "null", _T + "timestamp"}
 _MAX_NODES = 200_000
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)")
+_MAX_DEPTH = 64  # nesting of mappings and lists; real specs use four or five levels
+_MAX_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class TextOrigin:
     line: int  # 1-based line of the first character of the content
     col: int  # 1-based column of the first character of the content
     block: bool  # literal block scalar: content line i is file line `line + i`, shifted by `col - 1`
+    #: For other scalars: how many leading characters of the text stand unchanged in the file from
+    #: (line, col) on; beyond them (escapes, folded lines) the best we know is the scalar's start.
+    exact: int | None = None
+    start_col: int | None = None  # column of the scalar itself (its opening quote, if quoted)
 
     def span(self, line: int, col: int, end_line: int | None = None, end_col: int | None = None) -> Span:
         """Map a 1-based (line, col) inside the string to the file."""
@@ -44,11 +55,13 @@ class TextOrigin:
             return Span(self.file, self.line + line - 1, col + shift,
                         None if end_line is None else self.line + end_line - 1,
                         None if end_col is None else end_col + shift)
-        if line == 1:
+        exact = self.exact
+        if line == 1 and (exact is None or col <= exact + 1):
             shift = self.col - 1
-            return Span(self.file, self.line, col + shift, self.line if end_line == 1 else None,
-                        None if end_col is None or end_line != 1 else end_col + shift)
-        return Span(self.file, self.line, self.col)  # folded text: the best we know is its start
+            keep_end = end_line == 1 and end_col is not None and (exact is None or end_col <= exact + 1)
+            return Span(self.file, self.line, col + shift, self.line if keep_end else None,
+                        end_col + shift if keep_end else None)
+        return Span(self.file, self.line, self.start_col or self.col)  # the best we know is its start
 
 
 @dataclass
@@ -83,39 +96,97 @@ def _mark_span(file: str, node: Node) -> Span:
 def _origin(file: str, node: ScalarNode, lines: list[str]) -> TextOrigin:
     m = node.start_mark
     if node.style == "|":
-        # Content begins on the line after the indicator; find its indentation.
+        # Content begins on the line after the indicator. Its indentation is what the file line
+        # has in front of the content line (this also holds for an explicit indicator such as |2).
         header = m.line  # 0-based line of the '|'
-        indent = None
-        for raw in lines[header + 1:]:
-            if raw.strip():
-                indent = len(raw) - len(raw.lstrip(" "))
+        indent = 0
+        for i, content in enumerate(node.value.split("\n")):
+            raw = lines[header + 1 + i] if header + 1 + i < len(lines) else ""
+            if content.strip() and raw.endswith(content):
+                indent = len(raw) - len(content)
                 break
-        return TextOrigin(file, header + 2, (indent or 0) + 1, True)
+        return TextOrigin(file, header + 2, indent + 1, True)
     quote = 1 if node.style in ("'", '"') else 0
-    return TextOrigin(file, m.line + 1, m.column + 1 + quote, False)
+    first = lines[m.line][m.column + quote:] if m.line < len(lines) else ""
+    exact = 0
+    for a, b in zip(node.value, first):
+        if a != b or (quote and a in "\\'\""):
+            break
+        exact += 1
+    return TextOrigin(file, m.line + 1, m.column + 1 + quote, False, exact, m.column + 1)
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark):
+        super().__init__()
+        self.mark = mark
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe composer, refusing anchors and aliases where they stand (located, all of
+    them) and nesting deeper than `_MAX_DEPTH` (the composer recurses once per level)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.depth = 0
+        self.refused: list[tuple[int, int, int, str]] = []  # (0-based line, column, length, message)
+
+    def compose_node(self, parent, index):
+        if self.check_event(AliasEvent):
+            event = self.get_event()
+            m = event.start_mark
+            self.refused.append((m.line, m.column, 1 + len(event.anchor),
+                                 "YAML aliases (*name) are not allowed in spec files"))
+            return ScalarNode(_T + "null", "", m, event.end_mark)
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            m = event.start_mark
+            self.refused.append((m.line, m.column, 1 + len(event.anchor),
+                                 "YAML anchors (&name) are not allowed in spec files"))
+            event.anchor = None  # not recorded, so a repeated anchor name is no second error
+        self.depth += 1
+        try:
+            if self.depth > _MAX_DEPTH:
+                raise _TooDeep(event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def load_yaml(text: str, file: str) -> Located:
     """Compose `text` safely into a `Located` document. Raises SpecError on any YAML problem."""
     sources = {file: text}
+    if len(text) > _MAX_CHARS:
+        raise SpecError(_diag(Span(file, 1, 1), f"the spec file is too large ({len(text)} characters; "
+                                                f"at most {_MAX_CHARS})"), sources)
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             root = loader.get_single_node()
         finally:
             loader.dispose()
+    except _TooDeep as e:
+        raise SpecError(_diag(Span(file, e.mark.line + 1, e.mark.column + 1),
+                              f"the spec nests mappings or lists more than {_MAX_DEPTH} levels deep"),
+                        sources) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         span = Span(file, mark.line + 1, mark.column + 1) if mark else Span(file, 1, 1)
         problem = e.problem or e.context or "invalid YAML"
         raise SpecError(_diag(span, f"YAML syntax error: {problem}"), sources) from None
-    except yaml.YAMLError as e:  # e.g. a reader error on bad characters
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, e.g. a control character
+        raise SpecError(_diag(_position_span(file, text, e.position),
+                              f"YAML error: character {_char_name(e.character)} is not allowed in a spec file"),
+                        sources) from None
+    except yaml.YAMLError as e:  # pragma: no cover - every PyYAML error above is marked or a reader error
         raise SpecError(_diag(Span(file, 1, 1), f"YAML error: {e}"), sources) from None
     if root is None:
         raise SpecError(_diag(Span(file, 1, 1), "the spec file is empty"), sources)
 
     doc = Located(None, file, text)
     errors = Collector()
+    for line, col, length, message in loader.refused:
+        errors.error(Span(file, line + 1, col + 1, line + 1, col + 1 + length), message)
     lines = text.splitlines()
     seen: set[int] = set()
     constructor = SafeConstructor()
@@ -133,8 +204,15 @@ def load_yaml(text: str, file: str) -> Located:
             if node.tag not in _SCALAR_TAGS:
                 errors.error(span, f"YAML tag '{_short(node.tag)}' is not allowed in spec files")
                 return None
+            if node.tag == _T + "str" and node.style is None and _YAML12_FLOAT.fullmatch(node.value):
+                return float(node.value)  # YAML 1.2 reads 1e-5 as a number; PyYAML (YAML 1.1) as text
             if node.tag == _T + "str" or node.tag == _T + "timestamp":
                 doc.origins[path] = _origin(file, node, lines)
+                bad = _unsafe_char(node.value)
+                if bad:
+                    errors.error(span, f"the text contains the character {_char_name(bad)} (from an escape); "
+                                       f"control characters are not allowed in spec files")
+                    return None
                 return node.value
             if node.tag == _T + "null":
                 return None
@@ -145,7 +223,8 @@ def load_yaml(text: str, file: str) -> Located:
                     _T + "bool": constructor.construct_yaml_bool,
                 }[node.tag](node)
             except (ValueError, yaml.YAMLError):
-                errors.error(span, f"invalid {_short(node.tag)} value {node.value!r}")
+                shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+                errors.error(span, f"invalid {_short(node.tag)} value {shown!r}")
                 return None
         if isinstance(node, SequenceNode):
             if node.tag != _T + "seq":
@@ -164,6 +243,11 @@ def load_yaml(text: str, file: str) -> Located:
                     errors.error(kspan, f"YAML {what} are not allowed in spec files")
                     continue
                 key = knode.value
+                bad = _unsafe_char(key)
+                if bad:
+                    errors.error(kspan, f"the key contains the character {_char_name(bad)} (from an escape); "
+                                        f"control characters are not allowed in spec files")
+                    continue
                 if key in out:
                     errors.error(kspan, f"duplicate key '{key}'",
                                  f"first defined at {doc.key_spans[path + (key,)]}")
@@ -178,6 +262,28 @@ def load_yaml(text: str, file: str) -> Located:
     doc.data = convert(root, ())
     errors.raise_if_any(sources)
     return doc
+
+
+def _unsafe_char(text: str) -> str | None:
+    """The first control character (other than tab and line breaks) or lone surrogate in `text`:
+    the reader refuses them in the file, but double-quoted escapes such as \\0 can still make them."""
+    for c in text:
+        if c not in "\t\n\r" and unicodedata.category(c) in ("Cc", "Cs"):
+            return c
+    return None
+
+
+def _position_span(file: str, text: str, position: int) -> Span:
+    """The span of the character at 0-based `position` in `text`."""
+    before = text[:position]
+    line = before.count("\n") + 1
+    col = position - (before.rfind("\n") + 1) + 1
+    return Span(file, line, col, line, col + 1)
+
+
+def _char_name(ch: Any) -> str:
+    code = ord(ch) if isinstance(ch, str) and len(ch) == 1 else ch
+    return f"U+{code:04X}" if isinstance(code, int) else repr(ch)
 
 
 def _diag(span: Span, message: str) -> Diagnostic:

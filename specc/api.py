@@ -22,10 +22,18 @@ def read_source(path_or_text: str | Path) -> tuple[str, str]:
                                           str(path_or_text).endswith((".yaml", ".yml"))):
         path = Path(path_or_text)
         try:
-            return path.read_text(encoding="utf-8"), str(path)
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            data = path.read_bytes()
+        except OSError as e:
+            reason = e.strerror or str(e)
             raise SpecError(Diagnostic(Span(str(path), 0, 0), f"cannot read spec file: {reason}")) from None
+        try:
+            return data.decode("utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            before = data[:e.start]
+            line = before.count(b"\n") + 1
+            col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+            raise SpecError(Diagnostic(Span(str(path), line, col),
+                                       f"the spec file is not UTF-8 text (byte 0x{data[e.start]:02x})")) from None
     return str(path_or_text), "<spec>"
 
 

@@ -35,7 +35,7 @@ class CodegenError(Exception):
 
 
 def ident(name: str) -> str:
-    if not _IDENT.match(name):
+    if not _IDENT.fullmatch(name):
         raise CodegenError(f"'{name}' is not a valid identifier")
     if keyword.iskeyword(name) or name in _TAKEN:
         return name + "_"
@@ -76,6 +76,7 @@ class Generator:
         self.classes: dict[Any, str] = {}  # structural signature -> class name
         self.class_src: list[str] = []
         self.used_class_names = {"Model", "MultiHeadAttention", "MLP"}
+        self.symbol_vars = frozenset(sym_name(s) for s in graph.dims)
 
     # -- structure ---------------------------------------------------------------------------
     def analyse(self) -> None:
@@ -281,7 +282,7 @@ class Generator:
             if isinstance(d, Sym):
                 for s in d.symbols:
                     dims_used[s] = True
-            return dim_text(d)
+            return dim_text(d, sym_name)
 
         return Ctx(node, dim, device, self.helpers)
 
@@ -387,7 +388,7 @@ class Generator:
                 node = g.node(r.node)
                 hint = self.hint_for(r, inst)
                 chosen = None
-                for cand in candidates(hint):
+                for cand in candidates(hint, self.symbol_vars):
                     holder = bound.get(cand)
                     if holder is None or (reads.get(holder, -1) <= i and holder not in targets):
                         if cand in out_names:
@@ -434,11 +435,11 @@ class Generator:
         if "," in hint:
             parts = hint.split(",")
             hint = parts[ref.index] if ref.index < len(parts) else node.op
-        return ident(hint) if _IDENT.match(hint) else node.op
+        return ident(hint) if _IDENT.fullmatch(hint) else node.op
 
     def fresh(self, base: str, taken: set[str]) -> str:
-        base = ident(base) if _IDENT.match(base) else "x"
-        for cand in candidates(base):
+        base = ident(base) if _IDENT.fullmatch(base) else "x"
+        for cand in candidates(base, self.symbol_vars):
             if cand not in taken:
                 return cand
         raise AssertionError  # pragma: no cover
@@ -459,15 +460,22 @@ class Generator:
             if found is None:
                 raise CodegenError(f"symbolic dimension {s} is not readable from the inputs of "
                                    f"{'/'.join(inst_path(inst.scope)) or 'the model'}")
-            lines.append(f"{s} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
+            lines.append(f"{sym_name(s)} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
         return lines
 
 
-def candidates(base: str):
-    yield base
+def sym_name(s: str) -> str:
+    """The local variable holding symbolic dimension `s` (never a name generated code uses)."""
+    return ident(s) if s != "layer" else "layer_"
+
+
+def candidates(base: str, avoid: frozenset[str] = frozenset()):
+    if base not in avoid:
+        yield base
     i = 1
     while True:
-        yield f"{base}_{i}"
+        if f"{base}_{i}" not in avoid:
+            yield f"{base}_{i}"
         i += 1
 
 
@@ -476,7 +484,7 @@ def inst_path(s: tuple[Frame, ...]) -> tuple[str, ...]:
 
 
 def ident_attr(name: str) -> str:
-    if not _IDENT.match(name) or keyword.iskeyword(name):
+    if not _IDENT.fullmatch(name) or keyword.iskeyword(name):
         raise CodegenError(f"'{name}' is not a valid attribute name")
     return name
 

@@ -169,6 +169,10 @@ def _attention_init(c: Ctx, ins: InTypes) -> str:
         args.append("bias=False")
     if c.a("dropout"):
         args.append(f"dropout={lit(c.a('dropout'))}")
+    if c.a("qkv"):
+        args.append("fused_qkv=True")
+    if c.a("impl") == "sdpa":
+        args.append("sdpa=True")
     return f"MultiHeadAttention({', '.join(args)})"
 
 
@@ -251,17 +255,24 @@ UNSUPPORTED: frozenset[str] = frozenset()
 HELPERS: dict[str, str] = {
     "MultiHeadAttention": '''
 class MultiHeadAttention(nn.Module):
-    """Multi-head softmax attention; queries from x, keys and values from kv (default x)."""
+    """Multi-head softmax attention; queries from x, keys and values from kv (default x).
+
+    fused_qkv: one projection computes q, k and v of self-attention; sdpa: use the fused
+    scaled_dot_product_attention kernel instead of the explicit softmax(q k^T / sqrt(d)) v.
+    """
 
     def __init__(self, dim: int, heads: int, causal: bool = False, kv_dim: int | None = None,
-                 bias: bool = True, dropout: float = 0.0):
+                 bias: bool = True, dropout: float = 0.0, fused_qkv: bool = False, sdpa: bool = False):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         kv_dim = dim if kv_dim is None else kv_dim
-        self.heads, self.causal, self.dropout = heads, causal, dropout
-        self.q = nn.Linear(dim, dim, bias=bias)
-        self.k = nn.Linear(kv_dim, dim, bias=bias)
-        self.v = nn.Linear(kv_dim, dim, bias=bias)
+        self.heads, self.causal, self.dropout, self.fused_qkv, self.sdpa = heads, causal, dropout, fused_qkv, sdpa
+        if fused_qkv:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        else:
+            self.q = nn.Linear(dim, dim, bias=bias)
+            self.k = nn.Linear(kv_dim, dim, bias=bias)
+            self.v = nn.Linear(kv_dim, dim, bias=bias)
         self.o = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,16 +280,25 @@ class MultiHeadAttention(nn.Module):
         *batch, t, d = x.shape
         s = kv.shape[-2]
         h = self.heads
-        q = self.q(x).reshape(*batch, t, h, d // h).transpose(-3, -2)  # (..., h, T, d/h)
-        k = self.k(kv).reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
-        v = self.v(kv).reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))  # (..., h, T, S)
-        if self.causal:
-            mask = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~mask, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        att = F.dropout(att, p=self.dropout, training=self.training)
-        y = (att @ v).transpose(-3, -2).reshape(*batch, t, d)  # (..., T, d)
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).split(d, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(kv), self.v(kv)
+        q = q.reshape(*batch, t, h, d // h).transpose(-3, -2)  # (..., h, T, d/h)
+        k = k.reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
+        v = v.reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=self.causal)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))  # (..., h, T, S)
+            if self.causal:
+                mask = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
+                att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = F.dropout(att, p=self.dropout, training=self.training)
+            y = att @ v  # (..., h, T, d/h)
+        y = y.transpose(-3, -2).reshape(*batch, t, d)  # (..., T, d)
         return self.o(y)
 ''',
     "MLP": '''
@@ -305,8 +325,14 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tan
 }
 
 
-def dim_text(d: Any) -> str:
-    """Python source for a dimension; symbols are local variables of the forward method."""
-    if isinstance(d, Sym):
-        return str(d).replace("*", " * ") if len(d.terms) == 1 else f"({str(d).replace('*', ' * ')})"
-    return str(d)
+def dim_text(d: Any, name: Callable[[str], str] = str) -> str:
+    """Python source for a dimension; symbols are local variables of the forward method, spelt `name(s)`."""
+    if not isinstance(d, Sym):
+        return str(d)
+    parts = []
+    for monomial, coef in sorted(d.terms, key=lambda t: (-len(t[0]), t[0])):
+        factors = ([str(abs(coef))] if abs(coef) != 1 or not monomial else []) + [name(s) for s in monomial]
+        parts.append(("- " if coef < 0 else "+ ") + " * ".join(factors))
+    text = " ".join(parts)
+    text = text[2:] if text.startswith("+ ") else "-" + text[2:]
+    return text if len(d.terms) == 1 else f"({text})"

@@ -1,0 +1,331 @@
+"""`specc check` / `specc build` on bad input, through a real subprocess: exit status 2, every error as
+`FILE:LINE:COL: error: MESSAGE` with the source line and a caret, and never a Python traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: FILE:LINE:COL: error: MSG, or FILE: error: MSG for a problem with the whole file (it cannot be read).
+HEAD_RE = re.compile(r"^(?P<file>.+?)(?::(?P<line>\d+):(?P<col>\d+))?: error: (?P<msg>.*)$")
+
+GOOD = """\
+specc: 1
+name: m
+params:
+  d: 16
+inputs:
+  x: f32[B, T, d]
+graph: |
+  y = relu(linear(x, d))
+outputs:
+  y: f32[B, T, d]
+"""
+
+
+def specc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1")
+    env.pop("SPECC_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "specc.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=60)
+
+
+def failed(*args: str, cwd: Path | None = None, r: subprocess.CompletedProcess | None = None
+           ) -> tuple[str, list[tuple[str, int, int, str]]]:
+    """Run specc (or take its result `r`), expect a user error: exit 2, no traceback; returns stderr
+    and the parsed error heads."""
+    r = r or specc(*args, cwd=cwd)
+    assert r.returncode == 2, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    assert r.stdout == "", r.stdout  # errors go to stderr; nothing else ran (e.g. no os.system output)
+    assert "internal error" not in r.stderr, r.stderr
+    heads = [(m["file"], int(m["line"] or 0), int(m["col"] or 0), m["msg"])
+             for m in map(HEAD_RE.match, r.stderr.splitlines()) if m]
+    assert heads, r.stderr
+    n = len(heads)
+    assert r.stderr.rstrip().endswith(f"{n} error{'s' if n != 1 else ''}"), r.stderr
+    return r.stderr, heads
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "spec.yaml") -> Path:
+    p = tmp_path / name
+    (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
+    return p
+
+
+def test_good_spec_checks(tmp_path):
+    r = specc("check", str(write(tmp_path, GOOD)), "--no-color")
+    assert r.returncode == 0 and "m: ok" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not specs
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    err, heads = failed("check", str(path))
+    assert heads[0][:3] == (str(path), 0, 0)  # a whole-file problem: no line or column
+    assert "cannot read spec file: No such file or directory" in heads[0][3]
+
+
+def test_directory_instead_of_file(tmp_path):
+    d = tmp_path / "dir.yaml"
+    d.mkdir()
+    err, heads = failed("check", str(d))
+    assert heads[0][0] == str(d) and "cannot read spec file" in heads[0][3]
+
+
+def test_non_utf8_bytes(tmp_path):
+    path = write(tmp_path, b"specc: 1\nname: caf\xe9\n")
+    err, heads = failed("check", str(path))
+    assert heads[0][:3] == (str(path), 2, 10)
+    assert "not UTF-8 text (byte 0xe9)" in heads[0][3]
+
+
+MALFORMED = [
+    ("", 1, 1, "the spec file is empty"),
+    ("# only a comment\n\n", 1, 1, "the spec file is empty"),
+    ("- a\n- b\n", 1, 1, "a spec file must be a YAML mapping (key: value lines)"),
+    ("just a string\n", 1, 1, "a spec file must be a YAML mapping (key: value lines)"),
+    ("specc: 1\nname: m\x00x\n", 2, 8, "YAML error: character U+0000 is not allowed in a spec file"),
+    ("specc: 1\ninputs: {x: f32[B, 4]\n", 2, 16, "YAML syntax error: expected ',' or '}', but got '['"),
+    ("specc: 1\n  name: m\n", 2, 7, "YAML syntax error: mapping values are not allowed here"),
+]
+
+
+def check_all(tmp: Path, texts: list[str]) -> list[tuple[Path, float, subprocess.CompletedProcess]]:
+    """`specc check` on each text, run concurrently (each CLI start costs a few tenths of a second)."""
+    paths = [write(tmp, text, f"case{i}.yaml") for i, text in enumerate(texts)]
+
+    def one(path: Path):
+        t0 = time.perf_counter()
+        r = specc("check", str(path))
+        return path, time.perf_counter() - t0, r
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, paths))
+
+
+@pytest.fixture(scope="module")
+def malformed_results(tmp_path_factory):
+    return check_all(tmp_path_factory.mktemp("malformed"), [case[0] for case in MALFORMED])
+
+
+@pytest.mark.parametrize("i", range(len(MALFORMED)), ids=[repr(c[0][:20]) for c in MALFORMED])
+def test_malformed_files(malformed_results, i):
+    _, line, col, message = MALFORMED[i]
+    path, _, r = malformed_results[i]
+    err, heads = failed(r=r)
+    assert heads == [(str(path), line, col, message)], err
+
+
+def test_binary_garbage(tmp_path):
+    path = write(tmp_path, bytes(range(256)) * 4)
+    err, heads = failed("check", str(path))
+    assert heads[0][1:] == (2, 118, "the spec file is not UTF-8 text (byte 0x80)")  # after the newline at byte 10
+    path = write(tmp_path, "specc: 1\n\x01\x02\x03\x7f garbage \ufffe\n".encode())
+    err, heads = failed("check", str(path))
+    assert heads[0][1:3] == (2, 1) and "is not allowed in a spec file" in heads[0][3]
+    assert "\x01" not in err  # control characters are escaped, never sent to the terminal
+
+
+def test_deeply_nested_yaml(tmp_path):
+    flow = write(tmp_path, "specc: 1\nname: " + "[" * 5000 + "]" * 5000 + "\n", "flow.yaml")
+    err, heads = failed("check", str(flow))
+    assert heads == [(str(flow), 2, 70, "the spec nests mappings or lists more than 64 levels deep")]
+    block = write(tmp_path, "a:\n" + "".join(" " * (i + 1) + f"k{i}:\n" for i in range(200)), "block.yaml")
+    err, heads = failed("check", str(block))
+    assert heads == [(str(block), 64, 64, "the spec nests mappings or lists more than 64 levels deep")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that must not hang, crash or allocate
+# ---------------------------------------------------------------------------------------------
+
+def graph_spec(graph: str, blocks: str = "") -> str:
+    return GOOD.replace("graph: |\n  y = relu(linear(x, d))\n", blocks + "graph: |\n" + graph)
+
+
+HOSTILE = [
+    ("  y = linear(x, 1" + "0" * 5000 + ")\n", "", 8, 17, "the number 10000000000000000000... has too many digits"),
+    ("  y = x * 1e999\n", "", 8, 11, "the number 1e999 is too large"),
+    ("  y = linear(x, 10 ** 10 ** 10)\n", "", 8, 17, "result out of range"),
+    ("  y = linear(x, d // (d - 16))\n", "", 8, 17, "division by zero"),
+    ("  y = linear(x, 2 ** 62)\n", "", 8, 17,
+     "linear: parameter 'weight' would have 73786976294838206464 elements; at most 2**63 - 1 can be stored"),
+    ("  y = repeat(10 ** 12, blk, x)\n", "blocks:\n  blk(h): |\n    return relu(h)\n", 11, 14,
+     "repeat count 1000000000000 is too large (at most 10000)"),
+    ("  y = repeat(-3, blk, x)\n", "blocks:\n  blk(h): |\n    return relu(h)\n", 11, 14,
+     "repeat count must be a non-negative integer, got the integer -3"),
+    ("  y = a(x)\n", "blocks:\n  a(h): |\n    return b(h)\n  b(h): |\n    return a(h)\n", 11, 12,
+     "block 'a' calls itself (through a -> b -> a)"),
+    ("  y = x" + " + x" * 500 + "\n", "", 8, 7, "this expression is nested too deeply (more than 100 levels)"),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_results(tmp_path_factory):
+    return check_all(tmp_path_factory.mktemp("hostile"), [graph_spec(g, b) for g, b, *_ in HOSTILE])
+
+
+@pytest.mark.parametrize("i", range(len(HOSTILE)), ids=[c[4][:30] for c in HOSTILE])
+def test_hostile_values_give_located_errors_quickly(hostile_results, i):
+    *_, line, col, message = HOSTILE[i]
+    path, seconds, r = hostile_results[i]
+    err, heads = failed(r=r)
+    assert seconds < 10
+    assert heads == [(str(path), line, col, message)], err
+
+
+def test_nested_repeats_are_bounded(tmp_path):
+    blocks = ("blocks:\n  a(h): |\n    return relu(h)\n  b(h): |\n    return repeat(1000, a, h)\n"
+              "  c(h): |\n    return repeat(1000, b, h)\n")
+    path = write(tmp_path, graph_spec("  y = repeat(1000, c, x)\n", blocks))
+    t0 = time.perf_counter()
+    err, heads = failed("check", str(path))
+    assert time.perf_counter() - t0 < 10
+    assert heads == [(str(path), 9, 12, "the model has more than 100000 operations once blocks and repeats "
+                                        "are expanded")]
+
+
+def test_long_chain_of_blocks_is_bounded(tmp_path):
+    n = 300
+    blocks = "blocks:\n" + "".join(f"  b{i}(h): |\n    return b{i + 1}(h)\n" for i in range(n))
+    blocks += f"  b{n}(h): |\n    return relu(h)\n"
+    path = write(tmp_path, graph_spec("  y = b0(x)\n", blocks))
+    err, heads = failed("check", str(path))
+    assert heads == [(str(path), 71, 12, "blocks call blocks more than 32 levels deep")]  # in b31
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted YAML
+# ---------------------------------------------------------------------------------------------
+
+def test_yaml_tags_anchors_and_aliases_are_refused(tmp_path):
+    text = """\
+specc: 1
+name: !!python/object/apply:os.system ["echo PWNED"]
+params:
+  d: &D 16
+  e: *D
+inputs:
+  x: !custom f32[B, d]
+graph: |
+  y = x
+outputs:
+  y: null
+"""
+    path = write(tmp_path, text)
+    err, heads = failed("check", str(path))  # stdout stays empty: nothing was echoed
+    assert [h[1:] for h in heads] == [
+        (2, 7, "YAML tag '!!python/object/apply:os.system' is not allowed in spec files"),
+        (4, 6, "YAML anchors (&name) are not allowed in spec files"),
+        (5, 6, "YAML aliases (*name) are not allowed in spec files"),
+        (7, 6, "YAML tag '!custom' is not allowed in spec files"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_overrides_are_all_reported_with_spec_errors(tmp_path):
+    path = write(tmp_path, GOOD.replace("relu(linear(x, d))", "lienar(x, d)"))
+    err, heads = failed("check", str(path), "--set", "dd=3", "--set", "d=abc", "--set", "novalue",
+                        "--set", "d=4")
+    assert sorted(heads) == sorted([
+        ("<--set>", 1, 1, "unknown parameter 'dd' in override (did you mean 'd'?)"),
+        ("<--set>", 2, 3, "bad override for 'd': expected an integer, got 'abc'"),
+        ("<--set>", 3, 1, "bad override 'novalue': expected NAME=VALUE, e.g. --set d_model=256"),
+        ("<--set>", 4, 1, "parameter 'd' is set twice"),
+        (str(path), 8, 7, "unknown operator 'lienar' (did you mean 'linear'?)"),
+    ])
+    assert "    2 | d=abc\n      |   ^~~\n" in err
+
+
+def test_override_that_breaks_shapes_points_into_the_spec(tmp_path):
+    path = write(tmp_path, GOOD)
+    err, heads = failed("check", str(path), "--set", "d=0")
+    assert heads == [(str(path), 6, 16, "a dimension must be positive, got 0"),  # the input's type
+                     (str(path), 10, 16, "a dimension must be positive, got 0")]  # the output's
+    err, heads = failed("check", str(path), "--set", "d=1e400")
+    assert heads == [("<--set>", 1, 3, "bad override for 'd': expected an integer, got '1e400'")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output format
+# ---------------------------------------------------------------------------------------------
+
+def test_every_error_printed_with_source_line_and_caret(tmp_path):
+    text = """\
+specc: 1
+name: m
+params:
+  d: 16
+inputs:
+  x: f32[B, T, d]
+blocks:
+  enc(h): |
+    return h + lienar(h, d)
+graph: |
+  a = enc(x)
+  b = relu(x +)
+  c = linear(x, 8) + x
+outputs:
+  c: f32[B, T, 8]
+"""
+    path = write(tmp_path, text)
+    err, heads = failed("check", str(path))
+    assert err == f"""\
+{path}:9:16: error: unknown operator 'lienar' (did you mean 'linear'?)
+    9 |     return h + lienar(h, d)
+      |                ^~~~~~
+      = note: operators are listed by `specc ops`; blocks are defined under 'blocks:'
+      = note: in block 'enc' called at {path}:11:7
+{path}:12:15: error: syntax error: unexpected ')'
+   12 |   b = relu(x +)
+      |               ^
+{path}:13:22: error: add: cannot broadcast f32[B, T, 8] with f32[B, T, 16]: dimension -1 is 8 vs 16
+   13 |   c = linear(x, 8) + x
+      |                      ^
+3 errors
+"""
+
+
+def test_ir_command_reports_the_same_errors(tmp_path):
+    path = write(tmp_path, GOOD.replace("linear(x, d)", "linear(x, d, bais=true)"))
+    err, heads = failed("ir", str(path))
+    assert heads == [(str(path), 8, 25, "linear() has no argument 'bais' (did you mean 'bias'?)")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Builds
+# ---------------------------------------------------------------------------------------------
+
+def test_failing_build_leaves_no_output_directory(tmp_path):
+    path = write(tmp_path, GOOD.replace("relu(", "rleu("))
+    out = tmp_path / "out"
+    err, heads = failed("build", str(path), "-o", str(out))
+    assert heads == [(str(path), 8, 7, "unknown operator 'rleu' (did you mean 'relu'?)")]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_failing_build_keeps_a_previous_build_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.py").write_text("# previous build\n")
+    path = write(tmp_path, GOOD)
+    failed("build", str(path), "-o", str(out), "--set", "d=-1")
+    assert [p.name for p in out.iterdir()] == ["model.py"]
+    assert (out / "model.py").read_text() == "# previous build\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "spec.yaml"]
