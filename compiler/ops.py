@@ -444,7 +444,7 @@ def _reduce(name: str, doc: str):
                 raise OpError(f"{name}: repeated dimension in {list(dims)}", "dim")
         keep = c.a("keepdim")
         shape = tuple((1 if keep else None) if i in axes else d for i, d in enumerate(x.shape))
-        dtype = x.dtype if x.dtype != "bool" else "i64"
+        dtype = "i64" if x.dtype in INT_DTYPES or x.dtype == "bool" else x.dtype  # integer sums widen
         return T(dtype, tuple(d for d in shape if d is not None))
 
     infer.__doc__ = doc

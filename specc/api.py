@@ -11,6 +11,7 @@ from typing import Any
 
 from specc.compiler.frontend import compile_source
 from specc.compiler.ir import Graph
+from specc.compiler.passes import PassContext
 from specc.compiler.summary import Summary, summarize
 from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 from specc.dsl.schema import SpecSource
@@ -47,20 +48,28 @@ def check(path_or_text: str | Path, **overrides: Any) -> Summary:
     return summarize(compile(path_or_text, **overrides))
 
 
-def load(path_or_text: str | Path, **overrides: Any):
-    """The model as a torch.nn.Module (eval mode), built through the same code `specc build` writes."""
+def load(path_or_text: str | Path, *, opt_level: int = 1, overrides: dict[str, Any] | None = None,
+         **more_overrides: Any):
+    """The model as a torch.nn.Module (eval mode), built through the same code `specc build` writes.
+
+    Parameter overrides come as keyword arguments (or as `overrides=`, for a param whose name
+    clashes with an argument of this function). opt_level as in `specc build -O`.
+    """
     from specc.backends.pytorch.build import artifacts, load_in_memory
 
-    src, graph = _front(path_or_text, overrides)
-    return load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description))
+    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
+    return load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
+                                    ctx=PassContext(opt_level=opt_level)))
 
 
-def build(path_or_text: str | Path, out: str | Path, **overrides: Any) -> Path:
+def build(path_or_text: str | Path, out: str | Path, *, opt_level: int = 1, disabled: tuple[str, ...] = (),
+          overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Path:
     """Write model.py, weights.safetensors and manifest.json into `out` (atomically)."""
     from specc.backends.pytorch.build import artifacts, write_atomic
 
-    src, graph = _front(path_or_text, overrides)
-    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description))
+    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
+    ctx = PassContext(opt_level=opt_level, disabled=frozenset(disabled))
+    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description, ctx=ctx))
     return Path(out)
 
 

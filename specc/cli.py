@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from specc.dsl.diagnostics import Collector, Span, SpecError
+from specc.dsl.diagnostics import Collector, Span, SpecError, did_you_mean
 
 OVERRIDES_FILE = "<--set>"
 
@@ -42,13 +42,24 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--no-color", action="store_true", help="plain output")
         return c
 
+    def pass_options(c: argparse.ArgumentParser, default: int) -> None:
+        c.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=default,
+                       help=f"optimisation level (default {default}); `specc passes` lists what each runs")
+        c.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass (repeatable)")
+        c.add_argument("--print-after", action="append", default=[], metavar="NAME|all",
+                       help="print the IR after a pass, or after every pass (repeatable)")
+        c.add_argument("--debug", action="store_true", help="verify the IR after every pass")
+
     c = spec_cmd("check", "Parse and check a spec; print outputs, parameters and FLOPs.")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
-    spec_cmd("ir", "Print the typed IR, one node per line.")
+    i = spec_cmd("ir", "Print the typed IR, one node per line (optimised with -O1/-O2).")
+    pass_options(i, 0)
     b = spec_cmd("build", "Build a standalone PyTorch module with initialised weights.")
     b.add_argument("-o", "--out", required=True, help="output directory (replaced atomically)")
     b.add_argument("--run", action="store_true", help="after building, run the model on example_inputs()")
+    pass_options(b, 1)
     sub.add_parser("ops", help="List the operators with their signatures.")
+    sub.add_parser("passes", help="List the optimisation passes in pipeline order with their opt levels.")
     return p
 
 
@@ -78,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     color = sys.stderr.isatty() and not getattr(args, "no_color", False) and "NO_COLOR" not in os.environ
     if args.command == "ops":
         return _ops()
+    if args.command == "passes":
+        return _passes()
     values, spans, set_text, errors = parse_overrides(args.overrides)
     try:
         code = _run(args, values, spans, errors)
@@ -118,20 +131,49 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
             _print_summary(summary, color=not args.no_color)
         return 0
     if args.command == "ir":
+        from specc.compiler.passes import optimize
         from specc.compiler.printer import print_graph
 
+        graph, _ = optimize(graph, _pass_context(args, src.file))
         sys.stdout.write(print_graph(graph))
         return 0
     if args.command == "build":
         from specc.backends.pytorch.build import artifacts, write_atomic
 
-        files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description)
+        files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
+                          ctx=_pass_context(args, src.file))
         write_atomic(Path(args.out), files)
         print(f"built {graph.name} -> {args.out}/ ({', '.join(files)})")
         if args.run:
             _run_built(Path(args.out))
         return 0
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _pass_context(args: argparse.Namespace, file: str):
+    """The PassContext the flags ask for; an unknown pass name is a user error."""
+    from specc.compiler.passes import PASSES, PassContext, describe
+
+    known = {name for name, _, _ in describe()}
+    errors = Collector()
+    for flag, names in (("--disable-pass", args.disable_pass), ("--print-after", args.print_after)):
+        for name in names:
+            if name not in known and not (flag == "--print-after" and name == "all"):
+                errors.error(Span(file, 0, 0), f"{flag}: unknown pass '{name}'" + did_you_mean(name, known),
+                             f"passes: {', '.join(sorted(known))}")
+    errors.raise_if_any()
+    assert set(PASSES) >= known
+    return PassContext(opt_level=args.opt_level, disabled=frozenset(args.disable_pass),
+                       print_after=frozenset(args.print_after), verify_each=args.debug,
+                       emit=lambda text: sys.stderr.write(text))
+
+
+def _passes() -> int:
+    from specc.compiler.passes import describe
+
+    for name, level, doc in describe():
+        print(f"-O{level}  {name:22s} {doc}")
+    return 0
 
 
 def _run_built(out: Path) -> None:

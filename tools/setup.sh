@@ -11,4 +11,4 @@ fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q --disable-pip-version-check "torch==${SPECC_TORCH_VERSION:-2.13.0}"
-python -m pip install -q --disable-pip-version-check -e ".[test]"
+python -m pip install -q --disable-pip-version-check -e ".[test,tvm]"

@@ -21,10 +21,11 @@ from safetensors.torch import save as st_save
 from specc.compiler.diagnostics import Diagnostic, Span, SpecError
 from specc.compiler.dims import Sym
 from specc.compiler.ir import DTYPES, Graph
+from specc.compiler.passes import PassContext, optimize
 from specc.compiler.summary import summarize
 
 from .codegen import generate_source
-from .weights import init_weights
+from .weights import init_weights, materialise
 
 VERSION = "0.1.0"
 
@@ -169,21 +170,31 @@ def sha256(text: str) -> str:
 
 def artifacts(graph: Graph, spec_text: str, spec_file: str, paper: str | None = None,
               description: str | None = None, weights: dict[str, torch.Tensor] | None = None,
-              passes: list[str] | None = None) -> dict[str, bytes]:
-    """Everything a build writes, as bytes: deterministic for the same graph, spec and seed."""
-    sha = sha256(spec_text)
-    ties = [".".join(n.path + (p.name,)) for _, n in graph.nodes() for p in n.params if p.tied_to]
-    source = generate_source(graph, header(graph, graph.name, spec_file, sha, paper, description, ties)) + _FOOTER
+              ctx: PassContext | None = None) -> dict[str, bytes]:
+    """Everything a build writes, as bytes: deterministic for the same graph, spec, seed and passes.
+
+    `graph` is the unoptimised graph and `weights` its parameters (initialised from the seed when
+    None); the passes of `ctx` (default: -O1) run here, and the optimised graph's parameters are
+    computed from `weights`.
+    """
+    ctx = ctx or PassContext()
     if weights is None:
         check_memory(graph, spec_file)
-    state = init_weights(graph) if weights is None else weights
+        weights = init_weights(graph)
+    before = summarize(graph)
+    optimised, records = optimize(graph, ctx)
+    state = materialise(optimised, weights)
+    sha = sha256(spec_text)
+    ties = [".".join(n.path + (p.name,)) for _, n in optimised.nodes() for p in n.params if p.tied_to]
+    source = generate_source(optimised, header(optimised, optimised.name, spec_file, sha, paper, description,
+                                               ties)) + _FOOTER
     blob = st_save({k: v.contiguous() for k, v in sorted(state.items())})
-    summary = summarize(graph)
+    summary = summarize(optimised)
     manifest = {
-        "name": graph.name,
+        "name": optimised.name,
         "spec": {"file": Path(spec_file).name, "sha256": sha},
-        "params": graph.params,
-        "dims": {s: {"example": ex, "min": lo, "max": hi} for s, (ex, lo, hi) in graph.dims.items()},
+        "params": optimised.params,
+        "dims": {s: {"example": ex, "min": lo, "max": hi} for s, (ex, lo, hi) in optimised.dims.items()},
         "inputs": [{"name": i["name"], "type": i["type"], "example_shape": i["example_shape"]}
                    for i in summary.to_json()["inputs"]],
         "outputs": summary.to_json()["outputs"],
@@ -191,9 +202,13 @@ def artifacts(graph: Graph, spec_text: str, spec_file: str, paper: str | None = 
         "trainable_parameter_count": summary.trainable_params,
         "flops": summary.to_json()["flops"],
         "example_flops": summary.example_flops,
-        "seed": graph.seed,
+        "seed": optimised.seed,
         "target": "torch",
-        "passes": list(passes or []),
+        "opt_level": ctx.opt_level,
+        "inference": ctx.inference,
+        "passes": [r.to_json() for r in records if r.modified],
+        "graph": {"nodes": [before.nodes, summary.nodes], "parameters": [before.params, summary.params],
+                  "example_flops": [before.example_flops, summary.example_flops]},
         "files": {"model.py": sha256(source)},
         "versions": {"specc": VERSION, "torch": torch.__version__.split("+")[0]},
     }

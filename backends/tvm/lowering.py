@@ -1,0 +1,673 @@
+"""TVM lowerings, keyed by op name: how each IR op is written in Relax.
+
+The IR is lowered straight to Relax with a `relax.BlockBuilder` (no torch.export, no torch frontend):
+
+* graph inputs become the first parameters of the Relax function `main`; the symbolic dimensions
+  of the spec (B, T, ...) become `tirx.Var`s in their shapes, so one compiled library serves
+  every batch size and length;
+* every parameter of the graph (in the order of `init_weights`, tied parameters once, at their
+  owner) becomes a further parameter of `main`, after the data inputs, named as in
+  weights.safetensors;
+* each node is lowered by `LOWERINGS[node.op](ctx, inputs)`, which returns a Relax expression (or
+  a tuple of them for an op with several outputs, e.g. split).
+
+The LSTM recurrence is a hand-written TIR kernel (a serial loop over the symbolic time dimension,
+with h/c state kept in the output and scratch buffers), called with `call_tir` once per layer and
+direction; the input projection of all steps is one Relax matmul before it. No unrolling: T stays
+symbolic. CUDA has its own version of that kernel (a thread block per batch row), compiled but not
+yet run on a GPU.
+
+Ops this backend cannot lower are listed in UNSUPPORTED (a test checks every registered op is in
+one table or the other).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax import op as R
+
+from specc.compiler.dims import Dim, Sym
+from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
+
+
+class LoweringError(Exception):
+    """The graph uses something this backend cannot lower (yet)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# what a lowering sees
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    bb: relax.BlockBuilder
+    graph: Graph
+    nid: int
+    node: Node
+    syms: dict[str, tirx.Var]
+    weights: dict[str, relax.Var]
+    target_kind: str = "llvm"
+    kernels: dict[Any, tvm.ir.GlobalVar] = field(default_factory=dict)  # cache of TIR kernels by key
+
+    # -- attributes and types -------------------------------------------------------------
+    def a(self, key: str, default: Any = None) -> Any:
+        return self.node.attr(key, default)
+
+    @property
+    def out(self) -> TensorType:
+        return self.node.outputs[0]
+
+    def in_type(self, i: int) -> TensorType:
+        return self.graph.type_of(self.node.inputs[i])
+
+    @property
+    def dtype(self) -> str:
+        return DTYPES[self.out.dtype]
+
+    def dim(self, d: Dim) -> Any:
+        return dim_expr(d, self.syms)
+
+    def shape(self, dims: Sequence[Dim]) -> list:
+        return [self.dim(d) for d in dims]
+
+    # -- parameters ----------------------------------------------------------------------
+    def weight(self, local: str) -> relax.Var:
+        """The Relax parameter holding this node's parameter `local` (its owner's when tied)."""
+        for p in self.node.params:
+            if p.name == local:
+                full = p.tied_to or ".".join(self.node.path + (p.name,))
+                return self.weights[full]
+        raise LoweringError(f"{self.node.op}: node has no parameter '{local}'")
+
+    def has_weight(self, local: str) -> bool:
+        return any(p.name == local for p in self.node.params)
+
+    # -- emitting ------------------------------------------------------------------------
+    def emit(self, expr: relax.Expr, hint: str = "") -> relax.Var:
+        return self.bb.emit(expr, hint)
+
+    def const(self, value: Any, dtype: str | None = None) -> tvm.ir.expr.Constant:
+        return relax.const(value, dtype or self.dtype)
+
+
+def dim_expr(d: Dim, syms: dict[str, tirx.Var]) -> Any:
+    """A dimension (int or polynomial over symbols) as a TIR int64 expression."""
+    if isinstance(d, bool):
+        raise LoweringError(f"not a dimension: {d!r}")
+    if isinstance(d, int):
+        return tirx.IntImm("int64", d)
+    total = None
+    for mono, coef in d.terms:
+        term = tirx.IntImm("int64", coef)
+        for s in mono:
+            if s not in syms:
+                raise LoweringError(f"symbolic dimension {s} is not readable from the graph inputs")
+            term = term * syms[s]
+        total = term if total is None else total + term
+    return total
+
+
+def tensor_type(t: TensorType, syms: dict[str, tirx.Var]) -> relax.TensorType:
+    return relax.TensorType([dim_expr(d, syms) for d in t.shape], DTYPES[t.dtype])
+
+
+Lowering = Callable[[Ctx, list], Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by lowerings
+# ---------------------------------------------------------------------------------------------
+
+def _cast(c: Ctx, x: relax.Expr, dtype: str) -> relax.Expr:
+    """x converted to `dtype` (a Relax dtype string); a constant is rebuilt rather than cast."""
+    if x.ty.dtype == dtype:
+        return x
+    if isinstance(x, tvm.ir.expr.Constant):
+        return relax.const(x.data.numpy().astype(_np_dtype(dtype)), dtype)
+    return c.emit(R.astype(x, dtype))
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+        return np.dtype("bfloat16")
+    return np.dtype(dtype)
+
+
+def _te_linear(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """x [..., K] . w [N, K] -> [..., N]: the reduction runs along contiguous rows of x and of w."""
+    k = te.reduce_axis((0, w.shape[1]), name="k")
+    return te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
+                      lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1], k], axis=k), name="linear")
+
+
+#: How `linear` (and the projections inside attention, mlp, lstm) are written: "te" computes x W^T with a
+#: TE kernel reading W as stored ([out, in]); "matmul" is Relax's matmul(x, permute_dims(W)).
+LINEAR_IMPL = "te"
+
+
+def _linear(c: Ctx, x: relax.Expr, w: relax.Expr, b: relax.Expr | None, hint: str = "") -> relax.Expr:
+    """y = x W^T + b over the last dimension."""
+    if LINEAR_IMPL == "te":
+        y = c.bb.emit_te(_te_linear, x, w, primfunc_name_hint="linear")
+    else:
+        y = c.emit(R.matmul(x, c.emit(R.permute_dims(w, [1, 0]))), hint)
+    return c.emit(R.add(y, b)) if b is not None else y
+
+
+def _act(c: Ctx, name: str, x: relax.Expr) -> relax.Expr:
+    if name == "identity":
+        return x
+    return c.emit(ACTIVATIONS[name](x))
+
+
+ACTIVATIONS: dict[str, Callable[[relax.Expr], relax.Expr]] = {
+    "relu": R.nn.relu,
+    "gelu": R.nn.gelu,
+    "silu": R.nn.silu,
+    "tanh": R.tanh,
+    "sigmoid": R.sigmoid,
+}
+
+
+def _axis(a: int, rank: int) -> int:
+    return a % rank if rank else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# lowerings
+# ---------------------------------------------------------------------------------------------
+
+def _input(c: Ctx, xs: list) -> relax.Expr:  # pragma: no cover - inputs are bound by the driver
+    raise LoweringError("input nodes are bound to function parameters by the driver")
+
+
+def _scalar(c: Ctx, xs: list) -> relax.Expr:
+    return relax.const(c.a("value"), DTYPES[c.a("dtype")])
+
+
+def _arange(c: Ctx, xs: list) -> relax.Expr:
+    return R.arange(0, c.dim(c.a("n")), 1, dtype=DTYPES[c.a("dtype")])
+
+
+def _cast_op(c: Ctx, xs: list) -> relax.Expr:
+    return _cast(c, xs[0], DTYPES[c.a("dtype")])
+
+
+def _unary(fn: Callable[[relax.Expr], relax.Expr]) -> Lowering:
+    return lambda c, xs: fn(xs[0])
+
+
+def _gelu(c: Ctx, xs: list) -> relax.Expr:
+    return R.nn.gelu_tanh(xs[0]) if c.a("approximate") == "tanh" else R.nn.gelu(xs[0])
+
+
+def _binary(fn: Callable[[relax.Expr, relax.Expr], relax.Expr]) -> Lowering:
+    """Both operands converted to the node's result dtype (the IR's promotion rule), then `fn`."""
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        return fn(_cast(c, xs[0], c.dtype), _cast(c, xs[1], c.dtype))
+
+    return lower
+
+
+def _matmul(c: Ctx, xs: list) -> relax.Expr:
+    return R.matmul(xs[0], xs[1])
+
+
+def _linear_op(c: Ctx, xs: list) -> relax.Expr:
+    b = c.weight("bias") if c.has_weight("bias") else None
+    return _linear(c, xs[0], c.weight("weight"), b)
+
+
+def _embedding(c: Ctx, xs: list) -> relax.Expr:
+    # "clip": an out-of-range id cannot read outside the table (the runner checks declared ranges).
+    return R.take(c.weight("weight"), xs[0], axis=0, mode="clip")
+
+
+def _ones(c: Ctx, n: int) -> tvm.ir.expr.Constant:
+    return relax.const(np.ones((n,), _np_dtype(c.dtype)), c.dtype)
+
+
+def _zeros(c: Ctx, n: int) -> tvm.ir.expr.Constant:
+    return relax.const(np.zeros((n,), _np_dtype(c.dtype)), c.dtype)
+
+
+def _layer_norm(c: Ctx, xs: list) -> relax.Expr:
+    d = c.out.shape[-1]
+    affine = bool(c.a("affine"))
+    gamma = c.weight("weight") if affine else _ones(c, d)
+    with_bias = affine and c.a("bias", True) and c.has_weight("bias")
+    beta = c.weight("bias") if with_bias else _zeros(c, d)
+    return R.nn.layer_norm(xs[0], gamma, beta, axes=[-1], epsilon=float(c.a("eps")), center=with_bias,
+                           scale=affine)
+
+
+def _rms_norm(c: Ctx, xs: list) -> relax.Expr:
+    d = c.out.shape[-1]
+    w = c.weight("weight") if c.a("affine") else _ones(c, d)
+    return R.nn.rms_norm(xs[0], w, axes=[-1], epsilon=float(c.a("eps")))
+
+
+def _dropout(c: Ctx, xs: list) -> relax.Expr:
+    return xs[0]  # inference: the identity
+
+
+def _heads(c: Ctx, t: relax.Expr, batch: list, length: Any, h: int, dh: int) -> relax.Expr:
+    """[*batch, L, h * dh] -> [*batch, h, L, dh]"""
+    n = len(batch)
+    t = c.emit(R.reshape(t, batch + [length, tirx.IntImm("int64", h), tirx.IntImm("int64", dh)]))
+    axes = list(range(n)) + [n + 1, n, n + 2]
+    return c.emit(R.permute_dims(t, axes))
+
+
+def _attention(c: Ctx, xs: list) -> relax.Expr:
+    """Multi-head softmax attention written out, as backends/pytorch's MultiHeadAttention (math path).
+
+    attrs: heads, causal, kv? (keys/values from a second input), bias, dropout (inference: none),
+    qkv (one fused [3d, d] projection for q, k and v), impl ('math' or 'sdpa': the same function).
+    """
+    x = xs[0]
+    has_kv = bool(c.a("kv?"))
+    kv = xs[1] if has_kv else x
+    xt = c.in_type(0)
+    kvt = c.in_type(1) if has_kv else xt
+    d = xt.shape[-1]
+    h = int(c.a("heads"))
+    dh = d // h
+    batch = c.shape(xt.shape[:-2])
+    t_len, s_len = c.dim(xt.shape[-2]), c.dim(kvt.shape[-2])
+    bias = bool(c.a("bias"))
+
+    def proj(name: str, inp: relax.Expr) -> relax.Expr:
+        return _linear(c, inp, c.weight(f"{name}.weight"), c.weight(f"{name}.bias") if bias else None, name)
+
+    if c.a("qkv"):
+        if has_kv:
+            raise LoweringError("attention: a fused qkv projection needs self-attention (no kv)")
+        qkv = proj("qkv", x)
+        parts = c.emit(R.split(qkv, [tirx.IntImm("int64", d), tirx.IntImm("int64", 2 * d)], axis=-1))
+        q, k, v = (c.emit(relax.TupleGetItem(parts, i)) for i in range(3))
+    else:
+        q, k, v = proj("q", x), proj("k", kv), proj("v", kv)
+    q = _heads(c, q, batch, t_len, h, dh)
+    k = _heads(c, k, batch, s_len, h, dh)
+    v = _heads(c, v, batch, s_len, h, dh)
+    nb = len(batch)
+    kt = c.emit(R.permute_dims(k, list(range(nb + 1)) + [nb + 2, nb + 1]))  # [*batch, h, dh, S]
+    att = c.emit(R.matmul(q, kt))
+    att = c.emit(R.multiply(att, c.const(1.0 / math.sqrt(dh))))
+    if c.a("causal"):
+        rows = c.emit(R.reshape(R.arange(0, t_len, 1, dtype="int64"), [t_len, tirx.IntImm("int64", 1)]))
+        cols = c.emit(R.reshape(R.arange(0, s_len, 1, dtype="int64"), [tirx.IntImm("int64", 1), s_len]))
+        mask = c.emit(R.less_equal(cols, rows))  # [T, S]: key position <= query position
+        att = c.emit(R.where(mask, att, c.const(float("-inf"))))
+    att = c.emit(R.nn.softmax(att, axis=-1))
+    y = c.emit(R.matmul(att, v))  # [*batch, h, T, dh]
+    y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))
+    y = c.emit(R.reshape(y, batch + [t_len, tirx.IntImm("int64", d)]))
+    return _linear(c, y, c.weight("o.weight"), c.weight("o.bias") if bias else None, "o")
+
+
+def _mlp(c: Ctx, xs: list) -> relax.Expr:
+    bias = bool(c.a("bias"))
+    y = _linear(c, xs[0], c.weight("fc1.weight"), c.weight("fc1.bias") if bias else None, "fc1")
+    y = _act(c, c.a("act"), y)
+    return _linear(c, y, c.weight("fc2.weight"), c.weight("fc2.bias") if bias else None, "fc2")
+
+
+# -- LSTM ---------------------------------------------------------------------------------------
+
+def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
+    """One direction of one LSTM layer as a TIR kernel over a symbolic batch B and length L.
+
+    In: xp [B, L, 4H] (the input projection plus both biases, for every step), w_hh [4H, H].
+    Out: h [B, L, H] (the hidden state at each step, aligned with the input steps), and scratch
+    buffers c [B, H] (the cell state) and g [B, 4H] (the gates of the current step).
+    Gate order i, f, g, o (torch.nn.LSTM's layout); h0 = c0 = 0. The step loop is serial; the
+    recurrent matmul of each step is a plain loop nest (untuned).
+    """
+    from tvm.script import tirx as T
+
+    H, G = hidden, 4 * hidden
+    rev = 1 if reverse else 0
+
+    @T.prim_func(private=True)
+    def lstm_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        L = T.int64()
+        xp = T.match_buffer(var_xp, (B, L, G), dtype)
+        w = T.match_buffer(var_w, (G, H), dtype)
+        out = T.match_buffer(var_out, (B, L, H), dtype)
+        c = T.match_buffer(var_c, (B, H), dtype)
+        g = T.match_buffer(var_g, (B, G), dtype)
+        for b, j in T.grid(B, H):
+            c[b, j] = T.Cast(dtype, 0)
+        for s in range(L):
+            t = rev * (L - 1) + (1 - 2 * rev) * s  # the step this iteration computes
+            tp = t - (1 - 2 * rev)  # the step before it, in the direction of the scan
+            for b, j in T.grid(B, G):
+                g[b, j] = xp[b, t, j]
+                if s > 0:
+                    for k in range(H):
+                        g[b, j] = g[b, j] + out[b, tp, k] * w[j, k]
+            for b, j in T.grid(B, H):
+                c[b, j] = T.sigmoid(g[b, H + j]) * c[b, j] + T.sigmoid(g[b, j]) * T.tanh(g[b, 2 * H + j])
+                out[b, t, j] = T.sigmoid(g[b, 3 * H + j]) * T.tanh(c[b, j])
+
+    return lstm_scan
+
+
+def lstm_kernel_gpu(hidden: int, reverse: bool, dtype: str, max_threads: int = 1024) -> tirx.PrimFunc:
+    """The kernel of `lstm_kernel` for CUDA: one thread block per batch row, a thread per gate.
+
+    Same buffers and call signature (the c/g scratch outputs are unused: the cell state lives in
+    registers, h and the gates in shared memory). Each step: every thread computes its gates from
+    h in shared memory, a barrier, the first H threads update c and h, a barrier. Compiled and
+    checked by reading the generated CUDA; not yet run on a GPU.
+    """
+    from tvm.script import tirx as T
+
+    H, G = hidden, 4 * hidden
+    NT = min(max_threads, (G + 31) // 32 * 32)
+    RG = (G + NT - 1) // NT  # gates per thread
+    RH = (H + NT - 1) // NT  # state elements per thread
+    rev = 1 if reverse else 0
+
+    @T.prim_func(private=True)
+    def lstm_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        B = T.int64()
+        L = T.int64()
+        xp = T.match_buffer(var_xp, (B, L, G), dtype)
+        w = T.match_buffer(var_w, (G, H), dtype)
+        out = T.match_buffer(var_out, (B, L, H), dtype)
+        T.match_buffer(var_c, (B, H), dtype)
+        T.match_buffer(var_g, (B, G), dtype)
+        for b in T.thread_binding(B, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                hs = T.decl_buffer((H,), dtype, scope="shared")
+                gs = T.decl_buffer((G,), dtype, scope="shared")
+                cl = T.decl_buffer((RH,), dtype, scope="local")
+                acc = T.decl_buffer((1,), dtype, scope="local")
+                for r in range(RH):
+                    if r * NT + tx < H:
+                        hs[r * NT + tx] = T.Cast(dtype, 0)
+                    cl[r] = T.Cast(dtype, 0)
+                T.tvm_storage_sync("shared")
+                for s in range(L):
+                    t = rev * (L - 1) + (1 - 2 * rev) * s
+                    for r in range(RG):
+                        if r * NT + tx < G:
+                            acc[0] = xp[b, t, r * NT + tx]
+                            for k in range(H):
+                                acc[0] = acc[0] + hs[k] * w[r * NT + tx, k]
+                            gs[r * NT + tx] = acc[0]
+                    T.tvm_storage_sync("shared")
+                    for r in range(RH):
+                        if r * NT + tx < H:
+                            j = r * NT + tx
+                            cl[r] = T.sigmoid(gs[H + j]) * cl[r] + T.sigmoid(gs[j]) * T.tanh(gs[2 * H + j])
+                            hs[j] = T.sigmoid(gs[3 * H + j]) * T.tanh(cl[r])
+                            out[b, t, j] = T.sigmoid(gs[3 * H + j]) * T.tanh(cl[r])
+                    T.tvm_storage_sync("shared")
+
+    return lstm_scan
+
+
+def _lstm(c: Ctx, xs: list) -> relax.Expr:
+    if c.target_kind == "llvm":
+        make_kernel = lstm_kernel
+    elif c.target_kind == "cuda":
+        make_kernel = lstm_kernel_gpu
+    else:
+        raise LoweringError(f"lstm: no recurrence kernel for target {c.target_kind} (llvm and cuda only)")
+    xt = c.in_type(0)
+    hidden, layers = int(c.a("hidden")), int(c.a("layers"))
+    dirs = ("", "_reverse") if c.a("bidirectional") else ("",)
+    bsz, length = c.dim(xt.shape[0]), c.dim(xt.shape[1])
+    H = tirx.IntImm("int64", hidden)
+    dtype = DTYPES[xt.dtype]
+    y = xs[0]
+    for layer in range(layers):
+        outs = []
+        for suffix in dirs:
+            key = ("lstm", hidden, bool(suffix), dtype)
+            if key not in c.kernels:
+                c.kernels[key] = c.bb.add_func(make_kernel(hidden, bool(suffix), dtype),
+                                               f"lstm_scan_h{hidden}{'_rev' if suffix else ''}")
+            w_ih, w_hh = c.weight(f"weight_ih_l{layer}{suffix}"), c.weight(f"weight_hh_l{layer}{suffix}")
+            b = c.emit(R.add(c.weight(f"bias_ih_l{layer}{suffix}"), c.weight(f"bias_hh_l{layer}{suffix}")))
+            xp = _linear(c, y, w_ih, b, f"lstm_xp_l{layer}{suffix}")
+            res = c.emit(relax.call_tir(c.kernels[key], [xp, w_hh], out_ty=[
+                relax.TensorType([bsz, length, H], dtype),
+                relax.TensorType([bsz, H], dtype),
+                relax.TensorType([bsz, tirx.IntImm("int64", 4 * hidden)], dtype),
+            ]))
+            outs.append(c.emit(relax.TupleGetItem(res, 0), f"lstm_h_l{layer}{suffix}"))
+        y = outs[0] if len(outs) == 1 else c.emit(R.concat(outs, axis=-1))
+    return y
+
+
+# -- reductions, shapes ------------------------------------------------------------------------
+
+def _softmax(c: Ctx, xs: list) -> relax.Expr:
+    return R.nn.softmax(xs[0], axis=int(c.a("dim")))
+
+
+def _reduce(fn: Callable) -> Lowering:
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        x = _cast(c, xs[0], c.dtype)  # sum of bool counts in i64
+        dims = c.a("dim")
+        rank = c.in_type(0).rank
+        if dims is None:
+            axes = list(range(rank))
+        else:
+            axes = sorted(_axis(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+        return fn(x, axis=axes, keepdims=bool(c.a("keepdim")))
+
+    return lower
+
+
+def _transpose(c: Ctx, xs: list) -> relax.Expr:
+    rank = c.in_type(0).rank
+    axes = list(range(rank))
+    a, b = _axis(c.a("dim0"), rank), _axis(c.a("dim1"), rank)
+    axes[a], axes[b] = axes[b], axes[a]
+    return R.permute_dims(xs[0], axes)
+
+
+def _permute(c: Ctx, xs: list) -> relax.Expr:
+    rank = c.in_type(0).rank
+    return R.permute_dims(xs[0], [_axis(d, rank) for d in c.a("dims")])
+
+
+def _reshape(c: Ctx, xs: list) -> relax.Expr:
+    return R.reshape(xs[0], c.shape(c.out.shape))  # the output type has the -1 resolved
+
+
+def _concat(c: Ctx, xs: list) -> relax.Expr:
+    return R.concat(list(xs), axis=_axis(c.a("dim"), c.out.rank))
+
+
+def _split(c: Ctx, xs: list) -> tuple:
+    axis = _axis(c.a("dim"), c.in_type(0).rank)
+    cuts, at = [], 0
+    for t in c.node.outputs[:-1]:
+        at = at + t.shape[axis]
+        cuts.append(c.dim(at))
+    parts = c.emit(R.split(xs[0], cuts, axis=axis))
+    return tuple(relax.TupleGetItem(parts, i) for i in range(len(c.node.outputs)))
+
+
+def _getitem(c: Ctx, xs: list) -> relax.Expr:
+    xt = c.in_type(0)
+    axes, begin, end, drop = [], [], [], []
+    for axis, item in enumerate(c.a("index")):
+        n = xt.shape[axis]
+        if item[0] == "int":
+            i = item[1] + n if item[1] < 0 else item[1]
+            lo, hi = i, i + 1
+            drop.append(axis)
+        else:
+            _, lo, hi = item
+            lo = 0 if lo is None else lo
+            hi = n if hi is None else hi
+            lo = lo + n if isinstance(lo, int) and lo < 0 else lo
+            hi = hi + n if isinstance(hi, int) and hi < 0 else hi
+        axes.append(axis)
+        begin.append(c.dim(lo))
+        end.append(c.dim(hi))
+    y = c.emit(R.strided_slice(xs[0], axes, begin, end, assume_inbound=True)) if axes else xs[0]
+    return R.squeeze(y, drop) if drop else y
+
+
+LOWERINGS: dict[str, Lowering] = {
+    "input": _input,
+    "scalar": _scalar,
+    "arange": _arange,
+    "cast": _cast_op,
+    "relu": _unary(R.nn.relu),
+    "gelu": _gelu,
+    "silu": _unary(R.nn.silu),
+    "tanh": _unary(R.tanh),
+    "sigmoid": _unary(R.sigmoid),
+    "exp": _unary(R.exp),
+    "log": _unary(R.log),
+    "sqrt": _unary(R.sqrt),
+    "abs": _unary(R.abs),
+    "neg": _unary(R.negative),
+    "add": _binary(R.add),
+    "sub": _binary(R.subtract),
+    "mul": _binary(R.multiply),
+    "div": _binary(R.divide),
+    "pow": _binary(R.power),
+    "matmul": _matmul,
+    "linear": _linear_op,
+    "embedding": _embedding,
+    "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+    "dropout": _dropout,
+    "attention": _attention,
+    "mlp": _mlp,
+    "lstm": _lstm,
+    "softmax": _softmax,
+    "mean": _reduce(R.mean),
+    "sum": _reduce(R.sum),
+    "transpose": _transpose,
+    "permute": _permute,
+    "reshape": _reshape,
+    "concat": _concat,
+    "split": _split,
+    "getitem": _getitem,
+}
+
+#: Registered ops this backend does not lower (none).
+UNSUPPORTED: frozenset[str] = frozenset()
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver: a whole graph -> an IRModule with one Relax function
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Signature:
+    """How to call the compiled function: data inputs first, then the weights, by name."""
+
+    inputs: tuple[tuple[str, TensorType], ...]
+    params: tuple[tuple[str, ParamSpec], ...]
+    outputs: tuple[tuple[str, TensorType], ...]
+    dims: tuple[str, ...]  # the symbolic dimensions, each read from an input shape
+
+
+def parameters(graph: Graph) -> list[tuple[str, ParamSpec]]:
+    """The graph's stored parameters in weights order (tied parameters once, at their owner)."""
+    out = []
+    for _, node in graph.nodes():
+        for p in node.params:
+            if p.tied_to is None:
+                out.append((".".join(node.path + (p.name,)), p))
+    return out
+
+
+def _symbols(graph: Graph) -> dict[str, tirx.Var]:
+    syms: dict[str, tirx.Var] = {}
+    for name, nid in graph.inputs:
+        for axis, d in enumerate(graph.node(nid).type.shape):
+            if isinstance(d, Sym):
+                if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+                    s = d.terms[0][0][0]
+                    syms.setdefault(s, tirx.Var(s, "int64"))
+                else:
+                    raise LoweringError(f"input '{name}': dimension {axis} is the expression {d}; the TVM "
+                                        f"backend needs each symbolic input dimension to be a single symbol")
+    return syms
+
+
+_VAR = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _hint(text: str) -> str:
+    return _VAR.sub("_", text)[:40] or "v"
+
+
+def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main") -> tuple[tvm.IRModule, Signature]:
+    """The IRModule of `graph`: one Relax function `func_name`(*inputs, *weights) -> output(s)."""
+    syms = _symbols(graph)
+    bb = relax.BlockBuilder()
+    in_vars = []
+    for name, nid in graph.inputs:
+        in_vars.append(relax.Var(_hint(name), tensor_type(graph.node(nid).type, syms)))
+    params = parameters(graph)
+    weights: dict[str, relax.Var] = {}
+    for full, p in params:
+        weights[full] = relax.Var(_hint(full), relax.TensorType(list(p.shape), DTYPES[p.dtype]))
+    env: dict[Ref, relax.Expr] = {}
+    for (name, nid), v in zip(graph.inputs, in_vars):
+        env[Ref(nid, 0)] = v
+    kernels: dict[Any, tvm.ir.GlobalVar] = {}
+    attrs = {"num_input": len(in_vars)}
+    bounds = {s: hi for s, (_, _, hi) in graph.dims.items() if hi is not None and s in syms}
+    if bounds:
+        attrs["tir_var_upper_bound"] = bounds
+    with bb.function(func_name, in_vars + list(weights.values()), attrs=attrs):
+        with bb.dataflow():
+            for nid, node in graph.nodes():
+                if node.op == "input":
+                    continue
+                lower = LOWERINGS.get(node.op)
+                if lower is None:
+                    raise LoweringError(f"the TVM backend has no lowering for op '{node.op}'")
+                ctx = Ctx(bb, graph, nid, node, syms, weights, target_kind, kernels)
+                result = lower(ctx, [env[r] for r in node.inputs])
+                results = result if isinstance(result, tuple) else (result,)
+                if len(results) != len(node.outputs):
+                    raise LoweringError(f"{node.op}: lowered to {len(results)} values, expected "
+                                        f"{len(node.outputs)}")
+                for i, r in enumerate(results):
+                    if not isinstance(r, (relax.Var, tvm.ir.expr.Constant)):
+                        r = bb.emit(r, _hint(node.name or node.op))
+                    env[Ref(nid, i)] = r
+            outs = [env[ref] for _, ref in graph.outputs]
+            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(result)
+    mod = bb.finalize()
+    sig = Signature(
+        inputs=tuple((name, graph.node(nid).type) for name, nid in graph.inputs),
+        params=tuple(params),
+        outputs=tuple((name, graph.type_of(ref)) for name, ref in graph.outputs),
+        dims=tuple(syms),
+    )
+    return mod, sig
+
+
+__all__ = ["LOWERINGS", "UNSUPPORTED", "Ctx", "LoweringError", "Signature", "to_relax", "parameters",
+           "lstm_kernel", "lstm_kernel_gpu", "dim_expr"]

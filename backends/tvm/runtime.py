@@ -1,0 +1,172 @@
+"""Run a TVM-compiled specc model: the VM, its weights bound once, inputs and outputs by DLPack.
+
+This file needs only `tvm` and `numpy` (torch when torch tensors are passed or wanted), so that
+`export` can copy it beside model.so as loader.py:
+
+    from loader import load
+    model = load("out/")                   # reads model.so, weights.safetensors, tvm_manifest.json
+    y = model(x)                           # x: torch tensor or numpy array; y: torch tensor(s)
+
+The compiled function takes the data inputs, then the weights (in manifest order). When the build
+lifted weight preprocessing out of the model (transposed matrices, summed biases), the function
+`main_transform_params` turns the stored weights into what `main` takes; it runs once, at bind time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+
+MANIFEST = "tvm_manifest.json"
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """A .safetensors file as numpy arrays, with the standard library and numpy alone."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if dtype == "bfloat16":
+            import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+        flat = np.frombuffer(data[base + start:base + end], dtype=np.dtype(dtype))
+        out[name] = flat.reshape(info["shape"]).copy()
+    return out
+
+
+def device_of(kind: str) -> Any:
+    return tvm.cuda(0) if kind in ("cuda", "gpu") else tvm.cpu(0)
+
+
+def _to_tvm(x: Any, dev: Any) -> Any:
+    """A TVM tensor on `dev` from a torch tensor (DLPack, no copy when already there) or an array."""
+    if isinstance(x, tvm.runtime.Tensor):
+        return x
+    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            want = "cuda" if dev.dlpack_device_type() == 2 else "cpu"
+            if x.device.type != want:
+                x = x.to(want)
+            return tvm.runtime.from_dlpack(x.contiguous())
+        return tvm.runtime.from_dlpack(x)
+    return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
+
+
+class Runner:
+    """A compiled model: a Relax VM over the executable, with weights bound by name."""
+
+    def __init__(self, executable: Any, manifest: Mapping[str, Any], device: Any | None = None):
+        self.manifest = dict(manifest)
+        self.device = device if device is not None else device_of(self.manifest["target_kind"])
+        self.executable = executable
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self._main = self.vm[self.manifest["function"]]
+        self._weights: list[Any] | None = None
+        self._keep: list[Any] = []  # the source tensors of DLPack views, kept alive
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.manifest["inputs"]]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p["name"] for p in self.manifest["params"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.manifest["outputs"]]
+
+    def bind(self, weights: Mapping[str, Any]) -> "Runner":
+        """Bind the weights (name -> torch tensor or numpy array), in the order the function takes them."""
+        missing = [n for n in self.param_names if n not in weights]
+        if missing:
+            raise KeyError(f"weights missing for: {', '.join(missing)}")
+        unexpected = sorted(set(weights) - set(self.param_names))
+        if unexpected:
+            raise KeyError(f"weights not in the model: {', '.join(unexpected)}")
+        tensors, keep = [], []
+        for p in self.manifest["params"]:
+            w = weights[p["name"]]
+            if tuple(w.shape) != tuple(p["shape"]):
+                raise ValueError(f"weight {p['name']}: shape {tuple(w.shape)}, the model needs {tuple(p['shape'])}")
+            keep.append(w)
+            tensors.append(_to_tvm(w, self.device))
+        if self.manifest.get("lifted"):
+            out = self.vm[self.manifest["function"] + "_transform_params"](tensors)
+            tensors = [out[i] for i in range(len(out))]
+        self._weights, self._keep = tensors, keep
+        return self
+
+    def _check(self, args: tuple) -> None:
+        specs = self.manifest["inputs"]
+        if len(args) != len(specs):
+            raise TypeError(f"the model takes {len(specs)} input(s) ({', '.join(self.input_names)}), "
+                            f"got {len(args)}")
+        bounds = self.manifest.get("dims", {})
+        for x, spec in zip(args, specs):
+            if len(x.shape) != len(spec["shape"]):
+                raise ValueError(f"input {spec['name']}: rank {len(x.shape)}, expected {len(spec['shape'])}")
+            for axis, d in enumerate(spec["shape"]):
+                # The symbolic sizes must respect the spec's bounds: memory may be planned for the maximum.
+                if isinstance(d, str) and d in bounds:
+                    n, lo, hi = int(x.shape[axis]), bounds[d]["min"], bounds[d]["max"]
+                    if (lo is not None and n < lo) or (hi is not None and n > hi):
+                        raise ValueError(f"input {spec['name']}: dimension {axis} ({d}) is {n}, outside "
+                                         f"[{lo}, {'inf' if hi is None else hi}]")
+            vr = spec.get("value_range")
+            if vr is not None and _numel(x):
+                lo, hi = int(x.min()), int(x.max())
+                if lo < vr[0] or hi >= vr[1]:
+                    raise IndexError(f"input {spec['name']}: values must lie in range({vr[0]}, {vr[1]}), "
+                                     f"got values from {lo} to {hi}")
+
+    def run_tvm(self, *args: Any) -> Any:
+        """Run on the inputs (in input order); the VM's outputs as TVM tensors (a tuple for several)."""
+        if self._weights is None:
+            raise RuntimeError("no weights bound: call bind(weights) first")
+        self._check(args)
+        ins = [_to_tvm(x, self.device) for x in args]
+        out = self._main(*ins, *self._weights)
+        if len(self.manifest["outputs"]) == 1:
+            return out
+        return tuple(out[i] for i in range(len(out)))
+
+    def __call__(self, *args: Any) -> Any:
+        """Run on torch tensors (or arrays); torch tensors out (one, or a tuple in output order)."""
+        import torch
+
+        out = self.run_tvm(*args)
+        if isinstance(out, tuple):
+            return tuple(torch.from_dlpack(o) for o in out)
+        return torch.from_dlpack(out)
+
+
+def _numel(x: Any) -> int:
+    n = 1
+    for d in x.shape:
+        n *= int(d)
+    return n
+
+
+def load(directory: str | Path | None = None, device: Any | None = None) -> Runner:
+    """The exported model in `directory` (by default, the folder of this file), weights bound."""
+    directory = Path(__file__).resolve().parent if directory is None else Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    lib = tvm.runtime.load_module(str(directory / manifest["library"]))
+    runner = Runner(lib, manifest, device)
+    return runner.bind(read_safetensors(directory / manifest["weights"]))

@@ -1,0 +1,204 @@
+"""Clean-up passes: constant folding, identity elimination, CSE, dead-code elimination.
+
+Local rewrites are rule tables (STYLE.md point 6): a rule looks at one node and either rewrites the
+graph through the `Editor` and returns True, or returns False. `run_rules` drives a rule set to a
+fixpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from ..ir import Graph, Node, Ref
+from ..rewrite import Editor
+from . import PassContext, PassResult, register_pass
+
+Rule = Callable[[Editor, int, Node, PassContext], bool]
+
+
+def run_rules(graph: Graph, rules: list[Rule], ctx: PassContext, max_rounds: int = 50) -> PassResult:
+    ed = Editor(graph)
+    applied = 0
+    for _ in range(max_rounds):
+        progress = False
+        for nid in ed.graph.order():
+            if nid not in ed.graph.g:
+                continue
+            node = ed.node(nid)
+            if all(ed.uses(Ref(nid, i)) == 0 for i in range(len(node.outputs))):
+                continue  # already bypassed: dead until the sweep below
+            for rule in rules:
+                if rule(ed, nid, node, ctx):
+                    applied += 1
+                    progress = True
+                    break
+        if not progress:
+            break
+    ed.remove_dead()
+    return PassResult(ed.graph, ed.changed, {"rewrites": applied} if applied else {})
+
+
+def forward_to(ed: Editor, nid: int, ref: Ref) -> bool:
+    """Replace node `nid` (single output) by an existing value `ref` of the same type."""
+    if ed.graph.type_of(Ref(nid)) != ed.graph.type_of(ref):
+        return False
+    ed.replace_uses(Ref(nid), ref)
+    return True
+
+
+# -- constant folding ---------------------------------------------------------------------------
+
+_FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+         "div": lambda a, b: a / b, "pow": lambda a, b: a ** b}
+_NEUTRAL_RIGHT = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}
+_NEUTRAL_LEFT = {"add": 0, "mul": 1}
+
+
+def _scalar_value(ed: Editor, ref: Ref):
+    n = ed.node(ref.node)
+    return n.attr("value") if n.op == "scalar" else None
+
+
+def fold_scalar_arith(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """scalar op scalar -> scalar."""
+    if node.op not in _FOLD:
+        return False
+    a, b = (_scalar_value(ed, r) for r in node.inputs)
+    if a is None or b is None:
+        return False
+    try:
+        v = _FOLD[node.op](a, b)
+    except (ZeroDivisionError, OverflowError):
+        return False
+    if isinstance(v, complex) or (isinstance(v, float) and not math.isfinite(v)):
+        return False
+    dtype = node.type.dtype
+    v = float(v) if dtype in ("f16", "bf16", "f32", "f64") else int(v)
+    new = ed.add(Node("scalar", (), (("value", v), ("dtype", dtype)), node.outputs, node.span,
+                      name="scalar", scope=node.scope))
+    ed.replace_uses(Ref(nid), Ref(new))
+    return True
+
+
+def drop_neutral(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """x * 1, x / 1, x + 0, x - 0, x ** 1, 1 * x, 0 + x -> x (when that changes no shape or dtype)."""
+    if node.op not in _NEUTRAL_RIGHT:
+        return False
+    x, y = node.inputs
+    if _scalar_value(ed, y) == _NEUTRAL_RIGHT[node.op] and not isinstance(_scalar_value(ed, y), bool):
+        return forward_to(ed, nid, x)
+    if node.op in _NEUTRAL_LEFT and _scalar_value(ed, x) == _NEUTRAL_LEFT[node.op]:
+        return forward_to(ed, nid, y)
+    return False
+
+
+@register_pass("fold_constants", opt_level=1)
+def fold_constants(graph: Graph, ctx: PassContext) -> PassResult:
+    """Fold arithmetic on constants and drop neutral operations (x * 1, x + 0)."""
+    return run_rules(graph, [fold_scalar_arith, drop_neutral], ctx)
+
+
+# -- identity elimination -----------------------------------------------------------------------
+
+def drop_dropout(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """dropout(x, p=0), or any dropout in an inference build -> x."""
+    if node.op != "dropout" or not (node.attr("p") == 0.0 or ctx.inference):
+        return False
+    return forward_to(ed, nid, node.inputs[0])
+
+
+def cancel_transposes(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """transpose(transpose(x, a, b), a, b) -> x."""
+    if node.op != "transpose":
+        return False
+    inner = ed.node(node.inputs[0].node)
+    if inner.op != "transpose":
+        return False
+    rank = node.type.rank
+    outer_axes = {node.attr("dim0") % rank, node.attr("dim1") % rank}
+    inner_axes = {inner.attr("dim0") % rank, inner.attr("dim1") % rank}
+    if outer_axes != inner_axes:
+        return False
+    return forward_to(ed, nid, inner.inputs[0])
+
+
+def cancel_permutes(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """permute(permute(x, p), q) that composes to the identity -> x."""
+    if node.op != "permute":
+        return False
+    inner = ed.node(node.inputs[0].node)
+    if inner.op != "permute":
+        return False
+    rank = node.type.rank
+    p = [d % rank for d in inner.attr("dims")]
+    q = [d % rank for d in node.attr("dims")]
+    if [p[i] for i in q] != list(range(rank)):
+        return False
+    return forward_to(ed, nid, inner.inputs[0])
+
+
+def drop_noop_shape(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """reshape to the same shape, cast to the same dtype, permute by the identity -> x."""
+    if node.op not in ("reshape", "cast", "permute"):
+        return False
+    if node.op == "permute" and [d % node.type.rank for d in node.attr("dims")] != list(range(node.type.rank)):
+        return False
+    x = node.inputs[0]
+    src = ed.graph.type_of(x)
+    if (src.dtype, src.shape) != (node.type.dtype, node.type.shape):
+        return False
+    ed.replace_uses(Ref(nid), x)
+    return True
+
+
+def collapse_reshapes(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """reshape(reshape(x, s1), s2) -> reshape(x, s2)."""
+    if node.op != "reshape":
+        return False
+    inner = ed.node(node.inputs[0].node)
+    if inner.op != "reshape":
+        return False
+    ed.set(nid, node.replace(inputs=(inner.inputs[0],)))
+    return True
+
+
+@register_pass("eliminate_identity", opt_level=1)
+def eliminate_identity(graph: Graph, ctx: PassContext) -> PassResult:
+    """Remove no-ops: dropout at inference, cancelling transposes/permutes, no-op reshapes and casts."""
+    return run_rules(graph, [drop_dropout, cancel_transposes, cancel_permutes, drop_noop_shape, collapse_reshapes],
+                     ctx)
+
+
+# -- common subexpressions ----------------------------------------------------------------------
+
+_IMPURE = frozenset({"input", "dropout"})
+
+
+@register_pass("cse", opt_level=1)
+def cse(graph: Graph, ctx: PassContext) -> PassResult:
+    """Compute identical parameter-free nodes (same op, inputs, attributes, scope) once."""
+    ed = Editor(graph)
+    seen: dict[tuple, int] = {}
+    merged = 0
+    for nid in ed.graph.order():
+        node = ed.node(nid)
+        if node.params or node.op in _IMPURE:
+            continue
+        key = (node.op, node.inputs, node.attrs, node.outputs, node.scope)
+        if key in seen:
+            for i in range(len(node.outputs)):
+                ed.replace_uses(Ref(nid, i), Ref(seen[key], i))
+            merged += 1
+        else:
+            seen[key] = nid
+    ed.remove_dead()
+    return PassResult(ed.graph, ed.changed, {"merged": merged} if merged else {})
+
+
+@register_pass("dce", opt_level=1)
+def dce(graph: Graph, ctx: PassContext) -> PassResult:
+    """Remove nodes (and their parameters) that no output depends on."""
+    ed = Editor(graph)
+    n = ed.remove_dead()
+    return PassResult(ed.graph, ed.changed, {"removed": n} if n else {})

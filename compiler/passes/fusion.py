@@ -1,0 +1,110 @@
+"""Fusion passes: merging linear maps and attention projections, and choosing fused kernels.
+
+New parameters carry a `derive` weight expression over the unoptimised graph's parameters
+(compiler/weightexpr.py); the backend computes their values, in float64, when it builds.
+"""
+
+from __future__ import annotations
+
+from ..ir import Graph, Init, Node, ParamSpec, Ref
+from ..rewrite import Editor
+from ..weightexpr import param as wparam
+from . import PassContext, PassResult, register_pass
+from .cleanup import run_rules
+
+
+def source(node: Node, name: str) -> tuple:
+    """The weight expression of a parameter of `node` as it stands (derived or original)."""
+    for p in node.params:
+        if p.name == name:
+            return p.derive if p.derive is not None else wparam(".".join(node.path + (p.name,)))
+    raise KeyError(name)
+
+
+def _has(node: Node, name: str) -> bool:
+    return any(p.name == name for p in node.params)
+
+
+def _plain_params(node: Node) -> bool:
+    return all(p.tied_to is None for p in node.params)
+
+
+def merge_linear_pair(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """linear(linear(x, W1, b1), W2, b2) -> linear(x, W2 W1, W2 b1 + b2), when it needs fewer FLOPs."""
+    if node.op != "linear":
+        return False
+    mid = node.inputs[0]
+    inner = ed.node(mid.node)
+    if inner.op != "linear" or inner.scope != node.scope or ed.uses(mid) != 1:
+        return False
+    if not (_plain_params(node) and _plain_params(inner)) or node.attr("tie") or inner.attr("tie"):
+        return False
+    if {p.frozen for p in node.params} != {p.frozen for p in inner.params}:
+        return False
+    d_in = ed.graph.type_of(inner.inputs[0]).shape[-1]
+    hidden, out = inner.attr("out"), node.attr("out")
+    if d_in * out > d_in * hidden + hidden * out:
+        return False  # the merged matrix would cost more than the two it replaces
+    w1, w2 = source(inner, "weight"), source(node, "weight")
+    params = [ParamSpec("weight", (out, d_in), Init("zeros"), frozen=node.params[0].frozen,
+                        derive=("matmul", w2, w1))]
+    b1 = source(inner, "bias") if _has(inner, "bias") else None
+    b2 = source(node, "bias") if _has(node, "bias") else None
+    bias = None
+    if b1 is not None:
+        bias = ("matmul", w2, b1)
+        if b2 is not None:
+            bias = ("add", bias, b2)
+    elif b2 is not None:
+        bias = b2
+    if bias is not None:
+        params.append(ParamSpec("bias", (out,), Init("zeros"), frozen=node.params[0].frozen, derive=bias))
+    attrs = tuple((k, (bias is not None) if k == "bias" else v) for k, v in node.attrs)
+    ed.set(nid, node.replace(inputs=(inner.inputs[0],), attrs=attrs, params=tuple(params),
+                             span=inner.span.merge(node.span)))
+    return True
+
+
+@register_pass("merge_linear_chains", opt_level=2)
+def merge_linear_chains(graph: Graph, ctx: PassContext) -> PassResult:
+    """Merge consecutive linear maps with nothing between them into one, when that is cheaper."""
+    return run_rules(graph, [merge_linear_pair], ctx)
+
+
+def fuse_qkv_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """Self-attention's q, k and v projections of one input -> one projection of width 3d."""
+    if node.op != "attention" or node.attr("kv?") or node.attr("qkv") or not _plain_params(node):
+        return False
+    d = node.type.shape[-1]
+    keep = [p for p in node.params if not p.name.startswith(("q.", "k.", "v."))]
+    w = ("concat", 0, source(node, "q.weight"), source(node, "k.weight"), source(node, "v.weight"))
+    fused = [ParamSpec("qkv.weight", (3 * d, d), Init("zeros"), derive=w)]
+    if node.attr("bias"):
+        b = ("concat", 0, source(node, "q.bias"), source(node, "k.bias"), source(node, "v.bias"))
+        fused.append(ParamSpec("qkv.bias", (3 * d,), Init("zeros"), derive=b))
+    attrs = tuple((k, True if k == "qkv" else v) for k, v in node.attrs)
+    ed.set(nid, node.replace(attrs=attrs, params=tuple(fused + keep)))
+    return True
+
+
+@register_pass("fuse_qkv", opt_level=2)
+def fuse_qkv(graph: Graph, ctx: PassContext) -> PassResult:
+    """Merge the q/k/v projections of self-attention into one matmul."""
+    return run_rules(graph, [fuse_qkv_rule], ctx)
+
+
+def sdpa_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    if node.op != "attention" or node.attr("impl") == "sdpa":
+        return False
+    attrs = tuple((k, "sdpa" if k == "impl" else v) for k, v in node.attrs)
+    ed.set(nid, node.replace(attrs=attrs))
+    return True
+
+
+@register_pass("attention_sdpa", opt_level=1)
+def attention_sdpa(graph: Graph, ctx: PassContext) -> PassResult:
+    """Lower softmax attention onto the fused scaled_dot_product_attention kernel."""
+    return run_rules(graph, [sdpa_rule], ctx)
+
+
+__all__ = ["merge_linear_chains", "fuse_qkv", "attention_sdpa", "source", "Ref"]

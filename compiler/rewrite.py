@@ -1,0 +1,85 @@
+"""Editing a graph without mutating it: an `Editor` copies a graph, then rewires, replaces and
+removes nodes, keeping networkx's edges in step with each node's ordered inputs."""
+
+from __future__ import annotations
+
+from .ir import NODE, SLOTS, Graph, Node, Ref
+
+
+class Editor:
+    def __init__(self, graph: Graph):
+        self.graph = graph.copy()
+        self.changed = False
+
+    # -- reading -----------------------------------------------------------------------------
+    def node(self, nid: int) -> Node:
+        return self.graph.node(nid)
+
+    def users(self, ref: Ref) -> list[int]:
+        """Nodes that read `ref` (each once, in id order)."""
+        return [u for u in sorted(self.graph.g.successors(ref.node)) if ref in self.node(u).inputs]
+
+    def uses(self, ref: Ref) -> int:
+        """How many input slots and graph outputs read `ref`."""
+        n = sum(self.node(u).inputs.count(ref) for u in self.graph.g.successors(ref.node))
+        return n + sum(1 for _, r in self.graph.outputs if r == ref)
+
+    def is_output(self, ref: Ref) -> bool:
+        return any(r == ref for _, r in self.graph.outputs)
+
+    # -- writing -----------------------------------------------------------------------------
+    def add(self, node: Node) -> int:
+        self.changed = True
+        return self.graph.add(node)
+
+    def set(self, nid: int, node: Node) -> None:
+        """Replace node `nid`'s payload, rewiring its input edges."""
+        old = self.node(nid)
+        if node == old:
+            return
+        self.changed = True
+        g = self.graph.g
+        for u in list(g.predecessors(nid)):
+            g.remove_edge(u, nid)
+        g.nodes[nid][NODE] = node
+        for slot, ref in enumerate(node.inputs):
+            if g.has_edge(ref.node, nid):
+                g.edges[ref.node, nid][SLOTS].append(slot)
+            else:
+                g.add_edge(ref.node, nid, **{SLOTS: [slot]})
+
+    def replace_uses(self, old: Ref, new: Ref) -> None:
+        """Every reader of `old` (and every graph output) reads `new` instead."""
+        if old == new:
+            return
+        for u in self.users(old):
+            n = self.node(u)
+            self.set(u, n.replace(inputs=tuple(new if r == old else r for r in n.inputs)))
+        if self.is_output(old):
+            self.changed = True
+            self.graph.outputs = tuple((name, new if r == old else r) for name, r in self.graph.outputs)
+
+    def remove(self, nid: int) -> None:
+        """Remove a node nobody reads."""
+        for i in range(len(self.node(nid).outputs)):
+            assert self.uses(Ref(nid, i)) == 0, f"%{nid} is still used"
+        self.changed = True
+        self.graph.g.remove_node(nid)
+
+    def remove_dead(self) -> int:
+        """Remove every node that no graph output depends on (inputs stay). Returns how many."""
+        g = self.graph.g
+        live: set[int] = set()
+        stack = [r.node for _, r in self.graph.outputs]
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            stack.extend(g.predecessors(n))
+        inputs = {nid for _, nid in self.graph.inputs}
+        dead = [n for n in g.nodes if n not in live and n not in inputs]
+        if dead:
+            self.changed = True
+            g.remove_nodes_from(dead)
+        return len(dead)

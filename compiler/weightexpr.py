@@ -1,0 +1,48 @@
+"""Weight expressions: how a pass says what a new parameter's value is, without touching values.
+
+The compiler never holds weights (it never imports torch). A pass that fuses parameters (merging
+two linear maps, concatenating Q/K/V, folding a lookup table) gives each new parameter a
+`derive` expression over the parameters of the graph it started from; a backend evaluates the
+expressions on the real tensors, in float64, when it materialises the weights of the optimised graph.
+
+Expressions are nested tuples, so they are hashable and print readably:
+
+    ("param", "h.0.fc.weight")            an existing parameter (full name)
+    ("matmul", a, b)                      a @ b
+    ("add", a, b), ("mul", a, b)          elementwise, with broadcasting
+    ("scale", a, 0.5)                     a * constant
+    ("t", a)                              transpose of a matrix
+    ("concat", dim, a, b, ...)            torch.cat along dim
+    ("reshape", a, (shape...))            a.reshape(shape)
+    ("rsqrt_add", a, eps)                 1 / sqrt(a + eps)
+    ("zeros", (shape...)), ("ones", (shape...))
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+OPS = frozenset({"param", "matmul", "add", "sub", "mul", "scale", "t", "concat", "reshape", "rsqrt_add", "zeros",
+                 "ones"})
+
+
+def param(name: str) -> tuple:
+    return ("param", name)
+
+
+def sources(expr: tuple) -> Iterator[str]:
+    """The parameter names an expression reads."""
+    if expr[0] == "param":
+        yield expr[1]
+        return
+    for a in expr[1:]:
+        if isinstance(a, tuple) and a and a[0] in OPS:
+            yield from sources(a)
+
+
+def substitute(expr: tuple, derived: dict[str, tuple]) -> tuple:
+    """Replace ("param", n) by derived[n] where a parameter is itself derived (passes compose)."""
+    if expr[0] == "param":
+        return derived.get(expr[1], expr)
+    return (expr[0],) + tuple(substitute(a, derived) if isinstance(a, tuple) and a and a[0] in OPS else a
+                              for a in expr[1:])
