@@ -94,8 +94,6 @@ class PassError(Exception):
 
 def optimize(graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, list[PassRecord]]:
     """Run the pipeline's passes enabled by `ctx`. Returns the new graph and a record per pass run."""
-    from . import cleanup, fusion  # noqa: F401  (register the passes)
-
     ctx = ctx or PassContext()
     unknown = sorted(set(ctx.disabled) - set(PASSES)) + sorted(set(ctx.print_after) - set(PASSES) - {"all"})
     if unknown:
@@ -124,6 +122,7 @@ def optimize(graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, list[
 
 def describe() -> list[tuple[str, int, str]]:
     """(name, opt level, one-line description) for every pass, in pipeline order."""
-    from . import cleanup, fusion  # noqa: F401
-
     return [(n, PASSES[n].opt_level, PASSES[n].doc) for n in pipeline()]
+
+
+from . import cleanup, fusion  # noqa: E402,F401  (the passes register themselves on import)

@@ -1,0 +1,130 @@
+"""A Hypothesis strategy for random valid specs: shape-consistent graphs over the op registry.
+
+Each generated spec has one input x: f32[B, T, d] and a graph body of a few statements drawn from
+a menu of op patterns; every pattern knows the shape of what it makes, so the spec always checks.
+Patterns include the shapes the optimiser rewrites (linear chains, neutral arithmetic, cancelling
+transposes, repeated subexpressions, dropout, attention), so differential tests reach the passes.
+Values stay bounded (normalisation and squashing keep inputs of later ops away from overflow), so
+float comparisons are meaningful. A failing example shrinks to a short spec, printed as text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import strategies as st
+
+WIDTHS = (4, 8, 12, 16)
+
+
+@dataclass
+class Builder:
+    d: int
+    lines: list[str] = field(default_factory=list)
+    values: list[tuple[str, int]] = field(default_factory=list)  # name, last dim ([B, T, last])
+    square: list[str] = field(default_factory=list)  # values of shape [B, T, T]
+
+    def new(self, expr: str, width: int | None, square: bool = False) -> str:
+        name = f"v{len(self.lines)}"
+        self.lines.append(f"{name} = {expr}")
+        if square:
+            self.square.append(name)
+        else:
+            self.values.append((name, width))
+        return name
+
+    def spec(self, outputs: list[str]) -> str:
+        body = "\n".join("  " + ln for ln in self.lines)
+        outs = "\n".join(f"  {o}:" for o in outputs)
+        return (f"specc: 1\nname: generated\ndims:\n  B: 2\n  T: 5\ninputs:\n  x: f32[B, T, {self.d}]\n"
+                f"graph: |\n{body}\noutputs:\n{outs}\n")
+
+
+@st.composite
+def pattern(draw, b: Builder) -> None:
+    name, width = draw(st.sampled_from(b.values))
+    kind = draw(st.sampled_from([
+        "act", "linear", "linear_chain", "norm", "neutral", "scale", "dropout", "transpose_pair",
+        "reshape_pair", "attention", "mlp", "binary", "concat_split", "mean", "matmul", "cse", "softmax",
+    ]))
+    w = draw(st.sampled_from(WIDTHS))
+    if kind == "act":
+        act = draw(st.sampled_from(["relu", "gelu", "silu", "tanh", "sigmoid"]))
+        b.new(f"{act}({name})", width)
+    elif kind == "linear":
+        bias = draw(st.booleans())
+        b.new(f"linear({name}, {w}{'' if bias else ', bias=false'})", w)
+    elif kind == "linear_chain":
+        h = draw(st.sampled_from(WIDTHS))
+        b1, b2 = draw(st.booleans()), draw(st.booleans())
+        b.new(f"linear(linear({name}, {h}{'' if b1 else ', bias=false'}), {w}{'' if b2 else ', bias=false'})", w)
+    elif kind == "norm":
+        op = draw(st.sampled_from(["layer_norm", "rms_norm"]))
+        b.new(f"{op}({name})", width)
+    elif kind == "neutral":
+        expr = draw(st.sampled_from(["{v} * 1", "{v} + 0", "1 * {v}", "{v} / 1", "0 + {v}", "{v} - 0"]))
+        b.new(expr.format(v=name), width)
+    elif kind == "scale":
+        a, c = draw(st.sampled_from([0.5, 2, 3, 0.25])), draw(st.sampled_from([0.5, 1.5, 2]))
+        b.new(f"{name} * ({a} * {c})", width)
+    elif kind == "dropout":
+        p = draw(st.sampled_from([0.0, 0.1, 0.5]))
+        b.new(f"dropout({name}, p={p})", width)
+    elif kind == "transpose_pair":
+        b.new(f"transpose(tanh(transpose({name}, 1, 2)), 2, 1)", width)
+    elif kind == "reshape_pair" and width % 2 == 0:
+        b.new(f"reshape(reshape({name}, B, T, 2, {width // 2}), B, T, {width})", width)
+    elif kind == "attention":
+        heads = draw(st.sampled_from([h for h in (1, 2, 4) if width % h == 0]))
+        causal = draw(st.booleans())
+        b.new(f"attention(layer_norm({name}), heads={heads}, causal={str(causal).lower()})", width)
+    elif kind == "mlp":
+        act = draw(st.sampled_from(["gelu", "relu", "silu"]))
+        b.new(f"mlp({name}, hidden={w}, act={act})", width)
+    elif kind == "binary":
+        same = [n for n, k in b.values if k == width]
+        other = draw(st.sampled_from(same))
+        op = draw(st.sampled_from(["+", "-", "*"]))
+        b.new(f"tanh({name} {op} {other})", width)
+    elif kind == "concat_split" and width % 2 == 0:
+        b.lines.append(f"a{len(b.lines)}, c{len(b.lines)} = split({name}, 2)")
+        i = len(b.lines) - 1
+        b.new(f"concat([c{i}, a{i}], dim=-1)", width)
+    elif kind == "mean":
+        b.new(f"{name} - mean({name}, dim=-1, keepdim=true)", width)
+    elif kind == "matmul":
+        b.new(f"softmax({name} @ transpose({name}, 1, 2))", None, square=True)
+    elif kind == "cse":
+        b.new(f"sigmoid({name}) + sigmoid({name})", width)
+    elif kind == "softmax":
+        b.new(f"softmax({name})", width)
+    else:  # a pattern that did not fit this width
+        b.new(f"tanh({name})", width)
+
+
+@st.composite
+def specs(draw, min_ops: int = 1, max_ops: int = 8) -> str:
+    """Text of a random valid spec."""
+    d = draw(st.sampled_from(WIDTHS))
+    b = Builder(d, values=[("x", d)])
+    for _ in range(draw(st.integers(min_ops, max_ops))):
+        draw(pattern(b))
+    last = [n for n, _ in b.values[-1:]]
+    outputs = list(dict.fromkeys(last + b.square[-1:] + ([b.values[-2][0]] if len(b.values) > 2 else [])))
+    outputs = [o for o in outputs if o != "x"] or [b.new("tanh(x)", d)]
+    return b.spec(outputs)
+
+
+@st.composite
+def specs_with(draw, kinds: list[str], width: int | None = None) -> str:
+    """A random spec that surely contains one of the given rewrite targets (for per-pass tests)."""
+    d = width or draw(st.sampled_from(WIDTHS))
+    b = Builder(d, values=[("x", d)])
+    for _ in range(draw(st.integers(0, 3))):
+        draw(pattern(b))
+    name, w = b.values[-1]
+    target = draw(st.sampled_from(kinds))  # a template whose result has the input's width {w}
+    b.new(target.format(v=name, w=w, h=draw(st.sampled_from(WIDTHS))), w)
+    for _ in range(draw(st.integers(0, 2))):
+        draw(pattern(b))
+    return b.spec([b.values[-1][0]])
