@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--out", required=True, help="output directory (replaced atomically)")
     b.add_argument("--run", action="store_true", help="after building, run the model on example_inputs()")
     pass_options(b, 1)
+    v = spec_cmd("verify", "Search for inputs on which the optimised or compiled model differs from the "
+                           "unoptimised one (exit 1 on a mismatch).")
+    v.add_argument("--examples", type=int, default=50, help="how many generated examples (default 50)")
+    v.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, help="candidate opt level")
+    v.add_argument("--target", choices=("torch", "tvm-llvm"), default="torch", help="candidate backend")
     sub.add_parser("ops", help="List the operators with their signatures.")
     sub.add_parser("passes", help="List the optimisation passes in pipeline order with their opt levels.")
     return p
@@ -137,6 +142,8 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         graph, _ = optimize(graph, _pass_context(args, src.file))
         sys.stdout.write(print_graph(graph))
         return 0
+    if args.command == "verify":
+        return _verify(args, src, graph)
     if args.command == "build":
         from specc.backends.pytorch.build import artifacts, write_atomic
 
@@ -166,6 +173,26 @@ def _pass_context(args: argparse.Namespace, file: str):
     return PassContext(opt_level=args.opt_level, disabled=frozenset(args.disable_pass),
                        print_after=frozenset(args.print_after), verify_each=args.debug,
                        emit=lambda text: sys.stderr.write(text))
+
+
+def _verify(args: argparse.Namespace, src, graph) -> int:
+    from specc.verify import ATOL, RTOL, verify_graph
+
+    if args.examples < 1:
+        raise SystemExit("specc: error: --examples must be at least 1")
+    what = f"-O{args.opt_level} ({args.target})"
+    print(f"verify {graph.name}: {what} against -O0 in float64, {args.examples} examples")
+    report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target)
+    if report.ok:
+        print(f"  worst error {report.worst:.3g}" + (f" (output {report.worst_output})" if report.worst_output else "")
+              + f"; tolerance {ATOL:g} + {RTOL:g}*|reference|")
+        print(f"ok: {report.examples} runs, no mismatch")
+        return 0
+    m = report.mismatch
+    dims = ", ".join(f"{k}={v}" for k, v in m.bindings.items()) or "no symbolic dimensions"
+    print(f"MISMATCH: output '{m.output}' differs by {m.error:.3g} (allowed {m.bound:.3g})")
+    print(f"  minimal counterexample: {dims}; inputs example_inputs(seed={m.input_seed}) * {m.input_scale:g}")
+    return 1
 
 
 def _passes() -> int:
