@@ -63,13 +63,14 @@ def load(path_or_text: str | Path, *, opt_level: int = 1, overrides: dict[str, A
 
 
 def build(path_or_text: str | Path, out: str | Path, *, opt_level: int = 1, disabled: tuple[str, ...] = (),
-          overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Path:
+          torch_compile: bool = False, overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Path:
     """Write model.py, weights.safetensors and manifest.json into `out` (atomically)."""
     from specc.backends.pytorch.build import artifacts, write_atomic
 
     src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
     ctx = PassContext(opt_level=opt_level, disabled=frozenset(disabled))
-    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description, ctx=ctx))
+    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description, ctx=ctx,
+                                      torch_compile=torch_compile))
     return Path(out)
 
 

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     b = spec_cmd("build", "Build a standalone PyTorch module with initialised weights.")
     b.add_argument("-o", "--out", required=True, help="output directory (replaced atomically)")
     b.add_argument("--run", action="store_true", help="after building, run the model on example_inputs()")
+    b.add_argument("--torch-compile", action="store_true",
+                   help="make the built load() wrap the model in torch.compile by default")
     pass_options(b, 1)
     v = spec_cmd("verify", "Search for inputs on which the optimised or compiled model differs from the "
                            "unoptimised one (exit 1 on a mismatch).")
@@ -148,7 +150,7 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         from specc.backends.pytorch.build import artifacts, write_atomic
 
         files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
-                          ctx=_pass_context(args, src.file))
+                          ctx=_pass_context(args, src.file), torch_compile=args.torch_compile)
         write_atomic(Path(args.out), files)
         print(f"built {graph.name} -> {args.out}/ ({', '.join(files)})")
         if args.run:
