@@ -25,7 +25,7 @@ import networkx as nx
 from specc.dsl import ast as A
 from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
 from specc.dsl.parser import parse, walk
-from specc.dsl.schema import RESERVED, DimDecl, SpecSource, check_identifier
+from specc.dsl.schema import RESERVED, DimDecl, OutputDecl, SpecSource, check_identifier
 from specc.dsl.yamlpos import TextOrigin
 
 from . import ops as _ops  # noqa: F401  (registers the built-in operators)
@@ -495,7 +495,9 @@ class Elaborator:
         if scope.lenient:
             return POISON
         values = set(scope.env) | set(self.params) | set(self.symbols)
-        callables = set(self.blocks) | {k for k, v in REGISTRY.items() if v.category != "internal"}
+        # comparisons (eq, lt, ...) are written as operators; their two-letter names would match too much
+        callables = set(self.blocks) | {k for k, v in REGISTRY.items()
+                                        if v.category not in ("internal", "comparison")}
         hint = did_you_mean(n, values) or did_you_mean(n, callables)  # a value is the likelier intent
         return self.fail(name.span, f"undefined name '{n}'" + hint)
 
@@ -528,6 +530,8 @@ class Elaborator:
                 left = self.ev(e.left, scope, hint=None)
                 if left is POISON:
                     return POISON
+                if isinstance(left, TV):  # on bool tensors: elementwise, both sides evaluated
+                    return self.logical(e, left, self.ev(e.right, scope, hint=None), scope, hint if direct else None)
                 if not isinstance(left, bool):
                     return self.fail(e.left.span, f"'{e.op}' needs booleans, got {_kind(left)}")
                 if (e.op == "and" and not left) or (e.op == "or" and left):
@@ -557,6 +561,8 @@ class Elaborator:
         if v is POISON:
             return POISON
         if e.op == "not":
+            if isinstance(v, TV):
+                return self.make("logical_not", {"x": v}, {}, e.span, scope, None, {"x": e.operand.span})
             if not isinstance(v, bool):
                 return self.fail(e.span, f"'not' needs a boolean, got {_kind(v)}")
             return not v
@@ -587,6 +593,16 @@ class Elaborator:
             return const_arith(e.op, a, b)
         except ValueError as err:
             return self.fail(e.span, str(err))
+
+    def logical(self, e: A.BinOp, a: TV, b: Any, scope: _Scope, hint: str | None) -> Any:
+        """`a and b`, `a or b` on tensors: logical_and / logical_or (bool tensors, elementwise)."""
+        if b is POISON:
+            return POISON
+        if not isinstance(b, TV):
+            return self.fail(e.right.span, f"'{e.op}' with a tensor on the left needs a tensor on the right, "
+                                           f"got {_kind(b)}")
+        return self.make(f"logical_{e.op}", {"x": a, "y": b}, {}, e.span, scope, hint,
+                         {"x": e.left.span, "y": e.right.span})
 
     def as_tensor(self, v: Any, other: Any, span: Span, scope: _Scope) -> Any:
         """A Python number next to a tensor becomes a `scalar` node of a matching dtype."""
@@ -743,6 +759,13 @@ class Elaborator:
         values, spans = bound
         tensors, attrs = {}, {}
         ok = True
+        numbers = _ops.NUMBER_ARGS.get(opdef.name, ())
+        if numbers:  # e.g. where(mask, x, 0.0): a number beside a tensor becomes a scalar of its dtype
+            other = next((values[n] for n in numbers if isinstance(values.get(n), TV)), None)
+            for n in numbers:
+                v = values.get(n)
+                if _num(v) and not isinstance(v, Sym):
+                    values[n] = self.as_tensor(v, other, spans.get(n, e.span), scope)
         for a in opdef.args:
             v = values[a.name]
             if v is POISON or (isinstance(v, (list, tuple)) and any(x is POISON for x in v)):
@@ -1013,9 +1036,15 @@ class Elaborator:
         """Bind the declared outputs; `complete` is False when the graph body could not be read
         in full (a syntax error), so that a missing output is not reported as undefined."""
         outputs = []
+        training = set()
         for name, declared in self.spec.outputs.items():
             kspan = self.doc.key_span(("outputs", name))
-            want = None if declared is None else self.eval_type(declared, ("outputs", name), allow_range=False)
+            tpath: tuple = ("outputs", name)
+            if isinstance(declared, OutputDecl):
+                if declared.training_only:
+                    training.add(name)
+                declared, tpath = declared.type, ("outputs", name, "type")
+            want = None if declared is None else self.eval_type(declared, tpath, allow_range=False)
             if name not in top.env:
                 if complete:
                     self.fail(kspan, f"output '{name}' is not defined by the graph" + did_you_mean(name, top.env))
@@ -1027,9 +1056,13 @@ class Elaborator:
                 self.fail(kspan, f"output '{name}' must be a tensor, got {_kind(v)}")
                 continue
             if want is not None and want is not POISON:
-                self.check_output_type(name, want, v.type, self.doc.span(("outputs", name)), v.ref)
+                self.check_output_type(name, want, v.type, self.doc.span(tpath), v.ref)
             outputs.append((name, v.ref))
+        if self.spec.outputs and len(training) == len(self.spec.outputs):
+            self.fail(self.doc.key_span(("outputs",)), "every output is training_only: a deploy build would "
+                                                       "compute nothing")
         self.graph.outputs = tuple(outputs)
+        self.graph.training_outputs = frozenset(training)
 
     def check_output_type(self, name: str, want: TensorType, got: TensorType, span: Span, ref: Ref) -> None:
         where = f"computed at {self.graph.node(ref.node).span}"

@@ -81,6 +81,9 @@ class ParamSpec:
     init: Init
     dtype: str = "f32"
     frozen: bool = False
+    #: A buffer (e.g. batch norm's running statistics): stored with the weights and loaded with them,
+    #: but state rather than a trainable parameter (always frozen too); summaries count it apart.
+    buffer: bool = False
     tied_to: str | None = None  # the full name of the parameter this one shares storage with
     #: For parameters made by a pass: how to compute the value from the unoptimised graph's
     #: parameters, as a weight expression (see compiler/weightexpr.py). None: kept as it was.
@@ -164,6 +167,8 @@ class Graph:
     dims: dict[str, tuple[int, int, int | None]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # the bound spec parameters
     seed: int = 0
+    #: outputs only training needs; a deploy build drops them and what only they need
+    training_outputs: frozenset[str] = frozenset()
     #: block instance (its frames) -> ((block argument name, Ref), ...): names for generated code
     block_args: dict[tuple[Frame, ...], tuple[tuple[str, Ref], ...]] = field(default_factory=dict)
     _next: int = 0

@@ -7,6 +7,7 @@ parameter initialisers follow PyTorch's defaults so generated modules behave lik
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .dims import Dim, Sym, div_exact, fmt, is_dim, product
 from .ir import FLOAT_DTYPES, INT_DTYPES, Init, TensorType
@@ -25,6 +26,10 @@ MAX_LAYERS = 1024
 
 def shape_str(t: TensorType) -> str:
     return str(TensorType(t.dtype, t.shape))
+
+
+def dims_str(shape) -> str:
+    return "[" + ", ".join(fmt(d) for d in shape) + "]"
 
 
 def norm_axis(axis: int, rank: int, op_name: str, arg: str = "dim") -> int:
@@ -303,19 +308,25 @@ def _attention_flops(c: OpCall, outs):
     batch = product(x.shape[:-2])
     proj = 2 * b_t * d * d * 2 + 2 * b_s * kv.shape[-1] * d * 2
     scores = 2 * batch * t * s * d * 2  # QK^T and AV
-    return proj + scores + 5 * batch * c.a("heads") * t * s
+    masking = batch * c.a("heads") * t * s if c.t("mask") is not None else 0  # one select or add per score
+    return proj + scores + 5 * batch * c.a("heads") * t * s + masking
 
 
 @op("attention", Arg("x", "tensor"), Arg("heads", "int"), Arg("causal", "bool", False),
     Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
-    Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")),
+    Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")), Arg("mask", "tensor?", None),
     params=_attention_params, flops=_attention_flops, category="layer")
 def _attention(c: OpCall):
-    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0): multi-head softmax attention.
+    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none): multi-head softmax attention.
 
     Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x). With causal,
     position t attends only to positions <= t. qkv=true keeps one fused q/k/v projection (self-attention
     only); impl='sdpa' computes it with a fused attention kernel. Passes set both.
+
+    mask: a bool or float tensor broadcastable to [..., T, S] (the same for every head) or, one rank
+    higher, to [..., heads, T, S]. A bool mask says where a query MAY attend (true = attend, the
+    convention of scaled_dot_product_attention); a float mask is added to the scores (0 or -inf, or
+    any bias). Combined with causal, both apply. A row with no allowed position gives NaN.
     """
     x, kv = c.t("x"), c.t("kv")
     need_float(x, "attention")
@@ -335,7 +346,31 @@ def _attention(c: OpCall):
         raise OpError(f"attention: dropout must be in [0, 1), got {c.a('dropout')}", "dropout")
     if c.a("qkv") and kv is not None:
         raise OpError("attention: a fused q/k/v projection needs self-attention (no kv)", "qkv")
+    if c.t("mask") is not None:
+        _check_attention_mask(c.t("mask"), x, (kv or x).shape[-2], heads)
     return x
+
+
+def _check_attention_mask(mask: TensorType, x: TensorType, s: Dim, heads: int) -> None:
+    """The mask must broadcast to the scores [*batch, T, S] (or [*batch, heads, T, S]) without growing them."""
+    if mask.dtype != "bool" and mask.dtype != x.dtype:
+        kind = "an integer" if mask.dtype in INT_DTYPES else f"a {mask.dtype}"
+        raise OpError(f"attention: the mask must be bool (true = may attend) or a float mask of x's dtype "
+                      f"{x.dtype} to add to the scores, got {kind} mask {shape_str(mask)}", "mask")
+    batch, t = x.shape[:-2], x.shape[-2]
+    if mask.rank <= x.rank:
+        scores, layout = batch + (t, s), "[" + ", ".join(["..."] * bool(batch) + ["T", "S"]) + "]"
+    elif mask.rank == x.rank + 1:
+        scores, layout = batch + (heads, t, s), "[" + ", ".join(["..."] * bool(batch) + ["heads", "T", "S"]) + "]"
+    else:
+        raise OpError(f"attention: the mask {shape_str(mask)} has rank {mask.rank}, but the scores of x "
+                      f"{shape_str(x)} have at most rank {x.rank + 1} ([..., heads, T, S])", "mask")
+    for i in range(1, mask.rank + 1):
+        m, want = mask.shape[-i], scores[-i]
+        if m != 1 and m != want:
+            raise OpError(f"attention: the mask {shape_str(mask)} does not broadcast to the scores "
+                          f"{dims_str(scores)} ({layout}) of x {shape_str(x)}: dimension {mask.rank - i} of the "
+                          f"mask is {fmt(m)}, where the scores have {fmt(want)}", "mask")
 
 
 def _mlp_params(c: OpCall):
@@ -631,3 +666,464 @@ def _getitem(c: OpCall):
         shape.append(length)
     shape.extend(x.shape[len(items):])
     return T(x.dtype, tuple(shape), x.value_range)
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution, batch norm, pooling, resizing (channels first: [B, C, L] or [B, C, H, W])
+# ---------------------------------------------------------------------------------------------
+
+_LAYOUT = {1: "[B, C, L]", 2: "[B, C, H, W]"}
+_SPATIAL = {1: ("L",), 2: ("H", "W")}
+
+
+def _show(v) -> str:
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return "true" if v is True else "false" if v is False else "none" if v is None else fmt(v)
+
+
+def int_tuple(v, n: int, op_name: str, arg: str, lo: int = 1) -> tuple[int, ...]:
+    """An integer, or (for n = 2) a pair of them, as an n-tuple; each at least `lo`."""
+    ok_int = isinstance(v, int) and not isinstance(v, bool)
+    if ok_int:
+        vals = (v,) * n
+    elif isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool)
+                                                              for x in v):
+        vals = tuple(v)
+    else:
+        want = "an integer" + (f" or a list of {n} integers" if n > 1 else "")
+        raise OpError(f"{op_name}: {arg} must be {want}, got {_show(v)}", arg)
+    if any(x < lo for x in vals):
+        raise OpError(f"{op_name}: {arg} must be {'positive' if lo == 1 else 'at least ' + str(lo)}, "
+                      f"got {_show(v)}", arg)
+    return vals
+
+
+def floor_div(a: Dim, s: int) -> Dim | None:
+    """floor(a / s) for a positive integer s, exact for every value of a's symbols, or None when that
+    is not a polynomial (some symbolic coefficient is not a multiple of s)."""
+    if isinstance(a, int):
+        return a // s
+    terms: dict = {}
+    for mono, coef in a.terms:
+        if mono == ():
+            terms[()] = coef // s
+        elif coef % s:
+            return None
+        else:
+            terms[mono] = coef // s
+    return Sym._norm(terms)
+
+
+def window_out(x: TensorType, axis: int, k: int, stride: int, pad: int, dilation: int, op_name: str,
+               stride_arg: str = "stride") -> Dim:
+    """Output size of a sliding window along `axis`: floor((n + 2p - d(k-1) - 1) / s) + 1."""
+    n = x.shape[axis]
+    reach = dilation * (k - 1) + 1
+    span = n + 2 * pad - reach
+    q = floor_div(span, stride)
+    if q is None:
+        raise OpError(f"{op_name}: dimension {axis} of x {shape_str(x)} is the symbolic size {fmt(n)}; with "
+                      f"stride {stride} the output size floor({fmt(span)} / {stride}) + 1 is not a polynomial "
+                      f"in it: give dimension {axis} a fixed size (or a multiple of {stride})", stride_arg)
+    out = q + 1
+    if isinstance(out, int) and out <= 0:
+        what = f"kernel {k}" + (f" with dilation {dilation}" if dilation != 1 else "") + \
+            (f" and padding {pad}" if pad else "")
+        raise OpError(f"{op_name}: dimension {axis} of x {shape_str(x)} is {fmt(n)}, smaller than the window "
+                      f"of {what} ({reach} wide): the output would be empty", "kernel")
+    return out
+
+
+def need_layout(x: TensorType, n: int, op_name: str) -> None:
+    need_float(x, op_name)
+    if x.rank != n + 2:
+        raise OpError(f"{op_name}: expected x of layout {_LAYOUT[n]} (rank {n + 2}), got {shape_str(x)} "
+                      f"(rank {x.rank})", "x")
+
+
+def _conv_geometry(c: OpCall, n: int, name: str):
+    """(in channels, kernel, stride, padding as pairs (before, after) or 'same', dilation)."""
+    x = c.t("x")
+    need_layout(x, n, name)
+    cin = fixed_width(x.shape[1], name, "number of input channels (dimension 1 of x)")
+    out, groups = c.a("out"), c.a("groups")
+    if out <= 0:
+        raise OpError(f"{name}: out must be positive, got {out}", "out")
+    if groups <= 0:
+        raise OpError(f"{name}: groups must be positive, got {groups}", "groups")
+    if cin % groups:
+        raise OpError(f"{name}: the {cin} input channels of x {shape_str(x)} are not divisible by groups={groups}",
+                      "groups")
+    if out % groups:
+        raise OpError(f"{name}: out={out} is not divisible by groups={groups}", "out")
+    kernel = int_tuple(c.a("kernel"), n, name, "kernel")
+    stride = int_tuple(c.a("stride"), n, name, "stride")
+    dilation = int_tuple(c.a("dilation"), n, name, "dilation")
+    padding = c.a("padding")
+    if padding == "valid":
+        padding = 0
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise OpError(f"{name}: padding='same' needs stride 1, got stride={_show(c.a('stride'))}", "padding")
+    elif isinstance(padding, str):
+        raise OpError(f"{name}: padding must be an integer, a list of {n} integers, 'same' or 'valid', "
+                      f"got {padding!r}", "padding")
+    else:
+        padding = int_tuple(padding, n, name, "padding", lo=0)
+    return cin, kernel, stride, padding, dilation
+
+
+def _conv(n: int):
+    name = f"conv{n}d"
+
+    def infer(c: OpCall):
+        x = c.t("x")
+        cin, kernel, stride, padding, dilation = _conv_geometry(c, n, name)
+        spatial = []
+        for i in range(n):
+            if padding == "same":
+                spatial.append(x.shape[2 + i])
+            else:
+                spatial.append(window_out(x, 2 + i, kernel[i], stride[i], padding[i], dilation[i], name))
+        return T(x.dtype, (x.shape[0], c.a("out")) + tuple(spatial))
+
+    def params(c: OpCall):
+        cin, kernel, *_ = _conv_geometry(c, n, name)
+        out, groups = c.a("out"), c.a("groups")
+        fan_in = cin // groups * product(kernel)
+        ps = [param("weight", (out, cin // groups) + kernel, uniform_fan_in(fan_in), op=name, arg="out")]
+        if c.a("bias"):
+            ps.append(param("bias", (out,), uniform_fan_in(fan_in), op=name, arg="out"))
+        return ps
+
+    def flops(c: OpCall, outs):
+        x = c.t("x")
+        per_output = x.shape[1] // c.a("groups") * product(int_tuple(c.a("kernel"), n, name, "kernel"))
+        return 2 * numel(outs[0]) * per_output + (numel(outs[0]) if c.a("bias") else 0)
+
+    spatial = ", ".join(_SPATIAL[n])
+    infer.__doc__ = (
+        f"{name}(x, out, kernel, stride=1, padding=0, dilation=1, groups=1, bias=true): a {n}-D convolution "
+        f"of x {_LAYOUT[n]} -> [B, out, {spatial}'].\n\n"
+        + ("kernel, stride, padding and dilation are each an integer or a list of 2. " if n == 2 else "")
+        + "padding may be 'same' (stride 1; the output keeps the input's size) or 'valid' (0). Each output "
+        "size is floor((n + 2p - d(k-1) - 1) / s) + 1; a symbolic input size is allowed where that is exact "
+        "(stride 1, or a size whose coefficients are multiples of the stride). Weights [out, C/groups, "
+        "*kernel] and bias [out] start as PyTorch's defaults, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).")
+    op(name, Arg("x", "tensor"), Arg("out", "int"), Arg("kernel", "any"), Arg("stride", "any", 1),
+       Arg("padding", "any", 0), Arg("dilation", "any", 1), Arg("groups", "int", 1), Arg("bias", "bool", True),
+       params=params, flops=flops, category="layer")(infer)
+
+
+_conv(1)
+_conv(2)
+
+
+def _batch_norm_params(c: OpCall):
+    x = c.t("x")
+    ch = fixed_width(x.shape[1], "batch_norm", "number of channels (dimension 1 of x)")
+    ps = []
+    if c.a("affine"):
+        ps += [param("weight", (ch,), Init("ones"), op="batch_norm"),
+               param("bias", (ch,), Init("zeros"), op="batch_norm")]
+    stats = [param("running_mean", (ch,), Init("zeros"), op="batch_norm"),
+             param("running_var", (ch,), Init("ones"), op="batch_norm"),
+             dataclasses.replace(param("num_batches_tracked", (), Init("zeros"), op="batch_norm"), dtype="i64")]
+    return ps + [dataclasses.replace(p, buffer=True, frozen=True) for p in stats]
+
+
+@op("batch_norm", Arg("x", "tensor"), Arg("eps", "float", 1e-5), Arg("momentum", "float", 0.1),
+    Arg("affine", "bool", True), params=_batch_norm_params,
+    flops=lambda c, o: (4 if c.a("affine") else 2) * numel(o[0]), category="layer")
+def _batch_norm(c: OpCall):
+    """batch_norm(x, eps=1e-5, momentum=0.1, affine=true): normalise each channel (dimension 1) of x
+    [B, C], [B, C, L] or [B, C, H, W].
+
+    Training uses the batch's statistics and updates the running ones (buffers running_mean,
+    running_var, num_batches_tracked: stored with the weights, never trained); inference uses the
+    running statistics: (x - mean) / sqrt(var + eps) * weight + bias. FLOPs count inference (4 per
+    element, 2 without affine).
+    """
+    x = c.t("x")
+    need_float(x, "batch_norm")
+    if not 2 <= x.rank <= 4:
+        raise OpError(f"batch_norm: expected x of layout [B, C], [B, C, L] or [B, C, H, W], got {shape_str(x)} "
+                      f"(rank {x.rank})", "x")
+    fixed_width(x.shape[1], "batch_norm", "number of channels (dimension 1 of x)")
+    if not c.a("eps") > 0:
+        raise OpError(f"batch_norm: eps must be positive, got {c.a('eps')}", "eps")
+    if not 0.0 <= c.a("momentum") <= 1.0:
+        raise OpError(f"batch_norm: momentum must be in [0, 1], got {c.a('momentum')}", "momentum")
+    return x
+
+
+def _pool(kind: str, n: int):
+    name = f"{kind}_pool{n}d"
+
+    def geometry(c: OpCall):
+        x = c.t("x")
+        need_layout(x, n, name)
+        kernel = int_tuple(c.a("kernel"), n, name, "kernel")
+        stride = kernel if c.a("stride") is None else int_tuple(c.a("stride"), n, name, "stride")
+        padding = int_tuple(c.a("padding"), n, name, "padding", lo=0)
+        for k, p in zip(kernel, padding):
+            if 2 * p > k:
+                raise OpError(f"{name}: padding {_show(c.a('padding'))} is more than half the kernel "
+                              f"{_show(c.a('kernel'))}", "padding")
+        return kernel, stride, padding
+
+    def infer(c: OpCall):
+        x = c.t("x")
+        kernel, stride, padding = geometry(c)
+        stride_arg = "kernel" if c.a("stride") is None else "stride"  # the stride defaults to the kernel
+        spatial = tuple(window_out(x, 2 + i, kernel[i], stride[i], padding[i], 1, name, stride_arg)
+                        for i in range(n))
+        return T(x.dtype, x.shape[:2] + spatial)
+
+    def flops(c: OpCall, outs):
+        return numel(outs[0]) * product(geometry(c)[0])
+
+    what = "maximum" if kind == "max" else "mean"
+    infer.__doc__ = (f"{name}(x, kernel, stride=kernel, padding=0): the {what} over each window of x {_LAYOUT[n]}."
+                     + ("\n\nPadded positions count as zeros in the mean (PyTorch's count_include_pad)."
+                        if kind == "avg" else "\n\nPadded positions never win (they are -inf)."))
+    op(name, Arg("x", "tensor"), Arg("kernel", "any"), Arg("stride", "any", None), Arg("padding", "any", 0),
+       flops=flops, category="layer")(infer)
+
+
+for _kind in ("max", "avg"):
+    for _n in (1, 2):
+        _pool(_kind, _n)
+
+
+@op("adaptive_avg_pool2d", Arg("x", "tensor"), Arg("size", "any", 1),
+    flops=lambda c, o: numel(c.t("x")) + numel(o[0]), category="layer")
+def _adaptive_avg_pool2d(c: OpCall):
+    """adaptive_avg_pool2d(x, size=1): x [B, C, H, W] -> [B, C, s, s] (size an integer or a list of 2), each
+    output the mean of its share of the input; size 1 is global average pooling. FLOPs: one add per input
+    element and one division per output (exact when size divides H and W)."""
+    x = c.t("x")
+    need_layout(x, 2, "adaptive_avg_pool2d")
+    size = int_tuple(c.a("size"), 2, "adaptive_avg_pool2d", "size")
+    for axis, s in zip((2, 3), size):
+        if isinstance(x.shape[axis], int) and s > x.shape[axis]:
+            raise OpError(f"adaptive_avg_pool2d: size {_show(c.a('size'))} is larger than dimension {axis} of x "
+                          f"{shape_str(x)} ({x.shape[axis]})", "size")
+    return T(x.dtype, x.shape[:2] + size)
+
+
+_UPSAMPLE_COST = {"nearest": 0, "linear": 3, "bilinear": 9}
+
+
+@op("upsample", Arg("x", "tensor"), Arg("scale", "int", 2), Arg("mode", "str", "nearest", tuple(_UPSAMPLE_COST)),
+    flops=lambda c, o: _UPSAMPLE_COST[c.a("mode")] * numel(o[0]), category="layer")
+def _upsample(c: OpCall):
+    """upsample(x, scale=2, mode='nearest'): enlarge x [B, C, L] or [B, C, H, W] by an integer factor along
+    each spatial dimension. mode 'nearest' repeats values; 'linear' (for [B, C, L]) and 'bilinear' (for
+    [B, C, H, W]) interpolate with align_corners=false. FLOPs: 0, 3 or 9 per output element."""
+    x = c.t("x")
+    need_float(x, "upsample")
+    mode, scale = c.a("mode"), c.a("scale")
+    if x.rank not in (3, 4):
+        raise OpError(f"upsample: expected x of layout [B, C, L] or [B, C, H, W], got {shape_str(x)} "
+                      f"(rank {x.rank})", "x")
+    if (mode == "linear" and x.rank != 3) or (mode == "bilinear" and x.rank != 4):
+        want = "[B, C, L]" if mode == "linear" else "[B, C, H, W]"
+        raise OpError(f"upsample: mode '{mode}' needs x of layout {want}, got {shape_str(x)}", "mode")
+    if scale <= 0:
+        raise OpError(f"upsample: scale must be a positive integer, got {scale}", "scale")
+    return T(x.dtype, x.shape[:2] + tuple(d * scale for d in x.shape[2:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons, selection and masks
+# ---------------------------------------------------------------------------------------------
+
+def broadcast_args(a: TensorType, b: TensorType, op_name: str, a_name: str, b_name: str) -> tuple[Dim, ...]:
+    """The broadcast shape of two arguments; the error names both, and points at the second."""
+    out: list[Dim] = []
+    for i in range(1, max(a.rank, b.rank) + 1):
+        da = a.shape[-i] if i <= a.rank else 1
+        db = b.shape[-i] if i <= b.rank else 1
+        if da == db or db == 1:
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        else:
+            raise OpError(f"{op_name}: cannot broadcast {a_name} {shape_str(a)} with {b_name} {shape_str(b)}: "
+                          f"dimension -{i} is {fmt(da)} vs {fmt(db)}", b_name)
+    return tuple(reversed(out))
+
+
+def _compare(name: str, symbol: str):
+    def infer(c: OpCall):
+        x, y = c.t("x"), c.t("y")
+        if (x.dtype == "bool") != (y.dtype == "bool"):
+            raise OpError(f"{name}: cannot compare {shape_str(x)} with {shape_str(y)}: one is bool and the other "
+                          f"is not; cast one of them first", "y")
+        return T("bool", broadcast_args(x, y, name, "x", "y"))
+
+    infer.__doc__ = f"{name}(x, y) or x {symbol} y: elementwise comparison with broadcasting, a bool tensor."
+    op(name, Arg("x", "tensor"), Arg("y", "tensor"), flops=elementwise_flops, category="comparison")(infer)
+
+
+COMPARE_OPS = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+for _symbol, _name in COMPARE_OPS.items():
+    _compare(_name, _symbol)
+BINARY_OPS.update(COMPARE_OPS)
+
+#: Tensor arguments that a spec may give as a plain number (the elaborator makes it a scalar of the
+#: dtype of the op's other tensor argument), e.g. where(mask, x, 0.0) or lt(x, 0).
+NUMBER_ARGS: dict[str, tuple[str, ...]] = {"where": ("x", "y"), **{n: ("x", "y") for n in COMPARE_OPS.values()}}
+
+
+def _need_bool(t: TensorType, op_name: str, arg: str) -> None:
+    if t.dtype != "bool":
+        raise OpError(f"{op_name}: '{arg}' must be a bool tensor, got {shape_str(t)}; compare it (e.g. {arg} > 0) "
+                      f"or cast({arg}, bool) first", arg)
+
+
+def _logical(name: str, doc: str, arity: int):
+    def infer(c: OpCall):
+        x = c.t("x")
+        _need_bool(x, name, "x")
+        if arity == 1:
+            return T("bool", x.shape)
+        y = c.t("y")
+        _need_bool(y, name, "y")
+        return T("bool", broadcast_args(x, y, name, "x", "y"))
+
+    infer.__doc__ = doc
+    args = (Arg("x", "tensor"),) + ((Arg("y", "tensor"),) if arity == 2 else ())
+    op(name, *args, flops=elementwise_flops, category="elementwise")(infer)
+
+
+_logical("logical_and", "logical_and(x, y) or x and y: elementwise and of bool tensors, with broadcasting.", 2)
+_logical("logical_or", "logical_or(x, y) or x or y: elementwise or of bool tensors, with broadcasting.", 2)
+_logical("logical_not", "logical_not(x) or not x: elementwise negation of a bool tensor.", 1)
+
+
+@op("where", Arg("cond", "tensor"), Arg("x", "tensor"), Arg("y", "tensor"), flops=elementwise_flops,
+    category="elementwise")
+def _where(c: OpCall):
+    """where(cond, x, y): x where cond is true, else y; cond, x and y broadcast together. x or y may be a
+    number, e.g. where(keep, h, 0.0)."""
+    cond, x, y = c.t("cond"), c.t("x"), c.t("y")
+    _need_bool(cond, "where", "cond")
+    if (x.dtype == "bool") != (y.dtype == "bool"):
+        raise OpError(f"where: cannot choose between x {shape_str(x)} and y {shape_str(y)}: one is bool and the "
+                      f"other is not", "y")
+    shape = broadcast_args(T(x.dtype, broadcast_args(cond, x, "where", "cond", "x")), y, "where", "cond and x", "y")
+    return T(promote(x.dtype, y.dtype), shape)
+
+
+@op("masked_fill", Arg("x", "tensor"), Arg("mask", "tensor"), Arg("value", "number"), flops=elementwise_flops,
+    category="elementwise")
+def _masked_fill(c: OpCall):
+    """masked_fill(x, mask, value): x with `value` wherever the bool mask (broadcast to x's shape) is true."""
+    x, mask, value = c.t("x"), c.t("mask"), c.a("value")
+    _need_bool(mask, "masked_fill", "mask")
+    if x.dtype == "bool":
+        raise OpError(f"masked_fill: x {shape_str(x)} is bool; use where or logical_and/logical_or", "x")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OpError(f"masked_fill: value must be finite, got {value}", "value")
+    if x.dtype not in FLOAT_DTYPES and isinstance(value, float) and not value.is_integer():
+        raise OpError(f"masked_fill: x {shape_str(x)} is an integer tensor but value {value} is not an integer",
+                      "value")
+    shape = broadcast_args(x, mask, "masked_fill", "x", "mask")
+    if shape != x.shape:
+        axis = next(i for i in range(1, len(shape) + 1) if i > x.rank or shape[-i] != x.shape[-i])
+        raise OpError(f"masked_fill: the mask {shape_str(mask)} would enlarge x {shape_str(x)} to {dims_str(shape)} "
+                      f"(dimension -{axis}); the mask must broadcast to x's shape", "mask")
+    return T(x.dtype, x.shape)
+
+
+def _triangle(name: str, part: str):
+    def infer(c: OpCall):
+        x = c.t("x")
+        need_rank(x, 2, name)
+        return T(x.dtype, x.shape)
+
+    infer.__doc__ = (f"{name}(x, diagonal=0): the {part} triangle of the last two dimensions of x (others set to "
+                     f"0 or false); diagonal k > 0 moves the border above the main diagonal, k < 0 below. "
+                     f"With ones(T, T, dtype=bool) it builds masks: tril gives the causal mask.")
+    op(name, Arg("x", "tensor"), Arg("diagonal", "int", 0), flops=elementwise_flops, category="elementwise")(infer)
+
+
+_triangle("tril", "lower")
+_triangle("triu", "upper")
+
+
+def _filled(name: str, value: int):
+    def infer(c: OpCall):
+        shape = tuple(c.a("shape"))
+        if not shape:
+            raise OpError(f"{name}: give at least one size, e.g. {name}(T, T)", "shape")
+        for d in shape:
+            if isinstance(d, int) and d <= 0:
+                raise OpError(f"{name}: sizes must be positive, got {dims_str(shape)}", "shape")
+        return T(c.a("dtype"), shape)
+
+    infer.__doc__ = (f"{name}(d0, d1, ..., dtype=f32): a tensor of {value}s (or {'true' if value else 'false'} for "
+                     f"bool); sizes may be symbolic, e.g. tril({name}(T, T, dtype=bool)).")
+    op(name, Arg("shape", "dims", variadic=True), Arg("dtype", "dtype", "f32"), flops=lambda c, o: 0)(infer)
+
+
+_filled("ones", 1)
+_filled("zeros", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# position embeddings
+# ---------------------------------------------------------------------------------------------
+
+def _rotary_flops(c: OpCall, outs):
+    x, pos = c.t("x"), c.t("positions")
+    angles = (numel(pos) if pos is not None else x.shape[-2]) * (x.shape[-1] // 2)
+    return 3 * numel(outs[0]) + 3 * angles  # x*cos + rotate_half(x)*sin; angle, cos and sin per table entry
+
+
+@op("rotary", Arg("x", "tensor"), Arg("positions", "tensor?", None), Arg("base", "float", 10000.0),
+    flops=_rotary_flops, category="layer")
+def _rotary(c: OpCall):
+    """rotary(x, positions=none, base=10000.0): rotary position embedding (RoPE) over the last dimension of x
+    [..., T, d] (d even), e.g. queries or keys [B, T, d] or, per head, [B, heads, T, d].
+
+    The GPT-NeoX / LLaMA (Hugging Face) "rotate half" convention: channel i is paired with channel
+    i + d/2, and the pair turns by the angle p * base ** (-2i / d) at position p:
+    y = x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., d/2:], x[..., :d/2]).
+    (Not the interleaved pairs (2i, 2i+1) of the original RoFormer / GPT-J.) positions: integers [T], or
+    [B, T] per batch row (B = dimension 0 of x); default arange(T).
+    """
+    x, pos = c.t("x"), c.t("positions")
+    need_float(x, "rotary")
+    need_rank(x, 2, "rotary")
+    d = fixed_width(x.shape[-1], "rotary", "rotated width (last dimension of x)")
+    if d % 2:
+        raise OpError(f"rotary: the last dimension of x {shape_str(x)} must be even, got {d}", "x")
+    if not c.a("base") > 0:
+        raise OpError(f"rotary: base must be positive, got {c.a('base')}", "base")
+    if pos is not None:
+        if pos.dtype not in INT_DTYPES:
+            raise OpError(f"rotary: positions must be an integer tensor, got {shape_str(pos)}", "positions")
+        t = x.shape[-2]
+        if pos.rank == 1:
+            if pos.shape[0] != t:
+                raise OpError(f"rotary: positions {shape_str(pos)} do not fit x {shape_str(x)}: dimension 0 of "
+                              f"positions is {fmt(pos.shape[0])}, dimension {x.rank - 2} of x (T) is {fmt(t)}",
+                              "positions")
+        elif pos.rank == 2:
+            if x.rank < 3:
+                raise OpError(f"rotary: positions {shape_str(pos)} are per batch row [B, T], but x {shape_str(x)} "
+                              f"has no batch dimension", "positions")
+            for pi, xi, what in ((0, 0, "B"), (1, x.rank - 2, "T")):
+                if pos.shape[pi] != x.shape[xi]:
+                    raise OpError(f"rotary: positions {shape_str(pos)} do not fit x {shape_str(x)}: dimension {pi} "
+                                  f"of positions is {fmt(pos.shape[pi])}, dimension {xi} of x ({what}) is "
+                                  f"{fmt(x.shape[xi])}", "positions")
+        else:
+            raise OpError(f"rotary: positions must be [T] or [B, T], got {shape_str(pos)}", "positions")
+    return T(x.dtype, x.shape)

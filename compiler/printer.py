@@ -44,7 +44,8 @@ def format_node(nid: int, node: Node, show_span: bool = True, relative_to: str |
         args.append(f"{k}={format_value(v)}")
     line = f"{lhs} = {node.op}({', '.join(args)})"
     if node.params:
-        ps = ", ".join(f"{p.name}: {p.dtype}[{', '.join(map(str, p.shape))}]" + (" frozen" if p.frozen else "")
+        ps = ", ".join(f"{p.name}: {p.dtype}[{', '.join(map(str, p.shape))}]"
+                       + (" buffer" if p.buffer else " frozen" if p.frozen else "")
                        + (f" = @{p.tied_to}" if p.tied_to else "") for p in node.params)
         line += f"  @{'.'.join(node.path)} {{{ps}}}"
     if show_span:

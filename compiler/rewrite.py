@@ -66,6 +66,21 @@ class Editor:
         self.changed = True
         self.graph.g.remove_node(nid)
 
+    def drop_if_dead(self, nid: int) -> None:
+        """Remove `nid` if nothing reads it, then its inputs that this leaves unread (not graph inputs)."""
+        stack = [nid]
+        inputs = {n for _, n in self.graph.inputs}
+        while stack:
+            n = stack.pop()
+            if n not in self.graph.g or n in inputs:
+                continue
+            if any(self.uses(Ref(n, i)) for i in range(len(self.node(n).outputs))):
+                continue
+            preds = list(self.graph.g.predecessors(n))
+            self.changed = True
+            self.graph.g.remove_node(n)
+            stack.extend(preds)
+
     def remove_dead(self) -> int:
         """Remove every node that no graph output depends on (inputs stay). Returns how many."""
         g = self.graph.g

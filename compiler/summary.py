@@ -31,6 +31,9 @@ class Summary:
     bindings: dict[str, int]
     nodes: int
     flops_by_op: dict[str, int] = field(default_factory=dict)
+    buffers: int = 0  # elements of buffers (running statistics), not counted in params
+    training_only: tuple[str, ...] = ()  # outputs a deploy build drops
+    deploy: "Summary | None" = None  # the same facts for the deploy graph, when it differs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,11 +44,14 @@ class Summary:
                         for o in self.outputs],
             "params": self.params,
             "trainable_params": self.trainable_params,
+            "buffers": self.buffers,
             "param_bytes": self.param_bytes,
             "flops": fmt(self.flops),
             "example_flops": self.example_flops,
             "example_dims": dict(self.bindings),
             "nodes": self.nodes,
+            **({"training_only": list(self.training_only)} if self.training_only else {}),
+            **({"deploy": self.deploy.to_json()} if self.deploy is not None else {}),
         }
 
 
@@ -82,7 +88,7 @@ def summarize(graph: Graph, bindings: dict[str, int] | None = None) -> Summary:
     b.update(bindings or {})
     total: Dim = 0
     by_op: dict[str, int] = {}
-    params = trainable = nbytes = 0
+    params = trainable = nbytes = buffers = 0
     for nid, node in graph.nodes():
         f = node_flops(graph, nid)
         total = total + f
@@ -90,14 +96,18 @@ def summarize(graph: Graph, bindings: dict[str, int] | None = None) -> Summary:
         for p in node.params:
             if p.tied_to is not None:
                 continue
-            params += p.numel()
             nbytes += p.numel() * DTYPE_BYTES[p.dtype]
+            if p.buffer:
+                buffers += p.numel()
+                continue
+            params += p.numel()
             if not p.frozen:
                 trainable += p.numel()
     ins = tuple(OutputInfo(name, graph.node(nid).type, graph.node(nid).type.concrete(b)) for name, nid in graph.inputs)
     outs = tuple(OutputInfo(name, graph.type_of(ref), graph.type_of(ref).concrete(b)) for name, ref in graph.outputs)
     return Summary(graph.name, ins, outs, params, trainable, nbytes, total, evaluate(total, b), b, len(graph),
-                   {k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if v})
+                   {k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if v}, buffers,
+                   tuple(n for n, _ in graph.outputs if n in graph.training_outputs))
 
 
 def human(n: int) -> str:

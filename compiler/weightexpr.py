@@ -16,6 +16,10 @@ Expressions are nested tuples, so they are hashable and print readably:
     ("reshape", a, (shape...))            a.reshape(shape)
     ("rsqrt_add", a, eps)                 1 / sqrt(a + eps)
     ("zeros", (shape...)), ("ones", (shape...))
+    ("pad_kernel", w, (before...), (size...))  a conv kernel zero-padded to `size`, `before` zeros first
+    ("identity_kernel", (out, in, k...))  1 at the centre tap of channel o's own input o, else 0
+    ("chain", table, steps)               per-token ops applied to the rows of `table` (a folded
+                                          lookup; steps are (op, attrs, ((param, expr), ...)))
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 from typing import Iterator
 
 OPS = frozenset({"param", "matmul", "add", "sub", "mul", "scale", "t", "concat", "reshape", "rsqrt_add", "zeros",
-                 "ones"})
+                 "ones", "chain", "pad_kernel", "identity_kernel"})
 
 
 def param(name: str) -> tuple:

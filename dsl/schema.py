@@ -53,6 +53,15 @@ class DimDecl(_Strict):
     max: Union[int, str, None] = None  # an int or an expression over params, e.g. "block_size"
 
 
+class OutputDecl(_Strict):
+    """An output with options: its type, and whether only training needs it."""
+
+    type: str | None = Field(default=None, description="The declared type, e.g. f32[B, 10] (null: inferred).")
+    training_only: bool = Field(default=False, description="Needed only in training (an auxiliary head or "
+                                                           "loss input): dropped, with everything only it "
+                                                           "needs, from deploy builds (specc build --deploy).")
+
+
 ParamValue = Union[bool, int, float, str]
 
 
@@ -69,7 +78,8 @@ class SpecFile(_Strict):
     blocks: dict[str, str] = Field(default_factory=dict,
                                    description="Reusable blocks: 'name(arg, kw=default)': body.")
     graph: str = Field(description="The graph body: one statement per line.")
-    outputs: dict[str, str | None] = Field(description="Declared outputs with their types (or null to infer).")
+    outputs: dict[str, Union[str, None, OutputDecl]] = Field(
+        description="Declared outputs: a type (or null to infer), or {type: ..., training_only: true}.")
     seed: int = Field(default=0, description="Seed for weight initialisation.")
 
     @field_validator("name")

@@ -6,12 +6,13 @@ raises `SpecError` (with every located diagnostic) on a user error.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from specc.compiler.frontend import compile_source
 from specc.compiler.ir import Graph
-from specc.compiler.passes import PassContext
+from specc.compiler.passes import PassContext, optimize
 from specc.compiler.summary import Summary, summarize
 from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 from specc.dsl.schema import SpecSource
@@ -44,12 +45,21 @@ def compile(path_or_text: str | Path, **overrides: Any) -> Graph:  # noqa: A001 
 
 
 def check(path_or_text: str | Path, **overrides: Any) -> Summary:
-    """Parse, elaborate and infer every shape; the summary (outputs, parameters, FLOPs)."""
-    return summarize(compile(path_or_text, **overrides))
+    """Parse, elaborate and infer every shape; the summary (outputs, parameters, FLOPs), with the
+    deploy graph's in `.deploy` when the spec has training-only outputs."""
+    return summary_of(compile(path_or_text, **overrides))
 
 
-def load(path_or_text: str | Path, *, opt_level: int = 1, overrides: dict[str, Any] | None = None,
-         **more_overrides: Any):
+def summary_of(graph: Graph) -> Summary:
+    summary = summarize(graph)
+    if graph.training_outputs:
+        deployed, _ = optimize(graph, PassContext(opt_level=0, deploy=True))
+        summary = dataclasses.replace(summary, deploy=summarize(deployed))
+    return summary
+
+
+def load(path_or_text: str | Path, *, opt_level: int = 1, deploy: bool = False,
+         overrides: dict[str, Any] | None = None, **more_overrides: Any):
     """The model as a torch.nn.Module (eval mode), built through the same code `specc build` writes.
 
     Parameter overrides come as keyword arguments (or as `overrides=`, for a param whose name
@@ -59,16 +69,16 @@ def load(path_or_text: str | Path, *, opt_level: int = 1, overrides: dict[str, A
 
     src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
     return load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
-                                    ctx=PassContext(opt_level=opt_level)))
+                                    ctx=PassContext(opt_level=opt_level, deploy=deploy)))
 
 
 def build(path_or_text: str | Path, out: str | Path, *, opt_level: int = 1, disabled: tuple[str, ...] = (),
-          torch_compile: bool = False, overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Path:
+          deploy: bool = False, torch_compile: bool = False, overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Path:
     """Write model.py, weights.safetensors and manifest.json into `out` (atomically)."""
     from specc.backends.pytorch.build import artifacts, write_atomic
 
     src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
-    ctx = PassContext(opt_level=opt_level, disabled=frozenset(disabled))
+    ctx = PassContext(opt_level=opt_level, disabled=frozenset(disabled), deploy=deploy)
     write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description, ctx=ctx,
                                       torch_compile=torch_compile))
     return Path(out)

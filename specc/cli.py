@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--print-after", action="append", default=[], metavar="NAME|all",
                        help="print the IR after a pass, or after every pass (repeatable)")
         c.add_argument("--debug", action="store_true", help="verify the IR after every pass")
+        c.add_argument("--deploy", action="store_true",
+                       help="the deploy graph: drop training-only outputs and all that only they need")
 
     c = spec_cmd("check", "Parse and check a spec; print outputs, parameters and FLOPs.")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -129,9 +131,9 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
     if earlier:  # bad --set syntax: report it (with any spec errors) before doing anything
         return 2
     if args.command == "check":
-        from specc.compiler.summary import summarize
+        from specc.api import summary_of
 
-        summary = summarize(graph)
+        summary = summary_of(graph)
         if args.json:
             print(json.dumps(summary.to_json(), indent=2))
         else:
@@ -173,7 +175,7 @@ def _pass_context(args: argparse.Namespace, file: str):
     errors.raise_if_any()
     assert set(PASSES) >= known
     return PassContext(opt_level=args.opt_level, disabled=frozenset(args.disable_pass),
-                       print_after=frozenset(args.print_after), verify_each=args.debug,
+                       print_after=frozenset(args.print_after), verify_each=args.debug, deploy=args.deploy,
                        emit=lambda text: sys.stderr.write(text))
 
 
@@ -233,14 +235,20 @@ def _print_summary(summary, color: bool) -> None:
     table.add_column("type")
     table.add_column("example shape")
     for o in summary.outputs:
-        table.add_row(o.name, str(o.type), str(list(o.example_shape)))
+        name = o.name + (" (training only)" if o.name in summary.training_only else "")
+        table.add_row(name, str(o.type), str(list(o.example_shape)))
     console.print(table)
     dims = ", ".join(f"{k}={v}" for k, v in summary.bindings.items())
     console.print(f"parameters  {summary.params:,} ({human(summary.param_bytes)}B)"
-                  + (f", trainable {summary.trainable_params:,}" if summary.trainable_params != summary.params else ""))
+                  + (f", trainable {summary.trainable_params:,}" if summary.trainable_params != summary.params else "")
+                  + (f"; buffers {summary.buffers:,}" if summary.buffers else ""))
     console.print(f"FLOPs       {human(summary.example_flops)} at {dims or 'the declared shapes'}"
                   f"  [{fmt(summary.flops)}]")
     console.print(f"nodes       {summary.nodes}")
+    if summary.deploy is not None:
+        d = summary.deploy
+        console.print(f"deploy      without {', '.join(summary.training_only)} (training only): "
+                      f"parameters {d.params:,}, FLOPs {human(d.example_flops)}, nodes {d.nodes}")
 
 
 def _ops() -> int:

@@ -46,6 +46,7 @@ def pattern(draw, b: Builder) -> None:
     kind = draw(st.sampled_from([
         "act", "linear", "linear_chain", "norm", "neutral", "scale", "dropout", "transpose_pair",
         "reshape_pair", "attention", "mlp", "binary", "concat_split", "mean", "matmul", "cse", "softmax",
+        "lora",
     ]))
     w = draw(st.sampled_from(WIDTHS))
     if kind == "act":
@@ -98,6 +99,9 @@ def pattern(draw, b: Builder) -> None:
         b.new(f"sigmoid({name}) + sigmoid({name})", width)
     elif kind == "softmax":
         b.new(f"softmax({name})", width)
+    elif kind == "lora":
+        r = draw(st.sampled_from([1, 2]))
+        b.new(f"linear({name}, {w}) + 0.5 * linear(linear({name}, {r}, bias=false), {w}, bias=false)", w)
     else:  # a pattern that did not fit this width
         b.new(f"tanh({name})", width)
 

@@ -78,7 +78,7 @@ def test_schema_errors_point_at_keys_and_values_and_suggest_names():
     assert [(d.span.line, d.span.col, d.message) for d in diags] == [
         (2, 7, "name: '1m' is not a valid name (letters, digits and '_', not starting with a digit)"),
         (3, 1, "unknown key 'nmae' (did you mean 'name'?)"),
-        (11, 6, "outputs.y: expected a string, got an integer"),
+        (11, 6, "outputs.y: expected a string or a mapping, got an integer"),
         (12, 7, "seed: expected an integer, got a string"),
     ]
 

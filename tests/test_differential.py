@@ -34,12 +34,14 @@ def test_generated_specs_reach_the_passes():
     from specc.compiler.passes import optimize
 
     fired = set()
-    for name in ("fold_constants", "eliminate_identity", "cse", "merge_linear_chains", "fuse_qkv", "attention_sdpa"):
+    names = ("fold_constants", "eliminate_identity", "cse", "merge_adapters", "merge_linear_chains", "fuse_qkv",
+             "attention_sdpa")
+    for name in names:
         def fires(text, name=name):
             _, records = optimize(specc.compile(text), PassContext(opt_level=2))
             return any(r.name == name and r.modified for r in records)
 
         find(specs(min_ops=3, max_ops=8), fires, settings=settings(max_examples=300, database=None))
         fired.add(name)
-    assert len(fired) == 6
+    assert fired == set(names)
     assert torch.get_default_dtype() == torch.float32

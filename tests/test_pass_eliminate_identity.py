@@ -53,5 +53,5 @@ outputs:
 
 test_property = property_test("eliminate_identity", [
     "dropout({v}, p=0.3)", "transpose(transpose({v}, 1, 2), 2, 1)", "permute(permute({v}, 0, 2, 1), 0, 2, 1)",
-    "reshape(reshape({v}, B, T, {w}, 1), B, T, {w})", "cast({v}, f32)", "permute({v}, 0, 1, 2)",
-])
+    "reshape(reshape({v}, B, T, {w}, 1), B, T, {w})", "permute({v}, 0, 1, 2)",
+])  # (cast(x, f32) is in BEFORE: an explicit cast would pin the float64 oracle to float32)

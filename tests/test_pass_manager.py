@@ -25,7 +25,7 @@ def test_pipeline_lists_every_pass_once():
 def test_opt_levels_and_disabled_passes():
     graph = specc.compile(GPT)
     _, none = optimize(graph, PassContext(opt_level=0))
-    assert none == []
+    assert [r.name for r in none] == ["drop_training_outputs"] and not none[0].modified  # deploy builds only
     _, o1 = optimize(graph, PassContext(opt_level=1))
     assert {r.name for r in o1} == {n for n, p in PASSES.items() if p.opt_level <= 1}
     _, o2 = optimize(graph, PassContext(opt_level=2, disabled=frozenset({"fuse_qkv"})))

@@ -214,6 +214,7 @@ def artifacts(graph: Graph, spec_text: str, spec_file: str, paper: str | None = 
         "opt_level": ctx.opt_level,
         "torch_compile": torch_compile,
         "inference": ctx.inference,
+        "deploy": ctx.deploy,
         "passes": [r.to_json() for r in records if r.modified],
         "graph": {"nodes": [before.nodes, summary.nodes], "parameters": [before.params, summary.params],
                   "example_flops": [before.example_flops, summary.example_flops]},

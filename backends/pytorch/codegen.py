@@ -26,8 +26,9 @@ from .lowering import ATOM, HELPERS, LOWERINGS, Ctx, Expr, dim_text, lit
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Names generated code uses itself; a spec value with one of these names gets a trailing '_'.
 _TAKEN = frozenset({"torch", "nn", "F", "math", "json", "struct", "Path", "self", "Model", "MultiHeadAttention",
-                    "MLP", "ACTIVATIONS", "layer", "load", "example_inputs", "INPUTS", "DIMS", "super", "range",
-                    "float", "int", "tuple", "list", "dict", "len", "print", "None", "True", "False"})
+                    "MLP", "ACTIVATIONS", "layer", "apply_rotary", "TIED", "TORCH_COMPILE", "read_safetensors",
+                    "load", "example_inputs", "INPUTS", "DIMS", "super", "range", "float", "int", "tuple", "list",
+                    "dict", "len", "print", "None", "True", "False"})
 
 
 class CodegenError(Exception):

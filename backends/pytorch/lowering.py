@@ -14,7 +14,7 @@ from specc.compiler.dims import Sym
 from specc.compiler.ir import DTYPES, Node
 
 # Python operator precedences, for parenthesising inlined expressions.
-ATOM, POW, UNARY, MUL, ADD = 100, 7, 6, 5, 4
+ATOM, POW, UNARY, MUL, ADD, BITAND, BITOR, CMP = 100, 7, 6, 5, 4, 3, 2, 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,19 @@ def _binop(symbol: str, prec: int):
     return lower
 
 
+def num(v: float | int) -> str:
+    """A number as Python source, large and tiny ones short: -1e9 rather than -1000000000.0, 1e-5 rather
+    than 1e-05 (the same float); 500.0 and 0.1 as repr writes them."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    text = repr(float(v))
+    if "e" not in text and abs(v) < 1e6:
+        return text
+    mantissa, exp = f"{v:.15e}".split("e")
+    short = f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return short if len(short) < len(text) and float(short) == v else text
+
+
 def _scalar(c: Ctx, xs: list[Expr]) -> Expr:
     v = c.a("value")
     text = repr(float(v)) if c.a("dtype") in ("f16", "bf16", "f32", "f64") else str(int(v))
@@ -156,6 +169,97 @@ def _rms_norm(c: Ctx, xs: list[Expr]) -> Expr:
         return call(f"{c.module}({xs[0].text})")
     d = c.node.outputs[0].shape[-1]
     return call(f"F.rms_norm({xs[0].text}, ({c.dim(d)},), eps={lit(c.a('eps'))})")
+
+
+def _compare(symbol: str):
+    def lower(c: Ctx, xs: list[Expr]) -> Expr:  # never chained: (a < b) < c is not a < b < c
+        return Expr(f"{xs[0].at(CMP + 1)} {symbol} {xs[1].at(CMP + 1)}", CMP)
+
+    return lower
+
+
+def _args(*parts: str, **options: Any) -> str:
+    """Positional parts, then keyword options that are not None."""
+    return ", ".join(list(parts) + [f"{k}={v}" for k, v in options.items() if v is not None])
+
+
+def _size(v: Any) -> str:
+    """A kernel/stride/padding attribute as written for torch: 3, (3, 1) or 'same'."""
+    if isinstance(v, (list, tuple)) and len(set(v)) == 1:
+        return lit(v[0])
+    return lit(v)
+
+
+def _conv_init(n: int):
+    def init(c: Ctx, ins: InTypes) -> str:
+        padding, stride, dilation, groups = c.a("padding"), c.a("stride"), c.a("dilation"), c.a("groups")
+        return f"nn.Conv{n}d(" + _args(
+            str(ins[0].shape[1]), str(c.a("out")), _size(c.a("kernel")),
+            stride=None if stride in (1, [1] * n, (1,) * n) else _size(stride),
+            padding=None if padding in (0, [0] * n, (0,) * n, "valid") else _size(padding),
+            dilation=None if dilation in (1, [1] * n, (1,) * n) else _size(dilation),
+            groups=None if groups == 1 else str(groups),
+            bias=None if c.a("bias") else "False") + ")"
+
+    return init
+
+
+def _batch_norm_init(c: Ctx, ins: InTypes) -> str:
+    kind = "BatchNorm2d" if ins[0].rank == 4 else "BatchNorm1d"
+    return f"nn.{kind}(" + _args(
+        str(ins[0].shape[1]), eps=None if c.a("eps") == 1e-5 else num(c.a("eps")),
+        momentum=None if c.a("momentum") == 0.1 else num(c.a("momentum")),
+        affine=None if c.a("affine") else "False") + ")"
+
+
+def _pool(name: str):
+    def lower(c: Ctx, xs: list[Expr]) -> Expr:
+        n = c.x.rank - 2
+        stride, padding = c.a("stride"), c.a("padding")
+        same_stride = stride is None or _size(stride) == _size(c.a("kernel"))
+        return call(f"F.{name}(" + _args(
+            xs[0].text, _size(c.a("kernel")), stride=None if same_stride else _size(stride),
+            padding=None if padding in (0, [0] * n, (0,) * n) else _size(padding)) + ")")
+
+    return lower
+
+
+def _upsample(c: Ctx, xs: list[Expr]) -> Expr:
+    return call(f"F.interpolate({xs[0].text}, scale_factor={c.a('scale')}, mode={lit(c.a('mode'))})")
+
+
+def _filled(name: str):
+    def lower(c: Ctx, xs: list[Expr]) -> Expr:
+        sizes = ", ".join(c.dim(d) for d in c.a("shape"))
+        return call(f"torch.{name}({sizes}, dtype=torch.{DTYPES[c.a('dtype')]}, device={c.device})")
+
+    return lower
+
+
+def _triangle(name: str):
+    def lower(c: Ctx, xs: list[Expr]) -> Expr:
+        k = c.a("diagonal")
+        return call(f"{xs[0].at(ATOM)}.{name}({k if k else ''})")
+
+    return lower
+
+
+def _rotary(c: Ctx, xs: list[Expr]) -> Expr:
+    base = c.a("base")
+    return call("apply_rotary(" + _args(xs[0].text, positions=xs[1].text if len(xs) > 1 else None,
+                                        base=None if base == 10000.0 else num(base)) + ")")
+
+
+def _attention_call(c: Ctx, xs: list[Expr]) -> Expr:
+    """self.attention(x), self.attention(x, kv), self.attention(x, mask=m), self.attention(x, kv, mask=m)."""
+    parts = [xs[0].text]
+    i = 1
+    if c.a("kv?"):
+        parts.append(xs[i].text)
+        i += 1
+    if c.a("mask?"):
+        parts.append(f"mask={xs[i].text}")
+    return call(f"{c.module}({', '.join(parts)})")
 
 
 def _attention_init(c: Ctx, ins: InTypes) -> str:
@@ -232,7 +336,7 @@ LOWERINGS: dict[str, Lowering] = {
     "rms_norm": Lowering(_rms_norm, lambda c, ins: f"nn.RMSNorm({ins[0].shape[-1]}, eps={lit(c.a('eps'))})"
                          if c.a("affine") else ""),
     "dropout": Lowering(lambda c, xs: call(f"F.dropout({xs[0].text}, p={lit(c.a('p'))}, training=self.training)")),
-    "attention": Lowering(_module_call, _attention_init, ("MultiHeadAttention",)),
+    "attention": Lowering(_attention_call, _attention_init, ("MultiHeadAttention",)),
     "mlp": Lowering(_module_call, _mlp_init, ("MLP",)),
     "lstm": Lowering(lambda c, xs: call(f"{c.module}({xs[0].text})[0]"), _lstm_init),
     "softmax": Lowering(lambda c, xs: call(f"F.softmax({xs[0].text}, dim={c.a('dim')})")),
@@ -246,6 +350,34 @@ LOWERINGS: dict[str, Lowering] = {
         f"torch.split({xs[0].text}, [{', '.join(c.dim(t.shape[c.a('dim')]) for t in c.node.outputs)}], "
         f"dim={c.a('dim')})")),
     "getitem": Lowering(_getitem),
+    # convolutional models
+    "conv1d": Lowering(_module_call, _conv_init(1)),
+    "conv2d": Lowering(_module_call, _conv_init(2)),
+    "batch_norm": Lowering(_module_call, _batch_norm_init),
+    "max_pool1d": Lowering(_pool("max_pool1d")),
+    "max_pool2d": Lowering(_pool("max_pool2d")),
+    "avg_pool1d": Lowering(_pool("avg_pool1d")),
+    "avg_pool2d": Lowering(_pool("avg_pool2d")),
+    "adaptive_avg_pool2d": Lowering(lambda c, xs: call(f"F.adaptive_avg_pool2d({xs[0].text}, {_size(c.a('size'))})")),
+    "upsample": Lowering(_upsample),
+    # comparisons and masks
+    "eq": Lowering(_compare("==")),
+    "ne": Lowering(_compare("!=")),
+    "lt": Lowering(_compare("<")),
+    "le": Lowering(_compare("<=")),
+    "gt": Lowering(_compare(">")),
+    "ge": Lowering(_compare(">=")),
+    "logical_and": Lowering(_binop("&", BITAND)),
+    "logical_or": Lowering(_binop("|", BITOR)),
+    "logical_not": Lowering(lambda c, xs: Expr(f"~{xs[0].at(UNARY)}", UNARY)),
+    "where": Lowering(lambda c, xs: call(f"torch.where({', '.join(x.text for x in xs)})")),
+    "masked_fill": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.masked_fill({xs[1].text}, {num(c.a('value'))})")),
+    "tril": Lowering(_triangle("tril")),
+    "triu": Lowering(_triangle("triu")),
+    "ones": Lowering(_filled("ones")),
+    "zeros": Lowering(_filled("zeros")),
+    # position embeddings
+    "rotary": Lowering(_rotary, helpers=("apply_rotary",)),
 }
 
 #: Registered ops this backend does not lower (none yet).
@@ -275,7 +407,10 @@ class MultiHeadAttention(nn.Module):
             self.v = nn.Linear(kv_dim, dim, bias=bias)
         self.o = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: bool (true = may attend) or float (added to the scores), broadcastable to (..., T, S)
+        or, per head, to (..., h, T, S)."""
         kv = x if kv is None else kv
         *batch, t, d = x.shape
         s = kv.shape[-2]
@@ -287,19 +422,47 @@ class MultiHeadAttention(nn.Module):
         q = q.reshape(*batch, t, h, d // h).transpose(-3, -2)  # (..., h, T, d/h)
         k = k.reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
         v = v.reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
+        if mask is not None and 3 <= mask.dim() < q.dim():
+            mask = mask.unsqueeze(-3)  # (..., 1, T, S): the same mask for every head
         if self.sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=self.causal)
+            causal = self.causal
+            if causal and mask is not None:  # the kernel takes a mask or is_causal, not both
+                keep = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
+                mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+                causal = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))  # (..., h, T, S)
             if self.causal:
-                mask = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
-                att = att.masked_fill(~mask, float("-inf"))
+                keep = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
+                att = att.masked_fill(~keep, float("-inf"))
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
             att = F.softmax(att, dim=-1)
             att = F.dropout(att, p=self.dropout, training=self.training)
             y = att @ v  # (..., h, T, d/h)
         y = y.transpose(-3, -2).reshape(*batch, t, d)  # (..., T, d)
         return self.o(y)
+''',
+    "apply_rotary": '''
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding over the last dimension of x (..., T, d), GPT-NeoX / LLaMA "rotate half"
+    layout: channel i pairs with channel i + d/2 and turns by positions * base ** (-2i / d).
+
+    positions: integers (T,) or, per batch row, (B, T); default arange(T). Angles in float32 or wider.
+    """
+    t, d = x.shape[-2], x.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if positions is None:
+        positions = torch.arange(t, device=x.device)
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d))  # (d/2,)
+    angles = positions.to(dtype)[..., None] * inv_freq  # (T, d/2) or (B, T, d/2)
+    if angles.dim() == 3:
+        angles = angles.reshape(angles.shape[0], *[1] * (x.dim() - 3), t, d // 2)  # (B, 1.., T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, d)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * angles.cos().to(x.dtype) + torch.cat([-x2, x1], dim=-1) * angles.sin().to(x.dtype)
 ''',
     "MLP": '''
 class MLP(nn.Module):

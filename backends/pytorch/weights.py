@@ -63,6 +63,21 @@ def evaluate(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
         return evaluate(args[0], base).reshape(args[1])
     if op == "rsqrt_add":
         return torch.rsqrt(evaluate(args[0], base) + float(args[1]))
+    if op == "chain":
+        return evaluate_chain(expr, base)
+    if op == "pad_kernel":
+        w, before, size = evaluate(args[0], base), args[1], args[2]
+        out = torch.zeros(tuple(w.shape[:2]) + tuple(size), dtype=torch.float64)
+        index = (slice(None), slice(None)) + tuple(slice(b, b + k) for b, k in zip(before, w.shape[2:]))
+        out[index] = w
+        return out
+    if op == "identity_kernel":
+        shape = args[0]
+        out = torch.zeros(shape, dtype=torch.float64)
+        centre = tuple(k // 2 for k in shape[2:])
+        for o in range(shape[0]):
+            out[(o, o) + centre] = 1.0
+        return out
     if op == "zeros":
         return torch.zeros(args[0], dtype=torch.float64)
     if op == "ones":
@@ -91,3 +106,42 @@ def materialise(graph: Graph, base: dict[str, torch.Tensor]) -> dict[str, torch.
                 raise ValueError(f"parameter {name}: computed shape {tuple(value.shape)}, declared {p.shape}")
             out[name] = value.contiguous()
     return out
+
+
+def _chain_step(x: torch.Tensor, step: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One per-token op of a folded lookup chain, applied to table rows `x` [num, d] in float64."""
+    import torch.nn.functional as F
+
+    op, attrs, params = step
+    a = dict(attrs)
+    p = {name: evaluate(expr, base) for name, expr in params}
+    acts = {"relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "exp": torch.exp,
+            "abs": torch.abs, "neg": torch.neg, "identity": lambda t: t,
+            "gelu": lambda t: F.gelu(t, approximate=a.get("approximate", "none"))}
+    if op == "linear":
+        return F.linear(x, p["weight"], p.get("bias"))
+    if op == "layer_norm":
+        return F.layer_norm(x, (x.shape[-1],), p.get("weight"), p.get("bias"), a["eps"])
+    if op == "rms_norm":
+        return F.rms_norm(x, (x.shape[-1],), p.get("weight"), a["eps"])
+    if op == "mlp":
+        h = F.linear(x, p["fc1.weight"], p.get("fc1.bias"))
+        h = {**acts, "gelu": F.gelu}[a["act"]](h)
+        return F.linear(h, p["fc2.weight"], p.get("fc2.bias"))
+    if op == "dropout":
+        return x
+    if op in acts:
+        return acts[op](x)
+    if op in ("add", "sub", "mul", "div"):
+        v, left = a["value"], a["left"]
+        fn = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op]
+        return fn(torch.full_like(x, v), x) if left else fn(x, v)
+    raise ValueError(f"no folding rule for op {op!r}")
+
+
+def evaluate_chain(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
+    _, table, steps = expr
+    x = evaluate(table, base)
+    for step in steps:
+        x = _chain_step(x, step, base)
+    return x

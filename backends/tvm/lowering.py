@@ -149,13 +149,16 @@ def _te_linear(x: te.Tensor, w: te.Tensor) -> te.Tensor:
 
 
 #: How `linear` (and the projections inside attention, mlp, lstm) are written: "te" computes x W^T with a
-#: TE kernel reading W as stored ([out, in]); "matmul" is Relax's matmul(x, permute_dims(W)).
-LINEAR_IMPL = "te"
+#: TE kernel reading W as stored ([out, in]); "matmul" is Relax's matmul(x, permute_dims(W)); "auto" is
+#: "matmul" for CPU targets (W^T, [in, out], is what the CPU schedules read: contiguous along the output
+#: columns they vectorise; with lifting, the transpose runs once, at bind time) and "te" for GPUs.
+LINEAR_IMPL = "auto"
 
 
 def _linear(c: Ctx, x: relax.Expr, w: relax.Expr, b: relax.Expr | None, hint: str = "") -> relax.Expr:
     """y = x W^T + b over the last dimension."""
-    if LINEAR_IMPL == "te":
+    impl = LINEAR_IMPL if LINEAR_IMPL != "auto" else ("matmul" if c.target_kind == "llvm" else "te")
+    if impl == "te":
         y = c.bb.emit_te(_te_linear, x, w, primfunc_name_hint="linear")
     else:
         y = c.emit(R.matmul(x, c.emit(R.permute_dims(w, [1, 0]))), hint)
@@ -275,6 +278,8 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     qkv (one fused [3d, d] projection for q, k and v), impl ('math' or 'sdpa': the same function).
     """
     x = xs[0]
+    if c.a("mask?"):
+        raise LoweringError("attention: the TVM backend does not lower attention masks (mask=...) yet")
     has_kv = bool(c.a("kv?"))
     kv = xs[1] if has_kv else x
     xt = c.in_type(0)
@@ -571,7 +576,11 @@ LOWERINGS: dict[str, Lowering] = {
 }
 
 #: Registered ops this backend does not lower (none).
-UNSUPPORTED: frozenset[str] = frozenset()
+UNSUPPORTED: frozenset[str] = frozenset({
+    "conv1d", "conv2d", "batch_norm", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool2d",
+    "upsample", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "where",
+    "masked_fill", "tril", "triu", "ones", "zeros", "rotary",
+})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ class PassContext:
     disabled: frozenset[str] = frozenset()
     print_after: frozenset[str] = frozenset()  # pass names, or {"all"}
     verify_each: bool = False
-    #: An inference build: dropout is the identity and training-only parts may go.
+    #: An inference build: dropout is the identity.
     inference: bool = True
+    #: A deploy build: training-only outputs, and all that only they need, are dropped.
+    deploy: bool = False
     emit: Callable[[str], None] = print
 
     def wants(self, info: "PassInfo") -> bool:
@@ -63,9 +65,14 @@ def register_pass(name: str, opt_level: int, exact: bool = True):
 def pipeline() -> list[str]:
     """The optimisation pipeline, in order (STYLE.md point 7): one line per step."""
     return [
+        "drop_training_outputs",  # deploy builds: training-only outputs and what only they need
         "fold_constants",       # arithmetic on constants done once; x * 1, x + 0 and the like removed
         "eliminate_identity",   # dropout at inference, cancelling transposes, no-op reshapes and casts
         "cse",                  # identical computations done once
+        "fold_batch_norm",      # inference BatchNorm into the conv or linear before it
+        "merge_parallel_convs", # RepConv / RepVGG: parallel convs of one input (and identity) into one conv
+        "fold_lookups",         # an embedding and the per-token layers after it: one precomputed table
+        "merge_adapters",       # LoRA and other linear adapters: into the base weight
         "merge_linear_chains",  # linear -> linear with nothing between them: one linear (when cheaper)
         "fuse_qkv",             # the q/k/v projections of one input: one matmul
         "attention_sdpa",       # softmax attention onto scaled_dot_product_attention
@@ -125,4 +132,4 @@ def describe() -> list[tuple[str, int, str]]:
     return [(n, PASSES[n].opt_level, PASSES[n].doc) for n in pipeline()]
 
 
-from . import cleanup, fusion  # noqa: E402,F401  (the passes register themselves on import)
+from . import cleanup, conv, fusion, lookup, pruning  # noqa: E402,F401  (the passes register themselves on import)

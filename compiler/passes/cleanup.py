@@ -44,6 +44,7 @@ def forward_to(ed: Editor, nid: int, ref: Ref) -> bool:
     if ed.graph.type_of(Ref(nid)) != ed.graph.type_of(ref):
         return False
     ed.replace_uses(Ref(nid), ref)
+    ed.drop_if_dead(nid)
     return True
 
 
@@ -78,6 +79,7 @@ def fold_scalar_arith(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     new = ed.add(Node("scalar", (), (("value", v), ("dtype", dtype)), node.outputs, node.span,
                       name="scalar", scope=node.scope))
     ed.replace_uses(Ref(nid), Ref(new))
+    ed.drop_if_dead(nid)
     return True
 
 
@@ -149,6 +151,7 @@ def drop_noop_shape(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
     if (src.dtype, src.shape) != (node.type.dtype, node.type.shape):
         return False
     ed.replace_uses(Ref(nid), x)
+    ed.drop_if_dead(nid)
     return True
 
 
@@ -156,10 +159,12 @@ def collapse_reshapes(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     """reshape(reshape(x, s1), s2) -> reshape(x, s2)."""
     if node.op != "reshape":
         return False
-    inner = ed.node(node.inputs[0].node)
+    inner_id = node.inputs[0].node
+    inner = ed.node(inner_id)
     if inner.op != "reshape":
         return False
     ed.set(nid, node.replace(inputs=(inner.inputs[0],)))
+    ed.drop_if_dead(inner_id)
     return True
 
 

@@ -62,6 +62,7 @@ def merge_linear_pair(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     attrs = tuple((k, (bias is not None) if k == "bias" else v) for k, v in node.attrs)
     ed.set(nid, node.replace(inputs=(inner.inputs[0],), attrs=attrs, params=tuple(params),
                              span=inner.span.merge(node.span)))
+    ed.drop_if_dead(mid.node)
     return True
 
 
@@ -108,3 +109,91 @@ def attention_sdpa(graph: Graph, ctx: PassContext) -> PassResult:
 
 
 __all__ = ["merge_linear_chains", "fuse_qkv", "attention_sdpa", "source", "Ref"]
+
+
+# -- linear adapters (LoRA, parallel linear branches) -----------------------------------------
+
+def _linear_of(ed: Editor, ref: Ref, scope) -> Node | None:
+    """The linear node computing `ref`, if it is plain, read only there, and in `scope`."""
+    n = ed.node(ref.node)
+    if n.op != "linear" or n.scope != scope or ed.uses(ref) != 1 or n.attr("tie") or not _plain_params(n):
+        return None
+    return n
+
+
+def _weights(n: Node) -> tuple[tuple, tuple | None]:
+    return source(n, "weight"), (source(n, "bias") if _has(n, "bias") else None)
+
+
+def _linear_node(template: Node, x: Ref, out: int, d_in: int, w: tuple, b: tuple | None, frozen: bool,
+                 span) -> Node:
+    params = [ParamSpec("weight", (out, d_in), Init("zeros"), frozen=frozen, derive=w)]
+    if b is not None:
+        params.append(ParamSpec("bias", (out,), Init("zeros"), frozen=frozen, derive=b))
+    attrs = (("out", out), ("bias", b is not None), ("tie", None))
+    return Node("linear", (x,), attrs, template.outputs, span, name=template.name, scope=template.scope,
+                params=tuple(params), path=template.path)
+
+
+def scale_into_linear(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """s * linear(x) -> linear(x) with s W and s b."""
+    if node.op != "mul":
+        return False
+    for lin_ref, s_ref in (node.inputs, node.inputs[::-1]):
+        scalar = ed.node(s_ref.node)
+        lin = _linear_of(ed, lin_ref, node.scope)
+        if scalar.op != "scalar" or lin is None or node.type != lin.type:
+            continue
+        s = float(scalar.attr("value"))
+        w, b = _weights(lin)
+        frozen = all(p.frozen for p in lin.params)
+        d_in = ed.graph.type_of(lin.inputs[0]).shape[-1]
+        new = _linear_node(lin, lin.inputs[0], lin.attr("out"), d_in, ("scale", w, s),
+                           None if b is None else ("scale", b, s), frozen, lin.span.merge(node.span))
+        ed.set(lin_ref.node, new)
+        ed.replace_uses(Ref(nid), lin_ref)
+        ed.drop_if_dead(nid)
+        return True
+    return False
+
+
+def _as_dense(ed: Editor, ref: Ref, scope) -> tuple[Ref, tuple, tuple | None, Node] | None:
+    """A linear map of some x (one linear, or a chain of linears) as (x, W, b, last node)."""
+    lin = _linear_of(ed, ref, scope)
+    if lin is None:
+        return None
+    w, b = _weights(lin)
+    inner = _as_dense(ed, lin.inputs[0], scope)
+    if inner is None:
+        return lin.inputs[0], w, b, lin
+    x, w0, b0, _ = inner
+    bias = None if b0 is None else ("matmul", w, b0)
+    if b is not None:
+        bias = b if bias is None else ("add", bias, b)
+    return x, ("matmul", w, w0), bias, lin
+
+
+def merge_parallel(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """linear(x, W1) + (a chain of linear maps of x, e.g. LoRA's B(A x)) -> linear(x, W1 + W2)."""
+    if node.op != "add":
+        return False
+    a, b = (_as_dense(ed, r, node.scope) for r in node.inputs)
+    if a is None or b is None or a[0] != b[0] or node.type != a[3].type or node.type != b[3].type:
+        return False
+    x, w1, b1, base = a
+    _, w2, b2, other = b
+    bias = b1 if b2 is None else (b2 if b1 is None else ("add", b1, b2))
+    frozen = all(p.frozen for n in (base, other) for p in n.params)
+    d_in = ed.graph.type_of(x).shape[-1]
+    old_inputs = [r.node for r in node.inputs]
+    ed.set(nid, _linear_node(base, x, base.attr("out"), d_in, ("add", w1, w2), bias, frozen,
+                             base.span.merge(node.span)))
+    for n in old_inputs:
+        ed.drop_if_dead(n)
+    return True
+
+
+@register_pass("merge_adapters", opt_level=2)
+def merge_adapters(graph: Graph, ctx: PassContext) -> PassResult:
+    """Merge LoRA and other linear adapters (parallel linear branches of one input) into the base weight."""
+    return run_rules(graph, [scale_into_linear, merge_parallel], ctx)

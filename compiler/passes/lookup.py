@@ -1,0 +1,95 @@
+"""Lookup substitution: computation over a finite domain folded into a precomputed table.
+
+An embedding's output takes only `num` distinct values (one per table row). A chain of per-token
+operations after it (norms, linear maps, MLPs, activations, arithmetic with constants) therefore
+also takes only `num` values, so the whole chain equals one embedding whose table is the chain
+applied to the original table's rows (SEEDS.md rows 6 and 18). The folded table is computed by the
+backend in float64 from a `("chain", table, steps)` weight expression.
+
+A cost model decides: the chain must do some work per token, and the new table must stay within a
+memory budget. The pass notes what it folded and the table size, for the manifest. An embedding
+whose output is also read elsewhere is left as it is (folding would need a second table).
+"""
+
+from __future__ import annotations
+
+from ..ir import Graph, Init, Node, ParamSpec, Ref
+from ..rewrite import Editor
+from . import PassContext, PassResult, register_pass
+from .fusion import source
+
+#: Ops applied to each token's vector independently (on the last dimension only).
+PER_TOKEN = frozenset({"linear", "layer_norm", "rms_norm", "mlp", "relu", "gelu", "silu", "tanh", "sigmoid",
+                       "exp", "abs", "neg", "dropout"})
+SCALAR_OPS = frozenset({"add", "sub", "mul", "div"})
+#: The largest folded table, in bytes.
+TABLE_BUDGET = 64 * 2**20
+
+
+def _step(ed: Editor, node: Node, prev: Ref, ctx: PassContext) -> tuple | None:
+    """The fold step for `node` reading `prev`, or None when `node` is not per-token."""
+    if node.op in PER_TOKEN:
+        if node.op == "dropout" and not (ctx.inference or node.attr("p") == 0.0):
+            return None
+        if node.inputs != (prev,) or any(p.tied_to for p in node.params) or node.attr("tie"):
+            return None
+        params = tuple((p.name, source(node, p.name)) for p in node.params)
+        attrs = tuple((k, v) for k, v in node.attrs if not k.endswith(("#", "?")))
+        return (node.op, attrs, params)
+    if node.op in SCALAR_OPS and len(node.inputs) == 2 and prev in node.inputs:
+        other = node.inputs[1] if node.inputs[0] == prev else node.inputs[0]
+        scalar = ed.node(other.node)
+        if scalar.op != "scalar" or node.type.shape != ed.graph.type_of(prev).shape:
+            return None
+        return (node.op, (("value", float(scalar.attr("value"))), ("left", node.inputs[0] == other)), ())
+    return None
+
+
+def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) -> bool:
+    if node.op != "embedding" or any(p.tied_to for p in node.params):
+        return False
+    steps: list[tuple] = []
+    chain: list[Node] = [node]
+    cur, last = Ref(nid), None
+    while True:
+        if ed.uses(cur) != 1 or ed.is_output(cur):
+            break
+        (user,) = ed.users(cur)
+        un = ed.node(user)
+        if un.scope != node.scope:
+            break
+        step = _step(ed, un, cur, ctx)
+        if step is None:
+            break
+        steps.append(step)
+        chain.append(un)
+        cur, last = Ref(user), user
+    if last is None or all(s[0] == "dropout" for s in steps):
+        return False
+    num = node.attr("num")
+    width = ed.node(last).type.shape[-1]
+    if not isinstance(width, int) or num * width * 4 > TABLE_BUDGET:
+        return False
+    table = ("chain", source(node, "weight"), tuple(steps))
+    frozen = all(p.frozen for n in chain for p in n.params)
+    end = ed.node(last)
+    folded = Node("embedding", node.inputs, (("num", num), ("dim", width)), end.outputs,
+                  node.span.merge(end.span), name=end.name if end.name != end.op else node.name, scope=node.scope,
+                  params=(ParamSpec("weight", (num, width), Init("zeros"), frozen=frozen, derive=table),),
+                  path=node.path)
+    ed.set(last, folded)
+    notes.append({"table": ".".join(folded.path), "ops": [node.op] + [s[0] for s in steps], "rows": num,
+                  "width": width, "bytes": num * width * 4})
+    return True
+
+
+@register_pass("fold_lookups", opt_level=2)
+def fold_lookups(graph: Graph, ctx: PassContext) -> PassResult:
+    """Fold an embedding and the per-token layers after it into one precomputed table."""
+    ed = Editor(graph)
+    notes: list = []
+    for nid in ed.graph.order():
+        if nid in ed.graph.g:
+            fold_chain(ed, nid, ed.node(nid), ctx, notes)
+    ed.remove_dead()
+    return PassResult(ed.graph, ed.changed, {"folded": notes} if notes else {})

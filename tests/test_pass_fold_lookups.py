@@ -1,0 +1,102 @@
+"""fold_lookups: an embedding followed by per-token layers becomes one precomputed table."""
+
+import json
+
+from hypothesis import strategies as st
+
+import specc
+from equivalence import ir_after
+from passcase import property_test
+
+BEFORE = """specc: 1
+name: lookup
+params:
+  vocab: 50
+inputs:
+  ids: i64[B, T] in range(vocab)
+graph: |
+  e = embedding(ids, vocab, 16)
+  h = linear(gelu(layer_norm(e)), 32) * 0.5
+  y = mlp(h, hidden=64) + 1.0
+  z = relu(embedding(ids, vocab, 8)) + e[:, :, :8]
+outputs:
+  y:
+  z:
+"""
+
+EXPECTED = """graph lookup
+  params vocab=50
+  dims B=2, T=8
+  %0: i64[B, T] in range(50) = input(name="ids")
+  %1: f32[B, T, 16] = embedding(%0, num=50, dim=16)  @e {weight: f32[50, 16]}
+  %2: f32[B, T, 16] = layer_norm(%1, eps=1e-05, affine=true, bias=true)  @layer_norm {weight: f32[16], bias: f32[16]}
+  %3: f32[B, T, 16] = gelu(%2, approximate="none")
+  %4: f32[B, T, 32] = linear(%3, out=32, bias=true, tie=none)  @linear {weight: f32[32, 16], bias: f32[32]}
+  %5: f32[] = scalar(value=0.5, dtype="f32")
+  %6: f32[B, T, 32] = mul(%4, %5)
+  %7: f32[B, T, 32] = mlp(%6, hidden=64, out=none, act="gelu", bias=true, dropout=0.0)  @mlp {fc1.weight: f32[64, 32], fc1.bias: f32[64], fc2.weight: f32[32, 64], fc2.bias: f32[32]}
+  %8: f32[] = scalar(value=1.0, dtype="f32")
+  %9: f32[B, T, 32] = add(%7, %8)
+  %11: f32[B, T, 8] = embedding(%0, num=50, dim=8)  @embedding {weight: f32[50, 8]}
+  %12: f32[B, T, 8] = getitem(%1, index=[:, :, :8])
+  %13: f32[B, T, 8] = add(%11, %12)
+  return y=%9, z=%13
+"""
+
+
+def test_before_expected():
+    # relu(embedding(...)) folds into its table (%11); `e` is also read by the slice, so its chain
+    # stays (folding it would need a second table beside `e`), and `+ e[...]` is not per-token.
+    assert ir_after(BEFORE, "fold_lookups") == EXPECTED
+
+
+def test_a_single_use_chain_folds_whole():
+    text = BEFORE.replace("  z = relu(embedding(ids, vocab, 8)) + e[:, :, :8]\n", "").replace("  z:\n", "")
+    ir = ir_after(text, "fold_lookups")
+    assert ir.count(" = ") == 2 and "embedding(%0, num=50, dim=32)  @e {weight: f32[50, 32]}" in ir
+
+
+def test_manifest_says_what_was_folded(tmp_path):
+    out = specc.build(BEFORE.replace("  z = relu(embedding(ids, vocab, 8)) + e[:, :, :8]\n", "")
+                      .replace("  z:\n", ""), tmp_path / "b", opt_level=2)
+    passes = json.loads((out / "manifest.json").read_text())["passes"]
+    (fold,) = [p for p in passes if p["pass"] == "fold_lookups"]
+    assert fold["notes"]["folded"] == [{"table": "e", "ops": ["embedding", "layer_norm", "gelu", "linear", "mul",
+                                                              "mlp", "add"], "rows": 50, "width": 32,
+                                        "bytes": 6400}]
+    assert fold["params"] == [5568, 1600]
+
+
+def test_cost_model_refuses_huge_tables():
+    text = BEFORE.replace("vocab: 50", "vocab: 600000").replace("linear(gelu(layer_norm(e)), 32)",
+                                                                "linear(gelu(layer_norm(e)), 64)")
+    assert "embedding(%0, num=600000, dim=64)" not in ir_after(text, "fold_lookups")
+
+
+def test_gpt_positions_are_not_per_token():
+    from pathlib import Path
+
+    gpt = (Path(__file__).resolve().parents[1] / "specs" / "gpt.yaml").read_text()
+    assert ir_after(gpt, "fold_lookups").count("embedding(") == 2
+
+
+@st.composite
+def lookup_specs(draw):
+    vocab = draw(st.integers(2, 40))
+    d = draw(st.sampled_from([4, 8, 12]))
+    chain = draw(st.lists(st.sampled_from([
+        "layer_norm({v})", "rms_norm({v})", "linear({v}, {d})", "gelu({v})", "tanh({v})", "mlp({v}, hidden=16)",
+        "{v} * 0.5", "2.0 - {v}", "dropout({v}, p=0.2)", "silu(linear({v}, {d}, bias=false))"]), min_size=1,
+        max_size=4))
+    expr = "embedding(ids, vocab, {d})".format(d=d)
+    for step in chain:
+        expr = step.format(v=expr, d=d)
+    return (f"specc: 1\nname: g\nparams:\n  vocab: {vocab}\ninputs:\n  ids: i64[B, T] in range(vocab)\n"
+            f"graph: |\n  y = {expr}\noutputs:\n  y:\n")
+
+
+def _fires_unless_only_dropout(text):
+    return "dropout" not in text or any(op in text for op in ("norm", "linear", "gelu", "tanh", "mlp", "*", "-"))
+
+
+test_property = property_test("fold_lookups", [], spec_strategy=lookup_specs().filter(_fires_unless_only_dropout))
