@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from specc.dsl.diagnostics import Collector, Span, SpecError, did_you_mean
+from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
 
 OVERRIDES_FILE = "<--set>"
 
@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--run", action="store_true", help="after building, run the model on example_inputs()")
     b.add_argument("--torch-compile", action="store_true",
                    help="make the built load() wrap the model in torch.compile by default")
+    b.add_argument("--target", choices=("torch", "tvm-llvm", "tvm-cuda"), default="torch",
+                   help="torch: readable PyTorch source (default); tvm-llvm / tvm-cuda: a TVM-compiled library "
+                        "for this CPU / for NVIDIA sm_90 GPUs, with a model.py of the same interface")
+    b.add_argument("--tuning-db", metavar="DIR", help="TVM targets: use (and extend) this MetaSchedule database")
     pass_options(b, 1)
     v = spec_cmd("verify", "Search for inputs on which the optimised or compiled model differs from the "
                            "unoptimised one (exit 1 on a mismatch).")
@@ -151,14 +155,51 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
     if args.command == "build":
         from specc.backends.pytorch.build import artifacts, write_atomic
 
+        ctx = _pass_context(args, src.file)
         files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
-                          ctx=_pass_context(args, src.file), torch_compile=args.torch_compile)
+                          ctx=ctx, torch_compile=args.torch_compile)
+        if args.target != "torch":
+            return _build_tvm(args, src, graph, ctx, json.loads(files["manifest.json"]))
         write_atomic(Path(args.out), files)
         print(f"built {graph.name} -> {args.out}/ ({', '.join(files)})")
         if args.run:
             _run_built(Path(args.out))
         return 0
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int:
+    """Build for a TVM target; an op the target cannot lower is a located error naming the targets that can."""
+    try:
+        from specc.backends.tvm.lowering import LOWERINGS, UNSUPPORTED, LoweringError
+        from specc.backends.tvm.package import build_package
+    except ImportError as e:
+        raise SpecError(Diagnostic(Span(src.file, 0, 0), f"--target {args.target} needs apache-tvm "
+                                                         f"(pip install 'specc[tvm]'): {e}")) from None
+    from specc.backends.pytorch.weights import init_weights, materialise
+    from specc.compiler.passes import optimize
+
+    optimised, _ = optimize(graph, ctx)
+    errors = Collector()
+    for _, node in optimised.nodes():
+        if node.op in UNSUPPORTED or node.op not in LOWERINGS:
+            errors.error(node.span, f"operator '{node.op}' has no lowering for target {args.target}",
+                         "targets that support it: torch")
+    errors.raise_if_any({src.file: src.text})
+    weights = materialise(optimised, init_weights(graph))
+    try:
+        build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db)
+    except LoweringError as e:
+        raise SpecError(Diagnostic(Span(src.file, 0, 0), f"target {args.target}: {e}",
+                                   ("targets that support it: torch",)), {src.file: src.text}) from None
+    print(f"built {graph.name} -> {args.out}/ (model.so, model.py, loader.py, weights.safetensors, manifest.json; "
+          f"target {args.target})")
+    if args.run:
+        if args.target == "tvm-cuda":
+            print("not run: the library holds CUDA kernels for sm_90 and this machine has no NVIDIA GPU")
+        else:
+            _run_built(Path(args.out))
+    return 0
 
 
 def _pass_context(args: argparse.Namespace, file: str):

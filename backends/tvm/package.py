@@ -1,0 +1,141 @@
+"""The `specc build --target tvm-llvm|tvm-cuda` output: the compiled library plus a model.py with the
+same interface as the PyTorch target (`Model`, `load(directory=None)`, `example_inputs(seed=0)`),
+taking and returning torch tensors. The folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from specc.compiler.dims import Sym
+from specc.compiler.ir import DTYPES, Graph
+
+TARGETS = {"tvm-llvm": {"kind": "llvm"}, "tvm-cuda": {"kind": "cuda", "arch": "sm_90"}}
+
+_MODEL_PY = '''"""{name}: the TVM build ({target}) of a specc spec. Edit the spec, not this file.
+
+    import model
+    m = model.load()                      # the compiled library with its weights bound
+    y = m(*model.example_inputs())        # torch tensors in, torch tensors out
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+#: Inputs in the order Model.forward takes them: dtype, shape, value range of integer inputs.
+INPUTS = {inputs}
+#: Example sizes of the symbolic dimensions.
+DIMS = {dims}
+TARGET = {target!r}
+
+
+def _loader():
+    spec = importlib.util.spec_from_file_location("specc_tvm_loader_" + str(id(INPUTS)),
+                                                  Path(__file__).with_name("loader.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Model(torch.nn.Module):
+    """Calls the compiled library; one library serves every size of the symbolic dimensions."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.runner(*inputs)
+
+
+def load(directory: str | Path | None = None) -> Model:
+    directory = Path(__file__).resolve().parent if directory is None else Path(directory)
+    if TARGET == "tvm-cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this build holds CUDA kernels (sm_90) and needs an NVIDIA GPU; none is available here")
+    return Model(_loader().load(directory)).eval()
+
+
+def _size(d, sizes):
+    if isinstance(d, int):
+        return d
+    if isinstance(d, str):
+        return sizes[d]
+    return sum(c * _prod(sizes[s] for s in syms) for c, syms in d)
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def example_inputs(seed: int = 0, **dims: int) -> tuple[torch.Tensor, ...]:
+    """Random inputs that fit the declared inputs, at the example sizes (override with e.g. B=4)."""
+    sizes = {{**DIMS, **dims}}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for dtype_name, shape, value_range in INPUTS.values():
+        shape = [_size(d, sizes) for d in shape]
+        dtype = getattr(torch, dtype_name)
+        if value_range is not None:
+            out.append(torch.randint(value_range[0], value_range[1], shape, generator=gen, dtype=dtype))
+        elif dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen, dtype=dtype))
+        elif dtype == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:
+            out.append(torch.randint(0, 8, shape, generator=gen, dtype=dtype))
+    return tuple(out)
+'''
+
+
+def _dim(d: Any) -> Any:
+    if isinstance(d, Sym):
+        if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+            return d.terms[0][0][0]
+        return [[c, list(m)] for m, c in d.terms]
+    return d
+
+
+def model_py(graph: Graph, target: str) -> str:
+    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(_dim(d) for d in graph.node(nid).type.shape),
+                     graph.node(nid).type.value_range) for name, nid in graph.inputs}
+    dims = {s: ex for s, (ex, _, _) in graph.dims.items()}
+    return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims))
+
+
+def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, target: str,
+                  manifest: Mapping[str, Any], tuning_db: str | Path | None = None) -> Path:
+    """Compile `graph` (already optimised; `weights` its parameters) for `target` into `out`, atomically."""
+    from .build import export
+
+    out = Path(out)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db)
+        (tmp / "model.py").write_text(model_py(graph, target))
+        (tmp / "manifest.json").write_text(json.dumps(dict(manifest, target=target), indent=2) + "\n")
+        if out.exists():
+            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
