@@ -236,6 +236,21 @@ def _embedding(c: OpCall):
     return T("f32", ids.shape + (c.a("dim"),))
 
 
+@op("one_hot", Arg("ids", "tensor"), Arg("num", "int"), flops=lambda c, o: 0, category="layer")
+def _one_hot(c: OpCall):
+    """one_hot(ids, num): f32 one-hot vectors [..., num] of integer ids in range(num) (categorical values)."""
+    ids = c.t("ids")
+    if ids.dtype not in INT_DTYPES:
+        raise OpError(f"one_hot: ids must be an integer tensor, got {shape_str(ids)}", "ids")
+    num = c.a("num")
+    if num <= 0:
+        raise OpError(f"one_hot: num must be positive, got {num}", "num")
+    if ids.value_range is not None and (ids.value_range[0] < 0 or ids.value_range[1] > num):
+        lo, hi = ids.value_range
+        raise OpError(f"one_hot: ids take values in range({lo}, {hi}), outside range({num})", "ids")
+    return T("f32", ids.shape + (num,))
+
+
 def _norm_params(name: str, with_bias: bool):
     def params(c: OpCall):
         if not c.a("affine"):

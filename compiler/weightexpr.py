@@ -18,6 +18,8 @@ Expressions are nested tuples, so they are hashable and print readably:
     ("zeros", (shape...)), ("ones", (shape...))
     ("pad_kernel", w, (before...), (size...))  a conv kernel zero-padded to `size`, `before` zeros first
     ("identity_kernel", (out, in, k...))  1 at the centre tap of channel o's own input o, else 0
+    ("eye", n)                            the n x n identity (the table of one_hot)
+    ("onehot_product", (n1, n2, ...))     one row per combination, concatenated one-hots, last fastest
     ("chain", table, steps)               per-token ops applied to the rows of `table` (a folded
                                           lookup; steps are (op, attrs, ((param, expr), ...)))
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 from typing import Iterator
 
 OPS = frozenset({"param", "matmul", "add", "sub", "mul", "scale", "t", "concat", "reshape", "rsqrt_add", "zeros",
-                 "ones", "chain", "pad_kernel", "identity_kernel"})
+                 "ones", "chain", "pad_kernel", "identity_kernel", "eye", "onehot_product"})
 
 
 def param(name: str) -> tuple:

@@ -55,6 +55,16 @@ def perturbed(weights: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torc
             for k, v in weights.items()}
 
 
+def float64_run(model, inputs):
+    """Run a float64 copy of a model, with float64 as torch's default dtype (for values it creates)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return model(*(i.double() if i.is_floating_point() else i for i in inputs))
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _candidate(graph: Graph, base: dict[str, torch.Tensor], text: str, file: str, opt_level: int, target: str):
     ctx = PassContext(opt_level=opt_level, verify_each=True)
     if target == "torch":
@@ -86,7 +96,7 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
         inputs = reference.example_inputs(seed=input_seed, **bindings)
         inputs = tuple(i * scale if i.is_floating_point() else i for i in inputs)
         with torch.no_grad():
-            want = reference(*(i.double() if i.is_floating_point() else i for i in inputs))
+            want = float64_run(reference, inputs)
             got = candidate(*inputs)
         want = want if isinstance(want, tuple) else (want,)
         got = got if isinstance(got, tuple) else (got,)

@@ -33,11 +33,16 @@ def build(text: str, ctx: PassContext, weights=None):
 
 
 def outputs(model, inputs, dtype=None) -> tuple[torch.Tensor, ...]:
+    previous = torch.get_default_dtype()
     if dtype is not None:
         model = model.to(dtype)
         inputs = tuple(i.to(dtype) if i.is_floating_point() else i for i in inputs)
-    with torch.no_grad():
-        out = model(*inputs)
+        torch.set_default_dtype(dtype)  # values the model creates (one_hot) follow the run's dtype
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        torch.set_default_dtype(previous)
     return out if isinstance(out, tuple) else (out,)
 
 

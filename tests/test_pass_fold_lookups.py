@@ -100,3 +100,69 @@ def _fires_unless_only_dropout(text):
 
 
 test_property = property_test("fold_lookups", [], spec_strategy=lookup_specs().filter(_fires_unless_only_dropout))
+
+
+CATEGORICAL = """specc: 1
+name: catmlp
+inputs:
+  a: i64[B, T] in range(5)
+  b: i64[B, T] in range(3)
+  c: i64[B, T] in range(7)
+graph: |
+  y = mlp(concat([one_hot(a, 5), one_hot(b, 3)]), hidden=16, out=4, act=relu)
+  z = tanh(linear(one_hot(c, 7), 6))
+outputs:
+  y:
+  z:
+"""
+
+CATEGORICAL_EXPECTED = """graph catmlp
+  dims B=2, T=8
+  %0: i64[B, T] in range(5) = input(name="a")
+  %1: i64[B, T] in range(3) = input(name="b")
+  %2: i64[B, T] in range(7) = input(name="c")
+  %9: f32[B, T, 6] = embedding(%2, num=7, dim=6)  @table_1 {weight: f32[7, 6]}
+  %10: i64[] = scalar(value=3, dtype="i64")
+  %11: i64[B, T] = mul(%0, %10)
+  %12: i64[B, T] = add(%11, %1)
+  %6: f32[B, T, 4] = embedding(%12, num=15, dim=4)  @table {weight: f32[15, 4]}
+  return y=%6, z=%9
+"""
+
+
+def test_categorical_mlp_becomes_a_lookup():
+    # Transformer Programs' categorical MLP over two variables: one table row per pair of values
+    assert ir_after(CATEGORICAL, "fold_lookups") == CATEGORICAL_EXPECTED
+
+
+def test_lookup_form_equals_the_model_on_every_input_of_the_domain():
+    """SEEDS.md row 6: the discretised model equals its lookup-table form on every input."""
+    import torch
+
+    from equivalence import build, only, outputs, perturbed_weights
+
+    graph = specc.compile(CATEGORICAL)
+    w = perturbed_weights(graph)
+    dense, _ = build(CATEGORICAL, only("fold_lookups", opt_level=0), w)
+    table, _ = build(CATEGORICAL, only("fold_lookups"), w)
+    a, b, c = torch.meshgrid(torch.arange(5), torch.arange(3), torch.arange(7), indexing="ij")
+    inputs = tuple(t.reshape(1, -1) for t in (a, b, c))  # all 105 combinations, as one batch row
+    want = outputs(dense, inputs, torch.float64)
+    got = outputs(table, inputs)
+    for wv, gv in zip(want, got):
+        assert (gv.double() - wv).abs().max() < 1e-6
+
+
+@st.composite
+def categorical_specs(draw):
+    sizes = draw(st.lists(st.integers(2, 6), min_size=1, max_size=3))
+    hidden = draw(st.sampled_from([4, 8]))
+    act = draw(st.sampled_from(["relu", "gelu", "tanh"]))
+    ins = "\n".join(f"  v{i}: i64[B, T] in range({n})" for i, n in enumerate(sizes))
+    onehots = ", ".join(f"one_hot(v{i}, {n})" for i, n in enumerate(sizes))
+    x = f"concat([{onehots}])" if len(sizes) > 1 else onehots
+    return (f"specc: 1\nname: g\ninputs:\n{ins}\ngraph: |\n  y = mlp({x}, hidden={hidden}, out=3, act={act})\n"
+            f"outputs:\n  y:\n")
+
+
+test_property_categorical = property_test("fold_lookups", [], spec_strategy=categorical_specs())

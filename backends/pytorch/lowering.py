@@ -331,6 +331,8 @@ LOWERINGS: dict[str, Lowering] = {
     "matmul": Lowering(_binop("@", MUL)),
     "linear": Lowering(_module_call, lambda c, ins: f"nn.Linear({ins[0].shape[-1]}, {c.a('out')}"
                                                       + (", bias=False)" if not c.a("bias") else ")")),
+    # one_hot is f32 in the IR; torch's default dtype here lets a float64 reference run stay in float64
+    "one_hot": Lowering(lambda c, xs: call(f"F.one_hot({xs[0].text}, {c.a('num')}).to(torch.get_default_dtype())")),
     "embedding": Lowering(_module_call, lambda c, ins: f"nn.Embedding({c.a('num')}, {c.a('dim')})"),
     "layer_norm": Lowering(_layer_norm, lambda c, ins: _layer_norm_init(c, ins) if c.a("affine") else ""),
     "rms_norm": Lowering(_rms_norm, lambda c, ins: f"nn.RMSNorm({ins[0].shape[-1]}, eps={lit(c.a('eps'))})"

@@ -65,6 +65,13 @@ def evaluate(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.rsqrt(evaluate(args[0], base) + float(args[1]))
     if op == "chain":
         return evaluate_chain(expr, base)
+    if op == "eye":
+        return torch.eye(args[0], dtype=torch.float64)
+    if op == "onehot_product":
+        sizes = args[0]
+        grids = torch.cartesian_prod(*[torch.arange(n) for n in sizes]).reshape(-1, len(sizes))
+        return torch.cat([torch.nn.functional.one_hot(grids[:, i], n).to(torch.float64)
+                          for i, n in enumerate(sizes)], dim=-1)
     if op == "pad_kernel":
         w, before, size = evaluate(args[0], base), args[1], args[2]
         out = torch.zeros(tuple(w.shape[:2]) + tuple(size), dtype=torch.float64)

@@ -579,7 +579,7 @@ LOWERINGS: dict[str, Lowering] = {
 UNSUPPORTED: frozenset[str] = frozenset({
     "conv1d", "conv2d", "batch_norm", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool2d",
     "upsample", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "where",
-    "masked_fill", "tril", "triu", "ones", "zeros", "rotary",
+    "masked_fill", "tril", "triu", "ones", "zeros", "rotary", "one_hot",
 })
 
 

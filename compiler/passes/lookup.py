@@ -1,6 +1,7 @@
 """Lookup substitution: computation over a finite domain folded into a precomputed table.
 
-An embedding's output takes only `num` distinct values (one per table row). A chain of per-token
+An embedding's output takes only `num` distinct values (one per table row), and so does a one-hot
+encoding of a categorical value, or of several (one row per combination). A chain of per-token
 operations after it (norms, linear maps, MLPs, activations, arithmetic with constants) therefore
 also takes only `num` values, so the whole chain equals one embedding whose table is the chain
 applied to the original table's rows (SEEDS.md rows 6 and 18). The folded table is computed by the
@@ -16,6 +17,7 @@ from __future__ import annotations
 from ..ir import Graph, Init, Node, ParamSpec, Ref
 from ..rewrite import Editor
 from . import PassContext, PassResult, register_pass
+from .conv import _fresh_path
 from .fusion import source
 
 #: Ops applied to each token's vector independently (on the last dimension only).
@@ -45,9 +47,47 @@ def _step(ed: Editor, node: Node, prev: Ref, ctx: PassContext) -> tuple | None:
     return None
 
 
+def _start(ed: Editor, node: Node) -> tuple[tuple, list[Ref], list[int]] | None:
+    """A finite-domain start: (table expression, index inputs, their domain sizes), or None.
+
+    embedding(ids): the table itself. one_hot(ids, n): the identity table. concat of one-hots of
+    several categorical values (a categorical MLP's input): one row per combination of values.
+    """
+    if node.op == "embedding" and not any(p.tied_to for p in node.params):
+        return source(node, "weight"), [node.inputs[0]], [node.attr("num")]
+    if node.op == "one_hot":
+        return ("eye", node.attr("num")), [node.inputs[0]], [node.attr("num")]
+    if node.op == "concat" and node.attr("dim") in (-1, node.type.rank - 1) and len(node.inputs) > 1:
+        parts = [ed.node(r.node) for r in node.inputs]
+        if not all(p.op == "one_hot" and ed.uses(r) == 1 for p, r in zip(parts, node.inputs)):
+            return None
+        ids = [p.inputs[0] for p in parts]
+        if len({(ed.graph.type_of(r).dtype, ed.graph.type_of(r).shape) for r in ids}) != 1:
+            return None
+        sizes = [p.attr("num") for p in parts]
+        return ("onehot_product", tuple(sizes)), ids, sizes
+    return None
+
+
+def _index(ed: Editor, node: Node, ids: list[Ref], sizes: list[int]) -> Ref:
+    """The row of the combined table: ((a * n_b) + b) * n_c + c ... as integer nodes."""
+    idx = ids[0]
+    for ref, n in zip(ids[1:], sizes[1:]):
+        t = ed.graph.type_of(ref)
+        plain = type(t)(t.dtype, t.shape)
+        k = ed.add(Node("scalar", (), (("value", n), ("dtype", t.dtype)), (type(t)(t.dtype, ()),), node.span,
+                        name="scalar", scope=node.scope))
+        m = ed.add(Node("mul", (idx, Ref(k)), (), (plain,), node.span, name="index", scope=node.scope))
+        a = ed.add(Node("add", (Ref(m), ref), (), (plain,), node.span, name="index", scope=node.scope))
+        idx = Ref(a)
+    return idx
+
+
 def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) -> bool:
-    if node.op != "embedding" or any(p.tied_to for p in node.params):
+    start = _start(ed, node)
+    if start is None:
         return False
+    base, ids, sizes = start
     steps: list[tuple] = []
     chain: list[Node] = [node]
     cur, last = Ref(nid), None
@@ -66,17 +106,21 @@ def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) 
         cur, last = Ref(user), user
     if last is None or all(s[0] == "dropout" for s in steps):
         return False
-    num = node.attr("num")
+    num = 1
+    for n in sizes:
+        num *= n
     width = ed.node(last).type.shape[-1]
     if not isinstance(width, int) or num * width * 4 > TABLE_BUDGET:
         return False
-    table = ("chain", source(node, "weight"), tuple(steps))
+    table = ("chain", base, tuple(steps))
     frozen = all(p.frozen for n in chain for p in n.params)
     end = ed.node(last)
-    folded = Node("embedding", node.inputs, (("num", num), ("dim", width)), end.outputs,
+    path = node.path or _fresh_path(ed, tuple(seg for f in node.scope for seg in f.segments), "table")
+    index = ids[0] if len(ids) == 1 else _index(ed, node, ids, sizes)
+    folded = Node("embedding", (index,), (("num", num), ("dim", width)), end.outputs,
                   node.span.merge(end.span), name=end.name if end.name != end.op else node.name, scope=node.scope,
                   params=(ParamSpec("weight", (num, width), Init("zeros"), frozen=frozen, derive=table),),
-                  path=node.path)
+                  path=path)
     ed.set(last, folded)
     notes.append({"table": ".".join(folded.path), "ops": [node.op] + [s[0] for s in steps], "rows": num,
                   "width": width, "bytes": num * width * 4})
@@ -85,7 +129,7 @@ def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) 
 
 @register_pass("fold_lookups", opt_level=2)
 def fold_lookups(graph: Graph, ctx: PassContext) -> PassResult:
-    """Fold an embedding and the per-token layers after it into one precomputed table."""
+    """Fold an embedding (or one-hot categorical values) and the per-token layers after it into one table."""
     ed = Editor(graph)
     notes: list = []
     for nid in ed.graph.order():
