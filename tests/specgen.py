@@ -132,3 +132,55 @@ def specs_with(draw, kinds: list[str], width: int | None = None) -> str:
     for _ in range(draw(st.integers(0, 2))):
         draw(pattern(b))
     return b.spec([b.values[-1][0]])
+
+
+@st.composite
+def image_specs(draw, max_ops: int = 6) -> str:
+    """Random valid convolutional specs on x: f32[B, C, 8, 8] (conv, batch norm, RepConv-style
+    parallel branches, pools, upsampling, channel concat), reaching the convolution passes."""
+    c = draw(st.sampled_from([2, 4]))
+    lines: list[str] = []
+    values: list[tuple[str, int, int]] = [("x", c, 8)]  # name, channels, spatial size
+    for i in range(draw(st.integers(1, max_ops))):
+        name, ch, hw = draw(st.sampled_from(values))
+        out = draw(st.sampled_from([2, 4, 6]))
+        kind = draw(st.sampled_from(["conv_bn", "repconv", "identity_branch", "pool", "upsample", "concat",
+                                     "act", "depthwise"]))
+        v = f"i{i}"
+        if kind == "conv_bn":
+            k = draw(st.sampled_from([1, 3]))
+            expr = f"silu(batch_norm(conv2d({name}, {out}, {k}, padding={k // 2}, bias=false)))"
+            values.append((v, out, hw))
+        elif kind == "repconv":
+            expr = (f"relu(batch_norm(conv2d({name}, {out}, 3, padding=1, bias=false)) + "
+                    f"batch_norm(conv2d({name}, {out}, 1, bias=false)))")
+            values.append((v, out, hw))
+        elif kind == "identity_branch":
+            expr = f"relu(conv2d({name}, {ch}, 3, padding=1) + conv2d({name}, {ch}, 1) + {name})"
+            values.append((v, ch, hw))
+        elif kind == "pool" and hw % 2 == 0 and hw > 2:
+            op = draw(st.sampled_from(["max_pool2d", "avg_pool2d"]))
+            expr = f"{op}({name}, 2)"
+            values.append((v, ch, hw // 2))
+        elif kind == "upsample" and hw <= 8:
+            expr = f"upsample({name}, scale=2)"
+            values.append((v, ch, hw * 2))
+        elif kind == "concat":
+            same = [n for n, cc, h in values if h == hw]
+            other = draw(st.sampled_from(same))
+            och = next(cc for n, cc, h in values if n == other)
+            expr = f"concat([{name}, {other}], dim=1)"
+            values.append((v, ch + och, hw))
+        elif kind == "depthwise":
+            expr = f"batch_norm(conv2d({name}, {ch}, 3, padding=1, groups={ch}))"
+            values.append((v, ch, hw))
+        else:
+            expr = f"tanh({name})"
+            values.append((v, ch, hw))
+        lines.append(f"{v} = {expr}")
+    body = "\n".join("  " + ln for ln in lines)
+    last = values[-1][0]
+    if last == "x":
+        body, last = "  y = tanh(x)", "y"
+    return (f"specc: 1\nname: generated\ndims:\n  B: 2\ninputs:\n  x: f32[B, {c}, 8, 8]\ngraph: |\n{body}\n"
+            f"outputs:\n  {last}:\n")

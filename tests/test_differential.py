@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, note, settings
 
 from equivalence import assert_equivalent
 from specc.compiler.passes import PassContext
-from specgen import specs
+from specgen import image_specs, specs
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -45,3 +45,10 @@ def test_generated_specs_reach_the_passes():
         fired.add(name)
     assert fired == set(names)
     assert torch.get_default_dtype() == torch.float32
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=image_specs())
+def test_O0_equals_O2_on_random_convolutional_specs(text):
+    note(text)
+    assert_equivalent(text, PassContext(opt_level=2, verify_each=True))
