@@ -253,6 +253,161 @@ def lstm_inputs(batch: int, params: dict[str, Any], seq: int, seed: int = 0) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# RepVGG (training-time layout of the official code: 3x3 conv+BN, 1x1 conv+BN and identity branches)
+# ---------------------------------------------------------------------------------------------
+
+
+def needs_o0(state: dict[str, torch.Tensor], name: str, spec: str) -> None:
+    """The references of specs whose -O2 rewrites merge parameters (BN folding, RepVGG, LoRA merge,
+    lookup folding) keep those parameters apart, so only an -O0 (or -O1) build's weights fit them."""
+    if name not in state:
+        raise ValueError(f"{spec}: the reference needs the weights of an -O0 build ({name!r} is missing; "
+                         "-O2 merges the parameters the reference keeps apart)")
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """relu(bn(conv3x3(x)) + bn(conv1x1(x)) [+ x]), unmerged, as trained; the identity branch only
+    where stride is 1 and the channels match (the spec's identity is a plain skip, no BN)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.rbr_dense = conv_bn(cin, cout, 3, stride)
+        self.rbr_1x1 = conv_bn(cin, cout, 1, stride)
+        self.identity = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.rbr_dense(x) + self.rbr_1x1(x)
+        return F.relu(y + x if self.identity else y)
+
+
+class RepVGG(nn.Module):
+    def __init__(self, width: int, depth: int, classes: int, **_: Any):
+        super().__init__()
+        stages, cin = [], 3
+        for s in range(3):
+            cout = width * 2 ** s
+            stages.append(nn.Sequential(RepVGGBlock(cin, cout, 2), *[RepVGGBlock(cout, cout, 1) for _ in range(depth)]))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.linear = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def repvgg_weights(state: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """From -O0 names: `down{,_1,_2}.conv_bn{,_1}.{conv2d,batch_norm}` for the stride-2 blocks and
+    `s{1,2,3}.{i}.conv_bn{,_1}...` for the repeated identity blocks."""
+    needs_o0(state, "down.conv_bn.batch_norm.running_var", "repvgg")
+    out = {"linear.weight": state["logits.weight"], "linear.bias": state["logits.bias"]}
+
+    def block(src: str, dst: str) -> None:
+        for branch, name in (("conv_bn", "rbr_dense"), ("conv_bn_1", "rbr_1x1")):
+            out[f"{dst}.{name}.0.weight"] = state[f"{src}.{branch}.conv2d.weight"]
+            for kind in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                out[f"{dst}.{name}.1.{kind}"] = state[f"{src}.{branch}.batch_norm.{kind}"]
+
+    for s in range(3):
+        block("down" + (f"_{s}" if s else ""), f"stages.{s}.0")
+        for i in range(params["depth"]):
+            block(f"s{s + 1}.{i}", f"stages.{s}.{i + 1}")
+    return out
+
+
+def image_inputs(batch: int, params: dict[str, Any], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, 32, 32, generator=gen),)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT with LoRA on the MLP projections (peft-style LoRA linear: frozen base + scaled B(A x))
+# ---------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, cin: int, cout: int, r: int, alpha: float):
+        super().__init__()
+        self.base = nn.Linear(cin, cout)
+        self.lora_A = nn.Linear(cin, r, bias=False)
+        self.lora_B = nn.Linear(r, cout, bias=False)
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(x))
+
+
+class LoRAMLP(nn.Module):
+    def __init__(self, d_model: int, r: int, alpha: float):
+        super().__init__()
+        self.c_fc = LoRALinear(d_model, 4 * d_model, r, alpha)
+        self.c_proj = LoRALinear(4 * d_model, d_model, r, alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class LoRAGPT(GPT):
+    def __init__(self, vocab: int, block_size: int, d_model: int, heads: int, layers: int, r: int, alpha: float,
+                 tied: bool = True, **_: Any):
+        super().__init__(vocab, block_size, d_model, heads, layers, tied)
+        for block in self.h:
+            block.mlp = LoRAMLP(d_model, r, alpha)
+
+
+def lora_gpt_weights(state: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The gpt map for everything but the MLP; each MLP projection from -O0's `lora{,_1}.linear`
+    (base), `.linear_1` (A) and `.linear_2` (B)."""
+    needs_o0(state, "h.0.lora.linear_1.weight", "lora_gpt")
+    out = {}
+    for i in range(params["layers"]):
+        g = f"h.{i}."
+        for src, dst in (("lora", "c_fc"), ("lora_1", "c_proj")):
+            m = f"h.{i}.mlp.{dst}."
+            out |= {m + "base.weight": state[g + src + ".linear.weight"], m + "base.bias": state[g + src + ".linear.bias"],
+                    m + "lora_A.weight": state[g + src + ".linear_1.weight"],
+                    m + "lora_B.weight": state[g + src + ".linear_2.weight"]}
+        # the gpt map reads the plain MLP's names; give it the base weights and drop what it made
+        state = state | {g + "mlp.fc1.weight": state[g + "lora.linear.weight"], g + "mlp.fc1.bias": state[g + "lora.linear.bias"],
+                         g + "mlp.fc2.weight": state[g + "lora_1.linear.weight"], g + "mlp.fc2.bias": state[g + "lora_1.linear.bias"]}
+    base = {k: v for k, v in gpt_weights(state, params).items() if ".mlp." not in k}
+    return base | out
+
+
+# ---------------------------------------------------------------------------------------------
+# glyph embedding classifier: frozen table, per-token adapter, mean pooling, linear head
+# ---------------------------------------------------------------------------------------------
+
+
+class GlyphClassifier(nn.Module):
+    def __init__(self, vocab: int, d: int, hidden: int, classes: int, **_: Any):
+        super().__init__()
+        self.glyphs = nn.Embedding(vocab, d)
+        self.glyphs.weight.requires_grad_(False)  # frozen rendered-glyph table
+        self.norm = nn.LayerNorm(d)
+        self.adapter = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.adapter(self.norm(self.glyphs(ids)))  # (B, T, d), one token at a time
+        return self.head(tokens.mean(dim=1))
+
+
+def glyph_weights(state: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    needs_o0(state, "layer_norm.weight", "glyph_embedding")
+    return {"glyphs.weight": state["glyph.weight"], "norm.weight": state["layer_norm.weight"],
+            "norm.bias": state["layer_norm.bias"], "adapter.0.weight": state["linear.weight"],
+            "adapter.0.bias": state["linear.bias"], "adapter.2.weight": state["tokens.weight"],
+            "adapter.2.bias": state["tokens.bias"], "head.weight": state["logits.weight"],
+            "head.bias": state["logits.bias"]}
+
+
+# ---------------------------------------------------------------------------------------------
 # the cases
 # ---------------------------------------------------------------------------------------------
 
@@ -274,10 +429,11 @@ class Case:
 
 def load_reference(case: Case, state: dict[str, torch.Tensor], params: dict[str, Any]) -> nn.Module:
     """The reference for `params`, filled from a specc build's weights by the case's name map; every
-    reference parameter must be filled exactly, and every weight of the build used."""
+    reference parameter and buffer must be filled exactly, and every weight of the build used."""
     model = case.make(params)
     mapped = case.weights(state, params)
-    own = dict(model.named_parameters())  # a tied parameter appears once
+    # a tied parameter appears once; buffers (BatchNorm running statistics) are weights of the build too
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
     missing, extra = sorted(set(own) - set(mapped)), sorted(set(mapped) - set(own))
     if missing or extra:
         raise ValueError(f"{case.spec}: the weight map does not fit the reference: missing {missing}, extra {extra}")
@@ -316,4 +472,28 @@ CASES: dict[str, Case] = {
         quick_overrides=dict(vocab=100, d=32, hidden=32, layers=1, classes=5),
         size="vocab=1000, d=128, hidden=128 per direction, T=64, 5 classes",
         rewrites="none (the generated code is the reference's nn.LSTM)"),
+    "repvgg": Case(
+        "repvgg", lambda p: RepVGG(**p), repvgg_weights,
+        lambda b, p, seed=0: image_inputs(b, p, seed=seed),
+        overrides=dict(width=32, depth=2, classes=10),
+        quick_overrides=dict(width=8, depth=1, classes=10),
+        size="3 stages of 32/64/128 channels, 1 stride-2 + 2 identity blocks each, 32x32 input",
+        rewrites="BN folding + RepVGG branch merge (each block one 3x3 conv); the reference keeps the "
+                 "training-time branches", own_rewrites=True),
+    "lora_gpt": Case(
+        "lora_gpt", lambda p: LoRAGPT(**p), lora_gpt_weights,
+        lambda b, p, seed=0: gpt_inputs(b, p, seq=p["block_size"], seed=seed),
+        overrides=dict(vocab=65, block_size=128, d_model=256, heads=4, layers=4, r=8),
+        quick_overrides=dict(block_size=32, d_model=64, heads=4, layers=2, r=4),
+        size="4 layers, d_model=256, 4 heads, T=128, LoRA r=8 on both MLP projections",
+        rewrites="LoRA merge into the base weights, QKV fusion, SDPA; the reference runs the adapters "
+                 "unmerged (as peft does before merge_and_unload)", own_rewrites=True),
+    "glyph_embedding": Case(
+        "glyph_embedding", lambda p: GlyphClassifier(**p), glyph_weights,
+        lambda b, p, seed=0: lstm_inputs(b, p, seq=128, seed=seed),
+        overrides=dict(vocab=1000, d=256, hidden=512, classes=10),
+        quick_overrides=dict(vocab=256, d=64, hidden=128, classes=10),
+        size="vocab=1000, d=256, adapter 256-512-256, T=128, 10 classes",
+        rewrites="lookup folding: table + layer norm + adapter MLP become one [vocab, d] table",
+        own_rewrites=True),
 }

@@ -14,11 +14,15 @@ hang, a memory blow-up or a Python RecursionError.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import fnmatch
+import importlib
 import keyword
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import networkx as nx
 
@@ -30,8 +34,15 @@ from specc.dsl.yamlpos import TextOrigin
 
 from . import ops as _ops  # noqa: F401  (registers the built-in operators)
 from .dims import Dim, Sym, div_exact, fmt, is_dim
-from .ir import DTYPES, Frame, Graph, Node, Ref, TensorType
+from .ir import DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
+
+#: Options any operator that owns parameters takes, handled here rather than by each op:
+#: frozen=true, init=normal(0.02), bias_init=zeros, share=v (reuse the parameters of the layer that computed v).
+CALL_OPTIONS = ("frozen", "init", "bias_init", "share")
+#: Initialisers an `init=` / `bias_init=` option may name, with the arguments each takes.
+INITIALISERS = {"normal": ("std", "mean"), "uniform": ("bound",), "constant": ("value",), "zeros": (), "ones": (),
+                "eye": ()}
 
 OVERRIDES_FILE = "<--set>"
 DEFAULT_EXAMPLE = {"B": 2}
@@ -127,8 +138,12 @@ def _nodes_of_value(value: Any) -> bool:
 
 class Elaborator:
     def __init__(self, src: SpecSource, overrides: Mapping[str, Any] | None = None,
-                 override_text: Mapping[str, tuple[str, Span]] | None = None):
+                 override_text: Mapping[str, tuple[str, Span]] | None = None,
+                 allow_imports: Collection[str] = ()):
         self.src = src
+        self.allow_imports = frozenset(allow_imports)
+        self.imported: set[str] = set()  # modules of `imports:` imported (custom operators visible)
+        self.import_failed = False  # an import was refused or failed: an unknown operator may be one of its
         self.spec = src.spec
         self.doc = src.doc
         self.errors = Collector()
@@ -160,6 +175,7 @@ class Elaborator:
     # -- entry -------------------------------------------------------------------------------
     def run(self) -> Graph:
         self.bind_params()
+        self.import_modules()
         self.declare_dims()
         self.declare_inputs()
         self.read_blocks()
@@ -172,6 +188,8 @@ class Elaborator:
             self.exec_body(body, top, in_block=None)
         self.bind_outputs(top, complete=body is not None and body.names_known)
         self.check_unused_blocks()
+        if body is not None:
+            self.apply_freeze()
         if not self.errors:
             self.check_symbols_known()
         self.errors.raise_if_any(self.sources)
@@ -185,7 +203,10 @@ class Elaborator:
         self.params = {name: POISON for section, name in self.src.unknown
                        if section in ("params", "dims", "inputs")}
         self.params.update(self.spec.params)
-        for name, value in self.overrides.items():
+        overrides = dict(self.overrides)
+        if self.spec.scales:
+            self.apply_scale(overrides)
+        for name, value in overrides.items():
             text, span = self.override_text.get(name, (None, Span(OVERRIDES_FILE, 1, 1)))
             if name not in self.params:
                 span = Span(span.file, span.line, 1, span.line, len(name) + 1)
@@ -199,6 +220,102 @@ class Elaborator:
                 self.params[name] = coerce_override(value, default)
             except ValueError as e:
                 self.fail(span, f"bad override for '{name}': {e}")
+
+    def apply_scale(self, overrides: dict[str, Any]) -> None:
+        """Check the presets of `scales:` and apply the one the param `scale` selects (its override,
+        else params.scale); removes `scale` from `overrides`, whose single params then win."""
+        presets: dict[str, dict[str, Any]] = {}
+        for preset, values in self.spec.scales.items():
+            problem = identifier_problem(preset)
+            if problem:
+                self.fail(self.doc.key_span(("scales", preset)), f"scales: preset name: {problem}")
+                continue
+            checked: dict[str, Any] = {}
+            for key, value in values.items():
+                kspan = self.doc.key_span(("scales", preset, key))
+                if key == "scale":
+                    self.fail(kspan, f"scales.{preset}: a preset cannot set 'scale', which selects the preset")
+                elif key not in self.params:
+                    self.fail(kspan, f"scales.{preset}: unknown parameter '{key}'" + did_you_mean(key, self.params),
+                              "a preset overrides parameters declared under 'params:'")
+                elif self.params[key] is not POISON:
+                    try:
+                        checked[key] = coerce_override(value, self.params[key])
+                    except ValueError as e:
+                        self.fail(self.doc.span(("scales", preset, key)), f"scales.{preset}.{key}: {e}")
+            presets[preset] = checked
+        if "scale" in overrides:
+            chosen = overrides.pop("scale")
+            span = self.override_text.get("scale", (None, Span(OVERRIDES_FILE, 1, 1)))[1]
+        elif "scale" in self.spec.params:
+            chosen, span = self.spec.params["scale"], self.doc.span(("params", "scale"))
+        else:
+            return  # no preset selected: the params as declared
+        names = ", ".join(self.spec.scales)
+        if isinstance(chosen, str):
+            chosen = chosen.strip()
+        if not isinstance(chosen, str) or chosen not in self.spec.scales:
+            shown = f"'{chosen}'" if isinstance(chosen, str) else _kind(chosen)
+            self.fail(span, f"unknown scale {shown}: 'scale' selects one of the presets under 'scales:'"
+                      + (did_you_mean(chosen, self.spec.scales) if isinstance(chosen, str) else ""),
+                      f"presets: {names}")
+            self.params["scale"] = POISON
+            return
+        self.params.update(presets.get(chosen, {}))
+        self.params["scale"] = chosen
+
+    # -- custom operators --------------------------------------------------------------------
+    def import_modules(self) -> None:
+        """Import the modules of `imports:` (which register custom operators), only if the user
+        allowed every one of them; otherwise import nothing and report each refused one."""
+        names = self.spec.imports
+        seen: set[str] = set()
+        refused = False
+        for i, name in enumerate(names):
+            span = self.doc.span(("imports", i))
+            if name in seen:
+                self.fail(span, f"module '{name}' is imported twice")
+            seen.add(name)
+            if name not in self.allow_imports:
+                refused = True
+                self.fail(span, f"the spec imports the Python module '{name}', which you have not allowed",
+                          f"importing runs that module's code; allow it with `--allow-import {name}` "
+                          f"(or specc.load(..., allow_imports=['{name}']))")
+        if refused:
+            self.import_failed = True
+            return
+        for i, name in enumerate(dict.fromkeys(names)):
+            span = self.doc.span(("imports", names.index(name)))
+            try:
+                importlib.import_module(name)
+            except (Exception, SystemExit) as e:  # user code: any failure is the user's, located at the import
+                self.import_failed = True
+                self.fail(span, f"cannot import module '{name}': {type(e).__name__}: {e}")
+                continue
+            self.imported.add(name)
+            if not any(op.module and (op.module == name or op.module.startswith(name + "."))
+                       for op in REGISTRY.values()):
+                self.fail(span, f"module '{name}' defines no custom operators",
+                          "declare them with @specc.custom_op(...) in that module")
+
+    def visible_module(self, module: str | None) -> bool:
+        """Whether operators registered by `module` may be used: built-ins always, custom ones
+        when the spec imports their module (or a package above it)."""
+        if module is None:
+            return True
+        return any(module == m or module.startswith(m + ".") for m in self.imported)
+
+    def op_named(self, name: str) -> OpDef | None:
+        """The operator a spec can call by `name` (not internal, and imported if custom), or None."""
+        opdef = REGISTRY.get(name)
+        if opdef is None or opdef.category == "internal" or not self.visible_module(opdef.module):
+            return None
+        return opdef
+
+    def reserved_op(self, name: str) -> bool:
+        """Whether `name` is an operator's (built-in, or custom and imported) and so cannot name a value."""
+        opdef = REGISTRY.get(name)
+        return opdef is not None and self.visible_module(opdef.module)
 
     # -- symbolic dimensions -----------------------------------------------------------------
     def declare_dims(self) -> None:
@@ -323,14 +440,14 @@ class Elaborator:
     # -- blocks ------------------------------------------------------------------------------
     def read_blocks(self) -> None:
         for section, name in self.src.unknown:  # left out for an error: calls to it are no further error
-            if section == "blocks" and name not in REGISTRY:
+            if section == "blocks" and not self.reserved_op(name):
                 span = self.doc.span(("blocks",))
                 self.blocks[name] = Block(A.Signature(A.Name(name, span), (), span), None, span)
         for key, body_text in self.spec.blocks.items():
             sig = parse(key, self.origin("blocks", key, "<key>"), "signature", self.errors)
             if sig is None:
                 m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", key)
-                if m and m.group(1) not in self.blocks and m.group(1) not in REGISTRY:
+                if m and m.group(1) not in self.blocks and not self.reserved_op(m.group(1)):
                     span = self.doc.key_span(("blocks", key))
                     self.blocks[m.group(1)] = Block(A.Signature(A.Name(m.group(1), span), (), span), None, span)
                 continue
@@ -338,7 +455,7 @@ class Elaborator:
             problem = self.name_problem(name, kind="block")
             if problem:
                 self.fail(sig.name.span, problem)
-                if name not in REGISTRY and name not in self.blocks:  # calls to it are no further error
+                if not self.reserved_op(name) and name not in self.blocks:  # calls to it are no further error
                     self.blocks[name] = Block(sig, None, sig.span)
                 continue
             if name in self.blocks:
@@ -364,8 +481,9 @@ class Elaborator:
         problem = identifier_problem(name)
         if problem:
             return f"{kind} name: {problem}"
-        if name in REGISTRY:
-            return f"'{name}' is a built-in operator and cannot name a {kind}"
+        if self.reserved_op(name):
+            return f"'{name}' is {'a built-in' if REGISTRY[name].module is None else 'a custom'} operator and " \
+                   f"cannot name a {kind}"
         if name in self.params:
             return f"'{name}' is a parameter and cannot name a {kind}"
         return None
@@ -440,7 +558,7 @@ class Elaborator:
                 problem = f"'{t.id}' is a parameter; choose another name for this value"
             elif t.id in self.symbols:
                 problem = f"'{t.id}' is a symbolic dimension; choose another name for this value"
-            elif t.id in self.blocks or t.id in REGISTRY:
+            elif t.id in self.blocks or self.reserved_op(t.id):
                 problem = f"'{t.id}' names {'a block' if t.id in self.blocks else 'an operator'}; choose another name"
             if problem:
                 self.fail(t.span, problem)
@@ -464,12 +582,18 @@ class Elaborator:
         """Whether `name` is defined nowhere (nor later in its body, nor possibly on a broken line)."""
         n = name.id
         return not (n in scope.env or n in self.params or n in self.symbols or n in self.blocks
-                    or n in REGISTRY or n in DTYPES or n in CONST_FUNCS or n in ("identity", "repeat")
+                    or self.reserved_op(n) or n in DTYPES or n in CONST_FUNCS or n in ("identity", "repeat")
                     or scope.lenient or (name.span.line, name.span.col, n) in getattr(self, "_late", {}))
 
     def unknown_operator(self, func: A.Name) -> _Poison:
+        if self.import_failed:  # it may be a custom operator of the module that was not imported
+            return POISON
+        custom = REGISTRY.get(func.id)
+        if custom is not None and custom.module is not None:
+            return self.fail(func.span, f"'{func.id}' is a custom operator of module '{custom.module}', which this "
+                                        f"spec does not import", f"add `imports: [{custom.module}]` to the spec")
         callables = set(self.blocks) | set(CONST_FUNCS) | {"repeat"}
-        callables |= {k for k, v in REGISTRY.items() if v.category != "internal"}
+        callables |= {k for k in REGISTRY if self.op_named(k)}
         return self.fail(func.span, f"unknown operator '{func.id}'" + did_you_mean(func.id, callables),
                          "operators are listed by `specc ops`; blocks are defined under 'blocks:'")
 
@@ -483,7 +607,7 @@ class Elaborator:
             return Sym.of(n)
         if n in self.blocks:
             return BlockRef(n)
-        if n in REGISTRY and REGISTRY[n].category != "internal":
+        if self.op_named(n):
             return OpRef(n)
         if n in DTYPES:
             return DTypeRef(n)
@@ -497,7 +621,7 @@ class Elaborator:
         values = set(scope.env) | set(self.params) | set(self.symbols)
         # comparisons (eq, lt, ...) are written as operators; their two-letter names would match too much
         callables = set(self.blocks) | {k for k, v in REGISTRY.items()
-                                        if v.category not in ("internal", "comparison")}
+                                        if v.category != "comparison" and self.op_named(k)}
         hint = did_you_mean(n, values) or did_you_mean(n, callables)  # a value is the likelier intent
         return self.fail(name.span, f"undefined name '{n}'" + hint)
 
@@ -678,7 +802,7 @@ class Elaborator:
                 return self.fail(e.span, f"{fname}(): {err}")
         if fname in self.blocks:
             target: Any = BlockRef(fname)
-        elif fname in REGISTRY and REGISTRY[fname].category != "internal":
+        elif self.op_named(fname):
             target = OpRef(fname)
         elif self.is_unknown(e.func, scope):
             target = self.unknown_operator(e.func)
@@ -688,8 +812,12 @@ class Elaborator:
             for a in e.args:
                 self.ev(a, scope, hint=None)  # still report errors inside the arguments
             for k in e.kwargs:
-                self.ev(k.value, scope, hint=None)
+                if k.name not in ("init", "bias_init"):  # initialisers are not values
+                    self.ev(k.value, scope, hint=None)
             return POISON
+        options: dict[str, tuple[Any, Span]] = {}
+        if isinstance(target, OpRef) and target.name in REGISTRY:
+            e, options = self.call_options(REGISTRY[target.name], e, scope)
         args = [self.ev(a, scope, hint=None) for a in e.args]
         kwargs = {}
         for k in e.kwargs:
@@ -698,7 +826,7 @@ class Elaborator:
             kwargs[k.name] = self.ev(k.value, scope, hint=None)
         if isinstance(target, OpRef) and target.name in REGISTRY:
             # argument names and kinds are checked even when some values are unknown
-            return self.apply_op(REGISTRY[target.name], args, kwargs, e, scope, hint)
+            return self.apply_op(REGISTRY[target.name], args, kwargs, e, scope, hint, options)
         if any(v is POISON for v in args) or any(v is POISON for v in kwargs.values()):
             return POISON
         if isinstance(target, BlockRef):
@@ -707,6 +835,188 @@ class Elaborator:
         if isinstance(target, OpRef) and target.name in REGISTRY:
             return self.apply_op(REGISTRY[target.name], args, kwargs, e, scope, hint)
         return self.fail(e.func.span, f"'{fname}' is {_kind(target)}, not an operator or a block")
+
+    # -- call options: frozen=, init=, bias_init=, share= ------------------------------------
+    def call_options(self, opdef: OpDef, e: A.Call, scope: _Scope) -> tuple[A.Call, dict[str, tuple[Any, Span]]]:
+        """Strip the call options from `e` (those that are not the op's own arguments) and evaluate
+        them; returns the call without them and {option: (value, span)} of the valid ones."""
+        own = {a.name for a in opdef.args}
+        picked = [k for k in e.kwargs if k.name in CALL_OPTIONS and k.name not in own]
+        if not picked:
+            return e, {}
+        e = dataclasses.replace(e, kwargs=tuple(k for k in e.kwargs if not any(k is p for p in picked)))
+        if opdef.params is None:
+            for k in picked:
+                self.fail(k.span, f"{opdef.name}() owns no parameters, so '{k.name}=' does not apply",
+                          "frozen=, init=, bias_init= and share= are options of layers with parameters "
+                          "(linear, conv2d, embedding, layer_norm, attention, ...)")
+            return e, {}
+        options: dict[str, tuple[Any, Span]] = {}
+        seen: set[str] = set()
+        for k in picked:
+            if k.name in seen:
+                self.fail(k.span, f"argument '{k.name}' is given twice")
+                continue
+            seen.add(k.name)
+            if k.name in ("init", "bias_init"):
+                v = self.initialiser(k.value, scope, k.name)
+            else:
+                v = self.ev(k.value, scope, hint=None)
+                if v is POISON:
+                    continue
+                if k.name == "frozen" and not isinstance(v, bool):
+                    v = self.fail(k.value.span, f"frozen= must be true or false, got {_kind(v)}")
+                elif k.name == "share" and not isinstance(v, TV):
+                    v = self.fail(k.value.span, f"share= needs a value computed by another {opdef.name} layer, "
+                                                f"got {_kind(v)}")
+            if v is not POISON:
+                options[k.name] = (v, k.span)
+        return e, options
+
+    def initialiser(self, expr: A.Expr, scope: _Scope, option: str) -> Init | _Poison:
+        """An initialiser expression: zeros, ones, eye, normal(std, mean=0), uniform(bound),
+        constant(value), or `a if cond else b` of these; arguments are computed from params."""
+        known = "normal(std, mean=0), uniform(bound), constant(value), zeros, ones, eye"
+        if isinstance(expr, A.IfExp):
+            cond = self.ev(expr.cond, scope, hint=None)
+            if cond is POISON:
+                return POISON
+            if not isinstance(cond, bool):
+                return self.fail(expr.cond.span, f"the condition of 'if' must be a boolean computed from params, "
+                                                 f"got {_kind(cond)}")
+            return self.initialiser(expr.then if cond else expr.other, scope, option)
+        if isinstance(expr, A.Name):
+            func, args, kwargs = expr, (), ()
+        elif isinstance(expr, A.Call) and isinstance(expr.func, A.Name):
+            func, args, kwargs = expr.func, expr.args, expr.kwargs
+        else:
+            return self.fail(expr.span, f"{option}= expects an initialiser: {known}")
+        kind = func.id
+        if kind not in INITIALISERS:
+            return self.fail(func.span, f"unknown initialiser '{kind}'" + did_you_mean(kind, INITIALISERS),
+                             f"initialisers: {known}")
+        names = INITIALISERS[kind]
+        if len(args) > len(names):
+            return self.fail(expr.span, f"{kind} takes {len(names) or 'no'} argument{'s' if len(names) != 1 else ''}"
+                                        f", got {len(args)}", f"initialisers: {known}")
+        values: dict[str, Any] = {}
+        for name, a in zip(names, args):
+            values[name] = (self.const_eval(a, "a number"), a.span)
+        for k in kwargs:
+            if k.name not in names or k.name in values:
+                return self.fail(k.span, f"{kind}() has no argument '{k.name}'" if k.name not in names
+                                 else f"{kind}() got argument '{k.name}' twice", f"initialisers: {known}")
+            values[k.name] = (self.const_eval(k.value, "a number"), k.value.span)
+        if kind == "normal":
+            values.setdefault("mean", (0.0, expr.span))
+        out = []
+        for name in names:
+            if name not in values:
+                return self.fail(expr.span, f"{kind}() is missing argument '{name}'", f"initialisers: {known}")
+            v, vspan = values[name]
+            if v is POISON:
+                return POISON
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return self.fail(vspan, f"{kind}(): '{name}' must be a number, got {_kind(v)}")
+            if name in ("std", "bound") and v < 0:
+                return self.fail(vspan, f"{kind}(): '{name}' must not be negative, got {v:g}")
+            out.append(float(v))
+        return Init(kind, tuple(out))
+
+    def apply_options(self, opname: str, params: tuple[ParamSpec, ...],
+                      options: dict[str, tuple[Any, Span]]) -> tuple[ParamSpec, ...]:
+        """The parameters of a new `opname` node with its call options applied (errors reported)."""
+        if not params:
+            for name, (_, span) in options.items():
+                self.fail(span, f"{opname}: this call creates no parameters (e.g. affine=false), so '{name}=' "
+                                f"does not apply")
+            return params
+        own = [p for p in params if not p.buffer]
+        if "share" in options:
+            v, span = options["share"]
+            for other in ("init", "bias_init", "frozen"):
+                if other in options:
+                    self.fail(options[other][1], f"{other}= cannot be combined with share=: the parameters are those "
+                                                 f"of the shared layer (set {other}= there)")
+            return self.share(opname, params, v, span)
+        params = list(params)
+        for option, prefix in (("init", "weight"), ("bias_init", "bias")):
+            if option not in options:
+                continue
+            init, span = options[option]
+            targets = [i for i, p in enumerate(params) if not p.buffer and p.name.split(".")[-1].startswith(prefix)]
+            if not targets:
+                self.fail(span, f"{opname}: this layer has no {prefix} for {option}= to initialise"
+                          + (" (bias=false?)" if prefix == "bias" else ""),
+                          "its parameters: " + ", ".join(_param_text(p) for p in own))
+                continue
+            if init.kind == "eye":
+                bad = [params[i] for i in targets
+                       if len(params[i].shape) != 2 or params[i].shape[0] != params[i].shape[1]]
+                if bad:
+                    self.fail(span, f"{option}=eye needs square 2-D weights, but {opname} has "
+                                    + ", ".join(_param_text(p) for p in bad))
+                    continue
+            for i in targets:
+                params[i] = dataclasses.replace(params[i], init=init)
+        if "frozen" in options and options["frozen"][0]:
+            params = [dataclasses.replace(p, frozen=True) for p in params]
+        return tuple(params)
+
+    def share(self, opname: str, params: tuple[ParamSpec, ...], v: "TV", span: Span) -> tuple[ParamSpec, ...]:
+        """`params` tied to those of the layer that computed `v` (same op and parameter shapes)."""
+        owner = self.graph.node(v.ref.node)
+        if owner.op != opname or not owner.params:
+            what = f"'{owner.op}', which has no parameters" if not owner.params else f"'{owner.op}'"
+            self.fail(span, f"share=: the value was computed by {what}; a {opname} layer can only share the "
+                            f"parameters of another {opname} layer", f"that value is computed at {owner.span}")
+            return params
+        if any(p.tied_to for p in params):
+            self.fail(span, "share= cannot be combined with tie=; share= already reuses every parameter")
+            return params
+        mine = [(p.name, p.shape, p.dtype) for p in params]
+        theirs = [(p.name, p.shape, p.dtype) for p in owner.params]
+        if mine != theirs:
+            self.fail(span, f"share=: this {opname} would have parameters {_params_text(params)}, but the one it "
+                            f"shares ('{'.'.join(owner.path)}') has {_params_text(owner.params)}",
+                      f"that layer is at {owner.span}")
+            return params
+        return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(owner.path + (q.name,)),
+                                         frozen=q.frozen, init=q.init)
+                     for p, q in zip(params, owner.params))
+
+    # -- freeze: ------------------------------------------------------------------------------
+    def apply_freeze(self) -> None:
+        """Mark the parameters matching the `freeze:` patterns frozen. A tied parameter shares its
+        owner's storage, so matching it freezes the owner (and with it every layer sharing it)."""
+        patterns = self.spec.freeze
+        if not patterns:
+            return
+        names: dict[str, tuple[int, int]] = {}  # full parameter name -> (node id, index in node.params)
+        for nid, node in self.graph.nodes():
+            for i, p in enumerate(node.params):
+                names[".".join(node.path + (p.name,))] = (nid, i)
+        frozen: set[str] = set()
+        for k, pattern in enumerate(patterns):
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                literal = pattern.replace("*", "").replace("?", "")
+                close = difflib_close(literal, names)
+                self.fail(self.doc.span(("freeze", k)), f"freeze: the pattern '{pattern}' matches no parameter",
+                          ("close names: " + ", ".join(close)) if close else
+                          "parameter names are module paths such as h.0.attention.q.weight (see `specc ir`)")
+                continue
+            for n in hits:
+                nid, i = names[n]
+                p = self.graph.node(nid).params[i]
+                frozen.add(p.tied_to or n)
+        for nid, node in list(self.graph.nodes()):
+            if not node.params:
+                continue
+            params = tuple(dataclasses.replace(p, frozen=True)
+                           if (p.tied_to or ".".join(node.path + (p.name,))) in frozen else p for p in node.params)
+            if params != node.params:  # a new payload; the graph is still being built
+                self.graph.g.nodes[nid][NODE] = node.replace(params=params)
 
     def bind(self, opdef: OpDef, args: list, kwargs: dict, e: A.Call) -> tuple[dict, dict] | None:
         """Match call arguments to the signature; returns (values, spans) by argument name."""
@@ -752,7 +1062,8 @@ class Elaborator:
                 values[a.name] = [] if a.variadic else a.default
         return values, spans
 
-    def apply_op(self, opdef: OpDef, args: list, kwargs: dict, e: A.Call, scope: _Scope, hint: str | None) -> Any:
+    def apply_op(self, opdef: OpDef, args: list, kwargs: dict, e: A.Call, scope: _Scope, hint: str | None,
+                 options: dict[str, tuple[Any, Span]] | None = None) -> Any:
         bound = self.bind(opdef, args, kwargs, e)
         if bound is None:
             return POISON
@@ -779,7 +1090,7 @@ class Elaborator:
             (tensors if a.is_tensor else attrs)[a.name] = checked
         if not ok:
             return POISON
-        return self.make(opdef.name, tensors, attrs, e.span, scope, hint, spans)
+        return self.make(opdef.name, tensors, attrs, e.span, scope, hint, spans, options)
 
     def check_kind(self, opdef: OpDef, a: Arg, v: Any, span: Span) -> Any:
         where = f"{opdef.name}(): argument '{a.name}'"
@@ -871,7 +1182,7 @@ class Elaborator:
         raise AssertionError(f"unknown argument kind {k}")  # pragma: no cover
 
     def make(self, opname: str, tensors: dict, attrs: dict, span: Span, scope: _Scope, hint: str | None,
-             spans: dict[str, Span]) -> Any:
+             spans: dict[str, Span], options: dict[str, tuple[Any, Span]] | None = None) -> Any:
         """Run the op's rules and add its node. Returns a TV, or a tuple of TVs for several outputs."""
         opdef = REGISTRY[opname]
         types = {k: (None if v is None else [x.type for x in v] if isinstance(v, list) else v.type)
@@ -884,6 +1195,8 @@ class Elaborator:
             params = tuple(opdef.params(call)) if opdef.params else ()
         except OpError as err:
             return self.fail(spans.get(err.arg or "", span) if err.arg else span, err.message)
+        if options:
+            params = self.apply_options(opname, params, options)
         for t in outs:
             if _too_large(t.shape):
                 return self.fail(span, f"{opname}: the result {_plain(t)} is too large "
@@ -1024,8 +1337,10 @@ class Elaborator:
             for st in body.stmts:
                 for value in (st.values if isinstance(st, A.Return) else (st.value,)):
                     called = {id(c.func) for c in walk(value) if isinstance(c, A.Call)}
+                    inits = {id(x) for c in walk(value) if isinstance(c, A.Call) for k in c.kwargs
+                             if k.name in ("init", "bias_init") for x in walk(k.value)}  # not values
                     for sub in walk(value):
-                        if isinstance(sub, A.Name) and self.is_unknown(sub, scope):
+                        if isinstance(sub, A.Name) and id(sub) not in inits and self.is_unknown(sub, scope):
                             if id(sub) in called:
                                 self.unknown_operator(sub)
                             else:
@@ -1082,6 +1397,19 @@ class Elaborator:
 # ---------------------------------------------------------------------------------------------
 # constant helpers
 # ---------------------------------------------------------------------------------------------
+
+def _param_text(p: ParamSpec) -> str:
+    return f"{p.name} {p.dtype}[{', '.join(map(str, p.shape))}]"
+
+
+def _params_text(params) -> str:
+    return "[" + ", ".join(_param_text(p) for p in params) + "]"
+
+
+def difflib_close(name: str, candidates: Collection[str], n: int = 3) -> list[str]:
+    """Up to `n` candidates close to `name`."""
+    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5)
+
 
 def _plain(t: TensorType) -> str:
     return str(TensorType(t.dtype, t.shape))
@@ -1322,9 +1650,13 @@ def coerce_override(value: Any, default: Any) -> Any:
 
 
 def elaborate(src: SpecSource, overrides: Mapping[str, Any] | None = None,
-              override_text: Mapping[str, tuple[str, Span]] | None = None) -> Graph:
-    """Elaborate a validated spec into a typed Graph. Raises SpecError with every problem found."""
-    return Elaborator(src, overrides, override_text).run()
+              override_text: Mapping[str, tuple[str, Span]] | None = None,
+              allow_imports: Collection[str] = ()) -> Graph:
+    """Elaborate a validated spec into a typed Graph. Raises SpecError with every problem found.
+
+    `allow_imports`: the modules of the spec's `imports:` the user allows to be imported (each
+    runs as Python code); a spec importing any other module is an error, and nothing is imported."""
+    return Elaborator(src, overrides, override_text, allow_imports).run()
 
 
 __all__ = ["elaborate", "Elaborator", "OVERRIDES_FILE", "coerce_override", "Diagnostic", "SpecError", "REQUIRED"]

@@ -214,6 +214,11 @@ class Graph:
         """Distinct parameters (a tied parameter counts once, at its owner)."""
         return sum(p.numel() for _, n in self.nodes() for p in n.params if p.tied_to is None)
 
+    def shared_params(self) -> frozenset[str]:
+        """Full names of the parameters other parameters are tied to (`tie=`, `share=`): rewriting
+        one of them (fusing, folding) changes every layer that shares it."""
+        return frozenset(p.tied_to for _, n in self.nodes() for p in n.params if p.tied_to is not None)
+
     def example_bindings(self) -> dict[str, int]:
         return {s: ex for s, (ex, _, _) in self.dims.items()}
 

@@ -81,6 +81,9 @@ class OpDef:
     flops: Flops | None = None
     doc: str = ""
     category: str = "tensor"
+    #: For custom operators (specc.custom_op): the Python module that declares it. A spec can call
+    #: it only when it imports that module (`imports:`), which the user must allow.
+    module: str | None = None
 
     def arg(self, name: str) -> Arg | None:
         for a in self.args:
@@ -107,10 +110,22 @@ REGISTRY: dict[str, OpDef] = {}
 
 
 def register(opdef: OpDef) -> OpDef:
-    if opdef.name in REGISTRY:
-        raise ValueError(f"operator '{opdef.name}' is already registered")
+    """Add an operator. A custom one may replace an operator of the same module (a module imported
+    again re-declares its operators); any other name clash is a ValueError."""
+    old = REGISTRY.get(opdef.name)
+    if old is not None and not (opdef.module is not None and old.module == opdef.module):
+        owner = "a built-in operator" if old.module is None else f"an operator of module '{old.module}'"
+        raise ValueError(f"operator '{opdef.name}' is already registered ({owner})")
     REGISTRY[opdef.name] = opdef
     return opdef
+
+
+def unregister(name: str) -> None:
+    """Remove a custom operator (built-in ones stay)."""
+    opdef = REGISTRY.get(name)
+    if opdef is not None and opdef.module is None:
+        raise ValueError(f"'{name}' is a built-in operator")
+    REGISTRY.pop(name, None)
 
 
 def op(name: str, *args: Arg, params: Params | None = None, flops: Flops | None = None,

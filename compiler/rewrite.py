@@ -10,6 +10,12 @@ class Editor:
     def __init__(self, graph: Graph):
         self.graph = graph.copy()
         self.changed = False
+        #: parameters other layers share (tie=, share=): a rewrite must leave their owners alone
+        self.shared = graph.shared_params()
+
+    def shares(self, node: Node) -> bool:
+        """Whether `node` owns or borrows a parameter that another layer shares."""
+        return any(p.tied_to is not None or ".".join(node.path + (p.name,)) in self.shared for p in node.params)
 
     # -- reading -----------------------------------------------------------------------------
     def node(self, nid: int) -> Node:

@@ -10,14 +10,18 @@ import keyword
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .diagnostics import Collector, Diagnostic, SpecError, did_you_mean
 from .yamlpos import Located, load_yaml
 
 IDENT = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+#: A Python module name as `imports:` takes it: dotted identifiers, e.g. my_ops or lab.ops.
+MODULE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+#: A `freeze:` pattern: parameter-path characters and the glob wildcards * ? [ ] !.
+FREEZE_PATTERN = re.compile(r"\A[A-Za-z0-9_.*?\[\]!-]+\Z")
 #: The largest integers a spec may hold (far beyond any size, yet cheap to compute and print).
 MAX_INT_BITS = 1024
 #: Names a spec may not define: they would shadow the language's own words.
@@ -35,6 +39,15 @@ def check_identifier(name: str) -> str:
     return name
 
 
+def check_module_name(name: str) -> str:
+    """`name` if it is a dotted Python module name (each part an identifier, not a keyword), else ValueError."""
+    if not isinstance(name, str) or not MODULE.fullmatch(name) or \
+            any(keyword.iskeyword(part) or "__" in part for part in name.split(".")):
+        raise ValueError(f"{_quoted(name)} is not a module name (dotted identifiers without '__', e.g. my_ops "
+                         f"or lab.ops)")
+    return name
+
+
 def _quoted(name: object) -> str:
     """A name for a message: quoted as written, or repr'd when it holds unprintable characters."""
     text = str(name)
@@ -48,9 +61,10 @@ class _Strict(BaseModel):
 class DimDecl(_Strict):
     """A symbolic dimension: the example value used by `check`/`example_inputs`, and its bounds."""
 
-    example: int = Field(gt=0)
-    min: int = Field(default=1, gt=0)
-    max: Union[int, str, None] = None  # an int or an expression over params, e.g. "block_size"
+    example: int = Field(gt=0, description="The size used by `specc check` and example_inputs().")
+    min: int = Field(default=1, gt=0, description="The smallest size the model accepts.")
+    max: Union[int, str, None] = Field(default=None, description="The largest size: an integer or an expression "
+                                                                 "over params, e.g. block_size.")
 
 
 class OutputDecl(_Strict):
@@ -65,11 +79,23 @@ class OutputDecl(_Strict):
 ParamValue = Union[bool, int, float, str]
 
 
+def _check_pattern(pattern: str) -> str:
+    if not FREEZE_PATTERN.fullmatch(pattern):
+        raise ValueError(f"{_quoted(pattern)} is not a parameter-path pattern (names, '.', and the wildcards "
+                         f"* ? [...])")
+    return pattern
+
+
+ModuleName = Annotated[str, AfterValidator(check_module_name)]
+FreezePattern = Annotated[str, AfterValidator(_check_pattern)]
+
+
 class SpecFile(_Strict):
     specc: Literal[1] = Field(description="Spec format version; always 1.")
     name: str = Field(description="Name of the model; becomes the generated module's name.")
     paper: str | None = Field(default=None, description="The paper this architecture comes from.")
-    description: str | None = None
+    description: str | None = Field(default=None, description="Free text; lands in the generated module's "
+                                                              "docstring.")
     params: dict[str, ParamValue] = Field(default_factory=dict,
                                           description="Named parameters with defaults; override with --set k=v.")
     dims: dict[str, Union[int, DimDecl]] = Field(default_factory=dict,
@@ -81,6 +107,21 @@ class SpecFile(_Strict):
     outputs: dict[str, Union[str, None, OutputDecl]] = Field(
         description="Declared outputs: a type (or null to infer), or {type: ..., training_only: true}.")
     seed: int = Field(default=0, description="Seed for weight initialisation.")
+    freeze: list[FreezePattern] = Field(
+        default_factory=list,
+        description="Glob patterns over parameter paths (as `specc ir` prints them, e.g. 'backbone.*' or "
+                    "'h.*.attention.*'): every matching parameter is frozen (requires_grad off in the built "
+                    "module). A pattern that matches no parameter is an error.")
+    scales: dict[str, dict[str, ParamValue]] = Field(
+        default_factory=dict,
+        description="Scaling presets: preset name -> parameter overrides, e.g. {n: {depth: 1, width: 16}}. "
+                    "The param 'scale' selects one (params.scale, or --set scale=n); --set of a single "
+                    "param still wins over the preset.")
+    imports: list[ModuleName] = Field(
+        default_factory=list,
+        description="Python modules defining custom operators (specc.custom_op), e.g. [my_ops]. Imported "
+                    "only when the user allows each one (specc --allow-import my_ops, or "
+                    "specc.load(..., allow_imports=['my_ops'])); the built model.py imports them too.")
 
     @field_validator("name")
     @classmethod

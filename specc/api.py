@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from specc.compiler.frontend import compile_source
 from specc.compiler.ir import Graph
@@ -39,15 +39,18 @@ def read_source(path_or_text: str | Path) -> tuple[str, str]:
     return str(path_or_text), "<spec>"
 
 
-def compile(path_or_text: str | Path, **overrides: Any) -> Graph:  # noqa: A001 - the public name
-    """The typed IR of a spec."""
-    return _front(path_or_text, overrides)[1]
+def compile(path_or_text: str | Path, *, allow_imports: Iterable[str] = (),  # noqa: A001 - the public name
+            overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Graph:
+    """The typed IR of a spec. allow_imports: the modules of the spec's `imports:` you allow it to
+    import (they run as Python code and may declare custom operators)."""
+    return _front(path_or_text, {**(overrides or {}), **more_overrides}, allow_imports=allow_imports)[1]
 
 
-def check(path_or_text: str | Path, **overrides: Any) -> Summary:
+def check(path_or_text: str | Path, *, allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None,
+          **more_overrides: Any) -> Summary:
     """Parse, elaborate and infer every shape; the summary (outputs, parameters, FLOPs), with the
     deploy graph's in `.deploy` when the spec has training-only outputs."""
-    return summary_of(compile(path_or_text, **overrides))
+    return summary_of(compile(path_or_text, allow_imports=allow_imports, overrides=overrides, **more_overrides))
 
 
 def summary_of(graph: Graph) -> Summary:
@@ -59,32 +62,65 @@ def summary_of(graph: Graph) -> Summary:
 
 
 def load(path_or_text: str | Path, *, opt_level: int = 1, deploy: bool = False,
+         weights: Mapping[str, Any] | None = None, allow_imports: Iterable[str] = (),
          overrides: dict[str, Any] | None = None, **more_overrides: Any):
     """The model as a torch.nn.Module (eval mode), built through the same code `specc build` writes.
 
     Parameter overrides come as keyword arguments (or as `overrides=`, for a param whose name
     clashes with an argument of this function). opt_level as in `specc build -O`.
+    weights: {parameter name: tensor} for some parameters of the unoptimised (-O0) graph, as
+    `specc ir -O0` names them; the rest keep their seeded initialisation.
+    allow_imports: the modules of the spec's `imports:` you allow it to import.
     """
     from specc.backends.pytorch.build import artifacts, load_in_memory
 
-    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
+    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides}, allow_imports=allow_imports)
     return load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
+                                    weights=given_weights(graph, weights),
                                     ctx=PassContext(opt_level=opt_level, deploy=deploy)))
 
 
 def build(path_or_text: str | Path, out: str | Path, *, opt_level: int = 1, disabled: tuple[str, ...] = (),
-          deploy: bool = False, torch_compile: bool = False, overrides: dict[str, Any] | None = None, **more_overrides: Any) -> Path:
-    """Write model.py, weights.safetensors and manifest.json into `out` (atomically)."""
+          deploy: bool = False, torch_compile: bool = False, weights: Mapping[str, Any] | None = None,
+          allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None,
+          **more_overrides: Any) -> Path:
+    """Write model.py, weights.safetensors and manifest.json into `out` (atomically).
+    weights and allow_imports as for `load`."""
     from specc.backends.pytorch.build import artifacts, write_atomic
 
-    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides})
+    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides}, allow_imports=allow_imports)
     ctx = PassContext(opt_level=opt_level, disabled=frozenset(disabled), deploy=deploy)
-    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description, ctx=ctx,
-                                      torch_compile=torch_compile))
+    write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
+                                      weights=given_weights(graph, weights), ctx=ctx, torch_compile=torch_compile))
     return Path(out)
 
 
+def given_weights(graph: Graph, weights: Mapping[str, Any] | None, source: str = "<weights>"):
+    """All parameters of the unoptimised `graph`: the given tensors, and the seeded initialisation
+    for the rest (None when nothing is given). Raises SpecError on unknown names or wrong shapes."""
+    if weights is None:
+        return None
+    from specc.backends.pytorch.weights import merge_given
+
+    if not isinstance(weights, Mapping):
+        raise SpecError(Diagnostic(Span(source, 0, 0), "weights must map parameter names to tensors"))
+    return merge_given(graph, weights, source)
+
+
 def _front(path_or_text: str | Path, overrides: dict[str, Any],
-           override_text: dict[str, tuple[str, Span]] | None = None) -> tuple[SpecSource, Graph]:
+           override_text: dict[str, tuple[str, Span]] | None = None,
+           allow_imports: Iterable[str] = ()) -> tuple[SpecSource, Graph]:
     text, file = read_source(path_or_text)
-    return compile_source(text, file, overrides, override_text)
+    allow = tuple(allow_imports)
+    if isinstance(allow_imports, str):
+        raise TypeError("allow_imports takes a list of module names, e.g. ['my_ops']")
+    if not allow:
+        return compile_source(text, file, overrides, override_text)
+    from specc.compiler.elaborate import elaborate
+    from specc.compiler.verify import verify
+    from specc.dsl.schema import read_spec
+
+    src = read_spec(text, file)  # compile_source, with the imports the caller allows
+    graph = elaborate(src, overrides, override_text, allow_imports=allow)
+    verify(graph)
+    return src, graph

@@ -4,6 +4,8 @@
     specc ir SPEC [--set k=v]...          the typed IR as text
     specc build SPEC -o OUT [--set k=v]   model.py + weights.safetensors + manifest.json
     specc ops                             the operators and their signatures
+    specc schema [-o FILE]                the JSON Schema of spec files (for editors)
+    specc graph SPEC -o FILE.svg          a picture of the IR (SVG, and FILE.dot for Graphviz)
 
 User errors print `FILE:LINE:COL: error: ...` with the line and a caret, and exit 2; a user error
 never prints a Python traceback.
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                        help="override a parameter (repeatable)")
         c.add_argument("--no-color", action="store_true", help="plain output")
+        c.add_argument("--allow-import", dest="allow_imports", action="append", default=[], metavar="MODULE",
+                       type=_module_name, help="let the spec import this Python module (its `imports:`), which "
+                                               "declares custom operators; repeatable")
         return c
 
     def pass_options(c: argparse.ArgumentParser, default: int) -> None:
@@ -65,15 +70,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch: readable PyTorch source (default); tvm-llvm / tvm-cuda: a TVM-compiled library "
                         "for this CPU / for NVIDIA sm_90 GPUs, with a model.py of the same interface")
     b.add_argument("--tuning-db", metavar="DIR", help="TVM targets: use (and extend) this MetaSchedule database")
+    b.add_argument("--weights", metavar="FILE.safetensors",
+                   help="given values for some parameters (names as `specc ir -O0` shows them); the rest keep "
+                        "their seeded initialisation")
     pass_options(b, 1)
     v = spec_cmd("verify", "Search for inputs on which the optimised or compiled model differs from the "
                            "unoptimised one (exit 1 on a mismatch).")
     v.add_argument("--examples", type=int, default=50, help="how many generated examples (default 50)")
     v.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, help="candidate opt level")
     v.add_argument("--target", choices=("torch", "tvm-llvm"), default="torch", help="candidate backend")
+    gr = spec_cmd("graph", "Draw the IR: FILE.svg (laid out without Graphviz) and FILE.dot.")
+    gr.add_argument("-o", "--out", required=True, metavar="FILE.svg", help="the SVG to write; the DOT goes beside it")
+    pass_options(gr, 0)
+    sc = sub.add_parser("schema", help="Print (or write) the JSON Schema of spec files, for editors.")
+    sc.add_argument("-o", "--out", metavar="FILE", help="write the schema to FILE instead of printing it")
     sub.add_parser("ops", help="List the operators with their signatures.")
     sub.add_parser("passes", help="List the optimisation passes in pipeline order with their opt levels.")
     return p
+
+
+def _module_name(text: str) -> str:
+    from specc.dsl.schema import check_module_name
+
+    try:
+        return check_module_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_overrides(items: Sequence[str]) -> tuple[dict[str, str], dict[str, tuple[str, Span]], str, Collector]:
@@ -104,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ops()
     if args.command == "passes":
         return _passes()
+    if args.command == "schema":
+        return _schema(args)
     values, spans, set_text, errors = parse_overrides(args.overrides)
     try:
         code = _run(args, values, spans, errors)
@@ -131,7 +155,7 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
          earlier: Collector) -> int:
     from specc.api import _front
 
-    src, graph = _front(Path(args.spec), values, spans)
+    src, graph = _front(Path(args.spec), values, spans, allow_imports=args.allow_imports)
     if earlier:  # bad --set syntax: report it (with any spec errors) before doing anything
         return 2
     if args.command == "check":
@@ -156,8 +180,12 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         from specc.backends.pytorch.build import artifacts, write_atomic
 
         ctx = _pass_context(args, src.file)
+        if args.weights and args.target != "torch":
+            raise SpecError(Diagnostic(Span(args.weights, 0, 0), f"--weights is supported with --target torch only, "
+                                                                 f"not {args.target}"))
+        weights = _read_weights(graph, args.weights) if args.weights else None
         files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
-                          ctx=ctx, torch_compile=args.torch_compile)
+                          weights=weights, ctx=ctx, torch_compile=args.torch_compile)
         if args.target != "torch":
             return _build_tvm(args, src, graph, ctx, json.loads(files["manifest.json"]))
         write_atomic(Path(args.out), files)
@@ -165,7 +193,58 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         if args.run:
             _run_built(Path(args.out))
         return 0
+    if args.command == "graph":
+        return _graph(args, src, graph)
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _read_weights(graph, path: str):
+    """The -O0 graph's parameters with those of a .safetensors file in place (errors located at the file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from specc.api import given_weights
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise SpecError(Diagnostic(Span(path, 0, 0), f"cannot read weights: {reason}")) from None
+    return given_weights(graph, tensors, source=path)
+
+
+def _graph(args: argparse.Namespace, src, graph) -> int:
+    from specc.compiler.passes import optimize
+    from specc.graph import render
+
+    graph, _ = optimize(graph, _pass_context(args, src.file))
+    dot, svg = render(graph)
+    out = Path(args.out)
+    dot_path = out.with_suffix(".dot") if out.suffix.lower() == ".svg" else Path(str(out) + ".dot")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(svg)
+        dot_path.write_text(dot)
+    except OSError as e:
+        raise SpecError(Diagnostic(Span(str(out), 0, 0), f"cannot write: {e.strerror or e}")) from None
+    print(f"drew {graph.name} ({len(graph)} nodes) -> {out} and {dot_path}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from specc.dsl.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        try:
+            Path(args.out).write_text(text)
+        except OSError as e:
+            print(f"specc: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        print(f"wrote the spec JSON Schema to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int:

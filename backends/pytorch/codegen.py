@@ -11,6 +11,7 @@ raw spec text, so no spec can inject code. The same graph always gives the same 
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -21,12 +22,12 @@ import networkx as nx
 from specc.compiler.dims import Sym, fmt
 from specc.compiler.ir import DTYPES, Frame, Graph, Node, Ref, TensorType
 
-from .lowering import ATOM, HELPERS, LOWERINGS, Ctx, Expr, dim_text, lit
+from .lowering import ATOM, EXT_PREFIX, HELPERS, LOWERINGS, Ctx, Expr, dim_text, lit, module_alias
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Names generated code uses itself; a spec value with one of these names gets a trailing '_'.
 _TAKEN = frozenset({"torch", "nn", "F", "math", "json", "struct", "Path", "self", "Model", "MultiHeadAttention",
-                    "MLP", "ACTIVATIONS", "layer", "apply_rotary", "TIED", "TORCH_COMPILE", "read_safetensors",
+                    "MLP", "ACTIVATIONS", "Parameters", "layer", "apply_rotary", "TIED", "TORCH_COMPILE", "read_safetensors",
                     "load", "example_inputs", "INPUTS", "DIMS", "super", "range", "float", "int", "tuple", "list",
                     "dict", "len", "print", "None", "True", "False"})
 
@@ -40,6 +41,8 @@ def ident(name: str) -> str:
         raise CodegenError(f"'{name}' is not a valid identifier")
     if keyword.iskeyword(name) or name in _TAKEN:
         return name + "_"
+    if name.startswith(EXT_PREFIX):  # the prefix of imported custom-operator modules
+        return "v" + name
     return name
 
 
@@ -74,6 +77,7 @@ class Generator:
         self.users: dict[Ref, list[int]] = {}
         self.output_refs = {ref for _, ref in graph.outputs}
         self.helpers: set[str] = set()
+        self.imports: set[str] = set()  # modules of custom operators the code calls
         self.classes: dict[Any, str] = {}  # structural signature -> class name
         self.class_src: list[str] = []
         self.used_class_names = {"Model", "MultiHeadAttention", "MLP"}
@@ -117,7 +121,9 @@ class Generator:
             ins = tuple(("in", local[r.node], r.index) if r.node in local else ("ext", inst.ext.index(r))
                         for r in n.inputs)
             rel_scope = tuple((f.block, f.name, f.index) for f in n.scope[len(s):])
-            items.append((n.op, n.attrs, n.outputs, ins, rel_scope, n.path[len(inst_path(s)):], n.params))
+            # parameter values (and how passes derived them) differ between instances; structure does not
+            params = tuple(dataclasses.replace(p, derive=None) for p in n.params)
+            items.append((n.op, n.attrs, n.outputs, ins, rel_scope, n.path[len(inst_path(s)):], params))
         outs = tuple((local[r.node], r.index) for r in inst.outs)
         return (s[-1].block if s else "", tuple(items), outs, len(inst.ext))
 
@@ -125,12 +131,23 @@ class Generator:
     def generate(self) -> str:
         self.analyse()
         model_src = self.emit_class((), "Model")
-        parts = [self.header.rstrip() + "\n"]
+        parts = [self.with_imports(self.header.rstrip()) + "\n"]
         for h in sorted(self.helpers):
             parts.append(HELPERS[h].rstrip() + "\n")
         parts.extend(self.class_src)
         parts.append(model_src)
         return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+
+    def with_imports(self, header: str) -> str:
+        """The header with the modules of the custom operators imported after torch's imports."""
+        if not self.imports:
+            return header
+        lines = ["# Custom operators (specc.custom_op): this model needs these modules on the Python path."]
+        lines += [f"import {m} as {module_alias(m)}" for m in sorted(self.imports)]
+        anchor = "from torch import nn\n"
+        if anchor in header:
+            return header.replace(anchor, anchor + "\n".join(lines) + "\n", 1)
+        return header + "\n\n" + "\n".join(lines)
 
     def class_for(self, s: tuple[Frame, ...]) -> str:
         sig = self.signature(s)
@@ -162,6 +179,7 @@ class Generator:
                     if ctor:
                         init_lines.append(f"self.{ident_attr(node.path[-1])} = {ctor}")
                         self.helpers.update(low.helpers)
+                        self.imports.update(low.imports)
             else:
                 children = payload
                 attr = ident_attr(children[0][-1].name)
@@ -177,6 +195,7 @@ class Generator:
                 else:
                     init_lines.append(f"self.{attr} = nn.ModuleList([{', '.join(n + '()' for n in names)}])")
         ties = self.ties(inst) if not s else []
+        frozen = self.frozen() if not s else []
         body, args, symbols_used = self.emit_forward(inst, units)
         lines = [f"class {cls}(nn.Module):"]
         doc = self.class_doc(s)
@@ -188,12 +207,23 @@ class Generator:
             lines.append("        " + ln)
         if ties:
             lines.append("        self.tie_weights()")
+        if frozen:
+            lines.append("        self.freeze()")
         lines.append("")
         if ties:
             lines.append("    def tie_weights(self) -> None:")
             lines.append('        """Share the tied parameters (call again after loading weights)."""')
             for dst, src in ties:
                 lines.append(f"        self.{dst} = self.{src}")
+            lines.append("")
+        if frozen:
+            lines.append("    def freeze(self) -> None:")
+            lines.append('        """Turn off gradients of the frozen parameters (frozen=true and freeze: in the spec)."""')
+            lines.append("        frozen = (")
+            lines.extend(f"            {name!r}," for name in frozen)
+            lines.append("        )")
+            lines.append("        for name in frozen:")
+            lines.append("            self.get_parameter(name).requires_grad_(False)")
             lines.append("")
         sig_args = ", ".join(f"{a}: torch.Tensor" for a in args)
         lines.append(f"    def forward(self{', ' if args else ''}{sig_args}):")
@@ -210,8 +240,21 @@ class Generator:
         for nid, node in self.graph.nodes():
             for p in node.params:
                 if p.tied_to:
-                    dst = ".".join(attr_path(node.path + (p.name,)))
+                    dst = ".".join(attr_path(node.path + tuple(p.name.split("."))))
                     out.append((dst, ".".join(attr_path(tuple(p.tied_to.split("."))))))
+        return out
+
+    def frozen(self) -> list[str]:
+        """Full names of the frozen parameters that own storage (a tied one follows its owner; buffers
+        are never trainable)."""
+        out = []
+        for _, node in self.graph.nodes():
+            for p in node.params:
+                if p.frozen and not p.buffer and not p.tied_to:
+                    name = ".".join(node.path + (p.name,))
+                    if not all(_IDENT.fullmatch(seg) or seg.isdigit() for seg in name.split(".")):
+                        raise CodegenError(f"'{name}' is not a valid parameter name")
+                    out.append(name)
         return out
 
     def units(self, inst: Inst) -> list[tuple[str, Any]]:
@@ -341,6 +384,7 @@ class Generator:
                     continue
                 low = self.lowering(node)
                 self.helpers.update(low.helpers)
+                self.imports.update(low.imports)
                 e = low.expr(self.ctx(node, dims_used, device), [expr_of(r) for r in node.inputs])
                 if nid in inline and len(e.text) <= 72:
                     exprs[Ref(nid)] = e

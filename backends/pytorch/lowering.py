@@ -7,6 +7,8 @@ listed in UNSUPPORTED (a test checks that every registered op is in one table or
 
 from __future__ import annotations
 
+import keyword
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -68,6 +70,7 @@ class Lowering:
     expr: Callable[[Ctx, list[Expr]], Expr]
     init: Callable[[Ctx, "InTypes"], str] | None = None
     helpers: tuple[str, ...] = ()
+    imports: tuple[str, ...] = ()  # Python modules the generated code must import (custom operators)
 
 
 InTypes = list  # the input TensorTypes of the node, in order
@@ -385,8 +388,78 @@ LOWERINGS: dict[str, Lowering] = {
 #: Registered ops this backend does not lower (none yet).
 UNSUPPORTED: frozenset[str] = frozenset()
 
+# ---------------------------------------------------------------------------------------------
+# custom operators (specc.custom_op)
+# ---------------------------------------------------------------------------------------------
+
+#: Generated code imports the module of a custom operator under this prefix (spec values that
+#: start with it are renamed by codegen, so they never shadow the module).
+EXT_PREFIX = "_ext_"
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def module_alias(module: str) -> str:
+    """The name generated code imports `module` as: _ext_my_ops, _ext_lab__ops for lab.ops."""
+    if not _DOTTED.fullmatch(module) or "__" in module:
+        raise ValueError(f"'{module}' is not a module name a custom operator can come from")
+    return EXT_PREFIX + module.replace(".", "__")
+
+
+def _attr_text(c: Ctx, v: Any) -> str:
+    if isinstance(v, Sym):
+        return c.dim(v)
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_attr_text(c, x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return lit(v)
+
+
+def custom_lowering(module: str, function: str, args: tuple) -> Lowering:
+    """How a custom operator reads in generated code: `alias.function(tensors..., attr=..., param=...)`.
+
+    `args` are the operator's `Arg`s: tensor arguments are passed positionally in order (a list for
+    'tensors', None for an absent 'tensor?'), attributes by keyword, and the operator's parameters
+    by keyword as `self.<layer>.<name>` (held by a `Parameters` module)."""
+    alias = module_alias(module)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", function) or keyword.iskeyword(function):
+        raise ValueError(f"'{function}' is not a function name")
+
+    def expr(c: Ctx, xs: list[Expr]) -> Expr:
+        parts: list[str] = []
+        i = 0
+        for a in args:
+            if a.kind == "tensors":
+                n = c.a(f"{a.name}#")
+                parts.append("[" + ", ".join(x.text for x in xs[i:i + n]) + "]")
+                i += n
+            elif a.kind == "tensor?":
+                present = c.a(f"{a.name}?")
+                parts.append(xs[i].text if present else "None")
+                i += 1 if present else 0
+            elif a.kind == "tensor":
+                parts.append(xs[i].text)
+                i += 1
+            else:
+                parts.append(f"{a.name}={_attr_text(c, c.a(a.name))}")
+        parts += [f"{p.name}={c.module}.{p.name}" for p in c.node.params]
+        return call(f"{alias}.{function}({', '.join(parts)})")
+
+    def init(c: Ctx, ins: InTypes) -> str:
+        shapes = ", ".join(f"{p.name}={lit(tuple(p.shape))}" for p in c.node.params)
+        return f"Parameters({shapes})"
+
+    return Lowering(expr, init, ("Parameters",), (module,))
+
 
 HELPERS: dict[str, str] = {
+    "Parameters": '''
+class Parameters(nn.Module):
+    """The parameters of a custom operator, by name and shape (their values come from the weights)."""
+
+    def __init__(self, **shapes: tuple[int, ...]):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+''',
     "MultiHeadAttention": '''
 class MultiHeadAttention(nn.Module):
     """Multi-head softmax attention; queries from x, keys and values from kv (default x).
@@ -480,7 +553,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
         h = ACTIVATIONS[self.act](h)
-        h = F.dropout(h, p=self.dropout, training=self.training)
+        if self.dropout:
+            h = F.dropout(h, p=self.dropout, training=self.training)
         return self.fc2(h)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from specc.compiler.ir import DTYPES, Graph, Init
@@ -20,6 +22,8 @@ def _fill(t: torch.Tensor, init: Init, gen: torch.Generator) -> torch.Tensor:
         return t.fill_(1.0)
     if kind == "constant":
         return t.fill_(args[0])
+    if kind == "eye":  # square 2-D weights (checked when the spec is elaborated)
+        return t.copy_(torch.eye(t.shape[0], dtype=t.dtype))
     raise ValueError(f"unknown initialiser {init}")
 
 
@@ -38,6 +42,65 @@ def init_weights(graph: Graph, seed: int | None = None) -> dict[str, torch.Tenso
             t = torch.empty(p.shape, dtype=torch.float32)
             out[name] = _fill(t, p.init, gen).to(getattr(torch, DTYPES[p.dtype]))
     return out
+
+
+def merge_given(graph: Graph, given: Mapping[str, Any], source: str = "<weights>") -> dict[str, torch.Tensor]:
+    """The parameters of `graph` initialised from its seed, with the tensors of `given` in place of
+    the parameters they name. Every given name must be a parameter of `graph` (not a tied one) and
+    its shape must match; each problem is reported (all at once) as a SpecError located at `source`
+    (e.g. the weights file), listing close names for an unknown one. Values are cast to the
+    parameter's dtype; a float tensor is not accepted for an integer parameter or buffer.
+    """
+    import difflib
+
+    from specc.compiler.diagnostics import Diagnostic, Span, SpecError
+
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    tied: dict[str, str] = {}
+    for _, node in graph.nodes():
+        for p in node.params:
+            name = ".".join(node.path + (p.name,))
+            if p.tied_to is not None:
+                tied[name] = p.tied_to
+            else:
+                shapes[name] = (tuple(p.shape), p.dtype)
+    where = Span(source, 0, 0)
+    problems: list[Diagnostic] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(given):
+        value = given[name]
+        if name in tied:
+            problems.append(Diagnostic(where, f"weights: '{name}' shares the storage of '{tied[name]}'; give "
+                                              f"'{tied[name]}' instead"))
+            continue
+        if name not in shapes:
+            close = difflib.get_close_matches(str(name), sorted(shapes), n=3, cutoff=0.5)
+            problems.append(Diagnostic(where, f"weights: '{name}' is not a parameter of {graph.name}",
+                                       notes=(f"close names: {', '.join(close)}" if close else
+                                              f"parameters: {', '.join(sorted(shapes)[:12])}"
+                                              + (", ..." if len(shapes) > 12 else ""),)))
+            continue
+        try:
+            t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            problems.append(Diagnostic(where, f"weights: '{name}' is not a tensor ({type(value).__name__}: {e})"))
+            continue
+        shape, dtype = shapes[name]
+        if tuple(t.shape) != shape:
+            problems.append(Diagnostic(where, f"weights: '{name}' has shape [{', '.join(map(str, t.shape))}], but "
+                                              f"the parameter has shape [{', '.join(map(str, shape))}]"))
+            continue
+        want = getattr(torch, DTYPES[dtype])
+        if t.dtype.is_floating_point and not want.is_floating_point:
+            problems.append(Diagnostic(where, f"weights: '{name}' is {str(t.dtype).replace('torch.', '')}, but the "
+                                              f"parameter is {dtype}"))
+            continue
+        tensors[name] = t.detach().to("cpu", want).clone().contiguous()
+    if problems:
+        raise SpecError(problems)
+    base = init_weights(graph)
+    base.update(tensors)
+    return base
 
 
 def evaluate(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _single_use(ed: Editor, ref: Ref, scope, nested: bool = False) -> Node | Non
     """The node computing `ref` if only one reader needs it, in `scope` (or, nested, in a block inside it)."""
     n = ed.node(ref.node)
     inside = n.scope[:len(scope)] == scope if nested else n.scope == scope
-    if not inside or ed.uses(ref) != 1 or ed.is_output(ref) or not _plain_params(n):
+    if not inside or ed.uses(ref) != 1 or ed.is_output(ref) or not _plain_params(n, ed):
         return None
     return n
 
@@ -42,7 +42,7 @@ def _fresh_path(ed: Editor, scope_path: tuple[str, ...], base: str) -> tuple[str
 
 def fold_bn_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
     """bn(conv(x)) or bn(linear(x)) -> conv (linear) with the normalisation folded into its weights."""
-    if node.op != "batch_norm" or not ctx.inference:
+    if node.op != "batch_norm" or not ctx.inference or ed.shares(node):
         return False
     prev = node.inputs[0]
     inner = _single_use(ed, prev, node.scope)

@@ -25,8 +25,9 @@ def _has(node: Node, name: str) -> bool:
     return any(p.name == name for p in node.params)
 
 
-def _plain_params(node: Node) -> bool:
-    return all(p.tied_to is None for p in node.params)
+def _plain_params(node: Node, ed: Editor) -> bool:
+    """Whether a rewrite may replace `node`'s parameters: none is shared with another layer."""
+    return not ed.shares(node)
 
 
 def merge_linear_pair(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
@@ -37,7 +38,7 @@ def merge_linear_pair(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     inner = ed.node(mid.node)
     if inner.op != "linear" or inner.scope != node.scope or ed.uses(mid) != 1:
         return False
-    if not (_plain_params(node) and _plain_params(inner)) or node.attr("tie") or inner.attr("tie"):
+    if not (_plain_params(node, ed) and _plain_params(inner, ed)) or node.attr("tie") or inner.attr("tie"):
         return False
     if {p.frozen for p in node.params} != {p.frozen for p in inner.params}:
         return False
@@ -74,7 +75,7 @@ def merge_linear_chains(graph: Graph, ctx: PassContext) -> PassResult:
 
 def fuse_qkv_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
     """Self-attention's q, k and v projections of one input -> one projection of width 3d."""
-    if node.op != "attention" or node.attr("kv?") or node.attr("qkv") or not _plain_params(node):
+    if node.op != "attention" or node.attr("kv?") or node.attr("qkv") or not _plain_params(node, ed):
         return False
     d = node.type.shape[-1]
     keep = [p for p in node.params if not p.name.startswith(("q.", "k.", "v."))]
@@ -116,7 +117,7 @@ __all__ = ["merge_linear_chains", "fuse_qkv", "attention_sdpa", "source", "Ref"]
 def _linear_of(ed: Editor, ref: Ref, scope) -> Node | None:
     """The linear node computing `ref`, if it is plain, read only there, and in `scope`."""
     n = ed.node(ref.node)
-    if n.op != "linear" or n.scope != scope or ed.uses(ref) != 1 or n.attr("tie") or not _plain_params(n):
+    if n.op != "linear" or n.scope != scope or ed.uses(ref) != 1 or n.attr("tie") or not _plain_params(n, ed):
         return None
     return n
 

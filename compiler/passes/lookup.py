@@ -33,7 +33,7 @@ def _step(ed: Editor, node: Node, prev: Ref, ctx: PassContext) -> tuple | None:
     if node.op in PER_TOKEN:
         if node.op == "dropout" and not (ctx.inference or node.attr("p") == 0.0):
             return None
-        if node.inputs != (prev,) or any(p.tied_to for p in node.params) or node.attr("tie"):
+        if node.inputs != (prev,) or ed.shares(node) or node.attr("tie"):
             return None
         params = tuple((p.name, source(node, p.name)) for p in node.params)
         attrs = tuple((k, v) for k, v in node.attrs if not k.endswith(("#", "?")))
@@ -53,7 +53,7 @@ def _start(ed: Editor, node: Node) -> tuple[tuple, list[Ref], list[int]] | None:
     embedding(ids): the table itself. one_hot(ids, n): the identity table. concat of one-hots of
     several categorical values (a categorical MLP's input): one row per combination of values.
     """
-    if node.op == "embedding" and not any(p.tied_to for p in node.params):
+    if node.op == "embedding" and not ed.shares(node):
         return source(node, "weight"), [node.inputs[0]], [node.attr("num")]
     if node.op == "one_hot":
         return ("eye", node.attr("num")), [node.inputs[0]], [node.attr("num")]
