@@ -125,7 +125,7 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
-        export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db)
+        export(graph, weights, tmp, TARGETS[target], **({"tuning_db": tuning_db} if tuning_db else {}))
         (tmp / "model.py").write_text(model_py(graph, target))
         (tmp / "manifest.json").write_text(json.dumps(dict(manifest, target=target), indent=2) + "\n")
         if out.exists():
