@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch: readable PyTorch source (default); tvm-llvm / tvm-cuda: a TVM-compiled library "
                         "for this CPU / for NVIDIA sm_90 GPUs, with a model.py of the same interface")
     b.add_argument("--tuning-db", metavar="DIR", help="TVM targets: use (and extend) this MetaSchedule database")
+    b.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="tvm-llvm: first tune the kernels the database has no record of (needs --tuning-db)")
     b.add_argument("--weights", metavar="FILE.safetensors",
                    help="given values for some parameters (names as `specc ir -O0` shows them); the rest keep "
                         "their seeded initialisation")
@@ -267,7 +269,10 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int
     errors.raise_if_any({src.file: src.text})
     weights = materialise(optimised, init_weights(graph))
     try:
-        build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db)
+        if args.tune and not args.tuning_db:
+            raise SpecError(Diagnostic(Span(src.file, 0, 0), "--tune needs --tuning-db DIR to keep the records in"))
+        build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db,
+                      tune_trials=args.tune)
     except LoweringError as e:
         raise SpecError(Diagnostic(Span(src.file, 0, 0), f"target {args.target}: {e}",
                                    ("targets that support it: torch",)), {src.file: src.text}) from None

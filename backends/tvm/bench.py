@@ -1,12 +1,20 @@
-"""Latency of a spec under torch eager and under TVM (llvm), same weights, side by side.
+"""Latency of specs under torch eager and under TVM (llvm), same weights, side by side, with ratios.
 
-    python -m specc.backends.tvm.bench specs/gpt.yaml --set d_model=64 --set layers=2 -B 1 -T 16
+    python -m specc.backends.tvm.bench --zoo -B 1 -B 8                 # the zoo, as measured in the notes
+    python -m specc.backends.tvm.bench specs/gpt.yaml --set d_model=256 --set layers=4 \\
+        --set block_size=128 -T 128 -B 1 -B 8 --variants untuned,scheduled,tuned --tuning-db db/
 
-Prints, per variant, the median latency of one forward call and its ratio to torch eager. Variants:
-the default build (fusion, weight preprocessing lifted out), without lifting, with the CPU named
-in the target (`mcpu`; "native" would silently fall back to a generic CPU), and with the dlight
-CPU rules; and the first version, which wrote linear as matmul(x, permute_dims(W)). "vm" is the bare VM call on TVM tensors; "runner" adds the DLPack conversion of the
-inputs and outputs and the input range check.
+For each spec: the torch module (the PyTorch backend's generated code, eager, torch's default
+thread count) and, per variant, ONE compiled TVM library run at every batch size given. Each row:
+median latency of one forward call (through the Runner: DLPack in and out, input checks; all
+variants and torch measured in interleaved rounds, so that load from other processes on a shared
+machine hits them alike), the ratio to torch eager at that batch size, and max |tvm - torch|.
+Variants:
+
+  untuned    the pipeline with no CPU schedules (legalised loops, as first written)
+  scheduled  specc's CPU schedules (backends/tvm/schedules.py), the default
+  tuned      the scheduled build plus MetaSchedule records from --tuning-db (static-shape
+             specialisations for the shapes tuned; `tune` first)
 """
 
 from __future__ import annotations
@@ -14,95 +22,154 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+#: The zoo as the notes measure it: (spec, overrides, fixed dims)
+ZOO = [
+    ("specs/gpt.yaml", {"d_model": 256, "layers": 4, "block_size": 128}, {"T": 128}),
+    ("specs/itransformer.yaml", {}, {}),
+    ("specs/lstm_classifier.yaml", {}, {}),
+]
 
-def median_time(fn: Callable[[], Any], warmup: int = 20, min_time: float = 1.0, min_iters: int = 50) -> float:
-    """Median seconds per call, over repeats of `fn` taking at least `min_time` in all."""
+
+def median_time(fn: Callable[[], Any], warmup: int = 3, min_time: float = 1.0, min_iters: int = 5,
+                max_iters: int = 2000) -> float:
+    """Median seconds per call, over at least `min_iters` calls and `min_time` seconds."""
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < min_time:
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import tvm
-    from tvm.target import Target, codegen
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in items:
+        k, v = kv.split("=", 1)
+        out[k] = int(v) if v.lstrip("-").isdigit() else v
+    return out
 
-    from pathlib import Path
+
+def interleaved(fns: dict[str, Callable[[], Any]], min_time: float, rounds: int = 5,
+                min_calls: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds (each round times every
+    function for min_time / rounds) so that a load that comes and goes on a shared machine hits all alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm up
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            n = 0
+            while n < min_calls or time.perf_counter() - start < min_time / rounds:
+                t0 = time.perf_counter()
+                fn()
+                samples[k].append(time.perf_counter() - t0)
+                n += 1
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batches: list[int],
+               variants: list[str], tuning_db: str | None, min_time: float, out=print) -> list[dict[str, Any]]:
+    """Measure one spec; returns the rows (and prints them)."""
+    import tvm
 
     from specc.backends.pytorch.build import artifacts, load_in_memory
     from specc.backends.pytorch.weights import init_weights
     from specc.compiler.frontend import compile_source
-    from specc.backends.tvm import lowering
     from specc.backends.tvm.build import compile_graph
-    from specc.backends.tvm.runtime import _to_tvm
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("spec")
-    ap.add_argument("--set", action="append", default=[], help="spec parameter override k=v")
-    ap.add_argument("-B", type=int, default=1)
-    ap.add_argument("-T", type=int, default=None)
-    ap.add_argument("--time", type=float, default=1.0, help="seconds per measurement")
-    args = ap.parse_args(argv)
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = int(v) if v.lstrip("-").isdigit() else v
-    text = Path(args.spec).read_text(encoding="utf-8")
-    _, graph = compile_source(text, args.spec, overrides)
+    text = Path(path).read_text(encoding="utf-8")
+    _, graph = compile_source(text, path, overrides)
     weights = init_weights(graph)
-    model = load_in_memory(artifacts(graph, text, args.spec, weights=weights))
-    dims = {"B": args.B} | ({"T": args.T} if args.T else {})
-    inputs = model.example_inputs(seed=0, **dims)
+    model = load_in_memory(artifacts(graph, text, path, weights=weights))
+    model.eval()
+    inputs = {b: model.example_inputs(seed=0, **({"B": b} | fixed)) for b in batches}
+    shapes = ", ".join(f"B={b}: {[tuple(x.shape) for x in inputs[b]]}" for b in batches)
+    import os
 
-    print(f"{graph.name}: inputs {[tuple(x.shape) for x in inputs]}, torch {torch.__version__}, "
-          f"tvm {tvm.__version__}; ratios are against torch eager with 1 thread (the untuned TVM kernels "
-          f"are serial loops)")
-    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out(f"{graph.name} {overrides or ''} inputs {shapes}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), tvm {tvm.__version__} "
+        f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}); load average {load:.1f}")
+    runners: dict[str, Any] = {}
+    for variant in variants:
+        kw: dict[str, Any] = {}
+        if variant == "untuned":
+            kw["schedule"] = "none"
+        elif variant == "tuned":
+            if not tuning_db:
+                out("  tuned: skipped (no --tuning-db)")
+                continue
+            kw["tuning_db"] = tuning_db
+        elif variant != "scheduled":
+            raise SystemExit(f"unknown variant {variant}")
+        t0 = time.perf_counter()
+        runners[variant] = compile_graph(graph, weights=weights, **kw)
+        out(f"  compiled {variant} in {time.perf_counter() - t0:.1f} s")
+    rows: list[dict[str, Any]] = []
     with torch.inference_mode():
-        ref = model(*inputs)
-        if threads > 1:
-            t_many = median_time(lambda: model(*inputs), min_time=args.time)
-        torch.set_num_threads(1)
-        t_torch = median_time(lambda: model(*inputs), min_time=args.time)
-        torch.set_num_threads(threads)
-    if threads > 1:
-        print(f"  torch eager, {threads} threads                {t_many * 1e6:9.1f} us {t_many / t_torch:6.2f}x")
-    print(f"  torch eager, 1 thread                {t_torch * 1e6:9.1f} us   1.00x")
+        for b in batches:
+            ref = model(*inputs[b])
+            fns = {"torch eager": lambda: model(*inputs[b])}
+            errs = {"torch eager": 0.0}
+            for v, r in runners.items():
+                errs[v] = (r(*inputs[b]).double() - ref.double()).abs().max().item()
+                fns[v] = (lambda r=r: r(*inputs[b]))
+            times = interleaved(fns, min_time * len(fns))
+            for v, t in times.items():
+                ratio = t / times["torch eager"]
+                rows.append(dict(model=graph.name, variant=v, B=b, ms=t * 1e3, ratio=ratio, err=errs[v],
+                                 function=getattr(runners.get(v), "last_function", "")))
+                out(f"  {v:12s} B={b:<3d} {t * 1e3:9.3f} ms {ratio:6.2f}x   max|diff| {errs[v]:.1e}"
+                    + (f"   ({runners[v].last_function})" if v in runners else ""))
+    return rows
 
-    cpu = codegen.llvm_get_system_cpu()
-    variants = [
-        ("tvm llvm, linear as matmul(x, W^T)", dict(target="llvm", linear_impl="matmul")),
-        ("tvm llvm (lift+fuse)", dict(target="llvm")),
-        ("tvm llvm, no lift", dict(target="llvm", lift=False)),
-        (f"tvm llvm mcpu={cpu}", dict(target=Target({"kind": "llvm", "mcpu": cpu}))),
-        (f"tvm llvm mcpu={cpu} +dlight.cpu", dict(target=Target({"kind": "llvm", "mcpu": cpu}), cpu_schedule=True)),
-    ]
-    for label, kw in variants:
-        impl = kw.pop("linear_impl", lowering.LINEAR_IMPL)
-        saved, lowering.LINEAR_IMPL = lowering.LINEAR_IMPL, impl
-        try:
-            t0 = time.perf_counter()
-            runner = compile_graph(graph, weights=weights, **kw)
-            t_compile = time.perf_counter() - t0
-        finally:
-            lowering.LINEAR_IMPL = saved
-        out = runner(*inputs)
-        err = (out.double() - ref.double()).abs().max().item()
-        t_runner = median_time(lambda: runner(*inputs), min_time=args.time)
-        tins = [_to_tvm(x, runner.device) for x in inputs]
-        main_fn, ws = runner._main, runner._weights
-        t_vm = median_time(lambda: main_fn(*tins, *ws), min_time=args.time)
-        print(f"  {label:36s} {t_runner * 1e6:9.1f} us {t_runner / t_torch:6.2f}x   (vm {t_vm * 1e6:.1f} us, "
-              f"{t_vm / t_torch:.2f}x; compile {t_compile:.1f} s; max|diff| {err:.1e})")
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", nargs="*")
+    ap.add_argument("--zoo", action="store_true", help="the zoo specs (gpt at d_model=256, 4 layers, T=128)")
+    ap.add_argument("--set", action="append", default=[], help="spec parameter override k=v")
+    ap.add_argument("-B", type=int, action="append", help="batch size (repeatable; default 1 and 8)")
+    ap.add_argument("-T", type=int, default=None, help="length, for specs with a symbolic T")
+    ap.add_argument("--variants", default="untuned,scheduled,tuned")
+    ap.add_argument("--tuning-db", default=None)
+    ap.add_argument("--time", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for both torch and TVM's runtime (default: each library's default, the "
+                         "physical cores); 1 gives stable numbers on a machine other processes load")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import os
+
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+        torch.set_num_threads(args.threads)
+    batches = args.B or [1, 8]
+    jobs = list(ZOO) if args.zoo else []
+    jobs += [(s, _overrides(args.set), {"T": args.T} if args.T else {}) for s in args.spec]
+    if not jobs:
+        ap.error("name a spec or --zoo")
+    rows = []
+    for path, ov, fixed in jobs:
+        rows += bench_spec(path, ov, fixed, batches, args.variants.split(","), args.tuning_db, args.time)
+    print("\n| model | B | " + " | ".join(["torch eager ms"] + [f"{v} ms (ratio)" for v in args.variants.split(",")]) + " |")
+    print("|---|---|" + "---|" * (1 + len(args.variants.split(","))))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for b in batches:
+            cells = {r["variant"]: r for r in rows if r["model"] == model and r["B"] == b}
+            line = [f"{cells['torch eager']['ms']:.2f}"]
+            for v in args.variants.split(","):
+                r = cells.get(v)
+                line.append(f"{r['ms']:.2f} ({r['ratio']:.2f}x)" if r else "-")
+            print(f"| {model} | {b} | " + " | ".join(line) + " |")
 
 
 if __name__ == "__main__":

@@ -4,19 +4,27 @@ or CUDA, and run on torch tensors through DLPack.
     from specc.backends.tvm.build import compile_graph, export
     model = compile_graph(graph, target="llvm", weights=weights)   # a Runner: model(x) -> torch tensor
     export(graph, weights, "out/", target="llvm")                   # model.so + weights + loader.py
+    model = compile_graph(graph, weights=weights, tuning_db="db/")  # with MetaSchedule records (tuning.py)
 
 One compiled library serves every value of the symbolic dimensions (batch, length): they are
-symbolic shape variables of the Relax function.
+symbolic shape variables of the Relax function. With a tuning database, static copies of the
+function for the tuned sizes are compiled beside it and called for inputs of exactly those sizes.
 
-Pipeline: optional LiftTransformParams (weight transposes and bias sums run once, at bind time),
-LegalizeOps, FoldConstant, FuseOps/FuseTIR, then for GPU targets the dlight default schedules
-(Matmul, GEMV, Reduction, GeneralReduction, Fallback); CPU kernels are left untuned (or, with
-cpu_schedule=True, the dlight CPU rules GEMV/Reduction), then the standard VM lowering passes.
+Pipeline: optional LiftTransformParams (weight transposes and bias sums run once, at bind time);
+on CPU, the row kernels (softmax, layer_norm, rms_norm: rowops.py) and fast vectorisable
+exp/erf/tanh (schedules.CPUFastMath); LegalizeOps, FoldConstant, FuseOps/FuseTIR; the tuning
+database's records (MetaScheduleApplyDatabase) when one is given; then the schedules: specc's CPU
+rules (schedules.py: Matmul, RowReduction, Injective) on llvm, dlight's GPU rules (Matmul, GEMV,
+Reduction, GeneralReduction, Fallback) on CUDA; then the standard VM lowering passes.
+
+`schedule=` picks the CPU schedules: "specc" (default), "dlight" (dlight's CPU GEMV/Reduction
+rules: what the first version offered), "none" (the legalised loops as they are).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,26 +40,52 @@ from .lowering import Signature, to_relax
 from .runtime import MANIFEST, Runner
 
 FUNC = "main"
+SCHEDULES = ("specc", "dlight", "none")
 
 
 # ---------------------------------------------------------------------------------------------
 # targets and the pipeline
 # ---------------------------------------------------------------------------------------------
 
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. "rocketlake"), the `mcpu` CPU targets get by default."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:  # pragma: no cover - psutil is a MetaSchedule dependency
+        pass
+    return os.cpu_count() or 1
+
+
 def make_target(target: str | Mapping[str, Any] | Target = "llvm") -> Target:
-    """A Target from "llvm", "cuda", a config dict ({"kind": "cuda", "arch": "sm_90"}) or a Target."""
+    """A Target from "llvm", "cuda", a config dict ({"kind": "cuda", "arch": "sm_90"}) or a Target.
+
+    An llvm target names the host CPU (`mcpu`, as LLVM detects it; "native" would silently fall
+    back to a generic x86-64 without AVX-512) and its physical core count (`num-cores`, which
+    MetaSchedule needs) unless given. A library built so runs only on CPUs with the same features:
+    for another machine, pass {"kind": "llvm", "mcpu": ...} for that machine's CPU.
+    """
     if isinstance(target, Target):
         return target
     if isinstance(target, str):
         if target == "cuda":
             return Target({"kind": "cuda", "arch": "sm_90"})
-        return Target({"kind": target})
-    config = dict(target)
-    if config.get("kind") == "llvm" and config.get("mcpu") == "native":
-        # TVM would silently fall back to a generic CPU for "native": name the host's CPU instead.
-        from tvm.target import codegen
-
-        config["mcpu"] = codegen.llvm_get_system_cpu()
+        config: dict[str, Any] = {"kind": target}
+    else:
+        config = dict(target)
+    if config.get("kind") == "llvm":
+        if config.get("mcpu") in (None, "native"):
+            config["mcpu"] = host_cpu()
+        config.setdefault("num-cores", physical_cores())
     return Target(config)
 
 
@@ -59,12 +93,16 @@ def is_gpu(target: Target) -> bool:
     return "gpu" in target.keys
 
 
-def pipeline(target: Target, lift: bool = True, cpu_schedule: bool = False) -> tvm.transform.Pass:
-    """The Relax pipeline: legalise, fuse, schedule (GPU: dlight), lower to the VM."""
-    from tvm.s_tir import dlight
-
+def pre_schedule_passes(target: Target, lift: bool = True, schedule: str = "specc",
+                        shared: bool = False) -> list[tvm.transform.Pass]:
+    """The passes up to fused, unscheduled TIR kernels (what tuning sees and the schedules take)."""
     T = relax.transform
-    passes = [T.LiftTransformParams()] if lift else []
+    passes = [T.LiftTransformParams(shared_transform=True if shared else False)] if lift else []
+    if not is_gpu(target) and schedule == "specc":
+        from .rowops import CPURowKernels
+        from .schedules import CPUFastMath, vector_lanes
+
+        passes += [CPURowKernels(vector_lanes(target)), CPUFastMath()]
     passes += [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -74,11 +112,59 @@ def pipeline(target: Target, lift: bool = True, cpu_schedule: bool = False) -> t
         T.FuseOps(),
         T.FuseTIR(),
     ]
+    return passes
+
+
+class _TunedKernels:
+    """Two passes around MetaScheduleApplyDatabase that note which kernels took a database record."""
+
+    def __init__(self) -> None:
+        self.before: set[str] = set()
+        self.names: list[str] = []
+
+    @staticmethod
+    def _scheduled(mod: tvm.IRModule) -> set[str]:
+        return {gv.name_hint for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs}
+
+    def passes(self, apply: tvm.transform.Pass) -> list[tvm.transform.Pass]:
+        @tvm.transform.module_pass(opt_level=0, name="SpeccNoteScheduled")
+        def note(mod, _ctx):
+            self.before = self._scheduled(mod)
+            return mod
+
+        @tvm.transform.module_pass(opt_level=0, name="SpeccNoteTuned")
+        def tuned(mod, _ctx):
+            self.names = sorted(self._scheduled(mod) - self.before)
+            return mod
+
+        return [note, apply, tuned]
+
+
+def pipeline(target: Target, lift: bool = True, cpu_schedule: bool = False, schedule: str = "specc",
+             tuning_db: str | Path | None = None, shared: bool = False,
+             tuned: _TunedKernels | None = None) -> tvm.transform.Pass:
+    """The Relax pipeline: legalise, fuse, schedule (CPU: specc's rules; GPU: dlight), lower to the VM."""
+    from tvm.s_tir import dlight
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if cpu_schedule:
+        schedule = "dlight"
+    T = relax.transform
+    passes = pre_schedule_passes(target, lift=lift, schedule=schedule, shared=shared)
+    if tuning_db is not None:
+        apply = T.MetaScheduleApplyDatabase(str(tuning_db))
+        passes += tuned.passes(apply) if tuned is not None else [apply]
     if is_gpu(target):
         passes.append(dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                                   dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()))
-    elif cpu_schedule:
+    elif schedule == "dlight":
         passes.append(dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()))
+    elif schedule == "specc":
+        from .schedules import ApplyCPUSchedules
+
+        passes.append(ApplyCPUSchedules(target))
     passes += [
         T.RewriteDataflowReshape(),
         T.ToNonDataflow(),
@@ -130,23 +216,52 @@ def manifest(graph: Graph, sig: Signature, target: Target, lift: bool) -> dict[s
 
 
 def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm", *, lift: bool = True,
-                 cpu_schedule: bool = False) -> tuple[Any, dict[str, Any]]:
-    """(executable, manifest) for `graph`: the Relax module compiled for `target`."""
+                 cpu_schedule: bool = False, schedule: str = "specc",
+                 tuning_db: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """(executable, manifest) for `graph`: the Relax module compiled for `target`.
+
+    With `tuning_db` (a folder `tuning.tune` wrote), the sizes this graph was tuned at get static
+    copies of the function, whose kernels take the database's schedules.
+    """
     tgt = make_target(target)
     mod, sig = to_relax(graph, tgt.kind.name, FUNC)
-    ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, lift=lift, cpu_schedule=cpu_schedule))
-    return ex, manifest(graph, sig, tgt, lift)
+    specialised: list[dict[str, Any]] = []
+    if tuning_db is not None:
+        from .tuning import specialise, spec_name, tuned_dims
+
+        if not Path(tuning_db).is_dir():
+            raise FileNotFoundError(f"tuning database {tuning_db}: no such folder")
+        dims = tuned_dims(tuning_db, graph, tgt)
+        if dims:
+            mod = specialise(mod, dims, FUNC)
+            specialised = [{"function": spec_name(d), "dims": d} for d in dims]
+    shared = bool(specialised)
+    tuned = _TunedKernels()
+    with tgt:
+        ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, lift=lift, cpu_schedule=cpu_schedule,
+                                                           schedule=schedule, tuning_db=tuning_db, shared=shared,
+                                                           tuned=tuned))
+    man = manifest(graph, sig, tgt, lift)
+    if specialised:
+        man["specialised"] = specialised
+        man["transform"] = "transform_params"
+    if tuning_db is not None:
+        man["tuned_kernels"] = tuned.names  # kernels whose schedule came from the database
+    return ex, man
 
 
 def compile_graph(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm",
                   weights: Mapping[str, Any] | None = None, *, device: Any | None = None, lift: bool = True,
-                  cpu_schedule: bool = False) -> Runner:
+                  cpu_schedule: bool = False, schedule: str = "specc",
+                  tuning_db: str | Path | None = None) -> Runner:
     """The graph compiled for `target`, as a Runner (call it on torch tensors, get torch tensors back).
 
     `weights` (name -> tensor, as `init_weights` or weights.safetensors give them; for a graph
     optimised by passes, `materialise(graph, base)`) are bound when given; else call `.bind()`.
+    `tuning_db`: a folder written by `tuning.tune` (never tunes; uses the records it finds).
     """
-    ex, man = build_module(graph, target, lift=lift, cpu_schedule=cpu_schedule)
+    ex, man = build_module(graph, target, lift=lift, cpu_schedule=cpu_schedule, schedule=schedule,
+                           tuning_db=tuning_db)
     runner = Runner(ex, man, device)
     if weights is not None:
         runner.bind(weights)
@@ -182,16 +297,18 @@ def run(model: Runner, *inputs: Any) -> Any:
 
 
 def export(graph: Graph, weights: Mapping[str, Any], out_dir: str | Path,
-           target: str | Mapping[str, Any] | Target = "llvm", *, lift: bool = True) -> Path:
+           target: str | Mapping[str, Any] | Target = "llvm", *, lift: bool = True, schedule: str = "specc",
+           tuning_db: str | Path | None = None) -> Path:
     """Write model.so (export_library), weights.safetensors, tvm_manifest.json and loader.py into out_dir.
 
-    `loader.load(out_dir)` gives a Runner with the weights bound; it needs tvm and numpy only.
+    `loader.load(out_dir)` gives a Runner with the weights bound; it needs tvm and numpy only (the
+    TVM runtime: see tools/gpu_check.sh for loading without the compiler library).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ex, man = build_module(graph, target, lift=lift)
+    ex, man = build_module(graph, target, lift=lift, schedule=schedule, tuning_db=tuning_db)
     man["library"] = "model.so"
     man["weights"] = "weights.safetensors"
     ex.export_library(str(out / "model.so"))
@@ -201,4 +318,5 @@ def export(graph: Graph, weights: Mapping[str, Any], out_dir: str | Path,
     return out
 
 
-__all__ = ["compile_graph", "run", "export", "build_module", "make_target", "pipeline", "Runner"]
+__all__ = ["compile_graph", "run", "export", "build_module", "make_target", "pipeline", "pre_schedule_passes",
+           "host_cpu", "Runner"]

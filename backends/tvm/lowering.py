@@ -17,6 +17,10 @@ direction; the input projection of all steps is one Relax matmul before it. No u
 symbolic. CUDA has its own version of that kernel (a thread block per batch row), compiled but not
 yet run on a GPU.
 
+On CPU targets `linear` is written as matmul(x, permute_dims(W)): the schedules vectorise over the
+output columns, so they read W transposed ([in, out], contiguous along the columns); with
+LiftTransformParams (the default) the transpose runs once, when the weights are bound.
+
 Ops this backend cannot lower are listed in UNSUPPORTED (a test checks every registered op is in
 one table or the other).
 """

@@ -116,16 +116,29 @@ def model_py(graph: Graph, target: str) -> str:
 
 
 def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, target: str,
-                  manifest: Mapping[str, Any], tuning_db: str | Path | None = None) -> Path:
-    """Compile `graph` (already optimised; `weights` its parameters) for `target` into `out`, atomically."""
+                  manifest: Mapping[str, Any], tuning_db: str | Path | None = None, tune_trials: int = 0,
+                  tune_dims: Any = None) -> Path:
+    """Compile `graph` (already optimised; `weights` its parameters) for `target` into `out`, atomically.
+
+    With `tuning_db`, the database's records for this graph are used; with `tune_trials` > 0 too, the
+    graph's kernels that have no record yet are tuned first (at `tune_dims`, default the spec's
+    example sizes; CPU targets only), so that later builds reuse them.
+    """
     from .build import export
+
+    if tune_trials:
+        if tuning_db is None:
+            raise ValueError("tuning needs a database folder (tuning_db)")
+        from .tuning import tune
+
+        tune(graph, tuning_db, tune_trials, dims=tune_dims, target=TARGETS[target])
 
     out = Path(out)
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
-        export(graph, weights, tmp, TARGETS[target], **({"tuning_db": tuning_db} if tuning_db else {}))
+        export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db)
         (tmp / "model.py").write_text(model_py(graph, target))
         (tmp / "manifest.json").write_text(json.dumps(dict(manifest, target=target), indent=2) + "\n")
         if out.exists():

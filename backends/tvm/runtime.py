@@ -62,7 +62,10 @@ def _to_tvm(x: Any, dev: Any) -> Any:
             want = "cuda" if dev.dlpack_device_type() == 2 else "cpu"
             if x.device.type != want:
                 x = x.to(want)
-            return tvm.runtime.from_dlpack(x.contiguous())
+            x = x.contiguous()
+            if x.data_ptr() % 64:  # e.g. sliced out of a file buffer: TVM's kernels assume 64-byte alignment
+                x = x.clone()
+            return tvm.runtime.from_dlpack(x)
         return tvm.runtime.from_dlpack(x)
     return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
 
@@ -76,6 +79,9 @@ class Runner:
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, self.device)
         self._main = self.vm[self.manifest["function"]]
+        # static-shape copies of the function (tuned sizes): (dims, function), called on exact matches
+        self._specialised = [(dict(s["dims"]), self.vm[s["function"]]) for s in self.manifest.get("specialised", [])]
+        self.last_function = self.manifest["function"]
         self._weights: list[Any] | None = None
         self._keep: list[Any] = []  # the source tensors of DLPack views, kept alive
 
@@ -107,7 +113,7 @@ class Runner:
             keep.append(w)
             tensors.append(_to_tvm(w, self.device))
         if self.manifest.get("lifted"):
-            out = self.vm[self.manifest["function"] + "_transform_params"](tensors)
+            out = self.vm[self.manifest.get("transform", self.manifest["function"] + "_transform_params")](tensors)
             tensors = [out[i] for i in range(len(out))]
         self._weights, self._keep = tensors, keep
         return self
@@ -135,13 +141,29 @@ class Runner:
                     raise IndexError(f"input {spec['name']}: values must lie in range({vr[0]}, {vr[1]}), "
                                      f"got values from {lo} to {hi}")
 
+    def dims_of(self, args: tuple) -> dict[str, int]:
+        """The sizes of the symbolic dimensions, read from the inputs' shapes."""
+        dims: dict[str, int] = {}
+        for x, spec in zip(args, self.manifest["inputs"]):
+            for axis, d in enumerate(spec["shape"]):
+                if isinstance(d, str):
+                    dims[d] = int(x.shape[axis])
+        return dims
+
     def run_tvm(self, *args: Any) -> Any:
         """Run on the inputs (in input order); the VM's outputs as TVM tensors (a tuple for several)."""
         if self._weights is None:
             raise RuntimeError("no weights bound: call bind(weights) first")
         self._check(args)
         ins = [_to_tvm(x, self.device) for x in args]
-        out = self._main(*ins, *self._weights)
+        fn, self.last_function = self._main, self.manifest["function"]
+        if self._specialised:
+            dims = self.dims_of(args)
+            for want, f in self._specialised:
+                if want == dims:
+                    fn, self.last_function = f, _spec_name(want)
+                    break
+        out = fn(*ins, *self._weights)
         if len(self.manifest["outputs"]) == 1:
             return out
         return tuple(out[i] for i in range(len(out)))
@@ -154,6 +176,10 @@ class Runner:
         if isinstance(out, tuple):
             return tuple(torch.from_dlpack(o) for o in out)
         return torch.from_dlpack(out)
+
+
+def _spec_name(dims: Mapping[str, int]) -> str:
+    return "main__" + "_".join(f"{k}{int(v)}" for k, v in sorted(dims.items()))
 
 
 def _numel(x: Any) -> int:

@@ -1,0 +1,470 @@
+"""MetaSchedule tuning with a persistent database: tune a spec once, reuse the records in later builds.
+
+    from specc.backends.tvm.tuning import tune
+    report = tune(graph, "tuning_db/", trials=64, dims=[{"B": 1, "T": 128}])
+    model = compile_graph(graph, weights=w, tuning_db="tuning_db/")  # reuses the records
+
+MetaSchedule measures kernels, so it tunes static shapes: `dims` (default: the spec's example
+values) fixes the symbolic dimensions, and each tuned set of values becomes a static-shape copy of
+the model's function (`main__B1_T128`), compiled beside the symbolic `main`; the runner calls the
+copy when the inputs have exactly those sizes and `main` otherwise (scheduled by specc's rules).
+
+The database folder holds MetaSchedule's JSON database (database_workload.json,
+database_tuning_record.json: one record per kernel, keyed by the kernel's structure, which names
+its ops and shapes) and specc's index, specc_tuning.json: which graphs (by fingerprint) were tuned
+at which sizes, for which target, and each kernel's name, shapes and trial count. Kernels already
+in the database are never tuned again: tuning a second spec that shares kernels (same op, same
+shapes) with the first costs only the new ones, and `compile_graph(..., tuning_db=...)` never tunes.
+
+The LSTM recurrence and the row kernels (softmax, norms) are hand-scheduled and not tuned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import tvm
+from tvm import relax, tirx
+from tvm.target import Target
+
+from specc.compiler.ir import Graph
+
+INDEX = "specc_tuning.json"
+_IS_SCHEDULED = "tirx.is_scheduled"
+
+
+def fingerprint(graph: Graph) -> str:
+    """A stable hash of the graph as lowered to Relax (same spec and overrides: same fingerprint)."""
+    from .lowering import to_relax
+
+    mod, _ = to_relax(graph, "llvm", "main")
+    return hashlib.sha256(mod.script().encode()).hexdigest()[:16]
+
+
+def spec_name(dims: Mapping[str, int]) -> str:
+    """The name of the static copy of `main` for these sizes, e.g. main__B1_T128."""
+    return "main__" + "_".join(f"{k}{int(v)}" for k, v in sorted(dims.items()))
+
+
+def _dims_list(graph: Graph, dims: Mapping[str, int] | Iterable[Mapping[str, int]] | None) -> list[dict[str, int]]:
+    from .lowering import _symbols
+
+    syms = set(_symbols(graph))
+    if dims is None:
+        dims = [{s: graph.dims[s][0] for s in syms if s in graph.dims and graph.dims[s][0] is not None}]
+    elif isinstance(dims, Mapping):
+        dims = [dims]
+    out = []
+    for d in dims:
+        d = {k: int(v) for k, v in d.items() if k in syms}
+        missing = syms - set(d)
+        if missing:
+            raise ValueError(f"tuning needs a size for every symbolic dimension; missing {sorted(missing)}")
+        for s, v in d.items():
+            lo, hi = graph.dims[s][1:] if s in graph.dims else (None, None)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ValueError(f"{s}={v} is outside the spec's bounds [{lo}, {hi}]")
+        out.append(d)
+    return out
+
+
+def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "main") -> tvm.IRModule:
+    """`mod` plus, for each dims, a copy of `func` with the symbolic sizes bound (static shapes)."""
+    mod = tvm.IRModule(dict(mod.functions_items()))
+    base = mod[func]
+    for dims in dims_list:
+        name = spec_name(dims)
+        one = relax.transform.BindSymbolicVars(dict(dims))(tvm.IRModule({func: base}))[func]
+        mod[name] = one.with_attr("global_symbol", name)
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------
+# the index
+# ---------------------------------------------------------------------------------------------
+
+def read_index(db_dir: str | Path) -> dict[str, Any]:
+    path = Path(db_dir) / INDEX
+    if not path.exists():
+        return {"specc_tuning": 1, "graphs": {}}
+    return json.loads(path.read_text())
+
+
+def _write_index(db_dir: Path, index: dict[str, Any]) -> None:
+    tmp = db_dir / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, db_dir / INDEX)
+
+
+def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = None) -> list[dict[str, int]]:
+    """The sizes `graph` was tuned at in `db_dir` (for this target's CPU), oldest first."""
+    if db_dir is None:
+        return []
+    entry = read_index(db_dir)["graphs"].get(fingerprint(graph))
+    if not entry:
+        return []
+    out = []
+    for rec in entry["tuned"]:
+        if target is not None and rec.get("target_key") not in (None, _target_key(target)):
+            continue
+        if rec["dims"] not in out:
+            out.append(rec["dims"])
+    return out
+
+
+def _target_key(target: Target) -> str:
+    return f"{target.kind.name}:{target.attrs.get('mcpu', '')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TuneReport:
+    """What a `tune` call did: kernels tuned now, kernels whose records were already there."""
+
+    db_dir: str
+    dims: list[dict[str, int]]
+    tuned: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    specc_kept: list[str] = field(default_factory=list)  # kernels where specc's schedule beat the search
+    trials: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"tuned {len(self.tuned)} kernel(s) ({self.trials} trials each at most, {self.seconds:.0f} s; "
+                f"specc's own schedule kept for {len(self.specc_kept)}), reused {len(self.reused)} record(s) "
+                f"from {self.db_dir}, sizes {self.dims}")
+
+
+def tuning_tasks(graph: Graph, target: Target, dims_list: list[dict[str, int]], lift: bool = True) -> list[Any]:
+    """MetaSchedule tasks (static-shape kernels after fusion) of the graph at the given sizes."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .build import FUNC, pre_schedule_passes
+    from .lowering import to_relax
+
+    mod, _ = to_relax(graph, target.kind.name, FUNC)
+    mod = specialise(mod, dims_list)
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != FUNC})
+    with target:
+        mod = tvm.transform.Sequential(pre_schedule_passes(target, lift=lift, shared=True))(mod)
+    # only the kernels the model calls per forward pass: not the weight transforms run once at bind time
+    entries = [spec_name(d) for d in dims_list]
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items()
+                        if not isinstance(f, relax.Function) or gv.name_hint in entries})
+    mod = relax.transform.DeadCodeElimination(entries)(mod)
+    tasks = []
+    for task in ms.relax_integration.extract_tasks(mod, target):
+        func = task.dispatched[0]["main"]
+        if func.attrs is not None and _IS_SCHEDULED in func.attrs and int(func.attrs[_IS_SCHEDULED]) == 1:
+            continue  # hand-scheduled (row kernels, the LSTM recurrence)
+        if _has_symbolic_shape(func):
+            continue
+        if not _has_blocks(func):
+            continue
+        tasks.append(task)
+    return tasks
+
+
+def _has_symbolic_shape(func: tirx.PrimFunc) -> bool:
+    for p in func.params:
+        ty = p.ty
+        shape = getattr(ty, "shape", None)
+        if shape is not None and any(not isinstance(d, tirx.IntImm) for d in shape):
+            return True
+    return False
+
+
+def _has_blocks(func: tirx.PrimFunc) -> bool:
+    try:
+        from tvm.s_tir import Schedule
+        from tvm.s_tir.dlight.analysis import get_root_block
+
+        sch = Schedule(func)
+        return len(sch.get_child_blocks(get_root_block(sch))) > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def import_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin (MetaSchedule's TuneContext does, once per process) quickly.
+
+    That import parses ~500 TVMScript functions, and TVMScript's decorator calls inspect.stack(),
+    which reads the source line of every frame through inspect.getmodule: a scan of sys.modules
+    per frame. With torch loaded (thousands of modules) the import took 40-80 s here. During this
+    one import, inspect.stack() gives the source line of the three innermost frames (all that
+    TVMScript's class-scope check reads) via linecache, and no source for the outer frames.
+    """
+    import inspect
+    import linecache
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+
+    def stack(context: int = 1):
+        out = []
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno) if len(out) < 3 and context else ""
+            out.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                         [line] if line else None, 0 if line else None, positions=None))
+            frame = frame.f_back
+        return out
+
+    inspect.stack = stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
+def open_database(db_dir: str | Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
+                                    path_tuning_record=str(db_dir / "database_tuning_record.json"),
+                                    module_equality="structural")
+
+
+def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None,
+         target: str | Mapping[str, Any] | Target = "llvm", weights: Any = None, lift: bool = True,
+         seed: int | None = 0, log_dir: str | Path | None = None, strategy: str = "evolutionary",
+         workers: str = "inprocess", timeout_sec: float = 300.0, measure_repeats: int = 3) -> TuneReport:
+    """Tune the graph's kernels at `dims` (a dict or a list of dicts of symbolic sizes; default: the
+    spec's example sizes) with MetaSchedule, `trials` measured candidates per kernel, into the
+    database in `db_dir`. Kernels that already have a record there are skipped. `weights` is
+    accepted for symmetry with compile_graph and unused: kernels are tuned on random data.
+
+    strategy: "evolutionary" (MetaSchedule's default: a cost model ranks mutated candidates) or
+    "replay-trace" (random samples of the design space: much cheaper per trial, for quick runs).
+    workers: "inprocess" (build and measure in this process: see `in_process_workers`) or "popen"
+    (MetaSchedule's worker processes, with `timeout_sec` per build and per measurement: generous,
+    because each worker imports TVM; MetaSchedule's default 30 s timed out on a loaded 2-core machine).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .build import make_target
+
+    del weights
+    t0 = time.perf_counter()
+    import_tensor_intrinsics()
+    tgt = make_target(target)
+    if tgt.kind.name != "llvm":
+        raise ValueError("tune: CPU (llvm) targets only for now")
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    dims_list = _dims_list(graph, dims)
+    report = TuneReport(str(db_dir), dims_list, trials=trials)
+    database = open_database(db_dir)
+    todo = []
+    for task in tuning_tasks(graph, tgt, dims_list, lift=lift):
+        mod = task.dispatched[0]
+        if database.query_tuning_record(mod, tgt, task.task_name) is not None:
+            report.reused.append(task.task_name)
+        else:
+            todo.append(task)
+    if todo and trials > 0:
+        work_dir = str(log_dir or db_dir / "logs")
+        contexts, weights_ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir=work_dir, seed=seed, strategy=strategy)
+        evaluator = ms.runner.EvaluatorConfig(number=measure_repeats, repeat=1, min_repeat_ms=20)
+        if workers == "inprocess":
+            builder, runner = in_process_workers(evaluator)
+        elif workers == "popen":
+            builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec)
+            runner = ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator)
+        else:
+            raise ValueError(f"workers must be 'inprocess' or 'popen', not {workers!r}")
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights_, work_dir=work_dir,
+            max_trials_global=trials * len(contexts), max_trials_per_task=trials,
+            num_trials_per_iter=min(64, max(trials, 1)), database=database,
+            builder=builder, runner=runner,
+            cost_model=_cost_model() if strategy == "evolutionary" else "random")
+        report.tuned = [t.task_name for t in todo]
+        report.specc_kept = seed_with_specc_schedules(database, todo, tgt, measure_repeats)
+    report.seconds = time.perf_counter() - t0
+    _record(db_dir, graph, tgt, dims_list, report, todo)
+    return report
+
+
+def in_process_workers(evaluator_config: Any):
+    """A MetaSchedule builder and runner that work in this process.
+
+    MetaSchedule's LocalBuilder starts fresh worker processes for every batch of candidates (to
+    dodge a memory leak), and each imports TVM: seconds per batch on a small machine, minutes over
+    a tuning run. In-process building and measuring skip that; a candidate that crashed the
+    compiler would take the tuning process with it (none did in our runs).
+    """
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerResult
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            out = []
+            for bi in build_inputs:
+                try:
+                    out.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                except Exception as e:  # noqa: BLE001 - reported to the tuner as a failed candidate
+                    out.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            return out
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+        def run(self, runner_inputs):
+            futures = []
+            for ri in runner_inputs:
+                try:
+                    rt = tvm.runtime.load_module(ri.artifact_path)
+                    dev = tvm.runtime.device(ri.device_type, 0)
+                    args = default_alloc_argument(dev, [a.as_json() for a in ri.args_info], 1)
+                    res = RunnerResult(default_run_evaluator(rt, dev, self.config, args), None)
+                except Exception as e:  # noqa: BLE001
+                    res = RunnerResult(None, f"{type(e).__name__}: {e}")
+                futures.append(RunnerFuture(f_done=lambda: True, f_result=lambda r=res: r))
+            return futures
+
+    return InProcessBuilder(), InProcessRunner(evaluator_config)
+
+
+def _measure(func: tirx.PrimFunc, target: Target, repeats: int) -> float | None:
+    """Median seconds of one call of `func` (built for `target`) on random inputs, or None if it fails."""
+    import statistics
+
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
+
+    try:
+        lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+        dev = tvm.cpu(0)
+        args = default_alloc_argument(dev, [a.as_json() for a in ArgInfo.from_prim_func(func)], 1)
+        config = EvaluatorConfig(number=max(repeats, 1), repeat=3, min_repeat_ms=20)
+        return statistics.median(default_run_evaluator(lib, dev, config, args))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def seed_with_specc_schedules(database: Any, tasks: list[Any], target: Target, repeats: int = 3) -> list[str]:
+    """For each task, measure specc's own schedule (schedules.py) and, when it beats the best record
+    MetaSchedule found (or there is none), commit it to the database as that kernel's record: the
+    database then never holds a schedule slower than the default build's. Returns the kernels so kept."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    from .schedules import default_rules
+
+    kept = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        func = mod["main"]
+        sch = None
+        for rule in default_rules():
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                break
+        if sch is None:
+            continue
+        mine = _measure(sch.mod["main"], target, repeats)
+        if mine is None:
+            continue
+        workload = database.commit_workload(mod)
+        best = database.get_top_k(workload, 1)
+        theirs = min((float(t) for t in best[0].run_secs), default=None) if best and best[0].run_secs else None
+        if theirs is None or mine < theirs:
+            database.commit_tuning_record(TuningRecord(sch.trace, workload, [mine], target,
+                                                       ArgInfo.from_prim_func(func)))
+            kept.append(task.task_name)
+    return kept
+
+
+def _cost_model() -> str:
+    """xgboost's cost model when installed, else random search guided by measurements only."""
+    try:
+        import xgboost  # noqa: F401
+        return "xgb"
+    except ImportError:
+        return "random"
+
+
+def _record(db_dir: Path, graph: Graph, target: Target, dims_list: list[dict[str, int]], report: TuneReport,
+            todo: list[Any]) -> None:
+    index = read_index(db_dir)
+    entry = index["graphs"].setdefault(fingerprint(graph), {"name": graph.name, "tuned": []})
+    for dims in dims_list:
+        rec = {"dims": dims, "target": str(target), "target_key": _target_key(target)}
+        if rec not in entry["tuned"]:
+            entry["tuned"].append(rec)
+    kernels = index.setdefault("kernels", {})
+    for task in todo:
+        func = task.dispatched[0]["main"]
+        shapes = [[int(d) for d in p.ty.shape] for p in func.params if getattr(p.ty, "shape", None) is not None]
+        kernels.setdefault(task.task_name + ":" + "x".join("_".join(map(str, s)) for s in shapes),
+                           {"op": task.task_name, "shapes": shapes, "trials": report.trials,
+                            "target": str(target)})
+    _write_index(db_dir, index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m specc.backends.tvm.tuning SPEC --db DIR [--set k=v] [--dims B=1,T=128]... [--trials N]"""
+    import argparse
+
+    import specc
+
+    ap = argparse.ArgumentParser(prog="python -m specc.backends.tvm.tuning",
+                                 description="Tune a spec's kernels for this CPU into a MetaSchedule database "
+                                             "(later builds: compile_graph(..., tuning_db=DIR)).")
+    ap.add_argument("spec")
+    ap.add_argument("--db", required=True, help="the database folder (created; extended when it exists)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="spec parameter override")
+    ap.add_argument("--dims", action="append", default=[], metavar="B=1,T=128",
+                    help="sizes of the symbolic dimensions to tune at (repeatable; default: the spec's examples)")
+    ap.add_argument("--trials", type=int, default=64, help="measured candidates per kernel (default 64)")
+    ap.add_argument("--strategy", choices=("evolutionary", "replay-trace"), default="evolutionary")
+    ap.add_argument("--workers", choices=("inprocess", "popen"), default="inprocess")
+    args = ap.parse_args(argv)
+
+    def parse(items: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kv in items.split(","):
+            k, v = kv.split("=", 1)
+            out[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+        return out
+
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        overrides.update(parse(item))
+    graph = specc.compile(args.spec, **overrides)
+    dims = [parse(d) for d in args.dims] or None
+    report = tune(graph, args.db, args.trials, dims=dims, strategy=args.strategy, workers=args.workers)
+    print(report)
+    return 0
+
+
+__all__ = ["tune", "TuneReport", "tuned_dims", "specialise", "spec_name", "fingerprint", "read_index",
+           "open_database", "tuning_tasks", "seed_with_specc_schedules", "INDEX"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU check of specc's TVM CUDA path: build the zoo for sm_90 here, run it on a GPU machine there.
+#
+#   tools/gpu_check.sh stage [DIR]   # here (no GPU needed; nvcc is): build and stage into DIR
+#                                    #   (default build/gpu_check, git-ignored; about 29 MiB)
+#   tools/gpu_check.sh run [DIR]     # there: run every staged model against torch on the GPU
+#   tools/gpu_check.sh cpu-smoke     # here: the same loader on llvm builds of two small models
+#
+# Through the device tool (its machine gets the working tree plus `carry`, 64 MiB at most, and
+# reaches no package registry):
+#   tools/gpu_check.sh stage
+#   run(command="tools/gpu_check.sh run", carry=["build/gpu_check"], timeout_s=300)
+#
+# What travels (DIR/): runner.py (tools/gpu_runner.py); runtime/ with libtvm_runtime.so (~3 MB),
+# libtvm_runtime_cuda.so, libcudart.so.13 and the tvm_ffi package, but NOT libtvm_compiler.so
+# (260 MB): the runner imports no `tvm` and loads the libraries with ctypes and tvm_ffi; and per
+# model (gpt, gpt_d256 = d_model 256 / 4 layers / T 128, itransformer, lstm_classifier) the
+# exported model.so, the fatbin nvcc compiled from its CUDA source (TVM 0.27 keeps CUDA source in
+# the library and compiles it at load time through a callback; the runner's callback returns the
+# staged fatbin, so the GPU machine needs no nvcc), the torch module specc's PyTorch backend
+# generates for the same graph and weights, and inputs at B=1 and B=8 with float64 CPU outputs.
+#
+# What it prints: per model and batch, max |tvm - torch| (both float32 on the GPU, TF32 off),
+# max |tvm - float64 reference|, median latencies and tvm/torch; exit 1 if an error exceeds
+# 1e-4 * max(1, |reference|) or a model fails. Needs there: python3 of the same minor version as
+# here (tvm_ffi's extension; 3.11), torch with CUDA, and an NVIDIA driver for CUDA 13 (>= 580;
+# libtvm_runtime_cuda links libcudart.so.13). The runner prints those versions first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmd="${1:-stage}"
+dir="${2:-build/gpu_check}"
+case "$cmd" in
+  stage)
+    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+    TVM_CUDA_COMPILE_MODE=nvcc "$py" tools/gpu_stage.py --out "$dir" --target cuda
+    ;;
+  run)
+    python3 "$dir/runner.py" --device cuda
+    ;;
+  cpu-smoke)
+    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+    "$py" tools/gpu_stage.py --out build/gpu_check_cpu --target llvm --models tiny,lstm_classifier
+    "$py" build/gpu_check_cpu/runner.py --device cpu --iters 5
+    ;;
+  *)
+    echo "usage: tools/gpu_check.sh stage|run|cpu-smoke [DIR]" >&2
+    exit 2
+    ;;
+esac
