@@ -289,6 +289,14 @@ class Matmul(ScheduleRule):
             if len(consumers) != 1:
                 return None
             out_blk = consumers[0]
+        # An operand that was not padded is still copied by its reindex block, which iterates over the
+        # operand's own axes (e.g. [B, T, K]); computed per tile, TVM would bound a tile's fused rows
+        # b*T+t by a box in (b, t) that covers other rows too. Make it iterate over the fused axes
+        # ([S, I, K] / [S, J, K]) first, as the padded copies do.
+        if not pad_i and not _try(sch.transform_block_layout, reindex_a, a_map):
+            return None
+        if not pad_j and pack_b and not _try(sch.transform_block_layout, reindex_b, b_map):
+            return None
         producers = {sch.get(p).writes[0].source.name: p for p in sch.get_producers(main)}
         a_blk = producers.get(self._read_buffer(sch, main, 0))
         b_blk = producers.get(self._read_buffer(sch, main, 1))

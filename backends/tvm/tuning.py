@@ -366,10 +366,36 @@ def _measure(func: tirx.PrimFunc, target: Target, repeats: int) -> float | None:
         return None
 
 
+def _same_results(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, target: Target) -> bool:
+    """Whether `scheduled` computes what `func` computes, on random inputs (float tolerance 1e-5)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:
+        shape, dtype = [int(d) for d in p.ty.shape], str(p.ty.dtype)
+        if "int" in dtype or dtype == "bool":
+            args.append(rng.integers(0, 2, size=shape).astype(dtype))
+        else:
+            args.append(np.abs(rng.standard_normal(shape)).astype(dtype))
+    outs = []
+    try:
+        for f in (func, scheduled):
+            lib = tvm.tirx.build(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
+            tensors = [tvm.runtime.tensor(a.copy()) for a in args]
+            lib["main"](*tensors)
+            outs.append(tensors[-1].numpy().astype("float64"))
+    except Exception:  # noqa: BLE001
+        return False
+    scale = max(1.0, float(np.nanmax(np.abs(outs[0]))) if outs[0].size else 1.0)
+    return bool(np.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * scale, equal_nan=True))
+
+
 def seed_with_specc_schedules(database: Any, tasks: list[Any], target: Target, repeats: int = 3) -> list[str]:
     """For each task, measure specc's own schedule (schedules.py) and, when it beats the best record
     MetaSchedule found (or there is none), commit it to the database as that kernel's record: the
-    database then never holds a schedule slower than the default build's. Returns the kernels so kept."""
+    database then never holds a schedule slower than the default build's. A schedule is committed
+    only after it computed the same results as the unscheduled kernel. Returns the kernels so kept."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.database import TuningRecord
 
@@ -384,7 +410,7 @@ def seed_with_specc_schedules(database: Any, tasks: list[Any], target: Target, r
             sch = rule.apply(func, target, False)
             if sch is not None:
                 break
-        if sch is None:
+        if sch is None or not _same_results(func, sch.mod["main"], target):
             continue
         mine = _measure(sch.mod["main"], target, repeats)
         if mine is None:
