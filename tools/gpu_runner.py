@@ -50,6 +50,8 @@ POOLED_ALLOCATOR = 2
 def load_runtime(device: str):
     """Import the staged tvm_ffi and load the TVM runtime libraries into the process (no compiler)."""
     rt = HERE / "runtime"
+    # TVM sizes its CPU thread pool as half the logical CPUs on x86 (assuming hyper-threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     sys.path.insert(0, str(rt))
     import tvm_ffi  # noqa: PLC0415 - the staged copy, first on the path
 

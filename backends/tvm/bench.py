@@ -8,9 +8,9 @@ For each spec: the torch module (the PyTorch backend's generated code, eager, to
 thread count) and, per variant, ONE compiled TVM library run at every batch size given. Each row:
 median latency of one forward call (through the Runner: DLPack in and out, input checks), the
 ratio to torch eager at that batch size, and max |tvm - torch|. Torch is timed first, before any
-TVM kernel has started TVM's thread pool (with both thread pools live, torch ran up to 100x slower
-here); the TVM variants are then timed in interleaved rounds, so that load from other processes on
-a shared machine hits them alike.
+TVM kernel has started TVM's thread pool (whose workers spin for a while after each parallel
+kernel: torch right after a TVM call ran about 1.5x slower here); the TVM variants are then timed
+in interleaved rounds, so that load from other processes on a shared machine hits them alike.
 Variants:
 
   untuned    the pipeline with no CPU schedules (legalised loops, as first written)
@@ -101,8 +101,7 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
     out(f"{graph.name} {overrides or ''} inputs {shapes}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), tvm {tvm.__version__} "
         f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}); load average {load:.1f}")
-    # torch first: TVM's thread pool (started by the first parallel TVM kernel, pinned to the cores)
-    # and torch's OpenMP threads slow each other down when both are live, torch by up to 100x here
+    # torch first, before TVM's thread pool exists (its workers spin after each parallel kernel)
     rows: list[dict[str, Any]] = []
     refs, t_torch = {}, {}
     with torch.inference_mode():

@@ -37,7 +37,7 @@ from specc.compiler.dims import Sym
 from specc.compiler.ir import DTYPES, Graph
 
 from .lowering import Signature, to_relax
-from .runtime import MANIFEST, Runner
+from .runtime import MANIFEST, Runner, physical_cores
 
 FUNC = "main"
 SCHEDULES = ("specc", "dlight", "none")
@@ -52,18 +52,6 @@ def host_cpu() -> str:
     from tvm.target import codegen
 
     return str(codegen.llvm_get_system_cpu())
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:  # pragma: no cover - psutil is a MetaSchedule dependency
-        pass
-    return os.cpu_count() or 1
 
 
 def make_target(target: str | Mapping[str, Any] | Target = "llvm") -> Target:
@@ -115,6 +103,12 @@ def pre_schedule_passes(target: Target, lift: bool = True, schedule: str = "spec
     return passes
 
 
+def _current_database() -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.Database.current()
+
+
 class _TunedKernels:
     """Two passes around MetaScheduleApplyDatabase that note which kernels took a database record."""
 
@@ -154,7 +148,8 @@ def pipeline(target: Target, lift: bool = True, cpu_schedule: bool = False, sche
     T = relax.transform
     passes = pre_schedule_passes(target, lift=lift, schedule=schedule, shared=shared)
     if tuning_db is not None:
-        apply = T.MetaScheduleApplyDatabase(str(tuning_db))
+        # the database is the current one (build_module enters it), else the JSON files in tuning_db
+        apply = T.MetaScheduleApplyDatabase(None if _current_database() is not None else str(tuning_db))
         passes += tuned.passes(apply) if tuned is not None else [apply]
     if is_gpu(target):
         passes.append(dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
@@ -237,7 +232,15 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
             specialised = [{"function": spec_name(d), "dims": d} for d in dims]
     shared = bool(specialised)
     tuned = _TunedKernels()
-    with tgt:
+    from contextlib import nullcontext
+
+    if tuning_db is not None:
+        from .tuning import open_database
+
+        database = open_database(tuning_db)
+    else:
+        database = nullcontext()
+    with tgt, database:
         ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, lift=lift, cpu_schedule=cpu_schedule,
                                                            schedule=schedule, tuning_db=tuning_db, shared=shared,
                                                            tuned=tuned))

@@ -15,12 +15,42 @@ lifted weight preprocessing out of the model (transposed matrices, summed biases
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-import tvm
-from tvm import relax
+
+def physical_cores() -> int:
+    """Physical CPU cores of this machine (psutil when installed, else Linux's topology files)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    try:
+        cores = set()
+        for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*"):
+            topo = cpu / "topology"
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+# TVM's runtime sizes its thread pool, when it starts, as half the logical CPUs on x86 (it assumes
+# two hyper-threads per core): on a machine without SMT, such as this project's 2-core VM, every
+# parallel kernel then ran on one thread. Unless the user chose (TVM_NUM_THREADS), use the physical
+# cores. Takes effect if no TVM kernel has run in this process yet.
+os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
 
 MANIFEST = "tvm_manifest.json"
 

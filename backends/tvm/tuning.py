@@ -242,7 +242,8 @@ def open_database(db_dir: str | Path):
 def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None,
          target: str | Mapping[str, Any] | Target = "llvm", weights: Any = None, lift: bool = True,
          seed: int | None = 0, log_dir: str | Path | None = None, strategy: str = "evolutionary",
-         workers: str = "inprocess", timeout_sec: float = 300.0, measure_repeats: int = 3) -> TuneReport:
+         workers: str = "inprocess", timeout_sec: float = 300.0, measure_repeats: int = 3,
+         verbose: bool = False) -> TuneReport:
     """Tune the graph's kernels at `dims` (a dict or a list of dicts of symbolic sizes; default: the
     spec's example sizes) with MetaSchedule, `trials` measured candidates per kernel, into the
     database in `db_dir`. Kernels that already have a record there are skipped. `weights` is
@@ -250,6 +251,7 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
 
     strategy: "evolutionary" (MetaSchedule's default: a cost model ranks mutated candidates) or
     "replay-trace" (random samples of the design space: much cheaper per trial, for quick runs).
+    verbose: MetaSchedule's progress on the console (it is always written to DB_DIR/logs).
     workers: "inprocess" (build and measure in this process: see `in_process_workers`) or "popen"
     (MetaSchedule's worker processes, with `timeout_sec` per build and per measurement: generous,
     because each worker imports TVM; MetaSchedule's default 30 s timed out on a loaded 2-core machine).
@@ -261,6 +263,11 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
     del weights
     t0 = time.perf_counter()
     import_tensor_intrinsics()
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET or not verbose:
+        ms_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)  # the console handler's level
     tgt = make_target(target)
     if tgt.kind.name != "llvm":
         raise ValueError("tune: CPU (llvm) targets only for now")
@@ -469,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=64, help="measured candidates per kernel (default 64)")
     ap.add_argument("--strategy", choices=("evolutionary", "replay-trace"), default="evolutionary")
     ap.add_argument("--workers", choices=("inprocess", "popen"), default="inprocess")
+    ap.add_argument("-v", "--verbose", action="store_true", help="MetaSchedule's progress on the console")
     args = ap.parse_args(argv)
 
     def parse(items: str) -> dict[str, Any]:
@@ -483,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.update(parse(item))
     graph = specc.compile(args.spec, **overrides)
     dims = [parse(d) for d in args.dims] or None
-    report = tune(graph, args.db, args.trials, dims=dims, strategy=args.strategy, workers=args.workers)
+    report = tune(graph, args.db, args.trials, dims=dims, strategy=args.strategy, workers=args.workers,
+                  verbose=args.verbose)
     print(report)
     return 0
 
