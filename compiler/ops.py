@@ -1091,6 +1091,26 @@ _filled("ones", 1)
 _filled("zeros", 0)
 
 
+def _parameter_params(c: OpCall):
+    return [param("weight", tuple(c.a("shape")), Init("normal", (1.0, 0.0)), op="parameter", arg="shape")]
+
+
+@op("parameter", Arg("shape", "dims", variadic=True), params=_parameter_params, flops=lambda c, o: 0,
+    category="layer")
+def _parameter(c: OpCall):
+    """parameter(d0, d1, ...): a learned f32 tensor of fixed shape (prefix rows, prompt components, key
+    tokens...), initialised N(0, 1) unless init= says otherwise; frozen=, init= and share= apply."""
+    shape = tuple(c.a("shape"))
+    if not shape:
+        raise OpError("parameter: give at least one size, e.g. parameter(L, d_model)", "shape")
+    for d in shape:
+        if not isinstance(d, int):
+            raise OpError(f"parameter: sizes must be fixed by params, but {fmt(d)} is a symbolic dimension", "shape")
+        if d <= 0:
+            raise OpError(f"parameter: sizes must be positive, got {dims_str(shape)}", "shape")
+    return T("f32", shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # position embeddings
 # ---------------------------------------------------------------------------------------------

@@ -381,6 +381,8 @@ LOWERINGS: dict[str, Lowering] = {
     "triu": Lowering(_triangle("triu")),
     "ones": Lowering(_filled("ones")),
     "zeros": Lowering(_filled("zeros")),
+    "parameter": Lowering(lambda c, xs: call(f"{c.module}.weight"),
+                          lambda c, ins: f"Parameters(weight={tuple(c.a('shape'))!r})", ("Parameters",)),
     # position embeddings
     "rotary": Lowering(_rotary, helpers=("apply_rotary",)),
 }

@@ -562,6 +562,7 @@ LOWERINGS: dict[str, Lowering] = {
     "matmul": _matmul,
     "linear": _linear_op,
     "embedding": _embedding,
+    "parameter": lambda c, xs: c.weight("weight"),
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
     "dropout": _dropout,
