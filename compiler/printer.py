@@ -25,7 +25,10 @@ def format_value(v: Any) -> str:
     return fmt(v) if not isinstance(v, int) else str(v)
 
 
-def format_node(nid: int, node: Node, show_span: bool = True, relative_to: str | None = None) -> str:
+def format_node(nid: int, node: Node, show_span: bool = True, relative_to: str | None = None,
+                defaults: dict[str, Any] | None = None) -> str:
+    """One node as text. defaults: the op's own initialiser of each parameter, by name; a parameter
+    whose initialiser differs (an explicit init=) shows it."""
     if len(node.outputs) == 1:
         lhs = f"%{nid}: {node.outputs[0]}"
     else:
@@ -46,6 +49,8 @@ def format_node(nid: int, node: Node, show_span: bool = True, relative_to: str |
     if node.params:
         ps = ", ".join(f"{p.name}: {p.dtype}[{', '.join(map(str, p.shape))}]"
                        + (" buffer" if p.buffer else " frozen" if p.frozen else "")
+                       + (f" init={_init_text(p.init)}" if defaults is not None and p.name in defaults
+                          and p.init != defaults[p.name] and p.derive is None and not p.tied_to else "")
                        + (f" = @{p.tied_to}" if p.tied_to else "") for p in node.params)
         line += f"  @{'.'.join(node.path)} {{{ps}}}"
     if show_span:
@@ -65,6 +70,26 @@ def _format_index(items) -> str:
     return ", ".join(out)
 
 
+def _init_text(init) -> str:
+    """An initialiser as a spec would write it: zeros, normal(0.02, 0)."""
+    return init.kind if not init.args else str(init)
+
+
+def _default_inits(graph: Graph, nid: int) -> dict[str, Any] | None:
+    """The initialisers the op itself gives a node's parameters (None if it owns none)."""
+    from .registry import REGISTRY
+    from .summary import op_call
+
+    node = graph.node(nid)
+    opdef = REGISTRY.get(node.op)
+    if not node.params or opdef is None or opdef.params is None:
+        return None
+    try:
+        return {p.name: p.init for p in opdef.params(op_call(graph, nid))}
+    except Exception:  # a node rewritten by a pass may no longer match its op's parameter rule
+        return None
+
+
 def print_graph(graph: Graph, show_span: bool = True) -> str:
     """The whole graph as text: header, dims, one line per node, outputs."""
     lines = [f"graph {graph.name}"]
@@ -77,6 +102,6 @@ def print_graph(graph: Graph, show_span: bool = True) -> str:
             parts.append(f"{s}={ex}{bound}")
         lines.append("  dims " + ", ".join(parts))
     for nid, node in graph.nodes():
-        lines.append("  " + format_node(nid, node, show_span))
+        lines.append("  " + format_node(nid, node, show_span, defaults=_default_inits(graph, nid)))
     lines.append("  return " + ", ".join(f"{name}={ref}" for name, ref in graph.outputs))
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -137,9 +137,10 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
 
 
 def verify(path_or_text: str | Path, examples: int = 50, opt_level: int = 2, target: str = "torch",
-           overrides: dict[str, Any] | None = None) -> Report:
-    """Verify a spec: the optimised (or compiled) model against the unoptimised one."""
+           overrides: dict[str, Any] | None = None, allow_imports: Iterable[str] = ()) -> Report:
+    """Verify a spec: the optimised (or compiled) model against the unoptimised one. allow_imports:
+    the modules of the spec's `imports:` you allow it to import (as for specc.load)."""
     from specc.api import _front
 
-    src, graph = _front(path_or_text, dict(overrides or {}))
+    src, graph = _front(path_or_text, dict(overrides or {}), allow_imports=allow_imports)
     return verify_graph(graph, src.text, src.file, examples, opt_level, target)

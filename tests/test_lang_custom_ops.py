@@ -225,3 +225,14 @@ def test_cli_build_with_allow_import(ops, tmp_path, capsys):
     path.write_text(spec_text(module, p))
     assert main(["build", str(path), "-o", str(tmp_path / "out"), "--allow-import", module, "--run"]) == 0
     assert "ran " in capsys.readouterr().out
+
+
+def test_verify_api_takes_the_allowed_imports(ops):
+    from specc.dsl.diagnostics import SpecError
+    from specc.verify import verify
+
+    module, p = ops
+    text = spec_text(module, p)
+    assert verify(text, examples=3, allow_imports=[module]).ok
+    with pytest.raises(SpecError, match="import"):
+        verify(text, examples=3)

@@ -26,3 +26,29 @@ def test_ir_lines_carry_real_locations():
             assert line[node.span.col - 1:].startswith("mlp(")
         if node.op == "input":
             assert line[node.span.col - 1:].startswith("x:")
+
+
+def test_explicit_initialisers_are_shown_and_defaults_are_not():
+    import specc
+    from specc.compiler.printer import print_graph
+
+    text = """\
+specc: 1
+name: inits
+dims:
+  B: 2
+inputs:
+  x: f32[B, 8]
+graph: |
+  a = linear(x, 8, init=normal(0.02), bias_init=zeros)
+  b = linear(a, 8)
+  P = parameter(3, 8, init=zeros, frozen=true)
+  y = b + mean(P, dim=0)
+outputs:
+  y: f32[B, 8]
+"""
+    ir = print_graph(specc.compile(text), show_span=False)
+    a, b, p = (line for line in ir.splitlines() if "@" in line)
+    assert "weight: f32[8, 8] init=normal(0.02, 0)" in a and "bias: f32[8] init=zeros" in a
+    assert "init=" not in b
+    assert "weight: f32[3, 8] frozen init=zeros" in p
