@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import specc
-from specc import SpecError
 from specc.compiler.summary import summarize
+from opcheck import assert_error, close, flops_of, inputs64, load64
 
-TOL = 1e-10
 
 # Specs with a batch norm right after a conv are built at -O0: -O1 folds the two into one conv
 # (compiler/passes/conv.py, tested on its own), and these tests look at the batch norm module itself.
@@ -35,39 +34,6 @@ def spec(inputs: str, graph: str, outputs: str = "y", params: str = "") -> str:
     body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
     outs = "".join(f"  {o}:\n" for o in outputs.split())
     return head + f"inputs: {{{inputs}}}\ndims: {{B: 2, T: 8}}\ngraph: |\n{body}outputs:\n{outs}"
-
-
-def load64(text: str, opt_level: int = 1):
-    model = specc.load(text, opt_level=opt_level)
-    return model.double()
-
-
-def inputs64(model, seed: int = 0, **dims):
-    return tuple(t.double() if t.is_floating_point() else t for t in model.example_inputs(seed=seed, **dims))
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    assert err <= TOL, f"max abs error {err:.3g} > {TOL}"
-
-
-def only_error(text: str):
-    with pytest.raises(SpecError) as info:
-        specc.check(text)
-    diags = info.value.diagnostics
-    assert len(diags) == 1, [f"{d.span}: {d.message}" for d in diags]
-    return diags[0]
-
-
-def assert_error(text: str, line: int, col: int, message: str) -> None:
-    d = only_error(text)
-    assert (d.span.line, d.span.col, d.message) == (line, col, message)
-
-
-def flops_of(text: str, op: str, **dims) -> int:
-    return summarize(specc.compile(text), dims).flops_by_op[op]
 
 
 # ---------------------------------------------------------------------------------------------

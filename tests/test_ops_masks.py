@@ -16,10 +16,8 @@ import pytest
 import torch
 
 import specc
-from specc import SpecError
-from specc.compiler.summary import summarize
+from opcheck import assert_error, close, flops_of, inputs64, load64
 
-TOL = 1e-10
 
 
 def spec(inputs: str, graph: str, outputs: str = "y") -> str:
@@ -27,41 +25,6 @@ def spec(inputs: str, graph: str, outputs: str = "y") -> str:
     body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
     outs = "".join(f"  {o}:\n" for o in outputs.split())
     return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5, S: 3}}\ngraph: |\n{body}outputs:\n{outs}"
-
-
-def load64(text: str, opt_level: int = 1):
-    return specc.load(text, opt_level=opt_level).double()
-
-
-def inputs64(model, seed: int = 0, **dims):
-    return tuple(t.double() if t.is_floating_point() else t for t in model.example_inputs(seed=seed, **dims))
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    if a.dtype == torch.bool or not a.is_floating_point():
-        assert torch.equal(a, b)
-        return
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    assert err <= TOL, f"max abs error {err:.3g} > {TOL}"
-
-
-def only_error(text: str):
-    with pytest.raises(SpecError) as info:
-        specc.check(text)
-    diags = info.value.diagnostics
-    assert len(diags) == 1, [f"{d.span}: {d.message}" for d in diags]
-    return diags[0]
-
-
-def assert_error(text: str, line: int, col: int, message: str) -> None:
-    d = only_error(text)
-    assert (d.span.line, d.span.col, d.message) == (line, col, message)
-
-
-def flops_of(text: str, op: str, **dims) -> int:
-    return summarize(specc.compile(text), dims).flops_by_op.get(op, 0)
 
 
 # ---------------------------------------------------------------------------------------------
