@@ -252,30 +252,26 @@ def _schema(args: argparse.Namespace) -> int:
 def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int:
     """Build for a TVM target; an op the target cannot lower is a located error naming the targets that can."""
     try:
-        from specc.backends.tvm.lowering import LOWERINGS, UNSUPPORTED, LoweringError
-        from specc.backends.tvm.package import build_package
+        from specc.backends.tvm.lowering import LoweringError
+        from specc.backends.tvm.package import PackageError, build_package, check_options
     except ImportError as e:
         raise SpecError(Diagnostic(Span(src.file, 0, 0), f"--target {args.target} needs apache-tvm "
                                                          f"(pip install 'specc[tvm]'): {e}")) from None
     from specc.backends.pytorch.weights import init_weights, materialise
     from specc.compiler.passes import optimize
 
-    optimised, _ = optimize(graph, ctx)
-    errors = Collector()
-    for _, node in optimised.nodes():
-        if node.op in UNSUPPORTED or node.op not in LOWERINGS:
-            errors.error(node.span, f"operator '{node.op}' has no lowering for target {args.target}",
-                         "targets that support it: torch")
-    errors.raise_if_any({src.file: src.text})
-    weights = materialise(optimised, init_weights(graph))
     try:
-        if args.tune and not args.tuning_db:
-            raise SpecError(Diagnostic(Span(src.file, 0, 0), "--tune needs --tuning-db DIR to keep the records in"))
+        check_options(args.target, args.out, args.tuning_db, args.tune)  # before any compiling or writing
+        optimised, _ = optimize(graph, ctx)
+        _tvm_lowerable(optimised, args.target, src)
+        weights = materialise(optimised, init_weights(graph))
         build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db,
                       tune_trials=args.tune)
+    except PackageError as e:
+        raise SpecError(Diagnostic(Span(e.path or src.file, 0, 0), f"target {args.target}: {e}")) from None
     except LoweringError as e:
         raise SpecError(Diagnostic(Span(src.file, 0, 0), f"target {args.target}: {e}",
-                                   ("targets that support it: torch",)), {src.file: src.text}) from None
+                                   notes=("targets that support it: torch",)), {src.file: src.text}) from None
     print(f"built {graph.name} -> {args.out}/ (model.so, model.py, loader.py, weights.safetensors, manifest.json; "
           f"target {args.target})")
     if args.run:
@@ -284,6 +280,18 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int
         else:
             _run_built(Path(args.out))
     return 0
+
+
+def _tvm_lowerable(graph, target: str, src) -> None:
+    """A located error at every op of `graph` that the TVM backend cannot lower, naming the targets that can."""
+    from specc.backends.tvm.lowering import LOWERINGS, UNSUPPORTED
+
+    errors = Collector()
+    for _, node in graph.nodes():
+        if node.op in UNSUPPORTED or node.op not in LOWERINGS:
+            errors.error(node.span, f"operator '{node.op}' has no lowering for target {target}",
+                         "targets that support it: torch")
+    errors.raise_if_any({src.file: src.text})
 
 
 def _pass_context(args: argparse.Namespace, file: str):
@@ -309,6 +317,15 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
 
     if args.examples < 1:
         raise SystemExit("specc: error: --examples must be at least 1")
+    if args.target != "torch":  # an op the target cannot lower: located errors, before any compiling
+        from specc.compiler.passes import PassContext, optimize
+
+        try:
+            import specc.backends.tvm.lowering  # noqa: F401
+        except ImportError as e:
+            raise SpecError(Diagnostic(Span(src.file, 0, 0), f"--target {args.target} needs apache-tvm "
+                                                             f"(pip install 'specc[tvm]'): {e}")) from None
+        _tvm_lowerable(optimize(graph, PassContext(opt_level=args.opt_level))[0], args.target, src)
     what = f"-O{args.opt_level} ({args.target})"
     print(f"verify {graph.name}: {what} against -O0 in float64, {args.examples} examples")
     report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target)

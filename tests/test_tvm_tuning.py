@@ -27,7 +27,7 @@ import specc  # noqa: E402
 from specc.backends.pytorch.build import artifacts, load_in_memory  # noqa: E402
 from specc.backends.pytorch.weights import init_weights  # noqa: E402
 from specc.backends.tvm.build import compile_graph  # noqa: E402
-from specc.backends.tvm.tuning import INDEX, read_index, tune, tuned_dims  # noqa: E402
+from specc.backends.tvm.tuning import INDEX, DatabaseError, read_index, tune, tuned_dims  # noqa: E402
 
 from test_tvm_equivalence import REPO, assert_close, oracle_of, run_oracle  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_a_database_without_this_graph_changes_nothing(tuned, tmp_path):
     graph = specc.compile(REPO / "tests/data/tiny.yaml")
     runner = compile_graph(graph, weights=init_weights(graph), tuning_db=db)
     assert "specialised" not in runner.manifest and runner.manifest["tuned_kernels"] == []
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatabaseError, match="missing: no such folder"):
         compile_graph(graph, tuning_db=tmp_path / "missing")
 
 

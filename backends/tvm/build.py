@@ -222,10 +222,9 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
     mod, sig = to_relax(graph, tgt.kind.name, FUNC)
     specialised: list[dict[str, Any]] = []
     if tuning_db is not None:
-        from .tuning import specialise, spec_name, tuned_dims
+        from .tuning import check_database, specialise, spec_name, tuned_dims
 
-        if not Path(tuning_db).is_dir():
-            raise FileNotFoundError(f"tuning database {tuning_db}: no such folder")
+        check_database(tuning_db)  # DatabaseError: missing, not a folder, unreadable or damaged
         dims = tuned_dims(tuning_db, graph, tgt)
         if dims:
             mod = specialise(mod, dims, FUNC)

@@ -115,6 +115,44 @@ def model_py(graph: Graph, target: str) -> str:
     return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims))
 
 
+class PackageError(ValueError):
+    """A build that cannot be done as asked: bad options, an unusable tuning database or output folder.
+    `path` is the file or folder the error is about (None: the options themselves)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+
+def check_options(target: str, out: str | Path, tuning_db: str | Path | None, tune_trials: int) -> None:
+    """Raise PackageError for options that cannot work, before anything is compiled, tuned or written."""
+    from .tuning import DatabaseError, check_database
+
+    if target not in TARGETS:
+        raise PackageError(f"unknown target {target!r} (targets: {', '.join(TARGETS)})")
+    if tune_trials < 0:
+        raise PackageError(f"--tune {tune_trials}: the number of trials cannot be negative")
+    if tune_trials and tuning_db is None:
+        raise PackageError("--tune needs --tuning-db DIR to keep the records in")
+    if tune_trials and target != "tvm-llvm":
+        raise PackageError(f"--tune tunes CPU kernels: use it with --target tvm-llvm, not {target}")
+    if tuning_db is not None:
+        try:
+            check_database(tuning_db, create=bool(tune_trials))
+        except DatabaseError as e:
+            raise PackageError(str(e), e.path) from None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PackageError("the output path exists and is not a folder", out)
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PackageError(f"cannot make the output folder: {parent} is not a folder", out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PackageError(f"cannot write the output folder: {parent} is not writable", out)
+
+
 def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, target: str,
                   manifest: Mapping[str, Any], tuning_db: str | Path | None = None, tune_trials: int = 0,
                   tune_dims: Any = None) -> Path:
@@ -123,20 +161,25 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
     With `tuning_db`, the database's records for this graph are used; with `tune_trials` > 0 too, the
     graph's kernels that have no record yet are tuned first (at `tune_dims`, default the spec's
     example sizes; CPU targets only), so that later builds reuse them.
+
+    Options that cannot work (see `check_options`) and a failure to write raise PackageError; a failed
+    build leaves `out` as it was (no partial folder, an earlier build untouched).
     """
     from .build import export
 
+    check_options(target, out, tuning_db, tune_trials)
     if tune_trials:
-        if tuning_db is None:
-            raise ValueError("tuning needs a database folder (tuning_db)")
         from .tuning import tune
 
         tune(graph, tuning_db, tune_trials, dims=tune_dims, target=TARGETS[target])
 
     out = Path(out)
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise PackageError(f"cannot make the output folder: {e.strerror or e}", out) from None
     try:
         export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db)
         (tmp / "model.py").write_text(model_py(graph, target))
@@ -144,10 +187,18 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
         if out.exists():
             old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise PackageError(f"cannot write the build: {e.strerror or e}{where}", out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

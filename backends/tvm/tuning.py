@@ -229,6 +229,67 @@ def import_tensor_intrinsics() -> None:
         inspect.stack = original
 
 
+class DatabaseError(ValueError):
+    """A tuning database folder that cannot be used (missing, not a folder, unreadable or damaged files)."""
+
+    def __init__(self, db_dir: str | Path, message: str):
+        super().__init__(f"tuning database {db_dir}: {message}")
+        self.path = str(db_dir)
+
+
+def check_database(db_dir: str | Path, create: bool = False) -> None:
+    """Raise DatabaseError unless `db_dir` is a usable tuning database: an existing folder (or, with
+    `create`, a path where one can be made) whose index and MetaSchedule files, where present, read."""
+    path = Path(db_dir)
+    if path.exists() and not path.is_dir():
+        raise DatabaseError(db_dir, "not a folder")
+    if not path.exists():
+        if create:
+            return  # tuning creates it
+        raise DatabaseError(db_dir, "no such folder (a database is made by tuning: add --tune TRIALS)")
+    try:
+        index = read_index(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatabaseError(db_dir, f"cannot read {INDEX}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise DatabaseError(db_dir, f"{INDEX} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not (isinstance(index, dict) and isinstance(index.get("graphs"), dict)
+            and all(isinstance(g, dict) and isinstance(g.get("tuned", []), list) and
+                    all(isinstance(r, dict) and isinstance(r.get("dims"), dict) for r in g.get("tuned", []))
+                    for g in index["graphs"].values())):
+        raise DatabaseError(db_dir, f"{INDEX} is not a specc tuning index")
+    workloads = 0
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        f = path / name
+        if not f.exists():
+            continue
+        try:
+            lines = f.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatabaseError(db_dir, f"cannot read {name}: {getattr(e, 'strerror', None) or e}") from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatabaseError(db_dir, f"{name}:{n}: not valid JSON: {e.msg}") from None
+            if not (isinstance(row, list) and len(row) == 2):
+                raise DatabaseError(db_dir, f"{name}:{n}: not a MetaSchedule database row")
+            if name == "database_workload.json":
+                workloads += 1
+            elif not (isinstance(row[0], int) and 0 <= row[0] < workloads):
+                raise DatabaseError(db_dir, f"{name}:{n}: refers to workload {row[0]!r}, which "
+                                            f"database_workload.json does not hold")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DatabaseError(db_dir, "the folder is not writable")
+    try:
+        open_database(path)  # what MetaSchedule makes of the rows (a damaged module or trace)
+    except Exception as e:  # noqa: BLE001 - TVM reports a bad row as an InternalError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatabaseError(db_dir, f"MetaSchedule cannot read the database: {first}") from None
+
+
 def open_database(db_dir: str | Path):
     from tvm.s_tir import meta_schedule as ms
 
@@ -497,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["tune", "TuneReport", "tuned_dims", "specialise", "spec_name", "fingerprint", "read_index",
+__all__ = ["tune", "TuneReport", "DatabaseError", "check_database", "tuned_dims", "specialise", "spec_name", "fingerprint", "read_index",
            "open_database", "tuning_tasks", "seed_with_specc_schedules", "INDEX"]
 
 
