@@ -42,7 +42,25 @@ CASES = {
     "lstm_classifier": (REPO / "specs/lstm_classifier.yaml", dict(vocab=50, d=16, hidden=16, layers=2),
                         [dict(B=1, T=12), dict(B=3, T=7)]),
     "tiny": (REPO / "tests/data/tiny.yaml", {}, [dict(B=1, T=4), dict(B=3, T=6)]),
+    "repvgg": (REPO / "specs/repvgg.yaml", dict(width=8, depth=1, classes=5), [dict(B=1), dict(B=3)]),
+    "lora_gpt": (REPO / "specs/lora_gpt.yaml", dict(d_model=32, heads=4, layers=2, block_size=32, r=2),
+                 [dict(B=1, T=16), dict(B=3, T=9)]),
+    "glyph_embedding": (REPO / "specs/glyph_embedding.yaml", dict(vocab=40, d=16, hidden=32, classes=5),
+                        [dict(B=1), dict(B=4)]),
 }
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    """conftest's `perturbed` on the float tensors; integer buffers (batch norm's num_batches_tracked) as
+    they are."""
+    from conftest import perturbed
+
+    def noisy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        floats = perturbed({k: v for k, v in state.items() if v.is_floating_point()})
+        return {k: floats.get(k, v) for k, v in sorted(state.items())}
+
+    return noisy
 
 
 def oracle_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,7 +85,7 @@ def assert_close(got, want, what: str) -> None:
 
 
 def torch_model(path: Path, overrides: dict, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = specc.load(path, **overrides)
+    model = specc.load(path, opt_level=0, **overrides)  # the unoptimised graph's names (batch norm kept)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(weights)
@@ -128,6 +146,15 @@ outputs:
 """
 
 
+#: Lowered ops that tests/test_tvm_ops.py checks against torch (one spec per family)
+OPS_TESTED_ELSEWHERE = frozenset({
+    "conv1d", "conv2d", "batch_norm", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool2d",
+    "upsample", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "where",
+    "masked_fill", "tril", "triu", "ones", "zeros", "rotary", "one_hot",
+    "parameter",  # tests/test_ops_parameter.py (verify --target tvm-llvm)
+})
+
+
 def test_every_op_variant_matches_torch(perturb):
     graph = specc.compile(SINK)
     # sqrt(tensor) in a spec resolves to the constant function sqrt(); reach the op by swapping the
@@ -138,7 +165,9 @@ def test_every_op_variant_matches_torch(perturb):
     from specc.backends.tvm.lowering import LOWERINGS
 
     used = {n.op for _, n in graph.nodes()}
-    unused = set(LOWERINGS) - used - {"lstm"}  # lstm: covered by the zoo's lstm_classifier
+    # lstm: covered by the zoo's lstm_classifier; the convolutional, mask and position ops and the
+    # attention mask by test_tvm_ops.py (a spec per op family)
+    unused = set(LOWERINGS) - used - {"lstm"} - OPS_TESTED_ELSEWHERE
     assert not unused, f"extend SINK to use the newly lowered ops {sorted(unused)}"
     weights = perturb(init_weights(graph))
     model = load_in_memory(artifacts(graph, SINK, "sink.yaml"))
@@ -188,26 +217,29 @@ def test_fused_qkv_and_sdpa_attention(perturb):
         assert_close(runner(*inputs), run_oracle(oracle, inputs), f"fused-qkv gpt at {dims}")
 
 
-def test_optimised_graph_from_the_pass_pipeline(perturb):
-    """The pass pipeline at opt level 2 (derived weights via materialise) lowers to the same function."""
+@pytest.mark.parametrize("name", ["gpt", "repvgg", "lora_gpt", "glyph_embedding"])
+def test_optimised_graph_from_the_pass_pipeline(perturb, name):
+    """The pass pipeline at opt level 2 (derived weights via materialise) lowers to the same function:
+    gpt (fused qkv, sdpa), repvgg (BN folded, each block one 3x3 conv), lora_gpt (adapters merged),
+    glyph_embedding (the per-token layers folded into one table)."""
     try:
         from specc.backends.pytorch.weights import materialise
         from specc.compiler.passes import PassContext, optimize
     except ImportError as e:  # pragma: no cover - the pass manager is being built alongside
         pytest.skip(f"pass manager not available: {e}")
-    path, overrides, runs = CASES["gpt"]
+    path, overrides, runs = CASES[name]
     graph = specc.compile(path, **overrides)
     base = perturb(init_weights(graph))
     try:
         opt, _ = optimize(graph, PassContext(opt_level=2))
     except Exception as e:  # noqa: BLE001 - the passes are tested on their own; this test is about tvm
-        pytest.skip(f"the pass pipeline fails on gpt ({type(e).__name__}: {e}); tested by the pass tests")
+        pytest.skip(f"the pass pipeline fails on {name} ({type(e).__name__}: {e}); tested by the pass tests")
     runner = compile_graph(opt, weights=materialise(opt, base))
     model = torch_model(path, overrides, base)
     oracle = oracle_of(model)
     for seed, dims in enumerate(runs):
         inputs = model.example_inputs(seed=seed, **dims)
-        assert_close(runner(*inputs), run_oracle(oracle, inputs), f"optimised gpt at {dims}")
+        assert_close(runner(*inputs), run_oracle(oracle, inputs), f"optimised {name} at {dims}")
 
 
 def test_export_and_loader_round_trip(tmp_path, perturb):

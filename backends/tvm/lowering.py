@@ -282,10 +282,9 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     qkv (one fused [3d, d] projection for q, k and v), impl ('math' or 'sdpa': the same function).
     """
     x = xs[0]
-    if c.a("mask?"):
-        raise LoweringError("attention: the TVM backend does not lower attention masks (mask=...) yet")
     has_kv = bool(c.a("kv?"))
     kv = xs[1] if has_kv else x
+    mask = xs[1 + has_kv] if c.a("mask?") else None
     xt = c.in_type(0)
     kvt = c.in_type(1) if has_kv else xt
     d = xt.shape[-1]
@@ -316,8 +315,16 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     if c.a("causal"):
         rows = c.emit(R.reshape(R.arange(0, t_len, 1, dtype="int64"), [t_len, tirx.IntImm("int64", 1)]))
         cols = c.emit(R.reshape(R.arange(0, s_len, 1, dtype="int64"), [tirx.IntImm("int64", 1), s_len]))
-        mask = c.emit(R.less_equal(cols, rows))  # [T, S]: key position <= query position
-        att = c.emit(R.where(mask, att, c.const(float("-inf"))))
+        keep = c.emit(R.less_equal(cols, rows))  # [T, S]: key position <= query position
+        att = c.emit(R.where(keep, att, c.const(float("-inf"))))
+    if mask is not None:  # [..., T, S] for every head, or [..., h, T, S]; bool: may attend, float: added
+        mt = c.in_type(1 + has_kv)
+        if 3 <= mt.rank < xt.rank + 1:
+            mask = c.emit(R.expand_dims(mask, [-3]))
+        if mt.dtype == "bool":
+            att = c.emit(R.where(mask, att, c.const(float("-inf"))))
+        else:
+            att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
     att = c.emit(R.nn.softmax(att, axis=-1))
     y = c.emit(R.matmul(att, v))  # [*batch, h, T, dh]
     y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))
@@ -539,6 +546,173 @@ def _getitem(c: Ctx, xs: list) -> relax.Expr:
     return R.squeeze(y, drop) if drop else y
 
 
+# -- one-hot, convolutional models --------------------------------------------------------------
+
+def _one_hot(c: Ctx, xs: list) -> relax.Expr:
+    """ids [...] -> [..., num]: ids == arange(num), as the node's float dtype (an id outside range(num): zeros)."""
+    ids = xs[0]
+    num = int(c.a("num"))
+    hot = c.emit(R.equal(c.emit(R.expand_dims(ids, [-1])), R.arange(0, num, 1, dtype=ids.ty.dtype)))
+    return R.astype(hot, c.dtype)
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),) * n
+
+
+def _conv(n: int) -> Lowering:
+    """conv1d/conv2d: Relax conv (NCW/NCHW, OIW/OIHW weights) plus the bias; padding 'same' as torch pads it
+    (the odd one of an uneven total after the data)."""
+    conv = R.nn.conv1d if n == 1 else R.nn.conv2d
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        kernel = _tuple(c.a("kernel"), n)
+        stride, dilation = _tuple(c.a("stride"), n), _tuple(c.a("dilation"), n)
+        padding = c.a("padding")
+        if padding == "valid":
+            padding = 0
+        if padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            before, after = [t // 2 for t in total], [t - t // 2 for t in total]
+        else:
+            before = after = list(_tuple(padding, n))
+        y = c.emit(conv(xs[0], c.weight("weight"), strides=stride, padding=tuple(before + after),
+                        dilation=dilation, groups=int(c.a("groups"))))
+        if c.has_weight("bias"):
+            b = c.emit(R.reshape(c.weight("bias"), [-1] + [1] * n))
+            y = R.add(y, b)
+        return y
+
+    return lower
+
+
+def _batch_norm(c: Ctx, xs: list) -> relax.Expr:
+    """Inference batch norm from the running statistics: x * scale + shift per channel (dimension 1), with
+    scale = weight / sqrt(running_var + eps) and shift = bias - running_mean * scale (weights only: with
+    LiftTransformParams they are computed once, when the weights are bound)."""
+    rank = c.in_type(0).rank
+    eps = c.const(float(c.a("eps")))
+    scale = c.emit(R.divide(c.const(1.0), R.sqrt(R.add(c.weight("running_var"), eps))))
+    if c.a("affine"):
+        scale = c.emit(R.multiply(c.weight("weight"), scale))
+    shift = c.emit(R.negative(R.multiply(c.weight("running_mean"), scale)))
+    if c.a("affine"):
+        shift = c.emit(R.add(c.weight("bias"), shift))
+    view = [-1] + [1] * (rank - 2)
+    if rank > 2:
+        scale, shift = c.emit(R.reshape(scale, view)), c.emit(R.reshape(shift, view))
+    return R.add(R.multiply(xs[0], scale), shift)
+
+
+def _pool(kind: str, n: int) -> Lowering:
+    """max/avg pools 1d/2d, floor mode; padded positions: -inf for max, zeros counted in the mean (torch's
+    count_include_pad)."""
+    fn = {("max", 1): R.nn.max_pool1d, ("max", 2): R.nn.max_pool2d,
+          ("avg", 1): R.nn.avg_pool1d, ("avg", 2): R.nn.avg_pool2d}[kind, n]
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        kernel = _tuple(c.a("kernel"), n)
+        stride = kernel if c.a("stride") is None else _tuple(c.a("stride"), n)
+        padding = _tuple(c.a("padding"), n)
+        extra = {"count_include_pad": True} if kind == "avg" else {}
+        return fn(xs[0], pool_size=kernel, strides=stride, padding=padding + padding, **extra)
+
+    return lower
+
+
+def _adaptive_avg_pool2d(c: Ctx, xs: list) -> relax.Expr:
+    return R.nn.adaptive_avg_pool2d(xs[0], output_size=_tuple(c.a("size"), 2))
+
+
+def _upsample(c: Ctx, xs: list) -> relax.Expr:
+    """nearest: each value repeated `scale` times along each spatial axis (torch's 'nearest' for an integer
+    factor); linear/bilinear: resize2d with half-pixel centres (torch's align_corners=false)."""
+    x, scale, mode = xs[0], int(c.a("scale")), c.a("mode")
+    xt = c.in_type(0)
+    if mode == "nearest":
+        for axis in range(2, xt.rank):
+            x = c.emit(R.repeat(x, scale, axis=axis))
+        return x
+    if mode not in ("linear", "bilinear"):
+        raise LoweringError(f"upsample: no lowering for mode '{mode}'")
+    out = c.shape(c.out.shape)
+    if xt.rank == 3:  # [B, C, L] as an image of height 1
+        img = c.emit(R.expand_dims(x, [2]))
+        y = c.emit(R.image.resize2d(img, (tirx.IntImm("int64", 1), out[2]), method="linear",
+                                    coordinate_transformation_mode="half_pixel"))
+        return R.squeeze(y, [2])
+    return R.image.resize2d(x, (out[2], out[3]), method="linear", coordinate_transformation_mode="half_pixel")
+
+
+# -- comparisons, selection, masks ----------------------------------------------------------------
+
+def _compare(fn: Callable[[relax.Expr, relax.Expr], relax.Expr]) -> Lowering:
+    """Both operands converted to their common dtype (the IR's promotion rule), then compared."""
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        from specc.compiler.ops import promote
+
+        common = DTYPES[promote(c.in_type(0).dtype, c.in_type(1).dtype)]
+        return fn(_cast(c, xs[0], common), _cast(c, xs[1], common))
+
+    return lower
+
+
+def _where(c: Ctx, xs: list) -> relax.Expr:
+    return R.where(xs[0], _cast(c, xs[1], c.dtype), _cast(c, xs[2], c.dtype))
+
+
+def _masked_fill(c: Ctx, xs: list) -> relax.Expr:
+    value = c.a("value")
+    if c.out.dtype not in ("f16", "bf16", "f32", "f64"):
+        value = int(value)
+    return R.where(xs[1], c.const(value), xs[0])
+
+
+def _triangle(fn: Callable) -> Lowering:
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        k = int(c.a("diagonal") or 0)
+        if c.out.dtype == "bool":  # TVM's trilu fills with a zero of the input's dtype: go through int8
+            return R.astype(c.emit(fn(c.emit(R.astype(xs[0], "int8")), k)), "bool")
+        return fn(xs[0], k)
+
+    return lower
+
+
+def _filled(fn: Callable) -> Lowering:
+    return lambda c, xs: fn(c.shape(c.a("shape")), c.dtype)
+
+
+def _rotary(c: Ctx, xs: list) -> relax.Expr:
+    """Rotary position embedding, "rotate half" layout (as backends/pytorch's apply_rotary):
+    y = x * cos(a) + concat(-x2, x1) * sin(a), a = positions * base ** (-2i / d), angles in float32 or wider."""
+    x = xs[0]
+    xt = c.in_type(0)
+    d = int(xt.shape[-1])
+    half = d // 2
+    t_len = c.dim(xt.shape[-2])
+    adt = "float64" if c.dtype == "float64" else "float32"
+    base = float(c.a("base"))
+    inv = 1.0 / (np.float64(base) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    inv_freq = relax.const(inv.astype(adt), adt)  # [d/2]
+    if c.a("positions?"):
+        pos = _cast(c, xs[1], adt)
+        pos_rank = c.in_type(1).rank
+    else:
+        pos = c.emit(R.arange(0, t_len, 1, dtype=adt))
+        pos_rank = 1
+    angles = c.emit(R.multiply(c.emit(R.expand_dims(pos, [-1])), inv_freq))  # [T, d/2] or [B, T, d/2]
+    if pos_rank == 2 and xt.rank > 3:  # per batch row: [B, 1.., T, d/2]
+        angles = c.emit(R.expand_dims(angles, list(range(1, xt.rank - 2))))
+    angles = c.emit(R.concat([angles, angles], axis=-1))
+    cos = _cast(c, c.emit(R.cos(angles)), c.dtype)
+    sin = _cast(c, c.emit(R.sin(angles)), c.dtype)
+    parts = c.emit(R.split(x, [tirx.IntImm("int64", half)], axis=-1))
+    x1, x2 = c.emit(relax.TupleGetItem(parts, 0)), c.emit(relax.TupleGetItem(parts, 1))
+    rot = c.emit(R.concat([c.emit(R.negative(x2)), x1], axis=-1))
+    return R.add(c.emit(R.multiply(x, cos)), c.emit(R.multiply(rot, sin)))
+
+
 LOWERINGS: dict[str, Lowering] = {
     "input": _input,
     "scalar": _scalar,
@@ -578,13 +752,36 @@ LOWERINGS: dict[str, Lowering] = {
     "concat": _concat,
     "split": _split,
     "getitem": _getitem,
+    "one_hot": _one_hot,
+    "conv1d": _conv(1),
+    "conv2d": _conv(2),
+    "batch_norm": _batch_norm,
+    "max_pool1d": _pool("max", 1),
+    "max_pool2d": _pool("max", 2),
+    "avg_pool1d": _pool("avg", 1),
+    "avg_pool2d": _pool("avg", 2),
+    "adaptive_avg_pool2d": _adaptive_avg_pool2d,
+    "upsample": _upsample,
+    "eq": _compare(R.equal),
+    "ne": _compare(R.not_equal),
+    "lt": _compare(R.less),
+    "le": _compare(R.less_equal),
+    "gt": _compare(R.greater),
+    "ge": _compare(R.greater_equal),
+    "logical_and": lambda c, xs: R.logical_and(xs[0], xs[1]),
+    "logical_or": lambda c, xs: R.logical_or(xs[0], xs[1]),
+    "logical_not": lambda c, xs: R.logical_not(xs[0]),
+    "where": _where,
+    "masked_fill": _masked_fill,
+    "tril": _triangle(R.tril),
+    "triu": _triangle(R.triu),
+    "ones": _filled(R.ones),
+    "zeros": _filled(R.zeros),
+    "rotary": _rotary,
 }
 
-#: Registered ops this backend does not lower (none).
+#: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
-    "conv1d", "conv2d", "batch_norm", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool2d",
-    "upsample", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "where",
-    "masked_fill", "tril", "triu", "ones", "zeros", "rotary", "one_hot",
 })
 
 

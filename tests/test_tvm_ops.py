@@ -1,0 +1,212 @@
+"""Relax lowerings of the convolutional, mask and position ops: tvm-llvm against the PyTorch backend on
+the same weights and inputs.
+
+One small spec per op family, each compiled once and run at two sizes of its symbolic dimensions.
+The oracle is the PyTorch backend's module in float64 (values it creates, e.g. one-hot vectors and
+rotary angles, in float64 too); the TVM model runs in float32. Float outputs: max |tvm - oracle| <=
+1e-4 * max(1, max |oracle|) (test_tvm_equivalence's tolerance); bool and integer outputs: equal.
+Weights are the seeded initial weights plus seeded noise on every float tensor (batch-norm running
+statistics included), so that gains of 1 and zero biases or means cannot hide a mapping error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import specc  # noqa: E402
+from specc.backends.pytorch.build import artifacts, load_in_memory  # noqa: E402
+from specc.backends.pytorch.weights import init_weights  # noqa: E402
+from specc.backends.tvm.build import compile_graph  # noqa: E402
+
+TOL = 1e-4
+
+
+def noisy(weights: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Seeded noise on the float tensors (integer buffers such as num_batches_tracked as they are)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+            for k, v in sorted(weights.items())}
+
+
+def float64_run(model: torch.nn.Module, inputs) -> tuple[torch.Tensor, ...]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            out = model(*[x.double() if x.is_floating_point() else x for x in inputs])
+    finally:
+        torch.set_default_dtype(previous)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def check(text: str, runs: list[dict], name: str, **overrides) -> None:
+    """Compile `text` once for tvm-llvm; at each dims of `runs`, compare every output with the oracle."""
+    graph = specc.compile(text, **overrides)
+    weights = noisy(init_weights(graph))
+    model = load_in_memory(artifacts(graph, text, f"{name}.yaml"))
+    model.load_state_dict(weights)
+    oracle = model.double()
+    runner = compile_graph(graph, weights=weights)
+    names = [n for n, _ in graph.outputs]
+    for seed, dims in enumerate(runs):
+        inputs = model.example_inputs(seed=seed, **dims)
+        got = runner(*inputs)
+        got = got if isinstance(got, tuple) else (got,)
+        want = float64_run(oracle, inputs)
+        assert len(got) == len(want) == len(names)
+        for out, g, w in zip(names, got, want):
+            what = f"{name}: output {out} at {dims}"
+            assert tuple(g.shape) == tuple(w.shape), f"{what}: shape {tuple(g.shape)} vs {tuple(w.shape)}"
+            if w.is_floating_point():
+                assert g.dtype == torch.float32, f"{what}: {g.dtype}"
+                assert torch.isfinite(w).all(), f"{what}: the oracle is not finite (a bad test input)"
+                err = (g.double() - w).abs().max().item()
+                bound = TOL * max(1.0, w.abs().max().item())
+                assert err <= bound, f"{what}: max |tvm - float64 torch| = {err:.3g} > {bound:.3g}"
+            else:
+                assert g.dtype == w.dtype, f"{what}: {g.dtype} vs {w.dtype}"
+                assert torch.equal(g, w), f"{what}: differs at {(g != w).nonzero()[:5].tolist()}"
+
+
+def spec(name: str, inputs: str, graph: str, outputs: str, dims: str = "B: 2") -> str:
+    indent = lambda s: "\n".join("  " + line for line in s.strip().splitlines())  # noqa: E731
+    return (f"specc: 1\nname: {name}\ndims:\n{indent(dims)}\ninputs:\n{indent(inputs)}\n"
+            f"graph: |\n{indent(graph)}\noutputs:\n{indent(outputs)}\n")
+
+
+def test_conv1d():
+    """stride, padding, dilation, groups, 'same' padding (uneven for an even kernel), with and without bias."""
+    check(spec("conv1d", "x: f32[B, 4, 17]", """
+a = conv1d(x, 6, 3, stride=2, padding=1)
+b = conv1d(x, 4, 4, padding='same', dilation=2, groups=2, bias=false)
+c = conv1d(relu(b), 8, 1, groups=4)
+y = concat([a, conv1d(x, 6, 5, stride=3, dilation=2)], dim=-1)
+""", "y: f32[B, 6, 12]\nc: f32[B, 8, 17]"), [dict(B=1), dict(B=3)], "conv1d")
+
+
+def test_conv2d():
+    check(spec("conv2d", "x: f32[B, 4, 9, 8]", """
+a = conv2d(x, 6, [3, 2], stride=[2, 1], padding=[1, 0], dilation=[1, 2])
+b = conv2d(x, 4, 4, padding='same', groups=4, bias=false)
+c = conv2d(b, 6, 3, stride=2, padding='valid', groups=2)
+d = conv2d(x, 2, 1)
+""", "a: f32[B, 6, 5, 6]\nc: f32[B, 6, 4, 3]\nd: f32[B, 2, 9, 8]"), [dict(B=1), dict(B=2)], "conv2d")
+
+
+def test_batch_norm_inference_uses_the_running_statistics():
+    """[B, C], [B, C, L] and [B, C, H, W]; affine and not; eps. The running mean and variance (buffers,
+    perturbed away from 0 and 1) are what inference reads."""
+    check(spec("bn", "x: f32[B, 3, 5, 4]\nv: f32[B, 6, L]\nu: f32[B, 5]", """
+a = batch_norm(x)
+b = batch_norm(v, eps=0.01, affine=false)
+c = batch_norm(u * 3.0, momentum=0.5)
+""", "a: f32[B, 3, 5, 4]\nb: f32[B, 6, L]\nc: f32[B, 5]", dims="B: 2\nL: 7"),
+          [dict(B=1, L=3), dict(B=4, L=9)], "bn")
+
+
+def test_pools():
+    """max/avg 1d/2d with strides, paddings (max: padding never wins; avg: padded zeros counted), the
+    default stride (the kernel), adaptive average pooling to sizes that do not divide the input."""
+    check(spec("pools", "x: f32[B, 3, 9, 7]\nv: f32[B, 2, 11]", """
+a = max_pool2d(x, [3, 2], stride=[2, 1], padding=[1, 1])
+b = avg_pool2d(x, 3, stride=2, padding=1)
+c = max_pool2d(x - 5.0, 2)
+d = avg_pool2d(x, [2, 3], stride=[1, 2])
+e = max_pool1d(v - 5.0, 3, stride=2, padding=1)
+f = avg_pool1d(v, 2)
+g = avg_pool1d(v, 3, stride=1, padding=1)
+h = adaptive_avg_pool2d(x, [4, 3])
+k = adaptive_avg_pool2d(x)
+""", """
+a: f32[B, 3, 5, 8]
+b: f32[B, 3, 5, 4]
+c: f32[B, 3, 4, 3]
+d: f32[B, 3, 8, 3]
+e: f32[B, 2, 6]
+f: f32[B, 2, 5]
+g: f32[B, 2, 11]
+h: f32[B, 3, 4, 3]
+k: f32[B, 3, 1, 1]
+"""), [dict(B=1), dict(B=3)], "pools")
+
+
+def test_upsample_nearest_and_linear():
+    check(spec("ups", "x: f32[B, 2, 3, 4]\nv: f32[B, 3, L]", """
+a = upsample(x)
+b = upsample(x, scale=3, mode='bilinear')
+c = upsample(v, scale=3)
+d = upsample(v, mode='linear')
+e = upsample(v, scale=4, mode='linear')
+""", """
+a: f32[B, 2, 6, 8]
+b: f32[B, 2, 9, 12]
+c: f32[B, 3, 3 * L]
+d: f32[B, 3, 2 * L]
+e: f32[B, 3, 4 * L]
+""", dims="B: 2\nL: 5"), [dict(B=1, L=5), dict(B=2, L=2)], "ups")
+
+
+def test_comparisons_logic_where_and_masked_fill():
+    """Every comparison (float, integer, mixed dtypes promoted, numbers), and/or/not, where with numbers
+    and a broadcast condition, masked_fill on float and integer tensors; bool outputs compared exactly."""
+    check(spec("cmp", "x: f32[B, T]\ny: f32[B, T]\nids: i64[B, T] in range(6)\nrow: bool[T]", """
+small = x < y
+m = logical_and(ids == 3, not small) or (ids != 2 and x >= 0.5)
+n = logical_or(x <= y, ids > 4) and row
+k = ids >= 2
+w = where(m, x, 0.0) + where(n, -1.0, y) + where(row, x, y)
+f = masked_fill(x, small, -2.5) + cast(masked_fill(ids, k, 7), f32) + cast(ids < x, f32)
+""", "m: bool[B, T]\nn: bool[B, T]\nw: f32[B, T]\nf: f32[B, T]", dims="B: 2\nT: 6"),
+          [dict(B=1, T=6), dict(B=3, T=11)], "cmp")
+
+
+def test_tril_triu_ones_zeros():
+    check(spec("tri", "x: f32[B, T, T]\ns: f32[B, 3, 5]", """
+causal = tril(ones(T, T, dtype=bool))
+upper = triu(ones(T, T, dtype=bool), diagonal=1)
+a = tril(x) + triu(x, diagonal=1) * 2.0 + tril(x, diagonal=-1) * 3.0
+b = triu(s, diagonal=-1) + tril(s, diagonal=2) + zeros(B, 3, 5) + ones(5)
+c = cast(causal, f32) + cast(zeros(T, T, dtype=i64), f32) + cast(ones(B, T, T, dtype=i32), f32)
+""", "causal: bool[T, T]\nupper: bool[T, T]\na: f32[B, T, T]\nb: f32[B, 3, 5]\nc: f32[B, T, T]",
+               dims="B: 2\nT: 4"), [dict(B=1, T=4), dict(B=2, T=7)], "tri")
+
+
+def test_rotary_with_and_without_positions():
+    """Default positions (arange(T)); positions [T]; per-batch positions [B, T] on [B, T, d] and on
+    per-head [B, h, T, d]; a non-default base."""
+    check(spec("rope", "x: f32[B, T, 8]\nq: f32[B, 2, T, 6]\npos: i64[T] in range(64)\nbpos: i64[B, T] in range(64)",
+               """
+a = rotary(x)
+b = rotary(x, positions=pos, base=500.0)
+c = rotary(x, positions=bpos)
+d = rotary(q, positions=bpos) + rotary(q)
+""", "a: f32[B, T, 8]\nb: f32[B, T, 8]\nc: f32[B, T, 8]\nd: f32[B, 2, T, 6]", dims="B: 2\nT: 5"),
+          [dict(B=1, T=5), dict(B=3, T=9)], "rope")
+
+
+def test_one_hot():
+    """The f32 one-hot vectors of i64 ids, and a linear layer on them."""
+    check(spec("onehot", "ids: i64[B, T] in range(7)\nc: i64[B] in range(3)", """
+h = one_hot(ids, 7)
+y = linear(h, 4)
+z = linear(one_hot(c, 5), 4)
+""", "h: f32[B, T, 7]\ny: f32[B, T, 4]\nz: f32[B, 4]", dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=4, T=3)], "onehot")
+
+
+def test_attention_masks():
+    """mask=: bool [B, T, T] (from an input, with the diagonal kept so no row is empty) together with
+    causal; float [T, T] added to the scores; per-head bool [B, h, T, T]; cross-attention (kv) with a
+    bool [B, T, S] mask whose first key is always allowed."""
+    check(spec("amask", "x: f32[B, T, 8]\nm: bool[B, T, T]\nf: f32[T, T]\nmh: bool[B, 2, T, T]\n"
+                        "kv: f32[B, S, 8]\nms: bool[B, T, S]", """
+eye = tril(triu(ones(T, T, dtype=bool)))
+a = attention(x, heads=2, causal=true, mask=m or eye)
+b = attention(x, heads=2, mask=f * 0.5)
+c = attention(x, heads=2, mask=mh or eye, bias=false)
+keep = concat([ones(B, T, 1, dtype=bool), ms[:, :, 1:]], dim=-1)
+d = attention(x, heads=4, kv=kv, mask=keep)
+""", "a: f32[B, T, 8]\nb: f32[B, T, 8]\nc: f32[B, T, 8]\nd: f32[B, T, 8]", dims="B: 2\nT: 5\nS: 3"),
+          [dict(B=1, T=5, S=3), dict(B=2, T=7, S=4)], "amask")
