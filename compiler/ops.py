@@ -319,29 +319,41 @@ def _attention_flops(c: OpCall, outs):
     b_t = product(x.shape[:-1])
     b_s = product(kv.shape[:-1])
     d = x.shape[-1]
-    t, s = x.shape[-2], kv.shape[-2]
-    batch = product(x.shape[:-2])
     proj = 2 * b_t * d * d * 2 + 2 * b_s * kv.shape[-1] * d * 2
-    scores = 2 * batch * t * s * d * 2  # QK^T and AV
-    masking = batch * c.a("heads") * t * s if c.t("mask") is not None else 0  # one select or add per score
-    return proj + scores + 5 * batch * c.a("heads") * t * s + masking
+    return proj + attention_core_flops(x, kv.shape[-2], c.a("heads"), c.t("mask"), c.t("prefix"))
+
+
+def attention_core_flops(q: TensorType, s: Dim, heads: int, mask: TensorType | None,
+                         prefix: TensorType | None) -> Dim:
+    """softmax(q k^T) v over S keys (and the prefix's l rows): QK^T and AV, softmax, masking."""
+    batch, t, d = product(q.shape[:-2]), q.shape[-2], q.shape[-1]
+    s = s + (prefix.shape[-2] if prefix is not None else 0)
+    masking = batch * heads * t * s if mask is not None else 0  # one select or add per score
+    return 2 * batch * t * s * d * 2 + 5 * batch * heads * t * s + masking
 
 
 @op("attention", Arg("x", "tensor"), Arg("heads", "int"), Arg("causal", "bool", False),
     Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
     Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")), Arg("mask", "tensor?", None),
-    params=_attention_params, flops=_attention_flops, category="layer")
+    Arg("prefix", "tensor?", None), params=_attention_params, flops=_attention_flops, category="layer")
 def _attention(c: OpCall):
-    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none): multi-head softmax attention.
+    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none, prefix=none): multi-head
+    softmax attention.
 
-    Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x). With causal,
-    position t attends only to positions <= t. qkv=true keeps one fused q/k/v projection (self-attention
-    only); impl='sdpa' computes it with a fused attention kernel. Passes set both.
+    Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x; its batch
+    dimensions may be fewer or 1 and broadcast to x's, e.g. [S, dkv] shared by every batch row). With
+    causal, position t attends only to positions <= t. qkv=true keeps one fused q/k/v projection
+    (self-attention only); impl='sdpa' computes it with a fused attention kernel. Passes set both.
 
     mask: a bool or float tensor broadcastable to [..., T, S] (the same for every head) or, one rank
     higher, to [..., heads, T, S]. A bool mask says where a query MAY attend (true = attend, the
     convention of scaled_dot_product_attention); a float mask is added to the scores (0 or -inf, or
     any bias). Combined with causal, both apply. A row with no allowed position gives NaN.
+
+    prefix: l key rows and l value rows put before the projected keys and values (prefix tuning,
+    prompts), [..., 2, l, d]: [..., 0, :, :] the keys, [..., 1, :, :] the values, per batch row or shared
+    (batch dimensions broadcast to x's). Every query sees every prefix row; causal and mask apply to
+    the S positions of kv only.
     """
     x, kv = c.t("x"), c.t("kv")
     need_float(x, "attention")
@@ -353,8 +365,7 @@ def _attention(c: OpCall):
     if kv is not None:
         need_float(kv, "attention", "kv")
         need_rank(kv, 2, "attention", "kv")
-        if kv.shape[:-2] != x.shape[:-2]:
-            raise OpError(f"attention: batch dimensions of x {shape_str(x)} and kv {shape_str(kv)} differ", "kv")
+        check_batch_broadcast(kv, x, "attention", "kv")
         if c.a("causal") and kv.shape[-2] != x.shape[-2]:
             raise OpError("attention: causal attention needs kv of the same length as x", "causal")
     if not 0.0 <= c.a("dropout") < 1.0:
@@ -363,14 +374,40 @@ def _attention(c: OpCall):
         raise OpError("attention: a fused q/k/v projection needs self-attention (no kv)", "qkv")
     if c.t("mask") is not None:
         _check_attention_mask(c.t("mask"), x, (kv or x).shape[-2], heads)
+    if c.t("prefix") is not None:
+        check_attention_prefix(c.t("prefix"), x, "attention")
     return x
 
 
-def _check_attention_mask(mask: TensorType, x: TensorType, s: Dim, heads: int) -> None:
+def check_batch_broadcast(t: TensorType, x: TensorType, op_name: str, arg: str, what: str = "x") -> None:
+    """The batch dimensions of t (all but the last two) broadcast to those of x without growing them."""
+    tb, xb = t.shape[:-2], x.shape[:-2]
+    bad = len(tb) > len(xb) or any(a != 1 and a != b for a, b in zip(reversed(tb), reversed(xb)))
+    if bad:
+        raise OpError(f"{op_name}: the batch dimensions {dims_str(tb)} of {arg} {shape_str(t)} do not broadcast to "
+                      f"those of {what} {shape_str(x)}, {dims_str(xb)}", arg)
+
+
+def check_attention_prefix(prefix: TensorType, x: TensorType, op_name: str, x_name: str = "x") -> None:
+    """A prefix of key and value rows [..., 2, l, d] for queries x [..., T, d]."""
+    if prefix.dtype != x.dtype:
+        raise OpError(f"{op_name}: the prefix must have {x_name}'s dtype {x.dtype}, got {shape_str(prefix)}", "prefix")
+    if prefix.rank < 3 or prefix.shape[-3] != 2 or prefix.shape[-1] != x.shape[-1]:
+        raise OpError(f"{op_name}: the prefix must be [..., 2, l, {fmt(x.shape[-1])}] (l key rows, then l value "
+                      f"rows, of {x_name}'s width), got {shape_str(prefix)}", "prefix")
+    fixed_width(prefix.shape[-2], op_name, "prefix length l (dimension -2 of the prefix)", "prefix")
+    pb, xb = prefix.shape[:-3], x.shape[:-2]
+    if len(pb) > len(xb) or any(a != 1 and a != b for a, b in zip(reversed(pb), reversed(xb))):
+        raise OpError(f"{op_name}: the batch dimensions {dims_str(pb)} of the prefix {shape_str(prefix)} do not "
+                      f"broadcast to those of {x_name} {shape_str(x)}, {dims_str(xb)}", "prefix")
+
+
+def _check_attention_mask(mask: TensorType, x: TensorType, s: Dim, heads: int, op_name: str = "attention",
+                          x_name: str = "x") -> None:
     """The mask must broadcast to the scores [*batch, T, S] (or [*batch, heads, T, S]) without growing them."""
     if mask.dtype != "bool" and mask.dtype != x.dtype:
         kind = "an integer" if mask.dtype in INT_DTYPES else f"a {mask.dtype}"
-        raise OpError(f"attention: the mask must be bool (true = may attend) or a float mask of x's dtype "
+        raise OpError(f"{op_name}: the mask must be bool (true = may attend) or a float mask of {x_name}'s dtype "
                       f"{x.dtype} to add to the scores, got {kind} mask {shape_str(mask)}", "mask")
     batch, t = x.shape[:-2], x.shape[-2]
     if mask.rank <= x.rank:
@@ -378,13 +415,13 @@ def _check_attention_mask(mask: TensorType, x: TensorType, s: Dim, heads: int) -
     elif mask.rank == x.rank + 1:
         scores, layout = batch + (heads, t, s), "[" + ", ".join(["..."] * bool(batch) + ["heads", "T", "S"]) + "]"
     else:
-        raise OpError(f"attention: the mask {shape_str(mask)} has rank {mask.rank}, but the scores of x "
+        raise OpError(f"{op_name}: the mask {shape_str(mask)} has rank {mask.rank}, but the scores of {x_name} "
                       f"{shape_str(x)} have at most rank {x.rank + 1} ([..., heads, T, S])", "mask")
     for i in range(1, mask.rank + 1):
         m, want = mask.shape[-i], scores[-i]
         if m != 1 and m != want:
-            raise OpError(f"attention: the mask {shape_str(mask)} does not broadcast to the scores "
-                          f"{dims_str(scores)} ({layout}) of x {shape_str(x)}: dimension {mask.rank - i} of the "
+            raise OpError(f"{op_name}: the mask {shape_str(mask)} does not broadcast to the scores "
+                          f"{dims_str(scores)} ({layout}) of {x_name} {shape_str(x)}: dimension {mask.rank - i} of the "
                           f"mask is {fmt(m)}, where the scores have {fmt(want)}", "mask")
 
 
@@ -1162,3 +1199,6 @@ def _rotary(c: OpCall):
         else:
             raise OpError(f"rotary: positions must be [T] or [B, T], got {shape_str(pos)}", "positions")
     return T(x.dtype, x.shape)
+
+
+from . import ops_attention  # noqa: E402,F401  (attend: attention over given q, k, v)

@@ -254,14 +254,16 @@ def _rotary(c: Ctx, xs: list[Expr]) -> Expr:
 
 
 def _attention_call(c: Ctx, xs: list[Expr]) -> Expr:
-    """self.attention(x), self.attention(x, kv), self.attention(x, mask=m), self.attention(x, kv, mask=m)."""
+    """self.attention(x), self.attention(x, kv), self.attention(x, mask=m, prefix=p), ..."""
     parts = [xs[0].text]
     i = 1
     if c.a("kv?"):
         parts.append(xs[i].text)
         i += 1
-    if c.a("mask?"):
-        parts.append(f"mask={xs[i].text}")
+    for option in ("mask", "prefix"):
+        if c.a(f"{option}?"):
+            parts.append(f"{option}={xs[i].text}")
+            i += 1
     return call(f"{c.module}({', '.join(parts)})")
 
 
@@ -484,43 +486,62 @@ class MultiHeadAttention(nn.Module):
             self.v = nn.Linear(kv_dim, dim, bias=bias)
         self.o = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: bool (true = may attend) or float (added to the scores), broadcastable to (..., T, S)
-        or, per head, to (..., h, T, S)."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
         kv = x if kv is None else kv
-        *batch, t, d = x.shape
-        s = kv.shape[-2]
-        h = self.heads
         if self.fused_qkv:
-            q, k, v = self.qkv(x).split(d, dim=-1)
+            q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
         else:
             q, k, v = self.q(x), self.k(kv), self.v(kv)
-        q = q.reshape(*batch, t, h, d // h).transpose(-3, -2)  # (..., h, T, d/h)
-        k = k.reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
-        v = v.reshape(*batch, s, h, d // h).transpose(-3, -2)  # (..., h, S, d/h)
+        y = self.attend(q, k, v, self.heads, causal=self.causal, mask=mask, prefix=prefix,
+                        dropout=self.dropout if self.training else 0.0, sdpa=self.sdpa)
+        return self.o(y)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
+               mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None, dropout: float = 0.0,
+               sdpa: bool = False) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d/h)) v per head, for projected queries q (..., T, d) and keys and values
+        k, v (..., S, d) whose batch dimensions broadcast to q's.
+
+        mask: bool (true = may attend) or float (added to the scores), broadcastable to (..., T, S) or,
+        per head, to (..., h, T, S). prefix (..., 2, l, d): l key rows and l value rows put before k and
+        v (prefix tuning), seen by every query; causal and mask apply to the S positions only.
+        """
+        *batch, t, d = q.shape
+        s, h, dh = k.shape[-2], heads, d // heads
+        l = 0 if prefix is None else prefix.shape[-2]
+        if prefix is not None:
+            k = torch.cat([prefix[..., 0, :, :].expand(*batch, l, d), k.expand(*batch, s, d)], dim=-2)
+            v = torch.cat([prefix[..., 1, :, :].expand(*batch, l, d), v.expand(*batch, s, d)], dim=-2)
+        q = q.reshape(*batch, t, h, dh).transpose(-3, -2)  # (..., h, T, d/h)
+        k = k.reshape(*k.shape[:-1], h, dh).transpose(-3, -2)  # (..., h, l + S, d/h)
+        v = v.reshape(*v.shape[:-1], h, dh).transpose(-3, -2)  # (..., h, l + S, d/h)
         if mask is not None and 3 <= mask.dim() < q.dim():
             mask = mask.unsqueeze(-3)  # (..., 1, T, S): the same mask for every head
-        if self.sdpa:
-            causal = self.causal
-            if causal and mask is not None:  # the kernel takes a mask or is_causal, not both
-                keep = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
-                mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        if mask is not None and l:  # the prefix columns are always visible
+            mask = F.pad(mask.expand(*mask.shape[:-1], s), (l, 0), value=True if mask.dtype == torch.bool else 0.0)
+        keep = None
+        if causal:
+            keep = F.pad(torch.ones(t, s, dtype=torch.bool, device=q.device).tril(), (l, 0), value=True)  # (T, l + S)
+        if sdpa:
+            if keep is not None and (mask is not None or l):  # the kernel takes a mask or is_causal, not both
+                mask = keep if mask is None else mask & keep if mask.dtype == torch.bool \
+                    else mask.masked_fill(~keep, float("-inf"))
                 causal = False
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+            k, v = k.expand(*batch, *k.shape[-3:]), v.expand(*batch, *v.shape[-3:])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))  # (..., h, T, S)
-            if self.causal:
-                keep = torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(dh))  # (..., h, T, l + S)
+            if keep is not None:
                 att = att.masked_fill(~keep, float("-inf"))
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
             att = F.softmax(att, dim=-1)
-            att = F.dropout(att, p=self.dropout, training=self.training)
+            if dropout:
+                att = F.dropout(att, p=dropout)
             y = att @ v  # (..., h, T, d/h)
-        y = y.transpose(-3, -2).reshape(*batch, t, d)  # (..., T, d)
-        return self.o(y)
+        return y.transpose(-3, -2).reshape(*batch, t, d)  # (..., T, d)
 ''',
     "apply_rotary": '''
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0) -> torch.Tensor:
@@ -577,3 +598,7 @@ def dim_text(d: Any, name: Callable[[str], str] = str) -> str:
     text = " ".join(parts)
     text = text[2:] if text.startswith("+ ") else "-" + text[2:]
     return text if len(d.terms) == 1 else f"({text})"
+
+
+from . import lowering_attention  # noqa: E402  (attend)
+LOWERINGS.update(lowering_attention.LOWERINGS)

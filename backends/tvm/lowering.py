@@ -287,6 +287,8 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     mask = xs[1 + has_kv] if c.a("mask?") else None
     xt = c.in_type(0)
     kvt = c.in_type(1) if has_kv else xt
+    if c.a("prefix?") or kvt.shape[:-2] != xt.shape[:-2]:
+        raise LoweringError("attention: the TVM backend does not lower prefix= or kv with broadcast batch dimensions")
     d = xt.shape[-1]
     h = int(c.a("heads"))
     dh = d // h
@@ -782,6 +784,7 @@ LOWERINGS: dict[str, Lowering] = {
 
 #: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
+    "attend",
 })
 
 
