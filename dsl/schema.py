@@ -90,6 +90,88 @@ ModuleName = Annotated[str, AfterValidator(check_module_name)]
 FreezePattern = Annotated[str, AfterValidator(_check_pattern)]
 
 
+class FieldDecl(_Strict):
+    """A field of a data file: its type over the sample axis N, and for a .csv file its columns."""
+
+    type: str = Field(description="The field's type with the sample axis first, e.g. f32[N, 8] or i64[N] "
+                                  "in range(10).")
+    columns: list[str] | None = Field(default=None, description="CSV only: the columns that make up the field "
+                                                                "(default: the column named like the field).")
+
+
+class DataFile(_Strict):
+    """The user's own data: a .npz or .csv file (relative to the spec file) with declared fields."""
+
+    file: str = Field(description="Path of a .npz or .csv file, relative to the spec file.")
+    fields: dict[str, Union[str, FieldDecl]] = Field(
+        description="The fields to read: name -> type (e.g. x: f32[N, 8]), or {type: ..., columns: [...]}.")
+    ordered: bool = Field(default=False, description="Samples are in time order: validate on the last ones, "
+                                                     "without shuffling the split.")
+
+
+class EvalDecl(_Strict):
+    """Evaluation on the validation split."""
+
+    every: int = Field(gt=0, description="Evaluate every N steps (and after the last step).")
+    metrics: dict[str, str] = Field(default_factory=dict,
+                                    description="Named metric expressions over outputs and data fields, e.g. "
+                                                "acc: accuracy(logits, label).")
+
+
+class CheckpointDecl(_Strict):
+    """Checkpoints: weights (safetensors) and optimizer, schedule and RNG state."""
+
+    every: int = Field(gt=0, description="Write a checkpoint every N steps (and after the last step).")
+    keep: int = Field(default=2, gt=0, description="How many of the newest checkpoints to keep.")
+
+
+class GroupDecl(BaseModel):
+    """Optimizer settings for the parameters matching `params` (other keys: optimizer arguments)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    params: Union[FreezePattern, list[FreezePattern]] = Field(
+        description="Glob pattern(s) over parameter paths; the other keys override optimizer arguments for them, "
+                    "e.g. {params: '*.bias', weight_decay: 0}.")
+
+
+class TrainSection(_Strict):
+    """The training recipe: data, loss, optimizer and schedule, run by `specc train`."""
+
+    data: Union[str, DataFile] = Field(
+        description="A built-in data set as a call, e.g. arithmetic(digits=3, format=\"reversed\"), or "
+                    "{file: ..., fields: {...}} for a .npz / .csv file.")
+    split: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of the samples held out for validation.")
+    seed: int = Field(default=0, description="Seed of the data, the split, the batch order and dropout.")
+    feed: dict[str, str] = Field(default_factory=dict,
+                                 description="Model input -> data field, for inputs not named like a field.")
+    loss: str = Field(description="The loss: an expression over outputs, data fields and scalars, e.g. "
+                                  "cross_entropy(logits, targets, mask=mask) + 0.1 * l1(y, target).")
+    optimizer: str = Field(default="adamw(lr=0.001)", description="A torch.optim optimizer by name with its "
+                                                                  "arguments, e.g. sgd(lr=0.1, momentum=0.9).")
+    schedule: str | None = Field(default=None, description="Learning-rate factor per step, e.g. "
+                                                           "warmup_cosine(warmup=100), or an expression over "
+                                                           "step and progress.")
+    scalars: dict[str, str] = Field(default_factory=dict,
+                                    description="Named scalars scheduled over step and progress (0 to 1), usable in "
+                                                "the loss and fed to scalar inputs, e.g. "
+                                                "lam: 2 / (1 + exp(-10 * progress)) - 1.")
+    clip: float | None = Field(default=None, gt=0.0, description="Clip the gradient norm to this value.")
+    groups: list[GroupDecl] = Field(default_factory=list, description="Per-group optimizer settings.")
+    freeze: list[FreezePattern] = Field(default_factory=list,
+                                        description="Parameters not trained (glob patterns over parameter paths).")
+    steps: int | None = Field(default=None, gt=0, description="Optimizer steps (or give epochs).")
+    epochs: int | None = Field(default=None, gt=0, description="Passes over the training split (or give steps).")
+    batch: int = Field(default=32, gt=0, description="Samples per step (the global batch).")
+    eval: EvalDecl | None = Field(default=None, description="Evaluation every N steps with named metrics.")
+    checkpoint: CheckpointDecl | None = Field(default=None, description="Checkpoints every N steps.")
+
+
+class TrainOnly(_Strict):
+    """The `train:` section alone, to validate it again after `--set train.KEY=VALUE` overrides."""
+
+    train: TrainSection
+
+
 class SpecFile(_Strict):
     specc: Literal[1] = Field(description="Spec format version; always 1.")
     name: str = Field(description="Name of the model; becomes the generated module's name.")
@@ -122,6 +204,7 @@ class SpecFile(_Strict):
         description="Python modules defining custom operators (specc.custom_op), e.g. [my_ops]. Imported "
                     "only when the user allows each one (specc --allow-import my_ops, or "
                     "specc.load(..., allow_imports=['my_ops'])); the built model.py imports them too.")
+    train: TrainSection | None = Field(default=None, description="The training recipe (specc train).")
 
     @field_validator("name")
     @classmethod
@@ -168,6 +251,8 @@ def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
             allowed = list(SpecFile.model_fields)
         elif isinstance(parent, dict) and len(loc) == 3 and loc[0] == "dims":
             allowed = list(DimDecl.model_fields)
+        elif loc[0] == "train":
+            allowed = list(_train_model_at(loc[1:-1]).model_fields)
         where = "" if len(loc) == 1 else f" in '{'.'.join(map(str, loc[:-1]))}'"
         return f"unknown key '{loc[-1]}'{where}" + did_you_mean(str(loc[-1]), allowed), True
     if kind == "missing":
@@ -186,6 +271,14 @@ def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
         msg = msg[len("Value error, "):]
     field = ".".join(str(p) for p in loc)
     return f"{field}: {msg}", False
+
+
+def _train_model_at(path: tuple) -> type[BaseModel]:
+    """The model of the `train:` section that holds the key at `path` (inside train)."""
+    nested = {("eval",): EvalDecl, ("checkpoint",): CheckpointDecl, ("data",): DataFile}
+    if len(path) == 3 and path[0] == "data" and path[1] == "fields":
+        return FieldDecl
+    return nested.get(tuple(path[:1]), TrainSection)
 
 
 def _at(data: Any, path: tuple) -> Any:
@@ -295,8 +388,8 @@ def _salvage(data: dict, bad: set[tuple]) -> tuple[SpecFile | None, frozenset[tu
         key = path[0]
         if len(path) == 1 and key in _STAND_INS:
             data[key] = _STAND_INS[key]
-        elif key in ("paper", "description") or (len(path) == 1 and key not in SpecFile.model_fields):
-            data.pop(key, None)  # free text, or an unknown top-level key
+        elif key in ("paper", "description", "train") or (len(path) == 1 and key not in SpecFile.model_fields):
+            data.pop(key, None)  # free text, the training recipe, or an unknown top-level key
         elif len(path) >= 2 and key in _ENTRY_SECTIONS and isinstance(data.get(key), dict):
             data[key].pop(path[1], None)
             if key == "blocks":  # a block's key is its signature: the name comes first

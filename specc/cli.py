@@ -6,6 +6,7 @@
     specc ops                             the operators and their signatures
     specc schema [-o FILE]                the JSON Schema of spec files (for editors)
     specc graph SPEC -o FILE.svg          a picture of the IR (SVG, and FILE.dot for Graphviz)
+    specc train SPEC -o RUN               run the spec's training recipe (its train: section)
 
 User errors print `FILE:LINE:COL: error: ...` with the line and a caret, and exit 2; a user error
 never prints a Python traceback.
@@ -84,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     gr = spec_cmd("graph", "Draw the IR: FILE.svg (laid out without Graphviz) and FILE.dot.")
     gr.add_argument("-o", "--out", required=True, metavar="FILE.svg", help="the SVG to write; the DOT goes beside it")
     pass_options(gr, 0)
+    tr = spec_cmd("train", "Run the spec's training recipe (its train: section); --set train.KEY=VALUE overrides "
+                           "the recipe.")
+    tr.add_argument("-o", "--out", required=True, metavar="RUN",
+                    help="the run folder: metrics.jsonl, checkpoints/, model/ (a specc build of the trained weights)")
+    tr.add_argument("--resume", metavar="RUN", help="continue from the newest checkpoint of this run folder")
+    tr.add_argument("--until", type=int, metavar="STEP", help="stop after this step (resume the run later)")
+    tr.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="train with N processes on this machine (torch.distributed: gloo on CPU, nccl on GPUs)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (torch.set_num_threads)")
+    tr.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=1,
+                    help="optimisation level of the built RUN/model/ (default 1)")
     sc = sub.add_parser("schema", help="Print (or write) the JSON Schema of spec files, for editors.")
     sc.add_argument("-o", "--out", metavar="FILE", help="write the schema to FILE instead of printing it")
     sub.add_parser("ops", help="List the operators with their signatures.")
@@ -157,9 +170,20 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
          earlier: Collector) -> int:
     from specc.api import _front
 
+    recipe_keys = {k: spans[k] for k in values if k.startswith("train.")}  # --set train.KEY=VALUE
+    values = {k: v for k, v in values.items() if k not in recipe_keys}
+    spans = {k: v for k, v in spans.items() if k not in recipe_keys}
+    recipe_keys = {k[len("train."):]: v for k, v in recipe_keys.items()}
     src, graph = _front(Path(args.spec), values, spans, allow_imports=args.allow_imports)
     if earlier:  # bad --set syntax: report it (with any spec errors) before doing anything
         return 2
+    recipe = None
+    if args.command in ("check", "train") and (src.spec.train is not None or recipe_keys):
+        from specc.train.recipe import check_recipe
+
+        recipe = check_recipe(src, graph, recipe_keys)
+    if args.command == "train":
+        return _train(args, src, graph, recipe)
     if args.command == "check":
         from specc.api import summary_of
 
@@ -168,6 +192,8 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
             print(json.dumps(summary.to_json(), indent=2))
         else:
             _print_summary(summary, color=not args.no_color)
+            if recipe is not None:
+                print(f"train       {_describe_recipe(recipe)}")
         return 0
     if args.command == "ir":
         from specc.compiler.passes import optimize
@@ -198,6 +224,62 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
     if args.command == "graph":
         return _graph(args, src, graph)
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _describe_recipe(recipe) -> str:
+    t = recipe.section
+    data = recipe.generator.name if recipe.generator else Path(recipe.data_file.file).name
+    length = f"{t.steps} steps" if t.steps is not None else f"{t.epochs} epochs"
+    return f"{data} ({', '.join(recipe.fields)}), {recipe.optimizer}, {length} of batch {t.batch}"
+
+
+def _train(args: argparse.Namespace, src, graph, recipe) -> int:
+    """`specc train`: one process, several through torchrun (--nproc), or a torchrun worker."""
+    from specc.train.loop import run
+
+    if recipe is None:
+        raise SpecError(Diagnostic(Span(src.file, 1, 1), f"{graph.name}: the spec has no train: section"),
+                        {src.file: src.text})
+    if args.nproc < 1:
+        raise SystemExit("specc: error: --nproc must be at least 1")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from specc.train.dist import launch
+
+        return launch(args.nproc, ["train"] + _argv_of(args))
+    from specc.train.dist import process_group
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    with process_group() as dist:
+        result = run(src, graph, recipe, Path(args.out), Path(args.resume) if args.resume else None, args.until,
+                     progress=not args.quiet, dist=dist, opt_level=args.opt_level)
+    if dist.main:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+        if result.stopped:
+            print(f"stopped after step {result.steps} (resume with --resume {args.out}); loss {result.loss:.4g}")
+        else:
+            print(f"trained {graph.name}: {result.steps} steps in {result.seconds:.1f} s, loss {result.loss:.4g}"
+                  + (f"; val {metrics}" if metrics else "") + f" -> {args.out}/ (model/, metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    out = [args.spec, "-o", args.out]
+    for item in args.overrides:
+        out += ["--set", item]
+    for m in args.allow_imports:
+        out += ["--allow-import", m]
+    if args.resume:
+        out += ["--resume", args.resume]
+    if args.until is not None:
+        out += ["--until", str(args.until)]
+    if args.quiet:
+        out.append("--quiet")
+    if args.threads:
+        out += ["--threads", str(args.threads)]
+    return out + ["-O", str(args.opt_level)]
 
 
 def _read_weights(graph, path: str):

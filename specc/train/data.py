@@ -1,0 +1,329 @@
+"""Data for recipes: built-in generators of the seed papers' tasks, bundled data sets, and files.
+
+A data source yields named fields, each an array whose first axis is the sample axis N. A
+generator declares its fields (dtype and per-sample shape) from its arguments alone, so that
+`specc check` can resolve the names in a loss without generating anything.
+
+Generators (arguments with defaults; every one takes `n`, the number of samples):
+- `linear_regression(points=10, dim=2, noise=0.0)`: in-context regression, one weight vector w per
+  sample; `x` [N, points+1, dim], `y` [N, points+1] (the query's y last), `e` [N, points+1, dim+1]
+  the tokens (x_i, y_i) with the query's y zeroed, `target` [N] the query's y.
+- `arithmetic(digits=3, format="plain"|"reversed")`: "a+b=c" strings as tokens (0-9, '+'=10,
+  '='=11, end=12), operands zero-padded to `digits` and the sum to digits+1 (reversed: the sum's
+  digits written last-first); `tokens`, `targets` (the next token) [N, 3*digits+3], `mask` (answer
+  positions).
+- `sequences(task="copy"|"sort"|"histogram", length=8, vocab=8)`: copy and sort as prompt, separator
+  (token `vocab`) and answer with `tokens`/`targets`/`mask`; histogram as per-position labels (the
+  count of each token in its sequence), `mask` all true.
+- `automata(states=4, alphabet=4, length=64)`: each sample a random finite automaton's strings
+  (random walks, separated by token `alphabet`); next-token `tokens`/`targets`/`mask`.
+- `seasonal(variates=7, lookback=96, horizon=24, periods=[24, 168], noise=0.1)`: windows of one
+  multivariate series (shared seasonal components mixed per variate, a trend, AR(1) noise); `x`
+  [N, lookback, variates], `target` [N, horizon, variates]; ordered (validation is the last windows).
+- `two_moons(rotation=30.0, noise=0.1)`: half the samples from the source domain, half from the
+  target domain rotated by `rotation` degrees; `x` [N, 2], `label`, `domain_label` (0 source, 1 target).
+- `digits()`: scikit-learn's 8x8 digits (1,797 images), `x` [N, 1, 8, 8] in [0, 1], `label`;
+  with `rotations=true` also `rotated` [N, 4, 1, 8, 8] (0, 90, 180, 270 degrees) and `joint`
+  [N, 4] = 4 * label + rotation (self-supervised label augmentation).
+- `statsmodels(name="sunspots"|"co2"|"nile", lookback=48, horizon=12)`: windows of a series bundled
+  with statsmodels, ordered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+#: A field's declaration: (dtype, per-sample shape, value range of integer fields or None).
+FieldType = tuple[str, tuple[int, ...], tuple[int, int] | None]
+
+
+class ArgError(ValueError):
+    """A bad generator argument; `arg` names it (None: the call as a whole)."""
+
+    def __init__(self, arg: str | None, message: str):
+        super().__init__(message)
+        self.arg = arg
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A built-in data source: its arguments with defaults, its fields, and the function making it."""
+
+    name: str
+    defaults: dict[str, Any]
+    fields: Callable[[dict[str, Any]], dict[str, FieldType]]
+    make: Callable[[dict[str, Any], np.random.Generator], dict[str, np.ndarray]]
+    ordered: bool = False
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def bind(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The arguments with defaults filled in, each checked; raises ArgError."""
+        args = dict(self.defaults)
+        for k, v in given.items():
+            if k not in args:
+                raise ArgError(k, f"{self.name}() has no argument '{k}'; it takes {', '.join(args)}")
+            want = self.defaults[k]
+            if isinstance(want, bool) != isinstance(v, bool) or \
+                    (isinstance(want, (int, float)) and not isinstance(v, (int, float))) or \
+                    (isinstance(want, int) and not isinstance(want, bool) and not isinstance(v, int)) or \
+                    (isinstance(want, str) and not isinstance(v, str)) or \
+                    (isinstance(want, list) and not (isinstance(v, list) and all(isinstance(i, (int, float))
+                                                                                  and not isinstance(i, bool)
+                                                                                  for i in v))):
+                raise ArgError(k, f"{self.name}(): '{k}' must be {_kind(want)}, got {v!r}")
+            if k in self.choices and v not in self.choices[k]:
+                raise ArgError(k, f"{self.name}(): '{k}' must be one of {', '.join(map(repr, self.choices[k]))}, "
+                                  f"got {v!r}")
+            args[k] = float(v) if isinstance(want, float) else v
+        for k, v in args.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("noise", "rotation") and v <= 0:
+                raise ArgError(k if k in given else None, f"{self.name}(): '{k}' must be positive, got {v}")
+            if k in ("noise", "rotation") and isinstance(v, float) and not math.isfinite(v):
+                raise ArgError(k, f"{self.name}(): '{k}' must be finite")
+        if args["n"] > MAX_SAMPLES:
+            raise ArgError("n", f"{self.name}(): at most {MAX_SAMPLES:,} samples, got {args['n']:,}")
+        return args
+
+
+MAX_SAMPLES = 1_000_000
+
+
+def _kind(v: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of numbers"}[type(v)]
+
+
+def _lm(seqs: np.ndarray, answer_from: int) -> dict[str, np.ndarray]:
+    """Next-token fields of token sequences whose answer starts at position `answer_from`."""
+    tokens, targets = seqs[:, :-1], seqs[:, 1:]
+    mask = np.zeros(targets.shape, dtype=bool)
+    mask[:, answer_from - 1:] = True
+    return {"tokens": tokens.astype(np.int64), "targets": targets.astype(np.int64), "mask": mask}
+
+
+def _lm_fields(length: int, vocab: int) -> dict[str, FieldType]:
+    return {"tokens": ("i64", (length,), (0, vocab)), "targets": ("i64", (length,), (0, vocab)),
+            "mask": ("bool", (length,), None)}
+
+
+# --- in-context linear regression ------------------------------------------------------------
+
+def _lr_fields(a):
+    p, d = a["points"] + 1, a["dim"]
+    return {"x": ("f32", (p, d), None), "y": ("f32", (p,), None), "e": ("f32", (p, d + 1), None),
+            "target": ("f32", (), None)}
+
+
+def _lr_make(a, rng):
+    n, p, d = a["n"], a["points"] + 1, a["dim"]
+    w = rng.standard_normal((n, d))
+    x = rng.uniform(-1.0, 1.0, (n, p, d))
+    y = np.einsum("npd,nd->np", x, w) + a["noise"] * rng.standard_normal((n, p))
+    e = np.concatenate([x, y[..., None]], axis=-1)
+    e[:, -1, -1] = 0.0
+    return {"x": x.astype(np.float32), "y": y.astype(np.float32), "e": e.astype(np.float32),
+            "target": y[:, -1].astype(np.float32)}
+
+
+# --- arithmetic ----------------------------------------------------------------------------
+
+PLUS, EQUALS, END = 10, 11, 12
+
+
+def _ar_fields(a):
+    return _lm_fields(3 * a["digits"] + 3, 13)
+
+
+def _ar_make(a, rng):
+    d, n = a["digits"], a["n"]
+    if n > 10 ** (2 * d):
+        raise ArgError("n", f"arithmetic(): only {10 ** (2 * d):,} distinct problems have {d} digits")
+    pairs = rng.choice(10 ** (2 * d), size=n, replace=False)
+    x, y = pairs // 10 ** d, pairs % 10 ** d
+    z = x + y
+
+    def digits_of(v, k):
+        return np.stack([(v // 10 ** (k - 1 - i)) % 10 for i in range(k)], axis=1)
+
+    answer = digits_of(z, d + 1)
+    if a["format"] == "reversed":
+        answer = answer[:, ::-1]
+    seqs = np.concatenate([digits_of(x, d), np.full((n, 1), PLUS), digits_of(y, d), np.full((n, 1), EQUALS),
+                           answer, np.full((n, 1), END)], axis=1)
+    return _lm(seqs, 2 * d + 2)
+
+
+def decode_arithmetic(tokens) -> str:
+    """The text of arithmetic tokens (for reading samples)."""
+    return "".join("0123456789+=$"[int(t)] for t in tokens)
+
+
+# --- copy / sort / histogram ---------------------------------------------------------------
+
+def _seq_fields(a):
+    n_len, v = a["length"], a["vocab"]
+    if a["task"] == "histogram":
+        return {"tokens": ("i64", (n_len,), (0, v)), "targets": ("i64", (n_len,), (0, n_len + 1)),
+                "mask": ("bool", (n_len,), None)}
+    return _lm_fields(2 * n_len, v + 1)
+
+
+def _seq_make(a, rng):
+    n, length, v = a["n"], a["length"], a["vocab"]
+    x = rng.integers(0, v, (n, length))
+    if a["task"] == "histogram":
+        counts = (x[:, :, None] == x[:, None, :]).sum(-1)
+        return {"tokens": x.astype(np.int64), "targets": counts.astype(np.int64), "mask": np.ones(x.shape, bool)}
+    answer = x if a["task"] == "copy" else np.sort(x, axis=1)
+    return _lm(np.concatenate([x, np.full((n, 1), v), answer], axis=1), length + 1)
+
+
+# --- random finite automata ----------------------------------------------------------------
+
+def _fa_fields(a):
+    return _lm_fields(a["length"], a["alphabet"] + 1)
+
+
+def _fa_make(a, rng):
+    n, q, k, length = a["n"], a["states"], a["alphabet"], a["length"]
+    seqs = np.empty((n, length + 1), dtype=np.int64)
+    for i in range(n):
+        allowed = rng.random((q, k)) < 0.5
+        allowed[np.arange(q), rng.integers(0, k, q)] = True  # every state has a way out
+        nxt = rng.integers(0, q, (q, k))
+        out: list[int] = []
+        while len(out) < length + 1:
+            state, words = 0, rng.integers(2, 9)
+            for _ in range(words):
+                sym = rng.choice(np.flatnonzero(allowed[state]))
+                out.append(int(sym))
+                state = nxt[state, sym]
+            out.append(k)
+        seqs[i] = out[:length + 1]
+    tokens, targets = seqs[:, :-1], seqs[:, 1:]
+    return {"tokens": tokens, "targets": targets, "mask": np.ones(targets.shape, bool)}
+
+
+# --- seasonal multivariate series ----------------------------------------------------------
+
+def _ss_fields(a):
+    return {"x": ("f32", (a["lookback"], a["variates"]), None),
+            "target": ("f32", (a["horizon"], a["variates"]), None)}
+
+
+def _ss_make(a, rng):
+    v, lb, h, n = a["variates"], a["lookback"], a["horizon"], a["n"]
+    periods = [float(p) for p in a["periods"]] or [24.0]
+    if any(p <= 0 for p in periods):
+        raise ArgError("periods", "seasonal(): periods must be positive")
+    length = n + lb + h - 1
+    t = np.arange(length)
+    comps = [np.sin(2 * np.pi * t / p + ph) for p in periods for ph in rng.uniform(0, 2 * np.pi, 2)]
+    basis = np.stack(comps, axis=1)  # [length, components]
+    mix = rng.standard_normal((basis.shape[1], v))
+    trend = np.outer(t / length, rng.standard_normal(v))
+    noise = np.zeros((length, v))
+    eps = a["noise"] * rng.standard_normal((length, v))
+    for i in range(1, length):
+        noise[i] = 0.7 * noise[i - 1] + eps[i]
+    series = basis @ mix + trend + noise
+    return windows(series.astype(np.float32), lb, h, n)
+
+
+def windows(series: np.ndarray, lookback: int, horizon: int, n: int | None = None) -> dict[str, np.ndarray]:
+    """Sliding windows over a [time, variates] series: inputs `x` and the following `target`."""
+    count = series.shape[0] - lookback - horizon + 1
+    if count <= 0:
+        raise ArgError("lookback", f"the series has {series.shape[0]} steps, fewer than lookback + horizon "
+                                   f"= {lookback + horizon}")
+    count = count if n is None else min(n, count)
+    idx = np.arange(count)[:, None]
+    x = series[idx + np.arange(lookback)]
+    y = series[idx + lookback + np.arange(horizon)]
+    return {"x": x.astype(np.float32), "target": y.astype(np.float32)}
+
+
+# --- two moons in two domains --------------------------------------------------------------
+
+def _tm_fields(a):
+    return {"x": ("f32", (2,), None), "label": ("i64", (), (0, 2)), "domain_label": ("i64", (), (0, 2))}
+
+
+def _tm_make(a, rng):
+    n = a["n"]
+    label = rng.integers(0, 2, n)
+    angle = rng.uniform(0, np.pi, n)
+    x = np.where(label[:, None] == 0, np.stack([np.cos(angle), np.sin(angle)], 1),
+                 np.stack([1 - np.cos(angle), 0.5 - np.sin(angle)], 1))
+    x = x + a["noise"] * rng.standard_normal((n, 2)) - np.array([0.5, 0.25])
+    domain = (np.arange(n) % 2).astype(np.int64)
+    r = np.deg2rad(a["rotation"])
+    rot = np.array([[np.cos(r), -np.sin(r)], [np.sin(r), np.cos(r)]])
+    x = np.where(domain[:, None] == 1, x @ rot.T, x)
+    return {"x": x.astype(np.float32), "label": label.astype(np.int64), "domain_label": domain}
+
+
+# --- bundled data sets ---------------------------------------------------------------------
+
+def _dg_fields(a):
+    f = {"x": ("f32", (1, 8, 8), None), "label": ("i64", (), (0, 10))}
+    if a["rotations"]:
+        f.update(rotated=("f32", (4, 1, 8, 8), None), joint=("i64", (4,), (0, 40)))
+    return f
+
+
+def _dg_make(a, rng):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    out = {"x": x, "label": d.target.astype(np.int64)}
+    if a["rotations"]:
+        out["rotated"] = np.stack([np.rot90(x, k, axes=(2, 3)) for k in range(4)], axis=1).copy()
+        out["joint"] = (4 * out["label"][:, None] + np.arange(4)).astype(np.int64)
+    return out
+
+
+#: statsmodels data sets: module name in statsmodels.datasets and the columns used.
+STATSMODELS = {"sunspots": ("sunspots", ("SUNACTIVITY",)), "co2": ("co2", ("co2",)), "nile": ("nile", ("volume",))}
+
+
+def _sm_fields(a):
+    v = len(STATSMODELS[a["name"]][1])
+    return {"x": ("f32", (a["lookback"], v), None), "target": ("f32", (a["horizon"], v), None)}
+
+
+def _sm_make(a, rng):
+    import importlib
+
+    module, columns = STATSMODELS[a["name"]]
+    frame = importlib.import_module(f"statsmodels.datasets.{module}").load_pandas().data
+    series = frame[list(columns)].astype("float64").interpolate().bfill().to_numpy()
+    return windows(series.astype(np.float32), a["lookback"], a["horizon"])
+
+
+GENERATORS: dict[str, Generator] = {g.name: g for g in [
+    Generator("linear_regression", {"n": 4096, "points": 10, "dim": 2, "noise": 0.0}, _lr_fields, _lr_make),
+    Generator("arithmetic", {"n": 10000, "digits": 3, "format": "plain"}, _ar_fields, _ar_make,
+              choices={"format": ("plain", "reversed")}),
+    Generator("sequences", {"n": 4096, "task": "copy", "length": 8, "vocab": 8}, _seq_fields, _seq_make,
+              choices={"task": ("copy", "sort", "histogram")}),
+    Generator("automata", {"n": 2048, "states": 4, "alphabet": 4, "length": 64}, _fa_fields, _fa_make),
+    Generator("seasonal", {"n": 2000, "variates": 7, "lookback": 96, "horizon": 24, "periods": [24, 168],
+                           "noise": 0.1}, _ss_fields, _ss_make, ordered=True),
+    Generator("two_moons", {"n": 2000, "rotation": 30.0, "noise": 0.1}, _tm_fields, _tm_make),
+    Generator("digits", {"n": 1797, "rotations": False}, _dg_fields, _dg_make),
+    Generator("statsmodels", {"n": 100000, "name": "sunspots", "lookback": 48, "horizon": 12}, _sm_fields,
+              _sm_make, ordered=True, choices={"name": tuple(STATSMODELS)}),
+]}
+
+
+def generate(gen: Generator, args: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """The generator's fields for bound `args`, from `seed`; at most `n` samples."""
+    arrays = gen.make(args, np.random.default_rng(seed))
+    n = min(args["n"], min(len(v) for v in arrays.values()))
+    return {k: v[:n] for k, v in arrays.items()}

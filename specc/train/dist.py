@@ -1,0 +1,49 @@
+"""`specc train --nproc N`: the same recipe on N processes with torch.distributed.
+
+`launch` starts torchrun's launcher (`python -m torch.distributed.run --standalone`) with N
+workers, each running `specc train` again; a worker finds torchrun's environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) and `process_group` joins the group: gloo on CPU, nccl when
+the worker has a GPU. Every worker computes the same step's global batch order and takes its
+share (the global batch divided by the number of workers); DistributedDataParallel averages the
+gradients, so a step equals one step on the whole batch (for a loss that is a mean over samples).
+Rank 0 alone writes metrics, checkpoints and the built model. On several machines, run torchrun
+yourself on each (see the README's "Training" section).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from typing import Iterator, Sequence
+
+from .loop import Dist
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run `specc ARGV` on `nproc` local processes through torchrun; its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "specc.cli", *argv]
+    return subprocess.call(cmd)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[Dist]:
+    """This process's Dist: a joined process group under torchrun, else a plain single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Dist()
+        return
+    import torch
+    import torch.distributed as tdist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    tdist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        yield Dist(rank, world, f"cuda:{local}" if use_cuda else "cpu")
+    finally:
+        tdist.destroy_process_group()

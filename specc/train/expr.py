@@ -1,0 +1,328 @@
+"""Recipe expressions: parsed with the graph grammar, evaluated by a small interpreter (never eval).
+
+Three kinds of expression appear in a `train:` section, all written in the grammar of graph bodies:
+- constants (data and optimizer arguments): numbers, strings, booleans, lists and params;
+- scalars (the learning-rate schedule and the `scalars:` entries): Python floats over `step`,
+  `steps` and `progress` (step / steps, from 0 to 1);
+- tensor expressions (the loss and the metrics): over the model's outputs, the batch's data fields
+  and the scalars.
+Every failure is a `SpecError` located at the sub-expression that failed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from specc.dsl import ast as A
+from specc.dsl.diagnostics import Diagnostic, Span, SpecError
+
+_BINOPS: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": operator.floordiv,
+    "%": operator.mod, "**": operator.pow, "@": operator.matmul, "==": operator.eq, "!=": operator.ne,
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+
+
+class ExprError(Exception):
+    """A located evaluation failure (turned into a SpecError by `evaluate`)."""
+
+    def __init__(self, span: Span, message: str):
+        super().__init__(message)
+        self.span, self.message = span, message
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function callable from recipe expressions; `fn` takes the evaluated arguments."""
+
+    fn: Callable[..., Any]
+    doc: str = ""
+
+    def parameters(self) -> tuple[list[str], set[str], bool]:
+        """(positional names, keyword names, takes *args)."""
+        sig = inspect.signature(self.fn)
+        pos = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        kw = {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        star = any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
+        return pos, kw, star
+
+    def required(self) -> list[str]:
+        sig = inspect.signature(self.fn)
+        return [p.name for p in sig.parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def evaluate(expr: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function],
+             sources: Mapping[str, str]) -> Any:
+    """The value of `expr`; raises SpecError located at the failing sub-expression."""
+    try:
+        return _eval(expr, env, functions)
+    except ExprError as e:
+        raise SpecError(Diagnostic(e.span, e.message), dict(sources)) from None
+
+
+def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) -> Any:
+    if isinstance(e, A.Const):
+        return e.value
+    if isinstance(e, A.Name):
+        if e.id not in env:
+            raise ExprError(e.span, f"unknown name '{e.id}'")
+        return env[e.id]
+    if isinstance(e, A.ListExpr):
+        return [_eval(i, env, functions) for i in e.items]
+    if isinstance(e, A.Unary):
+        v = _eval(e.operand, env, functions)
+        if e.op == "not":
+            return ~v if isinstance(v, torch.Tensor) else not v
+        return _guard(e.span, lambda: -v if e.op == "-" else +v)
+    if isinstance(e, A.BinOp):
+        a, b = _eval(e.left, env, functions), _eval(e.right, env, functions)
+        if e.op in ("and", "or"):
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                return _guard(e.span, lambda: (a & b) if e.op == "and" else (a | b))
+            return (a and b) if e.op == "and" else (a or b)
+        return _guard(e.span, lambda: _BINOPS[e.op](a, b))
+    if isinstance(e, A.IfExp):
+        cond = _eval(e.cond, env, functions)
+        if isinstance(cond, torch.Tensor):
+            raise ExprError(e.cond.span, "a condition must be a number, not a tensor (use where() on tensors)")
+        return _eval(e.then if cond else e.other, env, functions)
+    if isinstance(e, A.Index):
+        value = _eval(e.value, env, functions)
+        items = tuple(_index_item(i, env, functions) for i in e.items)
+        return _guard(e.span, lambda: value[items if len(items) > 1 else items[0]])
+    if isinstance(e, A.Call):
+        name = e.func_name
+        if name is None or name not in functions:
+            raise ExprError(e.func.span, f"unknown function '{name}'")
+        args = [_eval(a, env, functions) for a in e.args]
+        kwargs = {k.name: _eval(k.value, env, functions) for k in e.kwargs}
+        return _guard(e.span, lambda: functions[name].fn(*args, **kwargs), name)
+    raise ExprError(getattr(e, "span", Span("<expr>", 0, 0)), "this expression is not supported here")
+
+
+def _index_item(i, env, functions):
+    if isinstance(i, A.Slice):
+        start = None if i.start is None else _eval(i.start, env, functions)
+        stop = None if i.stop is None else _eval(i.stop, env, functions)
+        return slice(start, stop)
+    return _eval(i, env, functions)
+
+
+def _guard(span: Span, thunk: Callable[[], Any], name: str | None = None) -> Any:
+    """Run `thunk`; a failure of the value (shapes, dtypes, arguments) becomes a located error."""
+    try:
+        return thunk()
+    except ExprError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExprError(span, f"{name + ': ' if name else ''}{first}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor functions: losses, metrics and helpers for the loss and the metrics.
+
+def _reduce(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `v`, over the entries where `mask` is true when a mask is given."""
+    if mask is None:
+        return v.mean()
+    m = torch.broadcast_to(mask.to(v.dtype), v.shape)
+    return (v * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _tensor(x: Any, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+    return x
+
+
+def mse(prediction, target, mask=None):
+    """Mean squared error (broadcasting), over the masked entries when mask is given."""
+    prediction, target = _tensor(prediction, "prediction"), _tensor(target, "target")
+    d = prediction - target.to(prediction.dtype)
+    return _reduce(d * d, mask)
+
+
+def l1(prediction, target, mask=None):
+    """Mean absolute error."""
+    prediction, target = _tensor(prediction, "prediction"), _tensor(target, "target")
+    return _reduce((prediction - target.to(prediction.dtype)).abs(), mask)
+
+
+def _check_classes(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(f"soft targets {list(target.shape)} must have the logits' shape {list(logits.shape)}")
+    elif tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"class targets {list(target.shape)} must have the logits' shape without the class axis, "
+                         f"{list(logits.shape[:-1])}")
+
+
+def cross_entropy(logits, target, mask=None, smoothing=0.0):
+    """Softmax cross-entropy over the last axis; target: class indices, or probabilities (soft)."""
+    logits, target = _tensor(logits, "logits"), _tensor(target, "target")
+    _check_classes(logits, target)
+    logp = F.log_softmax(logits, dim=-1)
+    if target.is_floating_point():
+        loss = -(target * logp).sum(-1)
+    else:
+        loss = -logp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+        if smoothing:
+            loss = (1 - smoothing) * loss - smoothing * logp.mean(-1)
+    return _reduce(loss, mask)
+
+
+def kl(logits, target_logits, temperature=1.0, mask=None):
+    """KL(softmax(target_logits / T) || softmax(logits / T)) * T^2, summed over classes, averaged."""
+    logits, target_logits = _tensor(logits, "logits"), _tensor(target_logits, "target_logits")
+    if logits.shape != target_logits.shape:
+        raise ValueError(f"logits {list(logits.shape)} and target_logits {list(target_logits.shape)} differ")
+    t = float(temperature)
+    logp, logq = F.log_softmax(logits / t, dim=-1), F.log_softmax(target_logits / t, dim=-1)
+    return _reduce((logq.exp() * (logq - logp)).sum(-1) * t * t, mask)
+
+
+def accuracy(logits, target, mask=None):
+    """Fraction of (masked) positions whose arg-max class is the target."""
+    logits, target = _tensor(logits, "logits"), _tensor(target, "target")
+    _check_classes(logits, target)
+    return _reduce((logits.argmax(-1) == target).float(), mask)
+
+
+def exact_match(logits, target, mask=None):
+    """Fraction of samples (first axis) whose every (masked) position is predicted right: with teacher
+    forcing, exactly the samples that greedy decoding gets entirely right."""
+    logits, target = _tensor(logits, "logits"), _tensor(target, "target")
+    _check_classes(logits, target)
+    wrong = logits.argmax(-1) != target
+    if mask is not None:
+        wrong = wrong & torch.broadcast_to(mask.bool(), wrong.shape)
+    return (~wrong.reshape(wrong.shape[0], -1).any(-1)).float().mean()
+
+
+def gd_step(x, y, lr=None):
+    """One gradient-descent step from w = 0 on the in-context squared loss of the pairs (x_i, y_i)
+    before the last, evaluated at the last x (the query): lr / N * sum_i y_i x_i . x_query.
+    x: [B, N + 1, d], y: [B, N + 1]. lr=None takes the learning rate that fits y_query best (least
+    squares over the batch)."""
+    x, y = _tensor(x, "x").double(), _tensor(y, "y").double()
+    if x.dim() != 3 or y.shape != x.shape[:2]:
+        raise ValueError(f"expected x [B, N + 1, d] and y [B, N + 1], got {list(x.shape)} and {list(y.shape)}")
+    n = x.shape[1] - 1
+    g = (y[:, :n] * (x[:, :n] * x[:, n:]).sum(-1)).sum(-1) / n
+    if lr is None:
+        lr = float((g * y[:, n]).sum() / (g * g).sum().clamp_min(1e-30))
+    return (lr * g).float()
+
+
+def _concat(items, dim=0):
+    if not isinstance(items, list) or not items:
+        raise TypeError("concat takes a list of tensors, e.g. concat([a, b])")
+    return torch.cat([_tensor(i, "each item") for i in items], dim=dim)
+
+
+def _mean(x, dim=None):
+    x = _tensor(x, "x")
+    return x.float().mean() if dim is None else x.float().mean(dim)
+
+
+def _sum(x, dim=None):
+    x = _tensor(x, "x")
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def _where(cond, a, b):
+    return torch.where(_tensor(cond, "cond").bool(), a, b)
+
+
+TENSOR_FUNCTIONS: dict[str, Function] = {
+    "mse": Function(mse), "l1": Function(l1), "cross_entropy": Function(cross_entropy), "kl": Function(kl),
+    "accuracy": Function(accuracy), "exact_match": Function(exact_match),
+    "gd_step": Function(gd_step), "concat": Function(_concat),
+    "mean": Function(_mean), "sum": Function(_sum), "where": Function(_where),
+    "detach": Function(lambda x: _tensor(x, "x").detach()),
+    "softmax": Function(lambda x, dim=-1: F.softmax(_tensor(x, "x"), dim=dim)),
+    "log_softmax": Function(lambda x, dim=-1: F.log_softmax(_tensor(x, "x"), dim=dim)),
+    "argmax": Function(lambda x, dim=-1: _tensor(x, "x").argmax(dim)),
+    "abs": Function(lambda x: abs(x)),
+    "exp": Function(lambda x: x.exp() if isinstance(x, torch.Tensor) else math.exp(x)),
+    "log": Function(lambda x: x.log() if isinstance(x, torch.Tensor) else math.log(x)),
+    "sqrt": Function(lambda x: x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)),
+    "float": Function(lambda x: x.float() if isinstance(x, torch.Tensor) else float(x)),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Scalar functions: schedules over the step. `_at` is the (step, steps) they are evaluated at.
+
+
+class Clock:
+    """The step a scalar expression is evaluated at (schedules read it)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.step = steps, 0
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.steps)
+
+    def env(self) -> dict[str, float]:
+        return {"step": float(self.step), "steps": float(self.steps), "progress": self.progress}
+
+
+def scalar_functions(clock: Clock) -> dict[str, Function]:
+    """Schedules (factors, usually of the learning rate) and math on Python numbers."""
+
+    def constant(value=1.0):
+        """The same factor at every step."""
+        return float(value)
+
+    def warmup_cosine(warmup=0, min=0.0):  # noqa: A002 - the recipe's argument name
+        """Linear warm-up over `warmup` steps, then a cosine decay to `min` at the last step."""
+        if warmup < 0 or not 0 <= min <= 1:
+            raise ValueError(f"needs warmup >= 0 and 0 <= min <= 1, got warmup={warmup}, min={min}")
+        s = clock.step
+        if s < warmup:
+            return (s + 1) / warmup
+        p = (s - warmup) / max(1, clock.steps - warmup)
+        return min + (1 - min) * 0.5 * (1 + math.cos(math.pi * p))
+
+    def cosine(min=0.0):  # noqa: A002
+        """A cosine decay from 1 to `min`."""
+        return warmup_cosine(0, min)
+
+    def step_decay(every, gamma=0.1):
+        """Multiplied by `gamma` every `every` steps."""
+        if every <= 0:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        return float(gamma) ** (clock.step // every)
+
+    def inverse_decay(alpha=10.0, beta=0.75):
+        """1 / (1 + alpha * progress) ** beta: DANN's mu_p = mu_0 / (1 + 10 p)^0.75."""
+        if alpha < 0:
+            raise ValueError(f"alpha must be at least 0, got {alpha}")
+        return 1.0 / (1.0 + alpha * clock.progress) ** beta
+
+    def warmup(steps):
+        """Linear warm-up over `steps` steps, then 1."""
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        return min(1.0, (clock.step + 1) / steps)
+
+    fns = {"constant": constant, "warmup_cosine": warmup_cosine, "cosine": cosine, "step_decay": step_decay,
+           "inverse_decay": inverse_decay, "warmup": warmup,
+           "exp": math.exp, "log": math.log, "sqrt": math.sqrt, "cos": math.cos, "sin": math.sin,
+           "tanh": math.tanh, "abs": abs, "min": min, "max": max, "float": float}
+    return {k: Function(v) for k, v in fns.items()}
+
+
+#: The schedule functions by name, for checking a recipe without a clock.
+SCHEDULES = frozenset({"constant", "warmup_cosine", "cosine", "step_decay", "inverse_decay", "warmup"})
+SCALAR_NAMES = ("step", "steps", "progress")

@@ -1,0 +1,468 @@
+"""The training loop: a checked recipe run on the PyTorch backend's built module.
+
+The model is the -O0 build of the spec (the very code `specc build` writes), so parameter names are
+the spec's (`specc ir -O0`). Everything that decides a step is a function of the seed and the step
+number (the data order: one seeded permutation per epoch; the schedules: a factor per step), and
+the rest (weights, optimizer state, the RNG of dropout) is in every checkpoint, so a run resumed
+from step k gives the same losses as the run never stopped. Files of a run directory:
+
+    metrics.jsonl            one JSON line per step ({"step", "loss", "lr", scalars}) and per evaluation
+                             ({"step", "split": "val", "loss", metrics})
+    checkpoints/step-NNNNNNN/  model.safetensors + state.pt (optimizer, RNG, step), written to a
+                             temporary folder and renamed, so an interrupted write leaves no checkpoint
+    model/                   a `specc build` output (-O1) of the trained weights
+    summary.json             steps, wall time, the last evaluation
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from specc.compiler.ir import Graph
+from specc.compiler.passes import PassContext
+from specc.dsl.diagnostics import Diagnostic, Span, SpecError
+from specc.dsl.schema import SpecSource
+
+from . import data as D
+from .expr import TENSOR_FUNCTIONS, Clock, evaluate, scalar_functions
+from .recipe import Recipe, optimizers
+
+CHECKPOINTS = "checkpoints"
+_TORCH = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+          "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8, "bool": torch.bool}
+
+
+@dataclass
+class Result:
+    """What a run reached."""
+
+    steps: int
+    loss: float
+    metrics: dict[str, float]
+    seconds: float
+    out: Path
+    stopped: bool = False  # stopped early by `until`
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torch.distributed run (world 1: a plain run)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+# -- data -----------------------------------------------------------------------------------
+
+def load_data(recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The (train, validation) splits of the recipe's data as tensors."""
+    t = recipe.section
+    if recipe.generator is not None:
+        try:
+            arrays = D.generate(recipe.generator, recipe.data_args, t.seed)
+        except D.ArgError as e:
+            raise SpecError(Diagnostic(recipe.span, f"data: {e}"), recipe.sources) from None
+    else:
+        from .files import load
+
+        arrays = load(recipe)
+    arrays = {k: arrays[k] for k in recipe.fields}
+    n = len(next(iter(arrays.values())))
+    n_val = int(round(t.split * n))
+    if recipe.ordered:
+        order = np.arange(n)
+        val_idx, train_idx = order[n - n_val:], order[:n - n_val]
+    else:
+        order = np.random.default_rng(t.seed + 1).permutation(n)
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(_TORCH[recipe.fields[k][0]]) for k, v in arrays.items()}
+    train = {k: v[torch.from_numpy(train_idx)] for k, v in tensors.items()}
+    val = {k: v[torch.from_numpy(val_idx)] for k, v in tensors.items()}
+    return train, val
+
+
+class Batches:
+    """The batch of every step: epoch e's order is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, batch: int, seed: int, dist: Dist):
+        self.n, self.batch, self.seed, self.dist = n, batch, seed, dist
+        self.per_epoch = n // batch
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        idx = self._perm[i * self.batch:(i + 1) * self.batch]
+        share = self.batch // self.dist.world
+        return idx[self.dist.rank * share:(self.dist.rank + 1) * share]
+
+
+# -- the model --------------------------------------------------------------------------------
+
+def build_model(src: SpecSource, graph: Graph, recipe: Recipe) -> torch.nn.Module:
+    """The -O0 module in training mode, with the recipe's frozen parameters frozen too."""
+    from specc.backends.pytorch.build import artifacts, load_in_memory
+
+    model = load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
+                                     ctx=PassContext(opt_level=0)))
+    for name, p in model.named_parameters():
+        if name in recipe.frozen:
+            p.requires_grad_(False)
+    model.train()
+    return model
+
+
+def weight_names(graph: Graph) -> list[str]:
+    """The stored tensors (parameters and buffers, tied ones once, at their owner)."""
+    return [".".join(n.path + (p.name,)) for _, n in graph.nodes() for p in n.params if p.tied_to is None]
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    cls = optimizers()[recipe.optimizer.lower()]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": [], **opts} for _, opts in recipe.groups]
+    rest: list[torch.nn.Parameter] = []
+    for name, p in trainable:
+        for (patterns, _), g in zip(recipe.groups, groups):
+            if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+                g["params"].append(p)
+                break
+        else:
+            rest.append(p)
+    groups = [g for g in groups if g["params"]]
+    if rest:
+        groups.insert(0, {"params": rest})
+    if not groups:
+        raise SpecError(Diagnostic(recipe.span, "train: no parameter is left to train (all are frozen)"),
+                        recipe.sources)
+    opt = cls(groups, **recipe.optimizer_args)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+# -- one step -------------------------------------------------------------------------------
+
+class Stepper:
+    """Forward, loss and metrics of the recipe on a batch."""
+
+    def __init__(self, model, graph: Graph, recipe: Recipe, steps: int):
+        self.model, self.graph, self.recipe = model, graph, recipe
+        self.device = next(model.parameters()).device
+        self.inputs = [name for name, _ in graph.inputs]
+        self.outputs = [name for name, _ in graph.outputs]
+        self.clock = Clock(steps)
+        self.scalar_fns = scalar_functions(self.clock)
+
+    def scalars(self, step: int) -> dict[str, float]:
+        self.clock.step = step
+        env: dict[str, Any] = {**self.recipe.params, **self.clock.env()}
+        out: dict[str, float] = {}
+        for name, e in self.recipe.scalars.items():
+            out[name] = env[name] = float(evaluate(e, env, self.scalar_fns, self.recipe.sources))
+        return out
+
+    def lr_factor(self, step: int) -> float:
+        if self.recipe.schedule is None:
+            return 1.0
+        self.clock.step = step
+        return float(evaluate(self.recipe.schedule, {**self.recipe.params, **self.clock.env()}, self.scalar_fns,
+                              self.recipe.sources))
+
+    def forward(self, model, batch: dict[str, torch.Tensor], scalars: dict[str, float]) -> dict[str, torch.Tensor]:
+        args = []
+        for name in self.inputs:
+            if name in self.recipe.scalar_inputs:
+                args.append(torch.tensor(scalars[self.recipe.scalar_inputs[name]], device=self.device))
+            else:
+                args.append(batch[self.recipe.feed[name]])
+        try:
+            result = model(*args)
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise SpecError(Diagnostic(self.recipe.span, f"train: the model failed on a batch of the data: "
+                                                         f"{str(e).splitlines()[0]}"), self.recipe.sources) from None
+        result = result if isinstance(result, tuple) else (result,)
+        return dict(zip(self.outputs, result))
+
+    def env(self, batch, outputs, scalars, step: int) -> dict[str, Any]:
+        self.clock.step = step
+        return {**self.recipe.params, **self.clock.env(), **scalars, **batch, **outputs}
+
+    def loss(self, env: dict[str, Any]) -> torch.Tensor:
+        value = evaluate(self.recipe.loss, env, TENSOR_FUNCTIONS, self.recipe.sources)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise SpecError(Diagnostic(self.recipe.loss.span, f"loss: expected a single number (a mean), got "
+                                                              f"{shape}"), self.recipe.sources)
+        return value.reshape(())
+
+    @torch.no_grad()
+    def evaluate(self, model, val: dict[str, torch.Tensor], step: int, scalars: dict[str, float],
+                 chunk: int) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        n = len(next(iter(val.values())))
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, n, chunk):
+            out = self.forward(model, {k: v[i:i + chunk] for k, v in val.items()}, scalars)
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        outputs = {k: torch.cat(v) for k, v in parts.items()}
+        env = self.env(val, outputs, scalars, step)
+        result = {"loss": float(self.loss(env))}
+        for name, e in self.recipe.metrics.items():
+            v = evaluate(e, env, TENSOR_FUNCTIONS, self.recipe.sources)
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise SpecError(Diagnostic(e.span, f"metric '{name}': expected a single number, got "
+                                                       f"{list(v.shape)}"), self.recipe.sources)
+                v = v.item()
+            result[name] = float(v)
+        model.train(was)
+        return result
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are never complete)."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()
+            and (d / "model.safetensors").is_file() and (d / "state.pt").is_file()]
+    return sorted(dirs, key=lambda d: int(d.name[5:]))
+
+
+def save_checkpoint(run: Path, step: int, model, names: list[str], opt, keep: int) -> Path:
+    root = Path(run) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
+    try:
+        state = model.state_dict()
+        save_file({k: state[k].detach().cpu().contiguous() for k in names}, str(tmp / "model.safetensors"))
+        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run: Path, model, names: list[str], opt, sources: dict[str, str]) -> int:
+    """Restore the newest checkpoint of `run` into model and optimizer; returns its step."""
+    dirs = checkpoint_dirs(run)
+    if not dirs:
+        raise SpecError(Diagnostic(Span(str(run), 0, 0), "--resume: the run has no complete checkpoint"), sources)
+    d = dirs[-1]
+    try:
+        tensors = load_file(str(d / "model.safetensors"))
+        state = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise SpecError(Diagnostic(Span(str(d), 0, 0), f"--resume: cannot read the checkpoint: {e}"), sources) from None
+    if set(tensors) != set(names) or any(tensors[k].shape != model.state_dict()[k].shape for k in names):
+        raise SpecError(Diagnostic(Span(str(d), 0, 0), "--resume: the checkpoint's weights do not fit this spec's "
+                                                       "model (another spec or other params?)"), sources)
+    model.load_state_dict(tensors, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise SpecError(Diagnostic(Span(str(d), 0, 0), f"--resume: the optimizer state does not fit this recipe: "
+                                                       f"{e}"), sources) from None
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def total_steps(recipe: Recipe, n_train: int) -> int:
+    t = recipe.section
+    if t.batch > n_train:
+        raise SpecError(Diagnostic(recipe.span, f"train: the batch ({t.batch}) is larger than the training split "
+                                                f"({n_train} samples)"), recipe.sources)
+    return t.steps if t.steps is not None else t.epochs * (n_train // t.batch)
+
+
+def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path | None = None,
+        until: int | None = None, progress: bool = False, dist: Dist = Dist(), opt_level: int = 1) -> Result:
+    """Train; write metrics, checkpoints and the built model into `out`. Raises SpecError on user errors."""
+    t = recipe.section
+    out = Path(out)
+    train, val = load_data(recipe)
+    if t.eval is not None and not len(next(iter(val.values()))):
+        raise SpecError(Diagnostic(recipe.span, "train: eval needs a validation split (split > 0)"), recipe.sources)
+    if t.batch % dist.world:
+        raise SpecError(Diagnostic(recipe.span, f"train: the batch ({t.batch}) must divide among {dist.world} "
+                                                f"processes"), recipe.sources)
+    n_train = len(next(iter(train.values())))
+    steps = total_steps(recipe, n_train)
+    torch.manual_seed(t.seed)
+    model = build_model(src, graph, recipe).to(dist.device)
+    train = {k: v.to(dist.device) for k, v in train.items()}
+    val = {k: v.to(dist.device) for k, v in val.items()}
+    names = weight_names(graph)
+    opt = make_optimizer(model, recipe)
+    stepper = Stepper(model, graph, recipe, steps)
+    start = 0
+    if resume is not None:
+        start = load_checkpoint(Path(resume), model, names, opt, recipe.sources)
+    trained = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=None if dist.device == "cpu" else [dist.device])
+    batches = Batches(n_train, t.batch, t.seed, dist)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _keep_metrics(out, resume, start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stop = steps if until is None else min(steps, until)
+    began = time.perf_counter()
+    last_eval: dict[str, float] = {}
+    loss_value = float("nan")
+    bar = _Progress(stop, start, progress and dist.main)
+    log = open(out / "metrics.jsonl", "a") if dist.main else None
+    try:
+        if dist.main and t.eval is not None and start == 0:  # the metrics at initialisation
+            last_eval = stepper.evaluate(model, val, 0, stepper.scalars(0), max(t.batch, 256))
+            log.write(json.dumps({"step": 0, "split": "val", **last_eval}) + "\n")
+        for step in range(start, stop):
+            scalars = stepper.scalars(step)
+            factor = stepper.lr_factor(step)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            idx = batches.indices(step).to(dist.device)
+            batch = {k: v[idx] for k, v in train.items()}
+            outputs = stepper.forward(trained, batch, scalars)
+            loss = stepper.loss(stepper.env(batch, outputs, scalars, step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.clip)
+            opt.step()
+            loss_value = _global_mean(loss.detach(), dist)
+            if not math.isfinite(loss_value):
+                raise SpecError(Diagnostic(recipe.loss.span, f"loss: became {loss_value} at step {step + 1} "
+                                                             f"(lower the learning rate, or clip gradients)"),
+                                recipe.sources)
+            done = step + 1
+            if log is not None:
+                log.write(json.dumps({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
+                                      **scalars}) + "\n")
+            bar.update(done, loss_value)
+            if dist.main and t.eval is not None and (done % t.eval.every == 0 or done == steps):
+                last_eval = stepper.evaluate(model, val, step, scalars, max(t.batch, 256))
+                log.write(json.dumps({"step": done, "split": "val", **last_eval}) + "\n")
+                log.flush()
+                bar.note(done, last_eval)
+            if dist.main and ((t.checkpoint is not None and done % t.checkpoint.every == 0) or done == stop):
+                log.flush()
+                save_checkpoint(out, done, model, names, opt, t.checkpoint.keep if t.checkpoint else 1)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    seconds = time.perf_counter() - began
+    result = Result(stop, loss_value, last_eval, seconds, out, stopped=stop < steps)
+    if dist.main and not result.stopped:
+        _export(src, graph, model, names, out, opt_level)
+        summary = {"steps": stop, "seconds": round(seconds, 3), "final_loss": loss_value, "val": last_eval}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def _global_mean(loss: torch.Tensor, dist: Dist) -> float:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        loss = loss.clone()
+        tdist.all_reduce(loss)
+        loss /= dist.world
+    return float(loss)
+
+
+def _keep_metrics(out: Path, resume: Path | None, start: int) -> None:
+    """metrics.jsonl holds the lines up to the resumed step (none for a fresh run)."""
+    path = out / "metrics.jsonl"
+    lines: list[str] = []
+    source = Path(resume) / "metrics.jsonl" if resume is not None else None
+    if source is not None and source.is_file():
+        lines = [ln for ln in source.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
+
+
+def _export(src: SpecSource, graph: Graph, model, names: list[str], out: Path, opt_level: int) -> None:
+    """RUN/model/: `specc build` of the trained weights."""
+    from specc.api import given_weights
+    from specc.backends.pytorch.build import artifacts, write_atomic
+
+    state = model.state_dict()
+    weights = given_weights(graph, {k: state[k].detach().cpu() for k in names})
+    write_atomic(out / "model", artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
+                                          weights=weights, ctx=PassContext(opt_level=opt_level)))
+
+
+class _Progress:
+    """A rich progress bar (step, loss, rate, time left) on a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.quiet = not enabled
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                                     TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                     console=Console(stderr=True))
+            self.task = self.progress.add_task("train", total=total, completed=done, loss="-", rate="")
+            self.progress.start()
+        self.began, self.first = time.perf_counter(), done
+
+    def update(self, done: int, loss: float) -> None:
+        if self.enabled:
+            rate = (done - self.first) / max(1e-9, time.perf_counter() - self.began)
+            self.progress.update(self.task, completed=done, loss=f"{loss:.4g}", rate=f"{rate:.1f} it/s")
+
+    def note(self, done: int, metrics: dict[str, float]) -> None:
+        text = f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        if self.enabled:
+            self.progress.console.print(text)
+        elif not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()

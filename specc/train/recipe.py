@@ -1,0 +1,432 @@
+"""The `train:` section checked against its spec: every name, argument and pattern resolved.
+
+`check_recipe(src, graph)` is what `specc check` and `specc train` run after the graph is built: it
+parses the section's expressions with the graph grammar, resolves the data source and its fields,
+the feeds of the model's inputs, the names and functions of the loss and the metrics, the optimizer
+and its arguments, the schedules, the parameter groups and frozen patterns, and reports every
+problem at once, each at its line and column. Nothing here allocates weights or generates data
+(a data file's fields are read when training starts: see `files.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from specc.compiler.ir import Graph
+from specc.dsl import ast as A
+from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
+from specc.dsl.parser import parse, walk
+from specc.dsl.schema import DataFile, SpecSource, TrainOnly, TrainSection, _located_errors
+from specc.dsl.yamlpos import Located, TextOrigin, load_yaml
+
+from . import data as D
+from .expr import SCALAR_NAMES, TENSOR_FUNCTIONS, Clock, ExprError, Function, _eval, scalar_functions
+
+OVERRIDES_FILE = "<--set>"
+
+
+@dataclass
+class Recipe:
+    """A checked recipe, ready to run."""
+
+    section: TrainSection
+    file: str
+    sources: dict[str, str]
+    params: dict[str, Any]
+    generator: D.Generator | None  # None: a data file
+    data_args: dict[str, Any]
+    data_file: DataFile | None
+    fields: dict[str, D.FieldType]
+    field_spans: dict[str, Span]
+    feed: dict[str, str]  # model input -> data field
+    loss: A.Expr
+    metrics: dict[str, A.Expr]
+    optimizer: str  # the torch.optim class name
+    optimizer_args: dict[str, Any]
+    schedule: A.Expr | None
+    scalars: dict[str, A.Expr]
+    groups: list[tuple[list[str], dict[str, Any]]]
+    frozen: frozenset[str]
+    span: Span  # of the train section
+    file_origin: Span | None = None  # of `data.file`
+    scalar_inputs: dict[str, str] = field(default_factory=dict)  # model input -> scalar name
+
+    @property
+    def ordered(self) -> bool:
+        return self.generator.ordered if self.generator else bool(self.data_file and self.data_file.ordered)
+
+
+def optimizers() -> dict[str, type]:
+    """torch.optim's optimizers by lower-case name (adamw, sgd, ...)."""
+    import torch
+
+    return {name.lower(): cls for name, cls in vars(torch.optim).items()
+            if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+
+
+def optimizer_arguments(cls: type) -> set[str]:
+    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")}
+
+
+def parameter_names(graph: Graph) -> dict[str, bool]:
+    """Parameter path -> trainable (not frozen by the spec, not a buffer), tied ones left out."""
+    return {".".join(n.path + (p.name,)): not (p.frozen or p.buffer)
+            for _, n in graph.nodes() for p in n.params if p.tied_to is None}
+
+
+def apply_overrides(src: SpecSource, overrides: Mapping[str, tuple[str, Span]]) -> tuple[Located, Collector]:
+    """The document with `--set train.KEY=VALUE` overrides in place (values read as YAML scalars)."""
+    errors = Collector()
+    doc = src.doc
+    if not overrides:
+        return doc, errors
+    data = copy.deepcopy(doc.data)
+    spans, origins = dict(doc.spans), dict(doc.origins)
+    for key, (text, span) in overrides.items():
+        path = tuple(key.split("."))
+        if "train" not in data or not isinstance(data.get("train"), dict):
+            errors.error(span, f"--set {key}: the spec has no train: section")
+            continue
+        try:
+            value = load_yaml(text, OVERRIDES_FILE).data if text.strip() else ""
+        except SpecError:
+            value = text
+        if isinstance(value, (dict, list)):
+            errors.error(span, f"--set {key}: give a single value")
+            continue
+        parent = data["train"]
+        for p in path[:-1]:
+            parent = parent.setdefault(p, {}) if isinstance(parent, dict) else None
+            if not isinstance(parent, dict):
+                break
+        if not isinstance(parent, dict):
+            errors.error(span, f"--set {key}: '{'.'.join(path[:-1])}' is not a section")
+            continue
+        parent[path[-1]] = value
+        spans[("train",) + path] = span
+        if isinstance(value, str):
+            origins[("train",) + path] = TextOrigin(span.file, span.line, span.col, False, len(value), span.col)
+    return Located(data, doc.file, doc.text, spans, dict(doc.key_spans), origins), errors
+
+
+def check_recipe(src: SpecSource, graph: Graph,
+                 overrides: Mapping[str, tuple[str, Span]] | None = None) -> Recipe | None:
+    """The spec's recipe, checked (None when the spec has none). Raises SpecError with every problem."""
+    doc, errors = apply_overrides(src, overrides or {})
+    sources = {src.file: src.text}
+    if doc.data.get("train") is None and not errors:
+        return None
+    try:
+        section = TrainOnly.model_validate({"train": doc.data.get("train")}).train
+    except ValidationError as e:
+        errors.extend(_located_errors(e, doc).diagnostics)
+        errors.raise_if_any(sources)
+        raise AssertionError from e  # pragma: no cover - a validation error has diagnostics
+    return _Checker(src, doc, graph, section, errors, sources).run()
+
+
+class _Checker:
+    def __init__(self, src: SpecSource, doc: Located, graph: Graph, section: TrainSection, errors: Collector,
+                 sources: dict[str, str]):
+        self.src, self.doc, self.graph, self.t, self.errors, self.sources = src, doc, graph, section, errors, sources
+        self.params = dict(graph.params)
+        self.fields_known = True
+
+    # -- helpers -------------------------------------------------------------------------------
+    def span(self, *path) -> Span:
+        return self.doc.span(("train",) + path)
+
+    def key_span(self, *path) -> Span:
+        return self.doc.key_span(("train",) + path)
+
+    def expression(self, text: str, *path) -> A.Expr | None:
+        origin = self.doc.origins.get(("train",) + path)
+        if origin is None:
+            s = self.span(*path)
+            origin = TextOrigin(s.file, s.line, s.col, False, 0, s.col)
+        return parse(text, origin, "expression", self.errors)
+
+    def constant(self, e: A.Expr) -> Any:
+        try:
+            v = _eval(e, self.params, {})
+        except ExprError as err:
+            self.errors.error(err.span, err.message + (" (arguments here are constants and params)"
+                                                       if err.message.startswith("unknown") else ""))
+            return _BAD
+        return tuple(v) if isinstance(v, list) else v
+
+    def names(self, e: A.Expr, known: set[str], functions: Mapping[str, Function], what: str) -> None:
+        """Every name and function in `e` is known; calls take the arguments their function takes."""
+        for sub in walk(e):
+            if isinstance(sub, A.Call):
+                fname = sub.func_name
+                if fname is None or fname not in functions:
+                    self.errors.error(sub.func.span, f"{what}: unknown function '{fname}'"
+                                      + did_you_mean(str(fname), functions), f"functions: {', '.join(sorted(functions))}")
+                    continue
+                pos, kw, star = functions[fname].parameters()
+                if len(sub.args) > len(pos) and not star:
+                    self.errors.error(sub.args[len(pos)].span if hasattr(sub.args[len(pos)], "span") else sub.span,
+                                      f"{fname}() takes at most {len(pos)} positional arguments ({', '.join(pos)})")
+                given = set(pos[:len(sub.args)])
+                for k in sub.kwargs:
+                    if k.name not in kw:
+                        self.errors.error(k.span, f"{fname}() has no argument '{k.name}'" + did_you_mean(k.name, kw),
+                                          f"arguments: {', '.join(sorted(kw))}")
+                    given.add(k.name)
+                missing = [r for r in functions[fname].required() if r not in given]
+                if missing and not star:
+                    self.errors.error(sub.span, f"{fname}() is missing the argument{'s' if len(missing) > 1 else ''} "
+                                                f"{', '.join(repr(m) for m in missing)}")
+            elif isinstance(sub, A.Name) and sub.id not in known and not _is_callee(e, sub) and self.fields_known:
+                self.errors.error(sub.span, f"{what}: unknown name '{sub.id}'" + did_you_mean(sub.id, known),
+                                  f"names here: {', '.join(sorted(known - set(self.params)))}")
+
+    # -- the sections ----------------------------------------------------------------------------
+    def run(self) -> Recipe:
+        t = self.t
+        outputs = {name for name, _ in self.graph.outputs}
+        before = len(self.errors.diagnostics)
+        generator, data_args, fields, field_spans = self.data()
+        self.fields_known = len(self.errors.diagnostics) == before  # else a loss's field names are not errors
+        scalars = self.scalars()
+        feed, scalar_inputs = self.feeds(fields, set(scalars))
+        known = outputs | set(fields) | set(scalars) | set(self.params) | set(SCALAR_NAMES)
+        clash = sorted(outputs & set(fields))
+        for name in clash:
+            self.errors.error(self.span("data"), f"the data field '{name}' has the name of a model output; rename "
+                                                 f"one of them")
+        loss = self.expression(t.loss, "loss")
+        if loss is not None:
+            self.names(loss, known, TENSOR_FUNCTIONS, "loss")
+        metrics: dict[str, A.Expr] = {}
+        if t.eval is not None:
+            for name, text in t.eval.metrics.items():
+                e = self.expression(text, "eval", "metrics", name)
+                if e is not None:
+                    self.names(e, known | set(), TENSOR_FUNCTIONS, f"metric '{name}'")
+                    metrics[name] = e
+        opt, opt_args = self.optimizer()
+        schedule = None
+        if t.schedule is not None:
+            schedule = self.expression(t.schedule, "schedule")
+            if schedule is not None:
+                self.scalar_expr(schedule, "schedule", ("schedule",))
+        groups = self.groups(opt)
+        frozen = self.frozen()
+        if t.steps is None and t.epochs is None:
+            self.errors.error(self.span(), "train: give steps or epochs")
+        if t.steps is not None and t.epochs is not None:
+            self.errors.error(self.key_span("epochs"), "train: give steps or epochs, not both")
+        self.errors.raise_if_any(self.sources)
+        return Recipe(t, self.src.file, self.sources, self.params, generator, data_args, t.data
+                      if isinstance(t.data, DataFile) else None, fields, field_spans, feed, loss, metrics, opt,
+                      opt_args, schedule, scalars, groups, frozen, self.span(),
+                      self.span("data", "file") if isinstance(t.data, DataFile) else None, scalar_inputs)
+
+    def data(self) -> tuple[D.Generator | None, dict[str, Any], dict[str, D.FieldType], dict[str, Span]]:
+        t = self.t
+        if isinstance(t.data, DataFile):
+            from .files import declared_fields
+
+            fields, spans = declared_fields(t.data, self.doc, self.params, self.errors)
+            return None, {}, fields, spans
+        e = self.expression(t.data, "data")
+        if e is None:
+            return None, {}, {}, {}
+        if not isinstance(e, A.Call) or e.func_name is None:
+            self.errors.error(e.span, "data: expected a data set call such as arithmetic(digits=3), or "
+                                      "{file: ..., fields: {...}}", f"data sets: {', '.join(D.GENERATORS)}")
+            return None, {}, {}, {}
+        gen = D.GENERATORS.get(e.func_name)
+        if gen is None:
+            self.errors.error(e.func.span, f"data: unknown data set '{e.func_name}'"
+                              + did_you_mean(e.func_name, D.GENERATORS), f"data sets: {', '.join(D.GENERATORS)}")
+            return None, {}, {}, {}
+        if e.args:
+            self.errors.error(e.args[0].span, f"data: give {gen.name}()'s arguments by name, e.g. "
+                                              f"{next(iter(gen.defaults))}={next(iter(gen.defaults.values()))!r}")
+        given, spans = {}, {}
+        for k in e.kwargs:
+            v = self.constant(k.value)
+            if v is not _BAD:
+                given[k.name], spans[k.name] = list(v) if isinstance(v, tuple) else v, k.span
+        try:
+            args = gen.bind(given)
+        except D.ArgError as err:
+            self.errors.error(spans.get(err.arg, e.span), f"data: {err}",
+                              f"{gen.name}() takes {', '.join(f'{k}={v!r}' for k, v in gen.defaults.items())}")
+            return gen, {}, {}, {}
+        fields = gen.fields(args)
+        return gen, args, fields, {k: e.span for k in fields}
+
+    def scalars(self) -> dict[str, A.Expr]:
+        out: dict[str, A.Expr] = {}
+        outputs = {name for name, _ in self.graph.outputs}
+        for name, text in self.t.scalars.items():
+            if name in outputs or name in self.params or name in SCALAR_NAMES:
+                self.errors.error(self.key_span("scalars", name), f"scalars: '{name}' is already the name of "
+                                                                  f"{'an output' if name in outputs else 'a param'}")
+            e = self.expression(text, "scalars", name)
+            if e is not None:
+                self.scalar_expr(e, f"scalar '{name}'", ("scalars", name), extra=set(out))
+                out[name] = e
+        return out
+
+    def scalar_expr(self, e: A.Expr, what: str, path: tuple, extra: set[str] = frozenset()) -> None:
+        clock = Clock(max(1, self.t.steps or 1))
+        functions = scalar_functions(clock)
+        before = len(self.errors.diagnostics)
+        self.names(e, set(self.params) | set(SCALAR_NAMES) | set(extra), functions, what)
+        if len(self.errors.diagnostics) > before or extra & {s.id for s in walk(e) if isinstance(s, A.Name)}:
+            return
+        for step in (0, clock.steps - 1):  # the values at the ends, to catch bad arguments now
+            clock.step = step
+            try:
+                v = _eval(e, {**self.params, **clock.env()}, functions)
+            except ExprError as err:
+                self.errors.error(err.span, f"{what}: {err.message}")
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                self.errors.error(e.span, f"{what}: expected a number, got {v!r}")
+                return
+
+    def feeds(self, fields: dict[str, D.FieldType], scalars: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+        feed: dict[str, str] = {}
+        scalar_inputs: dict[str, str] = {}
+        inputs = {name: self.graph.node(nid).outputs[0] for name, nid in self.graph.inputs}
+        for name in self.t.feed:
+            if name not in inputs:
+                self.errors.error(self.key_span("feed", name), f"feed: '{name}' is not an input of the model"
+                                  + did_you_mean(name, inputs), f"inputs: {', '.join(inputs)}")
+        for name, ty in inputs.items():
+            source = self.t.feed.get(name, name)
+            where = self.span("feed", name) if name in self.t.feed else self.span("data")
+            if source in scalars:
+                if ty.shape:
+                    self.errors.error(where, f"feed: the scalar '{source}' can only feed an input without axes, "
+                                             f"and '{name}' is {ty}")
+                scalar_inputs[name] = source
+                continue
+            if source not in fields:
+                if fields:
+                    self.errors.error(where, f"the model input '{name}' is fed by no data field"
+                                      + (f" (no field '{source}')" if name in self.t.feed else "")
+                                      + did_you_mean(source, set(fields) | scalars),
+                                      f"fields: {', '.join(fields)}; add feed: {{{name}: FIELD}}")
+                continue
+            dtype, shape, rng = fields[source]
+            self.check_feed(name, ty, source, dtype, shape, rng, where)
+            feed[name] = source
+        return feed, scalar_inputs
+
+    def check_feed(self, name, ty, source, dtype, shape, rng, where) -> None:
+        from specc.compiler.ir import FLOAT_DTYPES
+
+        if (ty.dtype in FLOAT_DTYPES) != (dtype in FLOAT_DTYPES) or (ty.dtype == "bool") != (dtype == "bool"):
+            self.errors.error(where, f"the input '{name}' is {ty} but the field '{source}' holds {dtype}")
+            return
+        want = ty.shape[1:]
+        if len(want) != len(shape):
+            self.errors.error(where, f"the input '{name}' is {ty}: {len(want)} axes after the batch, but the field "
+                                     f"'{source}' has {len(shape)} per sample ({list(shape)})")
+            return
+        for i, (w, g) in enumerate(zip(want, shape)):
+            if isinstance(w, int) and w != g:
+                self.errors.error(where, f"the input '{name}' is {ty}: axis {i + 1} is {w}, the field '{source}' "
+                                         f"has {g}")
+        if ty.value_range is not None and rng is not None and (rng[0] < ty.value_range[0] or
+                                                                rng[1] > ty.value_range[1]):
+            self.errors.error(where, f"the input '{name}' takes values in range{ty.value_range}, the field "
+                                     f"'{source}' has values in range{rng}")
+
+    def optimizer(self) -> tuple[str, dict[str, Any]]:
+        e = self.expression(self.t.optimizer, "optimizer")
+        known = optimizers()
+        if e is None:
+            return "", {}
+        if not isinstance(e, A.Call) or e.func_name is None or e.args:
+            self.errors.error(e.span, "optimizer: expected a call with named arguments, e.g. adamw(lr=0.001)")
+            return "", {}
+        cls = known.get(e.func_name.lower())
+        if cls is None:
+            self.errors.error(e.func.span, f"optimizer: unknown optimizer '{e.func_name}'"
+                              + did_you_mean(e.func_name.lower(), known), f"torch.optim has {', '.join(sorted(known))}")
+            return "", {}
+        allowed = optimizer_arguments(cls)
+        args = {}
+        for k in e.kwargs:
+            if k.name not in allowed:
+                self.errors.error(k.span, f"optimizer: {cls.__name__} has no argument '{k.name}'"
+                                  + did_you_mean(k.name, allowed), f"arguments: {', '.join(sorted(allowed))}")
+                continue
+            v = self.constant(k.value)
+            if v is not _BAD:
+                args[k.name] = v
+        if "lr" in args and (isinstance(args["lr"], bool) or not isinstance(args["lr"], (int, float))
+                             or args["lr"] < 0):
+            self.errors.error(e.span, f"optimizer: lr must be a number at least 0, got {args['lr']!r}")
+        if not self.errors:
+            try:  # let torch check the values (betas in [0, 1), ...) on a stand-in parameter
+                import torch
+
+                cls([torch.nn.Parameter(torch.zeros(1))], **args)
+            except (ValueError, TypeError) as err:
+                self.errors.error(e.span, f"optimizer: {cls.__name__}: {err}")
+        return cls.__name__, args
+
+    def groups(self, opt: str) -> list[tuple[list[str], dict[str, Any]]]:
+        names = parameter_names(self.graph)
+        allowed = optimizer_arguments(optimizers()[opt.lower()]) if opt else set()
+        out = []
+        for i, g in enumerate(self.t.groups):
+            patterns = [g.params] if isinstance(g.params, str) else list(g.params)
+            for j, p in enumerate(patterns):
+                if not fnmatch.filter(names, p):
+                    path = ("groups", i, "params") + ((j,) if not isinstance(g.params, str) else ())
+                    self.errors.error(self.span(*path), f"groups: '{p}' matches no parameter",
+                                      _close_params(p, names))
+            extra = dict(g.model_extra or {})
+            for k, v in extra.items():
+                if opt and k not in allowed:
+                    self.errors.error(self.key_span("groups", i, k), f"groups: {opt} has no argument '{k}'"
+                                      + did_you_mean(k, allowed))
+                elif isinstance(v, (dict, list)) and not (isinstance(v, list) and all(isinstance(x, (int, float))
+                                                                                          for x in v)):
+                    self.errors.error(self.span("groups", i, k), f"groups: '{k}' must be a number")
+            out.append((patterns, {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}))
+        return out
+
+    def frozen(self) -> frozenset[str]:
+        names = parameter_names(self.graph)
+        out: set[str] = set()
+        for i, p in enumerate(self.t.freeze):
+            hits = fnmatch.filter(names, p)
+            if not hits:
+                self.errors.error(self.span("freeze", i), f"freeze: '{p}' matches no parameter", _close_params(p, names))
+            out.update(hits)
+        return frozenset(out)
+
+
+class _Bad:
+    pass
+
+
+_BAD = _Bad()
+
+
+def _is_callee(root: A.Expr, name: A.Name) -> bool:
+    return any(isinstance(s, A.Call) and s.func is name for s in walk(root))
+
+
+def _close_params(pattern: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(pattern, sorted(names), n=3, cutoff=0.4)
+    return f"close names: {', '.join(close)}" if close else f"parameters: {', '.join(sorted(names)[:10])}"
