@@ -38,8 +38,9 @@ from .ir import DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorTy
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
 
 #: Options any operator that owns parameters takes, handled here rather than by each op:
-#: frozen=true, init=normal(0.02), bias_init=zeros, share=v (reuse the parameters of the layer that computed v).
-CALL_OPTIONS = ("frozen", "init", "bias_init", "share")
+#: frozen=true, init=normal(0.02), bias_init=zeros, share=v (reuse the parameters of the layer that computed v),
+#: init_from=v (start as a copy of the initial values of the layer that computed v; storage stays separate).
+CALL_OPTIONS = ("frozen", "init", "bias_init", "share", "init_from")
 #: Initialisers an `init=` / `bias_init=` option may name, with the arguments each takes.
 INITIALISERS = {"normal": ("std", "mean"), "uniform": ("bound",), "constant": ("value",), "zeros": (), "ones": (),
                 "eye": ()}
@@ -582,7 +583,7 @@ class Elaborator:
         """Whether `name` is defined nowhere (nor later in its body, nor possibly on a broken line)."""
         n = name.id
         return not (n in scope.env or n in self.params or n in self.symbols or n in self.blocks
-                    or self.reserved_op(n) or n in DTYPES or n in CONST_FUNCS or n in ("identity", "repeat")
+                    or self.reserved_op(n) or n in DTYPES or n in CONST_FUNCS or n in ("identity", "repeat", "inf")
                     or scope.lenient or (name.span.line, name.span.col, n) in getattr(self, "_late", {}))
 
     def unknown_operator(self, func: A.Name) -> _Poison:
@@ -613,6 +614,8 @@ class Elaborator:
             return DTypeRef(n)
         if n == "identity":
             return OpRef("identity")
+        if n == "inf":  # infinity, e.g. where(mask, scores, -inf)
+            return math.inf
         late = getattr(self, "_late", {}).get((name.span.line, name.span.col, n))
         if late:
             return self.fail(name.span, f"'{n}' is used before it is defined", late)
@@ -761,6 +764,7 @@ class Elaborator:
         if not isinstance(v, TV):
             return self.fail(e.value.span, f"cannot index {_kind(v)}")
         items = []
+        newaxes: list[int] = []  # x[:, None]: positions of new size-1 dimensions in the result
         for item in e.items:
             if isinstance(item, A.Slice):
                 bounds = []
@@ -776,10 +780,27 @@ class Elaborator:
                 iv = self.ev(item, scope, hint=None)
                 if iv is POISON:
                     return POISON
+                if iv is None:
+                    newaxes.append(len(newaxes) + sum(1 for it in items if it[0] == "slice"))
+                    continue
                 if not isinstance(iv, int) or isinstance(iv, bool):
-                    return self.fail(item.span, f"indices must be integers, got {_kind(iv)}")
+                    return self.fail(item.span, f"indices must be integers (or none for a new axis), got {_kind(iv)}")
                 items.append(("int", iv))
-        return self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, hint, {"index": e.span})
+        if not newaxes:
+            return self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, hint, {"index": e.span})
+        if len(items) > v.type.rank:
+            return self.fail(e.span, f"index: too many indices ({len(items)}, besides the new axes) for "
+                                     f"{_plain(v.type)}")
+        if any(it != ("slice", None, None) for it in items):  # x[0, None]: index first, then add the axes
+            v = self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, None, {"index": e.span})
+            if v is POISON:
+                return POISON
+        for i, axis in enumerate(newaxes):  # increasing positions of the result: each lands where written
+            v = self.make("unsqueeze", {"x": v}, {"dim": axis}, e.span, scope,
+                          hint if i == len(newaxes) - 1 else None, {"dim": e.span})
+            if v is POISON:
+                return POISON
+        return v
 
     # -- calls -------------------------------------------------------------------------------
     def call(self, e: A.Call, scope: _Scope, hint: str | None) -> Any:
@@ -869,6 +890,9 @@ class Elaborator:
                 elif k.name == "share" and not isinstance(v, TV):
                     v = self.fail(k.value.span, f"share= needs a value computed by another {opdef.name} layer, "
                                                 f"got {_kind(v)}")
+                elif k.name == "init_from" and not isinstance(v, TV):
+                    v = self.fail(k.value.span, f"init_from= needs a value computed by a layer with parameters, "
+                                                f"got {_kind(v)}")
             if v is not POISON:
                 options[k.name] = (v, k.span)
         return e, options
@@ -934,11 +958,18 @@ class Elaborator:
         own = [p for p in params if not p.buffer]
         if "share" in options:
             v, span = options["share"]
-            for other in ("init", "bias_init", "frozen"):
+            for other in ("init", "bias_init", "frozen", "init_from"):
                 if other in options:
                     self.fail(options[other][1], f"{other}= cannot be combined with share=: the parameters are those "
                                                  f"of the shared layer (set {other}= there)")
             return self.share(opname, params, v, span)
+        if "init_from" in options:
+            v, span = options["init_from"]
+            for other in ("init", "bias_init"):
+                if other in options:
+                    self.fail(options[other][1], f"{other}= cannot be combined with init_from=: every parameter "
+                                                 f"starts as a copy of the other layer's")
+            params = self.init_from(opname, params, v, span)
         params = list(params)
         for option, prefix in (("init", "weight"), ("bias_init", "bias")):
             if option not in options:
@@ -984,6 +1015,36 @@ class Elaborator:
         return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(owner.path + (q.name,)),
                                          frozen=q.frozen, init=q.init)
                      for p, q in zip(params, owner.params))
+
+    def init_from(self, opname: str, params: tuple[ParamSpec, ...], v: "TV", span: Span) -> tuple[ParamSpec, ...]:
+        """`params` initialised as copies of the same-named parameters of the layer that computed `v`: of
+        the same shape, or of this shape without its first dimension (then one copy per leading index,
+        e.g. per expert of a moe_mlp copied from an mlp). The storage stays separate (unlike share=)."""
+        owner = self.graph.node(v.ref.node)
+        where = f"that value is computed at {owner.span}"
+        if not owner.params:
+            self.fail(span, f"init_from=: the value was computed by '{owner.op}', which has no parameters to copy",
+                      where)
+            return params
+        theirs = {q.name: q for q in owner.params if not q.buffer}
+        out = []
+        for p in params:
+            q = theirs.get(p.name)
+            if p.buffer:
+                out.append(p)
+                continue
+            if q is None or (q.shape != p.shape and q.shape != p.shape[1:]) or q.dtype != p.dtype:
+                have = "no parameter of that name" if q is None else _param_text(q)
+                self.fail(span, f"init_from=: this {opname} has parameter {_param_text(p)}, but the {owner.op} "
+                                f"'{'.'.join(owner.path)}' it copies has {have}; each parameter must match a "
+                                f"same-named one of the same shape (or of the shape without the first dimension)",
+                          f"its parameters: {_params_text(owner.params)}; {where}")
+                return params
+            source = q.tied_to or ".".join(owner.path + (q.name,))
+            if q.init.kind == "copy":  # a copy of a copy: copy the original
+                source = q.init.source
+            out.append(dataclasses.replace(p, init=Init("copy", (), source)))
+        return tuple(out)
 
     # -- freeze: ------------------------------------------------------------------------------
     def apply_freeze(self) -> None:

@@ -65,12 +65,17 @@ class TensorType:
 
 @dataclass(frozen=True)
 class Init:
-    """A parameter initialiser: kind is one of uniform(bound), normal(std, mean), zeros, ones, constant."""
+    """A parameter initialiser: kind is one of uniform(bound), normal(std, mean), zeros, ones, constant,
+    eye, or copy: the initial value of the parameter named `source` (full name), repeated along this
+    parameter's extra leading dimension if it has one (`init_from=`: experts upcycled from a dense MLP)."""
 
     kind: str
     args: tuple[float, ...] = ()
+    source: str | None = None
 
     def __str__(self) -> str:
+        if self.kind == "copy":
+            return f"copy({self.source})"
         return f"{self.kind}({', '.join(f'{a:g}' for a in self.args)})"
 
 

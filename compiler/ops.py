@@ -1080,8 +1080,10 @@ def _masked_fill(c: OpCall):
     _need_bool(mask, "masked_fill", "mask")
     if x.dtype == "bool":
         raise OpError(f"masked_fill: x {shape_str(x)} is bool; use where or logical_and/logical_or", "x")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise OpError(f"masked_fill: value must be finite, got {value}", "value")
+    if isinstance(value, float) and math.isnan(value):
+        raise OpError(f"masked_fill: value must be a number, got {value}", "value")
+    if isinstance(value, float) and math.isinf(value) and x.dtype not in FLOAT_DTYPES:
+        raise OpError(f"masked_fill: x {shape_str(x)} is an integer tensor, which cannot hold {value}", "value")
     if x.dtype not in FLOAT_DTYPES and isinstance(value, float) and not value.is_integer():
         raise OpError(f"masked_fill: x {shape_str(x)} is an integer tensor but value {value} is not an integer",
                       "value")
@@ -1202,3 +1204,4 @@ def _rotary(c: OpCall):
 
 
 from . import ops_attention  # noqa: E402,F401  (attend: attention over given q, k, v)
+from . import ops_image, ops_moe, ops_select  # noqa: E402,F401  (zoo families: rot90; moe_mlp; amax/argmax/gather/unsqueeze)

@@ -8,6 +8,7 @@ listed in UNSUPPORTED (a test checks that every registered op is in one table or
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -102,6 +103,8 @@ def num(v: float | int) -> str:
     than 1e-05 (the same float); 500.0 and 0.1 as repr writes them."""
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
+    if math.isinf(v):  # the spec's inf / -inf
+        return 'float("inf")' if v > 0 else 'float("-inf")'
     text = repr(float(v))
     if "e" not in text and abs(v) < 1e6:
         return text
@@ -112,7 +115,10 @@ def num(v: float | int) -> str:
 
 def _scalar(c: Ctx, xs: list[Expr]) -> Expr:
     v = c.a("value")
-    text = repr(float(v)) if c.a("dtype") in ("f16", "bf16", "f32", "f64") else str(int(v))
+    if c.a("dtype") in ("f16", "bf16", "f32", "f64"):
+        text = num(float(v)) if math.isinf(v) else repr(float(v))
+    else:
+        text = str(int(v))
     return Expr(text, ATOM if not text.startswith("-") else UNARY)
 
 
@@ -602,3 +608,7 @@ def dim_text(d: Any, name: Callable[[str], str] = str) -> str:
 
 from . import lowering_attention  # noqa: E402  (attend)
 LOWERINGS.update(lowering_attention.LOWERINGS)
+
+from . import lowering_image, lowering_moe, lowering_select  # noqa: E402  (rot90; moe_mlp; amax/argmax/gather/unsqueeze)
+LOWERINGS.update({**lowering_image.LOWERINGS, **lowering_moe.LOWERINGS, **lowering_select.LOWERINGS})
+HELPERS.update(lowering_moe.HELPERS)

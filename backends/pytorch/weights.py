@@ -27,20 +27,32 @@ def _fill(t: torch.Tensor, init: Init, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(f"unknown initialiser {init}")
 
 
-def init_weights(graph: Graph, seed: int | None = None) -> dict[str, torch.Tensor]:
+def init_weights(graph: Graph, seed: int | None = None,
+                 given: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All parameters of `graph` (tied ones once, at their owner), initialised from `seed`.
 
     The order is the graph's deterministic node order, so a seed always gives the same tensors.
+    `given` tensors (checked by merge_given) replace the seeded ones before the copies of `init_from=`
+    are made, so that experts upcycled from a given dense MLP start as copies of its given values.
     """
     gen = torch.Generator().manual_seed(graph.seed if seed is None else seed)
     out: dict[str, torch.Tensor] = {}
+    copies = []
     for _, node in graph.nodes():
         for p in node.params:
             if p.tied_to is not None:
                 continue
             name = ".".join(node.path + (p.name,))
+            if p.init.kind == "copy":  # filled once every other parameter has its value
+                copies.append((name, p))
+                out[name] = torch.empty(0)
+                continue
             t = torch.empty(p.shape, dtype=torch.float32)
             out[name] = _fill(t, p.init, gen).to(getattr(torch, DTYPES[p.dtype]))
+    out.update(given or {})
+    for name, p in copies:  # init_from=: the source's initial value, once per leading index if it has fewer dims
+        if name not in (given or {}):
+            out[name] = out[p.init.source].expand(p.shape).to(getattr(torch, DTYPES[p.dtype])).clone()
     return out
 
 
@@ -98,9 +110,7 @@ def merge_given(graph: Graph, given: Mapping[str, Any], source: str = "<weights>
         tensors[name] = t.detach().to("cpu", want).clone().contiguous()
     if problems:
         raise SpecError(problems)
-    base = init_weights(graph)
-    base.update(tensors)
-    return base
+    return init_weights(graph, given=tensors)
 
 
 def evaluate(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -785,6 +785,7 @@ LOWERINGS: dict[str, Lowering] = {
 #: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
     "attend",
+    "rot90", "moe_mlp", "amax", "amin", "argmax", "gather", "unsqueeze",
 })
 
 
