@@ -184,3 +184,56 @@ def image_specs(draw, max_ops: int = 6) -> str:
         body, last = "  y = tanh(x)", "y"
     return (f"specc: 1\nname: generated\ndims:\n  B: 2\ninputs:\n  x: f32[B, {c}, 8, 8]\ngraph: |\n{body}\n"
             f"outputs:\n  {last}:\n")
+
+
+@st.composite
+def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
+    """Random valid specs that mix `pattern`s with the mask and position ops: comparisons, logical ops,
+    where, masked_fill, tril/triu, ones/zeros, rotary (default and given positions) and attention with
+    bool and float masks (the diagonal always allowed, so no query row is empty). Every comparison
+    reads the input x itself (x[:, :, i:i+1] or x[:, :, i], broadcast over any width), never a
+    computed value: a float32 and a float64 run then take the same branch."""
+    d = draw(st.sampled_from(WIDTHS))
+    b = Builder(d, values=[("x", d)])
+    for _ in range(draw(st.integers(min_ops, max_ops))):
+        if draw(st.booleans()):
+            draw(pattern(b))
+            continue
+        name, width = draw(st.sampled_from(b.values))
+        i, j = draw(st.integers(0, d - 1)), draw(st.integers(0, d - 1))
+        t = draw(st.sampled_from([-0.5, 0.0, 0.3]))
+        cmp = draw(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+        cond = f"x[:, :, {i}:{i + 1}] {cmp} {t}" if cmp not in ("==", "!=") else \
+            f"(x[:, :, {i}:{i + 1}] > {t}) {cmp} (x[:, :, {j}:{j + 1}] > {t})"
+        kind = draw(st.sampled_from(["where", "masked_fill", "logic", "rotary", "rotary_positions", "mask_attention",
+                                     "float_mask_attention", "triangle", "filled"]))
+        if kind == "where":
+            b.new(f"where({cond}, {name}, tanh({name}) * 0.5)", width)
+        elif kind == "masked_fill":
+            b.new(f"masked_fill({name}, {cond}, {draw(st.sampled_from([0.0, -1.5, 2.0]))})", width)
+        elif kind == "logic":
+            other = f"x[:, :, {j}:{j + 1}] > {t}"
+            op = draw(st.sampled_from(["logical_and", "logical_or"]))
+            b.new(f"{name} * cast({op}({cond}, logical_not({other})), f32)", width)
+        elif kind == "rotary":
+            b.new(f"rotary({name})", width)
+        elif kind == "rotary_positions":
+            b.new(f"rotary({name}, positions=arange(T), base=100.0)", width)
+        elif kind in ("mask_attention", "float_mask_attention"):
+            heads = draw(st.sampled_from([h for h in (1, 2, 4) if width % h == 0]))
+            causal = str(draw(st.booleans())).lower()
+            if kind == "mask_attention":
+                mask = f"logical_or(reshape(x[:, :, {i}] > {t}, B, 1, T), tril(triu(ones(T, T, dtype=bool))))"
+            else:
+                mask = f"x[:, :, {i}:{i + 1}] * 0.5 + zeros(T, T)"
+            b.new(f"attention(layer_norm({name}), heads={heads}, causal={causal}, mask={mask})", width)
+        elif kind == "triangle":
+            op = draw(st.sampled_from(["tril", "triu"]))
+            k = draw(st.sampled_from([-1, 0, 1]))
+            b.new(f"{op}(softmax({name} @ transpose({name}, 1, 2)), diagonal={k})", None, square=True)
+        else:
+            b.new(f"{name} + ones(B, T, {width}) * 0.5 - zeros({width})", width)
+    last = [n for n, _ in b.values[-1:]]
+    outputs = list(dict.fromkeys(last + b.square[-1:]))
+    outputs = [o for o in outputs if o != "x"] or [b.new("tanh(x)", d)]
+    return b.spec(outputs)

@@ -111,7 +111,7 @@ def test_pools():
     """max/avg 1d/2d with strides, paddings (max: padding never wins; avg: padded zeros counted), the
     default stride (the kernel), adaptive average pooling to sizes that do not divide the input."""
     check(spec("pools", "x: f32[B, 3, 9, 7]\nv: f32[B, 2, 11]", """
-a = max_pool2d(x, [3, 2], stride=[2, 1], padding=[1, 1])
+a = max_pool2d(x, [3, 2], stride=[2, 1], padding=[1, 0])
 b = avg_pool2d(x, 3, stride=2, padding=1)
 c = max_pool2d(x - 5.0, 2)
 d = avg_pool2d(x, [2, 3], stride=[1, 2])
@@ -120,8 +120,9 @@ f = avg_pool1d(v, 2)
 g = avg_pool1d(v, 3, stride=1, padding=1)
 h = adaptive_avg_pool2d(x, [4, 3])
 k = adaptive_avg_pool2d(x)
+m = avg_pool2d(x, [2, 3], stride=1, padding=[0, 1])
 """, """
-a: f32[B, 3, 5, 8]
+a: f32[B, 3, 5, 6]
 b: f32[B, 3, 5, 4]
 c: f32[B, 3, 4, 3]
 d: f32[B, 3, 8, 3]
@@ -130,6 +131,7 @@ f: f32[B, 2, 5]
 g: f32[B, 2, 11]
 h: f32[B, 3, 4, 3]
 k: f32[B, 3, 1, 1]
+m: f32[B, 3, 8, 7]
 """), [dict(B=1), dict(B=3)], "pools")
 
 
@@ -150,7 +152,7 @@ e: f32[B, 3, 4 * L]
 
 
 def test_comparisons_logic_where_and_masked_fill():
-    """Every comparison (float, integer, mixed dtypes promoted, numbers), and/or/not, where with numbers
+    """Every comparison (float, integer, bool, mixed dtypes promoted, numbers), and/or/not, where with numbers
     and a broadcast condition, masked_fill on float and integer tensors; bool outputs compared exactly."""
     check(spec("cmp", "x: f32[B, T]\ny: f32[B, T]\nids: i64[B, T] in range(6)\nrow: bool[T]", """
 small = x < y
@@ -159,18 +161,23 @@ n = logical_or(x <= y, ids > 4) and row
 k = ids >= 2
 w = where(m, x, 0.0) + where(n, -1.0, y) + where(row, x, y)
 f = masked_fill(x, small, -2.5) + cast(masked_fill(ids, k, 7), f32) + cast(ids < x, f32)
-""", "m: bool[B, T]\nn: bool[B, T]\nw: f32[B, T]\nf: f32[B, T]", dims="B: 2\nT: 6"),
+e = logical_or(((x > 0.0) == row) != k, small < (y > 0.0)) == (small >= n)
+""", "m: bool[B, T]\nn: bool[B, T]\nw: f32[B, T]\nf: f32[B, T]\ne: bool[B, T]", dims="B: 2\nT: 6"),
           [dict(B=1, T=6), dict(B=3, T=11)], "cmp")
 
 
 def test_tril_triu_ones_zeros():
+    """Bool and float triangles, diagonals above and below; a triangle of a softmax over [B, T, T] (the
+    row kernel's buffers share one T with the triangle's, which FuseTIR needs); filled tensors of
+    symbolic and fixed sizes in four dtypes."""
     check(spec("tri", "x: f32[B, T, T]\ns: f32[B, 3, 5]", """
 causal = tril(ones(T, T, dtype=bool))
 upper = triu(ones(T, T, dtype=bool), diagonal=1)
 a = tril(x) + triu(x, diagonal=1) * 2.0 + tril(x, diagonal=-1) * 3.0
 b = triu(s, diagonal=-1) + tril(s, diagonal=2) + zeros(B, 3, 5) + ones(5)
 c = cast(causal, f32) + cast(zeros(T, T, dtype=i64), f32) + cast(ones(B, T, T, dtype=i32), f32)
-""", "causal: bool[T, T]\nupper: bool[T, T]\na: f32[B, T, T]\nb: f32[B, 3, 5]\nc: f32[B, T, T]",
+d = tril(softmax(x), diagonal=-1)
+""", "causal: bool[T, T]\nupper: bool[T, T]\na: f32[B, T, T]\nb: f32[B, 3, 5]\nc: f32[B, T, T]\nd: f32[B, T, T]",
                dims="B: 2\nT: 4"), [dict(B=1, T=4), dict(B=2, T=7)], "tri")
 
 

@@ -649,12 +649,15 @@ def _upsample(c: Ctx, xs: list) -> relax.Expr:
 # -- comparisons, selection, masks ----------------------------------------------------------------
 
 def _compare(fn: Callable[[relax.Expr, relax.Expr], relax.Expr]) -> Lowering:
-    """Both operands converted to their common dtype (the IR's promotion rule), then compared."""
+    """Both operands converted to their common dtype (the IR's promotion rule), then compared; bools as int8
+    (TVM's LLVM codegen emits a float comparison for bool operands, which LLVM rejects)."""
 
     def lower(c: Ctx, xs: list) -> relax.Expr:
         from specc.compiler.ops import promote
 
         common = DTYPES[promote(c.in_type(0).dtype, c.in_type(1).dtype)]
+        if common == "bool":
+            common = "int8"
         return fn(_cast(c, xs[0], common), _cast(c, xs[1], common))
 
     return lower
@@ -784,8 +787,9 @@ LOWERINGS: dict[str, Lowering] = {
 
 #: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
-    "attend",
+    "grad_reverse",
     "rot90", "moe_mlp", "amax", "amin", "argmax", "gather", "unsqueeze",
+    "attend",
 })
 
 

@@ -164,16 +164,40 @@ def schedule_row_kernel(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _te_shape(ty: relax.TensorType) -> list:
-    """A TE placeholder shape: static dims kept, symbolic dims as fresh variables."""
+def _te_shape(ty: relax.TensorType, syms: dict[str, tirx.Var]) -> list:
+    """A TE placeholder shape: static dims kept, symbolic dims as variables, one per distinct expression
+    (in `syms`): [B, T, T] gets one T for both axes, so the kernel's buffers match its callers' (FuseTIR
+    checks that a value keeps one buffer shape)."""
     out = []
     for i, d in enumerate(ty.shape.values):
-        out.append(d if isinstance(d, tirx.IntImm) else tirx.Var(d.name if isinstance(d, tirx.Var) else f"n{i}", _I64))
+        if isinstance(d, tirx.IntImm):
+            out.append(d)
+            continue
+        key = str(d)
+        if key not in syms:
+            syms[key] = tirx.Var(d.name if isinstance(d, tirx.Var) else f"n{len(syms)}", _I64)
+        out.append(syms[key])
     return out
 
 
+def _dims_pattern(types: list) -> str:
+    """The static dims of `types` and which symbolic dims are the same expression: '[2, s0, s0]'."""
+    seen: dict[str, int] = {}
+    parts = []
+    for t in types:
+        dims = []
+        for d in t.shape.values:
+            if isinstance(d, tirx.IntImm):
+                dims.append(str(int(d)))
+            else:
+                dims.append(f"s{seen.setdefault(str(d), len(seen))}")
+        parts.append(f"{t.dtype}[{', '.join(dims)}]")
+    return ";".join(parts)
+
+
 def _kernel(name: str, build: Callable, arg_types: list, lanes: int) -> tirx.PrimFunc:
-    args = [te.placeholder(_te_shape(t), t.dtype, name=f"a{i}") for i, t in enumerate(arg_types)]
+    syms: dict[str, tirx.Var] = {}
+    args = [te.placeholder(_te_shape(t, syms), t.dtype, name=f"a{i}") for i, t in enumerate(arg_types)]
     out = build(*args)
     func = te.create_prim_func(args + [out])
     func = schedule_row_kernel(func, lanes)
@@ -197,8 +221,7 @@ class CPURowKernels:
         class Rewriter(PyExprMutator):
             def _call(self, key: str, build: Callable, args: list, out_ty) -> relax.Expr:
                 types = [a.ty for a in args]
-                sig = key + "|" + ";".join(f"{t.dtype}{[str(d) if isinstance(d, tirx.IntImm) else '?' for d in t.shape.values]}"
-                                           for t in types)
+                sig = key + "|" + _dims_pattern(types)
                 gv = cache.get(sig)
                 if gv is None:
                     gv = self.builder_.add_func(_kernel(key, build, types, lanes), key)
