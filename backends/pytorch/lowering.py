@@ -532,8 +532,10 @@ class MultiHeadAttention(nn.Module):
             keep = F.pad(torch.ones(t, s, dtype=torch.bool, device=q.device).tril(), (l, 0), value=True)  # (T, l + S)
         if sdpa:
             if keep is not None and (mask is not None or l):  # the kernel takes a mask or is_causal, not both
-                mask = keep if mask is None else mask & keep if mask.dtype == torch.bool \
-                    else mask.masked_fill(~keep, float("-inf"))
+                if mask is None or mask.dtype == torch.bool:
+                    mask = keep if mask is None else mask & keep
+                else:
+                    mask = mask.masked_fill(~keep, float("-inf"))
                 causal = False
             k, v = k.expand(*batch, *k.shape[-3:]), v.expand(*batch, *v.shape[-3:])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
