@@ -182,7 +182,7 @@ def _read_csv(path: Path, recipe, errors: Collector, where: Span) -> dict[str, n
                     return {}
                 values[i, j] = v
         shape = recipe.fields[name][1]
-        out[name] = values.reshape((len(body),) + shape)
+        out[name] = values.reshape((len(body),) + shape).astype(DTYPES[dtype])
     return out
 
 

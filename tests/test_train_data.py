@@ -1,0 +1,214 @@
+"""Data for recipes: every built-in generator makes the fields it declares, with the content its task
+says; the user's .npz / .csv files are read with their declared fields, and a missing field, a wrong
+dtype, an empty file or a bad CSV cell is a located error before training starts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from specc.dsl.diagnostics import SpecError
+from specc.train import data as D
+from specc.train import prepare
+from specc.train.expr import gd_step
+from specc.train.loop import load_data
+
+NP = {"f32": np.float32, "i64": np.int64, "bool": np.bool_}
+
+
+@pytest.mark.parametrize("name, args", [
+    ("linear_regression", {"n": 16, "points": 5, "dim": 3}),
+    ("arithmetic", {"n": 50, "digits": 2, "format": "reversed"}),
+    ("sequences", {"n": 20, "task": "sort"}),
+    ("sequences", {"n": 20, "task": "histogram", "length": 6}),
+    ("automata", {"n": 6, "length": 40}),
+    ("seasonal", {"n": 30, "variates": 3, "lookback": 12, "horizon": 4}),
+    ("two_moons", {"n": 40}),
+    ("digits", {"n": 100, "rotations": True}),
+    ("statsmodels", {"name": "sunspots", "lookback": 24, "horizon": 6}),
+    ("statsmodels", {"name": "co2", "n": 200}),
+])
+def test_generators_make_the_fields_they_declare(name, args):
+    gen = D.GENERATORS[name]
+    bound = gen.bind(args)
+    declared = gen.fields(bound)
+    arrays = D.generate(gen, bound, seed=0)
+    assert arrays.keys() == declared.keys()
+    n = {len(a) for a in arrays.values()}
+    assert len(n) == 1 and 0 < n.pop() <= bound["n"]
+    for k, (dtype, shape, rng) in declared.items():
+        a = arrays[k]
+        assert a.dtype == NP[dtype] and a.shape[1:] == shape, (k, a.dtype, a.shape)
+        if rng is not None:
+            assert rng[0] <= a.min() and a.max() < rng[1], k
+        if dtype == "f32":
+            assert np.isfinite(a).all()
+    again = D.generate(gen, bound, seed=0)
+    assert all(np.array_equal(again[k], arrays[k]) for k in arrays)  # seeded
+
+
+def test_arithmetic_strings_hold_correct_sums_in_both_formats():
+    for fmt in ("plain", "reversed"):
+        a = D.generate(D.GENERATORS["arithmetic"], D.GENERATORS["arithmetic"].bind({"n": 200, "format": fmt}), 1)
+        for tokens, targets, mask in zip(a["tokens"][:50], a["targets"], a["mask"]):
+            text = D.decode_arithmetic(np.concatenate([tokens, targets[-1:]]))
+            x, rest = text.split("+")
+            y, z = rest.split("=")
+            z = z.rstrip("$")
+            assert len(x) == len(y) == 3 and len(z) == 4 and text.endswith("$")
+            assert int(z if fmt == "plain" else z[::-1]) == int(x) + int(y)
+            assert D.decode_arithmetic(targets[mask]) == z + "$"  # the loss sees the answer and the end
+    pairs = {tuple(t[:7]) for t in a["tokens"]}
+    assert len(pairs) == 200  # distinct problems
+
+
+def test_sequence_tasks_and_domains():
+    g = D.GENERATORS["sequences"]
+    s = D.generate(g, g.bind({"n": 30, "task": "sort", "length": 5, "vocab": 7}), 0)
+    seq = np.concatenate([s["tokens"], s["targets"][:, -1:]], axis=1)
+    assert (seq[:, 5] == 7).all() and (np.sort(seq[:, :5], 1) == seq[:, 6:]).all()
+    h = D.generate(g, g.bind({"n": 30, "task": "histogram", "length": 5}), 0)
+    assert all(h["targets"][i, j] == (h["tokens"][i] == h["tokens"][i, j]).sum() for i in range(30) for j in range(5))
+    m = D.generate(D.GENERATORS["two_moons"], D.GENERATORS["two_moons"].bind({"n": 2000, "rotation": 90.0,
+                                                                              "noise": 0.0}), 0)
+    src, tgt = m["x"][m["domain_label"] == 0], m["x"][m["domain_label"] == 1]
+    assert len(src) == len(tgt) == 1000
+    # a quarter turn: the target domain's spread along x is the source domain's along y
+    assert src[:, 0].std() == pytest.approx(tgt[:, 1].std(), rel=0.1)
+    assert src[:, 1].std() == pytest.approx(tgt[:, 0].std(), rel=0.1)
+
+
+def test_linear_regression_tokens_and_the_gd_step_reference():
+    g = D.GENERATORS["linear_regression"]
+    a = D.generate(g, g.bind({"n": 64, "points": 8, "dim": 3}), 0)
+    assert np.array_equal(a["e"][:, :, :3], a["x"]) and np.array_equal(a["e"][:, :-1, 3], a["y"][:, :-1])
+    assert (a["e"][:, -1, 3] == 0).all() and np.array_equal(a["target"], a["y"][:, -1])
+    x, y = torch.from_numpy(a["x"]).double(), torch.from_numpy(a["y"]).double()
+    expected = [0.5 / 8 * sum(float(y[b, i]) * float(x[b, i] @ x[b, 8]) for i in range(8)) for b in range(64)]
+    assert torch.allclose(gd_step(x, y, lr=0.5).double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_seasonal_windows_follow_one_series():
+    g = D.GENERATORS["seasonal"]
+    a = D.generate(g, g.bind({"n": 20, "variates": 2, "lookback": 6, "horizon": 3}), 0)
+    assert np.array_equal(a["x"][1, :-1], a["x"][0, 1:]) and np.array_equal(a["target"][0], a["x"][6, :3])
+
+
+def test_bad_generator_arguments():
+    with pytest.raises(D.ArgError, match="'n' must be positive"):
+        D.GENERATORS["digits"].bind({"n": 0})
+    with pytest.raises(D.ArgError, match="'name' must be one of 'sunspots', 'co2', 'nile'"):
+        D.GENERATORS["statsmodels"].bind({"name": "airline"})
+    with pytest.raises(D.ArgError, match="only 100 distinct problems"):
+        D.generate(D.GENERATORS["arithmetic"], D.GENERATORS["arithmetic"].bind({"n": 101, "digits": 1}), 0)
+
+
+FILE_SPEC = """\
+specc: 1
+name: f
+inputs:
+  x: f32[B, 3]
+graph: |
+  y = linear(x, 2)
+outputs:
+  y: f32[B, 2]
+train:
+  data:
+    file: {file}
+    fields:
+      x: f32[N, 3]
+      label: i64[N] in range(2)
+  loss: cross_entropy(y, label)
+  steps: 2
+  batch: 4
+"""
+
+
+def _prepare(tmp_path, file: str, fields: str | None = None):
+    text = FILE_SPEC.format(file=file)
+    if fields is not None:
+        text = text.replace("      x: f32[N, 3]\n      label: i64[N] in range(2)\n", fields)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    return prepare(spec)
+
+
+def _error(tmp_path, file: str, fields: str | None = None) -> list[tuple[str, int, int, str]]:
+    src, graph, recipe = _prepare(tmp_path, file, fields)
+    with pytest.raises(SpecError) as e:
+        load_data(recipe)
+    return [(d.span.file.rsplit("/", 1)[-1], d.span.line, d.span.col, d.message) for d in e.value.diagnostics]
+
+
+def test_npz_files_are_read_and_split(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 3)), label=rng.integers(0, 2, 40), extra=np.zeros(3))
+    src, graph, recipe = _prepare(tmp_path, "d.npz")
+    train, val = load_data(recipe)
+    assert train["x"].dtype == torch.float32 and train["label"].dtype == torch.int64
+    assert len(train["x"]) == 36 and len(val["x"]) == 4  # split 0.1
+    assert sorted(map(tuple, torch.cat([train["x"], val["x"]]).tolist())) == \
+        sorted(map(tuple, torch.from_numpy(np.load(tmp_path / "d.npz")["x"]).float().tolist()))
+
+
+def test_npz_problems_are_located_at_the_declared_field(tmp_path):
+    np.savez(tmp_path / "missing.npz", x=np.zeros((5, 3), np.float32))
+    assert _error(tmp_path, "missing.npz") == [("spec.yaml", 14, 14, "data: 'missing.npz' has no array 'label'")]
+    np.savez(tmp_path / "dtype.npz", x=np.zeros((5, 3), np.float32), label=np.zeros(5, np.float32))
+    assert _error(tmp_path, "dtype.npz") == [
+        ("spec.yaml", 14, 14, "data: the field 'label' is declared i64 but 'dtype.npz' holds float32")]
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3), np.float32), label=np.zeros(0, np.int64))
+    assert [e[3] for e in _error(tmp_path, "empty.npz")] == ["data: the field 'x' is empty (no samples)",
+                                                             "data: the field 'label' is empty (no samples)"]
+    np.savez(tmp_path / "shape.npz", x=np.zeros((5, 4), np.float32), label=np.full(5, 2))
+    assert [e[3] for e in _error(tmp_path, "shape.npz")] == [
+        "data: the field 'x' is declared [N, 3] but the array has shape [5, 4]",
+        "data: the field 'label' has values in [2, 2], outside range(0, 2)"]
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert _error(tmp_path, "bad.npz")[0][1:3] == (11, 11)  # at the file name
+    assert _error(tmp_path, "absent.npz")[0][3].startswith("data: cannot read 'absent.npz'")
+
+
+def test_pickled_npz_arrays_are_refused(tmp_path):
+    np.savez(tmp_path / "p.npz", x=np.array([{"a": 1}] * 5, dtype=object), label=np.zeros(5, np.int64))
+    messages = [e[3] for e in _error(tmp_path, "p.npz")]
+    assert messages and "pickle" in messages[0].lower()
+
+
+CSV_FIELDS = "      x: {type: 'f32[N, 3]', columns: [a, b, c]}\n      label: i64[N] in range(2)\n"
+
+
+def test_csv_files_and_their_located_errors(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,c,label\n" + "".join(f"{i},{i + 1}.5,-{i},{i % 2}\n" for i in range(20)))
+    src, graph, recipe = _prepare(tmp_path, "d.csv", CSV_FIELDS)
+    train, val = load_data(recipe)
+    both = torch.cat([train["x"], val["x"]])
+    assert both.shape == (20, 3) and sorted(both[:, 0].tolist()) == list(map(float, range(20)))
+    (tmp_path / "cell.csv").write_text("a,b,c,label\n1,2,3,0\n1,2,x3,1\n")
+    assert _error(tmp_path, "cell.csv", CSV_FIELDS) == [
+        ("cell.csv", 3, 5, "data: column 'c' (field 'x', f32): expected a number, got 'x3'")]
+    (tmp_path / "int.csv").write_text("a,b,c,label\n1,2,3,0.5\n")
+    assert _error(tmp_path, "int.csv", CSV_FIELDS)[0][:3] == ("int.csv", 2, 7)
+    (tmp_path / "cols.csv").write_text("a,b,label\n1,2,0\n")
+    assert _error(tmp_path, "cols.csv", CSV_FIELDS) == [("spec.yaml", 13, 17, "data: 'cols.csv' has no column 'c'")]
+    (tmp_path / "empty.csv").write_text("")
+    assert _error(tmp_path, "empty.csv", CSV_FIELDS)[0][3] == "data: 'empty.csv' is empty"
+    (tmp_path / "header.csv").write_text("a,b,c,label\n")
+    assert "is empty (no samples)" in _error(tmp_path, "header.csv", CSV_FIELDS)[0][3]
+
+
+def test_field_declarations_are_checked_by_specc_check(tmp_path, capsys):
+    from specc.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(FILE_SPEC.format(file="d.txt").replace("i64[N] in range(2)", "i64[M] in range(2)")
+                    .replace("f32[N, 3]", "f33[N, 3]"))
+    assert main(["check", str(spec), "--no-color"]) == 2
+    err = capsys.readouterr().err
+    assert "spec.yaml:11:11: error: data: 'd.txt' is neither a .npz nor a .csv file" in err
+    assert "spec.yaml:13:10: error: data: field 'x': unknown dtype 'f33'" in err
+    assert "spec.yaml:14:14: error: data: field 'label': the first axis must be the sample axis N" in err
+    assert math.isfinite(1.0)
