@@ -7,6 +7,7 @@ parallel adapter on a frozen gpt decoder.
   every layer of the built model, on the q/k/v/prefix it actually attends with, in float64.
 - The LoRA merge W + s * B @ A is exact: -O2 leaves no rank-r linear, its merged weights are the float64
   value rounded once, and -O2 equals -O0 (specc.verify).
+- LoRA on q and v equals the `peft` library's LoRA on the same base weights (float64, <= 1e-10).
 - Only the LoRA matrices, prefixes and adapters train: the frozen base gets no gradient, each of those
   gets a non-zero one.
 
@@ -16,6 +17,7 @@ float32 weights within half a float32 ulp of the float64 value (|error| <= 2**-2
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -101,6 +103,38 @@ def test_lora_merge_is_exact(zoo, built):
             assert ((merged - want).abs() <= 2.0 ** -24 * want.abs()).all()
             assert g + "a.weight" not in o2 and g + "b.weight" not in o2
     assert verify(zoo.spec(NAME), examples=4).ok
+
+
+def test_lora_on_q_and_v_equals_peft_lora(zoo, built, perturb):
+    """The spec's LoRA against peft's on the same base weights: a copy of the model whose own updates are
+    switched off (B = 0) gets peft's LoRA on the q/v base linears, carrying the spec's A and B."""
+    peft = pytest.importorskip("peft")
+    _, mine = zoo.load_dir(built["o0"])
+    mine.load_state_dict(perturb(mine.state_dict()))
+    mine = mine.double()
+    theirs = copy.deepcopy(mine)
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=r"h\.\d+\.self_attention\.[qv]\.base",
+                          lora_dropout=0.0, bias="none")
+    theirs = peft.inject_adapter_in_model(cfg, theirs)
+    wrapped = 0
+    with torch.no_grad():
+        for i in range(LAYERS):
+            for proj in ("q", "v"):
+                lora, adapted = getattr(mine.h[i].self_attention, proj), getattr(theirs.h[i].self_attention, proj)
+                adapted.b.weight.zero_()
+                adapted.base.lora_A["default"].weight.copy_(lora.a.weight)
+                adapted.base.lora_B["default"].weight.copy_(lora.b.weight)
+                wrapped += 1
+    assert wrapped == 2 * LAYERS and theirs.h[0].self_attention.q.base.scaling["default"] == ALPHA / R
+    idx = tokens(3)
+    with torch.no_grad():
+        want, got = theirs(idx), mine(idx)
+    assert (got - want).abs().max().item() <= 1e-10
+    for module in theirs.modules():  # without peft's adapters the copy computes something else
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.enable_adapters(False)
+    with torch.no_grad():
+        assert (theirs(idx) - want).abs().max().item() > 1e-3
 
 
 def test_only_the_parameter_efficient_parts_train(zoo, built):
