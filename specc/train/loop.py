@@ -42,6 +42,8 @@ from .expr import TENSOR_FUNCTIONS, Clock, evaluate, scalar_functions
 from .recipe import Recipe, optimizers
 
 CHECKPOINTS = "checkpoints"
+#: Validation splits up to this many samples are evaluated in one pass.
+EVAL_CHUNK = 4096
 _TORCH = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
           "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8, "bool": torch.bool}
 
@@ -220,16 +222,22 @@ class Stepper:
     @torch.no_grad()
     def evaluate(self, model, val: dict[str, torch.Tensor], step: int, scalars: dict[str, float],
                  chunk: int) -> dict[str, float]:
+        """The loss and the metrics on the validation split, in eval mode: on the whole split at once
+        when it has at most `chunk` samples, else the mean over chunks weighted by their sizes (exact
+        for means over samples)."""
         was = model.training
         model.eval()
         n = len(next(iter(val.values())))
-        parts: dict[str, list[torch.Tensor]] = {}
+        totals: dict[str, float] = {}
         for i in range(0, n, chunk):
-            out = self.forward(model, {k: v[i:i + chunk] for k, v in val.items()}, scalars)
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v)
-        outputs = {k: torch.cat(v) for k, v in parts.items()}
-        env = self.env(val, outputs, scalars, step)
+            part = {k: v[i:i + chunk] for k, v in val.items()}
+            outputs = self.forward(model, part, scalars)
+            for name, value in self._measure(self.env(part, outputs, scalars, step)).items():
+                totals[name] = totals.get(name, 0.0) + value * len(next(iter(part.values())))
+        model.train(was)
+        return {k: v / n for k, v in totals.items()}
+
+    def _measure(self, env: dict[str, Any]) -> dict[str, float]:
         result = {"loss": float(self.loss(env))}
         for name, e in self.recipe.metrics.items():
             v = evaluate(e, env, TENSOR_FUNCTIONS, self.recipe.sources)
@@ -239,7 +247,6 @@ class Stepper:
                                                        f"{list(v.shape)}"), self.recipe.sources)
                 v = v.item()
             result[name] = float(v)
-        model.train(was)
         return result
 
 
@@ -352,7 +359,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     log = open(out / "metrics.jsonl", "a") if dist.main else None
     try:
         if dist.main and t.eval is not None and start == 0:  # the metrics at initialisation
-            last_eval = stepper.evaluate(model, val, 0, stepper.scalars(0), max(t.batch, 256))
+            last_eval = stepper.evaluate(model, val, 0, stepper.scalars(0), EVAL_CHUNK)
             log.write(json.dumps({"step": 0, "split": "val", **last_eval}) + "\n")
         for step in range(start, stop):
             scalars = stepper.scalars(step)
@@ -379,7 +386,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
                                       **scalars}) + "\n")
             bar.update(done, loss_value)
             if dist.main and t.eval is not None and (done % t.eval.every == 0 or done == steps):
-                last_eval = stepper.evaluate(model, val, step, scalars, max(t.batch, 256))
+                last_eval = stepper.evaluate(model, val, step, scalars, EVAL_CHUNK)
                 log.write(json.dumps({"step": done, "split": "val", **last_eval}) + "\n")
                 log.flush()
                 bar.note(done, last_eval)
