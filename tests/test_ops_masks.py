@@ -305,13 +305,13 @@ def test_attention_flops_count_the_mask():
         assert flops_of(masked, "attention", B=b, T=t) - flops_of(plain, "attention", B=b, T=t) == b * 2 * t * t
 
 
-def test_tvm_refuses_an_attention_mask_rather_than_ignoring_it():
+def test_tvm_lowers_an_attention_mask():
+    """Its outputs against torch's: tests/test_tvm_ops.py."""
     pytest.importorskip("tvm")
-    from specc.backends.tvm.lowering import LoweringError, to_relax
+    from specc.backends.tvm.lowering import to_relax
 
-    with pytest.raises(LoweringError, match="does not lower attention masks"):
-        to_relax(specc.compile(spec("x: 'f32[B, T, 8]', m: 'bool[T, T]'", "y = attention(x, 2, mask=m)")))
-    to_relax(specc.compile(spec("x: 'f32[B, T, 8]'", "y = attention(x, 2, causal=true)")))  # no mask: still lowers
+    to_relax(specc.compile(spec("x: 'f32[B, T, 8]', m: 'bool[T, T]'", "y = attention(x, 2, mask=m)")))
+    to_relax(specc.compile(spec("x: 'f32[B, T, 8]'", "y = attention(x, 2, causal=true)")))
 
 
 # ---------------------------------------------------------------------------------------------

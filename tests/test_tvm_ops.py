@@ -217,3 +217,56 @@ keep = concat([ones(B, T, 1, dtype=bool), ms[:, :, 1:]], dim=-1)
 d = attention(x, heads=4, kv=kv, mask=keep)
 """, "a: f32[B, T, 8]\nb: f32[B, T, 8]\nc: f32[B, T, 8]\nd: f32[B, T, 8]", dims="B: 2\nT: 5\nS: 3"),
           [dict(B=1, T=5, S=3), dict(B=2, T=7, S=4)], "amask")
+
+
+def test_selection_ops():
+    """amax/amin over one axis, a list of axes and all of them (floats and integers), argmax (ties: the
+    first index, as torch), gather along the last and a middle axis, unsqueeze and x[:, None]."""
+    check(spec("select", "x: f32[B, T, 6]\nids: i64[B, T] in range(6)\nrows: i64[B, 2, 6] in range(5)", """
+a = amax(x, dim=-1) + amin(x, dim=[1, 2], keepdim=true)[:, :, 0] + amax(x)
+k = amax(ids, dim=1) + amin(ids)
+c = argmax(x)
+t = argmax(cast(ids > 2, f32), dim=1, keepdim=true)
+g = gather(x, unsqueeze(ids, -1)) + gather(x[:, 0:5], rows[:, :, 0:1] + 0 * rows[:, :, 0:1], dim=1)[:, 0:1, :]
+u = unsqueeze(x, 1) + x[:, None]
+""".replace("gather(x[:, 0:5], rows[:, :, 0:1] + 0 * rows[:, :, 0:1], dim=1)[:, 0:1, :]",
+            "gather(x[:, 0:5], rows, dim=1)[:, 0:1, 0:1]"),
+               "a: f32[B, T]\nk: i64[B]\nc: i64[B, T]\nt: i64[B, 1]\ng: f32[B, T, 1]\nu: f32[B, 1, T, 6]",
+               dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=8)], "select")
+
+
+def test_rot90_and_grad_reverse():
+    """rot90 by k = 1, 2, -1 (= 3) and 4, in the default plane and another one; grad_reverse is the
+    identity forward."""
+    check(spec("rot", "x: f32[B, 3, 4, 5]\nlam: f32[]", """
+a = rot90(x) + rot90(x, k=-1) * 2.0
+b = rot90(x, k=2) + rot90(x, k=4)
+c = rot90(x, k=3, dims=[1, 3])
+g = grad_reverse(x, lam) + grad_reverse(x, 0.5)
+""", "a: f32[B, 3, 5, 4]\nb: f32[B, 3, 4, 5]\nc: f32[B, 5, 4, 3]\ng: f32[B, 3, 4, 5]"), [dict(B=1), dict(B=2)], "rot")
+
+
+def test_attend_prefix_and_broadcast_keys():
+    """attend over the spec's own projections (causal, masked, with a prefix); attention with prefix=
+    (shared by the batch: [2, l, d], and per batch row: [B, 2, l, d]) together with causal and a mask, and
+    cross-attention to keys whose batch dimensions broadcast ([S, d] memory for every batch row)."""
+    check(spec("attend", "x: f32[B, T, 8]\nm: bool[B, T, T]\nmem: f32[S, 6]\npb: f32[B, 2, 2, 8]", """
+q = linear(x, 8)
+k = linear(x, 8, bias=false)
+v = linear(x, 8)
+eye = tril(triu(ones(T, T, dtype=bool)))
+p = parameter(2, 3, 8)
+a = attend(q, k, v, heads=2, causal=true)
+b = attend(q, k, v, heads=4, mask=m or eye, prefix=p)
+c = attention(x, heads=2, prefix=p, causal=true, mask=m or eye)
+e = attention(x, heads=2, prefix=pb)
+f = attention(x, heads=2, kv=mem)
+y = a + b + c + e + f
+""", "y: f32[B, T, 8]", dims="B: 2\nT: 5\nS: 3"), [dict(B=1, T=5, S=3), dict(B=2, T=7, S=4)], "attend")
+
+
+def test_moe_mlp_routes_each_token_to_its_expert():
+    check(spec("moe", "x: f32[B, T, 6]\nroute: i64[B, T] in range(3)", """
+a = moe_mlp(x, route, experts=3, hidden=8)
+b = moe_mlp(x, route, experts=3, hidden=4, out=5, act=relu, bias=false)
+""", "a: f32[B, T, 6]\nb: f32[B, T, 5]", dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=4)], "moe")

@@ -275,25 +275,86 @@ def _heads(c: Ctx, t: relax.Expr, batch: list, length: Any, h: int, dh: int) -> 
     return c.emit(R.permute_dims(t, axes))
 
 
+def _broadcast(c: Ctx, t: relax.Expr, shape: list) -> relax.Expr:
+    """t broadcast to `shape` (a no-op when it has that shape already)."""
+    have = [str(d) for d in t.ty.shape.values] if hasattr(t.ty.shape, "values") else None
+    if have == [str(d) for d in shape]:
+        return t
+    return c.emit(R.broadcast_to(t, shape))
+
+
+def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: TensorType, kt: TensorType, h: int,
+                 causal: bool, mask: relax.Expr | None, mt: TensorType | None, prefix: relax.Expr | None,
+                 pt: TensorType | None) -> relax.Expr:
+    """softmax(q k^T / sqrt(d/h)) v per head, heads concatenated: backends/pytorch's MultiHeadAttention.attend.
+
+    q [*batch, T, d]; k, v [..., S, d] whose batch dimensions broadcast to q's; mask bool (true = may
+    attend) or float (added), broadcastable to [..., T, S] or [..., h, T, S]; prefix [..., 2, l, d]: l key
+    and l value rows put before k and v, seen by every query (causal and mask apply to the S keys only).
+    """
+    d = int(qt.shape[-1])
+    dh = d // h
+    i64 = lambda n: tirx.IntImm("int64", n)  # noqa: E731
+    batch = c.shape(qt.shape[:-2])
+    t_len, s_len = c.dim(qt.shape[-2]), c.dim(kt.shape[-2])
+    nb = len(batch)
+    k = _broadcast(c, k, batch + [s_len, i64(d)])
+    v = _broadcast(c, v, batch + [s_len, i64(d)])
+    l = 0
+    if prefix is not None:
+        l = int(pt.shape[-2])
+        parts = c.emit(R.split(prefix, [i64(1)], axis=-3))
+        pk, pv = (c.emit(R.squeeze(c.emit(relax.TupleGetItem(parts, i)), [-3])) for i in range(2))
+        k = c.emit(R.concat([_broadcast(c, pk, batch + [i64(l), i64(d)]), k], axis=-2))
+        v = c.emit(R.concat([_broadcast(c, pv, batch + [i64(l), i64(d)]), v], axis=-2))
+    keys = s_len + i64(l) if l else s_len
+    q = _heads(c, q, batch, t_len, h, dh)
+    k = _heads(c, k, batch, keys, h, dh)
+    v = _heads(c, v, batch, keys, h, dh)
+    kT = c.emit(R.permute_dims(k, list(range(nb + 1)) + [nb + 2, nb + 1]))  # [*batch, h, dh, l + S]
+    att = c.emit(R.matmul(q, kT))
+    att = c.emit(R.multiply(att, c.const(1.0 / math.sqrt(dh))))
+    if causal:  # key j (after the l prefix columns) is visible from query i when j - l <= i
+        rows = c.emit(R.reshape(R.arange(0, t_len, 1, dtype="int64"), [t_len, i64(1)]))
+        cols = c.emit(R.reshape(R.arange(0, keys, 1, dtype="int64"), [i64(1), keys]))
+        keep = c.emit(R.less_equal(cols, R.add(rows, relax.const(l, "int64")) if l else rows))  # [T, l + S]
+        att = c.emit(R.where(keep, att, c.const(float("-inf"))))
+    if mask is not None:  # [..., T, S] for every head, or [..., h, T, S]
+        dims = list(mt.shape)
+        if 3 <= mt.rank < qt.rank + 1:
+            mask = c.emit(R.expand_dims(mask, [-3]))
+            dims = dims[:-2] + [1] + dims[-2:]
+        if l:  # the prefix columns are always visible
+            mask = _broadcast(c, mask, c.shape(dims[:-1]) + [s_len])
+            fill = np.ones if mt.dtype == "bool" else np.zeros
+            pad = c.emit(R.broadcast_to(relax.const(fill((), _np_dtype(DTYPES[mt.dtype])), DTYPES[mt.dtype]),
+                                        c.shape(dims[:-1]) + [i64(l)]))
+            mask = c.emit(R.concat([pad, mask], axis=-1))
+        if mt.dtype == "bool":
+            att = c.emit(R.where(mask, att, c.const(float("-inf"))))
+        else:
+            att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
+    att = c.emit(R.nn.softmax(att, axis=-1))
+    y = c.emit(R.matmul(att, v))  # [*batch, h, T, dh]
+    y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))
+    return c.emit(R.reshape(y, batch + [t_len, i64(d)]))
+
+
 def _attention(c: Ctx, xs: list) -> relax.Expr:
     """Multi-head softmax attention written out, as backends/pytorch's MultiHeadAttention (math path).
 
-    attrs: heads, causal, kv? (keys/values from a second input), bias, dropout (inference: none),
-    qkv (one fused [3d, d] projection for q, k and v), impl ('math' or 'sdpa': the same function).
+    attrs: heads, causal, kv? (keys/values from a second input, whose batch dimensions broadcast to
+    x's), mask?, prefix?, bias, dropout (inference: none), qkv (one fused [3d, d] projection for q, k
+    and v), impl ('math' or 'sdpa': the same function). Inputs: x, kv?, mask?, prefix?.
     """
     x = xs[0]
-    has_kv = bool(c.a("kv?"))
+    has_kv, has_mask = bool(c.a("kv?")), bool(c.a("mask?"))
     kv = xs[1] if has_kv else x
-    mask = xs[1 + has_kv] if c.a("mask?") else None
+    mask = xs[1 + has_kv] if has_mask else None
+    prefix = xs[1 + has_kv + has_mask] if c.a("prefix?") else None
     xt = c.in_type(0)
     kvt = c.in_type(1) if has_kv else xt
-    if c.a("prefix?") or kvt.shape[:-2] != xt.shape[:-2]:
-        raise LoweringError("attention: the TVM backend does not lower prefix= or kv with broadcast batch dimensions")
     d = xt.shape[-1]
-    h = int(c.a("heads"))
-    dh = d // h
-    batch = c.shape(xt.shape[:-2])
-    t_len, s_len = c.dim(xt.shape[-2]), c.dim(kvt.shape[-2])
     bias = bool(c.a("bias"))
 
     def proj(name: str, inp: relax.Expr) -> relax.Expr:
@@ -307,31 +368,21 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
         q, k, v = (c.emit(relax.TupleGetItem(parts, i)) for i in range(3))
     else:
         q, k, v = proj("q", x), proj("k", kv), proj("v", kv)
-    q = _heads(c, q, batch, t_len, h, dh)
-    k = _heads(c, k, batch, s_len, h, dh)
-    v = _heads(c, v, batch, s_len, h, dh)
-    nb = len(batch)
-    kt = c.emit(R.permute_dims(k, list(range(nb + 1)) + [nb + 2, nb + 1]))  # [*batch, h, dh, S]
-    att = c.emit(R.matmul(q, kt))
-    att = c.emit(R.multiply(att, c.const(1.0 / math.sqrt(dh))))
-    if c.a("causal"):
-        rows = c.emit(R.reshape(R.arange(0, t_len, 1, dtype="int64"), [t_len, tirx.IntImm("int64", 1)]))
-        cols = c.emit(R.reshape(R.arange(0, s_len, 1, dtype="int64"), [tirx.IntImm("int64", 1), s_len]))
-        keep = c.emit(R.less_equal(cols, rows))  # [T, S]: key position <= query position
-        att = c.emit(R.where(keep, att, c.const(float("-inf"))))
-    if mask is not None:  # [..., T, S] for every head, or [..., h, T, S]; bool: may attend, float: added
-        mt = c.in_type(1 + has_kv)
-        if 3 <= mt.rank < xt.rank + 1:
-            mask = c.emit(R.expand_dims(mask, [-3]))
-        if mt.dtype == "bool":
-            att = c.emit(R.where(mask, att, c.const(float("-inf"))))
-        else:
-            att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
-    att = c.emit(R.nn.softmax(att, axis=-1))
-    y = c.emit(R.matmul(att, v))  # [*batch, h, T, dh]
-    y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))
-    y = c.emit(R.reshape(y, batch + [t_len, tirx.IntImm("int64", d)]))
+    kt = TensorType(xt.dtype, kvt.shape[:-1] + (d,))
+    y = _attend_core(c, q, k, v, xt, kt, int(c.a("heads")), bool(c.a("causal")), mask,
+                     c.in_type(1 + has_kv) if has_mask else None, prefix,
+                     c.in_type(1 + has_kv + has_mask) if prefix is not None else None)
     return _linear(c, y, c.weight("o.weight"), c.weight("o.bias") if bias else None, "o")
+
+
+def _attend(c: Ctx, xs: list) -> relax.Expr:
+    """attend(q, k, v, heads, causal, mask?, prefix?): the attention core over the spec's own projections."""
+    has_mask = bool(c.a("mask?"))
+    mask = xs[3] if has_mask else None
+    prefix = xs[3 + has_mask] if c.a("prefix?") else None
+    return _attend_core(c, xs[0], xs[1], xs[2], c.in_type(0), c.in_type(1), int(c.a("heads")), bool(c.a("causal")),
+                        mask, c.in_type(3) if has_mask else None, prefix,
+                        c.in_type(3 + has_mask) if prefix is not None else None)
 
 
 def _mlp(c: Ctx, xs: list) -> relax.Expr:
@@ -718,6 +769,74 @@ def _rotary(c: Ctx, xs: list) -> relax.Expr:
     return R.add(c.emit(R.multiply(x, cos)), c.emit(R.multiply(rot, sin)))
 
 
+# -- selection, geometry, mixture of experts -------------------------------------------------------
+
+def _axes_of(c: Ctx, rank: int) -> list[int]:
+    dims = c.a("dim")
+    if dims is None:
+        return list(range(rank))
+    return sorted(_axis(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+
+
+def _extreme(fn: Callable) -> Lowering:
+    return lambda c, xs: fn(xs[0], axis=_axes_of(c, c.in_type(0).rank), keepdims=bool(c.a("keepdim")))
+
+
+def _argmax(c: Ctx, xs: list) -> relax.Expr:
+    """The first index of the largest value (TVM's argmax keeps the smaller index on ties, as torch), as i64."""
+    axis = _axis(c.a("dim"), c.in_type(0).rank)
+    return _cast(c, c.emit(R.argmax(xs[0], axis=axis, keepdims=bool(c.a("keepdim")))), "int64")
+
+
+def _gather(c: Ctx, xs: list) -> relax.Expr:
+    return R.gather_elements(xs[0], xs[1], axis=_axis(c.a("dim"), c.in_type(0).rank))
+
+
+def _unsqueeze(c: Ctx, xs: list) -> relax.Expr:
+    return R.expand_dims(xs[0], [int(c.a("dim")) % (c.in_type(0).rank + 1)])
+
+
+def _rot90(c: Ctx, xs: list) -> relax.Expr:
+    """torch.rot90: k = 1 flips dims[1] then swaps the two; k = 2 flips both; k = 3 flips dims[0] then swaps."""
+    rank = c.in_type(0).rank
+    a, b = (_axis(d, rank) for d in c.a("dims"))
+    k = int(c.a("k")) % 4
+    x = xs[0]
+    swap = list(range(rank))
+    swap[a], swap[b] = b, a
+    if k == 1:
+        return R.permute_dims(c.emit(R.flip(x, b)), swap)
+    if k == 2:
+        return R.flip(c.emit(R.flip(x, a)), b)
+    if k == 3:
+        return R.permute_dims(c.emit(R.flip(x, a)), swap)
+    return x
+
+
+def _moe_mlp(c: Ctx, xs: list) -> relax.Expr:
+    """Every expert's MLP on every token ([..., experts, out]), then each token's own expert picked by
+    its route (gather along the experts axis): exact, at `experts` times the FLOPs of one MLP."""
+    x, route = xs
+    xt = c.in_type(0)
+    e, hidden = int(c.a("experts")), int(c.a("hidden"))
+    d, out = int(xt.shape[-1]), int(c.out.shape[-1])
+    i64 = lambda n: tirx.IntImm("int64", n)  # noqa: E731
+    batch = c.shape(xt.shape[:-1])
+    bias = bool(c.a("bias"))
+    w1 = c.emit(R.reshape(c.weight("fc1.weight"), [i64(e * hidden), i64(d)]))
+    b1 = c.emit(R.reshape(c.weight("fc1.bias"), [i64(e * hidden)])) if bias else None
+    h = _linear(c, x, w1, b1, "moe_fc1")  # [..., e * hidden]
+    h = _act(c, c.a("act"), c.emit(R.reshape(h, batch + [i64(e), i64(1), i64(hidden)])))
+    w2t = c.emit(R.permute_dims(c.weight("fc2.weight"), [0, 2, 1]))  # [e, hidden, out]
+    y = c.emit(R.matmul(h, w2t))  # [..., e, 1, out]
+    y = c.emit(R.reshape(y, batch + [i64(e), i64(out)]))
+    if bias:
+        y = c.emit(R.add(y, c.weight("fc2.bias")))
+    idx = c.emit(R.expand_dims(_cast(c, route, "int64"), [-1, -2]))  # [..., 1, 1]
+    idx = c.emit(R.broadcast_to(idx, batch + [i64(1), i64(out)]))
+    return R.squeeze(c.emit(R.gather_elements(y, idx, axis=len(batch))), [len(batch)])
+
+
 LOWERINGS: dict[str, Lowering] = {
     "input": _input,
     "scalar": _scalar,
@@ -783,13 +902,19 @@ LOWERINGS: dict[str, Lowering] = {
     "ones": _filled(R.ones),
     "zeros": _filled(R.zeros),
     "rotary": _rotary,
+    "attend": _attend,
+    "grad_reverse": lambda c, xs: xs[0],  # the identity forward (it reverses gradients only)
+    "amax": _extreme(R.max),
+    "amin": _extreme(R.min),
+    "argmax": _argmax,
+    "gather": _gather,
+    "unsqueeze": _unsqueeze,
+    "rot90": _rot90,
+    "moe_mlp": _moe_mlp,
 }
 
 #: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
-    "grad_reverse",
-    "rot90", "moe_mlp", "amax", "amin", "argmax", "gather", "unsqueeze",
-    "attend",
 })
 
 

@@ -163,7 +163,12 @@ def _parallel_outer(sch: s_tir.Schedule, loops: list, min_tasks: int = 1) -> Any
     """Fuse `loops` (outer spatial loops) and mark the fused loop parallel; the fused loop."""
     if not loops:
         return None
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    fused = loops[0]
+    if len(loops) > 1:
+        try:
+            fused = sch.fuse(*loops)
+        except Exception:  # noqa: BLE001 - symbolic extents the iterator analysis cannot fuse, e.g.
+            fused = loops[0]  # (T + 3) * 2 split again by a reshape: the outermost loop alone, then
     n = _extent(sch, fused)
     if n is not None and n < min_tasks:
         return fused
