@@ -2,7 +2,7 @@
 # GPU check of specc's TVM CUDA path: build the zoo for sm_90 here, run it on a GPU machine there.
 #
 #   tools/gpu_check.sh stage [DIR]   # here (no GPU needed; nvcc is): build and stage into DIR
-#                                    #   (default build/gpu_check, git-ignored; about 29 MiB)
+#                                    #   (default build/gpu_check, git-ignored; about 37 MiB)
 #   tools/gpu_check.sh run [DIR]     # there: run every staged model against torch on the GPU
 #   tools/gpu_check.sh cpu-smoke     # here: the same loader on llvm builds of two small models
 #
@@ -14,10 +14,10 @@
 # What travels (DIR/): runner.py (tools/gpu_runner.py); runtime/ with libtvm_runtime.so (~3 MB),
 # libtvm_runtime_cuda.so, libcudart.so.13 and the tvm_ffi package, but NOT libtvm_compiler.so
 # (260 MB): the runner imports no `tvm` and loads the libraries with ctypes and tvm_ffi; and per
-# model (gpt, gpt_d256 = d_model 256 / 4 layers / T 128, itransformer, lstm_classifier) the
-# exported model.so, the fatbin nvcc compiled from its CUDA source (TVM 0.27 keeps CUDA source in
-# the library and compiles it at load time through a callback; the runner's callback returns the
-# staged fatbin, so the GPU machine needs no nvcc), the torch module specc's PyTorch backend
+# model (gpt, gpt_d256 = d_model 256 / 4 layers / T 128, itransformer, lstm_classifier, repvgg,
+# lora_gpt, glyph_embedding) the exported model.so, the fatbin nvcc compiled from its CUDA source
+# (TVM 0.27 keeps CUDA source in the library and compiles it at load time through a callback; the
+# runner's callback returns the staged fatbin, so the GPU machine needs no nvcc), the torch module specc's PyTorch backend
 # generates for the same graph and weights, and inputs at B=1 and B=8 with float64 CPU outputs.
 #
 # What it prints: per model and batch, max |tvm - torch| (both float32 on the GPU, TF32 off),

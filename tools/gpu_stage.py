@@ -33,9 +33,12 @@ MODELS = {
     "gpt_d256": ("specs/gpt.yaml", {"d_model": 256, "layers": 4, "block_size": 128}, {"T": 128}),
     "itransformer": ("specs/itransformer.yaml", {}, {}),
     "lstm_classifier": ("specs/lstm_classifier.yaml", {}, {}),
+    "repvgg": ("specs/repvgg.yaml", {}, {}),
+    "lora_gpt": ("specs/lora_gpt.yaml", {}, {"T": 64}),
+    "glyph_embedding": ("specs/glyph_embedding.yaml", {}, {}),
     "tiny": ("tests/data/tiny.yaml", {}, {"T": 8}),
 }
-ZOO = ["gpt", "gpt_d256", "itransformer", "lstm_classifier"]
+ZOO = ["gpt", "gpt_d256", "itransformer", "lstm_classifier", "repvgg", "lora_gpt", "glyph_embedding"]
 TARGETS = {"cuda": {"kind": "cuda", "arch": "sm_90"}, "llvm": {"kind": "llvm"}}
 
 
