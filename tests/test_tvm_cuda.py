@@ -33,3 +33,41 @@ def test_cuda_codegen_and_nvcc(spec, overrides):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: CUDA source generated, not compiled")
     assert len(nvcc_compile(src, TARGET)) > 0
+
+
+#: One spec over the convolutional, mask, position, selection and mixture-of-experts ops
+MIXED = """\
+specc: 1
+name: cudamix
+dims:
+  B: 2
+  T: 6
+inputs:
+  img: f32[B, 3, 8, 8]
+  x: f32[B, T, 8]
+  ids: i64[B, T] in range(4)
+  m: bool[B, T, T]
+graph: |
+  c = relu(batch_norm(conv2d(img, 4, 3, padding=1)))
+  p = max_pool2d(c, 2) + avg_pool2d(c, 2)
+  u = upsample(p, mode='bilinear') + upsample(p)
+  r = rot90(adaptive_avg_pool2d(u, [2, 2]))
+  eye = tril(triu(ones(T, T, dtype=bool)))
+  a = attention(rotary(x), heads=2, causal=true, mask=m or eye, prefix=parameter(2, 2, 8))
+  e = moe_mlp(a, ids, experts=4, hidden=8) + linear(one_hot(argmax(a), 8), 8)
+  g = gather(e, unsqueeze(ids, -1)) + amax(e, dim=-1, keepdim=true)
+  y = where(x > 0.0, masked_fill(e, unsqueeze(ids == 2, -1), 1.5), g)
+outputs:
+  r: f32[B, 4, 2, 2]
+  y: f32[B, T, 8]
+"""
+
+
+def test_cuda_codegen_of_the_other_op_families():
+    """dlight schedules every kernel of MIXED (a prefix concat over symbolic lengths included) and nvcc
+    compiles the CUDA source."""
+    src = device_source(specc.compile(MIXED), TARGET)
+    assert "__global__" in src and "threadIdx.x" in src
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA source generated, not compiled")
+    assert len(nvcc_compile(src, TARGET)) > 0

@@ -300,17 +300,19 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
     nb = len(batch)
     k = _broadcast(c, k, batch + [s_len, i64(d)])
     v = _broadcast(c, v, batch + [s_len, i64(d)])
+    q = _heads(c, q, batch, t_len, h, dh)
+    k = _heads(c, k, batch, s_len, h, dh)
+    v = _heads(c, v, batch, s_len, h, dh)
     l = 0
-    if prefix is not None:
+    if prefix is not None:  # split into heads before the concat: no reshape of the l + S axis after it
         l = int(pt.shape[-2])
         parts = c.emit(R.split(prefix, [i64(1)], axis=-3))
         pk, pv = (c.emit(R.squeeze(c.emit(relax.TupleGetItem(parts, i)), [-3])) for i in range(2))
-        k = c.emit(R.concat([_broadcast(c, pk, batch + [i64(l), i64(d)]), k], axis=-2))
-        v = c.emit(R.concat([_broadcast(c, pv, batch + [i64(l), i64(d)]), v], axis=-2))
+        pk = _heads(c, _broadcast(c, pk, batch + [i64(l), i64(d)]), batch, i64(l), h, dh)
+        pv = _heads(c, _broadcast(c, pv, batch + [i64(l), i64(d)]), batch, i64(l), h, dh)
+        k = c.emit(R.concat([pk, k], axis=-2))  # [*batch, h, l + S, dh]
+        v = c.emit(R.concat([pv, v], axis=-2))
     keys = s_len + i64(l) if l else s_len
-    q = _heads(c, q, batch, t_len, h, dh)
-    k = _heads(c, k, batch, keys, h, dh)
-    v = _heads(c, v, batch, keys, h, dh)
     kT = c.emit(R.permute_dims(k, list(range(nb + 1)) + [nb + 2, nb + 1]))  # [*batch, h, dh, l + S]
     att = c.emit(R.matmul(q, kT))
     att = c.emit(R.multiply(att, c.const(1.0 / math.sqrt(dh))))
