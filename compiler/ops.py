@@ -1203,5 +1203,7 @@ def _rotary(c: OpCall):
     return T(x.dtype, x.shape)
 
 
+from . import ops_gradient  # noqa: E402,F401  (grad_reverse; registers on import)
+
 from . import ops_attention  # noqa: E402,F401  (attend: attention over given q, k, v)
 from . import ops_image, ops_moe, ops_select  # noqa: E402,F401  (zoo families: rot90; moe_mlp; amax/argmax/gather/unsqueeze)

@@ -608,6 +608,11 @@ def dim_text(d: Any, name: Callable[[str], str] = str) -> str:
     return text if len(d.terms) == 1 else f"({text})"
 
 
+from . import lowering_gradient  # noqa: E402  (grad_reverse)
+LOWERINGS.update(lowering_gradient.LOWERINGS)
+HELPERS.update(lowering_gradient.HELPERS)
+
+
 from . import lowering_attention  # noqa: E402  (attend)
 LOWERINGS.update(lowering_attention.LOWERINGS)
 
