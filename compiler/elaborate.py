@@ -45,6 +45,10 @@ CALL_OPTIONS = ("frozen", "init", "bias_init", "share", "init_from")
 INITIALISERS = {"normal": ("std", "mean"), "uniform": ("bound",), "constant": ("value",), "zeros": (), "ones": (),
                 "eye": ()}
 
+#: (operator, argument) pairs whose number may be infinite (the `inf` literal): masked_fill(s, m, -inf).
+#: Every other number argument must be finite (-inf as a tensor value goes through a scalar node).
+INFINITE_OK = frozenset({("masked_fill", "value")})
+
 OVERRIDES_FILE = "<--set>"
 DEFAULT_EXAMPLE = {"B": 2}
 DEFAULT_SYMBOL_EXAMPLE = 8
@@ -1182,6 +1186,8 @@ class Elaborator:
             return v if is_dim(v) else self.fail(span, f"{where} must be an integer or a dimension, got {_kind(v)}")
         if k in ("float", "number"):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if isinstance(v, float) and not math.isfinite(v) and (opdef.name, a.name) not in INFINITE_OK:
+                    return self.fail(span, f"{where} must be a finite number, got {v}")
                 return float(v) if k == "float" else v
             return self.fail(span, f"{where} must be a number, got {_kind(v)}")
         if k == "bool":
@@ -1608,7 +1614,7 @@ def _const_sqrt(x: Any) -> float:
 
 
 def _int(x: Any) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)):
         raise ValueError(f"cannot convert {_kind(x)} to an integer")
     return int(x)
 

@@ -53,6 +53,15 @@ def test_inf_misuse_is_a_located_error():
     assert_error(spec("n: 'i64[B, T]', m: 'bool[B, T]'", "y = masked_fill(n, m, -inf)"), 6, 25,
                  "masked_fill: x i64[B, T] is an integer tensor, which cannot hold -inf")
     assert_error(spec("x: 'f32[B, T]'", "y = x + infinity"), 6, 11, "undefined name 'infinity'")
+    # number arguments must be finite (they reach generated code as literals), masked_fill's value aside
+    assert_error(spec("x: 'f32[B, T]'", "y = layer_norm(x, eps=inf)"), 6, 21,
+                 "layer_norm(): argument 'eps' must be a finite number, got inf")
+    assert_error(spec("x: 'f32[B, T, 4]'", "y = rotary(x, base=-inf)"), 6, 17,
+                 "rotary(): argument 'base' must be a finite number, got -inf")
+    assert_error(spec("x: 'f32[B, T]'", "y = x * int(inf)"), 6, 11, "int(): cannot convert the number inf to an integer")
+    assert_error(spec("x: 'f32[B, T]'", "y = x[:, :inf]"), 6, 13, "slice bounds must be integers, got the number inf")
+    assert_error(spec("x: 'f32[B, T]'", "y = reshape(x, inf)"), 6, 18,
+                 "reshape(): argument 'shape' must be sizes (integers or dimensions), got the number inf")
 
 
 def test_a_value_named_inf_is_that_value():
