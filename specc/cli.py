@@ -243,7 +243,9 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
     if args.nproc < 1:
         raise SystemExit("specc: error: --nproc must be at least 1")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from specc.train.dist import launch
+        from specc.train.dist import check_launch, launch
+
+        check_launch(recipe, args.nproc)  # user errors here, before the workers start
 
         return launch(args.nproc, ["train"] + _argv_of(args))
     from specc.train.dist import process_group

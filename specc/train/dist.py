@@ -21,6 +21,20 @@ from typing import Iterator, Sequence
 from .loop import Dist
 
 
+def check_launch(recipe, nproc: int) -> None:
+    """Raise the user errors a worker would meet, before any worker starts: a global batch that does
+    not divide among the processes, a bad data file."""
+    from specc.dsl.diagnostics import Diagnostic, SpecError
+
+    if recipe.section.batch % nproc:
+        raise SpecError(Diagnostic(recipe.span, f"train: the batch ({recipe.section.batch}) must divide among "
+                                                f"{nproc} processes"), recipe.sources)
+    if recipe.data_file is not None:
+        from .files import load
+
+        load(recipe)
+
+
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run `specc ARGV` on `nproc` local processes through torchrun; its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
