@@ -102,10 +102,10 @@ def test_scales_select_width_and_depth():
 
 
 def test_cli_builds_and_runs(zoo):
-    out = zoo.build_cli(NAME, "scale=t", run=True)
+    out = zoo.build_cli(NAME, "scale=s", "size=32", run=True)
     manifest = zoo.manifest(out)
-    assert manifest["params"]["w"] == 8 and manifest["params"]["scale"] == "t"
+    assert manifest["params"]["w"] == 16 and manifest["params"]["scale"] == "s"
     module, model = zoo.load_dir(out)
     with torch.no_grad():
         outs = model(*module.example_inputs())
-    assert [tuple(t.shape) for t in outs] == [(2, 20, 8, 8), (2, 20, 4, 4), (2, 20, 2, 2)] * 2
+    assert [tuple(t.shape) for t in outs] == [(2, 20, 4, 4), (2, 20, 2, 2), (2, 20, 1, 1)] * 2
