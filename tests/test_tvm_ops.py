@@ -78,13 +78,16 @@ def spec(name: str, inputs: str, graph: str, outputs: str, dims: str = "B: 2") -
 
 
 def test_conv1d():
-    """stride, padding, dilation, groups, 'same' padding (uneven for an even kernel), with and without bias."""
-    check(spec("conv1d", "x: f32[B, 4, 17]", """
+    """stride, padding, dilation, groups, 'same' padding (uneven for an even kernel), with and without bias;
+    a symbolic length L (one library for every L)."""
+    check(spec("conv1d", "x: f32[B, 4, 17]\nv: f32[B, 4, L]", """
 a = conv1d(x, 6, 3, stride=2, padding=1)
 b = conv1d(x, 4, 4, padding='same', dilation=2, groups=2, bias=false)
 c = conv1d(relu(b), 8, 1, groups=4)
 y = concat([a, conv1d(x, 6, 5, stride=3, dilation=2)], dim=-1)
-""", "y: f32[B, 6, 12]\nc: f32[B, 8, 17]"), [dict(B=1), dict(B=3)], "conv1d")
+z = conv1d(v, 3, 3, padding=1) + conv1d(v, 3, 4, padding='same', dilation=2, bias=false) + conv1d(v, 3, 1)
+""", "y: f32[B, 6, 12]\nc: f32[B, 8, 17]\nz: f32[B, 3, L]", dims="B: 2\nL: 9"),
+          [dict(B=1, L=9), dict(B=3, L=5)], "conv1d")
 
 
 def test_conv2d():

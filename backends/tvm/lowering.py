@@ -615,9 +615,45 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),) * n
 
 
+#: How conv1d/conv2d are written: "im2col" gathers the input windows into columns and multiplies them
+#: with the weights as one (grouped) matmul, which the CPU Matmul schedule tiles and vectorises;
+#: "relax" is R.nn.conv1d/conv2d (legalised to direct loops). "auto": im2col for CPU targets, relax for GPUs.
+CONV_IMPL = "auto"
+
+
+def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
+                 after: list, groups: int) -> relax.Expr:
+    """x [B, C, *spatial] -> [B, out, *spatial']: the k windows of every output position stacked as
+    columns [B, G, C/G * k, P] (P output positions), then W [G, out/G, C/G * k] @ columns."""
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    xt = c.in_type(0)
+    bsz, cin = c.dim(xt.shape[0]), int(xt.shape[1])
+    out_sp = c.shape(c.out.shape[2:])
+    cout = int(c.out.shape[1])
+    if any(before) or any(after):
+        pads = [0, 0, 0, 0] + [v for pair in zip(before, after) for v in pair]
+        x = c.emit(R.nn.pad(x, pads))
+    k = math.prod(kernel)
+    if k == 1 and all(s == 1 for s in stride):
+        cols = x  # [B, C, *spatial]: a 1x1 convolution reads the input as it is
+    else:
+        taps = []
+        for offs in np.ndindex(*kernel):
+            begin = [i64(o * d) for o, d in zip(offs, dilation)]
+            end = [b + (o - i64(1)) * i64(s) + i64(1) for b, o, s in zip(begin, out_sp, stride)]
+            taps.append(c.emit(R.strided_slice(x, list(range(2, 2 + n)), begin, end, [i64(s) for s in stride],
+                                               assume_inbound=True)))
+        cols = c.emit(R.stack(taps, axis=2)) if len(taps) > 1 else taps[0]  # [B, C, k, *spatial']
+    positions = out_sp[0] if n == 1 else out_sp[0] * out_sp[1]
+    cols = c.emit(R.reshape(cols, [bsz, i64(groups), i64(cin // groups * k), positions]))
+    w = c.emit(R.reshape(c.weight("weight"), [i64(groups), i64(cout // groups), i64(cin // groups * k)]))
+    y = c.emit(R.matmul(w, cols))  # [B, G, out/G, P]
+    return c.emit(R.reshape(y, [bsz, i64(cout)] + out_sp))
+
+
 def _conv(n: int) -> Lowering:
-    """conv1d/conv2d: Relax conv (NCW/NCHW, OIW/OIHW weights) plus the bias; padding 'same' as torch pads it
-    (the odd one of an uneven total after the data)."""
+    """conv1d/conv2d: im2col + matmul on CPU targets, Relax conv (NCW/NCHW, OIW/OIHW weights) on GPUs, plus
+    the bias; padding 'same' as torch pads it (the odd one of an uneven total after the data)."""
     conv = R.nn.conv1d if n == 1 else R.nn.conv2d
 
     def lower(c: Ctx, xs: list) -> relax.Expr:
@@ -631,8 +667,12 @@ def _conv(n: int) -> Lowering:
             before, after = [t // 2 for t in total], [t - t // 2 for t in total]
         else:
             before = after = list(_tuple(padding, n))
-        y = c.emit(conv(xs[0], c.weight("weight"), strides=stride, padding=tuple(before + after),
-                        dilation=dilation, groups=int(c.a("groups"))))
+        impl = CONV_IMPL if CONV_IMPL != "auto" else ("im2col" if c.target_kind == "llvm" else "relax")
+        if impl == "im2col":
+            y = _im2col_conv(c, xs[0], n, kernel, stride, dilation, before, after, int(c.a("groups")))
+        else:
+            y = c.emit(conv(xs[0], c.weight("weight"), strides=stride, padding=tuple(before + after),
+                            dilation=dilation, groups=int(c.a("groups"))))
         if c.has_weight("bias"):
             b = c.emit(R.reshape(c.weight("bias"), [-1] + [1] * n))
             y = R.add(y, b)
