@@ -125,6 +125,16 @@ class CheckpointDecl(_Strict):
     keep: int = Field(default=2, gt=0, description="How many of the newest checkpoints to keep.")
 
 
+class LoraDecl(_Strict):
+    """Parameter-efficient fine-tuning: freeze the model, add a low-rank update to named linear layers."""
+
+    layers: list[FreezePattern] = Field(description="Glob patterns over linear layers' paths (parameter paths "
+                                                    "without '.weight'), e.g. 'h.*.attention.q'.")
+    rank: int = Field(default=4, gt=0, description="The rank r of the update B @ A.")
+    alpha: float | None = Field(default=None, gt=0.0, description="The update is scaled by alpha / r (default: "
+                                                                   "alpha = r).")
+
+
 class GroupDecl(BaseModel):
     """Optimizer settings for the parameters matching `params` (other keys: optimizer arguments)."""
 
@@ -164,6 +174,9 @@ class TrainSection(_Strict):
     batch: int = Field(default=32, gt=0, description="Samples per step (the global batch).")
     eval: EvalDecl | None = Field(default=None, description="Evaluation every N steps with named metrics.")
     checkpoint: CheckpointDecl | None = Field(default=None, description="Checkpoints every N steps.")
+    lora: LoraDecl | None = Field(default=None, description="Fine-tune with LoRA: every parameter of the model is "
+                                                            "frozen, the named linear layers get a trained update "
+                                                            "alpha / r * B @ A, merged into their weights in RUN/model.")
 
 
 class TrainOnly(_Strict):
@@ -275,7 +288,7 @@ def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
 
 def _train_model_at(path: tuple) -> type[BaseModel]:
     """The model of the `train:` section that holds the key at `path` (inside train)."""
-    nested = {("eval",): EvalDecl, ("checkpoint",): CheckpointDecl, ("data",): DataFile}
+    nested = {("eval",): EvalDecl, ("checkpoint",): CheckpointDecl, ("data",): DataFile, ("lora",): LoraDecl}
     if len(path) == 3 and path[0] == "data" and path[1] == "fields":
         return FieldDecl
     return nested.get(tuple(path[:1]), TrainSection)

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="train with N processes on this machine (torch.distributed: gloo on CPU, nccl on GPUs)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (torch.set_num_threads)")
+    tr.add_argument("--weights", metavar="FILE.safetensors",
+                    help="start from these values of the spec's parameters (e.g. RUN/model/weights.safetensors of "
+                         "an -O0 build, to fine-tune); names as `specc ir -O0` shows them")
     tr.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=1,
                     help="optimisation level of the built RUN/model/ (default 1)")
     sc = sub.add_parser("schema", help="Print (or write) the JSON Schema of spec files, for editors.")
@@ -255,8 +258,9 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     with process_group() as dist:
+        weights = _read_weights(graph, args.weights) if args.weights else None
         result = run(src, graph, recipe, Path(args.out), Path(args.resume) if args.resume else None, args.until,
-                     progress=not args.quiet, dist=dist, opt_level=args.opt_level)
+                     progress=not args.quiet, dist=dist, opt_level=args.opt_level, weights=weights)
     if dist.main:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
         if result.stopped:
@@ -281,6 +285,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out.append("--quiet")
     if args.threads:
         out += ["--threads", str(args.threads)]
+    if args.weights:
+        out += ["--weights", args.weights]
     return out + ["-O", str(args.opt_level)]
 
 

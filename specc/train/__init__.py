@@ -44,15 +44,21 @@ def prepare(path_or_text: str | Path, overrides: Mapping[str, Any] | None = None
 
 def train(path_or_text: str | Path, out: str | Path, *, train: Mapping[str, Any] | None = None,
           resume: str | Path | None = None, until: int | None = None, progress: bool = False,
-          allow_imports: Iterable[str] = (), overrides: Mapping[str, Any] | None = None,
-          **more_overrides: Any) -> Result:
+          allow_imports: Iterable[str] = (), weights: Mapping[str, Any] | None = None,
+          overrides: Mapping[str, Any] | None = None, **more_overrides: Any) -> Result:
     """Run a spec's recipe into the folder `out` (metrics.jsonl, checkpoints/, model/, summary.json).
 
     Parameter overrides as keyword arguments; `train` overrides recipe keys; `resume` continues the
-    newest checkpoint of a run folder; `until` stops after that step (resume it later)."""
+    newest checkpoint of a run folder; `until` stops after that step (resume it later); `weights`
+    ({name: tensor}, names as `specc ir -O0` prints them) start training from given values, e.g.
+    a trained model to fine-tune."""
+    from specc.api import given_weights
+
     src, graph, recipe = prepare(path_or_text, {**(overrides or {}), **more_overrides}, train=train,
                                  allow_imports=allow_imports)
-    return run(src, graph, recipe, Path(out), Path(resume) if resume is not None else None, until, progress)
+    start = given_weights(graph, weights) if weights is not None else None
+    return run(src, graph, recipe, Path(out), Path(resume) if resume is not None else None, until, progress,
+               weights=start)
 
 
 __all__ = ["train", "prepare", "run", "check_recipe", "Recipe", "Result", "Dist"]

@@ -131,13 +131,21 @@ def build_model(src: SpecSource, graph: Graph, recipe: Recipe) -> torch.nn.Modul
     for name, p in model.named_parameters():
         if name in recipe.frozen:
             p.requires_grad_(False)
+    if recipe.lora_layers:
+        from .lora import inject
+
+        lora = recipe.section.lora
+        inject(model, list(recipe.lora_layers), lora.rank, lora.alpha or float(lora.rank), recipe.section.seed)
     model.train()
     return model
 
 
-def weight_names(graph: Graph) -> list[str]:
-    """The stored tensors (parameters and buffers, tied ones once, at their owner)."""
-    return [".".join(n.path + (p.name,)) for _, n in graph.nodes() for p in n.params if p.tied_to is None]
+def weight_names(graph: Graph, recipe: Recipe | None = None) -> list[str]:
+    """The stored tensors (parameters and buffers, tied ones once, at their owner; LoRA's A and B)."""
+    names = [".".join(n.path + (p.name,)) for _, n in graph.nodes() for p in n.params if p.tied_to is None]
+    for path in recipe.lora_layers if recipe is not None else ():
+        names += [f"{path}.lora_A", f"{path}.lora_B"]
+    return names
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -319,8 +327,12 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
 
 
 def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path | None = None,
-        until: int | None = None, progress: bool = False, dist: Dist = Dist(), opt_level: int = 1) -> Result:
-    """Train; write metrics, checkpoints and the built model into `out`. Raises SpecError on user errors."""
+        until: int | None = None, progress: bool = False, dist: Dist = Dist(), opt_level: int = 1,
+        weights: dict[str, torch.Tensor] | None = None) -> Result:
+    """Train; write metrics, checkpoints and the built model into `out`. Raises SpecError on user errors.
+
+    weights: starting values of the spec's parameters (all of them, as `specc.api.given_weights` gives
+    them: e.g. a trained model to fine-tune); default: the spec's seeded initialisation."""
     t = recipe.section
     out = Path(out)
     train, val = load_data(recipe)
@@ -335,7 +347,12 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     model = build_model(src, graph, recipe).to(dist.device)
     train = {k: v.to(dist.device) for k, v in train.items()}
     val = {k: v.to(dist.device) for k, v in val.items()}
-    names = weight_names(graph)
+    if weights is not None:
+        with torch.no_grad():
+            model.load_state_dict({k: v.to(dist.device) for k, v in weights.items()}, strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    names = weight_names(graph, recipe)
     opt = make_optimizer(model, recipe)
     stepper = Stepper(model, graph, recipe, steps)
     start = 0
@@ -400,7 +417,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     seconds = time.perf_counter() - began
     result = Result(stop, loss_value, last_eval, seconds, out, stopped=stop < steps)
     if dist.main and not result.stopped:
-        _export(src, graph, model, names, out, opt_level)
+        _export(src, graph, model, recipe, out, opt_level)
         summary = {"steps": stop, "seconds": round(seconds, 3), "final_loss": loss_value, "val": last_eval}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
@@ -428,13 +445,18 @@ def _keep_metrics(out: Path, resume: Path | None, start: int) -> None:
     os.replace(tmp, path)
 
 
-def _export(src: SpecSource, graph: Graph, model, names: list[str], out: Path, opt_level: int) -> None:
-    """RUN/model/: `specc build` of the trained weights."""
+def _export(src: SpecSource, graph: Graph, model, recipe: Recipe, out: Path, opt_level: int) -> None:
+    """RUN/model/: `specc build` of the trained weights (LoRA updates merged into their layers)."""
     from specc.api import given_weights
     from specc.backends.pytorch.build import artifacts, write_atomic
 
     state = model.state_dict()
-    weights = given_weights(graph, {k: state[k].detach().cpu() for k in names})
+    trained = {k: state[k].detach().cpu() for k in weight_names(graph)}
+    if recipe.lora_layers:
+        from .lora import merged
+
+        trained = merged(model, list(recipe.lora_layers), trained)
+    weights = given_weights(graph, trained)
     write_atomic(out / "model", artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
                                           weights=weights, ctx=PassContext(opt_level=opt_level)))
 

@@ -56,6 +56,7 @@ class Recipe:
     span: Span  # of the train section
     file_origin: Span | None = None  # of `data.file`
     scalar_inputs: dict[str, str] = field(default_factory=dict)  # model input -> scalar name
+    lora_layers: tuple[str, ...] = ()  # linear layers that get a LoRA update (train.lora)
 
     @property
     def ordered(self) -> bool:
@@ -220,6 +221,7 @@ class _Checker:
                 self.scalar_expr(schedule, "schedule", ("schedule",))
         groups = self.groups(opt)
         frozen = self.frozen()
+        lora = self.lora()
         if t.steps is None and t.epochs is None:
             self.errors.error(self.span(), "train: give steps or epochs")
         if t.steps is not None and t.epochs is not None:
@@ -228,7 +230,7 @@ class _Checker:
         return Recipe(t, self.src.file, self.sources, self.params, generator, data_args, t.data
                       if isinstance(t.data, DataFile) else None, fields, field_spans, feed, loss, metrics, opt,
                       opt_args, schedule, scalars, groups, frozen, self.span(),
-                      self.span("data", "file") if isinstance(t.data, DataFile) else None, scalar_inputs)
+                      self.span("data", "file") if isinstance(t.data, DataFile) else None, scalar_inputs, lora)
 
     def data(self) -> tuple[D.Generator | None, dict[str, Any], dict[str, D.FieldType], dict[str, Span]]:
         t = self.t
@@ -412,6 +414,27 @@ class _Checker:
                 self.errors.error(self.span("freeze", i), f"freeze: '{p}' matches no parameter", _close_params(p, names))
             out.update(hits)
         return frozenset(out)
+
+
+    def lora(self) -> tuple[str, ...]:
+        if self.t.lora is None:
+            return ()
+        from .lora import linear_layers
+
+        layers = linear_layers(self.graph)
+        hits: dict[str, None] = {}
+        for i, p in enumerate(self.t.lora.layers):
+            found = fnmatch.filter(layers, p)
+            if not found:
+                self.errors.error(self.span("lora", "layers", i), f"lora: '{p}' matches no linear layer",
+                                  _close_params(p, layers))
+            hits.update(dict.fromkeys(found))
+        if not self.t.lora.layers:
+            self.errors.error(self.span("lora"), "lora: name at least one linear layer in layers")
+        if self.t.freeze:
+            self.errors.error(self.key_span("freeze"), "train: lora freezes every parameter of the model already; "
+                                                       "drop freeze")
+        return tuple(hits)
 
 
 class _Bad:
