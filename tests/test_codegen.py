@@ -69,3 +69,32 @@ def test_optimised_repeats_still_share_one_class(tmp_path):
     src = (out / "model.py").read_text()
     assert src.count("class Block(nn.Module)") == 1 and "class Block2" not in src
     assert "nn.ModuleList([Block() for _ in range(4)])" in src and "for layer in self.h:" in src
+
+
+def test_values_named_like_helpers_or_builtins_do_not_shadow_them(tmp_path):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "shadow.yaml"
+    spec.write_text("""\
+specc: 1
+name: shadow
+dims:
+  B: 2
+inputs:
+  x: f32[B, 4]
+  lam: f32[]
+graph: |
+  GradReverse = grad_reverse(x, lam)
+  max = GradReverse * 2
+  MultiHeadAttention = attention(reshape(max, B, 1, 4), heads=2)
+  len = reshape(MultiHeadAttention, B, 4) + 1
+outputs:
+  len: f32[B, 4]
+""")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "specc.cli", "build", str(spec), "-o", str(out), "--run"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    source = (out / "model.py").read_text()
+    assert "GradReverse_ = GradReverse.apply(x, lam)" in source and "max_ = " in source and "len_ = " in source

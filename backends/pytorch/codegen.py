@@ -11,7 +11,9 @@ raw spec text, so no spec can inject code. The same graph always gives the same 
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import functools
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -36,10 +38,29 @@ class CodegenError(Exception):
     """The graph cannot be written as PyTorch source (a compiler bug, or an unsupported op)."""
 
 
+#: Python's builtins (a local named `sum` or `max` would hide the builtin from the code after it).
+_BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
+_DEFINED = re.compile(r"^(?:class|def)\s+([A-Za-z_]\w*)|^([A-Za-z_]\w*)\s*[:=]", re.M)
+
+
+def helper_names() -> frozenset[str]:
+    """The top-level names the helper snippets may define in model.py (keys of HELPERS and the
+    classes, functions and globals their text defines)."""
+    return _helper_names(tuple(HELPERS))
+
+
+@functools.lru_cache(maxsize=8)
+def _helper_names(keys: tuple[str, ...]) -> frozenset[str]:
+    names = set(keys)
+    for k in keys:
+        names.update(a or b for a, b in _DEFINED.findall(HELPERS[k]))
+    return frozenset(names)
+
+
 def ident(name: str) -> str:
     if not _IDENT.fullmatch(name):
         raise CodegenError(f"'{name}' is not a valid identifier")
-    if keyword.iskeyword(name) or name in _TAKEN:
+    if keyword.iskeyword(name) or name in _TAKEN or name in _BUILTINS or name in helper_names():
         return name + "_"
     if name.startswith(EXT_PREFIX):  # the prefix of imported custom-operator modules
         return "v" + name
