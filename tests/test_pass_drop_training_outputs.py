@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import specc
 from equivalence import outputs, perturbed_weights
-from specc.backends.pytorch.build import artifacts, load_in_memory
+from specc.backends.pytorch.build import artifacts, import_model_module, load_in_memory
 from specc.compiler.passes import PassContext, optimize
 from specc.compiler.printer import print_graph
 from specgen import specs_with
@@ -71,7 +71,6 @@ def test_deploy_build_keeps_main_outputs_identical(tmp_path):
     manifest = json.loads((deploy / "manifest.json").read_text())
     assert manifest["deploy"] and [o["name"] for o in manifest["outputs"]] == ["y"]
     assert manifest["parameter_count"] == 195
-    from specc.backends.pytorch.build import import_model_module
 
     m_full, m_dep = import_model_module(full), import_model_module(deploy)
     x = m_full.example_inputs(seed=2, B=5)
@@ -115,3 +114,38 @@ def test_property_main_outputs_unchanged(text, seed):
     assert len(got) == len(want) - 1
     for w, g in zip(want[:-1], got):
         assert torch.equal(w, g)
+
+
+SCALED = """specc: 1
+name: dann_scaled
+inputs:
+  x: f32[B, 8]
+  lambda_p: f32[]
+  extra: f32[B, S]
+graph: |
+  f = relu(linear(x, 16))
+  y = linear(f, 3)
+  domain = linear(grad_reverse(f, lambda_p), 2) + mean(extra, dim=1, keepdim=true)
+outputs:
+  y: f32[B, 3]
+  domain: {type: "f32[B, 2]", training_only: true}
+"""
+
+
+def test_inputs_only_training_outputs_read_are_dropped(tmp_path):
+    graph, records = optimize(specc.compile(SCALED), deploy_ctx())
+    assert [name for name, _ in graph.inputs] == ["x"]
+    assert records[0].notes["dropped_inputs"] == ["lambda_p", "extra"]
+    out = specc.build(SCALED, tmp_path / "deploy", deploy=True)
+    m = import_model_module(out)
+    model = m.load()
+    (x,) = m.example_inputs()
+    assert model(x).shape == (2, 3)
+    assert [i["name"] for i in json.loads((out / "manifest.json").read_text())["inputs"]] == ["x"]
+
+
+def test_an_unused_input_that_alone_carries_a_size_the_graph_uses_stays():
+    text = SCALED.replace("y = linear(f, 3)", "y = linear(f, 3) + mean(cast(arange(S), f32))")
+    graph, records = optimize(specc.compile(text), deploy_ctx())
+    assert [name for name, _ in graph.inputs] == ["x", "extra"]
+    assert records[0].notes["dropped_inputs"] == ["lambda_p"]

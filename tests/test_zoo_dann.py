@@ -115,11 +115,12 @@ def test_cli_builds_training_and_deploy_graphs(zoo, tmp_path, count_params):
     assert lam.shape == () and x.shape == (8, 2)
     logits, domain = model(x, lam)
     dep = specc.build(zoo.spec(NAME), tmp_path / "deploy", deploy=True)
-    _, dmodel = zoo.load_dir(dep)
+    dmodule, dmodel = zoo.load_dir(dep)
     assert "GradReverse" not in (dep / "model.py").read_text()
+    assert len(dmodule.example_inputs()) == 1  # the deploy model no longer takes lambda_p
     dmodel.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("domain.")})
     with torch.no_grad():
-        out_d = dmodel(x, lam)
+        out_d = dmodel(x)
     out_d = out_d[0] if isinstance(out_d, tuple) else out_d
     assert torch.equal(out_d, logits.detach())
     assert count_params(dmodel) < count_params(model)
