@@ -15,8 +15,15 @@ from typing import Any, Iterable, Mapping
 
 from specc.dsl.diagnostics import Span
 
-from .loop import Dist, Result, run
 from .recipe import OVERRIDES_FILE, Recipe, check_recipe
+
+
+def __getattr__(name: str):  # the training loop (and torch) load when first used, not for checking
+    if name in ("Dist", "Result", "run"):
+        from . import loop
+
+        return getattr(loop, name)
+    raise AttributeError(name)
 
 
 def prepare(path_or_text: str | Path, overrides: Mapping[str, Any] | None = None,
@@ -45,7 +52,7 @@ def prepare(path_or_text: str | Path, overrides: Mapping[str, Any] | None = None
 def train(path_or_text: str | Path, out: str | Path, *, train: Mapping[str, Any] | None = None,
           resume: str | Path | None = None, until: int | None = None, progress: bool = False,
           allow_imports: Iterable[str] = (), weights: Mapping[str, Any] | None = None,
-          overrides: Mapping[str, Any] | None = None, **more_overrides: Any) -> Result:
+          overrides: Mapping[str, Any] | None = None, **more_overrides: Any) -> "Result":
     """Run a spec's recipe into the folder `out` (metrics.jsonl, checkpoints/, model/, summary.json).
 
     Parameter overrides as keyword arguments; `train` overrides recipe keys; `resume` continues the
@@ -53,6 +60,8 @@ def train(path_or_text: str | Path, out: str | Path, *, train: Mapping[str, Any]
     ({name: tensor}, names as `specc ir -O0` prints them) start training from given values, e.g.
     a trained model to fine-tune."""
     from specc.api import given_weights
+
+    from .loop import run
 
     src, graph, recipe = prepare(path_or_text, {**(overrides or {}), **more_overrides}, train=train,
                                  allow_imports=allow_imports)

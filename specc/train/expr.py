@@ -11,17 +11,35 @@ Every failure is a `SpecError` located at the sub-expression that failed.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch
-import torch.nn.functional as F
-
 from specc.dsl import ast as A
 from specc.dsl.diagnostics import Diagnostic, Span, SpecError
+
+class _OnFirstUse:
+    """A module imported when first used: checking a recipe (`specc check`) never loads torch."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _OnFirstUse("torch")
+F = _OnFirstUse("torch.nn.functional")
+
+
+def _is_tensor(v: Any) -> bool:
+    loaded = sys.modules.get("torch")
+    return loaded is not None and isinstance(v, loaded.Tensor)
+
 
 _BINOPS: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": operator.floordiv,
@@ -80,18 +98,18 @@ def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) 
     if isinstance(e, A.Unary):
         v = _eval(e.operand, env, functions)
         if e.op == "not":
-            return ~v if isinstance(v, torch.Tensor) else not v
+            return ~v if _is_tensor(v) else not v
         return _guard(e.span, lambda: -v if e.op == "-" else +v)
     if isinstance(e, A.BinOp):
         a, b = _eval(e.left, env, functions), _eval(e.right, env, functions)
         if e.op in ("and", "or"):
-            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if _is_tensor(a) or _is_tensor(b):
                 return _guard(e.span, lambda: (a & b) if e.op == "and" else (a | b))
             return (a and b) if e.op == "and" else (a or b)
         return _guard(e.span, lambda: _BINOPS[e.op](a, b))
     if isinstance(e, A.IfExp):
         cond = _eval(e.cond, env, functions)
-        if isinstance(cond, torch.Tensor):
+        if _is_tensor(cond):
             raise ExprError(e.cond.span, "a condition must be a number, not a tensor (use where() on tensors)")
         return _eval(e.then if cond else e.other, env, functions)
     if isinstance(e, A.Index):

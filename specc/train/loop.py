@@ -166,7 +166,11 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
     if not groups:
         raise SpecError(Diagnostic(recipe.span, "train: no parameter is left to train (all are frozen)"),
                         recipe.sources)
-    opt = cls(groups, **recipe.optimizer_args)
+    try:  # torch checks the values (betas in [0, 1), ...)
+        opt = cls(groups, **recipe.optimizer_args)
+    except (ValueError, TypeError) as e:
+        raise SpecError(Diagnostic(recipe.optimizer_span or recipe.span, f"optimizer: {recipe.optimizer}: {e}"),
+                        recipe.sources) from None
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt
