@@ -78,15 +78,16 @@ def spec(name: str, inputs: str, graph: str, outputs: str, dims: str = "B: 2") -
 
 
 def test_conv1d():
-    """stride, padding, dilation, groups, 'same' padding (uneven for an even kernel), with and without bias;
-    a symbolic length L (one library for every L)."""
+    """stride, padding, dilation, groups, 'same' padding (uneven for an even kernel: 0 before, 1 after for
+    kernel 2), with and without bias; a symbolic length L (one library for every L)."""
     check(spec("conv1d", "x: f32[B, 4, 17]\nv: f32[B, 4, L]", """
 a = conv1d(x, 6, 3, stride=2, padding=1)
 b = conv1d(x, 4, 4, padding='same', dilation=2, groups=2, bias=false)
 c = conv1d(relu(b), 8, 1, groups=4)
 y = concat([a, conv1d(x, 6, 5, stride=3, dilation=2)], dim=-1)
 z = conv1d(v, 3, 3, padding=1) + conv1d(v, 3, 4, padding='same', dilation=2, bias=false) + conv1d(v, 3, 1)
-""", "y: f32[B, 6, 12]\nc: f32[B, 8, 17]\nz: f32[B, 3, L]", dims="B: 2\nL: 9"),
+w = conv1d(v, 3, 2, padding='same') + conv1d(v, 3, 1, padding=1)[:, :, 1:-1]
+""", "y: f32[B, 6, 12]\nc: f32[B, 8, 17]\nz: f32[B, 3, L]\nw: f32[B, 3, L]", dims="B: 2\nL: 9"),
           [dict(B=1, L=9), dict(B=3, L=5)], "conv1d")
 
 
@@ -273,3 +274,32 @@ def test_moe_mlp_routes_each_token_to_its_expert():
 a = moe_mlp(x, route, experts=3, hidden=8)
 b = moe_mlp(x, route, experts=3, hidden=4, out=5, act=relu, bias=false)
 """, "a: f32[B, T, 6]\nb: f32[B, T, 5]", dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=4)], "moe")
+
+
+def test_convolution_in_the_static_shape_copies_tuning_adds():
+    """Tuning compiles static-shape copies of `main` beside it (tuning.specialise); the im2col kernel (a
+    TIR function over the symbolic sizes) must compile and compute the same there."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from specc.backends.tvm.build import FUNC, make_target, pipeline
+    from specc.backends.tvm.lowering import parameters, to_relax
+    from specc.backends.tvm.tuning import specialise
+
+    graph = specc.compile(spec("convs", "x: f32[B, 3, 8, 8]", """
+y = conv2d(relu(conv2d(x, 4, 3, padding=1)), 4, 3, stride=2, padding='valid', groups=2)
+""", "y: f32[B, 4, 3, 3]"))
+    mod, _ = to_relax(graph, "llvm", FUNC)
+    mod = specialise(mod, [{"B": 2}])
+    tgt = make_target("llvm")
+    with tgt:
+        ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, shared=True))  # as build_module does
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    weights = noisy(init_weights(graph))
+    lifted = vm["transform_params"]([tvm.runtime.tensor(weights[name].numpy()) for name, _ in parameters(graph)])
+    ws = [lifted[i] for i in range(len(lifted))]
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype("float32"))
+    general, static = vm["main"](x, *ws).numpy(), vm["main__B2"](x, *ws).numpy()
+    assert static.shape == (2, 4, 3, 3)
+    np.testing.assert_allclose(static, general, rtol=1e-5, atol=1e-6)

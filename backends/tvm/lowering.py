@@ -621,29 +621,53 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 CONV_IMPL = "auto"
 
 
+def _te_im2col(x: te.Tensor, kernel: tuple, stride: tuple, dilation: tuple, before: list, padded: bool,
+               out_sp: list, groups: int) -> te.Tensor:
+    """cols[b, g, c, *k, *p] = x[b, g * C/G + c, p * stride + k * dilation - before] (0 in the padding): the
+    window taps of every output position, one gather with no intermediate padded copy."""
+    n = len(kernel)
+    bsz, cin = x.shape[0], x.shape[1]
+    cg = cin // groups
+    spatial = list(x.shape[2:])
+
+    def at(b, g, c, *rest):
+        ks, ps = rest[:n], rest[n:]
+        idx = [p * s + k * d - pad for p, k, s, d, pad in zip(ps, ks, stride, dilation, before)]
+        inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(idx, spatial)]) if padded else None
+        value = x[(b, g * cg + c) + tuple(tirx.max(tirx.min(i, size - 1), 0) if inside is not None else i
+                                         for i, size in zip(idx, spatial))]
+        return tirx.Select(inside, value, tirx.const(0, x.dtype)) if inside is not None else value
+
+    i64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731
+    shape = tuple(i64(v) for v in (bsz, groups, cg) + tuple(kernel) + tuple(out_sp))  # int64, as Relax's shapes
+    return te.compute(shape, lambda *i: at(*i), name="im2col")
+
+
 def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
                  after: list, groups: int) -> relax.Expr:
-    """x [B, C, *spatial] -> [B, out, *spatial']: the k windows of every output position stacked as
+    """x [B, C, *spatial] -> [B, out, *spatial']: the k window taps of every output position gathered as
     columns [B, G, C/G * k, P] (P output positions), then W [G, out/G, C/G * k] @ columns."""
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     xt = c.in_type(0)
     bsz, cin = c.dim(xt.shape[0]), int(xt.shape[1])
     out_sp = c.shape(c.out.shape[2:])
     cout = int(c.out.shape[1])
-    if any(before) or any(after):
-        pads = [0, 0, 0, 0] + [v for pair in zip(before, after) for v in pair]
-        x = c.emit(R.nn.pad(x, pads))
     k = math.prod(kernel)
-    if k == 1 and all(s == 1 for s in stride):
+    padded = any(before) or any(after)
+    if k == 1 and all(s == 1 for s in stride) and not padded:
         cols = x  # [B, C, *spatial]: a 1x1 convolution reads the input as it is
     else:
-        taps = []
-        for offs in np.ndindex(*kernel):
-            begin = [i64(o * d) for o, d in zip(offs, dilation)]
-            end = [b + (o - i64(1)) * i64(s) + i64(1) for b, o, s in zip(begin, out_sp, stride)]
-            taps.append(c.emit(R.strided_slice(x, list(range(2, 2 + n)), begin, end, [i64(s) for s in stride],
-                                               assume_inbound=True)))
-        cols = c.emit(R.stack(taps, axis=2)) if len(taps) > 1 else taps[0]  # [B, C, k, *spatial']
+        # A kernel of its own, marked opaque to fusion: FuseTIR cannot merge a TE function written over the
+        # symbolic sizes into the static-shape copies of `main` that tuning adds (specialise).
+        key = ("im2col", DTYPES[xt.dtype], str(c.shape(xt.shape)), kernel, stride, dilation, tuple(before), padded,
+               str(out_sp), groups)
+        if key not in c.kernels:
+            xp = te.placeholder(c.shape(xt.shape), DTYPES[xt.dtype], name="x")
+            out = _te_im2col(xp, kernel, stride, dilation, list(before), padded, out_sp, groups)
+            func = te.create_prim_func([xp, out]).with_attr("op_pattern", 8).with_attr("tirx.noalias", True)
+            c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "im2col")
+        shape = [bsz, i64(groups), i64(cin // groups)] + [i64(v) for v in kernel] + out_sp
+        cols = c.emit(relax.call_tir(c.kernels[key], [x], out_ty=relax.TensorType(shape, DTYPES[xt.dtype])))
     positions = out_sp[0] if n == 1 else out_sp[0] * out_sp[1]
     cols = c.emit(R.reshape(cols, [bsz, i64(groups), i64(cin // groups * k), positions]))
     w = c.emit(R.reshape(c.weight("weight"), [i64(groups), i64(cout // groups), i64(cin // groups * k)]))
