@@ -98,3 +98,33 @@ outputs:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     source = (out / "model.py").read_text()
     assert "GradReverse_ = GradReverse.apply(x, lam)" in source and "max_ = " in source and "len_ = " in source
+
+
+def test_repeated_blocks_share_one_class_whatever_their_initialisers_ties_and_frozen_marks(tmp_path):
+    import re
+
+    import specc
+
+    text = """\
+specc: 1
+name: reps
+dims:
+  B: 2
+inputs:
+  x: f32[B, 8]
+blocks:
+  blk(h, src): |
+    h = h + linear(h, 8, init_from=src) + linear(h, 8, init=normal(0.02))
+    return h
+graph: |
+  first = linear(x, 8)
+  h = repeat(3, blk, x, src=first)
+  y = linear(h, 8, share=first)
+freeze:
+  - h.1.*
+outputs:
+  y: f32[B, 8]
+"""
+    out = specc.build(text, tmp_path / "out")
+    source = (out / "model.py").read_text()
+    assert re.findall(r"^class Blk\w*\(", source, re.M) == ["class Blk("]

@@ -12,7 +12,6 @@ raw spec text, so no spec can inject code. The same graph always gives the same 
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import functools
 import keyword
 import re
@@ -142,8 +141,9 @@ class Generator:
             ins = tuple(("in", local[r.node], r.index) if r.node in local else ("ext", inst.ext.index(r))
                         for r in n.inputs)
             rel_scope = tuple((f.block, f.name, f.index) for f in n.scope[len(s):])
-            # parameter values (and how passes derived them) differ between instances; structure does not
-            params = tuple(dataclasses.replace(p, derive=None) for p in n.params)
+            # parameter values, initialisers (init=, init_from=), ties and frozen marks differ between
+            # instances and are applied by name to the whole model; structure does not
+            params = tuple((p.name, p.shape, p.dtype, p.buffer) for p in n.params)
             items.append((n.op, n.attrs, n.outputs, ins, rel_scope, n.path[len(inst_path(s)):], params))
         outs = tuple((local[r.node], r.index) for r in inst.outs)
         return (s[-1].block if s else "", tuple(items), outs, len(inst.ext))
