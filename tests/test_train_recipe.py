@@ -196,3 +196,12 @@ def test_a_spec_with_graph_errors_and_recipe_yaml_errors_reports_both(tmp_path, 
     err = capsys.readouterr().err
     assert "spec.yaml:22:10: error: train.batch: must be greater than 0" in err
     assert "bais" in err
+
+
+def test_a_field_longer_than_a_dimension_allows_is_located(capsys):
+    gpt = ROOT / "specs" / "gpt.yaml"
+    assert main(["check", str(gpt), "--no-color", "--set", "train.data=arithmetic(digits=30, n=100)"]) == 2
+    err = capsys.readouterr().err
+    line = next(i for i, text in enumerate(gpt.read_text().splitlines(), 1) if text.startswith("  feed:"))
+    assert f"gpt.yaml:{line}:15: error: the input 'idx' is i64[B, T] in range(65) with T in [1, 64], but the " \
+           f"field 'tokens' has 93 on that axis" in err

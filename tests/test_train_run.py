@@ -174,3 +174,34 @@ def test_the_cli_trains_and_refuses_a_spec_without_recipe(tmp_path):
     r = subprocess.run([sys.executable, "-m", "specc.cli", "train", str(ROOT / "specs" / "lstm_classifier.yaml"),
                         "-o", str(tmp_path / "lstm")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "the spec has no train: section" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_leaves_complete_checkpoints_and_the_run_resumes(tmp_path):
+    """A real SIGINT to `specc train`: exit 130, every checkpoint on disk is complete, resume finishes."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "specc.cli", "train", str(MOONS), "-o", str(run), "--quiet", "--threads", "1",
+           "--set", "train.steps=100000", "--set", "train.checkpoint.every=20", "--set", "train.eval.every=100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, NO_COLOR="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while len(L.checkpoint_dirs(run)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    dirs = L.checkpoint_dirs(run)
+    assert dirs and sorted(d.name for d in (run / "checkpoints").iterdir()) == [d.name for d in dirs]
+    for d in dirs:  # each one loads
+        assert load_file(str(d / "model.safetensors")).keys() == {"linear.weight", "linear.bias", "logits.weight",
+                                                                   "logits.bias"}
+        assert torch.load(d / "state.pt", weights_only=True)["step"] == int(d.name[5:])
+    last = int(dirs[-1].name[5:])
+    result = train(MOONS, run, resume=run, train={"steps": last + 5, "checkpoint.every": 20, "eval.every": 100000})
+    assert result.steps == last + 5

@@ -348,6 +348,13 @@ class _Checker:
             if isinstance(w, int) and w != g:
                 self.errors.error(where, f"the input '{name}' is {ty}: axis {i + 1} is {w}, the field '{source}' "
                                          f"has {g}")
+            symbol = _symbol(w)
+            if symbol in self.graph.dims:
+                _, lo, hi = self.graph.dims[symbol]
+                if g < lo or (hi is not None and g > hi):
+                    self.errors.error(where, f"the input '{name}' is {ty} with {symbol} in [{lo}, "
+                                             f"{'any' if hi is None else hi}], but the field '{source}' has {g} "
+                                             f"on that axis")
         if ty.value_range is not None and rng is not None and (rng[0] < ty.value_range[0] or
                                                                 rng[1] > ty.value_range[1]):
             self.errors.error(where, f"the input '{name}' takes values in range{ty.value_range}, the field "
@@ -443,6 +450,14 @@ class _Bad:
 
 
 _BAD = _Bad()
+
+
+def _symbol(d: Any) -> str | None:
+    """The name of a dimension that is a single symbol (T), else None."""
+    terms = getattr(d, "terms", None)
+    if terms and len(terms) == 1 and terms[0][1] == 1 and len(terms[0][0]) == 1:
+        return terms[0][0][0]
+    return None
 
 
 def _is_callee(root: A.Expr, name: A.Name) -> bool:
