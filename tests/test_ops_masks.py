@@ -50,7 +50,7 @@ def test_comparison_operators_on_tensors_and_numbers():
 def test_comparisons_read_as_python_operators(tmp_path):
     text = spec("x: 'f32[B, T]', n: 'i64[B, T]'", "y = cast((x > 0) == (n < 2), f32) + cast(x != x * 2, f32)")
     src = (specc.build(text, tmp_path / "o") / "model.py").read_text()
-    assert "((x > 0.0) == (n < 2)).to(torch.float32) + (x != x * 2.0).to(torch.float32)" in src
+    assert "((x > 0.0) == (n < 2)).to(torch.get_default_dtype()) + (x != x * 2.0).to(torch.get_default_dtype())" in src
 
 
 def test_logical_operators_on_bool_tensors():

@@ -81,3 +81,28 @@ def test_verify_tvm_target(tmp_path):
     pytest.importorskip("tvm")
     report = verify(SPEC, examples=5, target="tvm-llvm")
     assert report.ok, report.mismatch
+
+
+def test_values_the_model_creates_or_casts_to_f32_follow_the_float64_reference_run(tmp_path):
+    """cast(.., f32), zeros/ones/arange in f32 meet float64 values in the reference run: they must be
+    float64 there too (they were float32, and the matmul failed)."""
+    from specc.verify import verify
+
+    spec = tmp_path / "c.yaml"
+    spec.write_text("""\
+specc: 1
+name: castdemo
+dims:
+  B: 2
+  T: 4
+inputs:
+  x: f32[B, T, 8]
+  ids: i64[B, T] in range(5)
+graph: |
+  m = cast(ids, f32)
+  w = zeros(T, T) + ones(T, T)
+  y = linear(x, 8) * m[:, :, None] + (w @ x) + mean(cast(arange(T), f32))
+outputs:
+  y: f32[B, T, 8]
+""")
+    assert verify(spec, examples=5).ok

@@ -77,6 +77,13 @@ class Lowering:
 InTypes = list  # the input TensorTypes of the node, in order
 
 
+def torch_dtype(dtype: str) -> str:
+    """The torch dtype of an IR dtype, as source. f32, the IR's default float, is torch's default dtype
+    (float32 unless a float64 reference run sets float64), as for parameters and one_hot: values the
+    model creates or casts then stay in the precision of the run."""
+    return "torch.get_default_dtype()" if dtype == "f32" else f"torch.{DTYPES[dtype]}"
+
+
 def call(text: str) -> Expr:
     return Expr(text, ATOM)
 
@@ -157,7 +164,7 @@ def _getitem(c: Ctx, xs: list[Expr]) -> Expr:
 
 
 def _arange(c: Ctx, xs: list[Expr]) -> Expr:
-    return call(f"torch.arange({c.dim(c.a('n'))}, dtype=torch.{DTYPES[c.a('dtype')]}, device={c.device})")
+    return call(f"torch.arange({c.dim(c.a('n'))}, dtype={torch_dtype(c.a('dtype'))}, device={c.device})")
 
 
 def _layer_norm_init(c: Ctx, ins: InTypes) -> str:
@@ -240,7 +247,7 @@ def _upsample(c: Ctx, xs: list[Expr]) -> Expr:
 def _filled(name: str):
     def lower(c: Ctx, xs: list[Expr]) -> Expr:
         sizes = ", ".join(c.dim(d) for d in c.a("shape"))
-        return call(f"torch.{name}({sizes}, dtype=torch.{DTYPES[c.a('dtype')]}, device={c.device})")
+        return call(f"torch.{name}({sizes}, dtype={torch_dtype(c.a('dtype'))}, device={c.device})")
 
     return lower
 
@@ -323,7 +330,7 @@ LOWERINGS: dict[str, Lowering] = {
     "input": Lowering(lambda c, xs: call(c.a("name"))),
     "scalar": Lowering(_scalar),
     "arange": Lowering(_arange),
-    "cast": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.to(torch.{DTYPES[c.a('dtype')]})")),
+    "cast": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.to({torch_dtype(c.a('dtype'))})")),
     "relu": Lowering(_fn("F.relu")),
     "gelu": Lowering(_gelu),
     "silu": Lowering(_fn("F.silu")),
