@@ -189,9 +189,9 @@ def image_specs(draw, max_ops: int = 6) -> str:
 @st.composite
 def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
     """Random valid specs that mix `pattern`s with the mask and position ops: comparisons, logical ops,
-    where, masked_fill, tril/triu, ones/zeros, rotary (default and given positions) and attention with
-    bool and float masks (the diagonal always allowed, so no query row is empty). Every comparison
-    reads the input x itself (x[:, :, i:i+1] or x[:, :, i], broadcast over any width), never a
+    where, masked_fill, tril/triu, ones/zeros, rotary (default and given positions), attention with
+    bool and float masks (the diagonal always allowed, so no query row is empty), amax/amin, argmax and
+    gather, rot90, moe_mlp and attend. Every comparison and argmax reads the input x itself (x[:, :, i:i+1] or x[:, :, i], broadcast over any width), never a
     computed value: a float32 and a float64 run then take the same branch."""
     d = draw(st.sampled_from(WIDTHS))
     b = Builder(d, values=[("x", d)])
@@ -206,7 +206,8 @@ def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
         cond = f"x[:, :, {i}:{i + 1}] {cmp} {t}" if cmp not in ("==", "!=") else \
             f"(x[:, :, {i}:{i + 1}] > {t}) {cmp} (x[:, :, {j}:{j + 1}] > {t})"
         kind = draw(st.sampled_from(["where", "masked_fill", "logic", "rotary", "rotary_positions", "mask_attention",
-                                     "float_mask_attention", "triangle", "filled"]))
+                                     "float_mask_attention", "triangle", "filled", "extremes", "argmax_gather",
+                                     "rot90", "moe", "attend"]))
         if kind == "where":
             b.new(f"where({cond}, {name}, tanh({name}) * 0.5)", width)
         elif kind == "masked_fill":
@@ -231,6 +232,23 @@ def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
             op = draw(st.sampled_from(["tril", "triu"]))
             k = draw(st.sampled_from([-1, 0, 1]))
             b.new(f"{op}(softmax({name} @ transpose({name}, 1, 2)), diagonal={k})", None, square=True)
+        elif kind == "extremes":
+            b.new(f"{name} - amax({name}, dim=-1, keepdim=true) + amin({name}, dim=[1, 2], keepdim=true)", width)
+        elif kind == "argmax_gather":  # positions picked on the input x (ties cannot differ between runs)
+            idx = f"unsqueeze(argmax(x[:, :, 0:{min(d, width)}]), -1)"
+            b.new(f"{name} + gather({name}, {idx}) * 0.5", width)
+        elif kind == "rot90":
+            b.new(f"transpose(rot90({name}, dims=[1, 2]), 1, 2) * 0.5 + rot90({name}, k=2, dims=[1, 2])", width)
+        elif kind == "moe":
+            experts = min(d, 3)
+            route = f"argmax(x[:, :, 0:{experts}])"
+            b.new(f"moe_mlp({name}, {route}, experts={experts}, hidden={draw(st.sampled_from(WIDTHS))}, "
+                  f"act={draw(st.sampled_from(['gelu', 'relu']))})", width)
+        elif kind == "attend":
+            heads = draw(st.sampled_from([h for h in (1, 2, 4) if width % h == 0]))
+            causal = str(draw(st.booleans())).lower()
+            b.new(f"attend(linear({name}, {width}), linear({name}, {width}, bias=false), {name}, heads={heads}, "
+                  f"causal={causal})", width)
         else:
             b.new(f"{name} + ones(B, T, {width}) * 0.5 - zeros({width})", width)
     last = [n for n, _ in b.values[-1:]]
