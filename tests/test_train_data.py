@@ -212,3 +212,32 @@ def test_field_declarations_are_checked_by_specc_check(tmp_path, capsys):
     assert "spec.yaml:13:10: error: data: field 'x': unknown dtype 'f33'" in err
     assert "spec.yaml:14:14: error: data: field 'label': the first axis must be the sample axis N" in err
     assert math.isfinite(1.0)
+
+
+def test_ordered_windows_leave_a_gap_before_validation(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("""\
+specc: 1
+name: s
+inputs:
+  x: f32[B, 8, 2]
+graph: |
+  y = linear(transpose(x, 1, 2), 3)
+outputs:
+  y: f32[B, 2, 3]
+train:
+  data: seasonal(n=100, variates=2, lookback=8, horizon=3)
+  split: 0.2
+  loss: mse(transpose(y, 1, 2), target)
+  steps: 1
+""")
+    from specc.train import prepare
+
+    _, _, recipe = prepare(spec)
+    train, val = load_data(recipe)
+    assert len(val["x"]) == 20 and len(train["x"]) == 100 - 20 - (8 + 3 - 1)
+    # the last training target ends before the first validation window begins: nothing seen twice
+    arrays = D.generate(recipe.generator, recipe.data_args, recipe.section.seed)
+    assert torch.equal(train["target"][-1], torch.from_numpy(arrays["target"][69]))
+    assert torch.equal(val["x"][0], torch.from_numpy(arrays["x"][80]))
+    assert 69 + 8 + 3 - 1 < 80

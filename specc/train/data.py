@@ -19,14 +19,15 @@ Generators (arguments with defaults; every one takes `n`, the number of samples)
   (random walks, separated by token `alphabet`); next-token `tokens`/`targets`/`mask`.
 - `seasonal(variates=7, lookback=96, horizon=24, periods=[24, 168], noise=0.1)`: windows of one
   multivariate series (shared seasonal components mixed per variate, a trend, AR(1) noise); `x`
-  [N, lookback, variates], `target` [N, horizon, variates]; ordered (validation is the last windows).
+  [N, lookback, variates], `target` [N, horizon, variates]; ordered (validation is the last windows,
+  after a gap of lookback + horizon - 1 windows, so that no validation value was seen in training).
 - `two_moons(rotation=30.0, noise=0.1)`: half the samples from the source domain, half from the
   target domain rotated by `rotation` degrees; `x` [N, 2], `label`, `domain_label` (0 source, 1 target).
 - `digits()`: scikit-learn's 8x8 digits (1,797 images), `x` [N, 1, 8, 8] in [0, 1], `label`;
   with `rotations=true` also `rotated` [N, 4, 1, 8, 8] (0, 90, 180, 270 degrees) and `joint`
   [N, 4] = 4 * label + rotation (self-supervised label augmentation).
 - `statsmodels(name="sunspots"|"co2"|"nile", lookback=48, horizon=12)`: windows of a series bundled
-  with statsmodels, ordered.
+  with statsmodels, ordered as seasonal().
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Generator:
     fields: Callable[[dict[str, Any]], dict[str, FieldType]]
     make: Callable[[dict[str, Any], np.random.Generator], dict[str, np.ndarray]]
     ordered: bool = False
+    #: For ordered data: how many samples to leave out between the training and the validation
+    #: samples so that no value of a validation window was seen in training (overlapping windows).
+    gap: Callable[[dict[str, Any]], int] = lambda args: 0
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def bind(self, given: dict[str, Any]) -> dict[str, Any]:
@@ -306,6 +310,10 @@ def _sm_make(a, rng):
     return windows(series.astype(np.float32), a["lookback"], a["horizon"])
 
 
+def _window_gap(a):
+    return a["lookback"] + a["horizon"] - 1
+
+
 GENERATORS: dict[str, Generator] = {g.name: g for g in [
     Generator("linear_regression", {"n": 4096, "points": 10, "dim": 2, "noise": 0.0}, _lr_fields, _lr_make),
     Generator("arithmetic", {"n": 10000, "digits": 3, "format": "plain"}, _ar_fields, _ar_make,
@@ -314,11 +322,11 @@ GENERATORS: dict[str, Generator] = {g.name: g for g in [
               choices={"task": ("copy", "sort", "histogram")}),
     Generator("automata", {"n": 2048, "states": 4, "alphabet": 4, "length": 64}, _fa_fields, _fa_make),
     Generator("seasonal", {"n": 2000, "variates": 7, "lookback": 96, "horizon": 24, "periods": [24, 168],
-                           "noise": 0.1}, _ss_fields, _ss_make, ordered=True),
+                           "noise": 0.1}, _ss_fields, _ss_make, ordered=True, gap=_window_gap),
     Generator("two_moons", {"n": 2000, "rotation": 30.0, "noise": 0.1}, _tm_fields, _tm_make),
     Generator("digits", {"n": 1797, "rotations": False}, _dg_fields, _dg_make),
     Generator("statsmodels", {"n": 100000, "name": "sunspots", "lookback": 48, "horizon": 12}, _sm_fields,
-              _sm_make, ordered=True, choices={"name": tuple(STATSMODELS)}),
+              _sm_make, ordered=True, gap=_window_gap, choices={"name": tuple(STATSMODELS)}),
 ]}
 
 

@@ -270,6 +270,8 @@ TENSOR_FUNCTIONS: dict[str, Function] = {
     "softmax": Function(lambda x, dim=-1: F.softmax(_tensor(x, "x"), dim=dim)),
     "log_softmax": Function(lambda x, dim=-1: F.log_softmax(_tensor(x, "x"), dim=dim)),
     "argmax": Function(lambda x, dim=-1: _tensor(x, "x").argmax(dim)),
+    "transpose": Function(lambda x, dim0, dim1: _tensor(x, "x").transpose(dim0, dim1)),
+    "reshape": Function(lambda x, *shape: _tensor(x, "x").reshape(*shape)),
     "abs": Function(lambda x: abs(x)),
     "exp": Function(lambda x: x.exp() if isinstance(x, torch.Tensor) else math.exp(x)),
     "log": Function(lambda x: x.log() if isinstance(x, torch.Tensor) else math.log(x)),

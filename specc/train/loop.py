@@ -91,8 +91,9 @@ def load_data(recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     n = len(next(iter(arrays.values())))
     n_val = int(round(t.split * n))
     if recipe.ordered:
+        gap = recipe.generator.gap(recipe.data_args) if recipe.generator is not None and n_val else 0
         order = np.arange(n)
-        val_idx, train_idx = order[n - n_val:], order[:n - n_val]
+        val_idx, train_idx = order[n - n_val:], order[:max(0, n - n_val - gap)]
     else:
         order = np.random.default_rng(t.seed + 1).permutation(n)
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
