@@ -205,3 +205,19 @@ def test_a_field_longer_than_a_dimension_allows_is_located(capsys):
     line = next(i for i, text in enumerate(gpt.read_text().splitlines(), 1) if text.startswith("  feed:"))
     assert f"gpt.yaml:{line}:15: error: the input 'idx' is i64[B, T] in range(65) with T in [1, 64], but the " \
            f"field 'tokens' has 93 on that axis" in err
+
+
+@pytest.mark.parametrize("bad, col, message", [
+    ("data: seasonal(n=1000000, lookback=100000)", 9, "seasonal(): the data would hold"),
+    ("data: automata(length=10 ** 10)", 18, "automata(): 'length' is too large"),
+    ("data: seasonal(periods=[" + "1, " * 100 + "2])", 18, "at most 64 values in 'periods'"),
+    ("data: two_moons(n=10 ** 10 ** 10)", 21, "the power is too large"),
+    ("data: two_moons(n=\"a\" * 100000000)", 21, "'*' needs numbers or tensors, got a string"),
+])
+def test_hostile_recipe_values_are_refused_quickly(tmp_path, capsys, bad, col, message):
+    import time
+
+    began = time.perf_counter()
+    code, _, err = check(tmp_path, GOOD.replace("data: two_moons(n=64)", bad), capsys)
+    assert code == 2 and time.perf_counter() - began < 5
+    _at(err, 14, col, message)

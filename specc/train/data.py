@@ -90,10 +90,22 @@ class Generator:
                 raise ArgError(k, f"{self.name}(): '{k}' must be finite")
         if args["n"] > MAX_SAMPLES:
             raise ArgError("n", f"{self.name}(): at most {MAX_SAMPLES:,} samples, got {args['n']:,}")
+        for k, v in args.items():
+            if isinstance(v, list) and len(v) > MAX_LIST:
+                raise ArgError(k, f"{self.name}(): at most {MAX_LIST} values in '{k}', got {len(v)}")
+            if isinstance(v, int) and not isinstance(v, bool) and v > MAX_SAMPLES:
+                raise ArgError(k, f"{self.name}(): '{k}' is too large (at most {MAX_SAMPLES:,}), got {v:,}")
+        elements = sum(args["n"] * math.prod(shape) for _, shape, _ in self.fields(args).values())
+        if elements > MAX_ELEMENTS:
+            raise ArgError(None, f"{self.name}(): the data would hold {elements:,} values, more than "
+                                 f"{MAX_ELEMENTS:,}; lower n or the sizes")
         return args
 
 
 MAX_SAMPLES = 1_000_000
+#: The most values (over all fields) a generator may make: 2^28, 1 GiB of float32.
+MAX_ELEMENTS = 1 << 28
+MAX_LIST = 64
 
 
 def _kind(v: Any) -> str:

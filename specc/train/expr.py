@@ -106,7 +106,7 @@ def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) 
             if _is_tensor(a) or _is_tensor(b):
                 return _guard(e.span, lambda: (a & b) if e.op == "and" else (a | b))
             return (a and b) if e.op == "and" else (a or b)
-        return _guard(e.span, lambda: _BINOPS[e.op](a, b))
+        return _guard(e.span, lambda: _binop(e.op, a, b))
     if isinstance(e, A.IfExp):
         cond = _eval(e.cond, env, functions)
         if _is_tensor(cond):
@@ -132,6 +132,25 @@ def _index_item(i, env, functions):
         stop = None if i.stop is None else _eval(i.stop, env, functions)
         return slice(start, stop)
     return _eval(i, env, functions)
+
+
+#: Integer powers beyond this many bits are refused (a spec is untrusted: 10 ** 10 ** 10 must not hang).
+MAX_POW_BITS = 4096
+
+
+def _binop(op: str, a: Any, b: Any) -> Any:
+    """`a op b` for numbers and tensors; strings, lists and none only compare."""
+    for v in (a, b):
+        if (v is None or isinstance(v, (str, list))) and op not in ("==", "!="):
+            raise TypeError(f"'{op}' needs numbers or tensors, got {_kind(v)}")
+    if op == "**" and isinstance(a, int) and isinstance(b, int) and b > 0 and \
+            max(1, abs(a).bit_length()) * b > MAX_POW_BITS:
+        raise OverflowError(f"the power is too large (more than {MAX_POW_BITS} bits)")
+    return _BINOPS[op](a, b)
+
+
+def _kind(v: Any) -> str:
+    return "none" if v is None else "a string" if isinstance(v, str) else "a list"
 
 
 def _guard(span: Span, thunk: Callable[[], Any], name: str | None = None) -> Any:
