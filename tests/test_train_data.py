@@ -241,3 +241,13 @@ train:
     assert torch.equal(train["target"][-1], torch.from_numpy(arrays["target"][69]))
     assert torch.equal(val["x"][0], torch.from_numpy(arrays["x"][80]))
     assert 69 + 8 + 3 - 1 < 80
+
+
+def test_a_data_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    os_fifo = tmp_path / "pipe.csv"
+    import os
+
+    os.mkfifo(os_fifo)
+    assert _error(tmp_path, "pipe.csv", CSV_FIELDS) == [("spec.yaml", 11, 11, "data: 'pipe.csv' is not a regular file")]
+    (tmp_path / "dir.npz").mkdir()
+    assert _error(tmp_path, "dir.npz")[0][3] == "data: 'dir.npz' is not a regular file"

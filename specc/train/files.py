@@ -115,7 +115,9 @@ def load(recipe) -> dict[str, np.ndarray]:
     where = recipe.file_origin or recipe.span
     arrays: dict[str, np.ndarray] = {}
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        if path.exists() and not path.is_file():
+            errors.error(where, f"data: '{recipe.data_file.file}' is not a regular file")
+        elif path.stat().st_size > MAX_FILE_BYTES:
             errors.error(where, f"data: '{recipe.data_file.file}' is larger than {MAX_FILE_BYTES >> 30} GiB")
         elif path.suffix.lower() == ".npz":
             arrays = _read_npz(path, recipe, errors, where)
