@@ -192,7 +192,10 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
 
         summary = summary_of(graph)
         if args.json:
-            print(json.dumps(summary.to_json(), indent=2))
+            data = summary.to_json()
+            if recipe is not None:
+                data["train"] = _recipe_json(recipe)
+            print(json.dumps(data, indent=2))
         else:
             _print_summary(summary, color=not args.no_color)
             if recipe is not None:
@@ -234,6 +237,15 @@ def _describe_recipe(recipe) -> str:
     data = recipe.generator.name if recipe.generator else Path(recipe.data_file.file).name
     length = f"{t.steps} steps" if t.steps is not None else f"{t.epochs} epochs"
     return f"{data} ({', '.join(recipe.fields)}), {recipe.optimizer}, {length} of batch {t.batch}"
+
+
+def _recipe_json(recipe) -> dict:
+    t = recipe.section
+    return {"data": recipe.generator.name if recipe.generator else recipe.data_file.file,
+            "fields": {k: {"dtype": d, "shape": ["N", *shape], "range": list(r) if r else None}
+                       for k, (d, shape, r) in recipe.fields.items()},
+            "feed": recipe.feed, "optimizer": recipe.optimizer, "steps": t.steps, "epochs": t.epochs,
+            "batch": t.batch, "metrics": sorted(recipe.metrics), "lora": list(recipe.lora_layers)}
 
 
 def _train(args: argparse.Namespace, src, graph, recipe) -> int:

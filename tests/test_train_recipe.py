@@ -221,3 +221,16 @@ def test_hostile_recipe_values_are_refused_quickly(tmp_path, capsys, bad, col, m
     code, _, err = check(tmp_path, GOOD.replace("data: two_moons(n=64)", bad), capsys)
     assert code == 2 and time.perf_counter() - began < 5
     _at(err, 14, col, message)
+
+
+def test_check_json_describes_the_recipe(capsys):
+    import json
+
+    assert main(["check", str(MOONS), "--json"]) == 0
+    recipe = json.loads(capsys.readouterr().out)["train"]
+    assert recipe == {"data": "two_moons", "fields": {"x": {"dtype": "f32", "shape": ["N", 2], "range": None},
+                                                      "label": {"dtype": "i64", "shape": ["N"], "range": [0, 2]},
+                                                      "domain_label": {"dtype": "i64", "shape": ["N"],
+                                                                       "range": [0, 2]}},
+                      "feed": {"x": "x"}, "optimizer": "AdamW", "steps": 40, "epochs": None, "batch": 32,
+                      "metrics": ["acc"], "lora": []}
