@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from specc.dsl.diagnostics import Span
 
 from .recipe import OVERRIDES_FILE, Recipe, check_recipe
+
+if TYPE_CHECKING:
+    from .loop import Result
 
 
 def __getattr__(name: str):  # the training loop (and torch) load when first used, not for checking
@@ -52,7 +55,7 @@ def prepare(path_or_text: str | Path, overrides: Mapping[str, Any] | None = None
 def train(path_or_text: str | Path, out: str | Path, *, train: Mapping[str, Any] | None = None,
           resume: str | Path | None = None, until: int | None = None, progress: bool = False,
           allow_imports: Iterable[str] = (), weights: Mapping[str, Any] | None = None,
-          overrides: Mapping[str, Any] | None = None, **more_overrides: Any) -> "Result":
+          overrides: Mapping[str, Any] | None = None, **more_overrides: Any) -> Result:
     """Run a spec's recipe into the folder `out` (metrics.jsonl, checkpoints/, model/, summary.json).
 
     Parameter overrides as keyword arguments; `train` overrides recipe keys; `resume` continues the

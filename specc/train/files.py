@@ -164,7 +164,8 @@ def _read_csv(path: Path, recipe, errors: Collector, where: Span) -> dict[str, n
         missing = [c for c in cols if c not in header]
         if missing:
             errors.error(recipe.field_spans[name], f"data: '{recipe.data_file.file}' has no column "
-                                                   f"{', '.join(repr(m) for m in missing)}", f"columns: {', '.join(header)}")
+                                                   f"{', '.join(repr(m) for m in missing)}",
+                         f"columns: {', '.join(header)}")
             continue
         dtype = recipe.fields[name][0]
         values = np.empty((len(body), len(cols)), dtype=np.float64)

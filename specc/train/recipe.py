@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from specc.compiler.ir import Graph
 from specc.dsl import ast as A
-from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
+from specc.dsl.diagnostics import Collector, Span, SpecError, did_you_mean
 from specc.dsl.parser import parse, walk
 from specc.dsl.schema import DataFile, SpecSource, TrainOnly, TrainSection, _located_errors
 from specc.dsl.yamlpos import Located, TextOrigin, load_yaml
@@ -173,7 +173,8 @@ class _Checker:
                 fname = sub.func_name
                 if fname is None or fname not in functions:
                     self.errors.error(sub.func.span, f"{what}: unknown function '{fname}'"
-                                      + did_you_mean(str(fname), functions), f"functions: {', '.join(sorted(functions))}")
+                                      + did_you_mean(str(fname), functions),
+                                      f"functions: {', '.join(sorted(functions))}")
                     continue
                 pos, kw, star = functions[fname].parameters()
                 if len(sub.args) > len(pos) and not star:
@@ -419,7 +420,8 @@ class _Checker:
         for i, p in enumerate(self.t.freeze):
             hits = fnmatch.filter(names, p)
             if not hits:
-                self.errors.error(self.span("freeze", i), f"freeze: '{p}' matches no parameter", _close_params(p, names))
+                self.errors.error(self.span("freeze", i), f"freeze: '{p}' matches no parameter",
+                                  _close_params(p, names))
             out.update(hits)
         return frozenset(out)
 
