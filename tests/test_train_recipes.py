@@ -66,3 +66,33 @@ def test_gpt_learns_reversed_addition_digits(tmp_path):
                      "optimizer": "adamw(lr=0.005, weight_decay=0.1)"})
     assert r.metrics["digit_acc"] > 0.45 and r.metrics["loss"] < 0.5 * evals(run)[0]["loss"]
     assert 0.0 <= r.metrics["exact"] <= r.metrics["digit_acc"]
+
+
+def test_exact_match_is_greedy_decoding_accuracy(tmp_path):
+    """exact_match with teacher forcing counts exactly the samples that greedy decoding answers right."""
+    from specc.train import prepare
+    from specc.train.loop import load_data
+
+    over = {"data": 'arithmetic(digits=2, format="reversed", n=3000)', "steps": 300, "eval.every": 300,
+            "checkpoint.every": 300, "schedule": "warmup_cosine(warmup=20, min=0.1)",
+            "optimizer": "adamw(lr=0.005, weight_decay=0.1)"}
+    run = tmp_path / "run"
+    r = train(SPECS / "gpt.yaml", run, d_model=32, layers=1, heads=2, train=over)
+    _, _, recipe = prepare(SPECS / "gpt.yaml", dict(d_model=32, layers=1, heads=2), train=over)
+    _, val = load_data(recipe)
+    from safetensors.torch import load_file
+
+    import specc
+
+    # the -O0 module the metric ran on (RUN/model is -O1: fused kernels may round differently)
+    weights = load_file(str(run / "checkpoints" / "step-0000300" / "model.safetensors"))
+    model = specc.load(SPECS / "gpt.yaml", opt_level=0, weights=weights, d_model=32, layers=1, heads=2)
+    tokens, targets, mask = val["tokens"], val["targets"], val["mask"]
+    start = int(mask[0].float().argmax())  # the first answer position (the '=' token's)
+    seq = tokens[:, :start + 1]
+    with torch.no_grad():
+        for _ in range(targets.shape[1] - start):  # greedy: feed back the model's own tokens
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    greedy = (seq[:, start + 1:] == targets[:, start:]).all(1).float().mean().item()
+    assert r.metrics["exact"] == pytest.approx(greedy, abs=1e-6)
+    assert 0 < greedy  # the comparison means something: some answers are right

@@ -82,7 +82,8 @@ def load_data(recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, torch.
         try:
             arrays = D.generate(recipe.generator, recipe.data_args, t.seed)
         except D.ArgError as e:
-            raise SpecError(Diagnostic(recipe.span, f"data: {e}"), recipe.sources) from None
+            where = next(iter(recipe.field_spans.values()), recipe.span)  # the data set's call
+            raise SpecError(Diagnostic(where, f"data: {e}"), recipe.sources) from None
     else:
         from .files import load
 
