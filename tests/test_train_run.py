@@ -205,3 +205,14 @@ def test_ctrl_c_leaves_complete_checkpoints_and_the_run_resumes(tmp_path):
     last = int(dirs[-1].name[5:])
     result = train(MOONS, run, resume=run, train={"steps": last + 5, "checkpoint.every": 20, "eval.every": 100000})
     assert result.steps == last + 5
+
+
+def test_a_new_run_in_an_old_run_folder_starts_afresh(tmp_path):
+    run = tmp_path / "run"
+    train(MOONS, run)
+    train(MOONS, run, train={"steps": 15, "checkpoint.every": 5})
+    assert [d.name for d in L.checkpoint_dirs(run)] == ["step-0000005", "step-0000010", "step-0000015"]
+    assert max(x["step"] for x in lines(run)) == 15
+    other = tmp_path / "other"  # resumed into another folder: the history up to the checkpoint comes along
+    train(MOONS, other, resume=run, train={"steps": 20, "checkpoint.every": 5})
+    assert [x["step"] for x in lines(other) if "split" not in x] == list(range(1, 21))

@@ -373,6 +373,8 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         _keep_metrics(out, resume, start)
+        if resume is None or Path(resume).resolve() != out.resolve():
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a new run: an older run's are not its own
     params = [p for p in model.parameters() if p.requires_grad]
     stop = steps if until is None else min(steps, until)
     began = time.perf_counter()
