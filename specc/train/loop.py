@@ -251,6 +251,19 @@ class Stepper:
         model.train(was)
         return {k: v / n for k, v in totals.items()}
 
+    @torch.no_grad()
+    def dry_run(self, model, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], batch: int) -> None:
+        """The loss and every metric on one batch, in eval mode (no dropout, no RNG drawn)."""
+        was = model.training
+        model.eval()
+        try:
+            for split in (train, val):
+                part = {k: v[:batch] for k, v in split.items()}
+                if len(next(iter(part.values()))):
+                    self._measure(self.env(part, self.forward(model, part, self.scalars(0)), self.scalars(0), 0))
+        finally:
+            model.train(was)
+
     def _measure(self, env: dict[str, Any]) -> dict[str, float]:
         result = {"loss": float(self.loss(env))}
         for name, e in self.recipe.metrics.items():
@@ -370,6 +383,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
 
         trained = DistributedDataParallel(model, device_ids=None if dist.device == "cpu" else [dist.device])
     batches = Batches(n_train, t.batch, t.seed, dist)
+    stepper.dry_run(model, train, val, t.batch // dist.world)  # a bad loss or metric fails before anything is written
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         _keep_metrics(out, resume, start)
