@@ -173,7 +173,8 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
          earlier: Collector) -> int:
     from specc.api import _front
 
-    recipe_keys = {k: spans[k] for k in values if k.startswith("train.")}  # --set train.KEY=VALUE
+    recipe_keys = {k: spans[k] for k in values  # --set train.KEY=VALUE (check and train read the recipe)
+                   if k.startswith("train.") and args.command in ("check", "train")}
     values = {k: v for k, v in values.items() if k not in recipe_keys}
     spans = {k: v for k, v in spans.items() if k not in recipe_keys}
     recipe_keys = {k[len("train."):]: v for k, v in recipe_keys.items()}
