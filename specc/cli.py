@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="train with N processes on this machine (torch.distributed: gloo on CPU, nccl on GPUs)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (torch.set_num_threads)")
+    tr.add_argument("--device", default="cpu", metavar="DEVICE",
+                    help="where one process trains: cpu (default) or cuda[:N]; with --nproc each process takes "
+                         "its own GPU when there are GPUs")
     tr.add_argument("--weights", metavar="FILE.safetensors",
                     help="start from these values of the spec's parameters (e.g. RUN/model/weights.safetensors of "
                          "an -O0 build, to fine-tune); names as `specc ir -O0` shows them")
@@ -271,6 +274,8 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     with process_group() as dist:
+        if dist.world == 1 and args.device != "cpu":
+            dist = _device(args.device, dist)
         weights = _read_weights(graph, args.weights) if args.weights else None
         result = run(src, graph, recipe, Path(args.out), Path(args.resume) if args.resume else None, args.until,
                      progress=not args.quiet, dist=dist, opt_level=args.opt_level, weights=weights)
@@ -282,6 +287,22 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
             print(f"trained {graph.name}: {result.steps} steps in {result.seconds:.1f} s, loss {result.loss:.4g}"
                   + (f"; val {metrics}" if metrics else "") + f" -> {args.out}/ (model/, metrics.jsonl, checkpoints/)")
     return 0
+
+
+def _device(name: str, dist):
+    """The single process's Dist on the device `name` (a user error when it is not there)."""
+    import dataclasses
+
+    import torch
+
+    try:
+        device = torch.device(name)
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise RuntimeError("expected cpu, cuda, cuda:N or mps")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SpecError(Diagnostic(Span("<--device>", 0, 0), f"--device {name}: {str(e).splitlines()[0]}")) from None
+    return dataclasses.replace(dist, device=str(device))
 
 
 def _argv_of(args: argparse.Namespace) -> list[str]:

@@ -216,3 +216,15 @@ def test_a_new_run_in_an_old_run_folder_starts_afresh(tmp_path):
     other = tmp_path / "other"  # resumed into another folder: the history up to the checkpoint comes along
     train(MOONS, other, resume=run, train={"steps": 20, "checkpoint.every": 5})
     assert [x["step"] for x in lines(other) if "split" not in x] == list(range(1, 21))
+
+
+def test_a_device_that_is_not_there_is_a_user_error(tmp_path, capsys):
+    from specc.cli import main
+
+    for device, message in (("meta", "expected cpu, cuda, cuda:N or mps"), ("bogus", "--device bogus: ")):
+        assert main(["train", str(MOONS), "-o", str(tmp_path / "run"), "--device", device, "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", str(MOONS), "-o", str(tmp_path / "run"), "--device", "cuda", "--quiet"]) == 2
+        assert "--device cuda: " in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

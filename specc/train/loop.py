@@ -295,9 +295,12 @@ def save_checkpoint(run: Path, step: int, model, names: list[str], opt, keep: in
     final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
     try:
-        state = model.state_dict()
-        save_file({k: state[k].detach().cpu().contiguous() for k in names}, str(tmp / "model.safetensors"))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
+        weights = model.state_dict()
+        save_file({k: weights[k].detach().cpu().contiguous() for k in names}, str(tmp / "model.safetensors"))
+        state = {"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(state, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -332,6 +335,8 @@ def load_checkpoint(run: Path, model, names: list[str], opt, sources: dict[str, 
         raise SpecError(Diagnostic(Span(str(d), 0, 0), f"--resume: the optimizer state does not fit this recipe: "
                                                        f"{e}"), sources) from None
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"])
 
 
