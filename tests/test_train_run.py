@@ -228,3 +228,16 @@ def test_a_device_that_is_not_there_is_a_user_error(tmp_path, capsys):
         assert main(["train", str(MOONS), "-o", str(tmp_path / "run"), "--device", "cuda", "--quiet"]) == 2
         assert "--device cuda: " in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    spec = tmp_path / "clip.yaml"
+    spec.write_text(MOONS.read_text().replace("adamw(lr=0.05, weight_decay=0.01)", "sgd(lr=1.0)")
+                    .replace("  schedule: warmup_cosine(warmup=5, min=0.1)\n", "")
+                    .replace("  groups:\n    - {params: \"*.bias\", weight_decay: 0.0}\n", "")
+                    .replace("clip: 1.0", "clip: 0.001"))
+    train(spec, tmp_path / "run", dropout=0.0, train={"steps": 1, "checkpoint.every": 1})
+    before = specc.load(spec, opt_level=0).state_dict()
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000001" / "model.safetensors"))
+    step = torch.cat([(after[k].double() - before[k].double()).flatten() for k in after])
+    assert step.norm().item() == pytest.approx(0.001, rel=1e-4)  # SGD with lr 1: the clipped gradient itself
