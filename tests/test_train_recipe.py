@@ -234,3 +234,19 @@ def test_check_json_describes_the_recipe(capsys):
                                                                        "range": [0, 2]}},
                       "feed": {"x": "x"}, "optimizer": "AdamW", "steps": 40, "epochs": None, "batch": 32,
                       "metrics": ["acc"], "lora": []}
+
+
+@pytest.mark.parametrize("spec, loss, message", [
+    ("itransformer", "mse(y, x)", "loss: mse: shapes [B, 24, 7] and [B, 96, 7] do not broadcast"),
+    ("sla", "cross_entropy(joint, label)", "loss: cross_entropy: class targets [B] must have the logits' shape "
+                                           "without the class axis, [4 * B]"),
+    ("lsa_icl", "kl(tokens, e[:, :1])", None),  # not plain names: left to the dry run when training starts
+    ("gpt", "cross_entropy(logits, targets, mask=mask)", None),  # T is bound by the fed field (12)
+])
+def test_shapes_of_losses_on_outputs_and_fields_are_checked(capsys, spec, loss, message):
+    code = main(["check", str(ROOT / "specs" / f"{spec}.yaml"), "--no-color", "--set", f"train.loss={loss}"])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0, err
+    else:
+        assert code == 2 and f"<--set>:1:12: error: {message}" in err, err

@@ -194,13 +194,20 @@ def l1(prediction, target, mask=None):
     return _reduce((prediction - target.to(prediction.dtype)).abs(), mask)
 
 
+def class_problem(logits: tuple, target: tuple, soft: bool, show=list) -> str | None:
+    """Why class targets of shape `target` do not fit logits of shape `logits` (None: they fit)."""
+    if soft:
+        if tuple(target) != tuple(logits):
+            return f"soft targets {show(target)} must have the logits' shape {show(logits)}"
+    elif tuple(target) != tuple(logits[:-1]):
+        return f"class targets {show(target)} must have the logits' shape without the class axis, {show(logits[:-1])}"
+    return None
+
+
 def _check_classes(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if target.is_floating_point():
-        if target.shape != logits.shape:
-            raise ValueError(f"soft targets {list(target.shape)} must have the logits' shape {list(logits.shape)}")
-    elif tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"class targets {list(target.shape)} must have the logits' shape without the class axis, "
-                         f"{list(logits.shape[:-1])}")
+    problem = class_problem(tuple(logits.shape), tuple(target.shape), target.is_floating_point())
+    if problem:
+        raise ValueError(problem)
 
 
 def cross_entropy(logits, target, mask=None, smoothing=0.0):

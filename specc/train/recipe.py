@@ -218,6 +218,8 @@ class _Checker:
                 if e is not None:
                     self.names(e, known | set(), TENSOR_FUNCTIONS, f"metric '{name}'")
                     metrics[name] = e
+        if not self.errors:
+            self.shapes(fields, feed, [(loss, "loss")] + [(m, f"metric '{n}'") for n, m in metrics.items()])
         opt, opt_args = self.optimizer()
         schedule = None
         if t.schedule is not None:
@@ -273,6 +275,64 @@ class _Checker:
             return gen, {}, {}, {}
         fields = gen.fields(args)
         return gen, args, fields, {k: e.span for k in fields}
+
+    def shapes(self, fields: dict[str, D.FieldType], feed: dict[str, str], exprs: list[tuple[Any, str]]) -> None:
+        """The losses and metrics applied directly to outputs and fields get arguments of fitting shapes:
+        mse/l1 broadcast, kl matches, cross_entropy/accuracy/exact_match take targets of the logits' shape
+        without the class axis. Checked on concrete sizes, the batch axis standing as a size no other
+        axis has; other expressions are left to the dry run that `specc train` makes first."""
+        import numpy as np
+
+        from specc.compiler.dims import evaluate
+        from specc.compiler.ir import FLOAT_DTYPES
+
+        from .expr import class_problem
+
+        inputs = {name: self.graph.node(nid).outputs[0] for name, nid in self.graph.inputs}
+        bindings = dict(self.graph.example_bindings())
+        batch = set()
+        for name, source in feed.items():
+            ty = inputs[name]
+            if not ty.shape:
+                continue
+            batch.add(_symbol(ty.shape[0]))
+            for w, g in zip(ty.shape[1:], fields[source][1]):
+                if _symbol(w) is not None:
+                    bindings[_symbol(w)] = g
+        if len(batch) != 1 or None in batch:
+            return
+        symbol = batch.pop()
+        bindings[symbol] = BATCH
+        env = {k: ((BATCH,) + shape, dtype in FLOAT_DTYPES) for k, (dtype, shape, _) in fields.items()}
+        for name, ref in self.graph.outputs:
+            ty = self.graph.type_of(ref)
+            try:
+                env[name] = (tuple(d if isinstance(d, int) else evaluate(d, bindings) for d in ty.shape),
+                             ty.dtype in FLOAT_DTYPES)
+            except (KeyError, ValueError, TypeError):
+                continue
+
+        def show(shape) -> str:
+            return "[" + ", ".join(_batch_dim(d, symbol) for d in shape) + "]"
+
+        for e, what in exprs:
+            for sub in walk(e) if e is not None else ():
+                if not isinstance(sub, A.Call) or len(sub.args) < 2 or \
+                        not all(isinstance(a, A.Name) and a.id in env for a in sub.args[:2]):
+                    continue
+                (a, _), (b, b_float) = env[sub.args[0].id], env[sub.args[1].id]
+                name, problem = sub.func_name, None
+                if name in ("mse", "l1"):
+                    try:
+                        np.broadcast_shapes(a, b)
+                    except ValueError:
+                        problem = f"shapes {show(a)} and {show(b)} do not broadcast"
+                elif name == "kl" and a != b:
+                    problem = f"logits {show(a)} and target_logits {show(b)} differ"
+                elif name in ("cross_entropy", "accuracy", "exact_match"):
+                    problem = class_problem(a, b, b_float, show)
+                if problem:
+                    self.errors.error(sub.span, f"{what}: {name}: {problem}")
 
     def scalars(self) -> dict[str, A.Expr]:
         out: dict[str, A.Expr] = {}
@@ -452,6 +512,19 @@ class _Bad:
 
 
 _BAD = _Bad()
+
+
+#: The size the batch axis stands as when shapes are checked: one no other axis is likely to have.
+BATCH = 999_983
+
+
+def _batch_dim(d: int, symbol: str) -> str:
+    """A checked size as the user wrote it: the batch axis (or a multiple of it) by its symbol."""
+    if d == BATCH:
+        return symbol
+    if d % BATCH == 0:
+        return f"{d // BATCH} * {symbol}"
+    return str(d)
 
 
 def _symbol(d: Any) -> str | None:
