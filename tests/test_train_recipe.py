@@ -250,3 +250,10 @@ def test_shapes_of_losses_on_outputs_and_fields_are_checked(capsys, spec, loss, 
         assert code == 0, err
     else:
         assert code == 2 and f"<--set>:1:12: error: {message}" in err, err
+
+
+def test_group_values_are_numbers(tmp_path, capsys):
+    code, _, err = check(tmp_path, GOOD + "  groups:\n    - {params: 'linear.*', weight_decay: heavy, momentum: [0.9]}\n",
+                         capsys)
+    assert code == 2
+    _at(err, 28, 42, "groups: 'weight_decay' must be a number (or a list of numbers, e.g. betas), got 'heavy'")

@@ -468,9 +468,10 @@ class _Checker:
                 if opt and k not in allowed:
                     self.errors.error(self.key_span("groups", i, k), f"groups: {opt} has no argument '{k}'"
                                       + did_you_mean(k, allowed))
-                elif isinstance(v, (dict, list)) and not (isinstance(v, list) and all(isinstance(x, (int, float))
-                                                                                          for x in v)):
-                    self.errors.error(self.span("groups", i, k), f"groups: '{k}' must be a number")
+                elif not (isinstance(v, (int, float)) or (isinstance(v, list) and v and
+                                                          all(isinstance(x, (int, float)) for x in v))):
+                    self.errors.error(self.span("groups", i, k), f"groups: '{k}' must be a number (or a list of "
+                                                                 f"numbers, e.g. betas), got {v!r}")
             out.append((patterns, {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}))
         return out
 
