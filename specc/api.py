@@ -48,9 +48,15 @@ def compile(path_or_text: str | Path, *, allow_imports: Iterable[str] = (),  # n
 
 def check(path_or_text: str | Path, *, allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None,
           **more_overrides: Any) -> Summary:
-    """Parse, elaborate and infer every shape; the summary (outputs, parameters, FLOPs), with the
-    deploy graph's in `.deploy` when the spec has training-only outputs."""
-    return summary_of(compile(path_or_text, allow_imports=allow_imports, overrides=overrides, **more_overrides))
+    """Parse, elaborate and infer every shape, and check the training recipe (the train: section) if
+    there is one; the summary (outputs, parameters, FLOPs), with the deploy graph's in `.deploy` when
+    the spec has training-only outputs."""
+    src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides}, allow_imports=allow_imports)
+    if src.spec.train is not None:
+        from specc.train.recipe import check_recipe
+
+        check_recipe(src, graph)
+    return summary_of(graph)
 
 
 def summary_of(graph: Graph) -> Summary:

@@ -257,3 +257,16 @@ def test_group_values_are_numbers(tmp_path, capsys):
                          capsys)
     assert code == 2
     _at(err, 28, 42, "groups: 'weight_decay' must be a number (or a list of numbers, e.g. betas), got 'heavy'")
+
+
+def test_the_python_api_checks_the_recipe_too(tmp_path):
+    import specc
+    from specc.dsl.diagnostics import SpecError
+
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    assert specc.check(good).params > 0
+    bad = tmp_path / "spec.yaml"
+    bad.write_text(GOOD.replace("optimizer: sgd(lr=0.1, momentum=0.9)", "optimizer: adamx(lr=0.1)"))
+    with pytest.raises(SpecError, match="unknown optimizer 'adamx'"):
+        specc.check(bad)
