@@ -264,9 +264,9 @@ def test_the_python_api_checks_the_recipe_too(tmp_path):
     from specc.dsl.diagnostics import SpecError
 
     good = tmp_path / "good.yaml"
-    good.write_text(GOOD)
+    good.write_text(HEAD + GOOD)
     assert specc.check(good).params > 0
     bad = tmp_path / "spec.yaml"
-    bad.write_text(GOOD.replace("optimizer: sgd(lr=0.1, momentum=0.9)", "optimizer: adamx(lr=0.1)"))
+    bad.write_text(HEAD + GOOD.replace("optimizer: sgd(lr=0.1, momentum=0.9)", "optimizer: adamx(lr=0.1)"))
     with pytest.raises(SpecError, match="unknown optimizer 'adamx'"):
         specc.check(bad)
