@@ -669,6 +669,21 @@ def markdown(info: dict[str, str], results: list[CaseResult], specs: list[SpecTi
     return "\n".join(parts)
 
 
+#: Headings of the sections this report writes; other sections of BENCHMARKS.md (the TVM table, the
+#: training recipes: written by their own benchmarks) are kept after them.
+OWN_SECTIONS = ("Machine", "Targets", "Ratios", "Models", "The compiler's own time", "Compile-time scaling")
+
+
+def other_sections(path: Path) -> str:
+    """The sections of an existing report that other benchmarks wrote, in their order."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    sections = re.split(r"(?m)^(?=## )", text)[1:]
+    return "".join(sec for sec in sections if not sec[3:].startswith(OWN_SECTIONS)).strip()
+
+
 def old_notes(path: Path) -> str:
     try:
         text = path.read_text()
@@ -772,7 +787,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"torch.compile at {compile_batches or 'none'}; {rounds} interleaved rounds, about "
                     f"{seconds:g} s of calls per variant; up to {quiet_wait:g} s waited before each batch for other "
                     f"processes to leave the CPUs; tolerance {TOL:g} x max(1, max|ref|)")
-        Path(out).write_text(markdown(info, results, specs, scale, settings, old_notes(Path(out))))
+        report = markdown(info, results, specs, scale, settings, old_notes(Path(out)))
+        others = other_sections(Path(out))
+        Path(out).write_text(report + ("\n" + others + "\n" if others else ""))
         print(f"wrote {out}")
     mismatched = any(not v.ok for cr in results for br in cr.batches for v in br.variants.values() if not v.error)
     return 1 if mismatched else 0

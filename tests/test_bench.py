@@ -110,3 +110,16 @@ def test_scaling_and_report(tmp_path, small_gpt):
     path = tmp_path / "B.md"
     path.write_text(md)
     assert run.old_notes(path) == "my notes"  # hand-written notes survive a rerun
+
+
+def test_a_new_report_keeps_the_sections_other_benchmarks_wrote(tmp_path):
+    from bench.run import other_sections
+
+    old = tmp_path / "BENCHMARKS.md"
+    old.write_text("# Benchmarks\n\n## Machine\n\n- cpu: x\n\n## Targets\n\nold\n\n"
+                   "## tvm-llvm against torch eager\n\n| a |\n\n## Models\n\nold models\n\n"
+                   "## Training recipes\n\n<!-- training recipes: end -->\n")
+    kept = other_sections(old)
+    assert kept.startswith("## tvm-llvm against torch eager") and "## Training recipes" in kept
+    assert "old models" not in kept and "## Machine" not in kept and "## Targets" not in kept
+    assert other_sections(tmp_path / "missing.md") == ""
