@@ -303,3 +303,12 @@ y = conv2d(relu(conv2d(x, 4, 3, padding=1)), 4, 3, stride=2, padding='valid', gr
     general, static = vm["main"](x, *ws).numpy(), vm["main__B2"](x, *ws).numpy()
     assert static.shape == (2, 4, 3, 3)
     np.testing.assert_allclose(static, general, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_pow_and_number_operands():
+    """pow on integers (Relax's power takes floats: computed in float64 and rounded back) with numbers
+    cast to the other operand's dtype; exact."""
+    check(spec("ipow", "ids: i64[B, T] in range(6)\nx: f32[B, T]", """
+p = 2 ** arange(T) + ids ** 3 + 3 ** ids
+y = x ** 2 + cast(p, f32)
+""", "p: i64[B, T]\ny: f32[B, T]", dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=9)], "ipow")

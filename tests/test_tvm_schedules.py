@@ -166,6 +166,27 @@ def test_batched_matmul_rule_with_symbolic_length():
         assert np.abs(got[keep] - want[keep]).max() <= 1e-5 * max(1.0, np.abs(want[keep]).max()), (s, t)
 
 
+def test_matmul_rule_with_symbolic_rows_that_divide_the_tile():
+    """x [B, 3, 16, 32] @ W [32, 64]: 48 * B rows, a multiple of the row tile (6), so nothing is padded;
+    each tile's rows wrap from one row of x into the next, and the copy of x per tile must cover them
+    (found on timellm, whose patches are [B * variates, P, d])."""
+    B = tirx.Var("B", "int64")
+    x = te.placeholder((B, _i64(3), _i64(16), _i64(32)), name="x")
+    w = te.placeholder((_i64(32), _i64(64)), name="w")
+    r = te.reduce_axis((_i64(0), _i64(32)), "r")
+    out = te.compute((B, _i64(3), _i64(16), _i64(64)),
+                     lambda b, v, i, j: te.sum(x[b, v, i, r] * w[r, j], axis=r), name="y")
+    lib = _build(_schedule(te.create_prim_func([x, w, out]), schedules.Matmul()))
+    rng = np.random.default_rng(2)
+    for b in (1, 2, 5):
+        a = rng.standard_normal((b, 3, 16, 32)).astype("float32")
+        m = rng.standard_normal((32, 64)).astype("float32")
+        o = tvm.runtime.tensor(np.full((b, 3, 16, 64), np.nan, "float32"))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(m), o)
+        want = a.astype(float) @ m.astype(float)
+        assert np.abs(o.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), b
+
+
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 40])
 def test_row_kernels_over_ragged_rows(length):
     B = tirx.Var("B", "int64")

@@ -134,7 +134,9 @@ def _cast(c: Ctx, x: relax.Expr, dtype: str) -> relax.Expr:
     if x.ty.dtype == dtype:
         return x
     if isinstance(x, tvm.ir.expr.Constant):
-        return relax.const(x.data.numpy().astype(_np_dtype(dtype)), dtype)
+        value = x.data.numpy() if hasattr(x, "data") else np.asarray(x.value.numpy() if hasattr(x.value, "numpy")
+                                                                     else x.value)
+        return relax.const(value.astype(_np_dtype(dtype)), dtype)
     return c.emit(R.astype(x, dtype))
 
 
@@ -223,6 +225,15 @@ def _binary(fn: Callable[[relax.Expr, relax.Expr], relax.Expr]) -> Lowering:
         return fn(_cast(c, xs[0], c.dtype), _cast(c, xs[1], c.dtype))
 
     return lower
+
+
+def _pow(c: Ctx, xs: list) -> relax.Expr:
+    """x ** y; integers (Relax's power takes floats only) through float64, which holds every i32 power
+    exactly and i64 ones up to 2**53, rounded back."""
+    if c.out.dtype in ("f16", "bf16", "f32", "f64"):
+        return R.power(_cast(c, xs[0], c.dtype), _cast(c, xs[1], c.dtype))
+    y = c.emit(R.power(_cast(c, xs[0], "float64"), _cast(c, xs[1], "float64")))
+    return R.astype(c.emit(R.round(y)), c.dtype)
 
 
 def _matmul(c: Ctx, xs: list) -> relax.Expr:
@@ -643,6 +654,20 @@ def _te_im2col(x: te.Tensor, kernel: tuple, stride: tuple, dilation: tuple, befo
     return te.compute(shape, lambda *i: at(*i), name="im2col")
 
 
+def _dims_key(shape: Sequence[Dim]) -> str:
+    """Static sizes as they are, symbolic ones by which are equal: (2, s0, 8, s0)."""
+    seen: dict[str, int] = {}
+    return str(tuple(d if isinstance(d, int) else f"s{seen.setdefault(str(d), len(seen))}" for d in shape))
+
+
+def _window_out(n: Any, k: int, stride: int, dilation: int, pad: int) -> Any:
+    """floor((n + pad - dilation (k - 1) - 1) / stride) + 1 (pad: both sides together), on a TIR size."""
+    span = n + tirx.IntImm("int64", pad - dilation * (k - 1) - 1)
+    if isinstance(n, tirx.IntImm):
+        return tirx.IntImm("int64", int(n.value + pad - dilation * (k - 1) - 1) // stride + 1)
+    return (span if stride == 1 else tirx.floordiv(span, tirx.IntImm("int64", stride))) + tirx.IntImm("int64", 1)
+
+
 def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
                  after: list, groups: int) -> relax.Expr:
     """x [B, C, *spatial] -> [B, out, *spatial']: the k window taps of every output position gathered as
@@ -659,11 +684,18 @@ def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, di
     else:
         # A kernel of its own, marked opaque to fusion: FuseTIR cannot merge a TE function written over the
         # symbolic sizes into the static-shape copies of `main` that tuning adds (specialise).
-        key = ("im2col", DTYPES[xt.dtype], str(c.shape(xt.shape)), kernel, stride, dilation, tuple(before), padded,
-               str(out_sp), groups)
+        # Its sizes: the static ones, and a variable per distinct symbolic size (B, or 4 * B after a concat:
+        # a TIR function can read a variable, not an expression, from its argument's shape).
+        key = ("im2col", DTYPES[xt.dtype], _dims_key(xt.shape), kernel, stride, dilation, tuple(before),
+               tuple(after), groups)
         if key not in c.kernels:
-            xp = te.placeholder(c.shape(xt.shape), DTYPES[xt.dtype], name="x")
-            out = _te_im2col(xp, kernel, stride, dilation, list(before), padded, out_sp, groups)
+            fresh: dict[str, tirx.Var] = {}
+            dims = [tirx.IntImm("int64", d) if isinstance(d, int) else fresh.setdefault(str(d), tirx.Var(
+                f"n{len(fresh)}", "int64")) for d in xt.shape]
+            xp = te.placeholder(dims, DTYPES[xt.dtype], name="x")
+            sp = [_window_out(d, kk, st, dl, b0 + a0) for d, kk, st, dl, b0, a0
+                  in zip(dims[2:], kernel, stride, dilation, before, after)]
+            out = _te_im2col(xp, kernel, stride, dilation, list(before), padded, sp, groups)
             func = te.create_prim_func([xp, out]).with_attr("op_pattern", 8).with_attr("tirx.noalias", True)
             c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "im2col")
         shape = [bsz, i64(groups), i64(cin // groups)] + [i64(v) for v in kernel] + out_sp
@@ -922,7 +954,7 @@ LOWERINGS: dict[str, Lowering] = {
     "sub": _binary(R.subtract),
     "mul": _binary(R.multiply),
     "div": _binary(R.divide),
-    "pow": _binary(R.power),
+    "pow": _pow,
     "matmul": _matmul,
     "linear": _linear_op,
     "embedding": _embedding,

@@ -298,9 +298,11 @@ class Matmul(ScheduleRule):
         # operand's own axes (e.g. [B, T, K]); computed per tile, TVM would bound a tile's fused rows
         # b*T+t by a box in (b, t) that covers other rows too. Make it iterate over the fused axes
         # ([S, I, K] / [S, J, K]) first, as the padded copies do.
-        if not pad_i and not _try(sch.transform_block_layout, reindex_a, a_map):
+        # pad_einsum adds no padded copy where it proves the extent divisible (e.g. symbolic rows 48 * B for
+        # MR = 6): then the reindex block is still there, on the operand's axes, whatever pad_i says.
+        if not _try(sch.transform_block_layout, reindex_a, a_map) and not pad_i:
             return None
-        if not pad_j and pack_b and not _try(sch.transform_block_layout, reindex_b, b_map):
+        if pack_b and not _try(sch.transform_block_layout, reindex_b, b_map) and not pad_j:
             return None
         producers = {sch.get(p).writes[0].source.name: p for p in sch.get_producers(main)}
         a_blk = producers.get(self._read_buffer(sch, main, 0))
