@@ -135,6 +135,28 @@ class LoraDecl(_Strict):
                                                                    "alpha = r).")
 
 
+class AdaptersDecl(_Strict):
+    """Parameter-efficient fine-tuning: freeze the model, add a trained bottleneck adapter to named layers."""
+
+    layers: list[FreezePattern] = Field(description="Glob patterns over layers' paths (linear, attention and mlp "
+                                                    "layers, as `specc ir -O0` names them), e.g. 'h.*.attention'.")
+    bottleneck: int = Field(default=16, gt=0, description="The adapter's width: down [bottleneck, d], up "
+                                                          "[d, bottleneck] (up starts at zero).")
+    kind: Literal["houlsby", "parallel"] = Field(
+        default="houlsby", description="houlsby: h + up(relu(down(h))) after the layer's output h; parallel: the "
+                                       "layer's output + scale * up(relu(down(x))) beside it, reading its input x.")
+    scale: float | None = Field(default=None, gt=0.0, description="Factor of the adapter's output (default: 1 for "
+                                                                  "houlsby, 4 for parallel).")
+
+
+class PrefixDecl(_Strict):
+    """Prefix tuning: freeze the model, give named attention layers l trained key and value rows."""
+
+    layers: list[FreezePattern] = Field(description="Glob patterns over attention layers' paths, e.g. "
+                                                    "'h.*.attention'.")
+    length: int = Field(default=8, gt=0, description="l: the key rows and value rows of each prefix.")
+
+
 class GroupDecl(BaseModel):
     """Optimizer settings for the parameters matching `params` (other keys: optimizer arguments)."""
 
@@ -177,6 +199,12 @@ class TrainSection(_Strict):
     lora: LoraDecl | None = Field(default=None, description="Fine-tune with LoRA: every parameter of the model is "
                                                             "frozen, the named linear layers get a trained update "
                                                             "alpha / r * B @ A, merged into their weights in RUN/model.")
+    adapters: AdaptersDecl | None = Field(default=None, description="Fine-tune with adapters: every parameter of "
+                                                                    "the model is frozen, the named layers get a "
+                                                                    "trained bottleneck adapter, kept in RUN/model.")
+    prefix: PrefixDecl | None = Field(default=None, description="Fine-tune with prefixes: every parameter of the "
+                                                                "model is frozen, the named attention layers get l "
+                                                                "trained key and value rows, kept in RUN/model.")
 
 
 class TrainOnly(_Strict):

@@ -1,10 +1,12 @@
 """The training loop: a checked recipe run on the PyTorch backend's built module.
 
 The model is the -O0 build of the spec (the very code `specc build` writes), so parameter names are
-the spec's (`specc ir -O0`). Everything that decides a step is a function of the seed and the step
-number (the data order: one seeded permutation per epoch; the schedules: a factor per step), and
-the rest (weights, optimizer state, the RNG of dropout) is in every checkpoint, so a run resumed
-from step k gives the same losses as the run never stopped. Files of a run directory:
+the spec's (`specc ir -O0`); with `adapters:` or `prefix:` it is the build of the spec's graph with
+those layers inserted (`peft.py`), and so is RUN/model/. Everything that decides a step is a
+function of the seed and the step number (the data order: one seeded permutation per epoch; the
+schedules: a factor per step), and the rest (weights, optimizer state, the RNG of dropout) is in
+every checkpoint, so a run resumed from step k gives the same losses as the run never stopped.
+Files of a run directory:
 
     metrics.jsonl            one JSON line per step ({"step", "loss", "lr", scalars}) and per evaluation
                              ({"step", "split": "val", "loss", metrics})
@@ -124,12 +126,20 @@ class Batches:
 
 # -- the model --------------------------------------------------------------------------------
 
-def build_model(src: SpecSource, graph: Graph, recipe: Recipe) -> torch.nn.Module:
-    """The -O0 module in training mode, with the recipe's frozen parameters frozen too."""
+def build_model(src: SpecSource, graph: Graph, recipe: Recipe, base: Graph | None = None) -> torch.nn.Module:
+    """The -O0 module in training mode, with the recipe's frozen parameters frozen too.
+
+    base: the spec's own graph when `graph` is its transform by the recipe's adapters and prefixes
+    (`peft.of_recipe`): the base parameters then start as the spec's seed makes them."""
     from specc.backends.pytorch.build import artifacts, load_in_memory
 
+    weights = None
+    if base is not None and base is not graph:
+        from .peft import initial_weights
+
+        weights = initial_weights(base, graph, recipe.section.seed)
     model = load_in_memory(artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
-                                     ctx=PassContext(opt_level=0)))
+                                     weights=weights, ctx=PassContext(opt_level=0)))
     for name, p in model.named_parameters():
         if name in recipe.frozen:
             p.requires_grad_(False)
@@ -143,7 +153,8 @@ def build_model(src: SpecSource, graph: Graph, recipe: Recipe) -> torch.nn.Modul
 
 
 def weight_names(graph: Graph, recipe: Recipe | None = None) -> list[str]:
-    """The stored tensors (parameters and buffers, tied ones once, at their owner; LoRA's A and B)."""
+    """The stored tensors (parameters and buffers, tied ones once, at their owner; LoRA's A and B).
+    Of the graph that is trained: with adapters and prefixes, `peft.of_recipe`'s."""
     names = [".".join(n.path + (p.name,)) for _, n in graph.nodes() for p in n.params if p.tied_to is None]
     for path in recipe.lora_layers if recipe is not None else ():
         names += [f"{path}.lora_A", f"{path}.lora_B"]
@@ -368,7 +379,10 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     n_train = len(next(iter(train.values())))
     steps = total_steps(recipe, n_train)
     torch.manual_seed(t.seed)
-    model = build_model(src, graph, recipe).to(dist.device)
+    from .peft import of_recipe
+
+    base, graph = graph, of_recipe(graph, recipe)  # adapters and prefixes: new layers in the graph
+    model = build_model(src, graph, recipe, base).to(dist.device)
     train = {k: v.to(dist.device) for k, v in train.items()}
     val = {k: v.to(dist.device) for k, v in val.items()}
     if weights is not None:
@@ -473,7 +487,8 @@ def _keep_metrics(out: Path, resume: Path | None, start: int) -> None:
 
 
 def _export(src: SpecSource, graph: Graph, model, recipe: Recipe, out: Path, opt_level: int) -> None:
-    """RUN/model/: `specc build` of the trained weights (LoRA updates merged into their layers)."""
+    """RUN/model/: `specc build` of the trained weights (LoRA updates merged into their layers; `graph`
+    with its adapters and prefixes, which stay layers of their own)."""
     from specc.api import given_weights
     from specc.backends.pytorch.build import artifacts, write_atomic
 

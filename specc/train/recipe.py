@@ -59,6 +59,8 @@ class Recipe:
     scalar_inputs: dict[str, str] = field(default_factory=dict)  # model input -> scalar name
     lora_layers: tuple[str, ...] = ()  # linear layers that get a LoRA update (train.lora)
     optimizer_span: Span | None = None
+    adapter_layers: tuple[str, ...] = ()  # layers that get an adapter (train.adapters)
+    prefix_layers: tuple[str, ...] = ()  # attention layers that get a prefix (train.prefix)
 
     @property
     def ordered(self) -> bool:
@@ -229,6 +231,7 @@ class _Checker:
         groups = self.groups(opt)
         frozen = self.frozen()
         lora = self.lora()
+        adapters, prefixes = self.peft()
         if t.steps is None and t.epochs is None:
             self.errors.error(self.span(), "train: give steps or epochs")
         if t.steps is not None and t.epochs is not None:
@@ -238,7 +241,7 @@ class _Checker:
                       if isinstance(t.data, DataFile) else None, fields, field_spans, feed, loss, metrics, opt,
                       opt_args, schedule, scalars, groups, frozen, self.span(),
                       self.span("data", "file") if isinstance(t.data, DataFile) else None, scalar_inputs, lora,
-                      self.optimizer_span)
+                      self.optimizer_span, adapter_layers=adapters, prefix_layers=prefixes)
 
     def data(self) -> tuple[D.Generator | None, dict[str, Any], dict[str, D.FieldType], dict[str, Span]]:
         t = self.t
@@ -502,10 +505,50 @@ class _Checker:
             hits.update(dict.fromkeys(found))
         if not self.t.lora.layers:
             self.errors.error(self.span("lora"), "lora: name at least one linear layer in layers")
-        if self.t.freeze:
-            self.errors.error(self.key_span("freeze"), "train: lora freezes every parameter of the model already; "
-                                                       "drop freeze")
         return tuple(hits)
+
+    def peft(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The layers of train.adapters and of train.prefix; the transform is tried here, so a layer that
+        cannot take one is an error at its pattern."""
+        from .peft import ADAPTER_OPS, PREFIX_OPS, PeftError, layers, transform
+
+        t = self.t
+        used = [k for k in ("lora", "adapters", "prefix") if getattr(t, k) is not None]
+        if used and t.freeze:
+            self.errors.error(self.key_span("freeze"), f"train: {' and '.join(used)} freeze"
+                                                       f"{'s' if len(used) == 1 else ''} every parameter of the "
+                                                       f"model already; drop freeze")
+        found: dict[str, tuple[str, ...]] = {}
+        patterns: dict[str, list[tuple[int, str]]] = {}
+        for key, ops, what in (("adapters", ADAPTER_OPS, "linear, attention or mlp layer"),
+                               ("prefix", PREFIX_OPS, "attention layer")):
+            decl = getattr(t, key)
+            if decl is None:
+                found[key] = ()
+                continue
+            names = layers(self.graph, ops)
+            hits: dict[str, None] = {}
+            for i, p in enumerate(decl.layers):
+                matched = fnmatch.filter(names, p)
+                if not matched:
+                    self.errors.error(self.span(key, "layers", i), f"{key}: '{p}' matches no {what}",
+                                      _close_layers(p, names, what))
+                hits.update(dict.fromkeys(matched))
+                patterns.setdefault(key, []).extend((i, m) for m in matched)
+            if not decl.layers:
+                self.errors.error(self.span(key), f"{key}: name at least one {what} in layers")
+            found[key] = tuple(hits)
+        if (found["adapters"] or found["prefix"]) and not self.errors:
+            a, pre = t.adapters, t.prefix
+            try:
+                transform(self.graph, list(found["adapters"]), a.bottleneck if a else 16, a.kind if a else "houlsby",
+                          a.scale if a else None, list(found["prefix"]), pre.length if pre else 8)
+            except PeftError as e:
+                key = e.key
+                i = next((i for i, m in patterns.get(key, []) if m == e.layer), None)
+                where = self.span(key, "layers", i) if i is not None else self.span(key)
+                self.errors.error(where, f"{key}: {e.message}")
+        return found["adapters"], found["prefix"]
 
 
 class _Bad:
@@ -538,6 +581,15 @@ def _symbol(d: Any) -> str | None:
 
 def _is_callee(root: A.Expr, name: A.Name) -> bool:
     return any(isinstance(s, A.Call) and s.func is name for s in walk(root))
+
+
+def _close_layers(pattern: str, names, what: str) -> str:
+    import difflib
+
+    if not names:
+        return f"the model has no {what}"
+    close = difflib.get_close_matches(pattern, sorted(names), n=3, cutoff=0.4)
+    return f"close names: {', '.join(close)}" if close else f"layers: {', '.join(sorted(names)[:10])}"
 
 
 def _close_params(pattern: str, names) -> str:
