@@ -21,6 +21,13 @@ On CPU targets `linear` is written as matmul(x, permute_dims(W)): the schedules 
 output columns, so they read W transposed ([in, out], contiguous along the columns); with
 LiftTransformParams (the default) the transpose runs once, when the weights are bound.
 
+On CPU targets conv1d/conv2d are an im2col gather (one TIR kernel reading the window taps straight
+from the input, the padding by bounds checks) and one (grouped) matmul, which the CPU Matmul schedule
+tiles; on GPUs they are Relax's conv ops. Attention (the layer and `attend`) is written out as
+backends/pytorch's MultiHeadAttention.attend: masks, prefixes and keys whose batch dimensions broadcast
+included. Ops with a recipe of their own: integer pow (through float64), moe_mlp (every expert on every
+token, then each token's own expert gathered), rot90 (flips and a transpose, as torch.rot90).
+
 Ops this backend cannot lower are listed in UNSUPPORTED (a test checks every registered op is in
 one table or the other).
 """
