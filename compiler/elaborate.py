@@ -58,6 +58,7 @@ MAX_NODES = 100_000  # nodes in the elaborated graph, all repeats and block call
 MAX_BLOCK_DEPTH = 32  # blocks calling blocks
 MAX_EVAL_DEPTH = 120  # nested expressions being evaluated, through block calls (about 4 Python frames each)
 MAX_SIZE = 2 ** 63 - 1  # the largest tensor dimension (and element count) a backend can index
+MAX_RANK = 32  # dimensions of one tensor (torch allows 64; no model of the zoo comes near 8)
 
 #: Attribute names an nn.Module already has; a module path segment never takes one of these.
 MODULE_ATTRS = frozenset({
@@ -382,6 +383,9 @@ class Elaborator:
                              f"dtypes: {', '.join(DTYPES)}")
         dims: list[Dim] = []
         scope = _Scope(())
+        if len(te.dims) > MAX_RANK:
+            return self.fail(te.dims[MAX_RANK].span, f"a type has {len(te.dims)} dimensions; at most {MAX_RANK} are "
+                                                     f"allowed")
         for d in te.dims:
             if isinstance(d, A.Name) and d.id not in self.params:
                 v = self.symbol(d.id, d.span)
@@ -795,6 +799,10 @@ class Elaborator:
         if len(items) > v.type.rank:
             return self.fail(e.span, f"index: too many indices ({len(items)}, besides the new axes) for "
                                      f"{_plain(v.type)}")
+        rank = v.type.rank - sum(1 for it in items if it[0] == "int") + len(newaxes)
+        if rank > MAX_RANK:
+            return self.fail(e.span, f"index: the result would have {rank} dimensions; at most {MAX_RANK} are "
+                                     f"allowed")
         if any(it != ("slice", None, None) for it in items):  # x[0, None]: index first, then add the axes
             v = self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, None, {"index": e.span})
             if v is POISON:
@@ -1265,6 +1273,9 @@ class Elaborator:
         if options:
             params = self.apply_options(opname, params, options)
         for t in outs:
+            if t.rank > MAX_RANK:
+                return self.fail(span, f"{opname}: the result would have {t.rank} dimensions; at most {MAX_RANK} "
+                                       f"are allowed")
             if _too_large(t.shape):
                 return self.fail(span, f"{opname}: the result {_plain(t)} is too large "
                                        f"(sizes and element counts must stay below 2**63)")

@@ -163,10 +163,28 @@ def _binary(name: str, doc: str):
         dtype = promote(x.dtype, y.dtype)
         if name == "div" and dtype not in FLOAT_DTYPES:
             dtype = "f32"
-        return T(dtype, broadcast(x, y, name))
+        return T(dtype, broadcast(x, y, name), _range_of(name, x, y, dtype))
 
     infer.__doc__ = doc
     op(name, Arg("x", "tensor"), Arg("y", "tensor"), flops=elementwise_flops, category="elementwise")(infer)
+
+
+def _range_of(name: str, x: TensorType, y: TensorType, dtype: str) -> tuple[int, int] | None:
+    """The value range of an integer add, sub or mul of two ranged integer tensors (interval
+    arithmetic; ranges are half-open, range(lo, hi)), so that e.g. `domain[:, None] + zeros(B, T,
+    dtype=i64)` still takes expert numbers. None where unknown or beyond int64."""
+    if dtype not in INT_DTYPES or name not in ("add", "sub", "mul") or x.value_range is None \
+            or y.value_range is None:
+        return None
+    (a, b), (c, d) = (x.value_range[0], x.value_range[1] - 1), (y.value_range[0], y.value_range[1] - 1)
+    if name == "add":
+        lo, hi = a + c, b + d
+    elif name == "sub":
+        lo, hi = a - d, b - c
+    else:
+        corners = (a * c, a * d, b * c, b * d)
+        lo, hi = min(corners), max(corners)
+    return (lo, hi + 1) if -2 ** 63 <= lo and hi < 2 ** 63 - 1 else None
 
 
 _binary("add", "x + y, with broadcasting.")
@@ -526,6 +544,8 @@ def _reduce(name: str, doc: str):
             axes = set(range(x.rank))
         else:
             dims = dims if isinstance(dims, (list, tuple)) else [dims]
+            if not dims:
+                raise OpError(f"{name}: dim=[] names no dimension; leave dim out to reduce over all of them", "dim")
             axes = {norm_axis(d, x.rank, name) for d in dims}
             if len(axes) != len(dims):
                 raise OpError(f"{name}: repeated dimension in {list(dims)}", "dim")
@@ -1119,7 +1139,7 @@ def _filled(name: str, value: int):
         for d in shape:
             if isinstance(d, int) and d <= 0:
                 raise OpError(f"{name}: sizes must be positive, got {dims_str(shape)}", "shape")
-        return T(c.a("dtype"), shape)
+        return T(c.a("dtype"), shape, (value, value + 1) if c.a("dtype") in INT_DTYPES else None)
 
     infer.__doc__ = (f"{name}(d0, d1, ..., dtype=f32): a tensor of {value}s (or {'true' if value else 'false'} for "
                      f"bool); sizes may be symbolic, e.g. tril({name}(T, T, dtype=bool)).")

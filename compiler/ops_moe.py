@@ -61,7 +61,12 @@ def _moe_mlp(c: OpCall):
     if route.shape != x.shape[:-1]:
         raise OpError(f"moe_mlp: route {shape_str(route)} must have the shape of x {shape_str(x)} without its last "
                       f"dimension, [{', '.join(fmt(s) for s in x.shape[:-1])}]: one expert number per token", "route")
-    if route.value_range is not None and (route.value_range[0] < 0 or route.value_range[1] > e):
+    if route.value_range is None:  # an expert number outside range(experts) would pick no expert (or read
+        # past the last one): the values must be known to be expert numbers
+        raise OpError(f"moe_mlp: the values of route {shape_str(route)} are not known to be expert numbers; "
+                      f"declare them, e.g. `route: {route.dtype}[...] in range({e})` for an input, or compute "
+                      f"them with an op that keeps a range (argmax, one of a ranged input)", "route")
+    if route.value_range[0] < 0 or route.value_range[1] > e:
         lo, hi = route.value_range
         raise OpError(f"moe_mlp: route takes values in range({lo}, {hi}), outside the {e} experts", "route")
     return T(x.dtype, x.shape[:-1] + (c.a("out") or d,))

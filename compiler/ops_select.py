@@ -23,6 +23,8 @@ def _axes(c: OpCall, x: TensorType, name: str) -> set[int]:
     if dims is None:
         return set(range(x.rank))
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:
+        raise OpError(f"{name}: dim=[] names no dimension; leave dim out to reduce over all of them", "dim")
     axes = {norm_axis(d, x.rank, name) for d in dims}
     if len(axes) != len(dims):
         raise OpError(f"{name}: repeated dimension in {list(dims)}", "dim")

@@ -102,13 +102,14 @@ def test_optimised_zoo_models_equal_unoptimised(tmp_path):
     import torch
 
     from specc.backends.pytorch.build import import_model_module
+    from specc.verify import float64_run
 
     for spec in sorted((ROOT / "specs").glob("*.yaml")):
         m0 = import_model_module(specc.build(spec, tmp_path / f"{spec.stem}0", opt_level=0))
         m2 = import_model_module(specc.build(spec, tmp_path / f"{spec.stem}2", opt_level=2))
         inputs = m0.example_inputs(seed=1)
         with torch.no_grad():
-            want = m0.load().double()(*[i.double() if i.is_floating_point() else i for i in inputs])
+            want = float64_run(m0.load().double(), inputs)  # float64 weights, inputs and default dtype
             got = m2.load()(*inputs)
         want, got = (want if isinstance(want, tuple) else (want,)), (got if isinstance(got, tuple) else (got,))
         for w, g in zip(want, got):

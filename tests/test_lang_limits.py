@@ -1,0 +1,56 @@
+"""Limits and rules found by reviewing the new operators: every one a located error at spec time,
+never a long check, a wrong shape or an internal error at run time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import specc
+from opcheck import only_error
+
+
+def spec(inputs: str, graph: str, outputs: str = "y") -> str:
+    """A spec whose graph body starts on line 6, at column 3."""
+    outs = "".join(f"  {o}:\n" for o in outputs.split())
+    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5}}\ngraph: |\n  {graph}\noutputs:\n{outs}"
+
+
+def test_many_new_axes_are_refused_quickly():
+    text = spec("x: 'f32[B, 4]'", "y = sum(x[" + "none, " * 5000 + ":, :])")
+    start = time.perf_counter()
+    d = only_error(text)
+    assert time.perf_counter() - start < 5.0
+    assert (d.span.line, d.span.col) == (6, 11) and "5002 dimensions; at most 32" in d.message
+
+
+def test_an_input_type_of_too_many_dimensions_is_refused_at_the_type():
+    dims = ", ".join(["1"] * 40)
+    d = only_error(spec(f"x: 'f32[{dims}]'", "y = relu(x)"))
+    assert d.span.line == 3 and "40 dimensions; at most 32" in d.message  # the inputs: line
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "amax", "amin"])
+def test_an_empty_dimension_list_is_an_error_not_a_wrong_shape(op):
+    d = only_error(spec("x: 'f32[B, 3, 4]'", f"y = {op}(x, dim=[])"))
+    assert d.message == f"{op}: dim=[] names no dimension; leave dim out to reduce over all of them"
+
+
+def test_moe_route_must_be_known_expert_numbers():
+    d = only_error(spec("x: 'f32[B, T, 4]', r: 'i64[B, T]'", "y = moe_mlp(x, r, 3, 8)"))
+    assert (d.span.line, d.span.col) == (6, 18) and "not known to be expert numbers" in d.message
+    ok = spec("x: 'f32[B, T, 4]', r: 'i64[B, T] in range(3)'", "y = moe_mlp(x, r, 3, 8)")
+    assert specc.check(ok).outputs[0].type.shape[-1] == 4
+
+
+def test_integer_ranges_follow_add_sub_and_mul():
+    text = spec("d: 'i64[B] in range(3)', e: 'i64[B] in range(2, 5)'",
+                "y = d[:, None] + zeros(B, 3, dtype=i64)\n  s = e - d\n  p = d * e\n  f = d + cast(e, f32)",
+                "y s p f")
+    ranges = {o.name: o.type.value_range for o in specc.check(text).outputs}
+    assert ranges == {"y": (0, 3), "s": (0, 5), "p": (0, 9), "f": None}
+    # so a computed route reaches moe_mlp with its range, and one outside the experts is caught
+    bad = spec("x: 'f32[B, 3, 4]', d: 'i64[B] in range(3)'",
+               "y = moe_mlp(x, d[:, None] + ones(B, 3, dtype=i64), 3, 8)")
+    assert "takes values in range(1, 4), outside the 3 experts" in only_error(bad).message
