@@ -54,3 +54,24 @@ def test_integer_ranges_follow_add_sub_and_mul():
     bad = spec("x: 'f32[B, 3, 4]', d: 'i64[B] in range(3)'",
                "y = moe_mlp(x, d[:, None] + ones(B, 3, dtype=i64), 3, 8)")
     assert "takes values in range(1, 4), outside the 3 experts" in only_error(bad).message
+
+
+def test_narrow_integer_indices_work_in_gather_one_hot_and_embedding(tmp_path):
+    """u8/i8/i32 ids: torch's gather and one_hot take only int64 (embedding int32 too), so the
+    generated code widens them; the tvm-llvm build casts likewise."""
+    import torch
+
+    from specc.verify import verify
+
+    text = spec("x: 'f32[B, 6]', a: 'u8[B, 6] in range(6)', b: 'i32[B, 6] in range(5)', c: 'i8[B, 6] in range(7)'",
+                "y = gather(x, a, dim=1) + sum(one_hot(b, 5), dim=2) + sum(embedding(c, 7, 3), dim=2)")
+    model = specc.load(text)
+    x = torch.randn(2, 6)
+    a = torch.tensor([[5, 0, 1, 2, 3, 4], [0, 0, 0, 5, 5, 5]], dtype=torch.uint8)
+    b = torch.randint(0, 5, (2, 6), dtype=torch.int32)
+    c = torch.randint(0, 7, (2, 6), dtype=torch.int8)
+    with torch.no_grad():
+        want = torch.gather(x, 1, a.long()) + 1.0 + model.embedding.weight[c.long()].sum(2)
+        torch.testing.assert_close(model(x, a, b, c), want, rtol=1e-6, atol=1e-6)
+    assert verify(text, examples=3).ok
+    assert verify(text, examples=3, target="tvm-llvm").ok

@@ -349,7 +349,7 @@ class Generator:
                     dims_used[s] = True
             return dim_text(d, sym_name)
 
-        return Ctx(node, dim, device, self.helpers)
+        return Ctx(node, dim, device, self.helpers, tuple(self.graph.type_of(r).dtype for r in node.inputs))
 
     def emit_forward(self, inst: Inst, units) -> tuple[list[str], list[str], set[str]]:
         g = self.graph

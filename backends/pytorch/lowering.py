@@ -38,6 +38,14 @@ class Ctx:
     dim: Callable[[Any], str]
     device: str
     helpers: set[str] = field(default_factory=set)
+    #: the IR dtypes of the node's inputs, in order
+    in_dtypes: tuple[str, ...] = ()
+
+    def as_index(self, i: int, x: "Expr", ok: tuple[str, ...] = ("i64",)) -> str:
+        """Input i as an index tensor torch takes: `.long()` unless its dtype is one of `ok`."""
+        if i < len(self.in_dtypes) and self.in_dtypes[i] not in ok:
+            return f"{x.at(ATOM)}.long()"
+        return x.text
 
     def a(self, key: str) -> Any:
         return self.node.attr(key)
@@ -350,8 +358,9 @@ LOWERINGS: dict[str, Lowering] = {
     "linear": Lowering(_module_call, lambda c, ins: f"nn.Linear({ins[0].shape[-1]}, {c.a('out')}"
                                                       + (", bias=False)" if not c.a("bias") else ")")),
     # one_hot is f32 in the IR; torch's default dtype here lets a float64 reference run stay in float64
-    "one_hot": Lowering(lambda c, xs: call(f"F.one_hot({xs[0].text}, {c.a('num')}).to(torch.get_default_dtype())")),
-    "embedding": Lowering(_module_call, lambda c, ins: f"nn.Embedding({c.a('num')}, {c.a('dim')})"),
+    "one_hot": Lowering(lambda c, xs: call(f"F.one_hot({c.as_index(0, xs[0])}, {c.a('num')})"
+                                           f".to(torch.get_default_dtype())")),
+    "embedding": Lowering(lambda c, xs: call(f"{c.module}({c.as_index(0, xs[0], ('i64', 'i32'))})"), lambda c, ins: f"nn.Embedding({c.a('num')}, {c.a('dim')})"),
     "layer_norm": Lowering(_layer_norm, lambda c, ins: _layer_norm_init(c, ins) if c.a("affine") else ""),
     "rms_norm": Lowering(_rms_norm, lambda c, ins: f"nn.RMSNorm({ins[0].shape[-1]}, eps={lit(c.a('eps'))})"
                          if c.a("affine") else ""),

@@ -26,6 +26,6 @@ LOWERINGS: dict[str, Lowering] = {
     "amax": Lowering(_extreme("amax")),
     "amin": Lowering(_extreme("amin")),
     "argmax": Lowering(_argmax),
-    "gather": Lowering(lambda c, xs: call(f"torch.gather({xs[0].text}, {c.a('dim')}, {xs[1].text})")),
+    "gather": Lowering(lambda c, xs: call(f"torch.gather({xs[0].text}, {c.a('dim')}, {c.as_index(1, xs[1])})")),
     "unsqueeze": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.unsqueeze({c.a('dim')})")),
 }

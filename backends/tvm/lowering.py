@@ -894,7 +894,7 @@ def _argmax(c: Ctx, xs: list) -> relax.Expr:
 
 
 def _gather(c: Ctx, xs: list) -> relax.Expr:
-    return R.gather_elements(xs[0], xs[1], axis=_axis(c.a("dim"), c.in_type(0).rank))
+    return R.gather_elements(xs[0], _cast(c, xs[1], "int64"), axis=_axis(c.a("dim"), c.in_type(0).rank))
 
 
 def _unsqueeze(c: Ctx, xs: list) -> relax.Expr:
