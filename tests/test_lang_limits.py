@@ -75,3 +75,11 @@ def test_narrow_integer_indices_work_in_gather_one_hot_and_embedding(tmp_path):
         torch.testing.assert_close(model(x, a, b, c), want, rtol=1e-6, atol=1e-6)
     assert verify(text, examples=3).ok
     assert verify(text, examples=3, target="tvm-llvm").ok
+
+
+def test_a_huge_rot90_count_is_its_remainder_of_four():
+    import torch
+
+    model = specc.load(spec("x: 'f32[B, 1, 3, 3]'", "y = rot90(x, 10000000000000000000001)"))
+    x = torch.randn(2, 1, 3, 3)
+    assert torch.equal(model(x), torch.rot90(x, 1, (2, 3)))
