@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
-from specc.backends.pytorch.build import artifacts, load_in_memory
+from specc.backends.pytorch.build import artifacts, check_memory, load_in_memory
 from specc.backends.pytorch.weights import init_weights, materialise
 from specc.compiler.ir import Graph
 from specc.compiler.passes import PassContext, optimize
@@ -81,6 +81,7 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
+    check_memory(graph, file, copies=5)  # the weights, the float64 reference (2x) and the candidate's copies
     base = perturbed(init_weights(graph), seed)
     reference = load_in_memory(artifacts(graph, text, file, weights=base, ctx=PassContext(opt_level=0)))
     reference = reference.double()

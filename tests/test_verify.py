@@ -126,3 +126,15 @@ outputs:
 """
     report = verify(text, examples=5)
     assert report.ok and report.worst < 1e-6
+
+
+def test_verify_refuses_weights_that_cannot_fit_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "big.yaml"
+    spec.write_text("specc: 1\nname: big\ninputs:\n  x: f32[2, 4]\ngraph: |\n  p = parameter(50000, 50000, 50)\n"
+                    "  y = x + amax(p)\noutputs:\n  y: f32[2, 4]\n")
+    proc = subprocess.run([sys.executable, "-m", "specc.cli", "verify", str(spec)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "more than this machine's" in proc.stderr and "Traceback" not in proc.stderr

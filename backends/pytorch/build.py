@@ -158,9 +158,10 @@ def _doc_safe(text: str) -> str:
     return " ".join(text.replace("\\", "/").replace('"""', "'''").replace('"', "'").split())
 
 
-def check_memory(graph: Graph, spec_file: str) -> None:
-    """Refuse, as a user error, to allocate weights that cannot fit in this machine's memory."""
-    need = summarize(graph).param_bytes
+def check_memory(graph: Graph, spec_file: str, copies: float = 1.0) -> None:
+    """Refuse, as a user error, to allocate weights that cannot fit in this machine's memory (`copies`:
+    how many float32-sized copies of them the caller holds at once)."""
+    need = int(summarize(graph).param_bytes * copies)
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
