@@ -48,6 +48,9 @@ INITIALISERS = {"normal": ("std", "mean"), "uniform": ("bound",), "constant": ("
 #: (operator, argument) pairs whose number may be infinite (the `inf` literal): masked_fill(s, m, -inf).
 #: Every other number argument must be finite (-inf as a tensor value goes through a scalar node).
 INFINITE_OK = frozenset({("masked_fill", "value")})
+#: Number arguments that become tensors (ops.NUMBER_ARGS) and may be infinite: where(m, s, -inf), x < inf.
+INFINITE_TENSOR_OK = frozenset({("where", "x"), ("where", "y")} | {(n, a) for n in _ops.COMPARE_OPS.values()
+                                                                  for a in ("x", "y")})
 
 OVERRIDES_FILE = "<--set>"
 DEFAULT_EXAMPLE = {"B": 2}
@@ -1148,6 +1151,10 @@ class Elaborator:
             other = next((values[n] for n in numbers if isinstance(values.get(n), TV)), None)
             for n in numbers:
                 v = values.get(n)
+                if isinstance(v, float) and not math.isfinite(v) and (opdef.name, n) not in INFINITE_TENSOR_OK:
+                    values[n] = self.fail(spans.get(n, e.span), f"{opdef.name}(): argument '{n}' must be a finite "
+                                                                f"number, got {v}")
+                    continue
                 if _num(v) and not isinstance(v, Sym):
                     values[n] = self.as_tensor(v, other, spans.get(n, e.span), scope)
         for a in opdef.args:

@@ -83,3 +83,9 @@ def test_a_huge_rot90_count_is_its_remainder_of_four():
     model = specc.load(spec("x: 'f32[B, 1, 3, 3]'", "y = rot90(x, 10000000000000000000001)"))
     x = torch.randn(2, 1, 3, 3)
     assert torch.equal(model(x), torch.rot90(x, 1, (2, 3)))
+
+
+def test_an_infinite_reversal_strength_is_refused_but_infinite_mask_values_are_not():
+    d = only_error(spec("x: 'f32[B, 4]'", "y = grad_reverse(x, -inf)"))
+    assert (d.span.line, d.span.col) == (6, 23) and "must be a finite number, got -inf" in d.message
+    assert specc.check(spec("x: 'f32[B, 4]'", "y = where(x > 0, x, -inf) + cast(x < inf, f32)")).outputs
