@@ -1055,9 +1055,7 @@ class Elaborator:
                                 f"same-named one of the same shape (or of the shape without the first dimension)",
                           f"its parameters: {_params_text(owner.params)}; {where}")
                 return params
-            source = q.tied_to or ".".join(owner.path + (q.name,))
-            if q.init.kind == "copy":  # a copy of a copy: copy the original
-                source = q.init.source
+            source = q.tied_to or ".".join(owner.path + (q.name,))  # a copy of a copy copies the copy
             out.append(dataclasses.replace(p, init=Init("copy", (), source)))
         return tuple(out)
 

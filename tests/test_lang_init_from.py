@@ -38,7 +38,7 @@ def test_init_from_copies_initial_values_into_separate_storage(tmp_path):
     for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
         for e in range(3):
             assert torch.equal(w[f"moe.{name}"][e], w[f"dense.{name}"])
-            assert torch.equal(w[f"again.{name}"][e], w[f"dense.{name}"])  # a copy of a copy copies the original
+            assert torch.equal(w[f"again.{name}"][e], w[f"dense.{name}"])  # a copy of a copy: the same values
     assert torch.equal(w["copy.weight"], w["lin.weight"]) and torch.equal(w["copy.bias"], w["lin.bias"])
     ptrs = [p.data_ptr() for p in model.parameters()]
     assert len(set(ptrs)) == len(ptrs) and "TIED = ()" in (out / "model.py").read_text()
@@ -90,3 +90,16 @@ def test_init_from_with_frozen_and_inside_a_repeat():
     for name in ("frozen_copy.weight", "y.0.linear.weight", "y.1.linear.weight"):
         assert torch.equal(params[name], params["base.weight"])
     assert specc.check(text).trainable_params == specc.check(text).params - 6 * 6 - 6
+
+
+def test_a_copy_of_a_copy_copies_the_given_values_of_the_middle_layer():
+    import torch
+
+    import specc
+
+    text = ("specc: 1\nname: cc\ninputs:\n  x: f32[2, 4]\ngraph: |\n  a = parameter(4)\n  b = parameter(4, init_from=a)\n"
+            "  c = parameter(4, init_from=b)\n  y = x * a + x * b + x * c\noutputs:\n  y: f32[2, 4]\n")
+    plain = specc.load(text).state_dict()
+    assert torch.equal(plain["a.weight"], plain["b.weight"]) and torch.equal(plain["b.weight"], plain["c.weight"])
+    given = specc.load(text, weights={"b.weight": torch.full((4,), 7.0)}).state_dict()
+    assert torch.equal(given["c.weight"], torch.full((4,), 7.0)) and not torch.equal(given["a.weight"], given["c.weight"])

@@ -49,10 +49,20 @@ def init_weights(graph: Graph, seed: int | None = None,
                 continue
             t = torch.empty(p.shape, dtype=torch.float32)
             out[name] = _fill(t, p.init, gen).to(getattr(torch, DTYPES[p.dtype]))
-    out.update(given or {})
-    for name, p in copies:  # init_from=: the source's initial value, once per leading index if it has fewer dims
-        if name not in (given or {}):
-            out[name] = out[p.init.source].expand(p.shape).to(getattr(torch, DTYPES[p.dtype])).clone()
+    given = given or {}
+    out.update(given)
+    pending = {name: p for name, p in copies if name not in given}
+
+    def fill(name: str) -> torch.Tensor:
+        """init_from=: the source's initial value (itself perhaps a copy, or given), once per leading
+        index if it has fewer dimensions."""
+        p = pending.pop(name, None)
+        if p is not None:
+            out[name] = fill(p.init.source).expand(p.shape).to(getattr(torch, DTYPES[p.dtype])).clone()
+        return out[name]
+
+    for name, _ in copies:
+        fill(name)
     return out
 
 
