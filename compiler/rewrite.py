@@ -3,6 +3,8 @@ removes nodes, keeping networkx's edges in step with each node's ordered inputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .ir import NODE, SLOTS, Graph, Node, Ref
 
 
@@ -104,3 +106,34 @@ class Editor:
             self.changed = True
             g.remove_nodes_from(dead)
         return len(dead)
+
+
+def rehome_ties(before: Graph, after: Graph) -> Graph:
+    """Keep shared parameters owned after a pass removed their owner (a deploy build dropping the
+    training-only layer whose weights a kept layer shares, dead code, ...): the first remaining layer
+    that shares the parameter becomes its owner, with the old owner's initialiser, frozen mark and
+    value (a weight expression reading it), and the other sharers are tied to the new owner."""
+    def full(node: Node, p) -> str:
+        return ".".join(node.path + (p.name,))
+
+    owned = {full(n, p) for _, n in after.nodes() for p in n.params if p.tied_to is None}
+    dangling = {p.tied_to for _, n in after.nodes() for p in n.params if p.tied_to and p.tied_to not in owned}
+    if not dangling:
+        return after
+    old = {full(n, p): p for _, n in before.nodes() for p in n.params if p.tied_to is None}
+    new_owner: dict[str, str] = {}
+    for nid, node in after.nodes():
+        params = list(node.params)
+        for i, p in enumerate(params):
+            if p.tied_to not in dangling:
+                continue
+            if p.tied_to in new_owner:
+                params[i] = dataclasses.replace(p, tied_to=new_owner[p.tied_to])
+            else:
+                o = old[p.tied_to]
+                new_owner[p.tied_to] = full(node, p)
+                params[i] = dataclasses.replace(p, tied_to=None, init=o.init, frozen=o.frozen,
+                                                derive=o.derive if o.derive is not None else ("param", p.tied_to))
+        if params != list(node.params):
+            after.g.nodes[nid][NODE] = node.replace(params=tuple(params))
+    return after

@@ -149,3 +149,34 @@ def test_an_unused_input_that_alone_carries_a_size_the_graph_uses_stays():
     graph, records = optimize(specc.compile(text), deploy_ctx())
     assert [name for name, _ in graph.inputs] == ["x", "extra"]
     assert records[0].notes["dropped_inputs"] == ["lambda_p"]
+
+
+SHARED = """specc: 1
+name: shared_owner
+inputs:
+  x: f32[B, 4]
+graph: |
+  a = linear(x, 4)
+  b = relu(linear(x, 4, share=a))
+  c = linear(b, 4, share=a)
+outputs:
+  c: f32[B, 4]
+  a: {type: "f32[B, 4]", training_only: true}
+"""
+
+
+def test_dropping_the_owner_of_shared_parameters_rehomes_them(tmp_path):
+    """The training-only layer `a` owns the weights `b` and `c` share: the deploy graph drops `a`, and
+    the first sharer owns them, with a's values."""
+    graph, _ = optimize(specc.compile(SHARED), deploy_ctx())
+    ir = print_graph(graph, show_span=False)
+    assert "@a " not in ir and "weight: f32[4, 4] = @linear.weight" in ir
+    full = import_model_module(specc.build(SHARED, tmp_path / "full", opt_level=0))
+    dep = import_model_module(specc.build(SHARED, tmp_path / "deploy", deploy=True))
+    x = full.example_inputs(seed=3)
+    with torch.no_grad():
+        want, _ = full.load()(*x)
+        got = dep.load()(*x)
+    assert torch.equal(got, want)
+    dmodel = dep.load()
+    assert dmodel.linear.weight is dmodel.c.weight

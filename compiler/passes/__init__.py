@@ -9,11 +9,13 @@ and the passes that ran before it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..ir import Graph
 from ..printer import print_graph
+from ..rewrite import rehome_ties
 from ..verify import IRError, verify
 
 
@@ -113,6 +115,8 @@ def optimize(graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, list[
             continue
         before_nodes, before_params = len(graph), graph.param_count()
         result = info.fn(graph, ctx)
+        if result.modified and result.graph is not graph:
+            result = dataclasses.replace(result, graph=rehome_ties(graph, result.graph))
         ran.append(name)
         if ctx.verify_each:
             try:
