@@ -329,3 +329,17 @@ def test_failing_build_keeps_a_previous_build_untouched(tmp_path):
     assert [p.name for p in out.iterdir()] == ["model.py"]
     assert (out / "model.py").read_text() == "# previous build\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "spec.yaml"]
+
+
+def test_an_output_path_that_is_a_file_or_under_one_is_a_user_error(tmp_path, capsys):
+    from specc.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("specc: 1\nname: s\ninputs:\n  x: f32[B, 4]\ngraph: |\n  y = relu(x)\noutputs:\n  y: f32[B, 4]\n")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(["build", str(spec), "-o", str(afile), "--no-color"]) == 2
+    assert "the output path exists and is not a folder" in capsys.readouterr().err
+    assert main(["build", str(spec), "-o", str(afile / "sub"), "--no-color"]) == 2
+    assert f"{afile} is not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "keep me"

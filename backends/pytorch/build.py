@@ -233,9 +233,20 @@ def write_atomic(out: Path, files: dict[str, bytes]) -> None:
     """Write files into `out` so that a failure leaves no partial directory: build in a sibling
     temporary directory, then swap it in."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpecError(Diagnostic(Span(str(out), 0, 0), "the output path exists and is not a folder"))
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SpecError(Diagnostic(Span(str(out), 0, 0), f"cannot make the output folder: {ancestor} is not a folder"))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise SpecError(Diagnostic(Span(str(out), 0, 0),
+                                   f"cannot make the output folder: {e.strerror or e}")) from None
     try:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
