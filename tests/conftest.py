@@ -120,8 +120,9 @@ def count_params():
 def perturbed(state: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.1) -> dict[str, torch.Tensor]:
     """The same weights plus seeded noise, so that norm gains of exactly 1 and biases of exactly 0 (their
     initial values) cannot hide a parameter that is mapped wrongly or ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in sorted(state.items())}
+    gen = torch.Generator().manual_seed(seed)  # integer buffers (batch norm's num_batches_tracked) stay as they are
+    return {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+            for k, v in sorted(state.items())}
 
 
 @pytest.fixture(scope="session")
