@@ -128,3 +128,33 @@ outputs:
     out = specc.build(text, tmp_path / "out")
     source = (out / "model.py").read_text()
     assert re.findall(r"^class Blk\w*\(", source, re.M) == ["class Blk("]
+
+
+def test_shared_literals_are_inlined_and_value_ranges_do_not_split_classes(tmp_path):
+    import re
+
+    import specc
+
+    text = """\
+specc: 1
+name: lits
+params:
+  vocab: 5
+dims:
+  B: 2
+  T: 4
+inputs:
+  ids: i64[B, T] in range(vocab)
+blocks:
+  shift(x): |
+    return concat([zeros(B, 1, dtype=i64) - 1, x[:, :T - 1]], dim=1)
+graph: |
+  a = shift(ids)
+  b = shift(a)
+  y = where(a == b, 1.0, 0.0) + where(a > 0, 1.0, 0.0)
+outputs:
+  y: f32[B, T]
+"""
+    source = (specc.build(text, tmp_path / "out", opt_level=2) / "model.py").read_text()
+    assert "scalar" not in source  # the 1.0 and 0.0 cse shares stay literals
+    assert re.findall(r"^class Shift\w*\(", source, re.M) == ["class Shift("]  # ids (ranged) and a (not)

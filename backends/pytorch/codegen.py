@@ -144,7 +144,8 @@ class Generator:
             # parameter values, initialisers (init=, init_from=), ties and frozen marks differ between
             # instances and are applied by name to the whole model; structure does not
             params = tuple((p.name, p.shape, p.dtype, p.buffer) for p in n.params)
-            items.append((n.op, n.attrs, n.outputs, ins, rel_scope, n.path[len(inst_path(s)):], params))
+            outputs = tuple(TensorType(t.dtype, t.shape) for t in n.outputs)  # value ranges change no code
+            items.append((n.op, n.attrs, outputs, ins, rel_scope, n.path[len(inst_path(s)):], params))
         outs = tuple((local[r.node], r.index) for r in inst.outs)
         return (s[-1].block if s else "", tuple(items), outs, len(inst.ext))
 
@@ -383,9 +384,12 @@ class Generator:
                 continue
             ref = Ref(nid)
             consumers = self.users.get(ref, [])
-            if use_count.get(ref, 0) == 1 and len(consumers) == 1 and consumers[0] in direct \
-                    and ref not in self.output_refs and ref not in inst.outs \
-                    and (node.name in ("", node.op) or node.op == "scalar"):
+            if ref in self.output_refs or ref in inst.outs or not consumers:
+                continue
+            if node.op == "scalar" and all(c in direct for c in consumers):
+                inline.add(nid)  # a literal reads best where it is used, however often (cse shares them)
+            elif use_count.get(ref, 0) == 1 and len(consumers) == 1 and consumers[0] in direct \
+                    and node.name in ("", node.op):
                 inline.add(nid)
         dims_used: dict[str, bool] = {}
         device = f"{args[0]}.device" if args else "None"

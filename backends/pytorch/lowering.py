@@ -479,7 +479,7 @@ def custom_lowering(module: str, function: str, args: tuple) -> Lowering:
 HELPERS: dict[str, str] = {
     "Parameters": '''
 class Parameters(nn.Module):
-    """The parameters of a custom operator, by name and shape (their values come from the weights)."""
+    """Parameters by name and shape, of a custom operator or a parameter(...) tensor (values come from the weights)."""
 
     def __init__(self, **shapes: tuple[int, ...]):
         super().__init__()
