@@ -240,7 +240,11 @@ def _describe_recipe(recipe) -> str:
     t = recipe.section
     data = recipe.generator.name if recipe.generator else Path(recipe.data_file.file).name
     length = f"{t.steps} steps" if t.steps is not None else f"{t.epochs} epochs"
-    return f"{data} ({', '.join(recipe.fields)}), {recipe.optimizer}, {length} of batch {t.batch}"
+    peft = [f"{what} on {len(layers)} layer{'s' if len(layers) != 1 else ''}"
+            for what, layers in (("LoRA", recipe.lora_layers), ("adapters", recipe.adapter_layers),
+                                 ("prefixes", recipe.prefix_layers)) if layers]
+    return (f"{data} ({', '.join(recipe.fields)}), {recipe.optimizer}, {length} of batch {t.batch}"
+            + (f"; {', '.join(peft)}" if peft else ""))
 
 
 def _recipe_json(recipe) -> dict:
@@ -249,7 +253,8 @@ def _recipe_json(recipe) -> dict:
             "fields": {k: {"dtype": d, "shape": ["N", *shape], "range": list(r) if r else None}
                        for k, (d, shape, r) in recipe.fields.items()},
             "feed": recipe.feed, "optimizer": recipe.optimizer, "steps": t.steps, "epochs": t.epochs,
-            "batch": t.batch, "metrics": sorted(recipe.metrics), "lora": list(recipe.lora_layers)}
+            "batch": t.batch, "metrics": sorted(recipe.metrics), "lora": list(recipe.lora_layers),
+            "adapters": list(recipe.adapter_layers), "prefix": list(recipe.prefix_layers)}
 
 
 def _train(args: argparse.Namespace, src, graph, recipe) -> int:

@@ -219,3 +219,12 @@ def test_an_attention_with_a_prefix_takes_no_second_one(tmp_path, capsys):
     line = len(text.rstrip("\n").splitlines()) + 1
     assert (f"twice.yaml:{line}:21: error: prefix: 'h.0.attention' has a prefix already (prefix= in the spec)"
             in capsys.readouterr().err)
+
+
+def test_check_names_the_transforms_of_the_recipe(tmp_path, capsys):
+    from specc.cli import main
+
+    spec = with_recipe(tmp_path, GPT, "  prefix: {layers: ['h.*.attention'], length: 2}\n"
+                                      "  adapters: {layers: ['h.*.mlp'], bottleneck: 4, kind: parallel}\n")
+    assert main(["check", str(spec), "--no-color"]) == 0
+    assert "; adapters on 2 layers, prefixes on 2 layers" in capsys.readouterr().out

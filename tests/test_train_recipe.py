@@ -233,7 +233,7 @@ def test_check_json_describes_the_recipe(capsys):
                                                       "domain_label": {"dtype": "i64", "shape": ["N"],
                                                                        "range": [0, 2]}},
                       "feed": {"x": "x"}, "optimizer": "AdamW", "steps": 40, "epochs": None, "batch": 32,
-                      "metrics": ["acc"], "lora": []}
+                      "metrics": ["acc"], "lora": [], "adapters": [], "prefix": []}
 
 
 @pytest.mark.parametrize("spec, loss, message", [
