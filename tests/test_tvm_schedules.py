@@ -143,6 +143,32 @@ def test_matmul_rule_against_numpy(m, k, n, b_layout):
         assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, m, k, n, b_layout)
 
 
+@pytest.mark.parametrize("cores", [2, 64])
+def test_wide_contiguous_weight_packed_when_column_tiles_go_round(cores):
+    """B [K, N] contiguous along N: packed per column tile into [K, NR] when the column tiles are at
+    least the cores (N = 256 at NR = 4 vectors: 4 or more tiles), read in place otherwise; both right."""
+    target = make_target({"kind": "llvm", "num-cores": cores})
+    M, k, n = tirx.Var("M", "int64"), 48, 16 * LANES
+    A = te.placeholder((M, _i64(k)), name="A")
+    Bw = te.placeholder((_i64(k), _i64(n)), name="B")
+    r = te.reduce_axis((_i64(0), _i64(k)), "r")
+    C = te.compute((M, _i64(n)), lambda i, j: te.sum(A[i, r] * Bw[r, j], axis=r), name="C")
+    sch = schedules.Matmul().apply(te.create_prim_func([A, Bw, C]), target, False)
+    assert sch is not None
+    func = sch.mod["main"]
+    tiles = n // schedules.matmul_config(None, n, LANES)[0].nr
+    assert ("B_reindex = T.sblock_alloc_buffer" in func.script()) == (tiles >= cores)  # the packed panel
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    rng = np.random.default_rng(0)
+    for rows in (1, 7, 64):
+        a = rng.standard_normal((rows, k)).astype("float32")
+        b = rng.standard_normal((k, n)).astype("float32")
+        d = tvm.runtime.tensor(np.zeros((rows, n), "float32"))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), d)
+        want = a.astype(float) @ b.astype(float)
+        assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, cores)
+
+
 def test_batched_matmul_rule_with_symbolic_length():
     """Attention scores: [S, T, 64] x [S, 64, T] with T symbolic (padded to the tile in both I and J)."""
     S, T = tirx.Var("S", "int64"), tirx.Var("T", "int64")
