@@ -12,7 +12,7 @@ them over every unscheduled PrimFunc of a module, first rule that applies wins:
   the iteration space (`pad_einsum`: dynamic batch and length are padded per tile, never per call),
   and tiled for registers: an MR x NR output tile (NR = 1..4 vector registers, MR rows so that
   MR * NR / lanes accumulators fit in the 32 AVX-512 registers) is accumulated in a local buffer
-  over the whole K loop, the inner loops unrolled (MR) and vectorised (NR, float32 lanes as the
+  over the whole K loop (unrolled by 2), the inner loops unrolled (MR) and vectorised (NR, float32 lanes as the
   target's vector width gives: 16 on AVX-512, 8 on AVX2); the A rows of a tile are packed
   (padded) per tile; B (weights are stored transposed by the lowering, [K, J], once, at bind
   time) packed once per column tile into a contiguous [K, NR] panel with the row tiles inside,
@@ -362,6 +362,11 @@ class Matmul(ScheduleRule):
         sch.vectorize(j1)
         sch.parallel(outer)
         sch.decompose_reduction(main, k)
+        # K unrolled by 2 when static and even: two steps of MR broadcasts, NR/lanes loads and
+        # MR * NR/lanes FMAs per loop iteration (gpt's linear layers ran 2-5% faster)
+        k_static = _extent(sch, k)
+        if k_static is not None and k_static % 2 == 0 and k_static > 2:
+            sch.unroll(sch.split(k, [None, 2])[1])
         return sch
 
     @staticmethod
