@@ -232,22 +232,34 @@ def _column_tasks(s_extent: int | None, j_extent: int | None, nr: int) -> int:
     return s_extent * -(-j_extent // nr)
 
 
-class Matmul(ScheduleRule):
-    """C[S, I, J] += A[S, I, K] * B[S, J, K] with fused elementwise prologue/epilogue (see the module doc)."""
+class _CpuRule(ScheduleRule):
+    """A rule for the llvm (CPU) target."""
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
 
+    def applies(self, func: tirx.PrimFunc, target: Target) -> bool:
+        return isinstance(func, tirx.PrimFunc) and self.is_target_available(target)
+
+
+def _schedule(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list] | None:
+    """A schedule of `func` and its root's child blocks; None for hand-written TIR without a root block."""
+    sch = s_tir.Schedule(func)
+    try:
+        return sch, _blocks(sch)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class Matmul(_CpuRule):
+    """C[S, I, J] += A[S, I, K] * B[S, J, K] with fused elementwise prologue/epilogue (see the module doc)."""
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not self.applies(func, target) or (started := _schedule(func)) is None:
             return None
         from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
-        sch = s_tir.Schedule(func)
-        try:
-            blocks = _blocks(sch)
-        except Exception:  # noqa: BLE001 - no root block (hand-written TIR)
-            return None
+        sch, blocks = started
         reductions = [b for b in blocks if _is_reduction(sch, b)]
         if len(reductions) != 1 or not all(_is_spatial(sch, b) or b in reductions for b in blocks):
             return None
@@ -419,14 +431,11 @@ class Matmul(ScheduleRule):
 # row reductions (softmax, norms) and injective kernels
 # ---------------------------------------------------------------------------------------------
 
-class RowReduction(ScheduleRule):
+class RowReduction(_CpuRule):
     """Reductions over trailing axes with elementwise blocks around them (softmax, layer_norm, ...)."""
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name == "llvm"
-
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not self.applies(func, target):
             return None
         from tvm.s_tir.dlight.cpu import Reduction
 
@@ -436,23 +445,16 @@ class RowReduction(ScheduleRule):
             return None
 
 
-class Injective(ScheduleRule):
+class Injective(_CpuRule):
     """Elementwise and data-movement kernels: inline into the last block, vectorise, parallel."""
 
     def __init__(self, min_parallel: int = 64):
         self.min_parallel = min_parallel
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name == "llvm"
-
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not self.applies(func, target) or (started := _schedule(func)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        try:
-            blocks = _blocks(sch)
-        except Exception:  # noqa: BLE001
-            return None
+        sch, blocks = started
         if not blocks or not all(_is_spatial(sch, b) for b in blocks):
             return None
         for b in blocks[:-1]:
