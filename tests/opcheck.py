@@ -15,6 +15,21 @@ from specc.compiler.summary import summarize
 TOL = 1e-10
 
 
+def spec_text(inputs: str, graph: str, outputs: str = "y", *, dims: str = "B: 2, T: 5",
+              params: str | None = None) -> str:
+    """A small spec: `inputs` and `dims` as flow mappings, `graph` lines, `outputs` names separated by
+    spaces (their types inferred). The graph body starts on line 6 (7 with `params`), at column 3."""
+    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
+    outs = "".join(f"  {o}:\n" for o in outputs.split())
+    head = "specc: 1\nname: m\n" + (f"params: {params}\n" if params else "")
+    return head + f"inputs: {{{inputs}}}\ndims: {{{dims}}}\ngraph: |\n{body}outputs:\n{outs}"
+
+
+def output_types(text: str) -> list[str]:
+    """The inferred types of a spec's outputs, as text."""
+    return [str(o.type) for o in specc.check(text).outputs]
+
+
 def load64(text: str, opt_level: int = 1):
     """The built module of a spec, in float64."""
     return specc.load(text, opt_level=opt_level).double()

@@ -8,18 +8,15 @@ masked weights are compared exactly (0).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import specc
-from opcheck import assert_error, inputs64, load64
+from opcheck import assert_error, inputs64, load64, spec_text
 
 
-def spec(inputs: str, graph: str, outputs: str = "y") -> str:
-    """A spec whose graph body starts on line 6, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5}}\ngraph: |\n{body}outputs:\n{outs}"
-
+spec = functools.partial(spec_text, dims="B: 2, T: 5")
 
 MASKED = spec("s: 'f32[B, T, T]'", "keep = tril(ones(T, T, dtype=bool))\n"
                                     "a = softmax(where(keep, s, -inf))\nb = softmax(masked_fill(s, not keep, -inf))",

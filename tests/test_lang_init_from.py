@@ -9,21 +9,17 @@ error <= 1e-12 (the same products, batched per expert).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import specc
-from opcheck import assert_error
+from opcheck import assert_error, spec_text
 
 TOL = 1e-12
 
 
-def spec(inputs: str, graph: str, outputs: str = "y", params: str = "{d: 6, h: 5, E: 3}") -> str:
-    """A spec whose graph body starts on line 7, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return (f"specc: 1\nname: m\nparams: {params}\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5}}\ngraph: |\n{body}"
-            f"outputs:\n{outs}")
-
+spec = functools.partial(spec_text, dims="B: 2, T: 5", params="{d: 6, h: 5, E: 3}")
 
 UPCYCLE = spec("x: 'f32[B, T, d]', r: 'i64[B, T] in range(E)'",
                "dense = mlp(x, h)\nmoe = moe_mlp(x, r, E, h, init_from=dense)\nlin = linear(x, d)\n"

@@ -3,18 +3,17 @@ never a long check, a wrong shape or an internal error at run time."""
 
 from __future__ import annotations
 
+import functools
+
 import time
 
 import pytest
 
 import specc
-from opcheck import only_error
+from opcheck import only_error, spec_text
 
 
-def spec(inputs: str, graph: str, outputs: str = "y") -> str:
-    """A spec whose graph body starts on line 6, at column 3."""
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5}}\ngraph: |\n  {graph}\noutputs:\n{outs}"
+spec = functools.partial(spec_text, dims="B: 2, T: 5")
 
 
 def test_many_new_axes_are_refused_quickly():
@@ -46,7 +45,7 @@ def test_moe_route_must_be_known_expert_numbers():
 
 def test_integer_ranges_follow_add_sub_and_mul():
     text = spec("d: 'i64[B] in range(3)', e: 'i64[B] in range(2, 5)'",
-                "y = d[:, None] + zeros(B, 3, dtype=i64)\n  s = e - d\n  p = d * e\n  f = d + cast(e, f32)",
+                "y = d[:, None] + zeros(B, 3, dtype=i64)\ns = e - d\np = d * e\nf = d + cast(e, f32)",
                 "y s p f")
     ranges = {o.name: o.type.value_range for o in specc.check(text).outputs}
     assert ranges == {"y": (0, 3), "s": (0, 5), "p": (0, 9), "f": None}

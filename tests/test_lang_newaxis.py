@@ -7,21 +7,17 @@ Tolerance: none needed; new axes move no values, so results are compared exactly
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import specc
-from opcheck import assert_error, close, inputs64, load64
+from opcheck import assert_error, close, inputs64, load64, output_types, spec_text
 
 
-def spec(inputs: str, graph: str, outputs: str = "y") -> str:
-    """A spec whose graph body starts on line 6, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5}}\ngraph: |\n{body}outputs:\n{outs}"
+spec = functools.partial(spec_text, dims="B: 2, T: 5")
 
-
-def types(text: str) -> list[str]:
-    return [str(o.type) for o in specc.check(text).outputs]
+types = output_types
 
 
 def test_unsqueeze_and_new_axis_indexing():

@@ -9,22 +9,18 @@ in places a different order of float64 operations).
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import pytest
 import torch
 
 import specc
-from opcheck import assert_error, close, flops_of, load64
+from opcheck import assert_error, close, flops_of, load64, spec_text
 
 
-def spec(inputs: str, graph: str, outputs: str = "y", params: str = "{d: 8, l: 3}") -> str:
-    """A spec whose graph body starts on line 7, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return (f"specc: 1\nname: m\nparams: {params}\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5, S: 4}}\n"
-            f"graph: |\n{body}outputs:\n{outs}")
-
+spec = functools.partial(spec_text, dims="B: 2, T: 5, S: 4", params="{d: 8, l: 3}")
 
 def core(q, k, v, heads, causal=False, keep=None, add=None, pk=None, pv=None):
     """softmax(q k^T / sqrt(dh)) v per batch row and head, written out. q [B, T, d], k/v [B, S, d];

@@ -9,6 +9,8 @@ kernels on the same data; in practice the results are bitwise equal).
 
 from __future__ import annotations
 
+import functools
+
 import importlib.util
 import math
 import sys
@@ -21,20 +23,14 @@ from safetensors.torch import load_file
 
 import specc
 from specc.compiler.summary import summarize
-from opcheck import assert_error, close, flops_of, inputs64, load64
+from opcheck import assert_error, close, flops_of, inputs64, load64, spec_text
 
 
 # Specs with a batch norm right after a conv are built at -O0: -O1 folds the two into one conv
 # (compiler/passes/conv.py, tested on its own), and these tests look at the batch norm module itself.
 
 
-def spec(inputs: str, graph: str, outputs: str = "y", params: str = "") -> str:
-    """A spec whose graph body starts on line 6 (7 with `params`), at column 3."""
-    head = "specc: 1\nname: m\n" + (f"params: {{{params}}}\n" if params else "")
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return head + f"inputs: {{{inputs}}}\ndims: {{B: 2, T: 8}}\ngraph: |\n{body}outputs:\n{outs}"
-
+spec = functools.partial(spec_text, dims="B: 2, T: 8")
 
 # ---------------------------------------------------------------------------------------------
 # conv1d / conv2d

@@ -10,11 +10,13 @@ agree to float64 rounding (relative error <= 1e-12).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import specc
-from opcheck import assert_error, flops_of, load64
+from opcheck import assert_error, flops_of, load64, spec_text
 from specc.compiler.passes import PassContext, optimize
 from specc.compiler.printer import print_graph
 
@@ -23,12 +25,7 @@ REL = 1e-12
 FUSED = 1e-6
 
 
-def spec(inputs: str, graph: str, outputs: str = "y") -> str:
-    """A spec whose graph body starts on line 6, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 3}}\ngraph: |\n{body}outputs:\n{outs}"
-
+spec = functools.partial(spec_text, dims="B: 3")
 
 CHAIN = spec("x: 'f32[B, 4]', lam: 'f32[]'", "h = linear(x, 6)\nr = grad_reverse(h, lam)\ny = linear(r, 2)")
 PLAIN = spec("x: 'f32[B, 4]', lam: 'f32[]'", "h = linear(x, 6)\nr = h\ny = linear(r, 2)")

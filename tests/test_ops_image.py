@@ -7,20 +7,17 @@ Tolerance: none needed; a rotation moves values without arithmetic, so results a
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 import specc
-from opcheck import assert_error, flops_of, inputs64, load64
+from opcheck import assert_error, flops_of, inputs64, load64, spec_text
 
 
-def spec(inputs: str, graph: str, outputs: str = "y") -> str:
-    """A spec whose graph body starts on line 6, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, H: 3, W: 5}}\ngraph: |\n{body}outputs:\n{outs}"
-
+spec = functools.partial(spec_text, dims="B: 2, H: 3, W: 5")
 
 @pytest.mark.parametrize("k", [-1, 0, 1, 2, 3, 5])
 def test_rot90_equals_numpy(k):

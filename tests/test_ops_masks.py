@@ -10,22 +10,19 @@ in places a different order of float64 operations); bool and integer results mus
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import pytest
 import torch
 
 import specc
-from opcheck import assert_error, close, flops_of, inputs64, load64
+from opcheck import assert_error, close, flops_of, inputs64, load64, spec_text
 
 
 
-def spec(inputs: str, graph: str, outputs: str = "y") -> str:
-    """A spec whose graph body starts on line 6, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return f"specc: 1\nname: m\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5, S: 3}}\ngraph: |\n{body}outputs:\n{outs}"
-
+spec = functools.partial(spec_text, dims="B: 2, T: 5, S: 3")
 
 # ---------------------------------------------------------------------------------------------
 # comparisons and logical operators

@@ -8,24 +8,20 @@ batched differently); copies are compared exactly.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import specc
-from opcheck import assert_error, flops_of
+from opcheck import assert_error, flops_of, spec_text
 
 TOL = 1e-12
 ACTS = {"gelu": F.gelu, "relu": F.relu}
 
 
-def spec(inputs: str, graph: str, outputs: str = "y", params: str = "{d: 6, h: 5, E: 3}") -> str:
-    """A spec whose graph body starts on line 7, at column 3."""
-    body = "".join("  " + ln + "\n" for ln in graph.strip("\n").splitlines())
-    outs = "".join(f"  {o}:\n" for o in outputs.split())
-    return (f"specc: 1\nname: m\nparams: {params}\ninputs: {{{inputs}}}\ndims: {{B: 2, T: 5}}\ngraph: |\n{body}"
-            f"outputs:\n{outs}")
-
+spec = functools.partial(spec_text, dims="B: 2, T: 5", params="{d: 6, h: 5, E: 3}")
 
 def loop(x, route, w, prefix, act, bias=True):
     """y[b, t] = expert route[b, t] applied to x[b, t], one token at a time."""
