@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -44,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -56,6 +54,7 @@ import torch
 
 import specc
 from bench.references import CASES, Case, load_reference
+from specc.backends.pytorch.build import import_model_module
 from specc.compiler.passes import PassContext, optimize
 from specc.compiler.printer import print_graph
 
@@ -233,16 +232,6 @@ class CaseResult:
     error: str = ""
 
 
-def import_model(directory: Path):
-    """Import a generated model.py as a fresh module (no specc involved)."""
-    name = f"bench_generated_{uuid.uuid4().hex}"
-    spec = importlib.util.spec_from_file_location(name, Path(directory) / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return load_file(str(Path(directory) / "weights.safetensors"))
@@ -273,11 +262,11 @@ def bench_case(case: Case, overrides: dict[str, Any], batches: tuple[int, ...], 
         result = CaseResult(case, params, [p["pass"] for p in manifest.get("passes", [])],
                             tuple(manifest["graph"]["nodes"]))
         ref = load_reference(case, read_weights(dirs[O0]), params)
-        models: dict[str, Any] = {REF: ref, O0: import_model(dirs[O0]).load(dirs[O0]),
-                                  O2: import_model(dirs[O2]).load(dirs[O2])}
+        models: dict[str, Any] = {REF: ref, O0: import_model_module(dirs[O0]).load(dirs[O0]),
+                                  O2: import_model_module(dirs[O2]).load(dirs[O2])}
         if compile_batches:
             models[REF_C] = torch.compile(ref)
-            module = import_model(dirs[O2_C])
+            module = import_model_module(dirs[O2_C])
             assert module.TORCH_COMPILE, "a build with torch_compile=True must compile in load()"
             models[O2_C] = module.load(dirs[O2_C])
         for i, batch in enumerate(batches):

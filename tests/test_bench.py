@@ -77,7 +77,7 @@ def test_reference_equals_build(tmp_path, name, level):
     out = specc.build(ROOT / "specs" / f"{name}.yaml", tmp_path / "out", opt_level=level, **case.quick_overrides)
     params = json.loads((out / "manifest.json").read_text())["params"]
     ref = load_reference(case, run.read_weights(out), params)
-    model = run.import_model(out).load(out)
+    model = run.import_model_module(out).load(out)
     inputs = case.inputs(3, params, 1)
     with torch.no_grad():
         want, got = ref(*inputs), model(*inputs)
