@@ -682,13 +682,8 @@ class Elaborator:
             right = self.ev(e.right, scope, hint=None)
             return self.binary(e, left, right, scope, hint if direct else None)
         if isinstance(e, A.IfExp):
-            cond = self.ev(e.cond, scope, hint=None)
-            if cond is POISON:
-                return POISON
-            if not isinstance(cond, bool):
-                return self.fail(e.cond.span, f"the condition of 'if' must be a boolean computed from params, "
-                                              f"got {_kind(cond)}")
-            return self.ev(e.then if cond else e.other, scope, hint, direct)
+            cond = self.condition(e, scope)
+            return cond if cond is POISON else self.ev(e.then if cond else e.other, scope, hint, direct)
         if isinstance(e, A.Index):
             return self.index(e, scope, hint if direct else None)
         if isinstance(e, A.Call):
@@ -912,18 +907,21 @@ class Elaborator:
                 options[k.name] = (v, k.span)
         return e, options
 
+    def condition(self, e: A.IfExp, scope: _Scope) -> bool | _Poison:
+        """The condition of `a if cond else b`: a boolean computed from params."""
+        cond = self.ev(e.cond, scope, hint=None)
+        if cond is POISON or isinstance(cond, bool):
+            return cond
+        return self.fail(e.cond.span, f"the condition of 'if' must be a boolean computed from params, "
+                                      f"got {_kind(cond)}")
+
     def initialiser(self, expr: A.Expr, scope: _Scope, option: str) -> Init | _Poison:
         """An initialiser expression: zeros, ones, eye, normal(std, mean=0), uniform(bound),
         constant(value), or `a if cond else b` of these; arguments are computed from params."""
         known = "normal(std, mean=0), uniform(bound), constant(value), zeros, ones, eye"
         if isinstance(expr, A.IfExp):
-            cond = self.ev(expr.cond, scope, hint=None)
-            if cond is POISON:
-                return POISON
-            if not isinstance(cond, bool):
-                return self.fail(expr.cond.span, f"the condition of 'if' must be a boolean computed from params, "
-                                                 f"got {_kind(cond)}")
-            return self.initialiser(expr.then if cond else expr.other, scope, option)
+            cond = self.condition(expr, scope)
+            return cond if cond is POISON else self.initialiser(expr.then if cond else expr.other, scope, option)
         if isinstance(expr, A.Name):
             func, args, kwargs = expr, (), ()
         elif isinstance(expr, A.Call) and isinstance(expr.func, A.Name):
