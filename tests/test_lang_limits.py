@@ -88,3 +88,11 @@ def test_an_infinite_reversal_strength_is_refused_but_infinite_mask_values_are_n
     d = only_error(spec("x: 'f32[B, 4]'", "y = grad_reverse(x, -inf)"))
     assert (d.span.line, d.span.col) == (6, 23) and "must be a finite number, got -inf" in d.message
     assert specc.check(spec("x: 'f32[B, 4]'", "y = where(x > 0, x, -inf) + cast(x < inf, f32)")).outputs
+
+
+def test_an_if_condition_must_be_a_boolean_in_values_and_initialisers():
+    d = only_error(spec("x: 'f32[B, 4]'", "y = linear(x, 4 if 3 else 2)"))
+    assert d.message == "the condition of 'if' must be a boolean computed from params, got the integer 3"
+    d = only_error(spec("x: 'f32[B, 4]'", "y = linear(x, 4, init=zeros if 1.5 else ones)"))
+    assert (d.span.line, d.span.col) == (6, 34) and d.message.startswith("the condition of 'if' must be a boolean")
+    assert specc.check(spec("x: 'f32[B, 4]'", "y = linear(x, 4 if true else 2, init=zeros if false else ones)"))
