@@ -312,3 +312,15 @@ def test_integer_pow_and_number_operands():
 p = 2 ** arange(T) + ids ** 3 + 3 ** ids
 y = x ** 2 + cast(p, f32)
 """, "p: i64[B, T]\ny: f32[B, T]", dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=9)], "ipow")
+
+
+@pytest.mark.parametrize("hidden", [5, 20])
+def test_lstm_kernel_tiles_directions_and_single_steps(hidden):
+    """The CPU recurrence kernel at hidden sizes whose gate tiles (4H = 20: 4 wide; 80: 16 wide) and
+    state vectors (5: 1 wide; 20: 4 wide) differ, both directions, two layers, a one-step sequence
+    (no recurrent product) and batch rows running in parallel."""
+    text = spec("lstm_tiles", "x: f32[B, T, 6]",
+                f"y = lstm(x, {hidden}, layers=2, bidirectional=true)", f"y: f32[B, T, {2 * hidden}]",
+                dims="B: 2\nT: 3")
+    check(text, [{"B": 1, "T": 1}, {"B": 3, "T": 7}, {"B": 5, "T": 2}], f"lstm_h{hidden}")
+

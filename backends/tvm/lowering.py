@@ -11,9 +11,10 @@ The IR is lowered straight to Relax with a `relax.BlockBuilder` (no torch.export
 * each node is lowered by `LOWERINGS[node.op](ctx, inputs)`, which returns a Relax expression (or
   a tuple of them for an op with several outputs, e.g. split).
 
-The LSTM recurrence is a hand-written TIR kernel (a serial loop over the symbolic time dimension,
-with h/c state kept in the output and scratch buffers), called with `call_tir` once per layer and
-direction; the input projection of all steps is one Relax matmul before it. No unrolling: T stays
+The LSTM recurrence is a hand-written TIR kernel (on CPU: the batch rows in parallel, each a serial
+loop over the symbolic time dimension, gates vectorised, h/c state kept in the output and scratch
+buffers), called with `call_tir` once per layer and direction; the input projection of all steps is
+one Relax matmul before it. No unrolling: T stays
 symbolic. CUDA has its own version of that kernel (a thread block per batch row), compiled but not
 yet run on a GPU.
 
@@ -414,43 +415,99 @@ def _mlp(c: Ctx, xs: list) -> relax.Expr:
 
 # -- LSTM ---------------------------------------------------------------------------------------
 
-def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
-    """One direction of one LSTM layer as a TIR kernel over a symbolic batch B and length L.
+def _fast_exp_f32(x: Any) -> Any:
+    """exp(x) for float32 as topi.fast_exp computes it (range reduction to 2^n and a degree-7
+    polynomial; relative error <= 3.5e-7), written on a PrimExpr so that it vectorises inside
+    hand-written kernels (LLVM calls scalar libm for exp)."""
+    f = lambda v: tirx.const(v, "float32")  # noqa: E731
+    p = [1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1]
+    xc = tirx.max(tirx.min(x, f(88.3762626647950)), f(-88.3762626647949))
+    n = tirx.floor(xc * f(1.44269504088896341) + f(0.5))
+    r = xc - n * f(0.6931471805599453)
+    y = f(p[0])
+    for c in p[1:]:
+        y = y * r + f(c)
+    y = y * r * r + r + f(1.0)
+    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n + f(127.0)), tirx.const(23, "int32")))
+    return tirx.max(scale * y, x)
 
-    In: xp [B, L, 4H] (the input projection plus both biases, for every step), w_hh [4H, H].
+
+def _fast_tanh_f32(x: Any) -> Any:
+    """tanh(x) for float32 as a rational polynomial (topi.fast_tanh's; absolute error <= 4e-7), vectorisable."""
+    f = lambda v: tirx.const(v, "float32")  # noqa: E731
+    alpha = [4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+             -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16]
+    beta = [4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06]
+    xc = tirx.max(tirx.min(x, f(7.90531110763549805)), f(-7.90531110763549805))
+    x2 = xc * xc
+    p = f(alpha[-1])
+    for c in reversed(alpha[:-1]):
+        p = x2 * p + f(c)
+    q = f(beta[-1])
+    for c in reversed(beta[:-1]):
+        q = x2 * q + f(c)
+    return xc * p / q
+
+
+def _gate_math(dtype: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(sigmoid, tanh) for the LSTM kernel: the vectorisable polynomials in float32, libm in float64."""
+    if dtype == "float32":
+        one = tirx.const(1.0, "float32")
+        return (lambda v: one / (one + _fast_exp_f32(-v))), _fast_tanh_f32
+    return tirx.sigmoid, tirx.tanh
+
+
+def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
+    """One direction of one LSTM layer as a CPU TIR kernel over a symbolic batch B and length L.
+
+    In: xp [B, L, 4H] (the input projection plus both biases, for every step), w_hh^T [H, 4H]
+    (transposed, contiguous along the gates; with lifting, once at bind time).
     Out: h [B, L, H] (the hidden state at each step, aligned with the input steps), and scratch
     buffers c [B, H] (the cell state) and g [B, 4H] (the gates of the current step).
-    Gate order i, f, g, o (torch.nn.LSTM's layout); h0 = c0 = 0. The step loop is serial; the
-    recurrent matmul of each step is a plain loop nest (untuned).
+    Gate order i, f, g, o (torch.nn.LSTM's layout); h0 = c0 = 0. The batch rows are independent
+    recurrences: they run in parallel, each its serial loop over the steps. A step's gates are
+    accumulated JC at a time in a local (register) tile over h's H entries, vectorised along the
+    gates; the cell update is vectorised too, with polynomial sigmoid/tanh in float32.
     """
     from tvm.script import tirx as T
 
     H, G = hidden, 4 * hidden
+    JC = next(n for n in (64, 32, 16, 8, 4) if G % n == 0)  # gates per register tile (G = 4H)
+    HC = next(n for n in (16, 8, 4, 2, 1) if H % n == 0)  # state entries per vector
     rev = 1 if reverse else 0
+    sig, tanh = _gate_math(dtype)
 
     @T.prim_func(private=True)
     def lstm_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         L = T.int64()
         xp = T.match_buffer(var_xp, (B, L, G), dtype)
-        w = T.match_buffer(var_w, (G, H), dtype)
+        w = T.match_buffer(var_w, (H, G), dtype)
         out = T.match_buffer(var_out, (B, L, H), dtype)
         c = T.match_buffer(var_c, (B, H), dtype)
         g = T.match_buffer(var_g, (B, G), dtype)
-        for b, j in T.grid(B, H):
-            c[b, j] = T.Cast(dtype, 0)
-        for s in range(L):
-            t = rev * (L - 1) + (1 - 2 * rev) * s  # the step this iteration computes
-            tp = t - (1 - 2 * rev)  # the step before it, in the direction of the scan
-            for b, j in T.grid(B, G):
-                g[b, j] = xp[b, t, j]
-                if s > 0:
-                    for k in range(H):
-                        g[b, j] = g[b, j] + out[b, tp, k] * w[j, k]
-            for b, j in T.grid(B, H):
-                c[b, j] = T.sigmoid(g[b, H + j]) * c[b, j] + T.sigmoid(g[b, j]) * T.tanh(g[b, 2 * H + j])
-                out[b, t, j] = T.sigmoid(g[b, 3 * H + j]) * T.tanh(c[b, j])
+        for b in T.parallel(B):
+            acc = T.decl_buffer((JC,), dtype, scope="local")
+            for j in range(H):
+                c[b, j] = T.Cast(dtype, 0)
+            for s in range(L):
+                t = rev * (L - 1) + (1 - 2 * rev) * s  # the step this iteration computes
+                tp = t - (1 - 2 * rev)  # the step before it, in the direction of the scan
+                for jo in range(G // JC):
+                    for ji in T.vectorized(JC):
+                        acc[ji] = xp[b, t, jo * JC + ji]
+                    if s > 0:
+                        for k in range(H):
+                            for ji in T.vectorized(JC):
+                                acc[ji] = acc[ji] + out[b, tp, k] * w[k, jo * JC + ji]
+                    for ji in T.vectorized(JC):
+                        g[b, jo * JC + ji] = acc[ji]
+                for jo in range(H // HC):
+                    for ji in T.vectorized(HC):
+                        c[b, jo * HC + ji] = (sig(g[b, H + jo * HC + ji]) * c[b, jo * HC + ji]
+                                              + sig(g[b, jo * HC + ji]) * tanh(g[b, 2 * H + jo * HC + ji]))
+                        out[b, t, jo * HC + ji] = sig(g[b, 3 * H + jo * HC + ji]) * tanh(c[b, jo * HC + ji])
 
     return lstm_scan
 
@@ -536,6 +593,8 @@ def _lstm(c: Ctx, xs: list) -> relax.Expr:
             w_ih, w_hh = c.weight(f"weight_ih_l{layer}{suffix}"), c.weight(f"weight_hh_l{layer}{suffix}")
             b = c.emit(R.add(c.weight(f"bias_ih_l{layer}{suffix}"), c.weight(f"bias_hh_l{layer}{suffix}")))
             xp = _linear(c, y, w_ih, b, f"lstm_xp_l{layer}{suffix}")
+            if c.target_kind == "llvm":  # the CPU kernel reads w_hh^T [H, 4H]: vectors along the gates
+                w_hh = c.emit(R.permute_dims(w_hh, [1, 0]))
             res = c.emit(relax.call_tir(c.kernels[key], [xp, w_hh], out_ty=[
                 relax.TensorType([bsz, length, H], dtype),
                 relax.TensorType([bsz, H], dtype),
