@@ -34,7 +34,7 @@ from specc.dsl.yamlpos import TextOrigin
 
 from . import ops as _ops  # noqa: F401  (registers the built-in operators)
 from .dims import Dim, Sym, div_exact, fmt, is_dim
-from .ir import DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
+from .ir import DTYPES, FLOAT_DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
 
 #: Options any operator that owns parameters takes, handled here rather than by each op:
@@ -1007,6 +1007,14 @@ class Elaborator:
             params = [dataclasses.replace(p, frozen=True) for p in params]
         return tuple(params)
 
+    def param_spec(self, full: str) -> ParamSpec | None:
+        """The parameter of the graph so far with the full name `full` (module path and local name)."""
+        for _, node in self.graph.nodes():
+            for p in node.params:
+                if ".".join(node.path + (p.name,)) == full:
+                    return p
+        return None
+
     def share(self, opname: str, params: tuple[ParamSpec, ...], v: "TV", span: Span) -> tuple[ParamSpec, ...]:
         """`params` tied to those of the layer that computed `v` (same op and parameter shapes)."""
         owner = self.graph.node(v.ref.node)
@@ -1021,9 +1029,12 @@ class Elaborator:
         mine = [(p.name, p.shape, p.dtype) for p in params]
         theirs = [(p.name, p.shape, p.dtype) for p in owner.params]
         if mine != theirs:
+            notes = [f"that layer is at {owner.span}"]
+            if [m[:2] for m in mine] == [t[:2] for t in theirs]:
+                notes.append("a layer's float parameters take the dtype of its input, and shared parameters have "
+                             "one storage: share= needs inputs of one dtype (cast(x, dtype) converts one)")
             self.fail(span, f"share=: this {opname} would have parameters {_params_text(params)}, but the one it "
-                            f"shares ('{'.'.join(owner.path)}') has {_params_text(owner.params)}",
-                      f"that layer is at {owner.span}")
+                            f"shares ('{'.'.join(owner.path)}') has {_params_text(owner.params)}", *notes)
             return params
         return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(owner.path + (q.name,)),
                                          frozen=q.frozen, init=q.init)
@@ -1046,7 +1057,10 @@ class Elaborator:
             if p.buffer:
                 out.append(p)
                 continue
-            if q is None or (q.shape != p.shape and q.shape != p.shape[1:]) or q.dtype != p.dtype:
+            # a copy has storage of its own: a float parameter may start from one of another float dtype
+            # (cast when the weights are made), e.g. an f64 layer copying an f32 one
+            same_kind = q is not None and (q.dtype == p.dtype or {q.dtype, p.dtype} <= FLOAT_DTYPES)
+            if q is None or (q.shape != p.shape and q.shape != p.shape[1:]) or not same_kind:
                 have = "no parameter of that name" if q is None else _param_text(q)
                 self.fail(span, f"init_from=: this {opname} has parameter {_param_text(p)}, but the {owner.op} "
                                 f"'{'.'.join(owner.path)}' it copies has {have}; each parameter must match a "
@@ -1270,9 +1284,17 @@ class Elaborator:
         try:
             outs = opdef.infer(call)
             outs = outs if isinstance(outs, tuple) else (outs,)
-            params = tuple(opdef.params(call)) if opdef.params else ()
+            params = opdef.layer_params(call)
         except OpError as err:
             return self.fail(spans.get(err.arg or "", span) if err.arg else span, err.message)
+        for p in params:  # tie=: one storage, so one dtype (a layer's float parameters take its input's)
+            owner = self.param_spec(p.tied_to) if p.tied_to else None
+            if owner is not None and owner.dtype != p.dtype:
+                return self.fail(spans.get("tie", span),
+                                 f"{opname}: cannot tie this layer's {_param_text(p)} to {p.tied_to}, of dtype "
+                                 f"{owner.dtype}: its float parameters take the dtype of its input, and tied "
+                                 f"parameters share one storage",
+                                 f"cast the input to {owner.dtype} (cast(x, {owner.dtype})), or drop tie=")
         if options:
             params = self.apply_options(opname, params, options)
         for t in outs:

@@ -382,6 +382,8 @@ def _attention(c: OpCall):
         raise OpError(f"attention: the width {d} is not divisible by heads={heads}", "heads")
     if kv is not None:
         need_float(kv, "attention", "kv")
+        if kv.dtype != x.dtype:  # one set of projections, of x's dtype, for queries, keys and values
+            raise OpError(f"attention: kv must have x's dtype {x.dtype}, got {shape_str(kv)}", "kv")
         need_rank(kv, 2, "attention", "kv")
         check_batch_broadcast(kv, x, "attention", "kv")
         if c.a("causal") and kv.shape[-2] != x.shape[-2]:

@@ -8,11 +8,12 @@ mismatch; the elaborator turns that into a located diagnostic pointing at the of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .dims import Dim
-from .ir import Init, ParamSpec, TensorType
+from .ir import FLOAT_DTYPES, Init, ParamSpec, TensorType
 
 REQUIRED = object()
 
@@ -95,6 +96,15 @@ class OpDef:
     def tensor_args(self) -> tuple[Arg, ...]:
         return tuple(a for a in self.args if a.is_tensor)
 
+    def layer_params(self, call: OpCall) -> tuple[ParamSpec, ...]:
+        """The parameters of a call of this op: its parameter rule's, with the float ones (f32, the
+        rules' default) in the float dtype of the call's first float input, so that a layer applied to
+        f64 values holds f64 weights. Integer buffers, parameters a rule gives another dtype on
+        purpose, and the parameters of an op with no float input (embedding on integer ids) keep theirs."""
+        if self.params is None:
+            return ()
+        return with_input_dtype(tuple(self.params(call)), input_float_dtype(self, call))
+
     def signature(self) -> str:
         parts = []
         for a in self.args:
@@ -137,6 +147,23 @@ def op(name: str, *args: Arg, params: Params | None = None, flops: Flops | None 
         return infer
 
     return deco
+
+
+def input_float_dtype(opdef: OpDef, call: OpCall) -> str | None:
+    """The dtype of the first float tensor argument of `call` (in the op's argument order), or None."""
+    for a in opdef.tensor_args:
+        t = call.tensors.get(a.name)
+        for x in (t if isinstance(t, (list, tuple)) else [t]):
+            if isinstance(x, TensorType) and x.dtype in FLOAT_DTYPES:
+                return x.dtype
+    return None
+
+
+def with_input_dtype(params: tuple[ParamSpec, ...], dtype: str | None) -> tuple[ParamSpec, ...]:
+    """`params` with those of the default float dtype (f32) in `dtype` (a float dtype, or None: unchanged)."""
+    if dtype is None or dtype == "f32":
+        return params
+    return tuple(dataclasses.replace(p, dtype=dtype) if p.dtype == "f32" else p for p in params)
 
 
 def get(name: str) -> OpDef | None:

@@ -64,8 +64,8 @@ def fold_bn_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
         b = ("add", b, source(node, "bias"))
     wspec = next(p for p in inner.params if p.name == "weight")
     frozen = all(p.frozen for n in (inner, node) for p in n.params if not p.buffer)
-    params = (ParamSpec("weight", wspec.shape, Init("zeros"), frozen=frozen, derive=w),
-              ParamSpec("bias", (out,), Init("zeros"), frozen=frozen, derive=b))
+    params = (ParamSpec("weight", wspec.shape, Init("zeros"), wspec.dtype, frozen=frozen, derive=w),
+              ParamSpec("bias", (out,), Init("zeros"), wspec.dtype, frozen=frozen, derive=b))
     attrs = tuple((k, True if k == "bias" else v) for k, v in inner.attrs)
     ed.set(nid, inner.replace(attrs=attrs, params=params, outputs=node.outputs, span=inner.span.merge(node.span),
                               name=node.name if node.name != node.op else inner.name))
@@ -138,9 +138,9 @@ def merge_convs_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool
     wspec = next(p for p in a.params if p.name == "weight")
     shape = wspec.shape[:2] + kernel
     frozen = all(p.frozen for n in (a, b) for p in n.params)
-    params = [ParamSpec("weight", shape, Init("zeros"), frozen=frozen, derive=w)]
+    params = [ParamSpec("weight", shape, Init("zeros"), wspec.dtype, frozen=frozen, derive=w)]
     if bias is not None:
-        params.append(ParamSpec("bias", (shape[0],), Init("zeros"), frozen=frozen, derive=bias))
+        params.append(ParamSpec("bias", (shape[0],), Init("zeros"), wspec.dtype, frozen=frozen, derive=bias))
     attrs = []
     for k, v in a.attrs:
         if k == "kernel":

@@ -47,7 +47,8 @@ def merge_linear_pair(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     if d_in * out > d_in * hidden + hidden * out:
         return False  # the merged matrix would cost more than the two it replaces
     w1, w2 = source(inner, "weight"), source(node, "weight")
-    params = [ParamSpec("weight", (out, d_in), Init("zeros"), frozen=node.params[0].frozen,
+    dtype = node.params[0].dtype  # the weights' dtype (that of the values both layers are applied to)
+    params = [ParamSpec("weight", (out, d_in), Init("zeros"), dtype, frozen=node.params[0].frozen,
                         derive=("matmul", w2, w1))]
     b1 = source(inner, "bias") if _has(inner, "bias") else None
     b2 = source(node, "bias") if _has(node, "bias") else None
@@ -59,7 +60,7 @@ def merge_linear_pair(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     elif b2 is not None:
         bias = b2
     if bias is not None:
-        params.append(ParamSpec("bias", (out,), Init("zeros"), frozen=node.params[0].frozen, derive=bias))
+        params.append(ParamSpec("bias", (out,), Init("zeros"), dtype, frozen=node.params[0].frozen, derive=bias))
     attrs = tuple((k, (bias is not None) if k == "bias" else v) for k, v in node.attrs)
     ed.set(nid, node.replace(inputs=(inner.inputs[0],), attrs=attrs, params=tuple(params),
                              span=inner.span.merge(node.span)))
@@ -80,10 +81,11 @@ def fuse_qkv_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
     d = node.type.shape[-1]
     keep = [p for p in node.params if not p.name.startswith(("q.", "k.", "v."))]
     w = ("concat", 0, source(node, "q.weight"), source(node, "k.weight"), source(node, "v.weight"))
-    fused = [ParamSpec("qkv.weight", (3 * d, d), Init("zeros"), derive=w)]
+    dtype = next(p.dtype for p in node.params if p.name == "q.weight")
+    fused = [ParamSpec("qkv.weight", (3 * d, d), Init("zeros"), dtype, derive=w)]
     if node.attr("bias"):
         b = ("concat", 0, source(node, "q.bias"), source(node, "k.bias"), source(node, "v.bias"))
-        fused.append(ParamSpec("qkv.bias", (3 * d,), Init("zeros"), derive=b))
+        fused.append(ParamSpec("qkv.bias", (3 * d,), Init("zeros"), dtype, derive=b))
     attrs = tuple((k, True if k == "qkv" else v) for k, v in node.attrs)
     ed.set(nid, node.replace(attrs=attrs, params=tuple(fused + keep)))
     return True
@@ -128,9 +130,10 @@ def _weights(n: Node) -> tuple[tuple, tuple | None]:
 
 def _linear_node(template: Node, x: Ref, out: int, d_in: int, w: tuple, b: tuple | None, frozen: bool,
                  span) -> Node:
-    params = [ParamSpec("weight", (out, d_in), Init("zeros"), frozen=frozen, derive=w)]
+    dtype = template.params[0].dtype  # the template linear's weight: of the dtype of x
+    params = [ParamSpec("weight", (out, d_in), Init("zeros"), dtype, frozen=frozen, derive=w)]
     if b is not None:
-        params.append(ParamSpec("bias", (out,), Init("zeros"), frozen=frozen, derive=b))
+        params.append(ParamSpec("bias", (out,), Init("zeros"), dtype, frozen=frozen, derive=b))
     attrs = (("out", out), ("bias", b is not None), ("tie", None))
     return Node("linear", (x,), attrs, template.outputs, span, name=template.name, scope=template.scope,
                 params=tuple(params), path=template.path)

@@ -14,7 +14,7 @@ whose output is also read elsewhere is left as it is (folding would need a secon
 
 from __future__ import annotations
 
-from ..ir import Graph, Init, Node, ParamSpec, Ref
+from ..ir import DTYPE_BYTES, FLOAT_DTYPES, Graph, Init, Node, ParamSpec, Ref
 from ..rewrite import Editor
 from . import PassContext, PassResult, register_pass
 from .conv import _fresh_path
@@ -110,7 +110,10 @@ def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) 
     for n in sizes:
         num *= n
     width = ed.node(last).type.shape[-1]
-    if not isinstance(width, int) or num * width * 4 > TABLE_BUDGET:
+    dtype = ed.node(last).type.dtype  # the table holds the chain's results, in their dtype
+    if dtype not in FLOAT_DTYPES:
+        return False
+    if not isinstance(width, int) or num * width * DTYPE_BYTES[dtype] > TABLE_BUDGET:
         return False
     table = ("chain", base, tuple(steps))
     frozen = all(p.frozen for n in chain for p in n.params)
@@ -119,11 +122,11 @@ def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) 
     index = ids[0] if len(ids) == 1 else _index(ed, node, ids, sizes)
     folded = Node("embedding", (index,), (("num", num), ("dim", width)), end.outputs,
                   node.span.merge(end.span), name=end.name if end.name != end.op else node.name, scope=node.scope,
-                  params=(ParamSpec("weight", (num, width), Init("zeros"), frozen=frozen, derive=table),),
+                  params=(ParamSpec("weight", (num, width), Init("zeros"), dtype, frozen=frozen, derive=table),),
                   path=path)
     ed.set(last, folded)
     notes.append({"table": ".".join(folded.path), "ops": [node.op] + [s[0] for s in steps], "rows": num,
-                  "width": width, "bytes": num * width * 4})
+                  "width": width, "bytes": num * width * DTYPE_BYTES[dtype]})
     return True
 
 

@@ -75,7 +75,7 @@ def _node(graph: Graph, op: str, inputs: dict[str, Ref], attrs: dict[str, Any], 
     values = {a.name: attrs.get(a.name, a.default) for a in opdef.args if not a.is_tensor}
     call = OpCall(op, tensors, values, {k: (lo, hi) for k, (_, lo, hi) in graph.dims.items()})
     outs = opdef.infer(call)
-    params = tuple(opdef.params(call)) if opdef.params else ()
+    params = opdef.layer_params(call)
     params = tuple(dataclasses.replace(p, init=(init or {}).get(p.name, p.init)) for p in params)
     stored = []
     for a in opdef.args:
