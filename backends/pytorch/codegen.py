@@ -21,7 +21,7 @@ from typing import Any
 import networkx as nx
 
 from specc.compiler.dims import Sym, fmt
-from specc.compiler.ir import DTYPES, Frame, Graph, Node, Ref, TensorType
+from specc.compiler.ir import DTYPES, FLOAT_DTYPES, Frame, Graph, Node, Ref, TensorType
 
 from .lowering import ATOM, EXT_PREFIX, HELPERS, LOWERINGS, Ctx, Expr, dim_text, lit, module_alias
 
@@ -74,6 +74,19 @@ def camel(name: str) -> str:
 def shape_comment(types: tuple[TensorType, ...]) -> str:
     return ", ".join("(" + ", ".join(fmt(d) for d in t.shape) + ("," if t.rank == 1 else "") + ")"
                      for t in types)
+
+
+def with_param_dtype(ctor: str, node: Node) -> str:
+    """A module constructor whose float parameters are of the node's float parameter dtype where that
+    is not f32 (a layer applied to f64 values): torch's own modules take `dtype=`, the helper classes
+    of the generated code are converted with `.to(...)` (integer buffers keep their dtype either way)."""
+    floats = {p.dtype for p in node.params if p.dtype in FLOAT_DTYPES}
+    if len(floats) != 1 or "f32" in floats:
+        return ctor
+    dtype = f"torch.{DTYPES[floats.pop()]}"
+    if ctor.startswith("nn.") and ctor.endswith(")") and ctor.count("(") == 1:
+        return ctor[:-1] + ("" if ctor.endswith("()") else ", ") + f"dtype={dtype})"
+    return f"{ctor}.to({dtype})"
 
 
 @dataclass
@@ -199,6 +212,7 @@ class Generator:
                 if node.params and low.init is not None:
                     ctor = low.init(self.ctx(node, {}, "None"), [g.type_of(r) for r in node.inputs])
                     if ctor:
+                        ctor = with_param_dtype(ctor, node)
                         init_lines.append(f"self.{ident_attr(node.path[-1])} = {ctor}")
                         self.helpers.update(low.helpers)
                         self.imports.update(low.imports)

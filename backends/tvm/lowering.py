@@ -266,11 +266,26 @@ def _zeros(c: Ctx, n: int) -> tvm.ir.expr.Constant:
     return relax.const(np.zeros((n,), _np_dtype(c.dtype)), c.dtype)
 
 
+def _normalised(c: Ctx, x: relax.Expr, centre: bool) -> relax.Expr:
+    """(x - mean) / sqrt(var + eps) (centre) or x / sqrt(mean(x^2) + eps) over the last dimension, in x's
+    dtype, from elementwise ops and means: the norms of dtypes Relax's fused norm ops do not take
+    (layer_norm: float32 and float16 only) or compute less exactly than torch (rms_norm in float64)."""
+    if centre:
+        x = c.emit(R.subtract(x, c.emit(R.mean(x, axis=[-1], keepdims=True))))
+    square = c.emit(R.mean(c.emit(R.multiply(x, x)), axis=[-1], keepdims=True))
+    return R.multiply(x, c.emit(R.rsqrt(c.emit(R.add(square, c.const(float(c.a("eps"))))))))
+
+
 def _layer_norm(c: Ctx, xs: list) -> relax.Expr:
     d = c.out.shape[-1]
     affine = bool(c.a("affine"))
-    gamma = c.weight("weight") if affine else _ones(c, d)
     with_bias = affine and c.a("bias", True) and c.has_weight("bias")
+    if c.dtype not in ("float32", "float16"):
+        y = _normalised(c, xs[0], centre=True)
+        if affine:
+            y = R.multiply(c.emit(y), c.weight("weight"))
+        return R.add(c.emit(y), c.weight("bias")) if with_bias else y
+    gamma = c.weight("weight") if affine else _ones(c, d)
     beta = c.weight("bias") if with_bias else _zeros(c, d)
     return R.nn.layer_norm(xs[0], gamma, beta, axes=[-1], epsilon=float(c.a("eps")), center=with_bias,
                            scale=affine)
@@ -278,6 +293,9 @@ def _layer_norm(c: Ctx, xs: list) -> relax.Expr:
 
 def _rms_norm(c: Ctx, xs: list) -> relax.Expr:
     d = c.out.shape[-1]
+    if c.dtype == "float64":
+        y = _normalised(c, xs[0], centre=False)
+        return R.multiply(c.emit(y), c.weight("weight")) if c.a("affine") else y
     w = c.weight("weight") if c.a("affine") else _ones(c, d)
     return R.nn.rms_norm(xs[0], w, axes=[-1], epsilon=float(c.a("eps")))
 
