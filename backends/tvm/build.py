@@ -77,6 +77,13 @@ def make_target(target: str | Mapping[str, Any] | Target = "llvm") -> Target:
     return Target(config)
 
 
+def lower(graph: Graph, tgt: Target) -> tuple[tvm.IRModule, Signature]:
+    """The graph's Relax module for `tgt` (CPU: hand-written kernels tiled for its vector width)."""
+    from .schedules import vector_lanes
+
+    return to_relax(graph, tgt.kind.name, FUNC, lanes=vector_lanes(tgt) if tgt.kind.name == "llvm" else 16)
+
+
 def is_gpu(target: Target) -> bool:
     return "gpu" in target.keys
 
@@ -219,7 +226,7 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
     copies of the function, whose kernels take the database's schedules.
     """
     tgt = make_target(target)
-    mod, sig = to_relax(graph, tgt.kind.name, FUNC)
+    mod, sig = lower(graph, tgt)
     specialised: list[dict[str, Any]] = []
     if tuning_db is not None:
         from .tuning import check_database, specialise, spec_name, tuned_dims
@@ -277,7 +284,7 @@ def device_source(graph: Graph, target: str | Mapping[str, Any] | Target = "cuda
     tvm.compile's job on a machine with the CUDA driver; `nvcc_compile` checks the source compiles.)
     """
     tgt = make_target(target)
-    mod, _ = to_relax(graph, tgt.kind.name, FUNC)
+    mod, _ = lower(graph, tgt)
     with tgt:
         mod = pipeline(tgt)(mod)
     prims = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}

@@ -45,6 +45,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax import op as R
 
+from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.compiler.dims import Dim, Sym
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
 
@@ -67,6 +68,7 @@ class Ctx:
     weights: dict[str, relax.Var]
     target_kind: str = "llvm"
     kernels: dict[Any, tvm.ir.GlobalVar] = field(default_factory=dict)  # cache of TIR kernels by key
+    lanes: int = 16  # float32 lanes of the CPU target's vectors (hand-written kernels' register tiles)
 
     # -- attributes and types -------------------------------------------------------------
     def a(self, key: str, default: Any = None) -> Any:
@@ -320,6 +322,11 @@ def _broadcast(c: Ctx, t: relax.Expr, shape: list) -> relax.Expr:
     return c.emit(R.broadcast_to(t, shape))
 
 
+def _fused_attention_applies(c: Ctx, qt: TensorType, mask: Any, prefix: Any) -> bool:
+    """Whether attention runs as kernels.attention_kernel: CPU, float32/64, no mask, no prefix."""
+    return c.target_kind == "llvm" and mask is None and prefix is None and DTYPES[qt.dtype] in ("float32", "float64")
+
+
 def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: TensorType, kt: TensorType, h: int,
                  causal: bool, mask: relax.Expr | None, mt: TensorType | None, prefix: relax.Expr | None,
                  pt: TensorType | None) -> relax.Expr:
@@ -337,6 +344,10 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
     nb = len(batch)
     k = _broadcast(c, k, batch + [s_len, i64(d)])
     v = _broadcast(c, v, batch + [s_len, i64(d)])
+    if _fused_attention_applies(c, qt, mask, prefix):
+        # CPU: one kernel for every (batch row, head), reading the heads in place (backends/tvm/kernels.py)
+        return fused_attention(c.bb, c.kernels, q, k, v, batch, t_len, s_len, d, h, causal, DTYPES[qt.dtype],
+                               c.lanes)
     q = _heads(c, q, batch, t_len, h, dh)
     k = _heads(c, k, batch, s_len, h, dh)
     v = _heads(c, v, batch, s_len, h, dh)
@@ -403,6 +414,12 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
         if has_kv:
             raise LoweringError("attention: a fused qkv projection needs self-attention (no kv)")
         qkv = proj("qkv", x)
+        if _fused_attention_applies(c, xt, mask, prefix):  # the kernel reads q, k, v as column blocks
+            dims = int(d)
+            y = fused_attention(c.bb, c.kernels, qkv, qkv, qkv, c.shape(xt.shape[:-2]), c.dim(xt.shape[-2]),
+                                c.dim(xt.shape[-2]), dims, int(c.a("heads")), bool(c.a("causal")), c.dtype,
+                                c.lanes, ((3 * dims, 0), (3 * dims, dims), (3 * dims, 2 * dims)))
+            return _linear(c, c.emit(y), c.weight("o.weight"), c.weight("o.bias") if bias else None, "o")
         parts = c.emit(R.split(qkv, [tirx.IntImm("int64", d), tirx.IntImm("int64", 2 * d)], axis=-1))
         q, k, v = (c.emit(relax.TupleGetItem(parts, i)) for i in range(3))
     else:
@@ -433,48 +450,6 @@ def _mlp(c: Ctx, xs: list) -> relax.Expr:
 
 # -- LSTM ---------------------------------------------------------------------------------------
 
-def _fast_exp_f32(x: Any) -> Any:
-    """exp(x) for float32 as topi.fast_exp computes it (range reduction to 2^n and a degree-7
-    polynomial; relative error <= 3.5e-7), written on a PrimExpr so that it vectorises inside
-    hand-written kernels (LLVM calls scalar libm for exp)."""
-    f = lambda v: tirx.const(v, "float32")  # noqa: E731
-    p = [1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1]
-    xc = tirx.max(tirx.min(x, f(88.3762626647950)), f(-88.3762626647949))
-    n = tirx.floor(xc * f(1.44269504088896341) + f(0.5))
-    r = xc - n * f(0.6931471805599453)
-    y = f(p[0])
-    for c in p[1:]:
-        y = y * r + f(c)
-    y = y * r * r + r + f(1.0)
-    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n + f(127.0)), tirx.const(23, "int32")))
-    return tirx.max(scale * y, x)
-
-
-def _fast_tanh_f32(x: Any) -> Any:
-    """tanh(x) for float32 as a rational polynomial (topi.fast_tanh's; absolute error <= 4e-7), vectorisable."""
-    f = lambda v: tirx.const(v, "float32")  # noqa: E731
-    alpha = [4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
-             -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16]
-    beta = [4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06]
-    xc = tirx.max(tirx.min(x, f(7.90531110763549805)), f(-7.90531110763549805))
-    x2 = xc * xc
-    p = f(alpha[-1])
-    for c in reversed(alpha[:-1]):
-        p = x2 * p + f(c)
-    q = f(beta[-1])
-    for c in reversed(beta[:-1]):
-        q = x2 * q + f(c)
-    return xc * p / q
-
-
-def _gate_math(dtype: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """(sigmoid, tanh) for the LSTM kernel: the vectorisable polynomials in float32, libm in float64."""
-    if dtype == "float32":
-        one = tirx.const(1.0, "float32")
-        return (lambda v: one / (one + _fast_exp_f32(-v))), _fast_tanh_f32
-    return tirx.sigmoid, tirx.tanh
-
-
 def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
     """One direction of one LSTM layer as a CPU TIR kernel over a symbolic batch B and length L.
 
@@ -493,7 +468,7 @@ def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
     JC = next(n for n in (64, 32, 16, 8, 4) if G % n == 0)  # gates per register tile (G = 4H)
     HC = next(n for n in (16, 8, 4, 2, 1) if H % n == 0)  # state entries per vector
     rev = 1 if reverse else 0
-    sig, tanh = _gate_math(dtype)
+    sig, tanh = gate_fns(dtype)
 
     @T.prim_func(private=True)
     def lstm_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
@@ -1145,8 +1120,10 @@ def _hint(text: str) -> str:
     return _VAR.sub("_", text)[:40] or "v"
 
 
-def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main") -> tuple[tvm.IRModule, Signature]:
-    """The IRModule of `graph`: one Relax function `func_name`(*inputs, *weights) -> output(s)."""
+def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main",
+             lanes: int = 16) -> tuple[tvm.IRModule, Signature]:
+    """The IRModule of `graph`: one Relax function `func_name`(*inputs, *weights) -> output(s).
+    `lanes`: float32 lanes of a CPU target's vector registers (16 on AVX-512, 8 on AVX2)."""
     syms = _symbols(graph)
     bb = relax.BlockBuilder()
     in_vars = []
@@ -1172,7 +1149,7 @@ def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main") -
                 lower = LOWERINGS.get(node.op)
                 if lower is None:
                     raise LoweringError(f"the TVM backend has no lowering for op '{node.op}'")
-                ctx = Ctx(bb, graph, nid, node, syms, weights, target_kind, kernels)
+                ctx = Ctx(bb, graph, nid, node, syms, weights, target_kind, kernels, lanes)
                 result = lower(ctx, [env[r] for r in node.inputs])
                 results = result if isinstance(result, tuple) else (result,)
                 if len(results) != len(node.outputs):

@@ -148,10 +148,9 @@ def tuning_tasks(graph: Graph, target: Target, dims_list: list[dict[str, int]], 
     """MetaSchedule tasks (static-shape kernels after fusion) of the graph at the given sizes."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .build import FUNC, pre_schedule_passes
-    from .lowering import to_relax
+    from .build import FUNC, lower, pre_schedule_passes
 
-    mod, _ = to_relax(graph, target.kind.name, FUNC)
+    mod, _ = lower(graph, target)
     mod = specialise(mod, dims_list)
     mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != FUNC})
     with target:
