@@ -79,26 +79,32 @@ def interleaved(fns: dict[str, Callable[[], Any]], min_time: float, rounds: int 
 
 
 def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batches: list[int],
-               variants: list[str], tuning_db: str | None, min_time: float, out=print) -> list[dict[str, Any]]:
-    """Measure one spec; returns the rows (and prints them)."""
+               variants: list[str], tuning_db: str | None, min_time: float, out=print,
+               opt_level: int = 2) -> list[dict[str, Any]]:
+    """Measure one spec, optimised at `opt_level` (both backends run that graph); returns the rows (and
+    prints them)."""
     import tvm
 
     from specc.backends.pytorch.build import artifacts, load_in_memory
-    from specc.backends.pytorch.weights import init_weights
-    from specc.compiler.frontend import compile_source
+    from specc.backends.pytorch.weights import init_weights, materialise
     from specc.backends.tvm.build import compile_graph
+    from specc.compiler.frontend import compile_source
+    from specc.compiler.passes import PassContext, optimize
 
     text = Path(path).read_text(encoding="utf-8")
-    _, graph = compile_source(text, path, overrides)
-    weights = init_weights(graph)
-    model = load_in_memory(artifacts(graph, text, path, weights=weights))
+    _, source = compile_source(text, path, overrides)
+    ctx = PassContext(opt_level=opt_level)
+    base = init_weights(source)
+    graph, _ = optimize(source, ctx)
+    weights = materialise(graph, base)
+    model = load_in_memory(artifacts(source, text, path, weights=base, ctx=ctx))  # the same graph, optimised there
     model.eval()
     inputs = {b: model.example_inputs(seed=0, **({"B": b} | fixed)) for b in batches}
     shapes = ", ".join(f"B={b}: {[tuple(x.shape) for x in inputs[b]]}" for b in batches)
     import os
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    out(f"{graph.name} {overrides or ''} inputs {shapes}; torch {torch.__version__} "
+    out(f"{graph.name} {overrides or ''} -O{opt_level} inputs {shapes}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), tvm {tvm.__version__} "
         f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}); load average {load:.1f}")
     # torch first, before TVM's thread pool exists (its workers spin after each parallel kernel)
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="untuned,scheduled,tuned")
     ap.add_argument("--tuning-db", default=None)
     ap.add_argument("--time", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2,
+                    help="specc's optimisation level for both backends (default 2, as `specc build`)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for both torch and TVM's runtime (default: each library's default, the "
                          "physical cores); 1 gives stable numbers on a machine other processes load")
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("name a spec or --zoo")
     rows = []
     for path, ov, fixed in jobs:
-        rows += bench_spec(path, ov, fixed, batches, args.variants.split(","), args.tuning_db, args.time)
+        rows += bench_spec(path, ov, fixed, batches, args.variants.split(","), args.tuning_db, args.time,
+                           opt_level=args.opt_level)
     print("\n| model | B | " + " | ".join(["torch eager ms"] + [f"{v} ms (ratio)" for v in args.variants.split(",")]) + " |")
     print("|---|---|" + "---|" * (1 + len(args.variants.split(","))))
     for model in dict.fromkeys(r["model"] for r in rows):
