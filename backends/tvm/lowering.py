@@ -14,9 +14,8 @@ The IR is lowered straight to Relax with a `relax.BlockBuilder` (no torch.export
 The LSTM recurrence is a hand-written TIR kernel (on CPU: the batch rows in parallel, each a serial
 loop over the symbolic time dimension, gates vectorised, h/c state kept in the output and scratch
 buffers), called with `call_tir` once per layer and direction; the input projection of all steps is
-one Relax matmul before it. No unrolling: T stays
-symbolic. CUDA has its own version of that kernel (a thread block per batch row), compiled but not
-yet run on a GPU.
+one Relax matmul before it. No unrolling: T stays symbolic. CUDA has its own version of that kernel
+(a thread block per batch row), compiled but not yet run on a GPU.
 
 On CPU targets `linear` is written as matmul(x, permute_dims(W)): the schedules vectorise over the
 output columns, so they read W transposed ([in, out], contiguous along the columns); with
@@ -24,9 +23,11 @@ LiftTransformParams (the default) the transpose runs once, when the weights are 
 
 On CPU targets conv1d/conv2d are an im2col gather (one TIR kernel reading the window taps straight
 from the input, the padding by bounds checks) and one (grouped) matmul, which the CPU Matmul schedule
-tiles; on GPUs they are Relax's conv ops. Attention (the layer and `attend`) is written out as
-backends/pytorch's MultiHeadAttention.attend: masks, prefixes and keys whose batch dimensions broadcast
-included. Ops with a recipe of their own: integer pow (through float64), moe_mlp (every expert on every
+tiles; on GPUs they are Relax's conv ops. Attention (the layer and `attend`) without a mask or prefix
+is, on CPU targets, one hand-written kernel (backends/tvm/kernels.py: every batch row and head in
+parallel, the heads read in place from the projections, no score matrix in memory); otherwise it is
+written out as backends/pytorch's MultiHeadAttention.attend: masks, prefixes and keys whose batch
+dimensions broadcast included. Ops with a recipe of their own: integer pow (through float64), moe_mlp (every expert on every
 token, then each token's own expert gathered), rot90 (flips and a transpose, as torch.rot90).
 
 Ops this backend cannot lower are listed in UNSUPPORTED (a test checks every registered op is in

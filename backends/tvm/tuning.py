@@ -16,7 +16,7 @@ at which sizes, for which target, and each kernel's name, shapes and trial count
 in the database are never tuned again: tuning a second spec that shares kernels (same op, same
 shapes) with the first costs only the new ones, and `compile_graph(..., tuning_db=...)` never tunes.
 
-The LSTM recurrence and the row kernels (softmax, norms) are hand-scheduled and not tuned.
+The hand-written kernels (LSTM recurrence, attention) and the row kernels (softmax, norms) are not tuned.
 """
 
 from __future__ import annotations
@@ -520,7 +520,7 @@ def _record(db_dir: Path, graph: Graph, target: Target, dims_list: list[dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m specc.backends.tvm.tuning SPEC --db DIR [--set k=v] [--dims B=1,T=128]... [--trials N]"""
+    """python -m specc.backends.tvm.tuning SPEC --db DIR [--set k=v] [--dims B=1,T=128]... [--trials N] [-O N]"""
     import argparse
 
     import specc
@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=64, help="measured candidates per kernel (default 64)")
     ap.add_argument("--strategy", choices=("evolutionary", "replay-trace"), default="evolutionary")
     ap.add_argument("--workers", choices=("inprocess", "popen"), default="inprocess")
+    ap.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2,
+                    help="specc's optimisation level of the graph to tune (default 2, as `specc build`: a "
+                         "database serves the graph it was tuned for)")
     ap.add_argument("-v", "--verbose", action="store_true", help="MetaSchedule's progress on the console")
     args = ap.parse_args(argv)
 
@@ -549,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     for item in args.set:
         overrides.update(parse(item))
-    graph = specc.compile(args.spec, **overrides)
+    from specc.compiler.passes import PassContext, optimize
+
+    graph, _ = optimize(specc.compile(args.spec, **overrides), PassContext(opt_level=args.opt_level))
     dims = [parse(d) for d in args.dims] or None
     report = tune(graph, args.db, args.trials, dims=dims, strategy=args.strategy, workers=args.workers,
                   verbose=args.verbose)
