@@ -13,6 +13,7 @@ kernel: torch right after a TVM call ran about 1.5x slower here); the TVM varian
 in interleaved rounds, so that load from other processes on a shared machine hits them alike.
 Variants:
 
+  compiled   torch.compile (inductor, static shapes) of the torch module: not TVM, for comparison
   untuned    the pipeline with no CPU schedules (legalised loops, as first written)
   scheduled  specc's CPU schedules (backends/tvm/schedules.py), the default
   tuned      the scheduled build plus MetaSchedule records from --tuning-db (static-shape
@@ -109,14 +110,28 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
         f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}); load average {load:.1f}")
     # torch first, before TVM's thread pool exists (its workers spin after each parallel kernel)
     rows: list[dict[str, Any]] = []
-    refs, t_torch = {}, {}
+    refs, t_torch, t_compiled = {}, {}, {}
     with torch.inference_mode():
         for b in batches:
             refs[b] = model(*inputs[b])
             t_torch[b] = median_time(lambda: model(*inputs[b]), min_time=min_time * 2)
+    if "compiled" in variants:  # torch.compile (inductor) of the same module, compiled at each batch size
+        from torch import _dynamo
+
+        _dynamo.reset()
+        compiled = torch.compile(model, dynamic=False)
+        with torch.inference_mode():
+            for b in batches:
+                t0 = time.perf_counter()
+                compiled(*inputs[b])
+                first = time.perf_counter() - t0
+                t_compiled[b] = median_time(lambda: compiled(*inputs[b]), min_time=min_time * 2)
+                out(f"  torch.compile B={b}: first call (compiling) {first:.1f} s")
     runners: dict[str, Any] = {}
     for variant in variants:
         kw: dict[str, Any] = {}
+        if variant == "compiled":
+            continue
         if variant == "untuned":
             kw["schedule"] = "none"
         elif variant == "tuned":
@@ -132,6 +147,10 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
     for b in batches:
         rows.append(dict(model=graph.name, variant="torch eager", B=b, ms=t_torch[b] * 1e3, ratio=1.0, err=0.0))
         out(f"  {'torch eager':12s} B={b:<3d} {t_torch[b] * 1e3:9.3f} ms   1.00x")
+        if b in t_compiled:
+            ratio = t_compiled[b] / t_torch[b]
+            rows.append(dict(model=graph.name, variant="compiled", B=b, ms=t_compiled[b] * 1e3, ratio=ratio, err=0.0))
+            out(f"  {'torch.compile':12s}B={b:<3d} {t_compiled[b] * 1e3:9.3f} ms {ratio:6.2f}x")
         fns, errs = {}, {}
         for v, r in runners.items():
             errs[v] = (r(*inputs[b]).double() - refs[b].double()).abs().max().item()
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], help="spec parameter override k=v")
     ap.add_argument("-B", type=int, action="append", help="batch size (repeatable; default 1 and 8)")
     ap.add_argument("-T", type=int, default=None, help="length, for specs with a symbolic T")
-    ap.add_argument("--variants", default="untuned,scheduled,tuned")
+    ap.add_argument("--variants", default="compiled,untuned,scheduled,tuned")
     ap.add_argument("--tuning-db", default=None)
     ap.add_argument("--time", type=float, default=1.0, help="seconds per measurement")
     ap.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2,
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, ov, fixed in jobs:
         rows += bench_spec(path, ov, fixed, batches, args.variants.split(","), args.tuning_db, args.time,
                            opt_level=args.opt_level)
-    print("\n| model | B | " + " | ".join(["torch eager ms"] + [f"{v} ms (ratio)" for v in args.variants.split(",")]) + " |")
+    print("\n| model | B | " + " | ".join(["torch eager ms"] + [f"{'torch.compile' if v == 'compiled' else v} ms (ratio)" for v in args.variants.split(",")]) + " |")
     print("|---|---|" + "---|" * (1 + len(args.variants.split(","))))
     for model in dict.fromkeys(r["model"] for r in rows):
         for b in batches:
