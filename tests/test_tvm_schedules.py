@@ -120,6 +120,10 @@ def _schedule(func, rule):
     (None, 16, 5, "kn"),    # N narrower than a vector
     (7, 33, 48, "kn"),      # static rows below the register tile, N = 3 vectors (padded to 4)
     (None, 32, 40, "nk"),   # B stored [N, K] (not contiguous along N): packed as [K, NR]
+    (None, 512, 512, "kn"),  # rows outer, B (1 MiB, rows of 2 KiB) packed into panels once per call
+    (520, 64, 512, "kn"),    # static rows >= 512: rows outer with B packed although K is small
+    (None, 64, 600, "kn"),   # long B rows, small K, rows unknown: columns outer
+    (None, 600, 600, "kn"),  # B over 1 MiB: columns outer
 ])
 def test_matmul_rule_against_numpy(m, k, n, b_layout):
     M = tirx.Var("M", "int64") if m is None else _i64(m)
@@ -143,10 +147,29 @@ def test_matmul_rule_against_numpy(m, k, n, b_layout):
         assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, m, k, n, b_layout)
 
 
+def test_matmul_loop_order_choice():
+    """matmul_order: rows outer for one matmul whose B fits in L2; B in place when its rows are short and
+    contiguous, packed when long rows meet a large K or known large I; columns outer otherwise."""
+    order = schedules.matmul_order
+    assert order(1, None, 256, 1024, 4, 64, False, True) == (True, True)    # gpt's MLP down
+    assert order(1, None, 256, 256, 4, 64, False, True) == (True, True)     # attention output
+    assert order(1, None, 1024, 256, 4, 64, False, True) == (False, False)  # MLP up, rows unknown
+    assert order(1, 1024, 1024, 256, 4, 64, False, True) == (True, False)   # ... at 1024 rows: packed
+    assert order(1, None, 256, 1024, 4, 64, False, False) == (True, False)  # B not contiguous: packed
+    assert order(1, None, 80, 24, 4, 16, True, True) == (False, False)      # J padded, small K and I unknown
+    assert order(1, 1024, 80, 24, 4, 16, True, True) == (True, False)       # ... at 1024 rows: packed
+    assert order(1, None, 256, 2048, 4, 64, False, True) == (False, False)  # B of 2 MiB
+    assert order(8, None, 256, 64, 4, 64, False, True) == (False, False)    # batched: columns outer
+    assert order(1, None, 64, 256, 4, 64, False, True) == (False, False)    # one column tile
+    assert order(1, None, None, 256, 4, 64, True, True) == (False, False)   # symbolic J
+
+
 @pytest.mark.parametrize("cores", [2, 64])
-def test_wide_contiguous_weight_packed_when_column_tiles_go_round(cores):
-    """B [K, N] contiguous along N: packed per column tile into [K, NR] when the column tiles are at
-    least the cores (N = 256 at NR = 4 vectors: 4 or more tiles), read in place otherwise; both right."""
+def test_wide_contiguous_weight_packed_when_column_tiles_go_round(cores, monkeypatch):
+    """Columns outer (B over ROWS_OUTER_MAX_B_BYTES), B [K, N] contiguous along N: packed per column
+    tile into [K, NR] when the column tiles are at least the cores (N = 256 at NR = 4 vectors: 4 or
+    more tiles), read in place otherwise; both right."""
+    monkeypatch.setattr(schedules, "ROWS_OUTER_MAX_B_BYTES", 0)
     target = make_target({"kind": "llvm", "num-cores": cores})
     M, k, n = tirx.Var("M", "int64"), 48, 16 * LANES
     A = te.placeholder((M, _i64(k)), name="A")
