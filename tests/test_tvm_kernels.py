@@ -104,6 +104,36 @@ def test_attention_kernel_softmax_is_stable_for_large_scores():
     assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_attention_kernel_nan_reaches_exactly_the_queries_that_see_it(where):
+    """A NaN at row 9 of q, k or v (column 3: head 0) in a causal layer: NaN in q's row 9 (head 0), in
+    k's or v's key 9 for the queries that see it (rows >= 9; k: the whole head, v: its column 3); a
+    hidden key never matters (torch's math path puts v's NaN in every row, as 0 x NaN, and its fused
+    kernel does not); every other value as the float64 reference."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 21, 16)).astype("float32") for _ in range(3))
+    {"q": q, "k": k, "v": v}[where][1, 9, 3] = np.nan
+    got = run(_kernel(2, 8, True, "float32", 16), q, k, v, 16)
+    expected = np.zeros(got.shape, bool)
+    if where == "q":
+        expected[1, 9, :8] = True
+    elif where == "k":
+        expected[1, 9:, :8] = True
+    else:
+        expected[1, 9:, 3] = True
+    assert (np.isnan(got) == expected).all(), np.argwhere(np.isnan(got)).tolist()
+    clean = [np.nan_to_num(x) for x in (q, k, v)]
+    want = reference(*clean, 2, True)
+    assert np.abs(got[~expected] - want[~expected]).max() <= 2e-6
+
+
+def test_attention_kernel_without_keys_gives_zeros():
+    """No keys (S = 0): torch's softmax over nothing times an empty v is 0, not NaN."""
+    q = np.ones((2, 3, 8), "float32")
+    k = v = np.ones((2, 0, 8), "float32")
+    assert (run(_kernel(1, 8, False, "float32", 16), q, k, v, 8) == 0).all()
+
+
 def test_attention_tiles_fit_the_registers():
     assert attention_tiles(64, 16) == (8, 32, 32)  # AVX-512: 8 x 2 accumulators of 16 floats
     assert attention_tiles(64, 8) == (4, 16, 16)   # AVX2: 4 x 2 of 8

@@ -12,13 +12,15 @@ QB x EC register tiles of the output accumulate probabilities x v over the keys,
 dh, and are written scaled by 1 / the row's sum. Query rows past the end (a ragged last block)
 compute a copy of the last row and are not written.
 
-Float32 uses the polynomial exp of `fast_exp_f32` (vectorises; TVM's fast_exp), float64 libm's.
+Float32 uses the polynomial exp of `fast_exp_f32` (vectorises; TVM's fast_exp), float64 libm's. As
+torch: a row that sees a NaN score is NaN, a row with no keys is 0, a hidden key never matters.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import tvm
 from tvm import tirx
 
 
@@ -69,6 +71,16 @@ def gate_fns(dtype: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     return tirx.sigmoid, tirx.tanh
 
 
+def nan_test(dtype: str) -> Callable[[Any], Any]:
+    """x -> whether x is NaN, from its bits (exponent all ones, mantissa not zero): LLVM may fold the
+    usual x != x away under the fast-math flags TVM compiles with."""
+    bits = tvm.DataType(dtype).bits
+    ity, mbits = ("int32", 23) if bits == 32 else ("int64", 52)
+    inf_bits = ((1 << (bits - 1 - mbits)) - 1) << mbits  # +inf's bit pattern
+    return lambda x: tirx.bitwise_and(tirx.reinterpret(ity, x), tirx.const((1 << (bits - 1)) - 1, ity)) > \
+        tirx.const(inf_bits, ity)
+
+
 def attention_tiles(dh: int, lanes: int) -> tuple[int, int, int]:
     """(QB query rows, KC keys, EC output columns) of the register tiles: QB x 2 vectors of
     accumulators (16 of AVX-512's 32 registers; 8 of AVX2's 16), EC the widest of 2, 1 vectors (or
@@ -94,6 +106,7 @@ def attention_kernel(heads: int, dh: int, causal: bool, dtype: str, scale: float
     zero, ninf = tirx.const(0.0, dtype), tirx.const(float("-inf"), dtype)
     one, sc = tirx.const(1.0, dtype), tirx.const(scale, dtype)
     cz = 1 if causal else 0
+    is_nan = nan_test(dtype)
     vec = f"{dtype}x{KC}"
 
     @T.prim_func(private=True)
@@ -112,6 +125,7 @@ def attention_kernel(heads: int, dh: int, causal: bool, dtype: str, scale: float
             s = T.decl_buffer((QB, (LK + KC - 1) // KC * KC), dtype)
             acc = T.decl_buffer((QB, KC), dtype, scope="local")
             mx = T.decl_buffer((QB, KC), dtype, scope="local")
+            nan = T.decl_buffer((QB, KC), dtype, scope="local")
             oacc = T.decl_buffer((QB, EC), dtype, scope="local")
             red = T.decl_buffer((KC,), dtype, scope="local")
             inv = T.decl_buffer((QB,), dtype, scope="local")
@@ -137,6 +151,7 @@ def attention_kernel(heads: int, dh: int, causal: bool, dtype: str, scale: float
                 for r in T.unroll(QB):
                     for jj in T.vectorized(KC):
                         mx[r, jj] = ninf
+                        nan[r, jj] = zero
                 for c in range((nk + KC - 1) // KC):
                     for r in T.unroll(QB):
                         for jj in T.vectorized(KC):
@@ -151,6 +166,7 @@ def attention_kernel(heads: int, dh: int, causal: bool, dtype: str, scale: float
                                 c * KC + jj < T.min(T.min(qb * QB + r, LQ - 1) + 1, LK) * cz + LK * (1 - cz),
                                 acc[r, jj] * sc, ninf)
                             mx[r, jj] = T.max(mx[r, jj], s[r, c * KC + jj])
+                            nan[r, jj] = nan[r, jj] + T.Select(is_nan(s[r, c * KC + jj]), one, zero)
                 # each row: exp(score - its max) (0 for the -inf of hidden keys), and 1 / their sum
                 for r in range(QB):
                     mrow[r] = T.call_llvm_pure_intrin(dtype, "llvm.vector.reduce.fmax", mx.vload([r, 0], vec))
@@ -161,16 +177,29 @@ def attention_kernel(heads: int, dh: int, causal: bool, dtype: str, scale: float
                             s[r, c * KC + jj] = T.Select(s[r, c * KC + jj] > ninf, exp(s[r, c * KC + jj] - mrow[r]),
                                                          zero)
                             red[jj] = red[jj] + s[r, c * KC + jj]
-                    inv[r] = one / T.call_llvm_pure_intrin(dtype, "llvm.vector.reduce.fadd", zero, red.vload([0], vec))
+                    # 1 / the sum; NaN for a row that saw a NaN score (as torch), 0 for a row with no keys
+                    inv[r] = T.call_llvm_pure_intrin(dtype, "llvm.vector.reduce.fadd", zero, red.vload([0], vec))
+                    inv[r] = T.Select(T.call_llvm_pure_intrin(dtype, "llvm.vector.reduce.fadd", zero,
+                                                              nan.vload([r, 0], vec)) > zero,
+                                      tirx.const(float("nan"), dtype), T.Select(inv[r] > zero, one / inv[r], zero))
                 # probabilities x v: QB x EC register tiles over the visible keys
                 for ec in range(dh // EC):
                     for r in T.unroll(QB):
                         for e in T.vectorized(EC):
                             oacc[r, e] = zero
-                    for j in range(nk):
+                    # the keys every row of the block sees, then (causal) the diagonal, where a row
+                    # skips the keys after it (a hidden key's probability is 0, but 0 x NaN is not)
+                    for j in range(T.min(qb * QB + 1, LK) * cz + nk * (1 - cz)):
                         for r in T.unroll(QB):
                             for e in T.vectorized(EC):
                                 oacc[r, e] = oacc[r, e] + s[r, j] * vp[j, ec * EC + e]
+                    for jd in range(nk - T.min(qb * QB + 1, LK) * cz - nk * (1 - cz)):
+                        for r in T.unroll(QB):
+                            for e in T.vectorized(EC):
+                                oacc[r, e] = oacc[r, e] + T.Select(
+                                    T.min(qb * QB + 1, LK) + jd <= T.min(qb * QB + r, LQ - 1),
+                                    s[r, T.min(qb * QB + 1, LK) + jd] * vp[T.min(qb * QB + 1, LK) + jd, ec * EC + e],
+                                    zero)
                     for r in range(QB):
                         if qb * QB + r < LQ:
                             for e in T.vectorized(EC):
@@ -193,6 +222,7 @@ def fused_attention(bb: Any, kernels: dict, q: Any, k: Any, v: Any, batch: list,
     for b in batch:
         rows = rows * b
     dh = d // heads
+    lanes = max(1, lanes * 32 // tvm.DataType(dtype).bits)  # `lanes` counts float32 lanes
     key = ("attention", heads, dh, causal, dtype, lanes, layout)
     if key not in kernels:
         name = f"attention_h{heads}_d{dh}{'_causal' if causal else ''}{'_packed' if layout[0][0] != d else ''}"
@@ -209,4 +239,4 @@ def fused_attention(bb: Any, kernels: dict, q: Any, k: Any, v: Any, batch: list,
     return reshape(y, list(batch) + [t_len, i64(d)])
 
 
-__all__ = ["attention_kernel", "fused_attention", "attention_tiles", "exp_fn", "fast_exp_f32", "fast_tanh_f32", "gate_fns"]
+__all__ = ["attention_kernel", "fused_attention", "nan_test", "attention_tiles", "exp_fn", "fast_exp_f32", "fast_tanh_f32", "gate_fns"]
