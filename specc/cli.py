@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
+from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, SpeccWarning, did_you_mean
 
 OVERRIDES_FILE = "<--set>"
 
@@ -150,6 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schema":
         return _schema(args)
     values, spans, set_text, errors = parse_overrides(args.overrides)
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, *rest, **kw):  # specc's own warnings as one plain line, others as Python shows them
+        if issubclass(category, SpeccWarning):
+            print(f"specc: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kw)
+
+    warnings.showwarning = show
     try:
         code = _run(args, values, spans, errors)
         errors.raise_if_any({OVERRIDES_FILE: set_text})

@@ -28,6 +28,7 @@ from specc.backends.pytorch.build import artifacts, load_in_memory  # noqa: E402
 from specc.backends.pytorch.weights import init_weights  # noqa: E402
 from specc.backends.tvm.build import compile_graph  # noqa: E402
 from specc.backends.tvm.tuning import INDEX, DatabaseError, read_index, tune, tuned_dims  # noqa: E402
+from specc.dsl.diagnostics import SpeccWarning  # noqa: E402
 
 from test_tvm_equivalence import REPO, assert_close, oracle_of, run_oracle  # noqa: E402
 
@@ -108,6 +109,29 @@ def test_a_database_without_this_graph_changes_nothing(tuned, tmp_path):
     assert "specialised" not in runner.manifest and runner.manifest["tuned_kernels"] == []
     with pytest.raises(DatabaseError, match="missing: no such folder"):
         compile_graph(graph, tuning_db=tmp_path / "missing")
+
+
+def test_a_database_tuned_for_another_graph_of_the_spec_warns(tuned):
+    """Same spec name, another graph (here: other parameters; equally another -O level): its records are
+    not used, and the build says so instead of silently building untuned; the CLI prints one line."""
+    db, _, _, _ = tuned
+    text = SPEC.format(name="tune_tiny").replace("d: 16", "d: 24")
+    graph = specc.compile(text)
+    with pytest.warns(SpeccWarning, match="'tune_tiny' was tuned there, but not this graph"):
+        runner = compile_graph(graph, weights=init_weights(graph), tuning_db=db)
+    assert "specialised" not in runner.manifest
+
+
+def test_the_cli_prints_the_database_warning_as_one_line(tuned, tmp_path, capsys):
+    db, _, _, _ = tuned
+    spec = tmp_path / "other.yaml"
+    spec.write_text(SPEC.format(name="tune_tiny").replace("d: 16", "d: 24"))
+    from specc.cli import main
+
+    assert main(["build", str(spec), "--target", "tvm-llvm", "--tuning-db", str(db), "-o",
+                 str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "specc: warning: tuning database" in err and "Traceback" not in err and "UserWarning" not in err
 
 
 @pytest.mark.skipif(os.environ.get("SPECC_SLOW") != "1", reason="tuning a model takes minutes: SPECC_SLOW=1")

@@ -40,11 +40,14 @@ _IS_SCHEDULED = "tirx.is_scheduled"
 
 
 def fingerprint(graph: Graph) -> str:
-    """A stable hash of the graph as lowered to Relax (same spec and overrides: same fingerprint)."""
+    """A stable hash of the graph as lowered to Relax (same spec and overrides: same fingerprint): its
+    Relax function only, which names the hand-written TIR kernels it calls but leaves out their bodies,
+    so that a change inside a kernel (not tuned; its tuned neighbours keep their records) does not
+    orphan a database."""
     from .lowering import to_relax
 
     mod, _ = to_relax(graph, "llvm", "main")
-    return hashlib.sha256(mod.script().encode()).hexdigest()[:16]
+    return hashlib.sha256(mod["main"].script().encode()).hexdigest()[:16]
 
 
 def spec_name(dims: Mapping[str, int]) -> str:
@@ -106,8 +109,18 @@ def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = 
     """The sizes `graph` was tuned at in `db_dir` (for this target's CPU), oldest first."""
     if db_dir is None:
         return []
-    entry = read_index(db_dir)["graphs"].get(fingerprint(graph))
+    graphs = read_index(db_dir)["graphs"]
+    entry = graphs.get(fingerprint(graph))
     if not entry:
+        if any(g.get("name") == graph.name for g in graphs.values()):
+            import warnings
+
+            from specc.dsl.diagnostics import SpeccWarning
+
+            warnings.warn(f"tuning database {db_dir}: '{graph.name}' was tuned there, but not this graph of it "
+                          f"(other parameters, another -O level, or an older specc): its records are not used; "
+                          f"tune this graph (`specc build --tune N`, or python -m specc.backends.tvm.tuning "
+                          f"with the same --set and -O)", SpeccWarning, stacklevel=2)
         return []
     out = []
     for rec in entry["tuned"]:
@@ -536,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=64, help="measured candidates per kernel (default 64)")
     ap.add_argument("--strategy", choices=("evolutionary", "replay-trace"), default="evolutionary")
     ap.add_argument("--workers", choices=("inprocess", "popen"), default="inprocess")
-    ap.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2,
-                    help="specc's optimisation level of the graph to tune (default 2, as `specc build`: a "
-                         "database serves the graph it was tuned for)")
+    ap.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=1,
+                    help="specc's optimisation level of the graph to tune (default 1, as `specc build`: a "
+                         "database serves the graph it was tuned for, so tune at the level you build at)")
     ap.add_argument("-v", "--verbose", action="store_true", help="MetaSchedule's progress on the console")
     args = ap.parse_args(argv)
 
