@@ -336,8 +336,8 @@ class Matmul(_CpuRule):
         # B packed per column tile as [K, NR] (contiguous: the panel's rows do not alias in L1, as rows
         # of a wide weight do, at a stride of J floats) when that leaves a column tile for every core;
         # read in place only when contiguous along J and there are too few column tiles to go round.
-        pack_b = (pad_j or not _contiguous_along(sch.get(reindex_b), 1)
-                  or _column_tasks(s_ext, j_ext, cfg.nr) >= _cores(target))
+        b_contiguous = _contiguous_along(sch.get(reindex_b), 1)
+        pack_b = pad_j or not b_contiguous or _column_tasks(s_ext, j_ext, cfg.nr) >= _cores(target)
 
         # 2. The epilogue: inline the chain after the matmul (reindex view, bias, activation, residual)
         # into one block, and iterate that block over the matmul's [s, i, j] space, so that it can run
@@ -381,8 +381,7 @@ class Matmul(_CpuRule):
         i0, i1 = sch.split(i, [None, cfg.mr])
         j0, j1 = sch.split(j, [None, cfg.nr])
         rows_outer, b_in_place = matmul_order(s_ext, i_ext, j_ext, _int(stmt.iter_vars[3].dom.extent),
-                                              stmt.writes[0].source.dtype.bits // 8, cfg.nr, pad_j,
-                                              _contiguous_along(sch.get(reindex_b), 1))
+                                              stmt.writes[0].source.dtype.bits // 8, cfg.nr, pad_j, b_contiguous)
         if rows_outer:
             sch.reorder(s, i0, j0, k, i1, j1)
             outer = sch.fuse(s, i0)
