@@ -1,13 +1,15 @@
-"""Hand-written CPU kernels in TIR for what the schedule rules cannot reach: fused attention.
+"""Hand-written CPU kernels in TIR for what the schedule rules cannot reach (fused attention), and the
+vectorisable float32 exp / sigmoid / tanh they and the LSTM kernel (lowering.py) use.
 
 `attention_kernel` is softmax(q k^T * scale [causal]) v for every (batch row, head) in one parallel
 loop, reading q, k, v as the projections write them ([N, L, heads * dh], a head a column slice) and
 writing the heads concatenated: no head transposes, no [L, L] score matrix in memory. Per (batch
 row, head) task: k's head is packed transposed ([dh, keys], padded to whole register tiles with
-zeros); then per block of QB query rows: the scores of the keys the block can see (all, or up to
-its last row when causal) are accumulated in a QB x KC register tile over dh, vectorised along the
-keys, and scaled into a QB-row scratch; each row's softmax (max, exp, sum: lane-partial, vectorised,
-keys past the row's last visible key excluded) turns them into unnormalised probabilities; then
+zeros) and v's copied contiguous; then per block of QB query rows: the scores of the keys the block
+can see (all, or up to its last row when causal) are accumulated in a QB x KC register tile over
+dh, vectorised along the keys, and written scaled into a QB-row scratch (-inf past each row's last
+visible key) with each row's running lane maxima; each row's exp(score - max) and its sum
+(vectorised) turn them into unnormalised probabilities; then
 QB x EC register tiles of the output accumulate probabilities x v over the keys, vectorised along
 dh, and are written scaled by 1 / the row's sum. Query rows past the end (a ragged last block)
 compute a copy of the last row and are not written.
