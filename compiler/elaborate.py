@@ -88,6 +88,8 @@ class TV:
 
     ref: Ref
     type: TensorType
+    #: (block instance, argument name) while this is a block's argument as it was passed (not compared)
+    arg: tuple[tuple[Frame, ...], str] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -1309,12 +1311,12 @@ class Elaborator:
             return self.fail(span, f"the model has more than {MAX_NODES} operations once blocks and repeats "
                                    f"are expanded", "reduce repeat counts or the number of layers")
         inputs: list[Ref] = []
+        reads: list[str | None] = []  # the block argument each input is, if it is one of this instance's
         for a in opdef.tensor_args:
             v = tensors.get(a.name)
-            if isinstance(v, list):
-                inputs.extend(x.ref for x in v)
-            elif v is not None:
-                inputs.append(v.ref)
+            for x in v if isinstance(v, list) else [] if v is None else [v]:
+                inputs.append(x.ref)
+                reads.append(x.arg[1] if x.arg is not None and x.arg[0] == scope.frames else None)
         stored = []
         for a in opdef.args:
             if a.is_tensor:
@@ -1329,6 +1331,9 @@ class Elaborator:
         node = Node(opname, tuple(inputs), tuple(stored), outs, span, name=name, scope=scope.frames,
                     params=params, path=path)
         nid = self.graph.add(node)
+        for slot, arg in enumerate(reads):
+            if arg is not None:
+                self.graph.arg_reads[(nid, slot)] = arg
         if len(outs) == 1:
             return TV(Ref(nid, 0), outs[0])
         return tuple(TV(Ref(nid, i), t) for i, t in enumerate(outs))
@@ -1367,7 +1372,14 @@ class Elaborator:
                                      f"defined at {block.span}")
                 env[p.name.id] = self.ev(p.default, _Scope(()), hint=None)
         inner = _Scope(scope.frames + (Frame(name, attr, index),), env=env)
-        self.graph.block_args[inner.frames] = tuple((k, v.ref) for k, v in env.items() if isinstance(v, TV))
+        for p in params:  # declaration order; each argument tagged so reads of it know which it was
+            k, v = p.name.id, env[p.name.id]
+            if isinstance(v, TV):
+                if v.arg is not None and v.arg[0] == scope.frames:
+                    self.graph.arg_passes[(inner.frames, k)] = v.arg[1]
+                env[k] = TV(v.ref, v.type, (inner.frames, k))
+        self.graph.block_args[inner.frames] = tuple((p.name.id, env[p.name.id].ref) for p in params
+                                                    if isinstance(env[p.name.id], TV))
         self.stack.append(name)
         try:
             before = len(self.errors.diagnostics)

@@ -176,6 +176,12 @@ class Graph:
     training_outputs: frozenset[str] = frozenset()
     #: block instance (its frames) -> ((block argument name, Ref), ...): names for generated code
     block_args: dict[tuple[Frame, ...], tuple[tuple[str, Ref], ...]] = field(default_factory=dict)
+    #: which block argument a value read in a block instance was, where the elaborator saw it (two
+    #: arguments may be passed one value): (node id, input slot) -> the argument of the node's instance
+    #: that the input reads, and (child instance, its argument) -> the argument of the calling instance
+    #: passed to it. Names for generated code; passes need not keep it (a missing entry is fine)
+    arg_reads: dict[tuple[int, int], str] = field(default_factory=dict)
+    arg_passes: dict[tuple[tuple[Frame, ...], str], str] = field(default_factory=dict)
     _next: int = 0
 
     # -- building --------------------------------------------------------------------------
@@ -192,7 +198,8 @@ class Graph:
 
     def copy(self) -> "Graph":
         out = dataclasses.replace(self, g=self.g.copy(), dims=dict(self.dims), params=dict(self.params),
-                                  block_args=dict(self.block_args))
+                                  block_args=dict(self.block_args), arg_reads=dict(self.arg_reads),
+                                  arg_passes=dict(self.arg_passes))
         for u, v, data in out.g.edges(data=True):
             data[SLOTS] = list(data[SLOTS])
         return out
