@@ -158,3 +158,86 @@ outputs:
     source = (specc.build(text, tmp_path / "out", opt_level=2) / "model.py").read_text()
     assert "scalar" not in source  # the 1.0 and 0.0 cse shares stay literals
     assert re.findall(r"^class Shift\w*\(", source, re.M) == ["class Shift("]  # ids (ranged) and a (not)
+
+
+def test_calls_passing_one_value_twice_share_the_block_class(tmp_path):
+    # moe_router's first layer gets tok for both x and y; transformer_program's heads compare ids with ids
+    for spec, names in (("moe_router", ("Block",)), ("transformer_program", ("Matches", "CatAttention"))):
+        out = specc.build(ROOT / "specs" / f"{spec}.yaml", tmp_path / spec)
+        src = (out / "model.py").read_text()
+        for name in names:
+            assert src.count(f"class {name}(nn.Module)") == 1 and f"class {name}2" not in src, (spec, name)
+        module = import_model_module(out)
+        built, in_memory = module.load(out), specc.load(ROOT / "specs" / f"{spec}.yaml")
+        inputs = module.example_inputs(seed=1)
+        with torch.no_grad():
+            for a, b in zip(built(*inputs), in_memory(*inputs)):
+                assert torch.equal(a, b), spec
+    src = (tmp_path / "moe_router" / "model.py").read_text()
+    assert "def forward(self, x: torch.Tensor, y: torch.Tensor, route: torch.Tensor):" in src
+    assert "self.block[0](tok, tok, route)" in src
+    src = (tmp_path / "transformer_program" / "model.py").read_text()
+    assert "def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):" in src
+    assert "torch.gather(v, 1, j)" in src and "a = self.a(ids, ids, ids)" in src
+
+
+SHARED_ARGS = """\
+specc: 1
+name: shared_args
+dims:
+  B: 3
+inputs:
+  x: f32[B, 4]
+  z: f32[B, 4]
+  w: f32[B, 8]
+blocks:
+  mix(a, b): |
+    return linear(a, 4) * b + b
+  scale(a, b): |
+    return layer_norm(a) * b - a
+graph: |
+  p = mix(x, x)
+  q = mix(p, z)
+  r = scale(q, q)
+  s = scale(w, w)
+  t = scale(r, z)
+outputs:
+  q: f32[B, 4]
+  s: f32[B, 8]
+  t: f32[B, 4]
+"""
+
+
+def test_one_class_whatever_values_the_calls_pass(tmp_path):
+    spec = tmp_path / "shared_args.yaml"
+    spec.write_text(SHARED_ARGS)
+    out = specc.build(spec, tmp_path / "out")
+    src = (out / "model.py").read_text()
+    # mix: one class for mix(x, x) and mix(p, z); scale at width 4 and 8: two classes, the width-4 calls share one
+    assert src.count("class Mix(nn.Module)") == 1 and "class Mix2" not in src
+    assert src.count("class Scale(nn.Module)") == 1 and src.count("class Scale2(nn.Module)") == 1
+    assert "class Scale3" not in src
+    assert src.count("def forward(self, a: torch.Tensor, b: torch.Tensor):") == 3
+    assert "self.p(x, x)" in src and "self.q(p, z)" in src
+    module = import_model_module(out)
+    model = module.load(out)
+    assert type(model.p) is type(model.q) and type(model.r) is type(model.t) is not type(model.s)
+    x, z, w = module.example_inputs(seed=5)
+    with torch.no_grad():
+        q, s, t = model(x, z, w)
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    x, z, w = x.double(), z.double(), w.double()
+
+    def ln(v, prefix):
+        mean = v.mean(-1, keepdim=True)
+        var = ((v - mean) ** 2).mean(-1, keepdim=True)
+        return (v - mean) / torch.sqrt(var + 1e-5) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
+
+    p_ref = (x @ sd["p.linear.weight"].T + sd["p.linear.bias"]) * x + x
+    q_ref = (p_ref @ sd["q.linear.weight"].T + sd["q.linear.bias"]) * z + z
+    r_ref = ln(q_ref, "r.layer_norm") * q_ref - q_ref
+    s_ref = ln(w, "s.layer_norm") * w - w
+    t_ref = ln(r_ref, "t.layer_norm") * z - r_ref
+    for got, ref in ((q, q_ref), (s, s_ref), (t, t_ref)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)

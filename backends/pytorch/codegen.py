@@ -1,7 +1,8 @@
 """IR -> readable, standalone PyTorch source (`model.py`).
 
 The flat IR is regrouped by the block instances recorded on its nodes: each block becomes an
-`nn.Module` class (instances with identical structure share one), repetitions become an
+`nn.Module` class whose forward takes the block's arguments (instances that compute the same from
+their arguments share one, whichever values the calls pass), repetitions become an
 `nn.ModuleList` driven by a loop, submodules are named after spec values, single-use unnamed
 values are inlined into their consumer, and every statement carries a shape comment.
 
@@ -99,7 +100,17 @@ class Inst:
     all_nodes: set[int] = field(default_factory=set)
     ext: list[Ref] = field(default_factory=list)  # values from outside, in order of first use
     outs: list[Ref] = field(default_factory=list)  # values used outside
-    cls: str = ""
+    args: dict[str, Ref] = field(default_factory=dict)  # the block's tensor arguments, in declaration order
+    extras: list[Ref] = field(default_factory=list)  # values from outside that are none of its arguments
+
+
+@dataclass
+class ClassGroup:
+    """Block instances that share one generated class: `rep` is the one its source is written from."""
+
+    rep: tuple[Frame, ...]
+    args: list[str]  # forward arguments: argument names of the block, then '?j' for rep.extras[j]
+    name: str = ""
 
 
 class Generator:
@@ -111,7 +122,9 @@ class Generator:
         self.output_refs = {ref for _, ref in graph.outputs}
         self.helpers: set[str] = set()
         self.imports: set[str] = set()  # modules of custom operators the code calls
-        self.classes: dict[Any, str] = {}  # structural signature -> class name
+        self.groups: list[ClassGroup] = []
+        self.group_of: dict[tuple[Frame, ...], int] = {}  # block instance -> index in self.groups
+        self.keys: dict[Any, int] = {}  # value numbering: key of a computation -> its number
         self.class_src: list[str] = []
         self.used_class_names = {"Model", "MultiHeadAttention", "MLP"}
         self.symbol_vars = frozenset(sym_name(s) for s in graph.dims)
@@ -142,25 +155,162 @@ class Generator:
                     ref = Ref(nid, i)
                     if ref in self.output_refs or any(u not in inst.all_nodes for u in self.users.get(ref, [])):
                         inst.outs.append(ref)
+            inst.args = self.block_args(s)
+            inst.extras = [r for r in inst.ext if r not in inst.args.values()]
+        self.group_instances()
 
-    def signature(self, s: tuple[Frame, ...]) -> Any:
-        """Structure of an instance, independent of where it sits: equal signatures share a class."""
+    # -- classes -----------------------------------------------------------------------------
+    def block_args(self, s: tuple[Frame, ...]) -> dict[str, Ref]:
+        """The block arguments of instance `s` that it reads, with their values. A pass may have
+        replaced an argument's value (a dropout removed at -O2): the value its recorded reads now read."""
+        g = self.graph
         inst = self.insts[s]
-        order = sorted(inst.all_nodes)
-        local = {nid: i for i, nid in enumerate(order)}
-        items = []
-        for nid in order:
-            n = self.graph.node(nid)
-            ins = tuple(("in", local[r.node], r.index) if r.node in local else ("ext", inst.ext.index(r))
-                        for r in n.inputs)
-            rel_scope = tuple((f.block, f.name, f.index) for f in n.scope[len(s):])
-            # parameter values, initialisers (init=, init_from=), ties and frozen marks differ between
-            # instances and are applied by name to the whole model; structure does not
-            params = tuple((p.name, p.shape, p.dtype, p.buffer) for p in n.params)
-            outputs = tuple(TensorType(t.dtype, t.shape) for t in n.outputs)  # value ranges change no code
-            items.append((n.op, n.attrs, outputs, ins, rel_scope, n.path[len(inst_path(s)):], params))
-        outs = tuple((local[r.node], r.index) for r in inst.outs)
-        return (s[-1].block if s else "", tuple(items), outs, len(inst.ext))
+        declared = g.block_args.get(s, ())
+        args = {name: ref for name, ref in declared if ref in inst.ext}
+        if len(args) < len(declared):
+            now: dict[str, set[Ref]] = {}
+            for nid in inst.all_nodes:
+                node = g.node(nid)
+                for slot, r in enumerate(node.inputs):
+                    if r.node in inst.all_nodes:
+                        continue
+                    name, sc = g.arg_reads.get((nid, slot)), node.scope
+                    while name is not None and sc != s:
+                        name, sc = g.arg_passes.get((sc, name)), sc[:-1]
+                    if name is not None:
+                        now.setdefault(name, set()).add(r)
+            args = {name: args[name] if name in args else next(iter(now[name]))
+                    for name, _ in declared if name in args or len(now.get(name, ())) == 1}
+        return args
+
+    def arg_at(self, s: tuple[Frame, ...], ref: Ref, recorded: str | None) -> str:
+        """The argument of instance `s` that a read of its outside value `ref` is: the one the elaborator
+        recorded for that read, else the first argument passed that value, else '?j' (extras[j])."""
+        inst = self.insts[s]
+        if recorded is not None and inst.args.get(recorded) == ref:
+            return recorded
+        for name, r in inst.args.items():
+            if r == ref:
+                return name
+        return f"?{inst.extras.index(ref)}"
+
+    def arg_ref(self, s: tuple[Frame, ...], arg: str) -> Ref | None:
+        inst = self.insts[s]
+        if arg.startswith("?"):
+            j = int(arg[1:])
+            return inst.extras[j] if j < len(inst.extras) else None
+        return inst.args.get(arg)
+
+    def call_refs(self, s: tuple[Frame, ...]) -> list[Ref]:
+        """The values a call of instance `s` passes, one per forward argument of its class."""
+        return [self.arg_ref(s, a) for a in self.groups[self.group_of[s]].args]
+
+    def read_arg(self, s: tuple[Frame, ...], nid: int, slot: int) -> str:
+        return self.arg_at(s, self.graph.node(nid).inputs[slot], self.graph.arg_reads.get((nid, slot)))
+
+    def pass_arg(self, s: tuple[Frame, ...], child: tuple[Frame, ...], arg: str, ref: Ref) -> str:
+        return self.arg_at(s, ref, self.graph.arg_passes.get((child, arg)))
+
+    def body_units(self, s: tuple[Frame, ...]) -> list[tuple[str, Any]]:
+        """Direct nodes and direct child instances of `s` in a topological order."""
+        inst = self.insts[s]
+        unit_of: dict[int, tuple[str, Any]] = {}
+        for nid in inst.nodes:
+            unit_of[nid] = ("node", nid)
+        for c in inst.children:
+            for nid in self.insts[c].all_nodes:
+                unit_of[nid] = ("call", c)
+        dag = nx.DiGraph()
+        dag.add_nodes_from(("node", nid) for nid in inst.nodes)
+        dag.add_nodes_from(("call", c) for c in inst.children)
+        for nid in inst.all_nodes:
+            for r in self.graph.node(nid).inputs:
+                if r.node in unit_of and unit_of[r.node] != unit_of[nid]:
+                    dag.add_edge(unit_of[r.node], unit_of[nid])
+        first = {u: (u[1] if u[0] == "node" else min(self.insts[u[1]].all_nodes)) for u in dag.nodes}
+        return list(nx.lexicographical_topological_sort(dag, key=lambda u: first[u]))
+
+    def number(self, key: Any) -> int:
+        return self.keys.setdefault(key, len(self.keys))
+
+    def computation(self, s: tuple[Frame, ...], value_of_arg) -> tuple[Any, ...]:
+        """What instance `s` computes, as written in its class, from the values `value_of_arg(name)` of
+        its class's arguments: value numbers of its outputs (ops, attributes, types, parameters and
+        child classes included) and the modules it holds. Equal results: one class serves both."""
+        g = self.graph
+        inst = self.insts[s]
+        val: dict[Ref, Any] = {}
+        modules = []
+        for kind, x in self.body_units(s):
+            if kind == "node":
+                n = g.node(x)
+                ins = tuple(val[r] if r.node in inst.all_nodes else ("arg", value_of_arg(self.read_arg(s, x, i)))
+                            for i, r in enumerate(n.inputs))
+                params = (n.path[len(inst_path(s)):], tuple((p.name, p.shape, p.dtype, p.buffer) for p in n.params))
+                outputs = tuple(TensorType(t.dtype, t.shape) for t in n.outputs)  # value ranges change no code
+                k = self.number((n.op, n.attrs, outputs, params if n.params else None, ins))
+                if n.params:
+                    modules.append((n.op, n.attrs, outputs, params))
+                for i in range(len(n.outputs)):
+                    val[Ref(x, i)] = ("v", k, i)
+            else:
+                c = self.insts[x]
+                frame = (x[-1].name, x[-1].index, self.group_of[x])
+                modules.append(frame)
+                if not c.outs:
+                    continue
+                ins = tuple(val[r] if r.node in inst.all_nodes else ("arg", value_of_arg(self.pass_arg(s, x, a, r)))
+                            for a, r in zip(self.groups[self.group_of[x]].args, self.call_refs(x)))
+                k = self.number(("call", frame, ins))
+                for i, r in enumerate(c.outs):
+                    val[r] = ("v", k, i)
+        return tuple(val[r] for r in inst.outs), tuple(sorted(modules, key=repr))
+
+    def group_instances(self) -> None:
+        """Assign every block instance a class: deeper instances first (a class holds its children's),
+        each joins the first class of its block that computes the same from its arguments, the
+        instances most likely to serve others (fewest guessed argument reads, most nodes) found first."""
+        order = {s: i for i, s in enumerate(self.insts)}
+
+        def guessed(s: tuple[Frame, ...]) -> int:
+            inst = self.insts[s]
+            return sum(1 for nid in inst.all_nodes for slot, r in enumerate(self.graph.node(nid).inputs)
+                       if r in inst.args.values() and (nid, slot) not in self.graph.arg_reads
+                       and sum(1 for v in inst.args.values() if v == r) > 1)
+
+        by_block: dict[str, list[int]] = {}
+        for s in sorted((s for s in self.insts if s),
+                        key=lambda s: (-len(s), guessed(s), -len(self.insts[s].all_nodes), order[s])):
+            own = self.computation(s, lambda a, s=s: self.arg_ref(s, a))
+            for gi in by_block.get(s[-1].block, []):
+                grp = self.groups[gi]
+                refs = {a: self.arg_ref(s, a) for a in grp.args}
+                if None in refs.values() or len(self.insts[grp.rep].outs) != len(self.insts[s].outs):
+                    continue
+                if self.computation(grp.rep, refs.__getitem__) == own:
+                    self.group_of[s] = gi
+                    break
+            else:
+                self.group_of[s] = len(self.groups)
+                by_block.setdefault(s[-1].block, []).append(len(self.groups))
+                self.groups.append(ClassGroup(s, self.class_args(s)))
+
+    def class_args(self, s: tuple[Frame, ...]) -> list[str]:
+        """The forward arguments of the class written from instance `s`: the block arguments its body
+        reads (in declaration order, each once), then the outside values that are none of them."""
+        inst = self.insts[s]
+        used: set[str] = set()
+        for nid in inst.nodes:
+            for slot, r in enumerate(self.graph.node(nid).inputs):
+                if r.node not in inst.all_nodes:
+                    used.add(self.read_arg(s, nid, slot))
+        for c in inst.children:
+            if self.insts[c].outs:
+                for a, r in zip(self.groups[self.group_of[c]].args, self.call_refs(c)):
+                    if r.node not in inst.all_nodes:
+                        used.add(self.pass_arg(s, c, a, r))
+        declared = [a for a in inst.args if a in used]
+        return declared + sorted((a for a in used if a.startswith("?")), key=lambda a: int(a[1:]))
 
     # -- emission ----------------------------------------------------------------------------
     def generate(self) -> str:
@@ -185,17 +335,17 @@ class Generator:
         return header + "\n\n" + "\n".join(lines)
 
     def class_for(self, s: tuple[Frame, ...]) -> str:
-        sig = self.signature(s)
-        if sig in self.classes:
-            return self.classes[sig]
+        grp = self.groups[self.group_of[s]]
+        if grp.name:
+            return grp.name
         base = camel(s[-1].block)
         name, i = base, 2
         while name in self.used_class_names:
             name = f"{base}{i}"
             i += 1
         self.used_class_names.add(name)
-        self.classes[sig] = name
-        self.class_src.append(self.emit_class(s, name))
+        grp.name = name
+        self.class_src.append(self.emit_class(grp.rep, name))
         return name
 
     def emit_class(self, s: tuple[Frame, ...], cls: str) -> str:
@@ -345,7 +495,7 @@ class Generator:
             return False
         for prev, cur in zip(members, members[1:]):
             p, c = self.insts[prev], self.insts[cur]
-            if c.ext != p.outs or any(u not in c.all_nodes for r in p.outs for u in self.users.get(r, [])) \
+            if self.call_refs(cur) != p.outs or any(u not in c.all_nodes for r in p.outs for u in self.users.get(r, [])) \
                     or any(r in self.output_refs for r in p.outs):
                 return False
         return True
@@ -370,19 +520,25 @@ class Generator:
         g = self.graph
         names: dict[Ref, str] = {}
         live_until: dict[str, int] = {}  # python name -> last statement index that reads it
-        # Arguments: block parameters (or graph inputs)
+        # Arguments: block arguments (or graph inputs). A read of an outside value reads the argument
+        # it was in the spec (a pseudo-ref per argument: two arguments may be passed one value)
+        arg_refs: dict[str, Ref] = {}
+        shapes_from: list[tuple[str, Ref]] = []  # (argument, its value): where symbolic sizes are read
         if inst.scope:
-            arg_names = dict((ref, name) for name, ref in g.block_args.get(inst.scope, ()))
             args = []
-            for ref in inst.ext:
-                base = arg_names.get(ref) or g.node(ref.node).name or "x"
+            for k, a in enumerate(self.groups[self.group_of[inst.scope]].args):
+                ref = self.arg_ref(inst.scope, a)
+                base = a if not a.startswith("?") else g.node(ref.node).name or "x"
                 args.append(self.fresh(base, set(args)))
-                names[ref] = args[-1]
+                arg_refs[a] = Ref(-1 - k)
+                names[arg_refs[a]] = args[-1]
+                shapes_from.append((args[-1], ref))
         else:
             args = []
             for name, nid in g.inputs:
                 args.append(ident(name))
                 names[Ref(nid)] = args[-1]
+                shapes_from.append((args[-1], Ref(nid)))
         # Which nodes are inlined into their single consumer
         use_count: dict[Ref, int] = {}
         for nid in inst.all_nodes:
@@ -415,6 +571,12 @@ class Generator:
                 return exprs[ref]
             return Expr(f"<{ref}>", ATOM)  # placeholder replaced by the variable name later
 
+        def read(ref: Ref, arg) -> Expr:
+            """The value `ref` as an input; `arg()` names the block argument it is, if from outside."""
+            if inst.scope and ref.node not in inst.all_nodes:
+                return expr_of(arg_refs[arg()])
+            return expr_of(ref)
+
         for kind, payload in units:
             if kind == "node":
                 nid = payload
@@ -424,7 +586,8 @@ class Generator:
                 low = self.lowering(node)
                 self.helpers.update(low.helpers)
                 self.imports.update(low.imports)
-                e = low.expr(self.ctx(node, dims_used, device), [expr_of(r) for r in node.inputs])
+                e = low.expr(self.ctx(node, dims_used, device),
+                             [read(r, lambda i=i: self.read_arg(inst.scope, nid, i)) for i, r in enumerate(node.inputs)])
                 if nid in inline and len(e.text) <= 72:
                     exprs[Ref(nid)] = e
                     continue
@@ -435,20 +598,23 @@ class Generator:
                 c = self.insts[child]
                 if not c.outs:
                     continue
-                call_args = ", ".join(expr_of(r).text for r in c.ext)
+                call_args = ", ".join(read(r, lambda a=a, r=r: self.pass_arg(inst.scope, child, a, r)).text
+                                      for a, r in zip(self.groups[self.group_of[child]].args, self.call_refs(child)))
                 attr = ident_attr(child[-1].name)
                 target = f"self.{attr}" if child[-1].index is None else f"self.{attr}[{child[-1].index}]"
                 statements.append((list(c.outs), Expr(f"{target}({call_args})"),
                                    shape_comment(tuple(g.type_of(r) for r in c.outs))))
             else:  # loop
                 members = payload
-                first, last = self.insts[members[0]], self.insts[members[-1]]
+                last = self.insts[members[-1]]
+                first_args = zip(self.groups[self.group_of[members[0]]].args, self.call_refs(members[0]))
                 statements.append((list(last.outs), ("loop", ident_attr(members[0][-1].name),
-                                                     [expr_of(r) for r in first.ext]),
+                                                     [read(r, lambda a=a, r=r: self.pass_arg(inst.scope, members[0], a, r))
+                                                      for a, r in first_args]),
                                    shape_comment(tuple(g.type_of(r) for r in last.outs))))
         # Name the materialised values, reusing a name once its value is dead
         reads: dict[Ref, int] = {}
-        placeholder = re.compile(r"<%(\d+)(?:\.(\d+))?>")
+        placeholder = re.compile(r"<%(-?\d+)(?:\.(\d+))?>")
 
         def refs_in(text: str) -> list[Ref]:
             return [Ref(int(m.group(1)), int(m.group(2) or 0)) for m in placeholder.finditer(text)]
@@ -506,7 +672,7 @@ class Generator:
             out_texts.append(names[r] if r in names else placeholder.sub(
                 lambda m: names[Ref(int(m.group(1)), int(m.group(2) or 0))], expr_of(r).text))
         lines.append(f"return {', '.join(out_texts)}" if out_texts else "return None")
-        prologue = self.symbol_prologue(inst, args, names, sorted(dims_used))
+        prologue = self.symbol_prologue(inst, shapes_from, sorted(dims_used))
         return prologue + lines, args, set(dims_used)
 
     def hint_for(self, ref: Ref, inst: Inst) -> str:
@@ -528,16 +694,15 @@ class Generator:
                 return cand
         raise AssertionError  # pragma: no cover
 
-    def symbol_prologue(self, inst: Inst, args: list[str], names: dict[Ref, str], symbols: list[str]) -> list[str]:
+    def symbol_prologue(self, inst: Inst, ins: list[tuple[str, Ref]], symbols: list[str]) -> list[str]:
         g = self.graph
-        ins = inst.ext if inst.scope else [Ref(nid) for _, nid in g.inputs]
         lines = []
         for s in symbols:
             found = None
-            for r in ins:
+            for name, r in ins:
                 for axis, d in enumerate(g.type_of(r).shape):
                     if d == Sym.of(s):
-                        found = (names[r], axis)
+                        found = (name, axis)
                         break
                 if found:
                     break
