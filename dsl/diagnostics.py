@@ -17,10 +17,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 
-class SpeccWarning(UserWarning):
-    """Something the user should know that does not stop the command (the CLI prints it as one line)."""
-
-
 @dataclass(frozen=True)
 class Span:
     """A 1-based (line, column) range in a named source file. `end_*` are inclusive-exclusive."""

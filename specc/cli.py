@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, SpeccWarning, did_you_mean
+from specc.compiler.notices import SpeccWarning
+from specc.dsl.diagnostics import Collector, Diagnostic, Span, SpecError, did_you_mean
 
 OVERRIDES_FILE = "<--set>"
 

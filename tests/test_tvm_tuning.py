@@ -28,7 +28,7 @@ from specc.backends.pytorch.build import artifacts, load_in_memory  # noqa: E402
 from specc.backends.pytorch.weights import init_weights  # noqa: E402
 from specc.backends.tvm.build import compile_graph  # noqa: E402
 from specc.backends.tvm.tuning import INDEX, DatabaseError, read_index, tune, tuned_dims  # noqa: E402
-from specc.dsl.diagnostics import SpeccWarning  # noqa: E402
+from specc.compiler.notices import SpeccWarning  # noqa: E402
 
 from test_tvm_equivalence import REPO, assert_close, oracle_of, run_oracle  # noqa: E402
 

@@ -115,7 +115,7 @@ def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = 
         if any(g.get("name") == graph.name for g in graphs.values()):
             import warnings
 
-            from specc.dsl.diagnostics import SpeccWarning
+            from specc.compiler.notices import SpeccWarning
 
             warnings.warn(f"tuning database {db_dir}: '{graph.name}' was tuned there, but not this graph of it "
                           f"(other parameters, another -O level, or an older specc): its records are not used; "
