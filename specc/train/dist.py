@@ -59,5 +59,8 @@ def process_group() -> Iterator[Dist]:
     tdist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         yield Dist(rank, world, f"cuda:{local}" if use_cuda else "cpu")
+        # every rank done with its collectives before any tears the group down (a rank that destroyed its
+        # gloo group while its peer still used it aborted, "terminate called without an active exception")
+        tdist.barrier()
     finally:
         tdist.destroy_process_group()
