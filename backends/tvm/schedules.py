@@ -330,7 +330,7 @@ class Matmul(_CpuRule):
         sch.transform_block_layout(main, matmul_map)
 
         stmt = sch.get(main)
-        s_ext, i_ext, j_ext, _ = (_int(iv.dom.extent) for iv in stmt.iter_vars)
+        s_ext, i_ext, j_ext, k_ext = (_int(iv.dom.extent) for iv in stmt.iter_vars)
         lanes = vector_lanes(target, stmt.writes[0].source.dtype.bits)
         cfg, pad_j = matmul_config(i_ext, j_ext, lanes)
         # B packed per column tile as [K, NR] (contiguous: the panel's rows do not alias in L1, as rows
@@ -380,19 +380,19 @@ class Matmul(_CpuRule):
         s, i, j, k = sch.get_loops(main)
         i0, i1 = sch.split(i, [None, cfg.mr])
         j0, j1 = sch.split(j, [None, cfg.nr])
-        rows_outer, b_in_place = matmul_order(s_ext, i_ext, j_ext, _int(stmt.iter_vars[3].dom.extent),
+        rows_outer, b_in_place = matmul_order(s_ext, i_ext, j_ext, k_ext,
                                               stmt.writes[0].source.dtype.bits // 8, cfg.nr, pad_j, b_contiguous)
         if rows_outer:
             sch.reorder(s, i0, j0, k, i1, j1)
             outer = sch.fuse(s, i0)
             tile = j0
-        elif pack_b:
-            sch.reorder(s, j0, i0, k, i1, j1)
-            outer = sch.fuse(s, j0)
-            tile = i0
         else:
             sch.reorder(s, j0, i0, k, i1, j1)
-            outer = tile = sch.fuse(s, j0, i0)
+            if pack_b:
+                outer = sch.fuse(s, j0)
+                tile = i0
+            else:
+                outer = tile = sch.fuse(s, j0, i0)
         if per_tile:
             sch.set_scope(main, 0, "local")  # MR x NR accumulators: registers after unrolling
             sch.reverse_compute_at(out_blk, tile, preserve_unit_loops=True)
