@@ -5,7 +5,9 @@
 - merge_parallel_convs: conv_a(x) + conv_b(x) [+ x] with the same stride, groups and centred
   padding is one conv whose kernel is the sum of the kernels, each zero-padded to the largest
   (a 1x1 kernel lands in the centre of a 3x3), and an identity branch is a kernel with one 1 at
-  the centre of each channel's own filter (YOLOv9's RepConvN, RepVGG).
+  the centre of each channel's own filter (YOLOv9's RepConvN, RepVGG). At inference a
+  batch-normalised identity bn(x) (RepVGG's third branch) is that kernel scaled per channel by
+  s = gamma / sqrt(var + eps), with bias beta - mean * s (gamma = 1, beta = 0 without affine).
 
 Both are exact up to float rounding; new weights are weight expressions evaluated in float64.
 """
@@ -101,7 +103,8 @@ def _geometry(n: Node, dims: int):
 
 
 def merge_convs_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
-    """conv_a(x) + conv_b(x) -> conv(x) with the summed kernel; conv(x) + x -> conv with an identity tap."""
+    """conv_a(x) + conv_b(x) -> conv(x) with the summed kernel; conv(x) + x -> conv with an identity tap;
+    conv(x) + batch_norm(x) at inference -> conv with the identity tap scaled by the normalisation."""
     if node.op != "add":
         return False
     a_ref, b_ref = node.inputs
@@ -124,12 +127,20 @@ def merge_convs_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool
         padding = tuple(max(i, j) for i, j in zip(ga[2], gb[2]))
         w = ("add", _pad_kernel(source(a, "weight"), ga[0], kernel), _pad_kernel(source(b, "weight"), gb[0], kernel))
         biases = [source(n, "bias") for n in (a, b) if _has(n, "bias")]
-    elif b_ref == x and all(s == 1 for s in ga[1]) and all(o == 0 for o in ga[3]) \
-            and ed.graph.type_of(x) == node.type and a.attr("groups") == 1:
+        merged = (a, b)
+    elif (b_ref == x or _normalised_identity(ed, b_ref, x, node, ctx)) and all(s == 1 for s in ga[1]) \
+            and all(o == 0 for o in ga[3]) and ed.graph.type_of(x) == node.type and a.attr("groups") == 1:
         kernel, padding = ga[0], ga[2]
         out = a.attr("out")
-        w = ("add", source(a, "weight"), ("identity_kernel", (out, out) + kernel))
+        tap = ("identity_kernel", (out, out) + kernel)
         biases = [source(a, "bias")] if _has(a, "bias") else []
+        merged = (a,)
+        if b_ref != x:  # bn(x): the identity scaled per channel, and a bias of its own
+            scale, shift = _bn_affine(b)
+            tap = ("mul", tap, ("reshape", scale, (out,) + (1,) * (dims + 1)))
+            biases.append(shift)
+            merged = (a, b)
+        w = ("add", source(a, "weight"), tap)
     else:
         return False
     bias = None
@@ -137,7 +148,7 @@ def merge_convs_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool
         bias = bb if bias is None else ("add", bias, bb)
     wspec = next(p for p in a.params if p.name == "weight")
     shape = wspec.shape[:2] + kernel
-    frozen = all(p.frozen for n in (a, b) for p in n.params)
+    frozen = all(p.frozen for n in merged for p in n.params if not p.buffer)
     params = [ParamSpec("weight", shape, Init("zeros"), wspec.dtype, frozen=frozen, derive=w)]
     if bias is not None:
         params.append(ParamSpec("bias", (shape[0],), Init("zeros"), wspec.dtype, frozen=frozen, derive=bias))
@@ -160,6 +171,26 @@ def merge_convs_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool
     for n in old:
         ed.drop_if_dead(n)
     return True
+
+
+def _normalised_identity(ed: Editor, ref: Ref, x: Ref, add: Node, ctx: PassContext) -> bool:
+    """Whether `ref` is an inference batch_norm(x) that only `add` reads, its parameters its own."""
+    if not ctx.inference:
+        return False  # in training, batch_norm normalises with the batch's own statistics
+    n = ed.node(ref.node)
+    return n.op == "batch_norm" and n.inputs[0] == x and n.type == add.type \
+        and _single_use(ed, ref, add.scope, nested=True) is not None
+
+
+def _bn_affine(bn: Node) -> tuple[tuple, tuple]:
+    """Inference batch_norm as y = x * s + t per channel: the weight expressions of s and t."""
+    scale = ("rsqrt_add", source(bn, "running_var"), bn.attr("eps"))
+    if bn.attr("affine"):
+        scale = ("mul", source(bn, "weight"), scale)
+    shift = ("scale", ("mul", source(bn, "running_mean"), scale), -1.0)
+    if bn.attr("affine"):
+        shift = ("add", shift, source(bn, "bias"))
+    return scale, shift
 
 
 def _pad_kernel(w: tuple, kernel: tuple, to: tuple) -> tuple:
