@@ -253,7 +253,7 @@ def lstm_inputs(batch: int, params: dict[str, Any], seq: int, seed: int = 0) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# RepVGG (training-time layout of the official code: 3x3 conv+BN, 1x1 conv+BN and identity branches)
+# RepVGG (training-time layout of the official code: 3x3 conv+BN, 1x1 conv+BN and identity+BN branches)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -270,18 +270,18 @@ def conv_bn(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
 
 
 class RepVGGBlock(nn.Module):
-    """relu(bn(conv3x3(x)) + bn(conv1x1(x)) [+ x]), unmerged, as trained; the identity branch only
-    where stride is 1 and the channels match (the spec's identity is a plain skip, no BN)."""
+    """relu(bn(conv3x3(x)) + bn(conv1x1(x)) [+ bn(x)]), unmerged, as trained; the identity branch
+    (a BatchNorm of x, as in the paper and the spec) only where stride is 1 and the channels match."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.rbr_dense = conv_bn(cin, cout, 3, stride)
         self.rbr_1x1 = conv_bn(cin, cout, 1, stride)
-        self.identity = stride == 1 and cin == cout
+        self.rbr_identity = nn.BatchNorm2d(cin) if stride == 1 and cin == cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.rbr_dense(x) + self.rbr_1x1(x)
-        return F.relu(y + x if self.identity else y)
+        return F.relu(y if self.rbr_identity is None else y + self.rbr_identity(x))
 
 
 class RepVGG(nn.Module):
@@ -303,20 +303,26 @@ class RepVGG(nn.Module):
 
 def repvgg_weights(state: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
     """From -O0 names: `down{,_1,_2}.conv_bn{,_1}.{conv2d,batch_norm}` for the stride-2 blocks and
-    `s{1,2,3}.{i}.conv_bn{,_1}...` for the repeated identity blocks."""
+    `s{1,2,3}.{i}.conv_bn{,_1}...` and `s{1,2,3}.{i}.batch_norm` (the identity's BN) for the
+    repeated identity blocks."""
     needs_o0(state, "down.conv_bn.batch_norm.running_var", "repvgg")
     out = {"linear.weight": state["logits.weight"], "linear.bias": state["logits.bias"]}
 
-    def block(src: str, dst: str) -> None:
+    kinds = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def block(src: str, dst: str, identity: bool) -> None:
         for branch, name in (("conv_bn", "rbr_dense"), ("conv_bn_1", "rbr_1x1")):
             out[f"{dst}.{name}.0.weight"] = state[f"{src}.{branch}.conv2d.weight"]
-            for kind in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            for kind in kinds:
                 out[f"{dst}.{name}.1.{kind}"] = state[f"{src}.{branch}.batch_norm.{kind}"]
+        if identity:
+            for kind in kinds:
+                out[f"{dst}.rbr_identity.{kind}"] = state[f"{src}.batch_norm.{kind}"]
 
     for s in range(3):
-        block("down" + (f"_{s}" if s else ""), f"stages.{s}.0")
+        block("down" + (f"_{s}" if s else ""), f"stages.{s}.0", identity=False)
         for i in range(params["depth"]):
-            block(f"s{s + 1}.{i}", f"stages.{s}.{i + 1}")
+            block(f"s{s + 1}.{i}", f"stages.{s}.{i + 1}", identity=True)
     return out
 
 
