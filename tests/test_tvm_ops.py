@@ -100,6 +100,53 @@ d = conv2d(x, 2, 1)
 """, "a: f32[B, 6, 5, 6]\nc: f32[B, 6, 4, 3]\nd: f32[B, 2, 9, 8]"), [dict(B=1), dict(B=2)], "conv2d")
 
 
+def test_conv2d_implicit_gemm_shapes():
+    """The ungrouped CPU convolution is one implicit-GEMM kernel (the window gather inside the Matmul
+    schedule's packing): output rows wider than a vector (16 x 16), a whole fraction of one (8, 4: the
+    packing vectors cut to a row), and neither (5 x 5, 3 x 7); strides 1 and 2; 1x1 with and without
+    padding; channels not a multiple of the register tile; bias, residual and activation fused after."""
+    check(spec("conv2d_gemm", "x: f32[B, 3, 16, 16]\ny: f32[B, 5, 5, 5]\nz: f32[B, 6, 3, 7]", """
+a = relu(conv2d(x, 7, 3, padding=1))
+b = relu(conv2d(a, 10, 3, stride=2, padding=1))
+c = conv2d(b, 10, 3, padding=1) + b
+d = conv2d(c, 4, 1, stride=2)
+e = conv2d(y, 9, 3, padding=1) + conv2d(y, 9, 1, padding=0)
+f = conv2d(y, 6, 1, padding=1)
+g = silu(conv2d(z, 5, [3, 5], padding=[1, 2]))
+""", "c: f32[B, 10, 8, 8]\nd: f32[B, 4, 4, 4]\ne: f32[B, 9, 5, 5]\nf: f32[B, 6, 7, 7]\ng: f32[B, 5, 3, 7]"),
+          [dict(B=1), dict(B=3)], "conv2d_gemm")
+
+
+def test_ungrouped_convolution_is_one_kernel_with_its_epilogue():
+    """On CPU an ungrouped conv is one fused kernel with the bias and activation (no im2col kernel, no
+    [C * k, B * P] column matrix): after scheduling, the window gather is computed inside B's
+    packing, so no block writes the gathered columns whole; a grouped conv keeps its im2col kernel."""
+    import tvm
+    from tvm import tirx
+
+    from specc.backends.tvm import schedules
+    from specc.backends.tvm.build import FUNC, make_target, pre_schedule_passes
+    from specc.backends.tvm.lowering import to_relax
+
+    graph = specc.compile(spec("convs", "x: f32[B, 8, 16, 16]", """
+a = relu(conv2d(x, 16, 3, padding=1))
+g = conv2d(a, 16, 3, padding=1, groups=2)
+""", "g: f32[B, 16, 16, 16]"))
+    tgt = make_target("llvm")
+    mod, _ = to_relax(graph, "llvm", FUNC)
+    with tgt:
+        mod = tvm.transform.Sequential(pre_schedule_passes(tgt))(mod)
+        apply = schedules.ApplyCPUSchedules(tgt)
+        out = apply(mod)
+    names = [gv.name_hint for gv, f in out.functions_items() if isinstance(f, tirx.PrimFunc)]
+    conv = [n for n in names if n.startswith("fused_conv") and "relu" in n]
+    assert len(conv) == 1, names
+    assert apply.applied.get(conv[0]) == "Matmul"
+    assert sum(n.startswith("im2col") for n in names) == 1, names  # the grouped conv's
+    text = out[conv[0]].script()
+    assert 'sblock("im2col")' not in text and 'sblock("im2col_reindex' in text, text
+
+
 def test_batch_norm_inference_uses_the_running_statistics():
     """[B, C], [B, C, L] and [B, C, H, W]; affine and not; eps. The running mean and variance (buffers,
     perturbed away from 0 and 1) are what inference reads."""
@@ -277,8 +324,9 @@ b = moe_mlp(x, route, experts=3, hidden=4, out=5, act=relu, bias=false)
 
 
 def test_convolution_in_the_static_shape_copies_tuning_adds():
-    """Tuning compiles static-shape copies of `main` beside it (tuning.specialise); the im2col kernel (a
-    TIR function over the symbolic sizes) must compile and compute the same there."""
+    """Tuning compiles static-shape copies of `main` beside it (tuning.specialise); the conv kernels (TIR
+    functions over the symbolic sizes: the implicit GEMM, fused there with its bias and activation,
+    and the grouped conv's im2col) must compile and compute the same there."""
     import numpy as np
     import tvm
     from tvm import relax

@@ -21,9 +21,9 @@ On CPU targets `linear` is written as matmul(x, permute_dims(W)): the schedules 
 output columns, so they read W transposed ([in, out], contiguous along the columns); with
 LiftTransformParams (the default) the transpose runs once, when the weights are bound.
 
-On CPU targets conv1d/conv2d are an im2col gather (one TIR kernel reading the window taps straight
-from the input, the padding by bounds checks) and one (grouped) matmul, which the CPU Matmul schedule
-tiles; on GPUs they are Relax's conv ops. Attention (the layer and `attend`) without a mask or prefix
+On CPU targets conv1d/conv2d are one kernel each, implicit GEMM: a matmul of the weights with the
+window taps of the (zero-padded) input, gathered as the CPU Matmul schedule packs its panels; a
+grouped conv is an im2col gather kernel and one grouped matmul. On GPUs they are Relax's conv ops. Attention (the layer and `attend`) without a mask or prefix
 is, on CPU targets, one hand-written kernel (backends/tvm/kernels.py: every batch row and head in
 parallel, the heads read in place from the projections, no score matrix in memory); otherwise it is
 written out as backends/pytorch's MultiHeadAttention.attend: masks, prefixes and keys whose batch
@@ -47,6 +47,7 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from specc.backends.tvm.kernels import fused_attention, gate_fns
+from specc.backends.tvm.schedules import GATHER_MARK
 from specc.compiler.dims import Dim, Sym
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
 
@@ -686,46 +687,63 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),) * n
 
 
-#: How conv1d/conv2d are written: "im2col" gathers the input windows into columns and multiplies them
-#: with the weights as one (grouped) matmul, which the CPU Matmul schedule tiles and vectorises;
-#: "relax" is R.nn.conv1d/conv2d (legalised to direct loops). "auto": im2col for CPU targets, relax for GPUs.
+#: How conv1d/conv2d are written: "implicit" is one kernel, a matmul over the window taps whose gather the
+#: CPU Matmul schedule computes inside its packing of B (implicit GEMM; grouped convs are "im2col");
+#: "im2col" gathers the input windows into columns by a kernel of its own and multiplies them with the
+#: weights as one (grouped) matmul; "relax" is R.nn.conv1d/conv2d (legalised to direct loops).
+#: "auto": implicit for CPU targets, relax for GPUs.
 CONV_IMPL = "auto"
 
 
-def _te_im2col(x: te.Tensor, kernel: tuple, stride: tuple, dilation: tuple, before: list, padded: bool,
-               out_sp: list, groups: int) -> te.Tensor:
-    """cols[b, g, c, *k, *p] = x[b, g * C/G + c, p * stride + k * dilation - before] (0 in the padding): the
-    window taps of every output position, one gather with no intermediate padded copy."""
+def _te_im2col(x: te.Tensor, kernel: tuple, stride: tuple, dilation: tuple, out_sp: list, groups: int,
+               attrs: dict | None = None) -> te.Tensor:
+    """cols[b, g, c, *k, *p] = x[b, g * C/G + c, p * stride + k * dilation]: the window taps of every output
+    position of an input already padded (_pad_input), one gather."""
     n = len(kernel)
-    bsz, cin = x.shape[0], x.shape[1]
-    cg = cin // groups
-    spatial = list(x.shape[2:])
+    cg = x.shape[1] // groups
 
     def at(b, g, c, *rest):
         ks, ps = rest[:n], rest[n:]
-        idx = [p * s + k * d - pad for p, k, s, d, pad in zip(ps, ks, stride, dilation, before)]
-        inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(idx, spatial)]) if padded else None
-        value = x[(b, g * cg + c) + tuple(tirx.max(tirx.min(i, size - 1), 0) if inside is not None else i
-                                         for i, size in zip(idx, spatial))]
-        return tirx.Select(inside, value, tirx.const(0, x.dtype)) if inside is not None else value
+        return x[(b, g * cg + c) + tuple(p * s + k * d for p, k, s, d in zip(ps, ks, stride, dilation))]
 
     i64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731
-    shape = tuple(i64(v) for v in (bsz, groups, cg) + tuple(kernel) + tuple(out_sp))  # int64, as Relax's shapes
-    return te.compute(shape, lambda *i: at(*i), name="im2col")
+    shape = tuple(i64(v) for v in (x.shape[0], groups, cg) + tuple(kernel) + tuple(out_sp))  # int64, as Relax's
+    return te.compute(shape, lambda *i: at(*i), name="im2col", attrs=attrs)
 
 
-def _dims_key(shape: Sequence[Dim]) -> str:
+def _dims_key(shape: Sequence[Any]) -> str:
     """Static sizes as they are, symbolic ones by which are equal: (2, s0, 8, s0)."""
     seen: dict[str, int] = {}
     return str(tuple(d if isinstance(d, int) else f"s{seen.setdefault(str(d), len(seen))}" for d in shape))
 
 
-def _window_out(n: Any, k: int, stride: int, dilation: int, pad: int) -> Any:
-    """floor((n + pad - dilation (k - 1) - 1) / stride) + 1 (pad: both sides together), on a TIR size."""
-    span = n + tirx.IntImm("int64", pad - dilation * (k - 1) - 1)
+def _window_out(n: Any, k: int, stride: int, dilation: int) -> Any:
+    """floor((n - dilation (k - 1) - 1) / stride) + 1 (n padded already), on a TIR size."""
     if isinstance(n, tirx.IntImm):
-        return tirx.IntImm("int64", int(n.value + pad - dilation * (k - 1) - 1) // stride + 1)
+        return tirx.IntImm("int64", int(n.value - dilation * (k - 1) - 1) // stride + 1)
+    span = n + tirx.IntImm("int64", -dilation * (k - 1) - 1)
     return (span if stride == 1 else tirx.floordiv(span, tirx.IntImm("int64", stride))) + tirx.IntImm("int64", 1)
+
+
+def _pad_input(c: Ctx, x: relax.Expr, before: list, after: list) -> tuple[relax.Expr, list[Any]]:
+    """x [B, C, *spatial] with zeros around its spatial axes (one small injective kernel), and its sizes:
+    static ints, or a name per symbolic size (`T`, `T+2`). The gathers then read every tap inside the
+    tensor, with no bounds test (a test TVM's simplifier drops from the loads of a Select, which would
+    then read before or after the tensor)."""
+    dims: list[Any] = list(c.in_type(0).shape)
+    if not (any(before) or any(after)):
+        return x, [d if isinstance(d, int) else str(d) for d in dims]
+    x = c.emit(R.nn.pad(x, [0, 0, 0, 0] + [v for ba in zip(before, after) for v in ba]))
+    return x, [d if isinstance(d, int) else str(d) for d in dims[:2]] + [
+        d + b0 + a0 if isinstance(d, int) else f"{d}+{b0 + a0}" for d, b0, a0 in zip(dims[2:], before, after)]
+
+
+def _te_sizes(key_dims: list[Any]) -> list[Any]:
+    """TIR sizes for _pad_input's sizes: int64 constants, and a variable per distinct symbolic size (a
+    TIR function reads a variable, not an expression such as 4 * B, from its argument's shape)."""
+    fresh: dict[str, tirx.Var] = {}
+    return [tirx.IntImm("int64", d) if isinstance(d, int) else fresh.setdefault(d, tirx.Var(
+        f"n{len(fresh)}", "int64")) for d in key_dims]
 
 
 def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
@@ -738,24 +756,18 @@ def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, di
     out_sp = c.shape(c.out.shape[2:])
     cout = int(c.out.shape[1])
     k = math.prod(kernel)
-    padded = any(before) or any(after)
-    if k == 1 and all(s == 1 for s in stride) and not padded:
+    x, in_dims = _pad_input(c, x, before, after)
+    if k == 1 and all(s == 1 for s in stride):
         cols = x  # [B, C, *spatial]: a 1x1 convolution reads the input as it is
     else:
         # A kernel of its own, marked opaque to fusion: FuseTIR cannot merge a TE function written over the
         # symbolic sizes into the static-shape copies of `main` that tuning adds (specialise).
-        # Its sizes: the static ones, and a variable per distinct symbolic size (B, or 4 * B after a concat:
-        # a TIR function can read a variable, not an expression, from its argument's shape).
-        key = ("im2col", DTYPES[xt.dtype], _dims_key(xt.shape), kernel, stride, dilation, tuple(before),
-               tuple(after), groups)
+        key = ("im2col", DTYPES[xt.dtype], _dims_key(in_dims), kernel, stride, dilation, groups)
         if key not in c.kernels:
-            fresh: dict[str, tirx.Var] = {}
-            dims = [tirx.IntImm("int64", d) if isinstance(d, int) else fresh.setdefault(str(d), tirx.Var(
-                f"n{len(fresh)}", "int64")) for d in xt.shape]
+            dims = _te_sizes(in_dims)
             xp = te.placeholder(dims, DTYPES[xt.dtype], name="x")
-            sp = [_window_out(d, kk, st, dl, b0 + a0) for d, kk, st, dl, b0, a0
-                  in zip(dims[2:], kernel, stride, dilation, before, after)]
-            out = _te_im2col(xp, kernel, stride, dilation, list(before), padded, sp, groups)
+            sp = [_window_out(d, kk, st, dl) for d, kk, st, dl in zip(dims[2:], kernel, stride, dilation)]
+            out = _te_im2col(xp, kernel, stride, dilation, sp, groups)
             func = te.create_prim_func([xp, out]).with_attr("op_pattern", 8).with_attr("tirx.noalias", True)
             c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "im2col")
         shape = [bsz, i64(groups), i64(cin // groups)] + [i64(v) for v in kernel] + out_sp
@@ -765,6 +777,59 @@ def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, di
     w = c.emit(R.reshape(c.weight("weight"), [i64(groups), i64(cout // groups), i64(cin // groups * k)]))
     y = c.emit(R.matmul(w, cols))  # [B, G, out/G, P]
     return c.emit(R.reshape(y, [bsz, i64(cout)] + out_sp))
+
+
+def _conv_gemm(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
+               after: list) -> relax.Expr:
+    """An ungrouped conv1d/conv2d as one TIR kernel, implicit GEMM: y[b, o, *p] = sum over (c, *k) of
+    W[o, c, *k] * x[b, c, p * stride + k * dilation] (x padded first). The window gather is a block of its
+    own (GATHER_MARK) that the CPU Matmul schedule computes inside B's panel packing, so the
+    [C * k, B * P] column matrix is never written whole (im2col wrote 9x the input for a 3x3 conv, and
+    the matmul read it back). The output is in its final layout [B, O, *spatial'], so bias, activation
+    and residual fuse onto it (repvgg at batch 8, 2 threads: 0.93x -> 0.65x of torch eager)."""
+    xt = c.in_type(0)
+    cout = int(c.out.shape[1])
+    dt = DTYPES[xt.dtype]
+    x, in_dims = _pad_input(c, x, before, after)
+    gather = math.prod(kernel) > 1 or any(s != 1 for s in stride)
+    # The kernel's sizes are written over the graph's own symbolic sizes (B, L + 2), as legalised ops'
+    # are, so that FuseTIR can merge it with the bias and activation after it. That needs every symbol
+    # to be a whole size of the input or the output (a TIR function reads a variable, not an
+    # expression such as 4 * B, from a shape); otherwise fresh variables, and the kernel stays alone.
+    padded_dims = c.shape(xt.shape[:2]) + [tirx.IntImm("int64", d + b0 + a0) if isinstance(d, int) else
+                                           c.dim(d) + (b0 + a0) if b0 + a0 else c.dim(d)
+                                           for d, b0, a0 in zip(xt.shape[2:], before, after)]
+    out_dims = [c.dim(xt.shape[0]), tirx.IntImm("int64", cout)] + c.shape(c.out.shape[2:])
+    whole = {v.name for v in padded_dims + out_dims if isinstance(v, tirx.Var)}
+    named = all(v.name in whole for d in padded_dims + out_dims for v in tirx.analysis.undefined_vars(d))
+    key = ("conv_gemm", dt, str(padded_dims + out_dims) if named else _dims_key(in_dims), cout, kernel, stride,
+           dilation)
+    if key not in c.kernels:
+        dims = padded_dims if named else _te_sizes(in_dims)
+        xp = te.placeholder(dims, dt, name="x")
+        wp = te.placeholder([tirx.IntImm("int64", v) for v in (cout, int(xt.shape[1])) + tuple(kernel)], dt,
+                            name="w")
+        sp = out_dims[2:] if named else [_window_out(d, kk, st, dl) for d, kk, st, dl
+                                         in zip(dims[2:], kernel, stride, dilation)]
+        if gather:
+            cols = _te_im2col(xp, kernel, stride, dilation, sp, 1, attrs={GATHER_MARK: 1})  # [B, 1, C, *k, *p]
+            read = lambda b, ch, ks, ps: cols[(b, 0, ch) + tuple(ks) + tuple(ps)]  # noqa: E731
+        else:
+            read = lambda b, ch, ks, ps: xp[(b, ch) + tuple(ps)]  # noqa: E731
+        rc = te.reduce_axis((0, dims[1]), name="rc")
+        rk = [te.reduce_axis((0, tirx.IntImm("int64", kk)), name=f"rk{i}") for i, kk in enumerate(kernel)]
+
+        def conv(b, o, *ps):
+            return te.sum(wp[(o, rc) + tuple(rk)] * read(b, rc, rk, ps), axis=[rc] + rk)
+
+        out = te.compute([dims[0], tirx.IntImm("int64", cout)] + sp, conv, name="conv")
+        # op_pattern 4 (out-elementwise fusable, as a matmul): FuseOps puts the bias, activation and
+        # residual after it into the same kernel; 8 (opaque) when its sizes are fresh variables
+        func = te.create_prim_func([xp, wp, out]).with_attr("op_pattern", 4 if named else 8) \
+            .with_attr("tirx.noalias", True)
+        c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "conv")
+    out_ty = relax.TensorType([c.dim(xt.shape[0]), tirx.IntImm("int64", cout)] + c.shape(c.out.shape[2:]), dt)
+    return c.emit(relax.call_tir(c.kernels[key], [x, c.weight("weight")], out_ty=out_ty))
 
 
 def _conv(n: int) -> Lowering:
@@ -783,8 +848,10 @@ def _conv(n: int) -> Lowering:
             before, after = [t // 2 for t in total], [t - t // 2 for t in total]
         else:
             before = after = list(_tuple(padding, n))
-        impl = CONV_IMPL if CONV_IMPL != "auto" else ("im2col" if c.target_kind == "llvm" else "relax")
-        if impl == "im2col":
+        impl = CONV_IMPL if CONV_IMPL != "auto" else ("implicit" if c.target_kind == "llvm" else "relax")
+        if impl == "implicit" and int(c.a("groups")) == 1:
+            y = _conv_gemm(c, xs[0], n, kernel, stride, dilation, before, after)
+        elif impl in ("implicit", "im2col"):
             y = _im2col_conv(c, xs[0], n, kernel, stride, dilation, before, after, int(c.a("groups")))
         else:
             y = c.emit(conv(xs[0], c.weight("weight"), strides=stride, padding=tuple(before + after),

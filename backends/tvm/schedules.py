@@ -25,7 +25,10 @@ them over every unscheduled PrimFunc of a module, first rule that applies wins:
   for a single matmul whose B fits in L2, row tiles outer instead (`matmul_order`: A's rows stay in
   L1 while the column tiles stream B from L2, B read in place or packed once per call into
   [J / NR, K, NR] panels): gpt's MLP-down and attention-output layers ran 10-15% faster (up
-  to 27% alone).
+  to 27% alone). A convolution (lowering's implicit-GEMM kernel) is this matmul with B a window
+  gather of the input (a block marked GATHER_MARK): the gather is computed inside B's packing,
+  never whole, and the packing's vectors are cut to an output row when rows are narrower than a
+  vector (so that each is one contiguous load).
 * `RowReduction`: reductions that the row kernels (rowops.py: softmax, layer_norm, rms_norm over
   the last axis, substituted before legalisation) do not cover, e.g. mean/sum: dlight's CPU
   Reduction rule (rows in parallel, blocks computed at the row, injective inner loops vectorised).
@@ -133,12 +136,24 @@ def _contiguous_along(reindex_block: Any, axis: int) -> bool:
     return isinstance(last, tirx.Var) and inner is not None and last.same_as(inner)
 
 
-def _inline_producers(sch: s_tir.Schedule, block) -> None:
-    """compute_inline every (transitive) spatial producer of `block` that can be inlined."""
+#: Block annotation of a convolution's window gather (lowering's implicit-GEMM conv kernel): the
+#: Matmul rule leaves it out of the matmul's own reads and computes it inside B's panel packing
+GATHER_MARK = "specc.gather"
+
+
+def _is_gather(sch: s_tir.Schedule, block) -> bool:
+    return GATHER_MARK in sch.get(block).annotations
+
+
+def _inline_producers(sch: s_tir.Schedule, block, keep_gathers: bool = False) -> None:
+    """compute_inline every (transitive) spatial producer of `block` that can be inlined (but a window
+    gather, with keep_gathers)."""
     changed = True
     while changed:
         changed = False
         for p in sch.get_producers(block):
+            if keep_gathers and _is_gather(sch, p):
+                continue
             if _is_spatial(sch, p) and _try(sch.compute_inline, p):
                 changed = True
                 break
@@ -316,9 +331,10 @@ class Matmul(_CpuRule):
 
         # 1. Normalise to C[s, i, j] += A[s, i, k] * B[s, j, k] (reindex buffers: views, inlined below).
         # Side computations of the epilogue (e.g. the causal mask from two aranges) are inlined first.
-        _inline_producers(sch, main)
+        _inline_producers(sch, main, keep_gathers=True)
         for b in _blocks(sch):
-            if not sch.get(b).same_as(sch.get(main)) and _is_spatial(sch, b) and sch.get_consumers(b):
+            if not sch.get(b).same_as(sch.get(main)) and _is_spatial(sch, b) and sch.get_consumers(b) \
+                    and not _is_gather(sch, b):
                 _try(sch.compute_inline, b)
         reindex_a = sch.reindex(main, ("read", 0))
         reindex_b = sch.reindex(main, ("read", 1))
@@ -337,7 +353,14 @@ class Matmul(_CpuRule):
         # of a wide weight do, at a stride of J floats) when that leaves a column tile for every core;
         # read in place only when contiguous along J and there are too few column tiles to go round.
         b_contiguous = _contiguous_along(sch.get(reindex_b), 1)
-        pack_b = pad_j or not b_contiguous or _column_tasks(s_ext, j_ext, cfg.nr) >= _cores(target)
+        # implicit GEMM: a convolution's window gather is computed inside B's packing, never in place
+        gathers = [p for p in sch.get_producers(reindex_b) if _is_gather(sch, p)]
+        gather_b = bool(gathers)
+        # contiguous runs of the gather: an output row (the last spatial axis); a packing vector longer
+        # than that would be assembled lane by lane, so the packing's vectors are cut to it
+        run = _int(sch.get(gathers[0]).iter_vars[-1].dom.extent) if gathers else None
+        gather_vector = run if run is not None and run < lanes and lanes % run == 0 else None
+        pack_b = pad_j or not b_contiguous or gather_b or _column_tasks(s_ext, j_ext, cfg.nr) >= _cores(target)
 
         # 2. The epilogue: inline the chain after the matmul (reindex view, bias, activation, residual)
         # into one block, and iterate that block over the matmul's [s, i, j] space, so that it can run
@@ -381,7 +404,8 @@ class Matmul(_CpuRule):
         i0, i1 = sch.split(i, [None, cfg.mr])
         j0, j1 = sch.split(j, [None, cfg.nr])
         rows_outer, b_in_place = matmul_order(s_ext, i_ext, j_ext, k_ext,
-                                              stmt.writes[0].source.dtype.bits // 8, cfg.nr, pad_j, b_contiguous)
+                                              stmt.writes[0].source.dtype.bits // 8, cfg.nr, pad_j,
+                                              b_contiguous and not gather_b)
         if rows_outer:
             sch.reorder(s, i0, j0, k, i1, j1)
             outer = sch.fuse(s, i0)
@@ -409,12 +433,12 @@ class Matmul(_CpuRule):
             if a_blk is not None:
                 self._pack(sch, a_blk, outer, lanes)
             if b_blk is not None and not (b_in_place and _try(sch.compute_inline, b_blk)):
-                self._pack_panels(sch, b_blk, cfg.nr, lanes)
+                self._pack_panels(sch, b_blk, cfg.nr, lanes, max_vector=gather_vector)
         else:
             if a_blk is not None:
                 self._pack(sch, a_blk, tile, lanes)
             if b_blk is not None and not (not pack_b and _try(sch.compute_inline, b_blk)):
-                self._pack(sch, b_blk, outer, lanes, transpose_last=True)
+                self._pack(sch, b_blk, outer, lanes, transpose_last=True, max_vector=gather_vector)
 
         # 6. Inner loops: unroll MR, vectorise NR; the outer loop parallel; the init split off.
         sch.unroll(i1)
@@ -429,13 +453,13 @@ class Matmul(_CpuRule):
         return sch
 
     @staticmethod
-    def _pack_panels(sch: s_tir.Schedule, block, nr: int, lanes: int) -> None:
+    def _pack_panels(sch: s_tir.Schedule, block, nr: int, lanes: int, max_vector: int | None = None) -> None:
         """B packed once, before the tiles, as [s, J / NR, K, NR] panels (producers inlined)."""
         _inline_producers(sch, block)
         sch.transform_layout(block, ("write", 0), lambda s, j, k: (s, j // nr, k, j % nr))
         loops = sch.get_loops(block)
         sch.reorder(loops[-1], loops[-2])  # k outer, j inner: vector stores along j
-        _vectorize_inner(sch, block, lanes)
+        _vectorize_inner(sch, block, lanes, max_vector=max_vector)
         loops = [l for l in sch.get_loops(block) if sch.get(l).kind == tirx.ForKind.SERIAL]
         if len(loops) > 1:
             _parallel_outer(sch, loops[:-1])
@@ -471,7 +495,8 @@ class Matmul(_CpuRule):
                     break
 
     @staticmethod
-    def _pack(sch: s_tir.Schedule, block, tile, lanes: int, transpose_last: bool = False) -> None:
+    def _pack(sch: s_tir.Schedule, block, tile, lanes: int, transpose_last: bool = False,
+              max_vector: int | None = None) -> None:
         """A packing block ([s, x, k] from its producers) computed per tile, its producers inlined."""
         _inline_producers(sch, block)
         if transpose_last:
@@ -483,7 +508,7 @@ class Matmul(_CpuRule):
             # loop k outer, j inner: vector stores along j
             inner = loops[-2:]
             sch.reorder(inner[1], inner[0])
-        _vectorize_inner(sch, block, lanes)
+        _vectorize_inner(sch, block, lanes, max_vector=max_vector)
 
 
 # ---------------------------------------------------------------------------------------------

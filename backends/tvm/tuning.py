@@ -78,14 +78,64 @@ def _dims_list(graph: Graph, dims: Mapping[str, int] | Iterable[Mapping[str, int
 
 
 def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "main") -> tvm.IRModule:
-    """`mod` plus, for each dims, a copy of `func` with the symbolic sizes bound (static shapes)."""
+    """`mod` plus, for each dims, a copy of `func` with the symbolic sizes bound (static shapes).
+
+    The copies' calls of fusable TIR kernels written over the symbolic sizes (the lowering's conv
+    kernels) go to static copies of those kernels: FuseTIR cannot merge a symbolic kernel into a fused
+    function of static shapes."""
     mod = tvm.IRModule(dict(mod.functions_items()))
     base = mod[func]
     for dims in dims_list:
         name = spec_name(dims)
         one = relax.transform.BindSymbolicVars(dict(dims))(tvm.IRModule({func: base}))[func]
         mod[name] = one.with_attr("global_symbol", name)
+        mod = _StaticKernels(mod).run(name)
     return mod
+
+
+def _static_shape(sinfo: Any) -> list[int] | None:
+    shape = getattr(sinfo, "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None or not all(isinstance(v, tirx.IntImm) for v in values):
+        return None
+    return [int(v) for v in values]
+
+
+@relax.expr_functor.mutator
+class _StaticKernels(relax.PyExprMutator):
+    """call_tir of a fusable symbolic PrimFunc with static arguments -> call_tir of its static copy."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod_ = mod
+        self.copies: dict[tuple, relax.GlobalVar] = {}
+
+    def run(self, name: str) -> tvm.IRModule:
+        gv = self.mod_.get_global_var(name)
+        self.builder_.update_func(gv, self.visit_expr(self.mod_[gv]))
+        return self.builder_.get()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 - the visitor's name
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.call_tir") or len(call.args) != 2:
+            return call
+        callee = self.mod_[call.args[0]]
+        pattern = callee.attrs.get("op_pattern") if isinstance(callee, tirx.PrimFunc) and callee.attrs else None
+        if pattern is None or int(pattern) >= 8 or not tirx.analysis.undefined_vars(callee.body, callee.params):
+            return call
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+        types = [a.ty for a in args] + [call.ty_args[0]]
+        shapes = [_static_shape(t) for t in types]
+        if any(sh is None for sh in shapes) or len(shapes) != len(callee.params):
+            return call
+        key = (call.args[0].name_hint, tuple(tuple(sh) for sh in shapes))
+        if key not in self.copies:
+            static = callee.specialize({
+                p: tirx.decl_buffer([tirx.IntImm("int64", v) for v in sh], t.dtype,
+                                    elem_offset=p.elem_offset, offset_factor=p.offset_factor)
+                for p, sh, t in zip(callee.params, shapes, types)})
+            self.copies[key] = self.builder_.add_func(static, call.args[0].name_hint + "_static")
+        return relax.call_tir(self.copies[key], call.args[1], out_ty=call.ty_args[0])
 
 
 # ---------------------------------------------------------------------------------------------
