@@ -72,7 +72,7 @@ def pipeline() -> list[str]:
         "eliminate_identity",   # dropout at inference, cancelling transposes, no-op reshapes and casts
         "cse",                  # identical computations done once
         "fold_batch_norm",      # inference BatchNorm into the conv or linear before it
-        "merge_parallel_convs", # RepConv / RepVGG: parallel convs of one input (and identity) into one conv
+        "merge_parallel_convs", # RepConv / RepVGG: parallel convs of one input (+ x or inference bn(x)) into one conv
         "fold_lookups",         # an embedding and the per-token layers after it: one precomputed table
         "merge_adapters",       # LoRA and other linear adapters: into the base weight
         "merge_linear_chains",  # linear -> linear with nothing between them: one linear (when cheaper)
