@@ -150,6 +150,7 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
                 t_compiled[b] = median_time(lambda: compiled(*inputs[b]), min_time=min_time * 2)
                 out(f"  torch.compile B={b}: first call (compiling) {first:.1f} s")
     runners: dict[str, Any] = {}
+    build_s: dict[str, float] = {}
     for variant in variants:
         kw: dict[str, Any] = {}
         if variant == "compiled":
@@ -165,7 +166,8 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()
         runners[variant] = compile_graph(graph, weights=weights, **kw)
-        out(f"  compiled {variant} in {time.perf_counter() - t0:.1f} s")
+        build_s[variant] = time.perf_counter() - t0
+        out(f"  compiled {variant} in {build_s[variant]:.1f} s")
     for b in batches:
         rows.append(dict(model=graph.name, variant="torch eager", B=b, ms=t_torch[b] * 1e3, ratio=1.0, err=0.0))
         out(f"  {'torch eager':12s} B={b:<3d} {t_torch[b] * 1e3:9.3f} ms   1.00x")
@@ -183,7 +185,7 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
         for v, t in times.items():
             ratio = t / t_torch[b]
             rows.append(dict(model=graph.name, variant=v, B=b, ms=t * 1e3, ratio=ratio, err=errs[v],
-                             function=runners[v].last_function))
+                             function=runners[v].last_function, build_s=build_s[v]))
             out(f"  {v:12s} B={b:<3d} {t * 1e3:9.3f} ms {ratio:6.2f}x   max|diff| {errs[v]:.1e}"
                 f"   ({runners[v].last_function})")
     return rows
@@ -220,16 +222,24 @@ def main(argv: list[str] | None = None) -> None:
     for path, ov, fixed in jobs:
         rows += bench_spec(path, ov, fixed, batches, args.variants.split(","), args.tuning_db, args.time,
                            opt_level=args.opt_level)
-    print("\n| model | B | " + " | ".join(["torch eager ms"] + [f"{'torch.compile' if v == 'compiled' else v} ms (ratio)" for v in args.variants.split(",")]) + " |")
-    print("|---|---|" + "---|" * (1 + len(args.variants.split(","))))
+    variants = args.variants.split(",")
+    print("\n| model | B | torch eager ms | " + " | ".join(
+        "torch.compile" if v == "compiled" else v for v in variants) + " | max abs diff (scheduled) |")
+    print("|---|---|---|" + "---|" * (len(variants) + 1))
     for model in dict.fromkeys(r["model"] for r in rows):
         for b in batches:
             cells = {r["variant"]: r for r in rows if r["model"] == model and r["B"] == b}
             line = [f"{cells['torch eager']['ms']:.2f}"]
-            for v in args.variants.split(","):
-                r = cells.get(v)
-                line.append(f"{r['ms']:.2f} ({r['ratio']:.2f}x)" if r else "-")
+            line += [f"{cells[v]['ratio']:.2f}x" if v in cells else "-" for v in variants]
+            line.append(f"{cells['scheduled']['err']:.1e}" if "scheduled" in cells else "-")
             print(f"| {model} | {b} | " + " | ".join(line) + " |")
+    built = [v for v in variants if v != "compiled"]
+    print("\nTVM build time, s (one library per variant, every batch size):\n")
+    print("| model | " + " | ".join(built) + " |")
+    print("|---|" + "---|" * len(built))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = {r["variant"]: r for r in rows if r["model"] == model and "build_s" in r}
+        print(f"| {model} | " + " | ".join(f"{cells[v]['build_s']:.1f}" if v in cells else "-" for v in built) + " |")
 
 
 if __name__ == "__main__":
