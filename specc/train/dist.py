@@ -13,6 +13,8 @@ yourself on each (see the README's "Training" section).
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
 import subprocess
 import sys
@@ -56,11 +58,25 @@ def process_group() -> Iterator[Dist]:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local)
+    for name in _WORLD_DEFAULTS:  # before the group exists, so that their defaults hold none
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     tdist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         yield Dist(rank, world, f"cuda:{local}" if use_cuda else "cpu")
-        # every rank done with its collectives before any tears the group down (a rank that destroyed its
-        # gloo group while its peer still used it aborted, "terminate called without an active exception")
-        tdist.barrier()
+        tdist.barrier()  # every rank done with its collectives before any tears the group down
     finally:
-        tdist.destroy_process_group()
+        gc.collect()  # a DistributedDataParallel model left in a reference cycle holds the group too
+        tdist.destroy_process_group()  # frees the group: its worker threads end here, not at interpreter exit
+
+
+#: torch modules with functions whose default argument is `group=group.WORLD`, evaluated at import. Imported
+#: after init_process_group (DistributedDataParallel imports torch.distributed.nn.functional through
+#: torch._dynamo), they keep the default group alive for good, so destroy_process_group does not free it and
+#: gloo's worker threads run on into interpreter shutdown. A worker that drops a finished collective's work
+#: there (the last all_reduce of a Python tensor, kept until the barrier's work goes) needs the GIL to release
+#: the tensor's Python object; at shutdown CPython ends the thread instead, inside a noexcept destructor, and
+#: the process aborts: "terminate called without an active exception" (some runs of `specc train --nproc 2`).
+#: (torch.distributed.optim.zero_redundancy_optimizer and fsdp.sharded_grad_scaler do the same; a run imports
+#: neither.)
+_WORLD_DEFAULTS = ("torch.distributed.nn.functional",)
