@@ -323,23 +323,35 @@ b = moe_mlp(x, route, experts=3, hidden=4, out=5, act=relu, bias=false)
 """, "a: f32[B, T, 6]\nb: f32[B, T, 5]", dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=4)], "moe")
 
 
-def test_convolution_in_the_static_shape_copies_tuning_adds():
+#: (inputs, graph, outputs, dims, sizes of the static copies)
+STATIC_CONVS = {
+    "batch": ("x: f32[B, 3, 8, 8]", "y = conv2d(relu(conv2d(x, 4, 3, padding=1)), 4, 3, stride=2, padding='valid', groups=2)",
+              "y: f32[B, 4, 3, 3]", "B: 2", [{"B": 2}, {"B": 3}]),
+    # symbolic spatial sizes: the input padded to L + 2 (H + 2, W + 2), an output L - 2 (unfused)
+    "length": ("v: f32[B, 4, L]", "a = relu(conv1d(v, 5, 3, padding=1))\nb = relu(conv1d(v, 5, 3))",
+               "a: f32[B, 5, L]\nb: f32[B, 5, L - 2]", "B: 2\nL: 9", [{"B": 2, "L": 9}]),
+    "height_width": ("v: f32[B, 4, H, W]", "a = relu(conv2d(v, 5, 3, padding=1))", "a: f32[B, 5, H, W]",
+                     "B: 2\nH: 6\nW: 7", [{"B": 1, "H": 6, "W": 7}]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATIC_CONVS))
+def test_convolution_in_the_static_shape_copies_tuning_adds(name):
     """Tuning compiles static-shape copies of `main` beside it (tuning.specialise); the conv kernels (TIR
-    functions over the symbolic sizes: the implicit GEMM, fused there with its bias and activation,
-    and the grouped conv's im2col) must compile and compute the same there."""
+    functions over size variables of their own: the implicit GEMM, fused there with its bias and
+    activation, and the grouped conv's im2col) must compile and compute the same there."""
     import numpy as np
     import tvm
     from tvm import relax
 
     from specc.backends.tvm.build import FUNC, make_target, pipeline
     from specc.backends.tvm.lowering import parameters, to_relax
-    from specc.backends.tvm.tuning import specialise
+    from specc.backends.tvm.tuning import spec_name, specialise
 
-    graph = specc.compile(spec("convs", "x: f32[B, 3, 8, 8]", """
-y = conv2d(relu(conv2d(x, 4, 3, padding=1)), 4, 3, stride=2, padding='valid', groups=2)
-""", "y: f32[B, 4, 3, 3]"))
+    inputs, body, outputs, dims, copies = STATIC_CONVS[name]
+    graph = specc.compile(spec("convs", inputs, body, outputs, dims=dims))
     mod, _ = to_relax(graph, "llvm", FUNC)
-    mod = specialise(mod, [{"B": 2}])
+    mod = specialise(mod, copies)
     tgt = make_target("llvm")
     with tgt:
         ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, shared=True))  # as build_module does
@@ -347,10 +359,25 @@ y = conv2d(relu(conv2d(x, 4, 3, padding=1)), 4, 3, stride=2, padding='valid', gr
     weights = noisy(init_weights(graph))
     lifted = vm["transform_params"]([tvm.runtime.tensor(weights[name].numpy()) for name, _ in parameters(graph)])
     ws = [lifted[i] for i in range(len(lifted))]
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype("float32"))
-    general, static = vm["main"](x, *ws).numpy(), vm["main__B2"](x, *ws).numpy()
-    assert static.shape == (2, 4, 3, 3)
-    np.testing.assert_allclose(static, general, rtol=1e-5, atol=1e-6)
+    for sizes in copies:
+        shape = [sizes.get(str(d), d) for d in graph.node(graph.inputs[0][1]).type.shape]
+        x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"))
+        general, static = vm["main"](x, *ws), vm[spec_name(sizes)](x, *ws)
+        pairs = [(general, static)] if hasattr(general, "numpy") else list(zip(general, static))
+        for g, s in pairs:
+            assert s.numpy().shape == g.numpy().shape
+            np.testing.assert_allclose(s.numpy(), g.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_convolution_of_a_size_that_is_an_expression():
+    """Implicit-GEMM kernels whose input size is a product (2 * T after a concat, 4 * B), strided, with an
+    epilogue: their size variables bind to whatever the caller's shape is."""
+    check(spec("conv_expr", "u: f32[B, 4, T]\nw: f32[B, 4, 6, 6]", """
+v = concat([u, u * 2.0], dim=-1)
+a = relu(conv1d(v, 5, 3, stride=2, padding=1))
+b = conv1d(v, 5, 2, stride=2) + a
+z = relu(conv2d(concat([w, w * 2.0, w, w], dim=0), 5, 3, padding=1))
+""", "b: f32[B, 5, T]\nz: f32[4 * B, 5, 6, 6]", dims="B: 2\nT: 4"), [dict(B=1, T=4), dict(B=3, T=6)], "conv_expr")
 
 
 def test_integer_pow_and_number_operands():

@@ -735,15 +735,18 @@ def _pad_input(c: Ctx, x: relax.Expr, before: list, after: list) -> tuple[relax.
         return x, [d if isinstance(d, int) else str(d) for d in dims]
     x = c.emit(R.nn.pad(x, [0, 0, 0, 0] + [v for ba in zip(before, after) for v in ba]))
     return x, [d if isinstance(d, int) else str(d) for d in dims[:2]] + [
-        d + b0 + a0 if isinstance(d, int) else f"{d}+{b0 + a0}" for d, b0, a0 in zip(dims[2:], before, after)]
+        d + b0 + a0 if isinstance(d, int) else f"{d}+{b0 + a0}" if b0 + a0 else str(d)
+        for d, b0, a0 in zip(dims[2:], before, after)]
 
 
-def _te_sizes(key_dims: list[Any]) -> list[Any]:
-    """TIR sizes for _pad_input's sizes: int64 constants, and a variable per distinct symbolic size (a
-    TIR function reads a variable, not an expression such as 4 * B, from its argument's shape)."""
+def _te_sizes(*key_dims: list[Any]) -> list[list[Any]]:
+    """TIR sizes for shapes given as _pad_input gives them: int64 constants, and one variable per
+    distinct symbolic size, shared by the shapes (a TIR function reads a variable, not an expression
+    such as L + 2 or 4 * B, from its argument's shape; and FuseTIR binds a variable to whatever
+    expression the caller's shape has, where it would match an expression term by term)."""
     fresh: dict[str, tirx.Var] = {}
-    return [tirx.IntImm("int64", d) if isinstance(d, int) else fresh.setdefault(d, tirx.Var(
-        f"n{len(fresh)}", "int64")) for d in key_dims]
+    return [[tirx.IntImm("int64", d) if isinstance(d, int) else fresh.setdefault(d, tirx.Var(
+        f"n{len(fresh)}", "int64")) for d in dims] for dims in key_dims]
 
 
 def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
@@ -764,7 +767,7 @@ def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, di
         # symbolic sizes into the static-shape copies of `main` that tuning adds (specialise).
         key = ("im2col", DTYPES[xt.dtype], _dims_key(in_dims), kernel, stride, dilation, groups)
         if key not in c.kernels:
-            dims = _te_sizes(in_dims)
+            (dims,) = _te_sizes(in_dims)
             xp = te.placeholder(dims, DTYPES[xt.dtype], name="x")
             sp = [_window_out(d, kk, st, dl) for d, kk, st, dl in zip(dims[2:], kernel, stride, dilation)]
             out = _te_im2col(xp, kernel, stride, dilation, sp, groups)
@@ -779,7 +782,7 @@ def _im2col_conv(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, di
     return c.emit(R.reshape(y, [bsz, i64(cout)] + out_sp))
 
 
-def _conv_gemm(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dilation: tuple, before: list,
+def _conv_gemm(c: Ctx, x: relax.Expr, kernel: tuple, stride: tuple, dilation: tuple, before: list,
                after: list) -> relax.Expr:
     """An ungrouped conv1d/conv2d as one TIR kernel, implicit GEMM: y[b, o, *p] = sum over (c, *k) of
     W[o, c, *k] * x[b, c, p * stride + k * dilation] (x padded first). The window gather is a block of its
@@ -792,27 +795,21 @@ def _conv_gemm(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dila
     dt = DTYPES[xt.dtype]
     x, in_dims = _pad_input(c, x, before, after)
     gather = math.prod(kernel) > 1 or any(s != 1 for s in stride)
-    # The kernel's sizes are written over the graph's own symbolic sizes (B, L + 2), as legalised ops'
-    # are, so that FuseTIR can merge it with the bias and activation after it. That needs every symbol
-    # to be a whole size of the input or the output (a TIR function reads a variable, not an
-    # expression such as 4 * B, from a shape); otherwise fresh variables, and the kernel stays alone.
-    padded_dims = c.shape(xt.shape[:2]) + [tirx.IntImm("int64", d + b0 + a0) if isinstance(d, int) else
-                                           c.dim(d) + (b0 + a0) if b0 + a0 else c.dim(d)
-                                           for d, b0, a0 in zip(xt.shape[2:], before, after)]
-    out_dims = [c.dim(xt.shape[0]), tirx.IntImm("int64", cout)] + c.shape(c.out.shape[2:])
-    whole = {v.name for v in padded_dims + out_dims if isinstance(v, tirx.Var)}
-    named = all(v.name in whole for d in padded_dims + out_dims for v in tirx.analysis.undefined_vars(d))
-    key = ("conv_gemm", dt, str(padded_dims + out_dims) if named else _dims_key(in_dims), cout, kernel, stride,
-           dilation)
+    # Every symbolic size of the input and the output is a variable of its own (the output's not
+    # computed from the input's), which the call binds to the caller's size. FuseTIR merges the kernel
+    # with the bias and activation after it when each output size is a symbol of the graph (B, L):
+    # it matches the output buffer with the next kernel's input variable by variable, so an output
+    # size such as L - 2 or 4 * B leaves the kernel opaque (unfused).
+    out_dims = [d if isinstance(d, int) else str(d) for d in (xt.shape[0], cout, *c.out.shape[2:])]
+    fusable = all(isinstance(d, int) or isinstance(c.dim(d), tirx.Var) for d in (xt.shape[0], *c.out.shape[2:]))
+    key = ("conv_gemm", dt, _dims_key(in_dims + out_dims), kernel, stride, dilation, fusable)
     if key not in c.kernels:
-        dims = padded_dims if named else _te_sizes(in_dims)
+        dims, sp = _te_sizes(in_dims, out_dims)
         xp = te.placeholder(dims, dt, name="x")
         wp = te.placeholder([tirx.IntImm("int64", v) for v in (cout, int(xt.shape[1])) + tuple(kernel)], dt,
                             name="w")
-        sp = out_dims[2:] if named else [_window_out(d, kk, st, dl) for d, kk, st, dl
-                                         in zip(dims[2:], kernel, stride, dilation)]
         if gather:
-            cols = _te_im2col(xp, kernel, stride, dilation, sp, 1, attrs={GATHER_MARK: 1})  # [B, 1, C, *k, *p]
+            cols = _te_im2col(xp, kernel, stride, dilation, sp[2:], 1, attrs={GATHER_MARK: 1})  # [B, 1, C, *k, *p]
             read = lambda b, ch, ks, ps: cols[(b, 0, ch) + tuple(ks) + tuple(ps)]  # noqa: E731
         else:
             read = lambda b, ch, ks, ps: xp[(b, ch) + tuple(ps)]  # noqa: E731
@@ -822,10 +819,10 @@ def _conv_gemm(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dila
         def conv(b, o, *ps):
             return te.sum(wp[(o, rc) + tuple(rk)] * read(b, rc, rk, ps), axis=[rc] + rk)
 
-        out = te.compute([dims[0], tirx.IntImm("int64", cout)] + sp, conv, name="conv")
+        out = te.compute(sp, conv, name="conv")
         # op_pattern 4 (out-elementwise fusable, as a matmul): FuseOps puts the bias, activation and
-        # residual after it into the same kernel; 8 (opaque) when its sizes are fresh variables
-        func = te.create_prim_func([xp, wp, out]).with_attr("op_pattern", 4 if named else 8) \
+        # residual after it into the same kernel; 8: opaque
+        func = te.create_prim_func([xp, wp, out]).with_attr("op_pattern", 4 if fusable else 8) \
             .with_attr("tirx.noalias", True)
         c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "conv")
     out_ty = relax.TensorType([c.dim(xt.shape[0]), tirx.IntImm("int64", cout)] + c.shape(c.out.shape[2:]), dt)
@@ -833,8 +830,9 @@ def _conv_gemm(c: Ctx, x: relax.Expr, n: int, kernel: tuple, stride: tuple, dila
 
 
 def _conv(n: int) -> Lowering:
-    """conv1d/conv2d: im2col + matmul on CPU targets, Relax conv (NCW/NCHW, OIW/OIHW weights) on GPUs, plus
-    the bias; padding 'same' as torch pads it (the odd one of an uneven total after the data)."""
+    """conv1d/conv2d: implicit GEMM (grouped: im2col + matmul) on CPU targets, Relax conv (NCW/NCHW,
+    OIW/OIHW weights) on GPUs, plus the bias; padding 'same' as torch pads it (the odd one of an uneven
+    total after the data)."""
     conv = R.nn.conv1d if n == 1 else R.nn.conv2d
 
     def lower(c: Ctx, xs: list) -> relax.Expr:
@@ -850,7 +848,7 @@ def _conv(n: int) -> Lowering:
             before = after = list(_tuple(padding, n))
         impl = CONV_IMPL if CONV_IMPL != "auto" else ("implicit" if c.target_kind == "llvm" else "relax")
         if impl == "implicit" and int(c.a("groups")) == 1:
-            y = _conv_gemm(c, xs[0], n, kernel, stride, dilation, before, after)
+            y = _conv_gemm(c, xs[0], kernel, stride, dilation, before, after)
         elif impl in ("implicit", "im2col"):
             y = _im2col_conv(c, xs[0], n, kernel, stride, dilation, before, after, int(c.a("groups")))
         else:

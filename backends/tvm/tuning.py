@@ -80,9 +80,10 @@ def _dims_list(graph: Graph, dims: Mapping[str, int] | Iterable[Mapping[str, int
 def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "main") -> tvm.IRModule:
     """`mod` plus, for each dims, a copy of `func` with the symbolic sizes bound (static shapes).
 
-    The copies' calls of fusable TIR kernels written over the symbolic sizes (the lowering's conv
-    kernels) go to static copies of those kernels: FuseTIR cannot merge a symbolic kernel into a fused
-    function of static shapes."""
+    The copies' calls of fusable TIR kernels written over size variables of their own (the lowering's
+    conv kernels) go to static copies of those kernels: FuseTIR binds such a variable to a symbol of
+    the caller, not to a constant, so it cannot merge the symbolic kernel into a fused function of
+    static shapes."""
     mod = tvm.IRModule(dict(mod.functions_items()))
     base = mod[func]
     for dims in dims_list:
@@ -130,6 +131,7 @@ class _StaticKernels(relax.PyExprMutator):
             return call
         key = (call.args[0].name_hint, tuple(tuple(sh) for sh in shapes))
         if key not in self.copies:
+            # (a parameter of a PrimFunc here is a buffer-typed variable: its shape and offset are its own)
             static = callee.specialize({
                 p: tirx.decl_buffer([tirx.IntImm("int64", v) for v in sh], t.dtype,
                                     elem_offset=p.elem_offset, offset_factor=p.offset_factor)
