@@ -7,13 +7,18 @@
   returning an error), the staged runner's loader loads the CUDA library here: TVM calls the
   compile callback with the very source whose fatbin was staged, and the compiler library is
   never loaded. (Running the kernels needs the GPU: tools/gpu_check.sh run.)
-* The same loader on an llvm build runs the model on the CPU and matches the float64 reference.
+* The same loader on an llvm build runs the model on the CPU and matches the float64 reference,
+  for models with several inputs, several outputs and an integer output too; an integer output
+  off by one, a float output off by more than the tolerance, or a model that could not be staged
+  fails the run.
+* The staged model list is the zoo: every spec in specs/ (and gpt_d256).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import lzma
 import os
 import py_compile
 import shutil
@@ -30,6 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _stage_module():
     spec = importlib.util.spec_from_file_location("specc_gpu_stage", REPO / "tools" / "gpu_stage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _runner_module():
+    spec = importlib.util.spec_from_file_location("specc_gpu_runner", REPO / "tools" / "gpu_runner.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,9 +68,11 @@ def test_cuda_stage_is_small_and_complete(cuda_stage):
     man = json.loads((d / "tvm_manifest.json").read_text())
     assert man["target_kind"] == "cuda" and man["fatbins"]
     for sha in man["fatbins"]:
-        assert (d / "kernels" / f"{sha}.fatbin").stat().st_size > 0
-    assert {p.name for p in d.iterdir()} >= {"model.so", "torch_model.py", "weights.safetensors", "cases.pt",
-                                              "tvm_manifest.json", "kernels"}
+        fatbin = lzma.decompress((d / "kernels" / f"{sha}.fatbin.xz").read_bytes())
+        assert fatbin[:4] == bytes.fromhex("50ed55ba")  # a fatbin's magic number
+    assert man["library"] == "model.so.xz"
+    assert {p.name for p in d.iterdir()} == {"model.so.xz", "torch_model.py", "weights.safetensors", "cases.pt",
+                                             "tvm_manifest.json", "kernels"}
     runtime = {p.name for p in (out / "runtime").iterdir()}
     assert {"libtvm_runtime.so", "libtvm_runtime_cuda.so", "tvm_ffi"} <= runtime
     assert not list(out.rglob("libtvm_compiler*"))
@@ -79,10 +93,10 @@ seen = []
 def compile_callback(code, *_):
     sha = hashlib.sha256(code.encode()).hexdigest()
     seen.append(sha)
-    return (stage / "models/tiny/kernels" / f"{sha}.fatbin").read_bytes()
-lib = ffi.load_module(str(stage / "models/tiny/model.so"))
-vm = lib["vm_load_executable"]()
+    return runner.read_fatbin(stage / "models/tiny", sha)
 man = json.loads((stage / "models/tiny/tvm_manifest.json").read_text())
+lib = ffi.load_module(str(runner.unpacked_library(stage / "models/tiny", man)))
+vm = lib["vm_load_executable"]()
 print(json.dumps({"seen": seen, "staged": man["fatbins"], "tvm_imported": "tvm" in sys.modules,
                   "compiler": runner.compiler_library_loaded()}))
 """
@@ -116,3 +130,105 @@ def test_runner_on_cpu_matches_the_reference(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "compiler library loaded: no; all within tolerance" in r.stdout
     assert "tiny" in r.stdout and "B3" in r.stdout
+
+
+def test_the_model_list_is_the_zoo():
+    stage = _stage_module()
+    specs = sorted(p.stem for p in (REPO / "specs").glob("*.yaml"))
+    assert len(specs) >= 19
+    assert stage.ZOO == [*specs, "gpt_d256"]
+    for name in stage.ZOO:
+        spec, _, fixed = stage.MODELS[name]
+        assert (REPO / spec).is_file(), name
+        assert set(fixed) <= {"B", "T"}
+    assert stage.MODELS["gpt"][2] == {"T": 64} and stage.MODELS["gpt_d256"][1]["d_model"] == 256
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(out / "runner.py"), "--device", "cpu", "--iters", "2", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def llvm_stage(tmp_path_factory):
+    """set_prompting (two int64 inputs; outputs f32 logits and i64 positions) and dann (a scalar input,
+    two float outputs) built for llvm, plus a model whose spec is missing (it cannot be staged)."""
+    stage = _stage_module()
+    stage.MODELS["missing_spec"] = ("specs/no_such_spec.yaml", {}, {})
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("gpu") / "stage"
+    info = stage.stage(out, "llvm", ["set_prompting", "dann", "missing_spec"], [1, 4], log=lines.append)
+    return out, info, "\n".join(lines)
+
+
+def test_a_model_that_cannot_be_staged_is_reported_and_the_others_are_staged(llvm_stage):
+    out, info, log = llvm_stage
+    assert info["models"] == ["set_prompting", "dann"]
+    assert list(info["failed"]) == ["missing_spec"] and "no_such_spec.yaml" in info["failed"]["missing_spec"]
+    assert "missing_spec" in log and "NOT STAGED for llvm" in log
+    assert not (out / "models" / "missing_spec").exists()
+    assert json.loads((out / "stage.json").read_text())["failed"] == info["failed"]
+    r = _run(out)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "missing_spec         NOT STAGED for llvm" in r.stdout
+    assert "1 failure(s)" in r.stdout
+
+
+def test_runner_compares_every_output_of_multi_input_models(llvm_stage):
+    out, _, _ = llvm_stage
+    man = json.loads((out / "models" / "set_prompting" / "tvm_manifest.json").read_text())
+    assert [i["dtype"] for i in man["inputs"]] == ["int64", "int64"]
+    assert [(o["name"], o["dtype"]) for o in man["outputs"]] == [("logits", "float32"), ("positions", "int64")]
+    r = _run(out, "--models", "set_prompting,dann")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "compiler library loaded: no; all within tolerance" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("set_prompting ", "dann "))]
+    assert [row[:2] for row in rows] == [["set_prompting", "B1"], ["set_prompting", "B4"], ["dann", "B1"],
+                                         ["dann", "B4"]]
+    for row in rows:
+        assert float(row[3]) < 1e-5 and row[4] in ("logits", "positions", "domain")
+
+
+def test_runner_fails_an_integer_output_off_by_one_and_a_float_one_off_by_more_than_the_tolerance(llvm_stage):
+    import torch
+
+    out, _, _ = llvm_stage
+    path = out / "models" / "set_prompting" / "cases.pt"
+    cases = torch.load(path)
+    try:
+        bad = {k: {**v, "expected": list(v["expected"])} for k, v in cases.items()}
+        bad["B1"]["expected"][1] = bad["B1"]["expected"][1].clone()
+        bad["B1"]["expected"][1][0, 0] += 1  # positions: one element off by one
+        logits = bad["B4"]["expected"][0]
+        bad["B4"]["expected"][0] = logits + 1e-2 * (1 + logits.abs().max())  # 100 times the tolerance
+        torch.save(bad, path)
+        r = _run(out, "--models", "set_prompting")
+    finally:
+        torch.save(cases, path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("set_prompting ")}
+    assert "ERROR ABOVE TOLERANCE" in rows["B1"] and "positions" in rows["B1"]
+    assert float(rows["B1"].split()[3]) == 1.0
+    assert "ERROR ABOVE TOLERANCE" in rows["B4"] and "logits" in rows["B4"]
+    assert "2 failure(s)" in r.stdout
+
+
+def test_compare_checks_count_shape_dtype_and_special_values():
+    import torch
+
+    compare = _runner_module().compare
+    f, i = torch.tensor([1.0, float("-inf"), float("nan")]), torch.tensor([3, 4])
+    assert compare((f, i), (f.double(), i), ["y", "k"], ["float32", "int64"]) == (0.0, "y", True)
+    err, worst, ok = compare((f + 1e-3, i), (f.double(), i), ["y", "k"], ["float32", "int64"])
+    assert not ok and worst == "y" and err == pytest.approx(1e-3, rel=1e-3)
+    assert compare((f, i + 1), (f.double(), i), ["y", "k"], ["float32", "int64"])[1:] == ("k", False)
+    nan_for_value = torch.tensor([1.0, float("-inf"), 0.0])
+    assert compare((f,), (nan_for_value.double(),), ["y"], ["float32"])[0] == float("inf")
+    b = torch.tensor([True, False])
+    assert compare((b,), (b,), ["m"], ["bool"])[2] and not compare((~b,), (b,), ["m"], ["bool"])[2]
+    with pytest.raises(ValueError, match="1 output"):
+        compare((f,), (f, i), ["y", "k"], ["float32", "int64"])
+    with pytest.raises(ValueError, match="shape"):
+        compare((i[:1],), (i,), ["k"], ["int64"])
+    with pytest.raises(ValueError, match="dtype"):
+        compare((i.int(),), (i,), ["k"], ["int64"])
