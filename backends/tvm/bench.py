@@ -16,6 +16,7 @@ Variants:
   compiled   torch.compile (inductor, static shapes) of the torch module: not TVM, for comparison
   untuned    the pipeline with no CPU schedules (legalised loops, as first written)
   scheduled  specc's CPU schedules (backends/tvm/schedules.py), the default
+  im2col     scheduled, but convolutions as an im2col kernel + matmul instead of one implicit-GEMM kernel
   tuned      the scheduled build plus MetaSchedule records from --tuning-db (static-shape
              specialisations for the shapes tuned; `tune` first)
 """
@@ -162,10 +163,19 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
                 out("  tuned: skipped (no --tuning-db)")
                 continue
             kw["tuning_db"] = tuning_db
-        elif variant != "scheduled":
+        elif variant not in ("scheduled", "im2col"):
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()
-        runners[variant] = compile_graph(graph, weights=weights, **kw)
+        if variant == "im2col":  # the scheduled build with convolutions as im2col + matmul, for comparison
+            from specc.backends.tvm import lowering
+
+            previous, lowering.CONV_IMPL = lowering.CONV_IMPL, "im2col"
+            try:
+                runners[variant] = compile_graph(graph, weights=weights)
+            finally:
+                lowering.CONV_IMPL = previous
+        else:
+            runners[variant] = compile_graph(graph, weights=weights, **kw)
         build_s[variant] = time.perf_counter() - t0
         out(f"  compiled {variant} in {build_s[variant]:.1f} s")
     for b in batches:
