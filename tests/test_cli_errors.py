@@ -182,7 +182,10 @@ def test_hostile_values_give_located_errors_quickly(hostile_results, i):
     *_, line, col, message = HOSTILE[i]
     path, seconds, r = hostile_results[i]
     err, heads = failed(r=r)
-    assert seconds < 10
+    # wall time of one of nine CLI runs started at once on however few cores the machine has (each
+    # imports torch): the bound tells an answer from a computation that would never end, as a number
+    # with billions of digits would, not a fast answer from a slow one
+    assert seconds < 30
     assert heads == [(str(path), line, col, message)], err
 
 
