@@ -417,7 +417,8 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
             builder, runner = in_process_workers(evaluator)
         elif workers == "popen":
             builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec)
-            runner = ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator)
+            runner = ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator,
+                                           f_alloc_argument=alloc_arguments)
         else:
             raise ValueError(f"workers must be 'inprocess' or 'popen', not {workers!r}")
         ms.tune.tune_tasks(
@@ -433,6 +434,26 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
     return report
 
 
+def alloc_arguments(device: Any, args_info: list, alloc_repeat: int) -> list:
+    """A kernel's arguments for measuring it (MetaSchedule's f_alloc_argument): floats random, integers
+    and booleans zero. MetaSchedule's default fills integer tensors with random values too, and a
+    gather or an embedding lookup then reads far outside its table: a crash, which in-process
+    measuring does not survive (moe_router's gather did that)."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    random_fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure", allow_missing=True) or \
+        tvm.get_global_func("tvm.contrib.random.random_fill")
+
+    def fill(arg: Any) -> None:
+        if str(arg.dtype).startswith(("float", "bfloat")):
+            random_fill(arg)
+        else:
+            arg.copyfrom(np.zeros([int(d) for d in arg.shape], str(arg.dtype)))
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
 def in_process_workers(evaluator_config: Any):
     """A MetaSchedule builder and runner that work in this process.
 
@@ -444,7 +465,7 @@ def in_process_workers(evaluator_config: Any):
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
     from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerResult
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
     from tvm.ir.utils import derived_object
 
     @derived_object
@@ -470,7 +491,7 @@ def in_process_workers(evaluator_config: Any):
                 try:
                     rt = tvm.runtime.load_module(ri.artifact_path)
                     dev = tvm.runtime.device(ri.device_type, 0)
-                    args = default_alloc_argument(dev, [a.as_json() for a in ri.args_info], 1)
+                    args = alloc_arguments(dev, [a.as_json() for a in ri.args_info], 1)
                     res = RunnerResult(default_run_evaluator(rt, dev, self.config, args), None)
                 except Exception as e:  # noqa: BLE001
                     res = RunnerResult(None, f"{type(e).__name__}: {e}")
@@ -486,12 +507,12 @@ def _measure(func: tirx.PrimFunc, target: Target, repeats: int) -> float | None:
 
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
 
     try:
         lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
         dev = tvm.cpu(0)
-        args = default_alloc_argument(dev, [a.as_json() for a in ArgInfo.from_prim_func(func)], 1)
+        args = alloc_arguments(dev, [a.as_json() for a in ArgInfo.from_prim_func(func)], 1)
         config = EvaluatorConfig(number=max(repeats, 1), repeat=3, min_repeat_ms=20)
         return statistics.median(default_run_evaluator(lib, dev, config, args))
     except Exception:  # noqa: BLE001
@@ -507,7 +528,7 @@ def _same_results(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, target: Target)
     for p in func.params:
         shape, dtype = [int(d) for d in p.ty.shape], str(p.ty.dtype)
         if "int" in dtype or dtype == "bool":
-            args.append(rng.integers(0, 2, size=shape).astype(dtype))
+            args.append(np.zeros(shape, dtype))  # as alloc_arguments: indices inside every table
         else:
             args.append(np.abs(rng.standard_normal(shape)).astype(dtype))
     outs = []
