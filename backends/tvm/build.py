@@ -243,7 +243,7 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
     if tuning_db is not None:
         from .tuning import open_database
 
-        database = open_database(tuning_db)
+        database = open_database(tuning_db, graph)  # DatabaseError: a row MetaSchedule cannot read
     else:
         database = nullcontext()
     with tgt, database:

@@ -168,10 +168,15 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
     from .build import export
 
     check_options(target, out, tuning_db, tune_trials)
-    if tune_trials:
-        from .tuning import tune
+    if tuning_db is not None:
+        from .tuning import DatabaseError, open_database, tune
 
-        tune(graph, tuning_db, tune_trials, dims=tune_dims, target=TARGETS[target])
+        try:
+            if tune_trials:
+                tune(graph, tuning_db, tune_trials, dims=tune_dims, target=TARGETS[target])
+            open_database(tuning_db, graph)  # the rows this build reads, checked before anything is written
+        except DatabaseError as e:
+            raise PackageError(str(e), e.path) from None
 
     out = Path(out)
     parent = out.resolve().parent

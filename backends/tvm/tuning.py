@@ -347,21 +347,72 @@ def check_database(db_dir: str | Path, create: bool = False) -> None:
                                             f"database_workload.json does not hold")
     if not os.access(path, os.W_OK | os.X_OK):
         raise DatabaseError(db_dir, "the folder is not writable")
-    try:
-        open_database(path)  # what MetaSchedule makes of the rows (a damaged module or trace)
-    except Exception as e:  # noqa: BLE001 - TVM reports a bad row as an InternalError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatabaseError(db_dir, f"MetaSchedule cannot read the database: {first}") from None
+    # what MetaSchedule makes of the rows (a damaged module or trace): open_database says, for the rows a
+    # build reads
 
 
-def open_database(db_dir: str | Path):
+def workload_key(mod: tvm.IRModule) -> str:
+    """A kernel's key in database_workload.json (the first column): its structural hash, as MetaSchedule's
+    JSONDatabase with module_equality="structural" writes it."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+
+
+def open_database(db_dir: str | Path, graph: Graph | None = None):
+    """The MetaSchedule database in `db_dir`. With `graph` (a build's), only the rows of the kernels the
+    index lists for that graph: a database tuned for a whole zoo holds hundreds of kernels, and
+    MetaSchedule parses every module it holds (about 15 s for the zoo's 400). Where the index lists
+    none for the graph (a database written before it did, or one not written by `tune`), all rows."""
+    import tempfile
+
     from tvm.s_tir import meta_schedule as ms
 
     db_dir = Path(db_dir)
-    db_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
-                                    path_tuning_record=str(db_dir / "database_tuning_record.json"),
-                                    module_equality="structural")
+    wanted = None
+    if graph is not None:
+        try:
+            wanted = read_index(db_dir)["graphs"].get(fingerprint(graph), {}).get("workloads")
+        except (OSError, ValueError):
+            wanted = None
+    if wanted is None:
+        db_dir.mkdir(parents=True, exist_ok=True)
+        return _json_database(db_dir, db_dir)
+    # the graph's rows, renumbered, in a scratch copy (read once: nothing is committed during a build)
+    keep: dict[int, int] = {}
+    workloads: list[str] = []
+    wanted = set(wanted)
+    path = db_dir / WORKLOADS
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else []):
+        if line.strip() and line[2:line.index('"', 2)] in wanted:  # ["HASH", "..."]
+            keep[n] = len(workloads)
+            workloads.append(line)
+    records: list[str] = []
+    path = db_dir / RECORDS
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if not line.strip():
+            continue
+        head, rest = line[1:].split(",", 1)
+        if int(head) in keep:
+            records.append(f"[{keep[int(head)]},{rest}")
+    with tempfile.TemporaryDirectory(prefix="specc_db_") as tmp:
+        (Path(tmp) / WORKLOADS).write_text("".join(w + "\n" for w in workloads))
+        (Path(tmp) / RECORDS).write_text("".join(r + "\n" for r in records))
+        return _json_database(Path(tmp), db_dir)
+
+
+def _json_database(files: Path, db_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(path_workload=str(files / WORKLOADS), path_tuning_record=str(files / RECORDS),
+                                        module_equality="structural")
+    except Exception as e:  # noqa: BLE001 - TVM reports a bad row as an InternalError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatabaseError(db_dir, f"MetaSchedule cannot read the database: {first}") from None
 
 
 def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None,
@@ -402,7 +453,8 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
     report = TuneReport(str(db_dir), dims_list, trials=trials)
     database = open_database(db_dir)
     todo = []
-    for task in tuning_tasks(graph, tgt, dims_list, lift=lift):
+    tasks = tuning_tasks(graph, tgt, dims_list, lift=lift)
+    for task in tasks:
         mod = task.dispatched[0]
         if database.query_tuning_record(mod, tgt, task.task_name) is not None:
             report.reused.append(task.task_name)
@@ -430,7 +482,7 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
         report.tuned = [t.task_name for t in todo]
         report.specc_kept = seed_with_specc_schedules(database, todo, tgt, measure_repeats)
     report.seconds = time.perf_counter() - t0
-    _record(db_dir, graph, tgt, dims_list, report, todo)
+    _record(db_dir, graph, tgt, dims_list, report, todo, tasks)
     return report
 
 
@@ -594,13 +646,16 @@ def _cost_model() -> str:
 
 
 def _record(db_dir: Path, graph: Graph, target: Target, dims_list: list[dict[str, int]], report: TuneReport,
-            todo: list[Any]) -> None:
+            todo: list[Any], tasks: list[Any]) -> None:
     index = read_index(db_dir)
     entry = index["graphs"].setdefault(fingerprint(graph), {"name": graph.name, "tuned": []})
     for dims in dims_list:
         rec = {"dims": dims, "target": str(target), "target_key": _target_key(target)}
         if rec not in entry["tuned"]:
             entry["tuned"].append(rec)
+    # the kernels (MetaSchedule workloads, by structural hash) this graph's builds look up: a build
+    # reads only those rows of the database (open_database)
+    entry["workloads"] = sorted(set(entry.get("workloads", [])) | {workload_key(t.dispatched[0]) for t in tasks})
     kernels = index.setdefault("kernels", {})
     for task in todo:
         func = task.dispatched[0]["main"]
@@ -655,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["tune", "TuneReport", "DatabaseError", "check_database", "tuned_dims", "specialise", "spec_name", "fingerprint", "read_index",
-           "open_database", "tuning_tasks", "seed_with_specc_schedules", "INDEX"]
+           "open_database", "workload_key", "tuning_tasks", "seed_with_specc_schedules", "INDEX"]
 
 
 if __name__ == "__main__":
