@@ -56,6 +56,8 @@ def test_a_global_batch_that_does_not_divide_is_a_user_error(tmp_path):
 #: a worker like `specc train`'s: a DistributedDataParallel model, a step, an all_reduce of a Python tensor
 WORKER = """
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -68,7 +70,7 @@ with process_group() as dist:
     loss = torch.ones(())
     torch.distributed.all_reduce(loss)
     del model
-print("threads", dist.rank, len(os.listdir("/proc/self/task")), flush=True)
+Path(sys.argv[1], f"rank{dist.rank}").write_text(str(len(os.listdir("/proc/self/task"))))
 """
 
 
@@ -81,7 +83,8 @@ def test_teardown_ends_the_groups_threads(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    # the main thread alone on each rank
-    assert sorted(ln for ln in r.stdout.splitlines() if ln.startswith("threads")) == ["threads 0 1", "threads 1 1"]
+    # the main thread alone on each rank (each writes its count to a file of its own: printed, the two
+    # ranks' reports could interleave on the launcher's one stdout)
+    assert [(tmp_path / f"rank{i}").read_text() for i in range(2)] == ["1", "1"]
