@@ -730,13 +730,17 @@ def _pad_input(c: Ctx, x: relax.Expr, before: list, after: list) -> tuple[relax.
     static ints, or a name per symbolic size (`T`, `T+2`). The gathers then read every tap inside the
     tensor, with no bounds test (a test TVM's simplifier drops from the loads of a Select, which would
     then read before or after the tensor)."""
-    dims: list[Any] = list(c.in_type(0).shape)
+    dims = _size_keys(c.in_type(0).shape)
     if not (any(before) or any(after)):
-        return x, [d if isinstance(d, int) else str(d) for d in dims]
+        return x, dims
     x = c.emit(R.nn.pad(x, [0, 0, 0, 0] + [v for ba in zip(before, after) for v in ba]))
-    return x, [d if isinstance(d, int) else str(d) for d in dims[:2]] + [
-        d + b0 + a0 if isinstance(d, int) else f"{d}+{b0 + a0}" if b0 + a0 else str(d)
-        for d, b0, a0 in zip(dims[2:], before, after)]
+    return x, dims[:2] + [d + b0 + a0 if isinstance(d, int) else f"{d}+{b0 + a0}" if b0 + a0 else d
+                          for d, b0, a0 in zip(dims[2:], before, after)]
+
+
+def _size_keys(dims: Sequence[Any]) -> list[Any]:
+    """Sizes as _te_sizes takes them: static ones as ints, symbolic ones by name."""
+    return [d if isinstance(d, int) else str(d) for d in dims]
 
 
 def _te_sizes(*key_dims: list[Any]) -> list[list[Any]]:
@@ -800,7 +804,7 @@ def _conv_gemm(c: Ctx, x: relax.Expr, kernel: tuple, stride: tuple, dilation: tu
     # with the bias and activation after it when each output size is a symbol of the graph (B, L):
     # it matches the output buffer with the next kernel's input variable by variable, so an output
     # size such as L - 2 or 4 * B leaves the kernel opaque (unfused).
-    out_dims = [d if isinstance(d, int) else str(d) for d in (xt.shape[0], cout, *c.out.shape[2:])]
+    out_dims = _size_keys((xt.shape[0], cout, *c.out.shape[2:]))
     fusable = all(isinstance(d, int) or isinstance(c.dim(d), tirx.Var) for d in (xt.shape[0], *c.out.shape[2:]))
     key = ("conv_gemm", dt, _dims_key(in_dims + out_dims), kernel, stride, dilation, fusable)
     if key not in c.kernels:

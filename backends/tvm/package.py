@@ -168,13 +168,13 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
     from .build import export
 
     check_options(target, out, tuning_db, tune_trials)
-    if tuning_db is not None:
-        from .tuning import DatabaseError, open_database, tune
+    from .tuning import DatabaseError
+
+    if tune_trials:
+        from .tuning import tune
 
         try:
-            if tune_trials:
-                tune(graph, tuning_db, tune_trials, dims=tune_dims, target=TARGETS[target])
-            open_database(tuning_db, graph)  # the rows this build reads, checked before anything is written
+            tune(graph, tuning_db, tune_trials, dims=tune_dims, target=TARGETS[target])
         except DatabaseError as e:
             raise PackageError(str(e), e.path) from None
 
@@ -200,6 +200,9 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except DatabaseError as e:  # a row of the tuning database MetaSchedule cannot read
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PackageError(str(e), e.path) from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""

@@ -301,6 +301,10 @@ class DatabaseError(ValueError):
         self.path = str(db_dir)
 
 
+#: MetaSchedule's JSONDatabase files in a database folder
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+
+
 def check_database(db_dir: str | Path, create: bool = False) -> None:
     """Raise DatabaseError unless `db_dir` is a usable tuning database: an existing folder (or, with
     `create`, a path where one can be made) whose index and MetaSchedule files, where present, read."""
@@ -323,7 +327,7 @@ def check_database(db_dir: str | Path, create: bool = False) -> None:
                     for g in index["graphs"].values())):
         raise DatabaseError(db_dir, f"{INDEX} is not a specc tuning index")
     workloads = 0
-    for name in ("database_workload.json", "database_tuning_record.json"):
+    for name in (WORKLOADS, RECORDS):
         f = path / name
         if not f.exists():
             continue
@@ -340,7 +344,7 @@ def check_database(db_dir: str | Path, create: bool = False) -> None:
                 raise DatabaseError(db_dir, f"{name}:{n}: not valid JSON: {e.msg}") from None
             if not (isinstance(row, list) and len(row) == 2):
                 raise DatabaseError(db_dir, f"{name}:{n}: not a MetaSchedule database row")
-            if name == "database_workload.json":
+            if name == WORKLOADS:
                 workloads += 1
             elif not (isinstance(row[0], int) and 0 <= row[0] < workloads):
                 raise DatabaseError(db_dir, f"{name}:{n}: refers to workload {row[0]!r}, which "
@@ -357,9 +361,6 @@ def workload_key(mod: tvm.IRModule) -> str:
     import tvm_ffi
 
     return str(tvm_ffi.structural_hash(mod))
-
-
-WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 
 
 def open_database(db_dir: str | Path, graph: Graph | None = None):
