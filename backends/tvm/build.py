@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -228,24 +229,19 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
     tgt = make_target(target)
     mod, sig = lower(graph, tgt)
     specialised: list[dict[str, Any]] = []
+    database: Any = nullcontext()
     if tuning_db is not None:
-        from .tuning import check_database, specialise, spec_name, tuned_dims
+        from .tuning import check_database, fingerprint, open_database, specialise, spec_name, tuned_dims
 
         check_database(tuning_db)  # DatabaseError: missing, not a folder, unreadable or damaged
-        dims = tuned_dims(tuning_db, graph, tgt)
+        key = fingerprint(graph)
+        dims = tuned_dims(tuning_db, graph, tgt, key=key)
         if dims:
             mod = specialise(mod, dims, FUNC)
             specialised = [{"function": spec_name(d), "dims": d} for d in dims]
+        database = open_database(tuning_db, graph, key=key)  # DatabaseError: a row MetaSchedule cannot read
     shared = bool(specialised)
     tuned = _TunedKernels()
-    from contextlib import nullcontext
-
-    if tuning_db is not None:
-        from .tuning import open_database
-
-        database = open_database(tuning_db, graph)  # DatabaseError: a row MetaSchedule cannot read
-    else:
-        database = nullcontext()
     with tgt, database:
         ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, lift=lift, cpu_schedule=cpu_schedule,
                                                            schedule=schedule, tuning_db=tuning_db, shared=shared,

@@ -157,12 +157,14 @@ def _write_index(db_dir: Path, index: dict[str, Any]) -> None:
     os.replace(tmp, db_dir / INDEX)
 
 
-def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = None) -> list[dict[str, int]]:
-    """The sizes `graph` was tuned at in `db_dir` (for this target's CPU), oldest first."""
+def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = None, *,
+               key: str | None = None) -> list[dict[str, int]]:
+    """The sizes `graph` was tuned at in `db_dir` (for this target's CPU), oldest first. `key`: the
+    graph's fingerprint, where the caller has it already (it lowers the graph to Relax)."""
     if db_dir is None:
         return []
     graphs = read_index(db_dir)["graphs"]
-    entry = graphs.get(fingerprint(graph))
+    entry = graphs.get(key or fingerprint(graph))
     if not entry:
         if any(g.get("name") == graph.name for g in graphs.values()):
             import warnings
@@ -363,11 +365,12 @@ def workload_key(mod: tvm.IRModule) -> str:
     return str(tvm_ffi.structural_hash(mod))
 
 
-def open_database(db_dir: str | Path, graph: Graph | None = None):
+def open_database(db_dir: str | Path, graph: Graph | None = None, *, key: str | None = None):
     """The MetaSchedule database in `db_dir`. With `graph` (a build's), only the rows of the kernels the
     index lists for that graph: a database tuned for a whole zoo holds hundreds of kernels, and
     MetaSchedule parses every module it holds (about 15 s for the zoo's 400). Where the index lists
-    none for the graph (a database written before it did, or one not written by `tune`), all rows."""
+    none for the graph (a database written before it did, or one not written by `tune`), all rows.
+    `key`: the graph's fingerprint, where the caller has it already."""
     import tempfile
 
     from tvm.s_tir import meta_schedule as ms
@@ -376,7 +379,7 @@ def open_database(db_dir: str | Path, graph: Graph | None = None):
     wanted = None
     if graph is not None:
         try:
-            wanted = read_index(db_dir)["graphs"].get(fingerprint(graph), {}).get("workloads")
+            wanted = read_index(db_dir)["graphs"].get(key or fingerprint(graph), {}).get("workloads")
         except (OSError, ValueError):
             wanted = None
     if wanted is None:
