@@ -28,6 +28,16 @@ Generators (arguments with defaults; every one takes `n`, the number of samples)
   [N, 4] = 4 * label + rotation (self-supervised label augmentation).
 - `statsmodels(name="sunspots"|"co2"|"nile", lookback=48, horizon=12)`: windows of a series bundled
   with statsmodels, ordered as seasonal().
+- `span_corruption(length=24, vocab=16, spans=3, span_length=3, source="random"|"automata")`:
+  CodeGen2's causal masked LM. Each source sequence (`length` tokens in range(vocab): uniform random,
+  or a random automaton's strings with `vocab - 1` symbols and separator `vocab - 1`) loses `spans`
+  non-overlapping spans of 1 to `span_length` tokens (seeded; spans may touch each other and the
+  ends), each replaced by its sentinel; after the corrupted text come the separator, each sentinel
+  followed by its span, and the end token (`corrupt()`; `reassemble()` inverts it). Tokens: source
+  0..vocab-1, separator `vocab`, end `vocab + 1`, sentinel i `vocab + 2 + i`. Fields: next-token
+  `tokens`/`targets`/`mask` [N, length + 2*spans + 1] (`mask`: the targets after the prefix),
+  `prefix` [N] (the corrupted text and the separator: the bidirectional part of a prefix-LM),
+  `original` [N, length].
 """
 
 from __future__ import annotations
@@ -63,6 +73,8 @@ class Generator:
     #: samples so that no value of a validation window was seen in training (overlapping windows).
     gap: Callable[[dict[str, Any]], int] = lambda args: 0
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Numeric arguments that may be zero (all others must be positive).
+    zero_ok: tuple[str, ...] = ()
 
     def bind(self, given: dict[str, Any]) -> dict[str, Any]:
         """The arguments with defaults filled in, each checked; raises ArgError."""
@@ -84,8 +96,10 @@ class Generator:
                                   f"got {v!r}")
             args[k] = float(v) if isinstance(want, float) else v
         for k, v in args.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("noise", "rotation") and v <= 0:
-                raise ArgError(k if k in given else None, f"{self.name}(): '{k}' must be positive, got {v}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("noise", "rotation") and \
+                    (v < 0 if k in self.zero_ok else v <= 0):
+                kind = "zero or more" if k in self.zero_ok else "positive"
+                raise ArgError(k if k in given else None, f"{self.name}(): '{k}' must be {kind}, got {v}")
             if k in ("noise", "rotation") and isinstance(v, float) and not math.isfinite(v):
                 raise ArgError(k, f"{self.name}(): '{k}' must be finite")
         if args["n"] > MAX_SAMPLES:
@@ -224,6 +238,124 @@ def _fa_make(a, rng):
     return {"tokens": tokens, "targets": targets, "mask": np.ones(targets.shape, bool)}
 
 
+# --- span corruption with sentinels (CodeGen2's causal masked LM) ----------------------------
+
+def span_tokens(vocab: int, spans: int) -> tuple[int, int, list[int]]:
+    """The special tokens of span corruption over source tokens range(vocab): (separator, end, sentinels)."""
+    return vocab, vocab + 1, [vocab + 2 + i for i in range(spans)]
+
+
+def corrupt(seq, spans: list[tuple[int, int]], vocab: int) -> tuple[np.ndarray, int]:
+    """CodeGen2's causal-MLM layout of one sequence: each span (start, length) replaced by its sentinel,
+    then the separator, each sentinel followed by its span, and the end token.
+
+    seq: tokens in range(vocab); spans: in order along seq, non-overlapping (they may touch), each of
+    length >= 1. Returns the int64 layout (len(seq) + 2 * len(spans) + 2 tokens) and the prefix length
+    (the corrupted text and the separator). Raises ValueError for tokens or spans that do not fit.
+    """
+    seq = np.asarray(seq, dtype=np.int64)
+    if seq.ndim != 1 or (seq.size and (seq.min() < 0 or seq.max() >= vocab)):
+        raise ValueError(f"corrupt: expected a 1-D sequence of tokens in range({vocab})")
+    sep, end, sentinels = span_tokens(vocab, len(spans))
+    head: list[int] = []
+    tail: list[int] = [sep]
+    pos = 0
+    for sentinel, (start, length) in zip(sentinels, spans):
+        if length < 1 or start < pos or start + length > len(seq):
+            raise ValueError(f"corrupt: the span ({start}, {length}) overlaps the one before it, is out of order "
+                             f"or is empty, or ends after the sequence (length {len(seq)})")
+        head += [*seq[pos:start].tolist(), sentinel]
+        tail += [sentinel, *seq[start:start + length].tolist()]
+        pos = start + length
+    head += seq[pos:].tolist()
+    return np.array(head + tail + [end], dtype=np.int64), len(head) + 1
+
+
+def reassemble(layout, vocab: int) -> np.ndarray:
+    """The source sequence of a span-corruption layout (the inverse of corrupt()): each sentinel of the
+    corrupted text replaced by the tokens that follow the same sentinel after the separator. Tokens after
+    the first end token are ignored. Raises ValueError for a layout without separator or end token, or
+    whose sentinels do not match."""
+    layout = [int(t) for t in np.asarray(layout).reshape(-1)]
+    sep, end = vocab, vocab + 1
+    if sep not in layout:
+        raise ValueError(f"reassemble: no separator (token {sep})")
+    cut = layout.index(sep)
+    text, answer = layout[:cut], layout[cut + 1:]
+    if end not in answer:
+        raise ValueError(f"reassemble: no end token ({end}) after the separator")
+    answer = answer[:answer.index(end)]
+    filled: dict[int, list[int]] = {}
+    current = None
+    for t in answer:
+        if t >= vocab + 2:
+            if t in filled:
+                raise ValueError(f"reassemble: the sentinel {t} appears twice after the separator")
+            current, filled[t] = t, []
+        elif current is None or t >= vocab:
+            raise ValueError(f"reassemble: the token {t} after the separator follows no sentinel")
+        else:
+            filled[current].append(t)
+    out: list[int] = []
+    for t in text:
+        if t >= vocab + 2:
+            if t not in filled:
+                raise ValueError(f"reassemble: the sentinel {t} has no span after the separator")
+            out += filled.pop(t)
+        elif t >= vocab:
+            raise ValueError(f"reassemble: the special token {t} in the corrupted text")
+        else:
+            out.append(t)
+    if filled:
+        raise ValueError(f"reassemble: the sentinels {sorted(filled)} do not occur in the corrupted text")
+    return np.array(out, dtype=np.int64)
+
+
+def choose_spans(rng: np.random.Generator, length: int, spans: int, span_length: int) -> list[tuple[int, int]]:
+    """`spans` random non-overlapping spans (start, length) of 1 to span_length tokens in `length`
+    tokens, in order; spans may touch each other and the ends. Needs spans * span_length <= length."""
+    lens = rng.integers(1, span_length + 1, spans)
+    kept = length - int(lens.sum())
+    before = np.sort(rng.integers(0, kept + 1, spans))  # kept tokens before each span
+    starts = before + np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    return [(int(s), int(n)) for s, n in zip(starts, lens)]
+
+
+def _sc_check(a):
+    if a["spans"] * a["span_length"] > a["length"]:
+        raise ArgError("spans", f"span_corruption(): spans * span_length = {a['spans'] * a['span_length']} "
+                                f"exceeds length = {a['length']}")
+    if a["source"] == "automata" and (a["vocab"] < 2 or a["length"] < 2):
+        raise ArgError("vocab" if a["vocab"] < 2 else "length",
+                       "span_corruption(): source=\"automata\" needs vocab >= 2 (symbols and a separator) "
+                       "and length >= 2")
+
+
+def _sc_fields(a):
+    _sc_check(a)
+    v, k, length = a["vocab"], a["spans"], a["length"]
+    width = length + 2 * k + 1
+    return {**_lm_fields(width, v + 2 + k), "prefix": ("i64", (), (1, length + 2)),
+            "original": ("i64", (length,), (0, v))}
+
+
+def _sc_make(a, rng):
+    _sc_check(a)
+    n, length, v, k = a["n"], a["length"], a["vocab"], a["spans"]
+    if a["source"] == "automata":
+        walks = _fa_make({"n": n, "states": 4, "alphabet": v - 1, "length": length - 1}, rng)
+        original = np.concatenate([walks["tokens"], walks["targets"][:, -1:]], axis=1)
+    else:
+        original = rng.integers(0, v, (n, length)).astype(np.int64)
+    seqs = np.empty((n, length + 2 * k + 2), dtype=np.int64)
+    prefix = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        seqs[i], prefix[i] = corrupt(original[i], choose_spans(rng, length, k, a["span_length"]), v)
+    out = _lm(seqs, 1)
+    out["mask"] = np.arange(seqs.shape[1] - 1)[None, :] >= prefix[:, None] - 1  # targets after the prefix
+    return {**out, "prefix": prefix, "original": original}
+
+
 # --- seasonal multivariate series ----------------------------------------------------------
 
 def _ss_fields(a):
@@ -335,6 +467,9 @@ GENERATORS: dict[str, Generator] = {g.name: g for g in [
     Generator("automata", {"n": 2048, "states": 4, "alphabet": 4, "length": 64}, _fa_fields, _fa_make),
     Generator("seasonal", {"n": 2000, "variates": 7, "lookback": 96, "horizon": 24, "periods": [24, 168],
                            "noise": 0.1}, _ss_fields, _ss_make, ordered=True, gap=_window_gap),
+    Generator("span_corruption", {"n": 4096, "length": 24, "vocab": 16, "spans": 3, "span_length": 3,
+                                  "source": "random"}, _sc_fields, _sc_make,
+              choices={"source": ("random", "automata")}, zero_ok=("spans",)),
     Generator("two_moons", {"n": 2000, "rotation": 30.0, "noise": 0.1}, _tm_fields, _tm_make),
     Generator("digits", {"n": 1797, "rotations": False}, _dg_fields, _dg_make),
     Generator("statsmodels", {"n": 100000, "name": "sunspots", "lookback": 48, "horizon": 12}, _sm_fields,
