@@ -30,6 +30,8 @@ NP = {"f32": np.float32, "i64": np.int64, "bool": np.bool_}
     ("digits", {"n": 100, "rotations": True}),
     ("statsmodels", {"name": "sunspots", "lookback": 24, "horizon": 6}),
     ("statsmodels", {"name": "co2", "n": 200}),
+    ("span_corruption", {"n": 40, "length": 12, "vocab": 6, "spans": 2, "span_length": 3}),
+    ("span_corruption", {"n": 20, "length": 10, "vocab": 5, "spans": 0, "source": "automata"}),
 ])
 def test_generators_make_the_fields_they_declare(name, args):
     gen = D.GENERATORS[name]
@@ -104,6 +106,23 @@ def test_bad_generator_arguments():
         D.GENERATORS["statsmodels"].bind({"name": "airline"})
     with pytest.raises(D.ArgError, match="only 100 distinct problems"):
         D.generate(D.GENERATORS["arithmetic"], D.GENERATORS["arithmetic"].bind({"n": 101, "digits": 1}), 0)
+
+
+def test_bad_span_corruption_arguments():
+    g = D.GENERATORS["span_corruption"]
+    with pytest.raises(D.ArgError, match="spans \\* span_length = 12 exceeds length = 10") as e:
+        g.bind({"length": 10, "spans": 4, "span_length": 3})
+    assert e.value.arg == "spans"
+    with pytest.raises(D.ArgError, match="'spans' must be zero or more, got -1"):
+        g.bind({"spans": -1})
+    with pytest.raises(D.ArgError, match="'span_length' must be positive, got 0"):
+        g.bind({"span_length": 0})
+    with pytest.raises(D.ArgError, match="needs vocab >= 2") as e:
+        g.bind({"vocab": 1, "source": "automata"})
+    assert e.value.arg == "vocab"
+    with pytest.raises(D.ArgError, match="'source' must be one of 'random', 'automata'"):
+        g.bind({"source": "copy"})
+    assert g.bind({"spans": 0, "length": 1, "vocab": 1})["spans"] == 0  # no span: the text is the whole prefix
 
 
 FILE_SPEC = """\
