@@ -36,6 +36,8 @@ TOL = 1e-4
 CASES = {
     "gpt": (REPO / "specs/gpt.yaml", dict(d_model=32, heads=4, layers=2, block_size=32),
             [dict(B=1, T=16), dict(B=3, T=9)]),
+    "codegen2": (REPO / "specs/codegen2.yaml", dict(d_model=32, heads=4, layers=2, block_size=32),
+                 [dict(B=1, T=16), dict(B=3, T=9)]),
     "itransformer": (REPO / "specs/itransformer.yaml",
                      dict(lookback=32, horizon=8, variates=5, d_model=32, heads=4, layers=2),
                      [dict(B=1), dict(B=4)]),
