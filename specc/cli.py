@@ -413,7 +413,7 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int
     except LoweringError as e:
         raise SpecError(Diagnostic(Span(src.file, 0, 0), f"target {args.target}: {e}",
                                    notes=("targets that support it: torch",)), {src.file: src.text}) from None
-    print(f"built {graph.name} -> {args.out}/ (model.so, model.py, loader.py, weights.safetensors, manifest.json; "
+    print(f"built {graph.name} -> {args.out}/ (model_lib.so, model.py, loader.py, weights.safetensors, manifest.json; "
           f"target {args.target})")
     if args.run:
         if args.target == "tvm-cuda":

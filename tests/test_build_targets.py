@@ -24,8 +24,15 @@ def test_tvm_llvm_build_has_the_torch_interface_and_equal_outputs(tmp_path):
     r = specc("build", str(TINY), "-o", str(tmp_path / "tvm"), "--target", "tvm-llvm", "--run")
     assert r.returncode == 0, r.stderr
     assert "ran " in r.stdout
-    assert {p.name for p in (tmp_path / "tvm").iterdir()} >= {"model.so", "model.py", "loader.py",
+    assert {p.name for p in (tmp_path / "tvm").iterdir()} >= {"model_lib.so", "model.py", "loader.py",
                                                                "weights.safetensors", "manifest.json"}
+    # the usage model.py's docstring shows, in a fresh interpreter: `import model` finds model.py
+    use = ("import sys; sys.path.insert(0, sys.argv[1]); import model; "
+           "print(tuple(model.load()(*model.example_inputs()).shape), model.TARGET)")
+    r = subprocess.run([sys.executable, "-c", use, str(tmp_path / "tvm")], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["(2,", "8,", "8)", "tvm-llvm"], r.stdout
     r = specc("build", str(TINY), "-o", str(tmp_path / "torch"))
     assert r.returncode == 0, r.stderr
     tvm_mod, torch_mod = import_model_module(tmp_path / "tvm"), import_model_module(tmp_path / "torch")

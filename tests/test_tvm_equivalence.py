@@ -260,13 +260,13 @@ def test_optimised_graph_from_the_pass_pipeline(perturb, name):
 
 
 def test_export_and_loader_round_trip(tmp_path, perturb):
-    """export() writes model.so + weights + manifest + loader.py; the loader (tvm and numpy only) gives
+    """export() writes model_lib.so + weights + manifest + loader.py; the loader (tvm and numpy only) gives
     the same outputs as the in-memory model, and checks integer input ranges and dimension bounds."""
     path, overrides, runs = CASES["gpt"]
     graph = specc.compile(path, **overrides)
     weights = perturb(init_weights(graph))
     out = export(graph, weights, tmp_path / "gpt_tvm")
-    assert {p.name for p in out.iterdir()} == {"model.so", "weights.safetensors", "tvm_manifest.json", "loader.py"}
+    assert {p.name for p in out.iterdir()} == {"model_lib.so", "weights.safetensors", "tvm_manifest.json", "loader.py"}
     name = f"specc_tvm_loader_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(name, out / "loader.py")
     loader = importlib.util.module_from_spec(spec)

@@ -162,7 +162,7 @@ def test_tuned_gpt_is_not_slower(tmp_path):
 
 
 def test_export_with_the_database_keeps_the_static_copy(tuned, tmp_path):
-    """An exported library (model.so + loader.py) carries the tuned static copy and dispatches to it."""
+    """An exported library (model_lib.so + loader.py) carries the tuned static copy and dispatches to it."""
     import importlib.util
     import uuid
 

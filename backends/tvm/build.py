@@ -3,7 +3,7 @@ or CUDA, and run on torch tensors through DLPack.
 
     from specc.backends.tvm.build import compile_graph, export
     model = compile_graph(graph, target="llvm", weights=weights)   # a Runner: model(x) -> torch tensor
-    export(graph, weights, "out/", target="llvm")                   # model.so + weights + loader.py
+    export(graph, weights, "out/", target="llvm")                   # model_lib.so + weights + loader.py
     model = compile_graph(graph, weights=weights, tuning_db="db/")  # with MetaSchedule records (tuning.py)
 
 One compiled library serves every value of the symbolic dimensions (batch, length): they are
@@ -301,10 +301,15 @@ def run(model: Runner, *inputs: Any) -> Any:
     return model(*inputs)
 
 
+#: The exported library's file name. Not model.so: Python imports an extension module before a source
+#: file of the same name, so `import model` beside a model.so would try to load the library.
+LIBRARY = "model_lib.so"
+
+
 def export(graph: Graph, weights: Mapping[str, Any], out_dir: str | Path,
            target: str | Mapping[str, Any] | Target = "llvm", *, lift: bool = True, schedule: str = "specc",
            tuning_db: str | Path | None = None) -> Path:
-    """Write model.so (export_library), weights.safetensors, tvm_manifest.json and loader.py into out_dir.
+    """Write LIBRARY (export_library), weights.safetensors, tvm_manifest.json and loader.py into out_dir.
 
     `loader.load(out_dir)` gives a Runner with the weights bound; it needs tvm and numpy only (the
     TVM runtime: see tools/gpu_check.sh for loading without the compiler library).
@@ -314,14 +319,14 @@ def export(graph: Graph, weights: Mapping[str, Any], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ex, man = build_module(graph, target, lift=lift, schedule=schedule, tuning_db=tuning_db)
-    man["library"] = "model.so"
+    man["library"] = LIBRARY
     man["weights"] = "weights.safetensors"
-    ex.export_library(str(out / "model.so"))
+    ex.export_library(str(out / LIBRARY))
     save_file({k: v.detach().contiguous().cpu() for k, v in sorted(weights.items())}, str(out / "weights.safetensors"))
     (out / MANIFEST).write_text(json.dumps(man, indent=2) + "\n")
     shutil.copyfile(Path(__file__).with_name("runtime.py"), out / "loader.py")
     return out
 
 
-__all__ = ["compile_graph", "run", "export", "build_module", "make_target", "pipeline", "pre_schedule_passes",
+__all__ = ["compile_graph", "run", "export", "LIBRARY", "build_module", "make_target", "pipeline", "pre_schedule_passes",
            "host_cpu", "Runner"]

@@ -1,10 +1,10 @@
 """Run a TVM-compiled specc model: the VM, its weights bound once, inputs and outputs by DLPack.
 
 This file needs only `tvm` and `numpy` (torch when torch tensors are passed or wanted), so that
-`export` can copy it beside model.so as loader.py:
+`export` can copy it beside the library (model_lib.so) as loader.py:
 
     from loader import load
-    model = load("out/")                   # reads model.so, weights.safetensors, tvm_manifest.json
+    model = load("out/")                   # reads model_lib.so, weights.safetensors, tvm_manifest.json
     y = model(x)                           # x: torch tensor or numpy array; y: torch tensor(s)
 
 The compiled function takes the data inputs, then the weights (in manifest order). When the build
