@@ -192,6 +192,41 @@ def test_wide_contiguous_weight_packed_when_column_tiles_go_round(cores, monkeyp
         assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, cores)
 
 
+def test_column_chunks():
+    assert [schedules.column_chunks(8, c) for c in (1, 2, 3, 4, 16)] == [1, 2, 2, 4, 8]
+    assert [schedules.column_chunks(6, c) for c in (4, 5)] == [3, 3]
+    assert schedules.column_chunks(7, 4) == 1 and schedules.column_chunks(1, 8) == 1
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 4])
+def test_rows_outer_matmul_runs_one_row_on_every_core(cores):
+    """Rows outer (B of 1 MiB), rows unknown: the column tiles are cut into chunks that run beside the row
+    tiles, so that one row (batch 1) is still a parallel task per core (8 column tiles: 1, 2, 2, 4 chunks)."""
+    target = make_target({"kind": "llvm", "num-cores": cores})
+    M, k, n = tirx.Var("M", "int64"), 512, 512
+    A = te.placeholder((M, _i64(k)), name="A")
+    Bw = te.placeholder((_i64(k), _i64(n)), name="B")
+    r = te.reduce_axis((_i64(0), _i64(k)), "r")
+    C = te.compute((M, _i64(n)), lambda i, j: te.sum(A[i, r] * Bw[r, j], axis=r), name="C")
+    func = schedules.Matmul().apply(te.create_prim_func([A, Bw, C]), target, False).mod["main"]
+    cfg, _ = schedules.matmul_config(None, n, LANES)
+    assert schedules.matmul_order(1, None, n, k, 4, cfg.nr, False, True)[0]  # the rows-outer order
+    chunks = schedules.column_chunks(n // cfg.nr, cores)
+    tasks = [line for line in func.script().splitlines() if "T.parallel((M" in line]
+    assert len(tasks) == 1, tasks
+    assert tasks[0].rstrip().endswith(f"// T.int64({cfg.mr}) * T.int64({chunks})):" if chunks > 1
+                                      else f"// T.int64({cfg.mr})):"), tasks
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    rng = np.random.default_rng(0)
+    for rows in (1, 7):
+        a = rng.standard_normal((rows, k)).astype("float32")
+        b = rng.standard_normal((k, n)).astype("float32")
+        d = tvm.runtime.tensor(np.zeros((rows, n), "float32"))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), d)
+        want = a.astype(float) @ b.astype(float)
+        assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, cores)
+
+
 def test_batched_matmul_rule_with_symbolic_length():
     """Attention scores: [S, T, 64] x [S, 64, T] with T symbolic (padded to the tile in both I and J)."""
     S, T = tirx.Var("S", "int64"), tirx.Var("T", "int64")

@@ -281,6 +281,12 @@ def matmul_order(s_ext: int | None, i_ext: int | None, j_ext: int | None, k_ext:
     return False, False
 
 
+def column_chunks(tiles: int, cores: int) -> int:
+    """How many parallel chunks `tiles` column tiles go in: the most, up to `cores`, that divide them
+    evenly (no chunk runs a predicated, partial tile loop)."""
+    return max(c for c in range(1, min(tiles, cores) + 1) if tiles % c == 0)
+
+
 class _CpuRule(ScheduleRule):
     """A rule for the llvm (CPU) target."""
 
@@ -408,7 +414,15 @@ class Matmul(_CpuRule):
                                               b_contiguous and not gather_b)
         if rows_outer:
             sch.reorder(s, i0, j0, k, i1, j1)
-            outer = sch.fuse(s, i0)
+            # the column tiles in as many chunks as there are cores, each chunk a parallel task beside
+            # the row tiles: a matmul of a few rows (batch 1) is otherwise one task, on one core. A
+            # chunk packs the row tile's A again (MR x K, against MR x K x J/chunks multiply-adds).
+            chunks = column_chunks(-(-j_ext // cfg.nr), _cores(target))
+            if chunks > 1:
+                jc, j0 = sch.split(j0, [chunks, None])
+                outer = sch.fuse(s, i0, jc)
+            else:
+                outer = sch.fuse(s, i0)
             tile = j0
         else:
             sch.reorder(s, j0, i0, k, i1, j1)
