@@ -276,3 +276,37 @@ def test_tvm_llvm_build_binds_the_shared_statistics(tmp_path):
     got = model(x)
     for g, w in zip(got, ref_features(x.double(), weights), strict=True):
         torch.testing.assert_close(g.double(), w, atol=ATOL, rtol=RTOL)
+
+
+MOONS_BN = (ROOT / "tests" / "data" / "train_moons.yaml").read_text().replace(
+    "  h = dropout(relu(linear(x, hidden)), p=dropout)\n",
+    "  m = batch_norm(linear(x, hidden))\n"
+    "  n = batch_norm(linear(relu(m), hidden), share=m)\n"
+    "  h = dropout(relu(n), p=dropout)\n")
+
+
+def test_a_resumed_training_run_continues_the_shared_statistics(tmp_path):
+    """`specc train --until` then `--resume` on a spec whose batch norms share one set of statistics: the
+    same losses at every step and the same final weights, statistics and step count as the run never
+    stopped (the checkpoint holds the shared buffers once, under the owner's names)."""
+    from specc.train import train
+
+    assert "share=m" in MOONS_BN
+    spec = tmp_path / "moons_bn.yaml"
+    spec.write_text(MOONS_BN)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float sums in both runs
+    try:
+        full, part = tmp_path / "full", tmp_path / "part"
+        train(spec, full)
+        assert train(spec, part, until=25).stopped
+        train(spec, part, resume=part)
+    finally:
+        torch.set_num_threads(before)
+    lines = [(run / "metrics.jsonl").read_text() for run in (full, part)]
+    assert lines[0] == lines[1]
+    a = load_file(str(full / "model" / "weights.safetensors"))
+    b = load_file(str(part / "model" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tracked = [k for k in a if k.endswith("num_batches_tracked")]
+    assert len(tracked) == 1 and int(a[tracked[0]]) == 2 * 40  # both uses counted, over all 40 steps
