@@ -285,12 +285,24 @@ def weights64():
 CASES = [(torch.tensor([0, 4, 9]), 12), (torch.tensor([16, 1, 7]), 16), (torch.tensor([64, 30, 2]), 3)]
 
 
-def test_the_mask_the_spec_computes(weights64):
-    """The reference's mask is the prefix-LM mask: spot checks of its definition."""
+def test_the_mask_the_spec_computes(model64):
+    """The mask each attention layer receives is exactly the hand-written prefix-LM mask."""
     m = prefix_lm_mask(5, torch.tensor([0, 3]))
     assert torch.equal(m[0], torch.tril(torch.ones(5, 5, dtype=torch.bool)))  # no prefix: causal
     assert m[1, 0].tolist() == [True, True, True, False, False]  # inside the prefix: the whole prefix
     assert m[1, 3].tolist() == [True, True, True, True, False]  # after it: causal
+    seen = []
+    hooks = [block.attention.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["mask"]),
+                                                       with_kwargs=True) for block in model64.h]
+    try:
+        prefix = torch.tensor([0, 1, 6, 12, 40])
+        run_prefix = model64(tokens(8, 5, 12), prefix)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert run_prefix.shape == (5, 12, NUM) and len(seen) == LAYERS
+    for mask in seen:
+        assert mask.dtype == torch.bool and torch.equal(mask.expand(5, 12, 12), prefix_lm_mask(12, prefix))
 
 
 @pytest.mark.parametrize("opt_level", [0, 1])
