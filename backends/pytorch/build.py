@@ -73,6 +73,10 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
     if missing or unexpected:
         raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, strict=False, assign=True)
+    for module in model.modules():  # the dtype_ref buffers are not stored: made here, float32 as the weights' floats
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                module.register_buffer(name, torch.empty(0, dtype=torch.float32), persistent=False)
     if TIED:
         model.tie_weights()
     model.eval()

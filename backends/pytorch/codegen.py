@@ -34,6 +34,12 @@ _TAKEN = frozenset({"torch", "nn", "F", "math", "json", "struct", "Path", "self"
                     "dict", "len", "print", "None", "True", "False"})
 
 
+#: The non-persistent, empty buffer of a generated class whose dtype is the module's float dtype: the
+#: f32 values forward creates itself (one_hot, arange, casts, where between literals) take its dtype,
+#: which module conversions (.double(), .half(), .to(dtype)) change. It is not in the state dict.
+DTYPE_REF = "dtype_ref"
+
+
 class CodegenError(Exception):
     """The graph cannot be written as PyTorch source (a compiler bug, or an unsupported op)."""
 
@@ -382,7 +388,15 @@ class Generator:
                     init_lines.append(f"self.{attr} = nn.ModuleList([{', '.join(n + '()' for n in names)}])")
         ties = self.ties(inst) if not s else []
         frozen = self.frozen() if not s else []
-        body, args, symbols_used = self.emit_forward(inst, units)
+        attrs = {m.group(1) for ln in init_lines for m in [re.match(r"self\.(\w+) = ", ln)] if m}
+        dtype_ref = DTYPE_REF
+        while dtype_ref in attrs:  # a layer of the spec has the name
+            dtype_ref += "_"
+        uses: set[str] = set()
+        body, args, symbols_used = self.emit_forward(inst, units, dtype_ref, uses)
+        if "float_dtype" in uses:
+            init_lines.append("# empty: .double(), .half(), .to(dtype) set its dtype, that of the floats forward creates")
+            init_lines.append(f'self.register_buffer("{dtype_ref}", torch.empty(0), persistent=False)')
         lines = [f"class {cls}(nn.Module):"]
         doc = self.class_doc(s)
         lines.append(f'    """{doc}"""')
@@ -507,17 +521,25 @@ class Generator:
             raise CodegenError(f"the PyTorch backend has no lowering for op '{node.op}'")
         return low
 
-    def ctx(self, node: Node, dims_used: dict, device: str) -> Ctx:
+    def ctx(self, node: Node, dims_used: dict, device: str, float_dtype: str = "torch.float32",
+            uses: set[str] | None = None) -> Ctx:
         def dim(d):
             if isinstance(d, Sym):
                 for s in d.symbols:
                     dims_used[s] = True
             return dim_text(d, sym_name)
 
-        return Ctx(node, dim, device, self.helpers, tuple(self.graph.type_of(r).dtype for r in node.inputs))
-
-    def emit_forward(self, inst: Inst, units) -> tuple[list[str], list[str], set[str]]:
         g = self.graph
+        scalars = tuple(g.node(r.node).attr("value") if g.node(r.node).op == "scalar" else None for r in node.inputs)
+        return Ctx(node, dim, device, self.helpers, tuple(g.type_of(r).dtype for r in node.inputs), scalars,
+                   float_dtype, set() if uses is None else uses)
+
+    def emit_forward(self, inst: Inst, units, dtype_ref: str = DTYPE_REF,
+                     uses: set[str] | None = None) -> tuple[list[str], list[str], set[str]]:
+        """The forward body of `inst`'s class, its arguments and the symbols it reads. `dtype_ref` names
+        the class's buffer whose dtype is the module's float dtype; `uses` records that the body reads it."""
+        g = self.graph
+        uses = set() if uses is None else uses
         names: dict[Ref, str] = {}
         live_until: dict[str, int] = {}  # python name -> last statement index that reads it
         # Arguments: block arguments (or graph inputs). A read of an outside value reads the argument
@@ -586,7 +608,7 @@ class Generator:
                 low = self.lowering(node)
                 self.helpers.update(low.helpers)
                 self.imports.update(low.imports)
-                e = low.expr(self.ctx(node, dims_used, device),
+                e = low.expr(self.ctx(node, dims_used, device, f"self.{dtype_ref}.dtype", uses),
                              [read(r, lambda i=i: self.read_arg(inst.scope, nid, i)) for i, r in enumerate(node.inputs)])
                 if nid in inline and len(e.text) <= 72:
                     exprs[Ref(nid)] = e

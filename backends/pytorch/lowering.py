@@ -10,11 +10,12 @@ from __future__ import annotations
 import keyword
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from specc.compiler.dims import Sym
-from specc.compiler.ir import DTYPES, Node
+from specc.compiler.ir import DTYPES, FLOAT_DTYPES, Node
 
 # Python operator precedences, for parenthesising inlined expressions.
 ATOM, POW, UNARY, MUL, ADD, BITAND, BITOR, CMP = 100, 7, 6, 5, 4, 3, 2, 1
@@ -40,6 +41,49 @@ class Ctx:
     helpers: set[str] = field(default_factory=set)
     #: the IR dtypes of the node's inputs, in order
     in_dtypes: tuple[str, ...] = ()
+    #: the values of the inputs that are scalar constants, None for the others: Python numbers in the
+    #: source, which take no part in torch's choice of a result dtype
+    in_scalars: tuple[Any, ...] = ()
+    #: the source of the module's float dtype (see `dtype`), and a set that records its use
+    float_dtype: str = "torch.float32"
+    uses: set[str] = field(default_factory=set)
+
+    def dtype(self, dtype: str) -> str:
+        """The torch dtype of an IR dtype, as source. f32, the IR's default float, is the module's float
+        dtype (`self.dtype_ref.dtype`: float32 until `.double()`, `.half()` or `.to(dtype)` converts the
+        module), so the floats a model creates from integers, booleans and literals stay in the
+        precision it runs in; every other dtype is fixed (an f64 value stays float64)."""
+        if dtype != "f32":
+            return f"torch.{DTYPES[dtype]}"
+        self.uses.add("float_dtype")
+        return self.float_dtype
+
+    def creates_float(self) -> bool:
+        """Whether this node's f32 result has no float tensor among its inputs, so that torch would take
+        its dtype from the default dtype (integer tensors with float literals, true division of integers,
+        where() between literals) instead of from the module's float dtype."""
+        if self.x.dtype != "f32":
+            return False
+        return not any(d in FLOAT_DTYPES and not lit for d, lit in zip(self.in_dtypes, self.literals()))
+
+    def literals(self) -> tuple[bool, ...]:
+        """Whether each input is a scalar constant."""
+        scalars = self.in_scalars or (None,) * len(self.in_dtypes)
+        return tuple(v is not None for v in scalars)
+
+    def as_float(self, xs: list["Expr"], among: range | None = None) -> list["Expr"]:
+        """The inputs with the first non-literal one of `among` (default: all) converted to the module's
+        float dtype, where the node creates floats (`creates_float`); torch's promotion then computes the
+        result in that dtype. Unchanged otherwise, or where every such input is a literal."""
+        if not self.creates_float():
+            return xs
+        lits = self.literals()
+        for i in among if among is not None else range(len(xs)):
+            if not lits[i]:
+                out = list(xs)
+                out[i] = call(f"{xs[i].at(ATOM)}.to({self.dtype('f32')})")
+                return out
+        return xs
 
     def as_index(self, i: int, x: "Expr", ok: tuple[str, ...] = ("i64",)) -> str:
         """Input i as an index tensor torch takes: `.long()` unless its dtype is one of `ok`."""
@@ -85,13 +129,6 @@ class Lowering:
 InTypes = list  # the input TensorTypes of the node, in order
 
 
-def torch_dtype(dtype: str) -> str:
-    """The torch dtype of an IR dtype, as source. f32, the IR's default float, is torch's default dtype
-    (float32 unless a float64 reference run sets float64), as for parameters and one_hot: values the
-    model creates or casts then stay in the precision of the run."""
-    return "torch.get_default_dtype()" if dtype == "f32" else f"torch.{DTYPES[dtype]}"
-
-
 def call(text: str) -> Expr:
     return Expr(text, ATOM)
 
@@ -106,6 +143,7 @@ def _fn(name: str, **fixed: Any):
 
 def _binop(symbol: str, prec: int):
     def lower(c: Ctx, xs: list[Expr]) -> Expr:
+        xs = c.as_float(xs)  # ids * 0.5, ids / n: in the module's float dtype
         right_prec = prec + 1 if symbol != "**" else prec
         left_prec = prec if symbol != "**" else prec + 1
         return Expr(f"{xs[0].at(left_prec)} {symbol} {xs[1].at(right_prec)}", prec)
@@ -172,7 +210,7 @@ def _getitem(c: Ctx, xs: list[Expr]) -> Expr:
 
 
 def _arange(c: Ctx, xs: list[Expr]) -> Expr:
-    return call(f"torch.arange({c.dim(c.a('n'))}, dtype={torch_dtype(c.a('dtype'))}, device={c.device})")
+    return call(f"torch.arange({c.dim(c.a('n'))}, dtype={c.dtype(c.a('dtype'))}, device={c.device})")
 
 
 def _layer_norm_init(c: Ctx, ins: InTypes) -> str:
@@ -255,9 +293,31 @@ def _upsample(c: Ctx, xs: list[Expr]) -> Expr:
 def _filled(name: str):
     def lower(c: Ctx, xs: list[Expr]) -> Expr:
         sizes = ", ".join(c.dim(d) for d in c.a("shape"))
-        return call(f"torch.{name}({sizes}, dtype={torch_dtype(c.a('dtype'))}, device={c.device})")
+        return call(f"torch.{name}({sizes}, dtype={c.dtype(c.a('dtype'))}, device={c.device})")
 
     return lower
+
+
+def _exact_f32(v: Any) -> bool:
+    """Whether the number v is a float32 value (then a float32 result converted to a wider dtype holds
+    it exactly)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", v))[0] == v
+    except OverflowError:  # beyond float32's range
+        return False
+
+
+def _where(c: Ctx, xs: list[Expr]) -> Expr:
+    """torch.where(cond, x, y). Where the result is f32 but neither x nor y a float tensor, it takes the
+    module's float dtype: an integer x or y is converted first; between two literals, the result is
+    converted (exact for literals float32 holds: 1.0, 0.0, -inf), or x becomes a tensor of that dtype."""
+    xs = c.as_float(xs, range(1, 3))
+    if not c.creates_float() or not all(c.literals()[1:]):
+        return call(f"torch.where({', '.join(x.text for x in xs)})")
+    if all(_exact_f32(v) for v in c.in_scalars[1:]):
+        return call(f"torch.where({', '.join(x.text for x in xs)}).to({c.dtype('f32')})")
+    x = f"torch.tensor({xs[1].text}, dtype={c.dtype('f32')}, device={c.device})"
+    return call(f"torch.where({xs[0].text}, {x}, {xs[2].text})")
 
 
 def _triangle(name: str):
@@ -338,7 +398,7 @@ LOWERINGS: dict[str, Lowering] = {
     "input": Lowering(lambda c, xs: call(c.a("name"))),
     "scalar": Lowering(_scalar),
     "arange": Lowering(_arange),
-    "cast": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.to({torch_dtype(c.a('dtype'))})")),
+    "cast": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.to({c.dtype(c.a('dtype'))})")),
     "relu": Lowering(_fn("F.relu")),
     "gelu": Lowering(_gelu),
     "silu": Lowering(_fn("F.silu")),
@@ -357,9 +417,8 @@ LOWERINGS: dict[str, Lowering] = {
     "matmul": Lowering(_binop("@", MUL)),
     "linear": Lowering(_module_call, lambda c, ins: f"nn.Linear({ins[0].shape[-1]}, {c.a('out')}"
                                                       + (", bias=False)" if not c.a("bias") else ")")),
-    # one_hot is f32 in the IR; torch's default dtype here lets a float64 reference run stay in float64
-    "one_hot": Lowering(lambda c, xs: call(f"F.one_hot({c.as_index(0, xs[0])}, {c.a('num')})"
-                                           f".to(torch.get_default_dtype())")),
+    # one_hot is f32 in the IR: the module's float dtype, so a float64 copy of the model stays in float64
+    "one_hot": Lowering(lambda c, xs: call(f"F.one_hot({c.as_index(0, xs[0])}, {c.a('num')}).to({c.dtype('f32')})")),
     "embedding": Lowering(lambda c, xs: call(f"{c.module}({c.as_index(0, xs[0], ('i64', 'i32'))})"), lambda c, ins: f"nn.Embedding({c.a('num')}, {c.a('dim')})"),
     "layer_norm": Lowering(_layer_norm, lambda c, ins: _layer_norm_init(c, ins) if c.a("affine") else ""),
     "rms_norm": Lowering(_rms_norm, lambda c, ins: f"nn.RMSNorm({ins[0].shape[-1]}, eps={lit(c.a('eps'))})"
@@ -399,7 +458,7 @@ LOWERINGS: dict[str, Lowering] = {
     "logical_and": Lowering(_binop("&", BITAND)),
     "logical_or": Lowering(_binop("|", BITOR)),
     "logical_not": Lowering(lambda c, xs: Expr(f"~{xs[0].at(UNARY)}", UNARY)),
-    "where": Lowering(lambda c, xs: call(f"torch.where({', '.join(x.text for x in xs)})")),
+    "where": Lowering(_where),
     "masked_fill": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.masked_fill({xs[1].text}, {num(c.a('value'))})")),
     "tril": Lowering(_triangle("tril")),
     "triu": Lowering(_triangle("triu")),
