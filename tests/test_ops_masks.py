@@ -47,7 +47,7 @@ def test_comparison_operators_on_tensors_and_numbers():
 def test_comparisons_read_as_python_operators(tmp_path):
     text = spec("x: 'f32[B, T]', n: 'i64[B, T]'", "y = cast((x > 0) == (n < 2), f32) + cast(x != x * 2, f32)")
     src = (specc.build(text, tmp_path / "o") / "model.py").read_text()
-    assert "((x > 0.0) == (n < 2)).to(torch.get_default_dtype()) + (x != x * 2.0).to(torch.get_default_dtype())" in src
+    assert "((x > 0.0) == (n < 2)).to(self.dtype_ref.dtype) + (x != x * 2.0).to(self.dtype_ref.dtype)" in src
 
 
 def test_logical_operators_on_bool_tensors():
@@ -149,7 +149,7 @@ def test_masks_built_from_ones_and_triangles_follow_the_symbolic_sizes():
         with torch.no_grad():
             causal, band, z, u = model(x)
         close(causal, torch.ones(t, t, dtype=torch.bool).tril())
-        close(band, torch.ones(t, t, dtype=torch.float32).tril(1).triu(-1))
+        close(band, torch.ones(t, t, dtype=torch.float64).tril(1).triu(-1))
         close(z, torch.zeros(b, 1, dtype=torch.int64))
         close(u, x.triu(1))
 
