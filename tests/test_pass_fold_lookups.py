@@ -29,14 +29,7 @@ EXPECTED = """graph lookup
   dims B=2, T=8
   %0: i64[B, T] in range(50) = input(name="ids")
   %1: f32[B, T, 16] = embedding(%0, num=50, dim=16)  @e {weight: f32[50, 16]}
-  %2: f32[B, T, 16] = layer_norm(%1, eps=1e-05, affine=true, bias=true)  @layer_norm {weight: f32[16], bias: f32[16]}
-  %3: f32[B, T, 16] = gelu(%2, approximate="none")
-  %4: f32[B, T, 32] = linear(%3, out=32, bias=true, tie=none)  @linear {weight: f32[32, 16], bias: f32[32]}
-  %5: f32[] = scalar(value=0.5, dtype="f32")
-  %6: f32[B, T, 32] = mul(%4, %5)
-  %7: f32[B, T, 32] = mlp(%6, hidden=64, out=none, act="gelu", bias=true, dropout=0.0)  @mlp {fc1.weight: f32[64, 32], fc1.bias: f32[64], fc2.weight: f32[32, 64], fc2.bias: f32[32]}
-  %8: f32[] = scalar(value=1.0, dtype="f32")
-  %9: f32[B, T, 32] = add(%7, %8)
+  %9: f32[B, T, 32] = embedding(%0, num=50, dim=32)  @table {weight: f32[50, 32]}
   %11: f32[B, T, 8] = embedding(%0, num=50, dim=8)  @embedding {weight: f32[50, 8]}
   %12: f32[B, T, 8] = getitem(%1, index=[:, :, :8])
   %13: f32[B, T, 8] = add(%11, %12)
@@ -45,8 +38,9 @@ EXPECTED = """graph lookup
 
 
 def test_before_expected():
-    # relu(embedding(...)) folds into its table (%11); `e` is also read by the slice, so its chain
-    # stays (folding it would need a second table beside `e`), and `+ e[...]` is not per-token.
+    # relu(embedding(...)) folds into its table (%11); `e` is also read by the slice, so it stays for
+    # the slice, and its chain becomes a second table beside it (@table, a fresh path); `+ e[...]`
+    # is not per-token.
     assert ir_after(BEFORE, "fold_lookups") == EXPECTED
 
 
@@ -65,6 +59,28 @@ def test_manifest_says_what_was_folded(tmp_path):
                                                               "mlp", "add"], "rows": 50, "width": 32,
                                         "bytes": 6400}]
     assert fold["params"] == [5568, 1600]
+
+
+def test_every_branch_after_a_shared_start_gets_its_own_table():
+    text = """specc: 1
+name: branches
+inputs:
+  ids: i64[B, T] in range(20)
+graph: |
+  e = embedding(ids, 20, 8)
+  a = tanh(linear(e, 6))
+  b = relu(e) * 2.0
+  c = a + layer_norm(e)[:, :, :6]
+outputs:
+  e:
+  b:
+  c:
+"""
+    ir = ir_after(text, "fold_lookups")
+    assert "@e {weight: f32[20, 8]}" in ir  # an output: kept
+    tables = sorted(line.split("@")[1].split(" ")[0] for line in ir.splitlines() if "= embedding(" in line)
+    assert tables == ["e", "table", "table_1", "table_2"], ir  # tanh(linear), relu * 2, layer_norm
+    assert "linear(" not in ir and "tanh(" not in ir and "relu(" not in ir and "layer_norm(" not in ir
 
 
 def test_cost_model_refuses_huge_tables():
@@ -93,6 +109,28 @@ def lookup_specs(draw):
         expr = step.format(v=expr, d=d)
     return (f"specc: 1\nname: g\nparams:\n  vocab: {vocab}\ninputs:\n  ids: i64[B, T] in range(vocab)\n"
             f"graph: |\n  y = {expr}\noutputs:\n  y:\n")
+
+
+@st.composite
+def branching_lookup_specs(draw):
+    """An embedding read by one or two per-token chains and also, maybe, by an output or a slice."""
+    vocab = draw(st.integers(2, 30))
+    chains = draw(st.lists(st.sampled_from(["tanh(linear(e, 8))", "layer_norm(e) * 0.5", "relu(e)",
+                                            "mlp(e, hidden=12)", "gelu(rms_norm(e))"]), min_size=1, max_size=2))
+    lines = ["e = embedding(ids, vocab, 8)"] + [f"y{i} = {c}" for i, c in enumerate(chains)]
+    outs = [f"y{i}" for i in range(len(chains))]
+    extra = draw(st.sampled_from(["", "output", "slice"]))
+    if extra == "output":
+        outs.append("e")
+    elif extra == "slice":
+        lines.append("s = e[:, :, :4] + 1.0")
+        outs.append("s")
+    body = "".join(f"  {ln}\n" for ln in lines)
+    return (f"specc: 1\nname: g\nparams:\n  vocab: {vocab}\ninputs:\n  ids: i64[B, T] in range(vocab)\n"
+            f"graph: |\n{body}outputs:\n" + "".join(f"  {o}:\n" for o in outs))
+
+
+test_property_branches = property_test("fold_lookups", [], spec_strategy=branching_lookup_specs())
 
 
 def _fires_unless_only_dropout(text):

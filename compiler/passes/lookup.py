@@ -9,7 +9,8 @@ backend in float64 from a `("chain", table, steps)` weight expression.
 
 A cost model decides: the chain must do some work per token, and the new table must stay within a
 memory budget. The pass notes what it folded and the table size, for the manifest. An embedding
-whose output is also read elsewhere is left as it is (folding would need a second table).
+whose output is also read elsewhere (or is an output) stays for those readers; each foldable chain
+after it becomes a table of its own.
 """
 
 from __future__ import annotations
@@ -84,17 +85,24 @@ def _index(ed: Editor, node: Node, ids: list[Ref], sizes: list[int]) -> Ref:
 
 
 def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) -> bool:
+    """Fold each chain of per-token ops that starts at `node` (a finite-domain start) into a table of its
+    own. A start read by several ops (or also an output) gets a table per foldable branch; it stays for
+    its other readers, and the tables take fresh module paths beside it."""
     start = _start(ed, node)
     if start is None:
         return False
+    changed = False
+    for user in ed.users(Ref(nid)):
+        changed |= _fold_branch(ed, nid, node, user, start, ctx, notes)
+    return changed
+
+
+def _fold_branch(ed: Editor, nid: int, node: Node, user: int, start: tuple, ctx: PassContext, notes: list) -> bool:
     base, ids, sizes = start
     steps: list[tuple] = []
     chain: list[Node] = [node]
     cur, last = Ref(nid), None
     while True:
-        if ed.uses(cur) != 1 or ed.is_output(cur):
-            break
-        (user,) = ed.users(cur)
         un = ed.node(user)
         if un.scope != node.scope:
             break
@@ -104,6 +112,9 @@ def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) 
         steps.append(step)
         chain.append(un)
         cur, last = Ref(user), user
+        if ed.uses(cur) != 1 or ed.is_output(cur):
+            break
+        (user,) = ed.users(cur)
     if last is None or all(s[0] == "dropout" for s in steps):
         return False
     num = 1
@@ -118,7 +129,10 @@ def fold_chain(ed: Editor, nid: int, node: Node, ctx: PassContext, notes: list) 
     table = ("chain", base, tuple(steps))
     frozen = all(p.frozen for n in chain for p in n.params)
     end = ed.node(last)
-    path = node.path or _fresh_path(ed, tuple(seg for f in node.scope for seg in f.segments), "table")
+    # the start's own path when the table replaces it (its only reader, not an output); else a fresh one
+    alone = ed.uses(Ref(nid)) == 1
+    path = node.path if node.path and alone else \
+        _fresh_path(ed, tuple(seg for f in node.scope for seg in f.segments), "table")
     index = ids[0] if len(ids) == 1 else _index(ed, node, ids, sizes)
     folded = Node("embedding", (index,), (("num", num), ("dim", width)), end.outputs,
                   node.span.merge(end.span), name=end.name if end.name != end.op else node.name, scope=node.scope,
