@@ -694,3 +694,6 @@ LOWERINGS.update(lowering_attention.LOWERINGS)
 from . import lowering_image, lowering_moe, lowering_select  # noqa: E402  (rot90; moe_mlp; amax/argmax/gather/unsqueeze)
 LOWERINGS.update({**lowering_image.LOWERINGS, **lowering_moe.LOWERINGS, **lowering_select.LOWERINGS})
 HELPERS.update(lowering_moe.HELPERS)
+
+from . import lowering_memory  # noqa: E402  (omega_memory: the Omega rule as a helper function)
+LOWERINGS.update(lowering_memory.LOWERINGS); HELPERS.update(lowering_memory.HELPERS)

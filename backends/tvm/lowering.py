@@ -1142,6 +1142,7 @@ LOWERINGS: dict[str, Lowering] = {
 
 #: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
+    "omega_memory",  # ATLAS's Omega rule: a recurrence over the tokens, with no TIR kernel yet
 })
 
 
