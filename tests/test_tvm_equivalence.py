@@ -167,7 +167,7 @@ OPS_TESTED_ELSEWHERE = frozenset({
     "conv1d", "conv2d", "batch_norm", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool2d",
     "upsample", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "where",
     "masked_fill", "tril", "triu", "ones", "zeros", "rotary", "one_hot",
-    "attend", "grad_reverse", "amax", "amin", "argmax", "gather", "unsqueeze", "rot90", "moe_mlp",
+    "attend", "grad_reverse", "detach", "amax", "amin", "argmax", "gather", "unsqueeze", "rot90", "moe_mlp",
     "parameter",  # and tests/test_ops_parameter.py (verify --target tvm-llvm)
 })
 

@@ -399,3 +399,11 @@ def test_lstm_kernel_tiles_directions_and_single_steps(hidden):
                 dims="B: 2\nT: 3")
     check(text, [{"B": 1, "T": 1}, {"B": 3, "T": 7}, {"B": 5, "T": 2}], f"lstm_h{hidden}")
 
+
+
+def test_detach():
+    """detach is the identity forward (it stops gradients only), also feeding a layer and an arithmetic."""
+    check(spec("detach", "x: f32[B, 3, 4]", """
+h = linear(detach(x), 5)
+y = detach(h) * h + detach(x[:, :, 0:1])
+""", "y: f32[B, 3, 5]"), [dict(B=1), dict(B=2)], "detach")

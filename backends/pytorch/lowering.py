@@ -697,3 +697,5 @@ HELPERS.update(lowering_moe.HELPERS)
 
 from . import lowering_memory  # noqa: E402  (omega_memory: the Omega rule as a helper function)
 LOWERINGS.update(lowering_memory.LOWERINGS); HELPERS.update(lowering_memory.HELPERS)
+from . import lowering_detach  # noqa: E402  (detach)
+LOWERINGS.update(lowering_detach.LOWERINGS)

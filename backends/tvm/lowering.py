@@ -1131,6 +1131,7 @@ LOWERINGS: dict[str, Lowering] = {
     "rotary": _rotary,
     "attend": _attend,
     "grad_reverse": lambda c, xs: xs[0],  # the identity forward (it reverses gradients only)
+    "detach": lambda c, xs: xs[0],  # the identity forward (it stops gradients only)
     "amax": _extreme(R.max),
     "amin": _extreme(R.min),
     "argmax": _argmax,
