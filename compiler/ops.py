@@ -1231,3 +1231,4 @@ from . import ops_attention  # noqa: E402,F401  (attend: attention over given q,
 from . import ops_image, ops_moe, ops_select  # noqa: E402,F401  (zoo families: rot90; moe_mlp; amax/argmax/gather/unsqueeze)
 from . import ops_memory  # noqa: E402,F401  (omega_memory: ATLAS's test-time memory, the Omega rule)
 from . import ops_detach  # noqa: E402,F401  (detach: a stop-gradient for layer-local losses)
+from . import ops_flow  # noqa: E402,F401  (warp, splat, correlation: SplatFlow's flow operators)

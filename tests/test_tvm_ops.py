@@ -407,3 +407,13 @@ def test_detach():
 h = linear(detach(x), 5)
 y = detach(h) * h + detach(x[:, :, 0:1])
 """, "y: f32[B, 3, 5]"), [dict(B=1), dict(B=2)], "detach")
+
+
+def test_flow_ops():
+    """warp, splat (sum and average) and correlation, at symbolic image sizes; flows of about 1 pixel and,
+    scaled by 4, ones that push taps outside the image."""
+    text = spec("flow_ops", "x: f32[B, 3, H, W]\ny: f32[B, 3, H, W]\nflow: f32[B, 2, H, W]",
+                "far = flow * 4.0\nw = warp(x, flow) + warp(y, far)\ns = splat(x, flow) + splat(y, far)\n"
+                "a = splat(x, far, mode='average')\nc = correlation(x, y, radius=2)",
+                "w: null\ns: null\na: null\nc: null", dims="B: 2\nH: 5\nW: 6")
+    check(text, [dict(B=1, H=5, W=6), dict(B=3, H=4, W=7)], "flow_ops")

@@ -699,3 +699,7 @@ from . import lowering_memory  # noqa: E402  (omega_memory: the Omega rule as a 
 LOWERINGS.update(lowering_memory.LOWERINGS); HELPERS.update(lowering_memory.HELPERS)
 from . import lowering_detach  # noqa: E402  (detach)
 LOWERINGS.update(lowering_detach.LOWERINGS)
+
+from . import lowering_flow  # noqa: E402  (warp, splat, correlation)
+LOWERINGS.update(lowering_flow.LOWERINGS)
+HELPERS.update(lowering_flow.HELPERS)

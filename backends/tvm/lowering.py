@@ -1246,3 +1246,6 @@ def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main",
 
 __all__ = ["LOWERINGS", "UNSUPPORTED", "Ctx", "LoweringError", "Signature", "to_relax", "parameters",
            "lstm_kernel", "lstm_kernel_gpu", "dim_expr"]
+
+from . import lowering_flow  # noqa: E402  (warp, splat, correlation)
+LOWERINGS.update(lowering_flow.LOWERINGS)
