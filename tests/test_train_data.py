@@ -28,6 +28,7 @@ NP = {"f32": np.float32, "i64": np.int64, "bool": np.bool_}
     ("seasonal", {"n": 30, "variates": 3, "lookback": 12, "horizon": 4}),
     ("two_moons", {"n": 40}),
     ("digits", {"n": 100, "rotations": True}),
+    ("digit_patches", {"n": 100, "patch": 4, "mask_ratio": 0.5}),
     ("statsmodels", {"name": "sunspots", "lookback": 24, "horizon": 6}),
     ("statsmodels", {"name": "co2", "n": 200}),
     ("span_corruption", {"n": 40, "length": 12, "vocab": 6, "spans": 2, "span_length": 3}),
@@ -270,3 +271,27 @@ def test_a_data_path_that_is_not_a_regular_file_is_refused(tmp_path):
     assert _error(tmp_path, "pipe.csv", CSV_FIELDS) == [("spec.yaml", 11, 11, "data: 'pipe.csv' is not a regular file")]
     (tmp_path / "dir.npz").mkdir()
     assert _error(tmp_path, "dir.npz")[0][3] == "data: 'dir.npz' is not a regular file"
+
+
+def test_digit_patches_positions_and_kept_subsets():
+    g = D.GENERATORS["digit_patches"]
+    a = D.generate(g, g.bind({}), seed=0)  # patch 2: 16 positions, mask_ratio 0.75: 4 kept
+    digits = D.generate(D.GENERATORS["digits"], D.GENERATORS["digits"].bind({}), seed=0)
+    assert np.array_equal(a["x"], digits["x"]) and np.array_equal(a["label"], digits["label"])
+    assert np.array_equal(a["position"], np.broadcast_to(np.arange(16), (1797, 16)))
+    assert (a["keep"].sum(1) == 4).all()
+    assert len({tuple(np.flatnonzero(k)) for k in a["keep"]}) > 1000  # a random subset per image (1820 exist)
+    assert 0.2 < a["keep"].mean(0).min() and a["keep"].mean(0).max() < 0.3  # every patch kept about 1/4 of the time
+    assert not np.array_equal(D.generate(g, g.bind({}), seed=1)["keep"], a["keep"])
+    assert (D.generate(g, g.bind({"patch": 1, "mask_ratio": 0.0, "n": 5}), 0)["keep"]).all()  # 64 positions, all kept
+    assert g.fields(g.bind({"patch": 8, "mask_ratio": 0.0}))["position"] == ("i64", (1,), (0, 1))
+    assert (D.generate(g, g.bind({"patch": 4, "mask_ratio": 0.625}), 0)["keep"].sum(1) == 1).all()  # 2.5 -> 3 dropped
+    with pytest.raises(D.ArgError, match="'patch' must divide the image side 8 \\(1, 2, 4 or 8\\), got 3") as e:
+        g.bind({"patch": 3})
+    assert e.value.arg == "patch"
+    with pytest.raises(D.ArgError, match="'mask_ratio' must be zero or more, got -0.1"):
+        g.bind({"mask_ratio": -0.1})
+    for ratio in (1.0, 0.97, 0.96875, float("nan")):  # 0.96875: 15.5 of 16 rounds up to 16, none left
+        with pytest.raises(D.ArgError, match="'mask_ratio' must leave at least one of the 16 patches") as e:
+            g.bind({"mask_ratio": ratio})
+        assert e.value.arg == "mask_ratio"

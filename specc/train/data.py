@@ -26,6 +26,11 @@ Generators (arguments with defaults; every one takes `n`, the number of samples)
 - `digits()`: scikit-learn's 8x8 digits (1,797 images), `x` [N, 1, 8, 8] in [0, 1], `label`;
   with `rotations=true` also `rotated` [N, 4, 1, 8, 8] (0, 90, 180, 270 degrees) and `joint`
   [N, 4] = 4 * label + rotation (self-supervised label augmentation).
+- `digit_patches(patch=2, mask_ratio=0.75)`: the 8x8 digits cut into T = (8 / patch)^2 patches for
+  position prediction (MP3): `x` [N, 1, 8, 8], `label`, `position` [N, T] = 0..T-1 (each patch's
+  index in row-major order: the class of a per-patch position classifier), `keep` [N, T] bool, the
+  patches whose keys and values attention may use: a seeded random subset of exactly
+  T - mask_ratio * T patches per image (rounded half up; at least one).
 - `statsmodels(name="sunspots"|"co2"|"nile", lookback=48, horizon=12)`: windows of a series bundled
   with statsmodels, ordered as seasonal().
 - `span_corruption(length=24, vocab=16, spans=3, span_length=3, source="random"|"automata")`:
@@ -436,6 +441,34 @@ def _dg_make(a, rng):
     return out
 
 
+def _dp_check(a):
+    """The patch grid of digit_patches(): (T, kept patches); raises ArgError."""
+    if 8 % a["patch"]:
+        raise ArgError("patch", f"digit_patches(): 'patch' must divide the image side 8 (1, 2, 4 or 8), "
+                                f"got {a['patch']}")
+    t = (8 // a["patch"]) ** 2
+    if not 0.0 <= a["mask_ratio"] < 1.0 - 0.5 / t:
+        raise ArgError("mask_ratio", f"digit_patches(): 'mask_ratio' must leave at least one of the {t} patches "
+                                     f"(0 <= mask_ratio < {1 - 0.5 / t:g}), got {a['mask_ratio']}")
+    return t, t - math.floor(a["mask_ratio"] * t + 0.5)  # mask_ratio * T patches dropped, rounded half up
+
+
+def _dp_fields(a):
+    t, _ = _dp_check(a)
+    return {**_dg_fields({"rotations": False}), "position": ("i64", (t,), (0, t)), "keep": ("bool", (t,), None)}
+
+
+def _dp_make(a, rng):
+    t, kept = _dp_check(a)
+    out = _dg_make({"rotations": False}, rng)
+    n = len(out["x"])
+    out["position"] = np.broadcast_to(np.arange(t, dtype=np.int64), (n, t)).copy()
+    chosen = np.argsort(rng.random((n, t)), axis=1)[:, :kept]  # a uniform random subset of `kept` patches
+    out["keep"] = np.zeros((n, t), dtype=np.bool_)
+    np.put_along_axis(out["keep"], chosen, True, axis=1)
+    return out
+
+
 #: statsmodels data sets: module name in statsmodels.datasets and the columns used.
 STATSMODELS = {"sunspots": ("sunspots", ("SUNACTIVITY",)), "co2": ("co2", ("co2",)), "nile": ("nile", ("volume",))}
 
@@ -472,6 +505,8 @@ GENERATORS: dict[str, Generator] = {g.name: g for g in [
               choices={"source": ("random", "automata")}, zero_ok=("spans",)),
     Generator("two_moons", {"n": 2000, "rotation": 30.0, "noise": 0.1}, _tm_fields, _tm_make),
     Generator("digits", {"n": 1797, "rotations": False}, _dg_fields, _dg_make),
+    Generator("digit_patches", {"n": 1797, "patch": 2, "mask_ratio": 0.75}, _dp_fields, _dp_make,
+              zero_ok=("mask_ratio",)),
     Generator("statsmodels", {"n": 100000, "name": "sunspots", "lookback": 48, "horizon": 12}, _sm_fields,
               _sm_make, ordered=True, gap=_window_gap, choices={"name": tuple(STATSMODELS)}),
 ]}
