@@ -312,22 +312,32 @@ def _dropout(c: OpCall):
     return c.t("x")
 
 
+def attention_inner(c: OpCall) -> int:
+    """The width of attention's projected queries, keys and values: heads * head_dim (head_dim=, when
+    given), else the model width d (d / heads per head)."""
+    head_dim = c.attrs.get("head_dim")
+    if head_dim is None:
+        return fixed_width(c.t("x").shape[-1], "attention", "model width (last dimension of x)")
+    return c.a("heads") * head_dim
+
+
 def _attention_params(c: OpCall):
     x, kv = c.t("x"), c.t("kv")
     d = fixed_width(x.shape[-1], "attention", "model width (last dimension of x)")
     dkv = d if kv is None else fixed_width(kv.shape[-1], "attention", "width of kv", "kv")
+    inner = attention_inner(c)
     ps = []
     if c.a("qkv"):
-        ps.append(param("qkv.weight", (3 * d, d), uniform_fan_in(d), op="attention"))
+        ps.append(param("qkv.weight", (3 * inner, d), uniform_fan_in(d), op="attention"))
         if c.a("bias"):
-            ps.append(param("qkv.bias", (3 * d,), uniform_fan_in(d), op="attention"))
-        projections = (("o", d),)
+            ps.append(param("qkv.bias", (3 * inner,), uniform_fan_in(d), op="attention"))
+        projections = (("o", d, inner),)
     else:
-        projections = (("q", d), ("k", dkv), ("v", dkv), ("o", d))
-    for proj, fan_in in projections:
-        ps.append(param(f"{proj}.weight", (d, fan_in), uniform_fan_in(fan_in), op="attention"))
+        projections = (("q", inner, d), ("k", inner, dkv), ("v", inner, dkv), ("o", d, inner))
+    for proj, out, fan_in in projections:
+        ps.append(param(f"{proj}.weight", (out, fan_in), uniform_fan_in(fan_in), op="attention"))
         if c.a("bias"):
-            ps.append(param(f"{proj}.bias", (d,), uniform_fan_in(fan_in), op="attention"))
+            ps.append(param(f"{proj}.bias", (out,), uniform_fan_in(fan_in), op="attention"))
     return ps
 
 
@@ -336,9 +346,10 @@ def _attention_flops(c: OpCall, outs):
     kv = kv or x
     b_t = product(x.shape[:-1])
     b_s = product(kv.shape[:-1])
-    d = x.shape[-1]
-    proj = 2 * b_t * d * d * 2 + 2 * b_s * kv.shape[-1] * d * 2
-    return proj + attention_core_flops(x, kv.shape[-2], c.a("heads"), c.t("mask"), c.t("prefix"))
+    d, inner = x.shape[-1], attention_inner(c)
+    proj = 2 * b_t * d * inner * 2 + 2 * b_s * kv.shape[-1] * inner * 2  # q and o; k and v
+    q = T(x.dtype, x.shape[:-1] + (inner,))
+    return proj + attention_core_flops(q, kv.shape[-2], c.a("heads"), c.t("mask"), c.t("prefix"))
 
 
 def attention_core_flops(q: TensorType, s: Dim, heads: int, mask: TensorType | None,
@@ -353,10 +364,11 @@ def attention_core_flops(q: TensorType, s: Dim, heads: int, mask: TensorType | N
 @op("attention", Arg("x", "tensor"), Arg("heads", "int"), Arg("causal", "bool", False),
     Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
     Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")), Arg("mask", "tensor?", None),
-    Arg("prefix", "tensor?", None), params=_attention_params, flops=_attention_flops, category="layer")
+    Arg("prefix", "tensor?", None), Arg("head_dim", "int", None), params=_attention_params, flops=_attention_flops,
+    category="layer")
 def _attention(c: OpCall):
-    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none, prefix=none): multi-head
-    softmax attention.
+    """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none, prefix=none,
+    head_dim=none): multi-head softmax attention.
 
     Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x; its batch
     dimensions may be fewer or 1 and broadcast to x's, e.g. [S, dkv] shared by every batch row). With
@@ -372,13 +384,24 @@ def _attention(c: OpCall):
     prompts), [..., 2, l, d]: [..., 0, :, :] the keys, [..., 1, :, :] the values, per batch row or shared
     (batch dimensions broadcast to x's). Every query sees every prefix row; causal and mask apply to
     the S positions of kv only.
+
+    head_dim: the width of each head's queries, keys and values (default d / heads). The projections
+    then map to heads * head_dim columns and the output projection back to d, so a head count need not
+    divide d: structured pruning (`specc prune`) removes heads this way. A prefix then has rows of
+    width heads * head_dim.
     """
     x, kv = c.t("x"), c.t("kv")
     need_float(x, "attention")
     need_rank(x, 2, "attention")
     heads = c.a("heads")
     d = fixed_width(x.shape[-1], "attention", "model width (last dimension of x)")
-    if heads <= 0 or d % heads:
+    head_dim = c.attrs.get("head_dim")
+    if head_dim is not None:
+        if heads <= 0:
+            raise OpError(f"attention: heads must be positive, got {heads}", "heads")
+        if head_dim <= 0:
+            raise OpError(f"attention: head_dim must be positive, got {head_dim}", "head_dim")
+    elif heads <= 0 or d % heads:
         raise OpError(f"attention: the width {d} is not divisible by heads={heads}", "heads")
     if kv is not None:
         need_float(kv, "attention", "kv")
@@ -395,7 +418,7 @@ def _attention(c: OpCall):
     if c.t("mask") is not None:
         _check_attention_mask(c.t("mask"), x, (kv or x).shape[-2], heads)
     if c.t("prefix") is not None:
-        check_attention_prefix(c.t("prefix"), x, "attention")
+        check_attention_prefix(c.t("prefix"), x, "attention", width=attention_inner(c))
     return x
 
 
@@ -408,13 +431,18 @@ def check_batch_broadcast(t: TensorType, x: TensorType, op_name: str, arg: str, 
                       f"those of {what} {shape_str(x)}, {dims_str(xb)}", arg)
 
 
-def check_attention_prefix(prefix: TensorType, x: TensorType, op_name: str, x_name: str = "x") -> None:
-    """A prefix of key and value rows [..., 2, l, d] for queries x [..., T, d]."""
+def check_attention_prefix(prefix: TensorType, x: TensorType, op_name: str, x_name: str = "x",
+                           width: Dim | None = None) -> None:
+    """A prefix of key and value rows [..., 2, l, w] for queries x [..., T, d]: w = d, or `width` (the
+    heads * head_dim of an attention with head_dim=)."""
     if prefix.dtype != x.dtype:
         raise OpError(f"{op_name}: the prefix must have {x_name}'s dtype {x.dtype}, got {shape_str(prefix)}", "prefix")
-    if prefix.rank < 3 or prefix.shape[-3] != 2 or prefix.shape[-1] != x.shape[-1]:
-        raise OpError(f"{op_name}: the prefix must be [..., 2, l, {fmt(x.shape[-1])}] (l key rows, then l value "
-                      f"rows, of {x_name}'s width), got {shape_str(prefix)}", "prefix")
+    own = width is None or width == x.shape[-1]
+    width = x.shape[-1] if width is None else width
+    if prefix.rank < 3 or prefix.shape[-3] != 2 or prefix.shape[-1] != width:
+        what = f"of {x_name}'s width" if own else "of width heads * head_dim"
+        raise OpError(f"{op_name}: the prefix must be [..., 2, l, {fmt(width)}] (l key rows, then l value "
+                      f"rows, {what}), got {shape_str(prefix)}", "prefix")
     fixed_width(prefix.shape[-2], op_name, "prefix length l (dimension -2 of the prefix)", "prefix")
     pb, xb = prefix.shape[:-3], x.shape[:-2]
     if len(pb) > len(xb) or any(a != 1 and a != b for a, b in zip(reversed(pb), reversed(xb))):

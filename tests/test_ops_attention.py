@@ -209,3 +209,94 @@ def test_tvm_lowers_prefix_attend_and_broadcast_keys():
     assert "attend" in LOWERINGS and "attend" not in UNSUPPORTED
     to_relax(specc.compile(spec("x: 'f32[B, T, d]'", "y = attention(x, 2, prefix=parameter(2, l, d))")))
     to_relax(specc.compile(spec("x: 'f32[B, T, d]', c: 'f32[S, d]'", "y = attention(x, 2, kv=c)")))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention(..., head_dim=k): heads of a width other than d / heads (structured pruning)
+# ---------------------------------------------------------------------------------------------
+
+def core_dh(q, k, v, heads, dh, causal=False):
+    """softmax(q k^T / sqrt(dh)) v per batch row and head over heads * dh columns, written out."""
+    b, t, _ = q.shape
+    out = torch.zeros(b, t, heads * dh, dtype=q.dtype)
+    for i in range(b):
+        for h in range(heads):
+            cols = slice(h * dh, (h + 1) * dh)
+            scores = q[i, :, cols] @ k[i, :, cols].T / math.sqrt(dh)
+            if causal:
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            out[i, :, cols] = torch.softmax(scores, dim=-1) @ v[i, :, cols]
+    return out
+
+
+@pytest.mark.parametrize("opt_level", [0, 1, 2])  # math path, sdpa, sdpa with fused qkv
+@pytest.mark.parametrize("heads,dh", [(3, 2), (2, 4), (5, 3)])  # 3 * 2 < d, 2 * 4 = d, 5 * 3 > d
+def test_attention_head_dim_matches_reference(opt_level, heads, dh):
+    text = spec("x: 'f32[B, T, d]'", f"y = attention(x, heads={heads}, head_dim={dh}, causal=true)")
+    sd = specc.load(text, opt_level=0).double().state_dict()
+    inner = heads * dh
+    assert sd["y.q.weight"].shape == (inner, 8) and sd["y.k.bias"].shape == (inner,)
+    assert sd["y.o.weight"].shape == (8, inner) and sd["y.o.bias"].shape == (8,)
+    model = load64(text, opt_level)
+    x = rand(2, 5, 8, seed=12)
+    with torch.no_grad():
+        got = model(x)
+    want = lin(core_dh(lin(x, sd, "y.q"), lin(x, sd, "y.k"), lin(x, sd, "y.v"), heads, dh, causal=True), sd, "y.o")
+    close(got, want)
+
+
+def test_attention_head_dim_default_is_the_old_layer_and_flops_follow_the_width():
+    plain = spec("x: 'f32[B, T, d]'", "y = attention(x, 2)")
+    same = spec("x: 'f32[B, T, d]'", "y = attention(x, 2, head_dim=4)")
+    a, b = specc.load(plain, opt_level=0).state_dict(), specc.load(same, opt_level=0).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same shapes, same seeded values
+    narrow = spec("x: 'f32[B, T, d]', c: 'f32[B, S, 6]'", "y = attention(x, 3, head_dim=2, kv=c)")
+    for bb, t in ((1, 5), (3, 7)):
+        s, inner = 4, 6
+        assert flops_of(same, "attention", B=bb, T=t) == flops_of(plain, "attention", B=bb, T=t)
+        proj = 2 * bb * t * 8 * inner * 2 + 2 * bb * s * 6 * inner * 2
+        assert flops_of(narrow, "attention", B=bb, T=t) == proj + 2 * bb * t * s * inner * 2 + 5 * bb * 3 * t * s
+    model = load64(narrow)
+    sd = model.state_dict()
+    x, c = rand(2, 5, 8, seed=13), rand(2, 4, 6, seed=14)
+    with torch.no_grad():
+        got = model(x, c)
+    close(got, lin(core_dh(lin(x, sd, "y.q"), lin(c, sd, "y.k"), lin(c, sd, "y.v"), 3, 2), sd, "y.o"))
+
+
+def test_attention_head_dim_prefix_rows_have_the_inner_width():
+    text = spec("x: 'f32[B, T, d]'", "y = attention(x, 3, head_dim=2, prefix=parameter(2, l, 6))")
+    assert specc.check(text).params > 0
+    assert_error(spec("x: 'f32[B, T, d]'", "y = attention(x, 3, head_dim=2, prefix=parameter(2, l, d))"), 7, 35,
+                 "attention: the prefix must be [..., 2, l, 6] (l key rows, then l value rows, of width heads * "
+                 "head_dim), got f32[2, 3, 8]")
+    assert_error(spec("x: 'f32[B, T, d]'", "y = attention(x, 3, head_dim=0)"), 7, 23,
+                 "attention: head_dim must be positive, got 0")
+    assert_error(spec("x: 'f32[B, T, d]'", "y = attention(x, 3)"), 7, 20,
+                 "attention: the width 8 is not divisible by heads=3")
+
+
+def test_tvm_lowers_attention_with_head_dim():
+    """tvm-llvm against the float64 torch model: the kernel path (no mask), the fused-qkv path (-O2),
+    and the written-out path (a mask, a prefix)."""
+    pytest.importorskip("tvm")
+    from specc.backends.pytorch.build import artifacts, load_in_memory
+    from specc.backends.pytorch.weights import init_weights, materialise
+    from specc.backends.tvm.build import compile_graph
+    from specc.compiler.passes import PassContext, optimize
+
+    text = spec("x: 'f32[B, T, d]', m: 'bool[B, T, T]'",
+                "y = attention(x, 3, head_dim=2, causal=true)\n"
+                "z = attention(x, 5, head_dim=3, mask=m, prefix=parameter(2, l, 15))", outputs="y z")
+    graph = specc.compile(text)
+    weights = init_weights(graph)
+    model = load_in_memory(artifacts(graph, text, "m.yaml", weights=weights, ctx=PassContext(opt_level=0))).double()
+    x, m = rand(2, 5, 8, seed=15).float(), rand(2, 5, 5, seed=16) > -0.5
+    m[..., 0] = True
+    with torch.no_grad():
+        want = model(x.double(), m)
+    for level in (0, 2):
+        opt, _ = optimize(graph, PassContext(opt_level=level))
+        got = compile_graph(opt, weights=materialise(opt, weights))(x, m)
+        for g, w in zip(got, want):
+            assert (g.double() - w).abs().max().item() <= 1e-4 * max(1.0, w.abs().max().item())

@@ -16,7 +16,7 @@ outputs:
 EXPECTED = """graph sdpa
   dims B=2, T=8
   %0: f32[B, T, 8] = input(name="x")
-  %1: f32[B, T, 8] = attention(%0, heads=2, causal=true, bias=true, dropout=0.0, qkv=false, impl="sdpa")  @y {q.weight: f32[8, 8], q.bias: f32[8], k.weight: f32[8, 8], k.bias: f32[8], v.weight: f32[8, 8], v.bias: f32[8], o.weight: f32[8, 8], o.bias: f32[8]}
+  %1: f32[B, T, 8] = attention(%0, heads=2, causal=true, bias=true, dropout=0.0, qkv=false, impl="sdpa", head_dim=none)  @y {q.weight: f32[8, 8], q.bias: f32[8], k.weight: f32[8, 8], k.bias: f32[8], v.weight: f32[8, 8], v.bias: f32[8], o.weight: f32[8, 8], o.bias: f32[8]}
   return y=%1
 """
 

@@ -19,8 +19,8 @@ outputs:
 EXPECTED = """graph qkv
   dims B=2, T=8
   %0: f32[B, T, 8] = input(name="x")
-  %1: f32[B, T, 8] = attention(%0, heads=2, causal=false, bias=true, dropout=0.0, qkv=true, impl="math")  @y {qkv.weight: f32[24, 8], qkv.bias: f32[24], o.weight: f32[8, 8], o.bias: f32[8]}
-  %2: f32[B, T, 8] = attention(%1, %0, heads=2, causal=false, bias=true, dropout=0.0, qkv=false, impl="math")  @z {q.weight: f32[8, 8], q.bias: f32[8], k.weight: f32[8, 8], k.bias: f32[8], v.weight: f32[8, 8], v.bias: f32[8], o.weight: f32[8, 8], o.bias: f32[8]}
+  %1: f32[B, T, 8] = attention(%0, heads=2, causal=false, bias=true, dropout=0.0, qkv=true, impl="math", head_dim=none)  @y {qkv.weight: f32[24, 8], qkv.bias: f32[24], o.weight: f32[8, 8], o.bias: f32[8]}
+  %2: f32[B, T, 8] = attention(%1, %0, heads=2, causal=false, bias=true, dropout=0.0, qkv=false, impl="math", head_dim=none)  @z {q.weight: f32[8, 8], q.bias: f32[8], k.weight: f32[8, 8], k.bias: f32[8], v.weight: f32[8, 8], v.bias: f32[8], o.weight: f32[8, 8], o.bias: f32[8]}
   return z=%2
 """
 

@@ -363,6 +363,8 @@ def _attention_init(c: Ctx, ins: InTypes) -> str:
         args.append("fused_qkv=True")
     if c.a("impl") == "sdpa":
         args.append("sdpa=True")
+    if c.a("head_dim") is not None:
+        args.append(f"head_dim={c.a('head_dim')}")
     return f"MultiHeadAttention({', '.join(args)})"
 
 
@@ -551,27 +553,31 @@ class MultiHeadAttention(nn.Module):
 
     fused_qkv: one projection computes q, k and v of self-attention; sdpa: use the fused
     scaled_dot_product_attention kernel instead of the explicit softmax(q k^T / sqrt(d)) v.
+    head_dim: the width of each head (default dim / heads); q, k and v have heads * head_dim columns.
     """
 
     def __init__(self, dim: int, heads: int, causal: bool = False, kv_dim: int | None = None,
-                 bias: bool = True, dropout: float = 0.0, fused_qkv: bool = False, sdpa: bool = False):
+                 bias: bool = True, dropout: float = 0.0, fused_qkv: bool = False, sdpa: bool = False,
+                 head_dim: int | None = None):
         super().__init__()
-        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        assert head_dim is not None or dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         kv_dim = dim if kv_dim is None else kv_dim
+        inner = dim if head_dim is None else heads * head_dim
         self.heads, self.causal, self.dropout, self.fused_qkv, self.sdpa = heads, causal, dropout, fused_qkv, sdpa
+        self.inner = inner
         if fused_qkv:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+            self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
         else:
-            self.q = nn.Linear(dim, dim, bias=bias)
-            self.k = nn.Linear(kv_dim, dim, bias=bias)
-            self.v = nn.Linear(kv_dim, dim, bias=bias)
-        self.o = nn.Linear(dim, dim, bias=bias)
+            self.q = nn.Linear(dim, inner, bias=bias)
+            self.k = nn.Linear(kv_dim, inner, bias=bias)
+            self.v = nn.Linear(kv_dim, inner, bias=bias)
+        self.o = nn.Linear(inner, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 prefix: torch.Tensor | None = None) -> torch.Tensor:
         kv = x if kv is None else kv
         if self.fused_qkv:
-            q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+            q, k, v = self.qkv(x).split(self.inner, dim=-1)
         else:
             q, k, v = self.q(x), self.k(kv), self.v(kv)
         y = self.attend(q, k, v, self.heads, causal=self.causal, mask=mask, prefix=prefix,

@@ -337,6 +337,7 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
     q [*batch, T, d]; k, v [..., S, d] whose batch dimensions broadcast to q's; mask bool (true = may
     attend) or float (added), broadcastable to [..., T, S] or [..., h, T, S]; prefix [..., 2, l, d]: l key
     and l value rows put before k and v, seen by every query (causal and mask apply to the S keys only).
+    d is q's width: heads * head_dim (the model width unless the attention has head_dim=).
     """
     d = int(qt.shape[-1])
     dh = d // h
@@ -397,7 +398,8 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
 
     attrs: heads, causal, kv? (keys/values from a second input, whose batch dimensions broadcast to
     x's), mask?, prefix?, bias, dropout (inference: none), qkv (one fused [3d, d] projection for q, k
-    and v), impl ('math' or 'sdpa': the same function). Inputs: x, kv?, mask?, prefix?.
+    and v), impl ('math' or 'sdpa': the same function), head_dim (q, k and v of width heads * head_dim,
+    default d). Inputs: x, kv?, mask?, prefix?.
     """
     x = xs[0]
     has_kv, has_mask = bool(c.a("kv?")), bool(c.a("mask?"))
@@ -406,7 +408,8 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     prefix = xs[1 + has_kv + has_mask] if c.a("prefix?") else None
     xt = c.in_type(0)
     kvt = c.in_type(1) if has_kv else xt
-    d = xt.shape[-1]
+    head_dim = c.a("head_dim")
+    d = xt.shape[-1] if head_dim is None else int(c.a("heads")) * int(head_dim)  # the width of q, k and v
     bias = bool(c.a("bias"))
 
     def proj(name: str, inp: relax.Expr) -> relax.Expr:
@@ -427,7 +430,8 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     else:
         q, k, v = proj("q", x), proj("k", kv), proj("v", kv)
     kt = TensorType(xt.dtype, kvt.shape[:-1] + (d,))
-    y = _attend_core(c, q, k, v, xt, kt, int(c.a("heads")), bool(c.a("causal")), mask,
+    qt = TensorType(xt.dtype, xt.shape[:-1] + (d,))
+    y = _attend_core(c, q, k, v, qt, kt, int(c.a("heads")), bool(c.a("causal")), mask,
                      c.in_type(1 + has_kv) if has_mask else None, prefix,
                      c.in_type(1 + has_kv + has_mask) if prefix is not None else None)
     return _linear(c, y, c.weight("o.weight"), c.weight("o.bias") if bias else None, "o")

@@ -79,13 +79,15 @@ def fuse_qkv_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
     if node.op != "attention" or node.attr("kv?") or node.attr("qkv") or not _plain_params(node, ed):
         return False
     d = node.type.shape[-1]
+    q = next(p for p in node.params if p.name == "q.weight")
+    inner = q.shape[0]  # heads * head_dim: d, unless the attention has head_dim=
     keep = [p for p in node.params if not p.name.startswith(("q.", "k.", "v."))]
     w = ("concat", 0, source(node, "q.weight"), source(node, "k.weight"), source(node, "v.weight"))
-    dtype = next(p.dtype for p in node.params if p.name == "q.weight")
-    fused = [ParamSpec("qkv.weight", (3 * d, d), Init("zeros"), dtype, derive=w)]
+    dtype = q.dtype
+    fused = [ParamSpec("qkv.weight", (3 * inner, d), Init("zeros"), dtype, derive=w)]
     if node.attr("bias"):
         b = ("concat", 0, source(node, "q.bias"), source(node, "k.bias"), source(node, "v.bias"))
-        fused.append(ParamSpec("qkv.bias", (3 * d,), Init("zeros"), dtype, derive=b))
+        fused.append(ParamSpec("qkv.bias", (3 * inner,), Init("zeros"), dtype, derive=b))
     attrs = tuple((k, True if k == "qkv" else v) for k, v in node.attrs)
     ed.set(nid, node.replace(attrs=attrs, params=tuple(fused + keep)))
     return True
