@@ -1147,7 +1147,6 @@ LOWERINGS: dict[str, Lowering] = {
 
 #: Registered ops this backend does not lower (yet).
 UNSUPPORTED: frozenset[str] = frozenset({
-    "omega_memory",  # ATLAS's Omega rule: a recurrence over the tokens, with no TIR kernel yet
 })
 
 
@@ -1253,3 +1252,5 @@ __all__ = ["LOWERINGS", "UNSUPPORTED", "Ctx", "LoweringError", "Signature", "to_
 
 from . import lowering_flow  # noqa: E402  (warp, splat, correlation)
 LOWERINGS.update(lowering_flow.LOWERINGS)
+from . import lowering_memory  # noqa: E402  (omega_memory)
+LOWERINGS.update(lowering_memory.LOWERINGS)
