@@ -169,6 +169,8 @@ OPS_TESTED_ELSEWHERE = frozenset({
     "masked_fill", "tril", "triu", "ones", "zeros", "rotary", "one_hot",
     "attend", "grad_reverse", "detach", "amax", "amin", "argmax", "gather", "unsqueeze", "rot90", "moe_mlp",
     "parameter",  # and tests/test_ops_parameter.py (verify --target tvm-llvm)
+    "warp", "splat", "correlation",  # tests/test_tvm_ops.py (test_flow_ops) and the splatflow case
+    "omega_memory",  # tests/test_tvm_memory.py and the atlas case
 })
 
 
