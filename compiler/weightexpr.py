@@ -14,6 +14,8 @@ Expressions are nested tuples, so they are hashable and print readably:
     ("t", a)                              transpose of a matrix
     ("concat", dim, a, b, ...)            torch.cat along dim
     ("reshape", a, (shape...))            a.reshape(shape)
+    ("rows", a, (i...))                   the rows (of a vector: the elements) i of a, in that order
+    ("cols", a, (i...))                   the columns i of a matrix (structured pruning)
     ("rsqrt_add", a, eps)                 1 / sqrt(a + eps)
     ("zeros", (shape...)), ("ones", (shape...))
     ("pad_kernel", w, (before...), (size...))  a conv kernel zero-padded to `size`, `before` zeros first
@@ -29,7 +31,7 @@ from __future__ import annotations
 from typing import Iterator
 
 OPS = frozenset({"param", "matmul", "add", "sub", "mul", "scale", "t", "concat", "reshape", "rsqrt_add", "zeros",
-                 "ones", "chain", "pad_kernel", "identity_kernel", "eye", "onehot_product"})
+                 "ones", "chain", "pad_kernel", "identity_kernel", "eye", "onehot_product", "rows", "cols"})
 
 
 def param(name: str) -> tuple:
@@ -52,3 +54,13 @@ def substitute(expr: tuple, derived: dict[str, tuple]) -> tuple:
         return derived.get(expr[1], expr)
     return (expr[0],) + tuple(substitute(a, derived) if isinstance(a, tuple) and a and a[0] in OPS else a
                               for a in expr[1:])
+
+
+def rows(expr: tuple, index) -> tuple:
+    """The rows `index` of `expr` (elements, for a vector)."""
+    return ("rows", expr, tuple(int(i) for i in index))
+
+
+def cols(expr: tuple, index) -> tuple:
+    """The columns `index` of the matrix `expr`."""
+    return ("cols", expr, tuple(int(i) for i in index))

@@ -144,6 +144,10 @@ def evaluate(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([evaluate(a, base) for a in args[1:]], dim=args[0])
     if op == "reshape":
         return evaluate(args[0], base).reshape(args[1])
+    if op == "rows":
+        return evaluate(args[0], base)[torch.tensor(args[1], dtype=torch.long)]
+    if op == "cols":
+        return evaluate(args[0], base)[:, torch.tensor(args[1], dtype=torch.long)]
     if op == "rsqrt_add":
         return torch.rsqrt(evaluate(args[0], base) + float(args[1]))
     if op == "chain":
