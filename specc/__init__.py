@@ -10,8 +10,9 @@ Custom operators: `@specc.custom_op(...)` in a module of yours (see specc.custom
 from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 
 from .api import build, check, compile, load
+from .prune import prune
 from .custom import Arg, Init, OpCall, OpError, TensorType, custom_op
 
 __version__ = "0.1.0"
-__all__ = ["load", "check", "compile", "build", "custom_op", "Arg", "OpCall", "OpError", "TensorType", "Init",
+__all__ = ["load", "check", "compile", "build", "prune", "custom_op", "Arg", "OpCall", "OpError", "TensorType", "Init",
            "SpecError", "Diagnostic", "Span", "__version__"]

@@ -7,6 +7,7 @@
     specc schema [-o FILE]                the JSON Schema of spec files (for editors)
     specc graph SPEC -o FILE.svg          a picture of the IR (SVG, and FILE.dot for Graphviz)
     specc train SPEC -o RUN               run the spec's training recipe (its train: section)
+    specc prune SPEC --flops F -o OUT     remove heads and MLP neurons to F of the FLOPs; the pruned build
 
 User errors print `FILE:LINE:COL: error: ...` with the line and a caret, and exit 2; a user error
 never prints a Python traceback.
@@ -104,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
                          "an -O0 build, to fine-tune); names as `specc ir -O0` shows them")
     tr.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=1,
                     help="optimisation level of the built RUN/model/ (default 1)")
+    pr = spec_cmd("prune", "Remove attention heads and MLP neurons (OPTIN: least important per FLOP first, "
+                           "no retraining) until the FLOPs are within a budget; write the pruned build.")
+    pr.add_argument("--flops", required=True, metavar="FRACTION",
+                    help="the budget: the pruned model's FLOPs at most FRACTION of the spec's (0 < FRACTION <= 1)")
+    pr.add_argument("-o", "--out", required=True, help="output directory (replaced atomically), as for build")
+    pr.add_argument("--calib", metavar="data|example|FILE",
+                    help="calibration batch: samples of the spec's train: data set (data, the default when it has "
+                         "one), its example inputs (example), or a .npz/.safetensors file with one tensor per input")
+    pr.add_argument("--samples", type=int, default=64, metavar="N",
+                    help="calibration samples taken from the data set or file (default 64)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the calibration samples (default 0)")
+    pr.add_argument("--weights", metavar="FILE.safetensors",
+                    help="the spec's parameters to prune (e.g. a trained model); names as `specc ir -O0` shows them")
+    pr.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=1,
+                    help="optimisation level of the pruned build (default 1)")
     sc = sub.add_parser("schema", help="Print (or write) the JSON Schema of spec files, for editors.")
     sc.add_argument("-o", "--out", metavar="FILE", help="write the schema to FILE instead of printing it")
     sub.add_parser("ops", help="List the operators with their signatures.")
@@ -245,6 +261,8 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         return 0
     if args.command == "graph":
         return _graph(args, src, graph)
+    if args.command == "prune":
+        return _prune(args, src, graph)
     raise AssertionError(args.command)  # pragma: no cover
 
 
@@ -354,6 +372,25 @@ def _read_weights(graph, path: str):
         reason = getattr(e, "strerror", None) or str(e)
         raise SpecError(Diagnostic(Span(path, 0, 0), f"cannot read weights: {reason}")) from None
     return given_weights(graph, tensors, source=path)
+
+
+def _prune(args: argparse.Namespace, src, graph) -> int:
+    """`specc prune`: importance on a calibration batch, global ranking under the FLOP budget, the pruned build."""
+    from specc.prune import run, summary_lines
+
+    where = Span("<--flops>", 0, 0)
+    try:
+        budget = float(args.flops)
+    except ValueError:
+        raise SpecError(Diagnostic(where, f"--flops takes a fraction of the model's FLOPs in (0, 1], e.g. 0.6, "
+                                          f"got '{args.flops}'")) from None
+    weights = _read_weights(graph, args.weights) if args.weights else None
+    report = run(src, graph, budget, base=weights, calib=args.calib, samples=args.samples, seed=args.seed,
+                 opt_level=args.opt_level, out=args.out, budget_span=where, calib_span=Span("<--calib>", 0, 0))
+    print(f"pruned {graph.name} -> {args.out}/ (model.py, weights.safetensors, manifest.json)")
+    for line in summary_lines(report):
+        print(line)
+    return 0
 
 
 def _graph(args: argparse.Namespace, src, graph) -> int:
