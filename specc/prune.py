@@ -21,9 +21,12 @@ Recipe", Khaki and Plataniotis, ICLR 2024; SEEDS.md row 13): `specc prune SPEC -
 Where this departs from the paper: OPTIN's trajectory measure weighs the later layers' embedding
 distortion with its own normalisation and also prunes ViT tokens and CNN channels; here the later
 features are the outputs of the later attention / mlp layers and the model's outputs, equally weighted
-after normalisation by their norms; the measure is computed exactly (one forward pass per masked unit,
-as the paper), not approximated; the FLOP budget applies at the spec's example dimensions (attention's
-score FLOPs grow with T squared, the projections' with T); and whole layers are never removed.
+after normalisation by their norms; the measure is computed exactly, each unit masked alone as in
+the paper (several masked copies of the batch share a forward pass when the model treats samples
+independently), not approximated by gradients; the FLOP budget applies at the spec's example
+dimensions (attention's score FLOPs grow with T squared, the projections' with T); and whole layers are
+never removed. Measured on specs/gpt.yaml trained by its recipe (exact match 0.9997): 0.9 of the FLOPs
+keeps 0.9987, 0.8 keeps 0.992, 0.6 falls to 0.10 (the paper's 2% at 0.6 is for BERT on GLUE).
 
 Calibration (`calib=`): "data": samples of the spec's train: data set (its training split, a seeded
 choice of `samples` of them); "example": the spec's example inputs for seeds seed .. seed+3; or a
