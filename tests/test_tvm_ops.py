@@ -100,6 +100,33 @@ d = conv2d(x, 2, 1)
 """, "a: f32[B, 6, 5, 6]\nc: f32[B, 6, 4, 3]\nd: f32[B, 2, 9, 8]"), [dict(B=1), dict(B=2)], "conv2d")
 
 
+def test_conv2d_over_symbolic_image_sizes():
+    """Stride-1 convolutions over symbolic H and W: one implicit-GEMM kernel on the padded width (every
+    tap a fixed offset into the flattened input), the batch its own matmul axis, the padding columns
+    dropped after; 'same', explicit, uneven and no padding, dilation, 1xk and kx1 and 1x1 kernels, a
+    fused activation after. One library at three image sizes, odd widths included. (A strided one needs
+    a fixed size or a multiple of the stride, and takes the general kernel.)"""
+    text = spec("conv2d_symbolic", "x: f32[B, 5, H, W]", """
+a = sigmoid(conv2d(x, 6, 3, padding=1))
+b = conv2d(x, 4, [2, 3], padding='same', dilation=[2, 1], bias=false)
+c = conv2d(x, 3, [1, 3], padding=[0, 1]) + conv2d(x, 3, [3, 1], padding=[1, 1])[:, :, :, 1:-1]
+d = conv2d(relu(x), 2, 1)
+e = conv2d(x, 4, 3)
+""", "a: null\nb: null\nc: null\nd: null\ne: null", dims="B: 2\nH: {example: 7}\nW: {example: 6}")
+    check(text, [dict(B=1, H=7, W=6), dict(B=3, H=5, W=9), dict(B=2, H=4, W=4)], "conv2d_symbolic")
+    from tvm import tirx
+
+    from specc.backends.tvm.lowering import to_relax
+
+    mod, _ = to_relax(specc.compile(text), "llvm", "main")
+    def wide(f) -> bool:  # the output as wide as the (padded) input, read through the batch axis
+        x, out = f.params[0].ty, f.params[-1].ty
+        return out.shape[-1].same_as(x.shape[-1]) and "specc.batch" in f.script()
+
+    kernels = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("conv") and isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) == 6 and all(wide(f) for f in kernels), [gv.name_hint for gv, _ in mod.functions_items()]
+
+
 def test_conv2d_implicit_gemm_shapes():
     """The ungrouped CPU convolution is one implicit-GEMM kernel (the window gather inside the Matmul
     schedule's packing): output rows wider than a vector (16 x 16), a whole fraction of one (8, 4: the

@@ -47,7 +47,7 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 
 from specc.backends.tvm.kernels import fused_attention, gate_fns
-from specc.backends.tvm.schedules import GATHER_MARK
+from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
 from specc.compiler.dims import Dim, Sym
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
 
@@ -801,6 +801,9 @@ def _conv_gemm(c: Ctx, x: relax.Expr, kernel: tuple, stride: tuple, dilation: tu
     xt = c.in_type(0)
     cout = int(c.out.shape[1])
     dt = DTYPES[xt.dtype]
+    spatial_symbolic = any(not isinstance(d, int) for d in c.out.shape[2:])
+    if spatial_symbolic and len(kernel) == 2 and stride == (1, 1):
+        return _conv_gemm_wide(c, x, kernel, dilation, before, after)
     x, in_dims = _pad_input(c, x, before, after)
     gather = math.prod(kernel) > 1 or any(s != 1 for s in stride)
     # Every symbolic size of the input and the output is a variable of its own (the output's not
@@ -827,7 +830,9 @@ def _conv_gemm(c: Ctx, x: relax.Expr, kernel: tuple, stride: tuple, dilation: tu
         def conv(b, o, *ps):
             return te.sum(wp[(o, rc) + tuple(rk)] * read(b, rc, rk, ps), axis=[rc] + rk)
 
-        out = te.compute(sp, conv, name="conv")
+        # symbolic output sizes: the batch is the matmul's batch axis (BATCH_MARK), not part of the
+        # output positions, which would be recovered by a division by the runtime length at every index
+        out = te.compute(sp, conv, name="conv", attrs={BATCH_MARK: 1} if spatial_symbolic else None)
         # op_pattern 4 (out-elementwise fusable, as a matmul): FuseOps puts the bias, activation and
         # residual after it into the same kernel; 8: opaque
         func = te.create_prim_func([xp, wp, out]).with_attr("op_pattern", 4 if fusable else 8) \
@@ -835,6 +840,53 @@ def _conv_gemm(c: Ctx, x: relax.Expr, kernel: tuple, stride: tuple, dilation: tu
         c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "conv")
     out_ty = relax.TensorType([c.dim(xt.shape[0]), tirx.IntImm("int64", cout)] + c.shape(c.out.shape[2:]), dt)
     return c.emit(relax.call_tir(c.kernels[key], [x, c.weight("weight")], out_ty=out_ty))
+
+
+def _conv_gemm_wide(c: Ctx, x: relax.Expr, kernel: tuple, dilation: tuple, before: list,
+                    after: list) -> relax.Expr:
+    """A stride-1 conv2d over symbolic image sizes as one implicit-GEMM kernel without index divisions.
+
+    The output is computed on the padded width Wp (Wp - W' columns more per row, dropped after), so
+    that output position p = h * Wp + w reads tap (kh, kw) at p + kh * dh * Wp + kw * dw of the padded
+    input flattened per channel: a fixed offset. Computed on the output's own width, every gathered
+    index and every written one would be recovered from p by a division by the runtime width (the
+    conv of a 12x16 image ran 7x slower than at static sizes). One more zero row under the input keeps
+    the extra columns' taps of the last row inside it. The batch is the matmul's batch axis
+    (BATCH_MARK), so positions do not run across images either."""
+    xt = c.in_type(0)
+    cin, cout = int(xt.shape[1]), int(c.out.shape[1])
+    dt = DTYPES[xt.dtype]
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    bsz, w = c.dim(xt.shape[0]), c.dim(xt.shape[3])
+    wp = w + i64(before[1] + after[1])
+    extra = 1 if kernel[1] > 1 else 0  # no tap right of a 1-wide kernel's column: no row needed under it
+    if any(before) or any(after) or extra:
+        x = c.emit(R.nn.pad(x, [0, 0, 0, 0, before[0], after[0] + extra, before[1], after[1]]))
+    key = ("conv_wide", dt, cin, cout, kernel, dilation)
+    if key not in c.kernels:
+        b_, n_, h_, w_ = (tirx.Var(v, "int64") for v in ("n0", "n1", "n2", "n3"))
+        # the padded input [B, C, rows, Wp], read through its row 0 at the flat offset of the tap (a
+        # reshape to [B, C, rows * Wp] would be a copy: TVM does not see it as a view at symbolic sizes)
+        xp = te.placeholder([b_, i64(cin), n_, w_], dt, name="x")
+        wt = te.placeholder([i64(v) for v in (cout, cin) + tuple(kernel)], dt, name="w")
+        cols = te.compute((b_, i64(cin), i64(kernel[0]), i64(kernel[1]), h_, w_),
+                          lambda b, ch, kh, kw, y, z: xp[b, ch, i64(0), (y + kh * dilation[0]) * w_ + z
+                                                         + kw * dilation[1]],
+                          name="cols", attrs={GATHER_MARK: 1})
+        rc = te.reduce_axis((0, i64(cin)), name="rc")
+        rk = [te.reduce_axis((0, i64(kk)), name=f"rk{i}") for i, kk in enumerate(kernel)]
+        out = te.compute((b_, i64(cout), h_, w_),
+                         lambda b, o, y, z: te.sum(wt[o, rc, rk[0], rk[1]] * cols[b, rc, rk[0], rk[1], y, z],
+                                                   axis=[rc] + rk),
+                         name="conv", attrs={BATCH_MARK: 1})
+        func = te.create_prim_func([xp, wt, out]).with_attr("op_pattern", 8).with_attr("tirx.noalias", True)
+        c.kernels[key] = c.bb.add_func(func.without_attr("global_symbol"), "conv")
+    h_out, w_out = c.shape(c.out.shape[2:])
+    y = c.emit(relax.call_tir(c.kernels[key], [x, c.weight("weight")],
+                              out_ty=relax.TensorType([bsz, i64(cout), h_out, wp], dt)))
+    if kernel[1] == 1 and before[1] == after[1] == 0:
+        return y  # the padded width is the output's
+    return c.emit(R.strided_slice(y, axes=[3], begin=[i64(0)], end=[w_out], assume_inbound=True))
 
 
 def _conv(n: int) -> Lowering:

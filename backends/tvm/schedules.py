@@ -141,6 +141,42 @@ def _contiguous_along(reindex_block: Any, axis: int) -> bool:
 GATHER_MARK = "specc.gather"
 
 
+#: Block annotation of a matmul-like block whose first N spatial axes are batch axes although its first
+#: operand (the weights) does not read them: lowering's convolution over symbolic image sizes, whose
+#: batch would otherwise join the output positions in one fused axis and be recovered by a division
+#: (by a runtime size) at every index of the gather and the write-back.
+BATCH_MARK = "specc.batch"
+
+
+def index_maps(block) -> tuple | None:
+    """dlight's get_index_map for C[S, I, J] += A[S, I, K] * B[S, J, K] (matmul, A, B, C maps), except that
+    the first BATCH_MARK spatial axes of a block so marked are S (batch) axes where A does not read them."""
+    from tvm.s_tir.dlight.gpu.matmul import (IterKind, IterTrait, detect_iter_traits, get_index_map,
+                                             make_iter_fusion_index_map)
+
+    batch = int(block.annotations.get(BATCH_MARK, 0)) if BATCH_MARK in block.annotations else 0
+    if not batch:
+        return get_index_map(block)
+    traits = detect_iter_traits(block)
+    if traits is None:
+        return None
+    a_traits, b_traits, c_traits, block_traits = traits
+    kinds = [t.kind for t in block_traits]
+    if kinds[:batch] != [IterKind.kIter_J] * batch:
+        return get_index_map(block)
+    marked = {id(t) for t in block_traits[:batch]}
+
+    def relabel(ts):
+        return [IterTrait(IterKind.kIter_S, t.extent) if id(t) in marked else t for t in ts]
+
+    a_traits, b_traits, c_traits, block_traits = map(relabel, (a_traits, b_traits, c_traits, block_traits))
+    return (make_iter_fusion_index_map(block_traits, [IterKind.kIter_S, IterKind.kIter_I, IterKind.kIter_J,
+                                                      IterKind.kIter_K]),
+            make_iter_fusion_index_map(a_traits, [IterKind.kIter_S, IterKind.kIter_I, IterKind.kIter_K]),
+            make_iter_fusion_index_map(b_traits, [IterKind.kIter_S, IterKind.kIter_J, IterKind.kIter_K]),
+            make_iter_fusion_index_map(c_traits, [IterKind.kIter_S, IterKind.kIter_I, IterKind.kIter_J]))
+
+
 def _is_gather(sch: s_tir.Schedule, block) -> bool:
     return GATHER_MARK in sch.get(block).annotations
 
@@ -312,15 +348,13 @@ class Matmul(_CpuRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not self.applies(func, target) or (started := _schedule(func)) is None:
             return None
-        from tvm.s_tir.dlight.gpu.matmul import get_index_map
-
         sch, blocks = started
         reductions = [b for b in blocks if _is_reduction(sch, b)]
         if len(reductions) != 1 or not all(_is_spatial(sch, b) or b in reductions for b in blocks):
             return None
         main = reductions[0]
         stmt = sch.get(main)
-        if get_index_map(stmt) is None:
+        if index_maps(stmt) is None:
             return None
         dtype = str(stmt.writes[0].source.dtype)
         if dtype not in ("float32", "float64"):
@@ -333,8 +367,6 @@ class Matmul(_CpuRule):
             return None
 
     def _schedule(self, sch: s_tir.Schedule, main, target: Target) -> s_tir.Schedule | None:
-        from tvm.s_tir.dlight.gpu.matmul import get_index_map
-
         # 1. Normalise to C[s, i, j] += A[s, i, k] * B[s, j, k] (reindex buffers: views, inlined below).
         # Side computations of the epilogue (e.g. the causal mask from two aranges) are inlined first.
         _inline_producers(sch, main, keep_gathers=True)
@@ -345,7 +377,7 @@ class Matmul(_CpuRule):
         reindex_a = sch.reindex(main, ("read", 0))
         reindex_b = sch.reindex(main, ("read", 1))
         reindex_c = sch.reindex(main, ("write", 0))
-        matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+        matmul_map, a_map, b_map, c_map = index_maps(sch.get(main))
         sch.transform_layout(reindex_a, ("write", 0), a_map)
         sch.transform_layout(reindex_b, ("write", 0), b_map)
         sch.transform_layout(reindex_c, ("read", 0), c_map)
