@@ -32,6 +32,31 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
 
     C = window
 
+    @T.macro
+    def memory_row(q, k, v, lr, gamma, decay, y, L, r, j):
+        """Memory row j of row r over every step: M[j, :] in local memory, the window's errors first."""
+        m = T.decl_buffer((dk,), dtype, scope="local")
+        e = T.decl_buffer((C,), dtype, scope="local")
+        acc = T.decl_buffer((1,), dtype, scope="local")
+        for a in range(dk):
+            m[a] = T.Cast(dtype, 0)
+        for t in range(L):
+            for w in range(C):
+                e[w] = T.Cast(dtype, 0)
+                if t + w >= C - 1:  # token i = t + w - (C - 1) of the window, if there is one
+                    acc[0] = T.Cast(dtype, 0)
+                    for a in range(dk):
+                        acc[0] = acc[0] + m[a] * k[r, t + w - (C - 1), a]
+                    e[w] = (acc[0] - v[r, t + w - (C - 1), j]) * gamma[r, t + w - (C - 1)]
+            acc[0] = T.Cast(dtype, 0)
+            for a in range(dk):
+                m[a] = decay[r, t] * m[a]
+                for w in range(C):
+                    if t + w >= C - 1:
+                        m[a] = m[a] - lr[r, t] * e[w] * k[r, t + w - (C - 1), a]
+                acc[0] = acc[0] + m[a] * q[r, t, a]
+            y[r, t, j] = acc[0]
+
     if gpu:
         @T.prim_func(private=True)
         def omega_scan(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_lr: T.handle, var_g: T.handle,
@@ -48,27 +73,7 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
             y = T.match_buffer(var_y, (Rn, L, dv), dtype)
             for r in T.thread_binding(Rn, thread="blockIdx.x"):
                 for j in T.thread_binding(dv, thread="threadIdx.x"):
-                    m = T.decl_buffer((dk,), dtype, scope="local")
-                    e = T.decl_buffer((C,), dtype, scope="local")
-                    acc = T.decl_buffer((1,), dtype, scope="local")
-                    for a in range(dk):
-                        m[a] = T.Cast(dtype, 0)
-                    for t in range(L):
-                        for w in range(C):
-                            e[w] = T.Cast(dtype, 0)
-                            if t + w >= C - 1:
-                                acc[0] = T.Cast(dtype, 0)
-                                for a in range(dk):
-                                    acc[0] = acc[0] + m[a] * k[r, t + w - (C - 1), a]
-                                e[w] = (acc[0] - v[r, t + w - (C - 1), j]) * gamma[r, t + w - (C - 1)]
-                        acc[0] = T.Cast(dtype, 0)
-                        for a in range(dk):
-                            m[a] = decay[r, t] * m[a]
-                            for w in range(C):
-                                if t + w >= C - 1:
-                                    m[a] = m[a] - lr[r, t] * e[w] * k[r, t + w - (C - 1), a]
-                            acc[0] = acc[0] + m[a] * q[r, t, a]
-                        y[r, t, j] = acc[0]
+                    memory_row(q, k, v, lr, gamma, decay, y, L, r, j)
 
         return omega_scan
 
@@ -86,27 +91,7 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
         decay = T.match_buffer(var_d, (Rn, L), dtype)
         y = T.match_buffer(var_y, (Rn, L, dv), dtype)
         for task in T.parallel(Rn * dv):
-            m = T.decl_buffer((dk,), dtype, scope="local")
-            e = T.decl_buffer((C,), dtype, scope="local")
-            acc = T.decl_buffer((1,), dtype, scope="local")
-            for a in range(dk):
-                m[a] = T.Cast(dtype, 0)
-            for t in range(L):
-                for w in range(C):
-                    e[w] = T.Cast(dtype, 0)
-                    if t + w >= C - 1:
-                        acc[0] = T.Cast(dtype, 0)
-                        for a in range(dk):
-                            acc[0] = acc[0] + m[a] * k[task // dv, t + w - (C - 1), a]
-                        e[w] = (acc[0] - v[task // dv, t + w - (C - 1), task % dv]) * gamma[task // dv, t + w - (C - 1)]
-                acc[0] = T.Cast(dtype, 0)
-                for a in range(dk):
-                    m[a] = decay[task // dv, t] * m[a]
-                    for w in range(C):
-                        if t + w >= C - 1:
-                            m[a] = m[a] - lr[task // dv, t] * e[w] * k[task // dv, t + w - (C - 1), a]
-                    acc[0] = acc[0] + m[a] * q[task // dv, t, a]
-                y[task // dv, t, task % dv] = acc[0]
+            memory_row(q, k, v, lr, gamma, decay, y, L, task // dv, task % dv)
 
     return omega_scan
 
