@@ -57,26 +57,6 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
                 acc[0] = acc[0] + m[a] * q[r, t, a]
             y[r, t, j] = acc[0]
 
-    if gpu:
-        @T.prim_func(private=True)
-        def omega_scan(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_lr: T.handle, var_g: T.handle,
-                       var_d: T.handle, var_y: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            Rn = T.int64()
-            L = T.int64()
-            q = T.match_buffer(var_q, (Rn, L, dk), dtype)
-            k = T.match_buffer(var_k, (Rn, L, dk), dtype)
-            v = T.match_buffer(var_v, (Rn, L, dv), dtype)
-            lr = T.match_buffer(var_lr, (Rn, L), dtype)
-            gamma = T.match_buffer(var_g, (Rn, L), dtype)
-            decay = T.match_buffer(var_d, (Rn, L), dtype)
-            y = T.match_buffer(var_y, (Rn, L, dv), dtype)
-            for r in T.thread_binding(Rn, thread="blockIdx.x"):
-                for j in T.thread_binding(dv, thread="threadIdx.x"):
-                    memory_row(q, k, v, lr, gamma, decay, y, L, r, j)
-
-        return omega_scan
-
     @T.prim_func(private=True)
     def omega_scan(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_lr: T.handle, var_g: T.handle,
                    var_d: T.handle, var_y: T.handle):
@@ -90,8 +70,13 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
         gamma = T.match_buffer(var_g, (Rn, L), dtype)
         decay = T.match_buffer(var_d, (Rn, L), dtype)
         y = T.match_buffer(var_y, (Rn, L, dv), dtype)
-        for task in T.parallel(Rn * dv):
-            memory_row(q, k, v, lr, gamma, decay, y, L, task // dv, task % dv)
+        if gpu:  # a Python constant: one loop nest or the other
+            for r in T.thread_binding(Rn, thread="blockIdx.x"):
+                for j in T.thread_binding(dv, thread="threadIdx.x"):
+                    memory_row(q, k, v, lr, gamma, decay, y, L, r, j)
+        else:
+            for task in T.parallel(Rn * dv):
+                memory_row(q, k, v, lr, gamma, decay, y, L, task // dv, task % dv)
 
     return omega_scan
 
