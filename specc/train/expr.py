@@ -267,6 +267,67 @@ def gd_step(x, y, lr=None):
     return (lr * g).float()
 
 
+def _regression_args(x, y, prefixes):
+    """x [B, N + 1, d] and y [B, N + 1] as float64, checked (the shared part of ols and ridge)."""
+    x, y = _tensor(x, "x"), _tensor(y, "y")
+    if x.dim() != 3 or tuple(y.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"expected x [B, N + 1, d] and y [B, N + 1], got {list(x.shape)} and {list(y.shape)}")
+    if not x.is_floating_point() or not y.is_floating_point():
+        raise TypeError(f"x and y must be float tensors, got {x.dtype} and {y.dtype}")
+    if not isinstance(prefixes, bool):
+        raise TypeError(f"prefixes must be true or false, got {prefixes!r}")
+    return x.double(), y.double()
+
+
+def _fit_predict(x, y, prefixes, solve):
+    """Predictions of the weights `solve(X [B, n, d], Y [B, n])` fitted on the pairs before the query
+    (prefixes=false: [B]) or, for every position i, on the pairs before i ([B, N + 1]; no pairs: 0)."""
+    n = x.shape[1] - 1
+    ends = range(n + 1) if prefixes else [n]
+    preds = []
+    for i in ends:
+        if i == 0:
+            preds.append(torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+        else:
+            w = solve(x[:, :i], y[:, :i])  # [B, d]
+            preds.append((w * x[:, i]).sum(-1))
+    return torch.stack(preds, dim=1) if prefixes else preds[0]
+
+
+def ols(x, y, prefixes=False):
+    """Ordinary least squares on the in-context pairs: the weights w minimising sum_i (w . x_i - y_i)^2
+    over the pairs before the last (the query), the minimum-norm such w when the pairs do not determine
+    it (fewer pairs than dimensions, or repeated points): w = pinv(X) Y. Returns w . x_query, [B].
+    With prefixes=true, [B, N + 1]: column i is the fit on the pairs before i evaluated at x_i (column 0,
+    no pairs: 0), the prediction a model reading every x position should make.
+    x: [B, N + 1, d], y: [B, N + 1] (y_query is not used). Computed in float64; returns x's dtype."""
+    dtype = _tensor(x, "x").dtype
+    x, y = _regression_args(x, y, prefixes)
+
+    def solve(xs, ys):
+        return (torch.linalg.pinv(xs) @ ys.unsqueeze(-1)).squeeze(-1)
+
+    return _fit_predict(x, y, prefixes, solve).to(dtype)
+
+
+def ridge(x, y, lam, prefixes=False):
+    """Ridge regression on the in-context pairs: w = (X^T X + lam I)^-1 X^T Y over the pairs before the
+    last (the query), the minimiser of sum_i (w . x_i - y_i)^2 + lam |w|^2 (lam > 0; lam -> 0 gives ols).
+    Returns w . x_query, [B]; prefixes=true: [B, N + 1] as for ols. x: [B, N + 1, d], y: [B, N + 1].
+    Computed in float64; returns x's dtype."""
+    dtype = _tensor(x, "x").dtype
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam must be a positive number, got {lam!r} (for lam = 0 use ols(x, y))")
+    x, y = _regression_args(x, y, prefixes)
+
+    def solve(xs, ys):
+        eye = torch.eye(xs.shape[-1], dtype=xs.dtype, device=xs.device)
+        gram = xs.transpose(1, 2) @ xs + float(lam) * eye
+        return torch.linalg.solve(gram, (xs.transpose(1, 2) @ ys.unsqueeze(-1))).squeeze(-1)
+
+    return _fit_predict(x, y, prefixes, solve).to(dtype)
+
+
 def _concat(items, dim=0):
     if not isinstance(items, list) or not items:
         raise TypeError("concat takes a list of tensors, e.g. concat([a, b])")
@@ -290,7 +351,8 @@ def _where(cond, a, b):
 TENSOR_FUNCTIONS: dict[str, Function] = {
     "mse": Function(mse), "l1": Function(l1), "cross_entropy": Function(cross_entropy), "kl": Function(kl),
     "accuracy": Function(accuracy), "exact_match": Function(exact_match),
-    "gd_step": Function(gd_step), "concat": Function(_concat),
+    "gd_step": Function(gd_step), "ols": Function(ols), "ridge": Function(ridge),
+    "concat": Function(_concat),
     "mean": Function(_mean), "sum": Function(_sum), "where": Function(_where),
     "detach": Function(lambda x: _tensor(x, "x").detach()),
     "softmax": Function(lambda x, dim=-1: F.softmax(_tensor(x, "x"), dim=dim)),
