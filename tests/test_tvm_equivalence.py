@@ -52,7 +52,7 @@ CASES = {
 }
 #: The rest of the zoo at its own (small) defaults, at two batch sizes (symbolic lengths at their examples)
 CASES.update({name: (REPO / f"specs/{name}.yaml", {}, [dict(B=1), dict(B=3)]) for name in (
-    "atlas", "bt2", "coda_prompt", "counter_current", "dann", "lsa_icl", "memoryformer", "moe_router", "ngram_head", "peft_gpt", "position_prediction", "set_prompting", "sla",
+    "atlas", "bt2", "coda_prompt", "counter_current", "dann", "icl_gpt", "lsa_icl", "memoryformer", "moe_router", "ngram_head", "peft_gpt", "position_prediction", "set_prompting", "sla",
     "splatflow", "timellm", "tokenformer", "transformer_program")})
 #: gelan (YOLOv9's backbone and neck, 861 operations at -O0): at -O2 only (575), on 32x32 images
 OPTIMISED_ONLY = {"gelan": (REPO / "specs/gelan.yaml", dict(size=32), [dict(B=1), dict(B=2)])}
