@@ -10,7 +10,7 @@ Custom operators: `@specc.custom_op(...)` in a module of yours (see specc.custom
 from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 
 from .api import build, check, compile, load
-from .prune import prune
+from .pruning import prune
 from .custom import Arg, Init, OpCall, OpError, TensorType, custom_op
 
 __version__ = "0.1.0"

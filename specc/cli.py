@@ -376,7 +376,7 @@ def _read_weights(graph, path: str):
 
 def _prune(args: argparse.Namespace, src, graph) -> int:
     """`specc prune`: importance on a calibration batch, global ranking under the FLOP budget, the pruned build."""
-    from specc.prune import run, summary_lines
+    from specc.pruning import run, summary_lines
 
     where = Span("<--flops>", 0, 0)
     try:

@@ -1,5 +1,5 @@
 """Structured pruning (OPTIN, SEEDS.md row 13): compiler/passes/prune.py removes attention heads and MLP
-neurons physically; specc/prune.py ranks them by the distortion their masking causes in later layers
+neurons physically; specc/pruning.py ranks them by the distortion their masking causes in later layers
 and removes the least important per FLOP until the FLOPs are within the budget; `specc prune` writes
 the pruned build.
 
@@ -25,7 +25,7 @@ from specc.cli import main
 from specc.compiler.passes import PassContext
 from specc.compiler.passes.prune import Layer, PruneError, prunable_layers, prune_structure
 from specc.compiler.summary import summarize
-from specc.prune import select
+from specc.pruning import select
 
 TOL = 1e-12
 GPT = {"d_model": 32, "heads": 4, "layers": 2}  # hidden 128, head width 8

@@ -1,7 +1,7 @@
 """Structured pruning: attention heads and MLP hidden neurons physically removed.
 
 An approximate rewrite (it changes the function), so it is not in the -O pipeline: `specc prune`
-(specc/prune.py) chooses what to keep under a FLOP budget and calls `prune_structure` here.
+(specc/pruning.py) chooses what to keep under a FLOP budget and calls `prune_structure` here.
 
     layers = prunable_layers(graph)                   # every attention / mlp layer, its units and their cost
     result = prune_structure(graph, {"h.0.attention": [0, 2, 3], "h.1.mlp": range(100)})
