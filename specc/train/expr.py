@@ -348,12 +348,25 @@ def _where(cond, a, b):
     return torch.where(_tensor(cond, "cond").bool(), a, b)
 
 
+def _one_hot(ids, num):
+    """one_hot(ids, num): integer ids in range(num) as float32 one-hot vectors [..., num] (targets built
+    from class labels, e.g. mse(logits, one_hot(label, 10)))."""
+    ids = _tensor(ids, "ids")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got {str(ids.dtype).replace('torch.', '')}")
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive whole number, got {num!r}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num):
+        raise ValueError(f"ids must be in range({num}), got values from {int(ids.min())} to {int(ids.max())}")
+    return F.one_hot(ids.long(), num).float()
+
+
 TENSOR_FUNCTIONS: dict[str, Function] = {
     "mse": Function(mse), "l1": Function(l1), "cross_entropy": Function(cross_entropy), "kl": Function(kl),
     "accuracy": Function(accuracy), "exact_match": Function(exact_match),
     "gd_step": Function(gd_step), "ols": Function(ols), "ridge": Function(ridge),
     "concat": Function(_concat),
-    "mean": Function(_mean), "sum": Function(_sum), "where": Function(_where),
+    "mean": Function(_mean), "sum": Function(_sum), "where": Function(_where), "one_hot": Function(_one_hot),
     "detach": Function(lambda x: _tensor(x, "x").detach()),
     "softmax": Function(lambda x, dim=-1: F.softmax(_tensor(x, "x"), dim=dim)),
     "log_softmax": Function(lambda x, dim=-1: F.log_softmax(_tensor(x, "x"), dim=dim)),
