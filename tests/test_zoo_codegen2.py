@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import specc
 from conftest import REPO, SPECS
 from specc.train import data as D
+from reference_ops import gelu, layer_norm
 
 NAME = "codegen2"
 SPEC = SPECS / f"{NAME}.yaml"
@@ -241,16 +242,6 @@ def prefix_lm_mask(t: int, prefix: torch.Tensor) -> torch.Tensor:
             for j in range(t):
                 allowed[b, i, j] = j <= i or j < p
     return allowed
-
-
-def layer_norm(x, g, b, eps=1e-5):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * g + b
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 def reference(p: dict[str, torch.Tensor], idx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import specc
+from reference_ops import gelu, layer_norm, softmax
 
 NAME = "gpt"
 F32_TOL = 1e-5    # generated float32 vs float64 oracle: max abs error / max(1, max|oracle|)
@@ -29,21 +30,6 @@ DEFAULTS = dict(vocab=65, block_size=64, d_model=64, heads=4, layers=2)
 # ---------------------------------------------------------------------------------------------
 # an independent reference: nanoGPT-style pre-norm decoder, every operation written out
 # ---------------------------------------------------------------------------------------------
-
-def layer_norm(x, g, b, eps=1e-5):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)  # biased variance, as LayerNorm uses
-    return (x - mu) / torch.sqrt(var + eps) * g + b
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def softmax(s):
-    e = torch.exp(s - s.amax(-1, keepdim=True))
-    return e / e.sum(-1, keepdim=True)
-
 
 def attention(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, causal):
     b, t, d = x.shape

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import specc
+from reference_ops import gelu, layer_norm
 
 NAME = "icl_gpt"
 F64_TOL = 1e-10
@@ -40,16 +41,6 @@ def spec() -> Path:
 # ---------------------------------------------------------------------------------------------
 # an independent float64 reference of the decoder
 # ---------------------------------------------------------------------------------------------
-
-def layer_norm(x, g, b, eps=1e-5):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * g + b
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
 
 def attention(x, p, pre, heads):
     b, t, d = x.shape

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import specc
+from reference_ops import gelu, layer_norm, softmax
 
 NAME = "itransformer"
 F32_TOL = 1e-5    # generated float32 vs float64 oracle: max abs error / max(1, max|oracle|)
@@ -29,21 +30,6 @@ EPS = 1e-5  # instance normalisation
 # ---------------------------------------------------------------------------------------------
 # an independent reference, every operation written out
 # ---------------------------------------------------------------------------------------------
-
-def layer_norm(x, g, b, eps=1e-5):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * g + b
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def softmax(s):
-    e = torch.exp(s - s.amax(-1, keepdim=True))
-    return e / e.sum(-1, keepdim=True)
-
 
 def attention(x, wq, bq, wk, bk, wv, bv, wo, bo, heads):
     """Full (non-causal) multi-head self-attention over the variate tokens."""

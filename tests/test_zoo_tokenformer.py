@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import yaml
 
 import specc
+from reference_ops import gelu
 
 NAME = "tokenformer"
 TOL = 1e-10
@@ -34,10 +35,6 @@ PARAMS = yaml.safe_load(SPEC.read_text())["params"]
 def ln(x, eps=1e-5):
     mu = x.mean(-1, keepdim=True)
     return (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 def pattention(x, keys, values, n_scale):
