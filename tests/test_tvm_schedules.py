@@ -171,25 +171,36 @@ def test_wide_contiguous_weight_packed_when_column_tiles_go_round(cores, monkeyp
     more tiles), read in place otherwise; both right."""
     monkeypatch.setattr(schedules, "ROWS_OUTER_MAX_B_BYTES", 0)
     target = make_target({"kind": "llvm", "num-cores": cores})
-    M, k, n = tirx.Var("M", "int64"), 48, 16 * LANES
+    k, n = 48, 16 * LANES
+    func = _scheduled_kn_matmul(k, n, target)
+    tiles = n // schedules.matmul_config(None, n, LANES)[0].nr
+    assert ("B_reindex = T.sblock_alloc_buffer" in func.script()) == (tiles >= cores)  # the packed panel
+    _check_kn_matmul(func, k, n, target, (1, 7, 64))
+
+
+def _scheduled_kn_matmul(k: int, n: int, target):
+    """The Matmul rule's schedule of C[M, n] = A[M, k] @ B[k, n], M symbolic (B contiguous along n)."""
+    M = tirx.Var("M", "int64")
     A = te.placeholder((M, _i64(k)), name="A")
     Bw = te.placeholder((_i64(k), _i64(n)), name="B")
     r = te.reduce_axis((_i64(0), _i64(k)), "r")
     C = te.compute((M, _i64(n)), lambda i, j: te.sum(A[i, r] * Bw[r, j], axis=r), name="C")
     sch = schedules.Matmul().apply(te.create_prim_func([A, Bw, C]), target, False)
     assert sch is not None
-    func = sch.mod["main"]
-    tiles = n // schedules.matmul_config(None, n, LANES)[0].nr
-    assert ("B_reindex = T.sblock_alloc_buffer" in func.script()) == (tiles >= cores)  # the packed panel
+    return sch.mod["main"]
+
+
+def _check_kn_matmul(func, k: int, n: int, target, row_counts) -> None:
+    """`func` (from _scheduled_kn_matmul) against float64 numpy at each row count (tolerance 1e-5 relative)."""
     lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     rng = np.random.default_rng(0)
-    for rows in (1, 7, 64):
+    for rows in row_counts:
         a = rng.standard_normal((rows, k)).astype("float32")
         b = rng.standard_normal((k, n)).astype("float32")
         d = tvm.runtime.tensor(np.zeros((rows, n), "float32"))
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), d)
         want = a.astype(float) @ b.astype(float)
-        assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, cores)
+        assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, target)
 
 
 def test_column_chunks():
@@ -203,12 +214,8 @@ def test_rows_outer_matmul_runs_one_row_on_every_core(cores):
     """Rows outer (B of 1 MiB), rows unknown: the column tiles are cut into chunks that run beside the row
     tiles, so that one row (batch 1) is still a parallel task per core (8 column tiles: 1, 2, 2, 4 chunks)."""
     target = make_target({"kind": "llvm", "num-cores": cores})
-    M, k, n = tirx.Var("M", "int64"), 512, 512
-    A = te.placeholder((M, _i64(k)), name="A")
-    Bw = te.placeholder((_i64(k), _i64(n)), name="B")
-    r = te.reduce_axis((_i64(0), _i64(k)), "r")
-    C = te.compute((M, _i64(n)), lambda i, j: te.sum(A[i, r] * Bw[r, j], axis=r), name="C")
-    func = schedules.Matmul().apply(te.create_prim_func([A, Bw, C]), target, False).mod["main"]
+    k, n = 512, 512
+    func = _scheduled_kn_matmul(k, n, target)
     cfg, _ = schedules.matmul_config(None, n, LANES)
     assert schedules.matmul_order(1, None, n, k, 4, cfg.nr, False, True)[0]  # the rows-outer order
     chunks = schedules.column_chunks(n // cfg.nr, cores)
@@ -216,15 +223,7 @@ def test_rows_outer_matmul_runs_one_row_on_every_core(cores):
     assert len(tasks) == 1, tasks
     assert tasks[0].rstrip().endswith(f"// T.int64({cfg.mr}) * T.int64({chunks})):" if chunks > 1
                                       else f"// T.int64({cfg.mr})):"), tasks
-    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    rng = np.random.default_rng(0)
-    for rows in (1, 7):
-        a = rng.standard_normal((rows, k)).astype("float32")
-        b = rng.standard_normal((k, n)).astype("float32")
-        d = tvm.runtime.tensor(np.zeros((rows, n), "float32"))
-        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), d)
-        want = a.astype(float) @ b.astype(float)
-        assert np.abs(d.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (rows, cores)
+    _check_kn_matmul(func, k, n, target, (1, 7))
 
 
 def test_batched_matmul_rule_with_symbolic_length():
