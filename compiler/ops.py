@@ -349,7 +349,16 @@ def _attention_flops(c: OpCall, outs):
     d, inner = x.shape[-1], attention_inner(c)
     proj = 2 * b_t * d * inner * 2 + 2 * b_s * kv.shape[-1] * inner * 2  # q and o; k and v
     q = T(x.dtype, x.shape[:-1] + (inner,))
-    return proj + attention_core_flops(q, kv.shape[-2], c.a("heads"), c.t("mask"), c.t("prefix"))
+    rope = 0
+    if c.attrs.get("rope") is not None:  # x*cos + rotate_half(x)*sin per rotated channel of q and k; the angle
+        rope = 3 * 2 * b_t * c.a("heads") * attention_rope_dim(c)  # tables (shared by the batch) not counted
+    return proj + rope + attention_core_flops(q, kv.shape[-2], c.a("heads"), c.t("mask"), c.t("prefix"))
+
+
+def attention_rope_dim(c: OpCall) -> int:
+    """How many channels of each head rotary embedding turns: rope_dim=, else the whole head."""
+    rope_dim = c.attrs.get("rope_dim")
+    return rope_dim if rope_dim is not None else attention_inner(c) // c.a("heads")
 
 
 def attention_core_flops(q: TensorType, s: Dim, heads: int, mask: TensorType | None,
@@ -364,11 +373,11 @@ def attention_core_flops(q: TensorType, s: Dim, heads: int, mask: TensorType | N
 @op("attention", Arg("x", "tensor"), Arg("heads", "int"), Arg("causal", "bool", False),
     Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
     Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")), Arg("mask", "tensor?", None),
-    Arg("prefix", "tensor?", None), Arg("head_dim", "int", None), params=_attention_params, flops=_attention_flops,
-    category="layer")
+    Arg("prefix", "tensor?", None), Arg("head_dim", "int", None), Arg("rope", "float", None),
+    Arg("rope_dim", "int", None), params=_attention_params, flops=_attention_flops, category="layer")
 def _attention(c: OpCall):
     """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none, prefix=none,
-    head_dim=none): multi-head softmax attention.
+    head_dim=none, rope=none, rope_dim=none): multi-head softmax attention.
 
     Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x; its batch
     dimensions may be fewer or 1 and broadcast to x's, e.g. [S, dkv] shared by every batch row). With
@@ -389,6 +398,14 @@ def _attention(c: OpCall):
     then map to heads * head_dim columns and the output projection back to d, so a head count need not
     divide d: structured pruning (`specc prune`) removes heads this way. A prefix then has rows of
     width heads * head_dim.
+
+    rope: rotary position embeddings (RoPE) of this base (e.g. 10000) on each head's queries and keys
+    after their projections, at positions 0..T-1 (self-attention only), in the "rotate half" layout of
+    the rotary op (GPT-NeoX: channel i of a head pairs with channel i + rope_dim/2; not GPT-J's
+    interleaved pairs). rope_dim: how many leading channels of each head turn (even, at most head_dim;
+    default all, GPT-NeoX's rotary_pct / CodeGen2's rotary_dim); the frequencies are
+    base ** (-2i / rope_dim). Prefix rows are not rotated (they have no position; the queries that
+    read them are).
     """
     x, kv = c.t("x"), c.t("kv")
     need_float(x, "attention")
@@ -419,7 +436,27 @@ def _attention(c: OpCall):
         _check_attention_mask(c.t("mask"), x, (kv or x).shape[-2], heads)
     if c.t("prefix") is not None:
         check_attention_prefix(c.t("prefix"), x, "attention", width=attention_inner(c))
+    _check_rope(c, kv)
     return x
+
+
+def _check_rope(c: OpCall, kv: TensorType | None) -> None:
+    rope, rope_dim = c.attrs.get("rope"), c.attrs.get("rope_dim")
+    if rope is None:
+        if rope_dim is not None:
+            raise OpError("attention: rope_dim needs rotary embeddings, e.g. rope=10000", "rope_dim")
+        return
+    if not rope > 0:
+        raise OpError(f"attention: rope (the rotary base) must be positive, got {rope}", "rope")
+    if kv is not None:
+        raise OpError("attention: rope needs self-attention (no kv): positions of two sequences do not compare",
+                      "rope")
+    head_dim = attention_inner(c) // c.a("heads")
+    r = attention_rope_dim(c)
+    if not 0 < r <= head_dim or r % 2:
+        what = "rope_dim" if rope_dim is not None else "the head width (rotated whole by default)"
+        raise OpError(f"attention: {what} must be even and in [2, head_dim={head_dim}], got {r}",
+                      "rope_dim" if rope_dim is not None else "rope")
 
 
 def check_batch_broadcast(t: TensorType, x: TensorType, op_name: str, arg: str, what: str = "x") -> None:

@@ -16,7 +16,7 @@ outputs:
 EXPECTED = """graph sdpa
   dims B=2, T=8
   %0: f32[B, T, 8] = input(name="x")
-  %1: f32[B, T, 8] = attention(%0, heads=2, causal=true, bias=true, dropout=0.0, qkv=false, impl="sdpa", head_dim=none)  @y {q.weight: f32[8, 8], q.bias: f32[8], k.weight: f32[8, 8], k.bias: f32[8], v.weight: f32[8, 8], v.bias: f32[8], o.weight: f32[8, 8], o.bias: f32[8]}
+  %1: f32[B, T, 8] = attention(%0, heads=2, causal=true, bias=true, dropout=0.0, qkv=false, impl="sdpa", head_dim=none, rope=none, rope_dim=none)  @y {q.weight: f32[8, 8], q.bias: f32[8], k.weight: f32[8, 8], k.bias: f32[8], v.weight: f32[8, 8], v.bias: f32[8], o.weight: f32[8, 8], o.bias: f32[8]}
   return y=%1
 """
 
@@ -36,3 +36,6 @@ def test_generated_code_calls_the_fused_kernel():
 
 test_property = property_test("attention_sdpa", ["attention({v}, heads=2)", "attention({v}, heads=2, causal=true)",
                                                  "attention({v}, heads=1, kv=tanh({v}))"])
+#: rotary embeddings (attention's rope=) survive the rewrite: every example holds a rope attention
+test_property_rope = property_test("attention_sdpa", ["attention({v}, heads=2, causal=true, rope=100.0, rope_dim=2)",
+                                                      "attention({v}, heads=1, rope=10000)"], examples=8)

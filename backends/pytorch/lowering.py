@@ -365,6 +365,11 @@ def _attention_init(c: Ctx, ins: InTypes) -> str:
         args.append("sdpa=True")
     if c.a("head_dim") is not None:
         args.append(f"head_dim={c.a('head_dim')}")
+    if c.node.attr("rope") is not None:
+        args.append(f"rope={lit(float(c.a('rope')))}")
+        if c.node.attr("rope_dim") is not None:
+            args.append(f"rope_dim={c.a('rope_dim')}")
+        c.helpers.add("apply_rotary")
     return f"MultiHeadAttention({', '.join(args)})"
 
 
@@ -554,17 +559,20 @@ class MultiHeadAttention(nn.Module):
     fused_qkv: one projection computes q, k and v of self-attention; sdpa: use the fused
     scaled_dot_product_attention kernel instead of the explicit softmax(q k^T / sqrt(d)) v.
     head_dim: the width of each head (default dim / heads); q, k and v have heads * head_dim columns.
+    rope: rotary position embeddings of this base on q and k (positions 0..T-1; apply_rotary's "rotate
+    half" layout) over the first rope_dim channels of each head (default all); prefix rows stay unrotated.
     """
 
     def __init__(self, dim: int, heads: int, causal: bool = False, kv_dim: int | None = None,
                  bias: bool = True, dropout: float = 0.0, fused_qkv: bool = False, sdpa: bool = False,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, rope: float | None = None, rope_dim: int | None = None):
         super().__init__()
         assert head_dim is not None or dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         kv_dim = dim if kv_dim is None else kv_dim
         inner = dim if head_dim is None else heads * head_dim
         self.heads, self.causal, self.dropout, self.fused_qkv, self.sdpa = heads, causal, dropout, fused_qkv, sdpa
         self.inner = inner
+        self.rope, self.rope_dim = rope, (inner // heads if rope_dim is None else rope_dim)
         if fused_qkv:
             self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
         else:
@@ -580,9 +588,19 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.qkv(x).split(self.inner, dim=-1)
         else:
             q, k, v = self.q(x), self.k(kv), self.v(kv)
+        if self.rope is not None:
+            q, k = self.rotate(q), self.rotate(k)
         y = self.attend(q, k, v, self.heads, causal=self.causal, mask=mask, prefix=prefix,
                         dropout=self.dropout if self.training else 0.0, sdpa=self.sdpa)
         return self.o(y)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of the first rope_dim channels of each head of x (..., T, heads * head_dim)."""
+        *batch, t, _ = x.shape
+        x = x.reshape(*batch, t, self.heads, -1).transpose(-3, -2)  # (..., h, T, hs)
+        r = self.rope_dim
+        x = torch.cat([apply_rotary(x[..., :r], base=self.rope), x[..., r:]], dim=-1)
+        return x.transpose(-3, -2).reshape(*batch, t, -1)  # (..., T, h * hs)
 
     @staticmethod
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,

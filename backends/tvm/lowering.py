@@ -393,13 +393,46 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
     return c.emit(R.reshape(y, batch + [t_len, i64(d)]))
 
 
+def _rope(c: Ctx, x: relax.Expr, t_len: Any, h: int, dh: int, r: int, base: float, blocks: tuple[bool, ...]) -> relax.Expr:
+    """Rotary embedding of projected heads, as backends/pytorch's MultiHeadAttention.rotate, in place in
+    the [*batch, T, w] layout: x is len(blocks) column blocks of h heads of dh channels (q; k; or the fused
+    q, k, v), the blocks marked True rotated on the first r channels of each head ("rotate half": channel
+    j < r/2 pairs with j + r/2, turning by the angle p * base ** (-2j / r) at position p = 0..T-1).
+
+    y = x * cos(p f) + x[perm] * sign * sin(p f), f, perm and sign constant [w] vectors (f = 0, sign = 0
+    on the channels that do not turn), the angle table [T, w] from the runtime length T."""
+    adt = "float64" if c.dtype == "float64" else "float32"
+    inv = 1.0 / (np.float64(base) ** (np.arange(0, r, 2, dtype=np.float64) / r))  # [r/2]
+    freq, perm, sign = [], [], []
+    for b, turns in enumerate(blocks):
+        for head in range(h):
+            at = (b * h + head) * dh
+            for j in range(dh):
+                if turns and j < r:
+                    half = r // 2
+                    freq.append(inv[j % half])
+                    perm.append(at + (j + half if j < half else j - half))
+                    sign.append(-1.0 if j < half else 1.0)
+                else:
+                    freq.append(0.0)
+                    perm.append(at + j)
+                    sign.append(0.0)
+    pos = c.emit(R.reshape(R.arange(0, t_len, 1, dtype=adt), [t_len, tirx.IntImm("int64", 1)]))
+    angles = c.emit(R.multiply(pos, relax.const(np.array(freq).astype(adt), adt)))  # [T, w]
+    cos = _cast(c, c.emit(R.cos(angles)), c.dtype)
+    sin = _cast(c, c.emit(R.multiply(c.emit(R.sin(angles)), relax.const(np.array(sign).astype(adt), adt))), c.dtype)
+    rot = c.emit(R.take(x, relax.const(np.array(perm, dtype="int64"), "int64"), axis=-1, mode="clip"))
+    return c.emit(R.add(c.emit(R.multiply(x, cos)), c.emit(R.multiply(rot, sin))))
+
+
 def _attention(c: Ctx, xs: list) -> relax.Expr:
     """Multi-head softmax attention written out, as backends/pytorch's MultiHeadAttention (math path).
 
     attrs: heads, causal, kv? (keys/values from a second input, whose batch dimensions broadcast to
     x's), mask?, prefix?, bias, dropout (inference: none), qkv (one fused [3d, d] projection for q, k
     and v), impl ('math' or 'sdpa': the same function), head_dim (q, k and v of width heads * head_dim,
-    default d). Inputs: x, kv?, mask?, prefix?.
+    default d), rope / rope_dim (rotary embeddings of q and k: `_rope`; prefix rows unrotated). Inputs:
+    x, kv?, mask?, prefix?.
     """
     x = xs[0]
     has_kv, has_mask = bool(c.a("kv?")), bool(c.a("mask?"))
@@ -415,10 +448,22 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     def proj(name: str, inp: relax.Expr) -> relax.Expr:
         return _linear(c, inp, c.weight(f"{name}.weight"), c.weight(f"{name}.bias") if bias else None, name)
 
+    h = int(c.a("heads"))
+    rope = c.node.attr("rope")
+    if rope is not None:
+        if has_kv:
+            raise LoweringError("attention: rope needs self-attention (no kv)")
+        dh, rope_dim = int(d) // h, c.node.attr("rope_dim")
+        r = dh if rope_dim is None else int(rope_dim)
+
+        def turn(t: relax.Expr, blocks: tuple[bool, ...]) -> relax.Expr:
+            return _rope(c, t, c.dim(xt.shape[-2]), h, dh, r, float(rope), blocks)
     if c.a("qkv"):
         if has_kv:
             raise LoweringError("attention: a fused qkv projection needs self-attention (no kv)")
         qkv = proj("qkv", x)
+        if rope is not None:  # q and k turned in place, v as it is: the kernel still reads column blocks
+            qkv = turn(qkv, blocks=(True, True, False))
         if _fused_attention_applies(c, xt, mask, prefix):  # the kernel reads q, k, v as column blocks
             dims = int(d)
             y = fused_attention(c.bb, c.kernels, qkv, qkv, qkv, c.shape(xt.shape[:-2]), c.dim(xt.shape[-2]),
@@ -429,6 +474,8 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
         q, k, v = (c.emit(relax.TupleGetItem(parts, i)) for i in range(3))
     else:
         q, k, v = proj("q", x), proj("k", kv), proj("v", kv)
+        if rope is not None:
+            q, k = turn(q, blocks=(True,)), turn(k, blocks=(True,))
     kt = TensorType(xt.dtype, kvt.shape[:-1] + (d,))
     qt = TensorType(xt.dtype, xt.shape[:-1] + (d,))
     y = _attend_core(c, q, k, v, qt, kt, int(c.a("heads")), bool(c.a("causal")), mask,
