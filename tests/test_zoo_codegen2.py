@@ -1,7 +1,8 @@
 """specs/codegen2.yaml (SEEDS.md row 23, CodeGen2): span corruption with sentinels, then reassembly, is
 the identity; the spec's prefix-LM mask, computed from the per-example prefix length, means what it
 says on the built module; the module equals a hand-written float64 CodeGen2-style (GPT-J parallel
-block) prefix-LM; the CLI checks, builds and trains it on span_corruption() data.
+block, rotary positions on part of each head) prefix-LM; the CLI checks, builds and trains it on
+span_corruption() data.
 
 Tolerances: float64 runs of the generated model against each other when only tokens the mask hides
 change: max abs error <= 1e-12 (masked keys contribute exact zeros; in practice bitwise equal). The
@@ -34,6 +35,7 @@ MASK_TOL = 1e-12
 F64_TOL = 1e-10
 F32_TOL = 1e-5
 VOCAB, SPANS, D_MODEL, HEADS, LAYERS, BLOCK = 16, 3, 64, 4, 2, 64
+ROTARY_DIM, ROPE_BASE = 8, 10000.0  # the first 8 of each head's 16 channels turn
 NUM = VOCAB + 2 + SPANS  # source tokens, separator, end, sentinels
 
 
@@ -244,11 +246,25 @@ def prefix_lm_mask(t: int, prefix: torch.Tensor) -> torch.Tensor:
     return allowed
 
 
+def rotary(z: torch.Tensor) -> torch.Tensor:
+    """RoPE of per-head rows z [B, h, T, dh] at positions 0..T-1, GPT-NeoX "rotate half" on the first
+    ROTARY_DIM channels: channel j < r/2 pairs with j + r/2, turning by the angle t * base ** (-2j / r)."""
+    r, half, t = ROTARY_DIM, ROTARY_DIM // 2, z.shape[-2]
+    out = z.clone()
+    for j in range(half):
+        for pos in range(t):
+            a = pos * ROPE_BASE ** (-2.0 * j / r)
+            c, s = math.cos(a), math.sin(a)
+            x1, x2 = z[..., pos, j], z[..., pos, j + half]
+            out[..., pos, j], out[..., pos, j + half] = x1 * c - x2 * s, x2 * c + x1 * s
+    return out
+
+
 def reference(p: dict[str, torch.Tensor], idx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     b, t = idx.shape
     dh = D_MODEL // HEADS
     allowed = prefix_lm_mask(t, prefix)[:, None]  # [B, 1, T, T]
-    x = p["tok.weight"][idx] + p["wpe.weight"][:t]
+    x = p["tok.weight"][idx]  # no position table: positions enter as rotations of q and k
     for i in range(LAYERS):
         w = {k[len(f"h.{i}."):]: v for k, v in p.items() if k.startswith(f"h.{i}.")}
         h = layer_norm(x, w["ln.weight"], w["ln.bias"])
@@ -257,6 +273,7 @@ def reference(p: dict[str, torch.Tensor], idx: torch.Tensor, prefix: torch.Tenso
             return z.reshape(b, t, HEADS, dh).permute(0, 2, 1, 3)
 
         q, k, v = (heads(h @ w[f"attention.{n}.weight"].T + w[f"attention.{n}.bias"]) for n in "qkv")
+        q, k = rotary(q), rotary(k)
         scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~allowed, float("-inf"))
         e = torch.exp(scores - scores.amax(-1, keepdim=True))
         a = (e / e.sum(-1, keepdim=True)) @ v
@@ -327,9 +344,9 @@ def test_check_through_the_cli():
     # data that does not fit the model: located at the feed
     r = cli("check", str(SPEC), "--set", "block_size=16")
     assert r.returncode == 2
-    assert "codegen2.yaml:44:15: error: the input 'idx' is i64[B, T] in range(21) with T in [1, 16], but the " \
+    assert "codegen2.yaml:48:15: error: the input 'idx' is i64[B, T] in range(21) with T in [1, 16], but the " \
            "field 'tokens' has 31 on that axis" in r.stderr
-    assert "codegen2.yaml:44:31: error: the input 'prefix' takes values in range(0, 17), the field 'prefix' " \
+    assert "codegen2.yaml:48:31: error: the input 'prefix' takes values in range(0, 17), the field 'prefix' " \
            "has values in range(1, 26)" in r.stderr
     r = cli("check", str(SPEC), "--set", "train.data=span_corruption(vocab=vocab, spans=9, span_length=3)")
     assert r.returncode == 2 and "Traceback" not in r.stderr
