@@ -74,12 +74,25 @@ def softmax_attention(q, k, v, causal):
     return torch.softmax(s, dim=-1) @ v
 
 
-def test_a_prefix_mixes_attention_as_prefix_tuning_does(tmp_path):
+#: attention options -> the width of its keys and values (the prefix rows'): d_model = 16 and 2 heads
+ATTENTIONS = {"": 16, ", head_dim=12": 24, ", head_dim=4, rope=100.0": 8}
+
+
+@pytest.mark.parametrize("options", sorted(ATTENTIONS), ids=["plain", "head-dim", "head-dim-rope"])
+def test_a_prefix_mixes_attention_as_prefix_tuning_does(tmp_path, options):
     """Attention over [P_k; K], [P_v; V] = (1 - lambda) Attn(q, K, V) + lambda Attn(q, P_k, P_v), lambda
-    the softmax mass of the prefix keys (He et al., eq. 5-7), in float64 on every layer."""
-    spec = with_recipe(tmp_path, GPT, "  prefix: {layers: ['h.*.attention'], length: 3}\n")
+    the softmax mass of the prefix keys (He et al., eq. 5-7), in float64 on every layer; with head_dim=
+    the prefix rows have the keys' width heads * head_dim (not d_model); with rope= they are unrotated
+    (q and k as attend receives them are rotated already)."""
+    base = GPT.read_text().replace("causal=true, dropout=dropout)", f"causal=true, dropout=dropout{options})")
+    assert options in base
+    (tmp_path / "base.yaml").write_text(base)
+    spec = with_recipe(tmp_path, tmp_path / "base.yaml", "  prefix: {layers: ['h.*.attention'], length: 3}\n")
+    width = ATTENTIONS[options]
     src, graph, recipe = prepare(spec, TINY, train=SHORT)
-    model = build_model(src, of_recipe(graph, recipe), recipe, graph).eval().double()
+    peft = of_recipe(graph, recipe)
+    verify(peft)
+    model = build_model(src, peft, recipe, graph).eval().double()
     attention_cls = type(model.h[0].attention)
     attend, calls = attention_cls.attend, []
 
@@ -97,8 +110,9 @@ def test_a_prefix_mixes_attention_as_prefix_tuning_does(tmp_path):
     assert len(calls) == 2
     for layer, (q, k, v, heads, options, out) in enumerate(calls):
         prefix = options["prefix"]
-        assert torch.equal(prefix, model.h[layer].attention_prefix.weight) and prefix.shape == (2, 3, 16)
-        dh, t = 16 // heads, q.shape[1]
+        assert torch.equal(prefix, model.h[layer].attention_prefix.weight) and prefix.shape == (2, 3, width)
+        assert q.shape[-1] == k.shape[-1] == width
+        dh, t = width // heads, q.shape[1]
         for b in range(q.shape[0]):
             for h in range(heads):
                 c = slice(h * dh, (h + 1) * dh)

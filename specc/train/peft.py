@@ -7,8 +7,10 @@ is trained and of the `specc build` output RUN/model/, and the generated model.p
 - a Houlsby adapter after layer L (`kind: houlsby`): L's output h becomes h + s * up(relu(down(h)));
 - a scaled parallel adapter beside L (`kind: parallel`): L's output becomes L(x) + s * up(relu(down(x))),
   reading L's input x;
-- a prefix of attention layer L: a learned [2, l, d] parameter fed to L's `prefix=` input (l key rows
-  and l value rows before the projected keys and values).
+- a prefix of attention layer L: a learned [2, l, w] parameter fed to L's `prefix=` input (l key rows
+  and l value rows before the projected keys and values), w the width of those keys and values:
+  heads * head_dim (the model width d unless L has head_dim=). Rotary embeddings (rope=) leave the
+  prefix rows unrotated.
 
 An adapter is a block instance `L_adapter` (the sibling of L: `h.0.attention_adapter.down.weight`,
 `self.attention_adapter(...)` in model.py) whose `up` projection starts at zero, so the transformed
@@ -23,8 +25,10 @@ import dataclasses
 from typing import Any
 
 from specc.compiler.ir import FLOAT_DTYPES, Frame, Graph, Init, Node, Ref
+from specc.compiler.ops import attention_inner
 from specc.compiler.registry import REGISTRY, OpCall, OpError
 from specc.compiler.rewrite import Editor
+from specc.compiler.summary import op_call
 
 #: Layers an adapter may follow or sit beside: they map the last axis (features) to the last axis.
 ADAPTER_OPS = frozenset({"linear", "attention", "mlp"})
@@ -155,7 +159,7 @@ def _prefix(ed: Editor, nid: int, path: str, length: int) -> None:
     node, parent = _place(ed, nid, path)
     if node.attr("prefix?"):
         raise PeftError(path, f"'{path}' has a prefix already (prefix= in the spec)", "prefix")
-    width = ed.graph.type_of(node.inputs[0]).shape[-1]
+    width = attention_inner(op_call(ed.graph, nid))  # heads * head_dim: the model width unless head_dim= says
     attr = _free_name(ed, parent, f"{node.path[-1]}_prefix")
     p = _add(ed, "parameter", {}, {"shape": (2, length, width)}, node, attr, node.scope, parent + (attr,))
     if ed.graph.type_of(p).dtype != ed.graph.type_of(node.inputs[0]).dtype:
