@@ -164,6 +164,8 @@ class GroupDecl(BaseModel):
     params: Union[FreezePattern, list[FreezePattern]] = Field(
         description="Glob pattern(s) over parameter paths; the other keys override optimizer arguments for them, "
                     "e.g. {params: '*.bias', weight_decay: 0}.")
+    clip: float | None = Field(default=None, gt=0.0, description="Clip the norm of this group's gradient alone to "
+                                                                 "this value (its parameters leave train.clip's).")
 
 
 class TrainSection(_Strict):
@@ -187,8 +189,15 @@ class TrainSection(_Strict):
                                     description="Named scalars scheduled over step and progress (0 to 1), usable in "
                                                 "the loss and fed to scalar inputs, e.g. "
                                                 "lam: 2 / (1 + exp(-10 * progress)) - 1.")
-    clip: float | None = Field(default=None, gt=0.0, description="Clip the gradient norm to this value.")
-    groups: list[GroupDecl] = Field(default_factory=list, description="Per-group optimizer settings.")
+    random: dict[str, str] = Field(default_factory=dict,
+                                   description="Model input -> a random draw made afresh each step, e.g. keep: "
+                                               "subset(ratio=0.25), noise: normal(0, 0.1): subset(k | ratio), "
+                                               "bernoulli(p), uniform(lo, hi), normal(mean, std). A drawn input "
+                                               "takes no data field; in the loss its name means the draw.")
+    clip: float | None = Field(default=None, gt=0.0, description="Clip the gradient norm to this value (of the "
+                                                                 "parameters in no group with a clip of its own).")
+    groups: list[GroupDecl] = Field(default_factory=list, description="Per-group optimizer settings, and clip: N "
+                                                                      "to clip a group's gradient norm alone.")
     freeze: list[FreezePattern] = Field(default_factory=list,
                                         description="Parameters not trained (glob patterns over parameter paths).")
     steps: int | None = Field(default=None, gt=0, description="Optimizer steps (or give epochs).")

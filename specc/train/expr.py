@@ -1,11 +1,13 @@
 """Recipe expressions: parsed with the graph grammar, evaluated by a small interpreter (never eval).
 
-Three kinds of expression appear in a `train:` section, all written in the grammar of graph bodies:
+Four kinds of expression appear in a `train:` section, all written in the grammar of graph bodies:
 - constants (data and optimizer arguments): numbers, strings, booleans, lists and params;
 - scalars (the learning-rate schedule and the `scalars:` entries): Python floats over `step`,
   `steps` and `progress` (step / steps, from 0 to 1);
 - tensor expressions (the loss and the metrics): over the model's outputs, the batch's data fields
-  and the scalars.
+  and the scalars;
+- draws (the `random:` entries): a call of `DRAWS` whose arguments are scalars, giving a `Sampler`
+  that fills a model input with random values (the loop seeds its generator).
 Every failure is a `SpecError` located at the sub-expression that failed.
 """
 
@@ -447,3 +449,106 @@ def scalar_functions(clock: Clock) -> dict[str, Function]:
 #: The schedule functions by name, for checking a recipe without a clock.
 SCHEDULES = frozenset({"constant", "warmup_cosine", "cosine", "step_decay", "inverse_decay", "warmup"})
 SCALAR_NAMES = ("step", "steps", "progress")
+
+
+# ---------------------------------------------------------------------------------------------
+# Random draws: what a `random:` entry feeds its model input, drawn afresh each step.
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A draw with its arguments bound: `draw(generator, shape, dtype)` makes the tensor (on the CPU,
+    from the generator alone); `problem(shape)` says why it cannot fill that shape (None: it can)."""
+
+    name: str
+    draw: Callable[[Any, tuple[int, ...], Any], Any]
+    problem: Callable[[tuple[int, ...]], str | None] = lambda shape: None
+
+
+def _number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _as_dtype(mask, dtype):
+    return mask if dtype == torch.bool else mask.to(dtype)
+
+
+def subset(k=None, ratio=None):
+    """Exactly k entries true in every row along the last axis, the k chosen uniformly at random; or
+    ratio: the fraction of the axis that is true, k = ratio * n rounded half up (MP3's kept tokens at
+    mask ratio 0.75: subset(ratio=0.25), 4 of 16)."""
+    if (k is None) == (ratio is None):
+        raise ValueError("give k (how many entries are true per row) or ratio (the fraction true), one of them")
+    if k is not None:
+        k = _number("k", k)
+        if k != int(k) or k < 0:
+            raise ValueError(f"k must be a whole number at least 0, got {k:g}")
+    else:
+        ratio = _number("ratio", ratio)
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio:g}")
+
+    def count(n: int) -> int:
+        return int(k) if k is not None else math.floor(ratio * n + 0.5)
+
+    def problem(shape):
+        if not shape:
+            return "subset needs an axis to choose along"
+        if count(shape[-1]) > shape[-1]:
+            return f"k={count(shape[-1])} is larger than the last axis ({shape[-1]} entries)"
+        return None
+
+    def draw(gen, shape, dtype):
+        chosen = torch.rand(shape, generator=gen, dtype=torch.float64).argsort(-1)[..., :count(shape[-1])]
+        mask = torch.zeros(shape, dtype=torch.bool).scatter_(-1, chosen, True)
+        return _as_dtype(mask, dtype)
+
+    return Sampler("subset", draw, problem)
+
+
+def bernoulli(p):
+    """Each entry true with probability p, independently (1.0 / 0.0 for a float input)."""
+    p = _number("p", p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p:g}")
+    return Sampler("bernoulli",
+                   lambda gen, shape, dtype: _as_dtype(torch.rand(shape, generator=gen, dtype=torch.float64) < p,
+                                                       dtype))
+
+
+def uniform(lo=0.0, hi=1.0):
+    """Each entry uniform in [lo, hi), independently."""
+    lo, hi = _number("lo", lo), _number("hi", hi)
+    if hi < lo:
+        raise ValueError(f"needs lo <= hi, got lo={lo:g}, hi={hi:g}")
+    return Sampler("uniform", lambda gen, shape, dtype: (
+        lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)).to(dtype))
+
+
+def normal(mean=0.0, std=1.0):
+    """Each entry normal with this mean and standard deviation, independently."""
+    mean, std = _number("mean", mean), _number("std", std)
+    if std < 0:
+        raise ValueError(f"std must be at least 0, got {std:g}")
+    return Sampler("normal", lambda gen, shape, dtype: (
+        mean + std * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype))
+
+
+DRAWS: dict[str, Function] = {"subset": Function(subset), "bernoulli": Function(bernoulli),
+                              "uniform": Function(uniform), "normal": Function(normal)}
+#: The kinds of input each draw fills: a bool draw fills a float input with 1.0 and 0.0.
+DRAW_KINDS: dict[str, tuple[str, ...]] = {"subset": ("bool", "float"), "bernoulli": ("bool", "float"),
+                                          "uniform": ("float",), "normal": ("float",)}
+
+
+def sampler(call: A.Call, env: Mapping[str, Any], functions: Mapping[str, Function]) -> Sampler:
+    """The draw `call` (a call of one of DRAWS) with its arguments evaluated as scalars in `env` with
+    `functions`; raises ExprError located at what failed."""
+    name = call.func_name
+    if name not in DRAWS:
+        raise ExprError(call.func.span, f"unknown draw '{name}'")
+    args = [_eval(a, env, functions) for a in call.args]
+    kwargs = {k.name: _eval(k.value, env, functions) for k in call.kwargs}
+    return _guard(call.span, lambda: DRAWS[name].fn(*args, **kwargs), name)

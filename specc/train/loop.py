@@ -4,8 +4,11 @@ The model is the -O0 build of the spec (the very code `specc build` writes), so 
 the spec's (`specc ir -O0`); with `adapters:` or `prefix:` it is the build of the spec's graph with
 those layers inserted (`peft.py`), and so is RUN/model/. Everything that decides a step is a
 function of the seed and the step number (the data order: one seeded permutation per epoch; the
-schedules: a factor per step), and the rest (weights, optimizer state, the RNG of dropout) is in
-every checkpoint, so a run resumed from step k gives the same losses as the run never stopped.
+schedules: a factor per step; the draws of `random:` inputs: a generator seeded by the seed, the
+input's name and the step, drawn for the global batch, of which each process takes its rows;
+evaluation has draws of its own, the same at every evaluation), and the rest (weights, optimizer
+state, the RNG of dropout) is in every checkpoint, so a run resumed from step k gives the same losses
+as the run never stopped.
 Files of a run directory:
 
     metrics.jsonl            one JSON line per step ({"step", "loss", "lr", scalars}) and per evaluation
@@ -19,6 +22,7 @@ Files of a run directory:
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -40,7 +44,7 @@ from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 from specc.dsl.schema import SpecSource
 
 from . import data as D
-from .expr import TENSOR_FUNCTIONS, Clock, evaluate, scalar_functions
+from .expr import TENSOR_FUNCTIONS, Clock, ExprError, evaluate, sampler, scalar_functions
 from .recipe import Recipe, optimizers
 
 CHECKPOINTS = "checkpoints"
@@ -161,18 +165,23 @@ def weight_names(graph: Graph, recipe: Recipe | None = None) -> list[str]:
     return names
 
 
+def _group_of(model: torch.nn.Module, recipe: Recipe) -> list[tuple[torch.nn.Parameter, int | None]]:
+    """Every trainable parameter, in the model's order, with the index of the first group of the recipe
+    whose patterns match its name (None: no group)."""
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out.append((p, next((i for i, (patterns, _) in enumerate(recipe.groups)
+                                 if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)), None)))
+    return out
+
+
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     cls = optimizers()[recipe.optimizer.lower()]
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": [], **opts} for _, opts in recipe.groups]
     rest: list[torch.nn.Parameter] = []
-    for name, p in trainable:
-        for (patterns, _), g in zip(recipe.groups, groups):
-            if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
-                g["params"].append(p)
-                break
-        else:
-            rest.append(p)
+    for p, i in _group_of(model, recipe):
+        (rest if i is None else groups[i]["params"]).append(p)
     groups = [g for g in groups if g["params"]]
     if rest:
         groups.insert(0, {"params": rest})
@@ -187,6 +196,55 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt
+
+
+def clip_sets(model: torch.nn.Module, recipe: Recipe) -> list[tuple[list[torch.nn.Parameter], float]]:
+    """(parameters, max norm) of each gradient-norm clip of a step: every group with a `clip:` of its
+    own alone, then all other trainable parameters (of the other groups and of none) together under
+    train.clip (none when it is not given)."""
+    clips = recipe.group_clips or (None,) * len(recipe.groups)
+    sets: dict[int, list[torch.nn.Parameter]] = {}
+    rest: list[torch.nn.Parameter] = []
+    for p, i in _group_of(model, recipe):
+        (rest if i is None or clips[i] is None else sets.setdefault(i, [])).append(p)
+    out = [(sets[i], float(clips[i])) for i in sorted(sets)]
+    if recipe.section.clip is not None and rest:
+        out.append((rest, float(recipe.section.clip)))
+    return out
+
+
+def draw_inputs(recipe: Recipe, step: int, steps: int, scalars: dict[str, float], n: int,
+                rows: slice = slice(None), fixed: bool = False) -> dict[str, torch.Tensor]:
+    """The `random:` inputs (on the CPU) of `n` samples at `step` of `steps`, their rows `rows`: a
+    function of the seed, the input and the step alone, so a resumed run draws what the uninterrupted
+    one did, and each process of a distributed run takes its rows of the global batch's draw. fixed:
+    evaluation's draws, the same at every step (the arguments are still evaluated at `step`, with
+    `scalars`; a calibration batch can use them too). Raises SpecError, located at the draw, when its
+    arguments fail at this step."""
+    if not recipe.random:
+        return {}
+    clock = Clock(steps)
+    clock.step = step
+    env = {**recipe.params, **clock.env(), **scalars}
+    fns = scalar_functions(clock)
+    out = {}
+    for name, r in recipe.random.items():
+        try:
+            s = sampler(r.draw, {**env, **r.dims}, fns)
+        except ExprError as e:
+            raise SpecError(Diagnostic(e.span, f"random '{name}': {e.message}"), recipe.sources) from None
+        problem = s.problem(r.shape)
+        if problem:
+            raise SpecError(Diagnostic(r.draw.span, f"random '{name}': {problem} at step {step}"), recipe.sources)
+        gen = random_generator(recipe.section.seed, name, None if fixed else step)
+        out[name] = s.draw(gen, (n,) + r.shape, _TORCH[r.dtype])[rows]
+    return out
+
+
+def random_generator(seed: int, name: str, step: int | None) -> torch.Generator:
+    """The (CPU) generator of the draw of input `name` at `step`; step None: the fixed draws of evaluation."""
+    key = f"{seed}/{name}/{'eval' if step is None else step}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
 # -- one step -------------------------------------------------------------------------------
@@ -217,11 +275,21 @@ class Stepper:
         return float(evaluate(self.recipe.schedule, {**self.recipe.params, **self.clock.env()}, self.scalar_fns,
                               self.recipe.sources))
 
-    def forward(self, model, batch: dict[str, torch.Tensor], scalars: dict[str, float]) -> dict[str, torch.Tensor]:
+    def draws(self, step: int, scalars: dict[str, float], n: int, rows: slice = slice(None),
+              fixed: bool = False) -> dict[str, torch.Tensor]:
+        """The `random:` inputs of `n` samples (the global batch) at `step`, their rows `rows` (this
+        process's share), on the model's device: see `draw_inputs`."""
+        drawn = draw_inputs(self.recipe, step, self.clock.steps, scalars, n, rows, fixed)
+        return {k: v.to(self.device) for k, v in drawn.items()}
+
+    def forward(self, model, batch: dict[str, torch.Tensor], scalars: dict[str, float],
+                drawn: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         args = []
         for name in self.inputs:
             if name in self.recipe.scalar_inputs:
                 args.append(torch.tensor(scalars[self.recipe.scalar_inputs[name]], device=self.device))
+            elif name in self.recipe.random:
+                args.append(drawn[name])
             else:
                 args.append(batch[self.recipe.feed[name]])
         try:
@@ -232,9 +300,10 @@ class Stepper:
         result = result if isinstance(result, tuple) else (result,)
         return dict(zip(self.outputs, result))
 
-    def env(self, batch, outputs, scalars, step: int) -> dict[str, Any]:
+    def env(self, batch, outputs, scalars, step: int, drawn: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The names of the loss and the metrics; a drawn input's name means its draw (not a data field's)."""
         self.clock.step = step
-        return {**self.recipe.params, **self.clock.env(), **scalars, **batch, **outputs}
+        return {**self.recipe.params, **self.clock.env(), **scalars, **batch, **(drawn or {}), **outputs}
 
     def loss(self, env: dict[str, Any]) -> torch.Tensor:
         value = evaluate(self.recipe.loss, env, TENSOR_FUNCTIONS, self.recipe.sources)
@@ -253,11 +322,13 @@ class Stepper:
         was = model.training
         model.eval()
         n = len(next(iter(val.values())))
+        drawn_all = self.draws(step, scalars, n, fixed=True)
         totals: dict[str, float] = {}
         for i in range(0, n, chunk):
             part = {k: v[i:i + chunk] for k, v in val.items()}
-            outputs = self.forward(model, part, scalars)
-            for name, value in self._measure(self.env(part, outputs, scalars, step)).items():
+            drawn = {k: v[i:i + chunk] for k, v in drawn_all.items()}
+            outputs = self.forward(model, part, scalars, drawn)
+            for name, value in self._measure(self.env(part, outputs, scalars, step, drawn)).items():
                 totals[name] = totals.get(name, 0.0) + value * len(next(iter(part.values())))
         model.train(was)
         return {k: v / n for k, v in totals.items()}
@@ -270,8 +341,11 @@ class Stepper:
         try:
             for split in (train, val):
                 part = {k: v[:batch] for k, v in split.items()}
-                if len(next(iter(part.values()))):
-                    self._measure(self.env(part, self.forward(model, part, self.scalars(0)), self.scalars(0), 0))
+                n = len(next(iter(part.values())))
+                if n:
+                    scalars = self.scalars(0)
+                    drawn = self.draws(0, scalars, n, fixed=True)
+                    self._measure(self.env(part, self.forward(model, part, scalars, drawn), scalars, 0, drawn))
         finally:
             model.train(was)
 
@@ -408,7 +482,9 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
         _keep_metrics(out, resume, start)
         if resume is None or Path(resume).resolve() != out.resolve():
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a new run: an older run's are not its own
-    params = [p for p in model.parameters() if p.requires_grad]
+    clips = clip_sets(model, recipe)
+    share = t.batch // dist.world
+    rows = slice(dist.rank * share, (dist.rank + 1) * share)  # this process's share of the global batch
     stop = steps if until is None else min(steps, until)
     began = time.perf_counter()
     last_eval: dict[str, float] = {}
@@ -426,12 +502,13 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
                 g["lr"] = g["base_lr"] * factor
             idx = batches.indices(step).to(dist.device)
             batch = {k: v[idx] for k, v in train.items()}
-            outputs = stepper.forward(trained, batch, scalars)
-            loss = stepper.loss(stepper.env(batch, outputs, scalars, step))
+            drawn = stepper.draws(step, scalars, t.batch, rows)
+            outputs = stepper.forward(trained, batch, scalars, drawn)
+            loss = stepper.loss(stepper.env(batch, outputs, scalars, step, drawn))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if t.clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, t.clip)
+            for group, max_norm in clips:
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
             opt.step()
             loss_value = _global_mean(loss.detach(), dist)
             if not math.isfinite(loss_value):

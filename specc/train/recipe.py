@@ -27,9 +27,20 @@ from specc.dsl.yamlpos import Located, TextOrigin, load_yaml
 
 from . import data as D
 from .optim import OPTIMIZERS, UNSUPPORTED
-from .expr import SCALAR_NAMES, TENSOR_FUNCTIONS, Clock, ExprError, Function, _eval, scalar_functions
+from .expr import (DRAW_KINDS, DRAWS, SCALAR_NAMES, TENSOR_FUNCTIONS, Clock, ExprError, Function, _eval, sampler,
+                   scalar_functions)
 
 OVERRIDES_FILE = "<--set>"
+
+
+@dataclass(frozen=True)
+class RandomInput:
+    """A model input fed by a draw made afresh each step (train.random)."""
+
+    draw: A.Call  # subset(...), bernoulli(...), uniform(...) or normal(...), arguments over params and scalars
+    shape: tuple[int, ...]  # of one sample (the axes after the batch)
+    dtype: str  # the input's
+    dims: dict[str, int] = field(default_factory=dict)  # sizes the data fixes (T: 16), names in the arguments
 
 
 @dataclass
@@ -61,6 +72,8 @@ class Recipe:
     optimizer_span: Span | None = None
     adapter_layers: tuple[str, ...] = ()  # layers that get an adapter (train.adapters)
     prefix_layers: tuple[str, ...] = ()  # attention layers that get a prefix (train.prefix)
+    random: dict[str, RandomInput] = field(default_factory=dict)  # model input -> its draw (train.random)
+    group_clips: tuple[float | None, ...] = ()  # per entry of `groups`: its own gradient-norm clip
 
     @property
     def ordered(self) -> bool:
@@ -205,7 +218,8 @@ class _Checker:
         self.fields_known = len(self.errors.diagnostics) == before  # else a loss's field names are not errors
         scalars = self.scalars()
         feed, scalar_inputs = self.feeds(fields, set(scalars))
-        known = outputs | set(fields) | set(scalars) | set(self.params) | set(SCALAR_NAMES)
+        random = self.randoms(fields, feed, scalars)
+        known = outputs | set(fields) | set(scalars) | set(self.params) | set(SCALAR_NAMES) | set(random)
         clash = sorted(outputs & set(fields))
         for name in clash:
             self.errors.error(self.span("data"), f"the data field '{name}' has the name of a model output; rename "
@@ -221,7 +235,7 @@ class _Checker:
                     self.names(e, known | set(), TENSOR_FUNCTIONS, f"metric '{name}'")
                     metrics[name] = e
         if not self.errors:
-            self.shapes(fields, feed, [(loss, "loss")] + [(m, f"metric '{n}'") for n, m in metrics.items()])
+            self.shapes(fields, feed, [(loss, "loss")] + [(m, f"metric '{n}'") for n, m in metrics.items()], random)
         opt, opt_args = self.optimizer()
         schedule = None
         if t.schedule is not None:
@@ -232,6 +246,8 @@ class _Checker:
         frozen = self.frozen()
         lora = self.lora()
         adapters, prefixes = self.peft()
+        self.clipped_groups(frozen | (frozenset(parameter_names(self.graph)) if lora or adapters or prefixes
+                                      else frozenset()))
         if t.steps is None and t.epochs is None:
             self.errors.error(self.span(), "train: give steps or epochs")
         if t.steps is not None and t.epochs is not None:
@@ -241,7 +257,8 @@ class _Checker:
                       if isinstance(t.data, DataFile) else None, fields, field_spans, feed, loss, metrics, opt,
                       opt_args, schedule, scalars, groups, frozen, self.span(),
                       self.span("data", "file") if isinstance(t.data, DataFile) else None, scalar_inputs, lora,
-                      self.optimizer_span, adapter_layers=adapters, prefix_layers=prefixes)
+                      self.optimizer_span, adapter_layers=adapters, prefix_layers=prefixes, random=random,
+                      group_clips=tuple(g.clip for g in t.groups))
 
     def data(self) -> tuple[D.Generator | None, dict[str, Any], dict[str, D.FieldType], dict[str, Span]]:
         t = self.t
@@ -279,7 +296,8 @@ class _Checker:
         fields = gen.fields(args)
         return gen, args, fields, {k: e.span for k in fields}
 
-    def shapes(self, fields: dict[str, D.FieldType], feed: dict[str, str], exprs: list[tuple[Any, str]]) -> None:
+    def shapes(self, fields: dict[str, D.FieldType], feed: dict[str, str], exprs: list[tuple[Any, str]],
+               random: Mapping[str, RandomInput] | None = None) -> None:
         """The losses and metrics applied directly to outputs and fields get arguments of fitting shapes:
         mse/l1 broadcast, kl matches, cross_entropy/accuracy/exact_match take targets of the logits' shape
         without the class axis. Checked on concrete sizes, the batch axis standing as a size no other
@@ -307,6 +325,7 @@ class _Checker:
         symbol = batch.pop()
         bindings[symbol] = BATCH
         env = {k: ((BATCH,) + shape, dtype in FLOAT_DTYPES) for k, (dtype, shape, _) in fields.items()}
+        env.update({k: ((BATCH,) + r.shape, r.dtype in FLOAT_DTYPES) for k, r in (random or {}).items()})
         for name, ref in self.graph.outputs:
             ty = self.graph.type_of(ref)
             try:
@@ -377,6 +396,8 @@ class _Checker:
                 self.errors.error(self.key_span("feed", name), f"feed: '{name}' is not an input of the model"
                                   + did_you_mean(name, inputs), f"inputs: {', '.join(inputs)}")
         for name, ty in inputs.items():
+            if name in self.t.random and name not in self.t.feed:
+                continue  # drawn each step (a data field of its name is not used for it)
             source = self.t.feed.get(name, name)
             where = self.span("feed", name) if name in self.t.feed else self.span("data")
             if source in scalars:
@@ -396,6 +417,109 @@ class _Checker:
             self.check_feed(name, ty, source, dtype, shape, rng, where)
             feed[name] = source
         return feed, scalar_inputs
+
+    def randoms(self, fields: dict[str, D.FieldType], feed: dict[str, str],
+                scalars: dict[str, A.Expr]) -> dict[str, RandomInput]:
+        """train.random: each entry an input of the model, not also in feed:, drawn by a known draw whose
+        kind fits the input's dtype, into a shape whose axes after the batch the params or the data fix;
+        the draw's arguments are evaluated at the first and the last step (a subset larger than its axis
+        is an error here)."""
+        from specc.compiler.dims import evaluate
+        from specc.compiler.ir import FLOAT_DTYPES
+
+        inputs = {name: self.graph.node(nid).outputs[0] for name, nid in self.graph.inputs}
+        bindings: dict[str, int] = {}
+        for name, source in feed.items():
+            for w, g in zip(inputs[name].shape[1:], fields[source][1]):
+                if _symbol(w) is not None:
+                    bindings[_symbol(w)] = g
+        batch = {_symbol(inputs[n].shape[0]) for n in feed if inputs[n].shape}
+        dims = {k: v for k, v in bindings.items() if k not in batch}
+        clock = Clock(max(1, self.t.steps or 1))
+        fns = scalar_functions(clock)
+        out: dict[str, RandomInput] = {}
+        for name, text in self.t.random.items():
+            if name not in inputs:
+                self.errors.error(self.key_span("random", name), f"random: '{name}' is not an input of the model"
+                                  + did_you_mean(name, inputs), f"inputs: {', '.join(inputs)}")
+                continue
+            if name in self.t.feed:
+                self.errors.error(self.key_span("random", name), f"random: the input '{name}' is also fed by "
+                                                                 f"feed: ({self.t.feed[name]}); give it one source")
+                continue
+            e = self.expression(text, "random", name)
+            if e is None:
+                continue
+            what = f"random '{name}'"
+            if not isinstance(e, A.Call) or e.func_name not in DRAWS:
+                fname = e.func_name if isinstance(e, A.Call) else None
+                self.errors.error(e.func.span if fname else e.span,
+                                  f"{what}: " + (f"unknown draw '{fname}'" + did_you_mean(str(fname), DRAWS)
+                                                 if fname else "expected a draw"),
+                                  "draws: subset(k) or subset(ratio=r), bernoulli(p), uniform(lo, hi), "
+                                  "normal(mean, std)")
+                continue
+            before = len(self.errors.diagnostics)
+            self.names(e, set(self.params) | set(SCALAR_NAMES) | set(scalars) | set(dims), {**fns, **DRAWS}, what)
+            ty = inputs[name]
+            kind = "bool" if ty.dtype == "bool" else "float" if ty.dtype in FLOAT_DTYPES else ty.dtype
+            if kind not in DRAW_KINDS[e.func_name]:
+                fits = [d for d, kinds in DRAW_KINDS.items() if kind in kinds]
+                self.errors.error(e.span, f"{what}: the input is {ty}, and {e.func_name}() draws "
+                                          f"{' or '.join(DRAW_KINDS[e.func_name])} values"
+                                  + (f" ({kind} inputs take {' or '.join(fits)})" if fits else
+                                     f" (no draw makes {kind} values)"))
+            shape = self.random_shape(name, ty, batch, bindings, evaluate)
+            if len(self.errors.diagnostics) > before or shape is None:
+                continue
+            for step in sorted({0, clock.steps - 1}):  # the arguments at the ends, to catch bad ones now
+                clock.step = step
+                env = self.scalar_env(clock, fns, scalars)
+                if env is None:
+                    break
+                env.update(dims)
+                try:
+                    problem = sampler(e, env, fns).problem(shape)
+                except ExprError as err:
+                    self.errors.error(err.span, f"{what}: {err.message}")
+                    break
+                if problem:
+                    self.errors.error(e.span, f"{what}: {problem}" + (f" at step {step}" if step else ""))
+                    break
+            out[name] = RandomInput(e, shape, ty.dtype, dims)
+        return out
+
+    def random_shape(self, name, ty, batch: set, bindings: dict[str, int], evaluate) -> tuple[int, ...] | None:
+        """The shape of one sample of a drawn input: its axes after the batch, as the params or the data
+        fix them (None, with an error, when they do not)."""
+        where = self.span("random", name)
+        first = _symbol(ty.shape[0]) if ty.shape else None
+        if first is None or (batch and first not in batch):
+            axis = "no axes" if not ty.shape else f"first axis {ty.shape[0]}"
+            want = f" {next(iter(batch))}" if len(batch) == 1 and None not in batch else ""
+            self.errors.error(where, f"random: the input '{name}' is {ty}: a draw fills an input whose first axis "
+                                     f"is the batch{want}, and it has {axis}")
+            return None
+        shape = []
+        for i, d in enumerate(ty.shape[1:], start=1):
+            try:
+                shape.append(d if isinstance(d, int) else int(evaluate(d, bindings)))
+            except (KeyError, ValueError, TypeError):
+                self.errors.error(where, f"random: the input '{name}' is {ty}: the size of axis {i} ({d}) is fixed "
+                                         f"by no param or data field (feed an input that has it)")
+                return None
+        return tuple(shape)
+
+    def scalar_env(self, clock: Clock, fns: Mapping[str, Function], scalars: dict[str, A.Expr]) -> dict | None:
+        """params, step, steps, progress and the scalars at the clock's step (None: a scalar fails, which
+        `scalars()` reports)."""
+        env: dict[str, Any] = {**self.params, **clock.env()}
+        for n, se in scalars.items():
+            try:
+                env[n] = float(_eval(se, env, fns))
+            except (ExprError, TypeError, ValueError):
+                return None
+        return env
 
     def check_feed(self, name, ty, source, dtype, shape, rng, where) -> None:
         from specc.compiler.ir import FLOAT_DTYPES
@@ -477,6 +601,21 @@ class _Checker:
                                                                  f"numbers, e.g. betas), got {v!r}")
             out.append((patterns, {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}))
         return out
+
+    def clipped_groups(self, frozen: frozenset[str]) -> None:
+        """A group's `clip:` clips the gradient of the parameters the group holds: the trainable ones
+        whose first matching group it is. One that holds none would clip nothing: an error."""
+        names = [n for n, trainable in parameter_names(self.graph).items() if trainable and n not in frozen]
+        for i, g in enumerate(self.t.groups):
+            if g.clip is None:
+                continue
+            patterns = [[g2.params] if isinstance(g2.params, str) else list(g2.params) for g2 in self.t.groups]
+            held = [n for n in names if next((j for j, ps in enumerate(patterns)
+                                              if any(fnmatch.fnmatchcase(n, p) for p in ps)), None) == i]
+            if not held and all(fnmatch.filter(parameter_names(self.graph), p) for p in patterns[i]):
+                self.errors.error(self.key_span("groups", i, "clip"),
+                                  "groups: clip: the group holds no trainable parameter (each parameter belongs to "
+                                  "the first group that matches it; frozen ones to none), so it would clip nothing")
 
     def frozen(self) -> frozenset[str]:
         names = parameter_names(self.graph)
