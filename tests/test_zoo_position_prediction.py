@@ -1,17 +1,19 @@
 """specs/position_prediction.yaml (SEEDS.md row 16): MP3's position prediction. A transformer without
 positional embedding over the 16 2x2 patches of 8x8 digits predicts each patch's position; attention
-takes keys and values only from the kept patches (the `keep` input). After a short `specc train` run the
-position accuracy on held-out images is far above chance (1/16), and it stays at chance when the images
-carry no content; nothing in the architecture knows a position (permuting the patches permutes the
-per-token outputs); the dropped patches' keys and values reach no other token; the module equals a
-hand-written float64 reference.
+takes keys and values only from the kept patches (the `keep` input, which the recipe draws afresh every
+step: 4 of 16 patches, a new subset each step, the same ones again in a resumed run). After a short
+`specc train` run the position accuracy on held-out images is far above chance (1/16), and it stays at
+chance when the images carry no content; nothing in the architecture knows a position (permuting the
+patches permutes the per-token outputs); the dropped patches' keys and values reach no other token; the
+module equals a hand-written float64 reference.
 
 Tolerances (float64 throughout): the module against the reference and the permutation check, max abs
 error <= 1e-12 (summation order only; measured 6e-15 on logits up to 7 in size). Changing dropped
 patches leaves every other token's logits bitwise equal (their attention weights are exactly 0).
 Training: position_acc > 0.25 = 4x chance on the held-out 20% of the images after the recipe's 400 steps
-(measured 0.33; the bound is about 0.79, since the blank patches of an image are indistinguishable);
-on constant images every token gets the same logits, so the accuracy is exactly 1/16.
+(measured 0.35 with a new subset every step; the bound is about 0.79, since the blank patches of an
+image are indistinguishable); on constant images every token gets the same logits, so the accuracy is
+exactly 1/16.
 """
 
 from __future__ import annotations
@@ -177,11 +179,16 @@ def test_cli_check_and_build(zoo):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "f32[B, 16, 16]" in proc.stdout and "digit_patches (x, label, position, keep)" in proc.stdout
-    for data, message in [("digit_patches(patch=3)", ":1:26: error: data: digit_patches(): 'patch' must divide"),
-                          ("digit_patches(patch=4)", "the input 'keep' is bool[B, 16]: axis 1 is 16, the field "
-                                                     "'keep' has 4")]:
+    for key, value, message in [
+            ("data", "digit_patches(patch=3)", ":1:26: error: data: digit_patches(): 'patch' must divide"),
+            ("data", "digit_patches(patch=4)", "cross_entropy: class targets [B, 4] must have the logits' shape "
+                                               "without the class axis, [B, 16]"),
+            ("random.keep", "subset(17)", ":1:19: error: random 'keep': k=17 is larger than the last axis (16 "
+                                          "entries)"),
+            ("random.keep", "uniform(0, 1)", "random 'keep': the input is bool[B, 16], and uniform() draws float "
+                                             "values")]:
         bad = subprocess.run([sys.executable, "-m", "specc.cli", "check", str(zoo.spec(NAME)), "--no-color",
-                              "--set", f"train.data={data}"], capture_output=True, text=True, timeout=120)
+                              "--set", f"train.{key}={value}"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stdout + bad.stderr, bad.stdout + bad.stderr
         assert "Traceback" not in bad.stdout + bad.stderr
     out = zoo.build_cli(NAME, run=True)
@@ -189,15 +196,50 @@ def test_cli_check_and_build(zoo):
     assert_matches_reference(model.double(), seed=3)
 
 
-def _train(spec, run, **train):
+def _train(spec, run, until=None, resume=None, **train):
     from specc.train import train as run_recipe
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_recipe(spec, run, train=train)
+        return run_recipe(spec, run, train=train, until=until, resume=resume)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_kept_subset_is_drawn_afresh_every_step_and_again_on_resume(zoo, tmp_path, monkeypatch):
+    """The recipe's `keep` (random: subset(ratio=0.25)): 4 of the 16 patches in every row, another
+    choice at every step, and exactly the same choices in a run stopped and resumed as in one that was
+    not (they depend on the seed and the step alone); the losses of the two runs agree step for step."""
+    from specc.train import loop as L
+
+    drawn: dict[str, dict[int, torch.Tensor]] = {}
+    original = L.Stepper.draws
+    which = {"run": ""}
+
+    def record(self, step, scalars, n, rows=slice(None), fixed=False):
+        out = original(self, step, scalars, n, rows, fixed)
+        if not fixed:
+            drawn.setdefault(which["run"], {})[step] = out["keep"].clone()
+        return out
+
+    monkeypatch.setattr(L.Stepper, "draws", record)
+    short = {"steps": 6, "batch": 16, "checkpoint.every": 3, "eval.every": 6}
+    which["run"] = "full"
+    _train(zoo.spec(NAME), tmp_path / "full", **short)
+    which["run"] = "part"
+    assert _train(zoo.spec(NAME), tmp_path / "part", **short, until=3).stopped
+    which["run"] = "resumed"
+    _train(zoo.spec(NAME), tmp_path / "part", **short, resume=tmp_path / "part")
+    full = drawn["full"]
+    assert sorted(full) == list(range(6)) and sorted(drawn["part"]) == [0, 1, 2]
+    assert sorted(drawn["resumed"]) == [3, 4, 5]
+    for step, keep in full.items():
+        assert keep.shape == (16, T) and keep.dtype == torch.bool
+        assert torch.equal(keep.sum(-1), torch.full((16,), 4))              # mask ratio 0.75: 4 of 16 kept
+        assert torch.equal((drawn["part"] if step < 3 else drawn["resumed"])[step], keep)
+    assert all(not torch.equal(full[i], full[j]) for i in range(6) for j in range(i + 1, 6))
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
 
 
 def test_position_accuracy_far_above_chance_after_a_short_run(zoo, tmp_path):
@@ -212,8 +254,9 @@ def test_position_accuracy_far_above_chance_after_a_short_run(zoo, tmp_path):
 
 
 def test_without_content_the_position_stays_at_chance(zoo, tmp_path):
-    """The same recipe on constant images (the positions and kept sets of digit_patches, every pixel 0.5):
-    all tokens are equal, so every token of an image gets the same logits and exactly one of 16 is right."""
+    """The same recipe on constant images (the positions of digit_patches, every pixel 0.5; the kept sets
+    drawn by the recipe, the file's `keep` field unused): all tokens are equal, so every token of an
+    image gets the same logits and exactly one of 16 is right."""
     gen = D.GENERATORS["digit_patches"]
     arrays = D.generate(gen, gen.bind({}), seed=0)
     np.savez(tmp_path / "constant.npz", x=np.full_like(arrays["x"], 0.5), position=arrays["position"],
