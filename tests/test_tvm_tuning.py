@@ -256,3 +256,21 @@ def test_a_build_reads_only_the_rows_of_its_graph(tuned, tmp_path):
     assert len(mine) == everything - 1 >= 1
     runner = compile_graph(graph, weights=init_weights(graph), tuning_db=copy)
     assert runner.manifest["tuned_kernels"]
+
+
+@pytest.mark.parametrize("workers", ["inprocess", "popen"])
+def test_tuning_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch, workers):
+    """MetaSchedule exports every candidate into a fresh temporary directory that it never removes;
+    a tuning run must leave the system's temporary directory as it found it, with either kind of
+    worker (the popen workers find it through TMPDIR)."""
+    import tempfile
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    graph = specc.compile(SPEC.format(name="tune_tmp"))
+    report = tune(graph, tmp_path / "db", dims={"B": 4}, workers=workers, **QUICK)
+    assert report.tuned, "nothing was tuned, so nothing was built"
+    assert sorted(p.name for p in system_tmp.iterdir()) == []
+    assert os.environ["TMPDIR"] == str(system_tmp) and tempfile.tempdir == str(system_tmp)

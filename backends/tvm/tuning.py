@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,8 +469,18 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
             todo.append(task)
     if todo and trials > 0:
         work_dir = str(log_dir or db_dir / "logs")
-        contexts, weights_ = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, work_dir=work_dir, seed=seed, strategy=strategy)
+        # MetaSchedule configures its loggers by handler name and fails on a handler without one
+        # (pytest's log capture puts such handlers there): set those aside while it does, then add
+        # them back so that they still see the run
+        unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
+        for h in unnamed:
+            ms_logger.removeHandler(h)
+        try:
+            contexts, weights_ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                todo, work_dir=work_dir, seed=seed, strategy=strategy)
+        finally:
+            for h in unnamed:
+                ms_logger.addHandler(h)
         evaluator = ms.runner.EvaluatorConfig(number=measure_repeats, repeat=1, min_repeat_ms=20)
         if workers == "inprocess":
             builder, runner = in_process_workers(evaluator)
@@ -477,17 +490,40 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
                                            f_alloc_argument=alloc_arguments)
         else:
             raise ValueError(f"workers must be 'inprocess' or 'popen', not {workers!r}")
-        ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights_, work_dir=work_dir,
-            max_trials_global=trials * len(contexts), max_trials_per_task=trials,
-            num_trials_per_iter=min(64, max(trials, 1)), database=database,
-            builder=builder, runner=runner,
-            cost_model=_cost_model() if strategy == "evolutionary" else "random")
+        with scratch_tempdir():
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights_, work_dir=work_dir,
+                max_trials_global=trials * len(contexts), max_trials_per_task=trials,
+                num_trials_per_iter=min(64, max(trials, 1)), database=database,
+                builder=builder, runner=runner,
+                cost_model=_cost_model() if strategy == "evolutionary" else "random")
         report.tuned = [t.task_name for t in todo]
         report.specc_kept = seed_with_specc_schedules(database, todo, tgt, measure_repeats)
     report.seconds = time.perf_counter() - t0
     _record(db_dir, graph, tgt, dims_list, report, todo, tasks)
     return report
+
+
+@contextlib.contextmanager
+def scratch_tempdir():
+    """A private temporary directory for the duration of a tuning run, removed after it.
+
+    MetaSchedule's builders export every candidate into a fresh `tempfile.mkdtemp()` directory and
+    nothing removes it (its runner's default cleanup does nothing): tens of kilobytes per trial left
+    in the system's temporary directory. Here `tempfile` (this process) and TMPDIR (the worker
+    processes that LocalBuilder starts) point into one directory that goes away with the run."""
+    scratch = tempfile.mkdtemp(prefix="specc-tune-")
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = scratch, scratch
+    try:
+        yield Path(scratch)
+    finally:
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def alloc_arguments(device: Any, args_info: list, alloc_repeat: int) -> list:
