@@ -52,6 +52,10 @@ INFINITE_OK = frozenset({("masked_fill", "value")})
 INFINITE_TENSOR_OK = frozenset({("where", "x"), ("where", "y")} | {(n, a) for n in _ops.COMPARE_OPS.values()
                                                                   for a in ("x", "y")})
 
+#: repeat(n, block, x, ...)'s own keyword options (every other keyword goes to the block), with what each does.
+REPEAT_OPTIONS = {"share": "makes every step reuse the parameters of the first step",
+                  "stack": "gives each carried value of every step, stacked along a new leading axis"}
+
 OVERRIDES_FILE = "<--set>"
 DEFAULT_EXAMPLE = {"B": 2}
 DEFAULT_SYMBOL_EXAMPLE = 8
@@ -170,6 +174,10 @@ class Elaborator:
         self.depth = 0  # nesting of `ev` calls, bounded by MAX_EVAL_DEPTH
         self.too_big = False  # MAX_NODES was reached: no more nodes are added
         self.called: set[str] = set()  # blocks elaborated at least once
+        #: repeat(..., share=true) being elaborated, outermost first: (frames outside it, its attribute, the
+        #: span of its share= option); a layer of step i > 0 is tied to the same layer of step 0
+        self.shared_repeats: list[tuple[tuple[Frame, ...], str, Span]] = []
+        self.layers: dict[tuple[str, ...], int] = {}  # module path of each layer with parameters -> node id
 
     # -- locations ---------------------------------------------------------------------------
     def origin(self, *path: Any) -> TextOrigin:
@@ -1328,9 +1336,15 @@ class Elaborator:
                 stored.append((a.name, attrs[a.name]))
         name = hint or opname
         path = scope.path + (scope.claim(name if "," not in name else opname, opname),) if params else ()
+        if params and self.shared_repeats:
+            params = self.share_step(opname, params, path, scope, span)
+            if params is POISON:
+                return POISON
         node = Node(opname, tuple(inputs), tuple(stored), outs, span, name=name, scope=scope.frames,
                     params=params, path=path)
         nid = self.graph.add(node)
+        if params:
+            self.layers[path] = nid
         for slot, arg in enumerate(reads):
             if arg is not None:
                 self.graph.arg_reads[(nid, slot)] = arg
@@ -1393,13 +1407,29 @@ class Elaborator:
         return result
 
     def repeat(self, e: A.Call, scope: _Scope, hint: str | None) -> Any:
+        """repeat(n, block, x, ..., share=false, stack=false, k=v, ...): the block applied n times, each
+        step taking the values the step before returned (keywords other than the options go to every
+        step). share=true: every step reuses the parameters of step 0 (each layer of step i is tied to the
+        same layer of step 0, as share= ties one layer). stack=true: instead of the last step's values,
+        each carried value of every step, stacked along a new leading axis of size n (step i at index i)."""
         if len(e.args) < 3:
             return self.fail(e.span, "repeat(n, block, x, ...) needs a count, a block and at least one value")
         n = self.ev(e.args[0], scope, hint=None)
         blk = self.ev(e.args[1], scope, hint=None)
         carried = [self.ev(a, scope, hint=None) for a in e.args[2:]]
-        kwargs = {k.name: self.ev(k.value, scope, hint=None) for k in e.kwargs}
-        if n is POISON or blk is POISON or any(v is POISON for v in carried + list(kwargs.values())):
+        kwargs: dict[str, Any] = {}
+        options: dict[str, tuple[Any, Span]] = {}
+        for k in e.kwargs:
+            v = self.ev(k.value, scope, hint=None)
+            if k.name not in REPEAT_OPTIONS:
+                kwargs[k.name] = v
+                continue
+            if v is not POISON and not isinstance(v, bool):
+                v = self.fail(k.value.span, f"repeat: {k.name}= must be true or false, got {_kind(v)}",
+                              f"{k.name}=true {REPEAT_OPTIONS[k.name]}")
+            options[k.name] = (v, k.span)
+        if n is POISON or blk is POISON or any(v is POISON for v in carried + list(kwargs.values())) \
+                or any(v is POISON for v, _ in options.values()):
             return POISON
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             return self.fail(e.args[0].span, f"repeat count must be a non-negative integer, got {_kind(n)}")
@@ -1408,18 +1438,97 @@ class Elaborator:
         if not isinstance(blk, BlockRef):
             return self.fail(e.args[1].span, f"repeat needs a block name, got {_kind(blk)}")
         block = self.blocks[blk.name]
+        taken = [k for k in options if k in {p.name.id for p in block.sig.params}]
+        for k in taken:
+            self.fail(options[k][1], f"repeat: '{k}=' is repeat's own option, so it cannot pass block '{blk.name}' "
+                                     f"its argument '{k}'", f"rename that argument of the block (defined at "
+                                                            f"{block.span})")
+        if taken:
+            return POISON
+        share, share_span = options.get("share", (False, e.span))
+        stack = options.get("stack", (False, e.span))[0]
+        if stack and n == 0:
+            return self.fail(e.args[0].span, "repeat(..., stack=true) needs at least one step: zero steps "
+                                             "stack to nothing")
         attr = scope.claim(hint if hint and "," not in hint else blk.name)
         state = tuple(carried)
-        for i in range(n):
-            out = self.call_block(block, list(state), kwargs, e, scope, attr, i)
-            if out is POISON or self.too_big:
-                return POISON
-            out = out if isinstance(out, tuple) else (out,)
-            if len(out) != len(state):
-                return self.fail(e.span, f"block '{blk.name}' returns {len(out)} values but repeat carries "
-                                         f"{len(state)}; a repeated block must return what it takes")
-            state = out
+        steps: list[tuple[Any, ...]] = []
+        if share:
+            self.shared_repeats.append((scope.frames, attr, share_span))
+        try:
+            for i in range(n):
+                out = self.call_block(block, list(state), kwargs, e, scope, attr, i)
+                if out is POISON or self.too_big:
+                    return POISON
+                out = out if isinstance(out, tuple) else (out,)
+                if len(out) != len(state):
+                    return self.fail(e.span, f"block '{blk.name}' returns {len(out)} values but repeat carries "
+                                             f"{len(state)}; a repeated block must return what it takes")
+                state = out
+                steps.append(out)
+        finally:
+            if share:
+                self.shared_repeats.pop()
+        if stack:
+            return self.stack_steps(steps, e, scope, hint, blk.name)
         return state[0] if len(state) == 1 else state
+
+    def stack_steps(self, steps: list[tuple[Any, ...]], e: A.Call, scope: _Scope, hint: str | None,
+                    name: str) -> Any:
+        """repeat(..., stack=true): each carried value of every step stacked along a new axis 0 (an unsqueeze
+        per step and a concat: values the unrolled steps already compute)."""
+        targets = hint.split(",") if hint and len(hint.split(",")) == len(steps[0]) else [None] * len(steps[0])
+        out = []
+        for j, target in enumerate(targets):
+            values = [s[j] for s in steps]
+            if not all(isinstance(v, TV) for v in values):
+                return self.fail(e.span, f"repeat(..., stack=true): block '{name}' returns {_kind(values[0])} as "
+                                         f"value {j + 1}; only tensors can be stacked")
+            for i, v in enumerate(values[1:], 1):
+                if v.type != values[0].type:
+                    return self.fail(e.span, f"repeat(..., stack=true): block '{name}' returns value {j + 1} as "
+                                             f"{_plain(values[0].type)} at step 0 but as {_plain(v.type)} at step "
+                                             f"{i}; stacked values need one type at every step")
+            parts = [self.make("unsqueeze", {"x": v}, {"dim": 0}, e.span, scope, target if len(values) == 1 else None,
+                               {"dim": e.span}) for v in values]
+            if any(p is POISON for p in parts):
+                return POISON
+            if len(parts) > 1:
+                parts = [self.make("concat", {"xs": parts}, {"dim": 0}, e.span, scope, target, {"xs": e.span})]
+                if parts[0] is POISON:
+                    return POISON
+            out.append(parts[0])
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def share_step(self, opname: str, params: tuple[ParamSpec, ...], path: tuple[str, ...], scope: _Scope,
+                   span: Span) -> tuple[ParamSpec, ...] | _Poison:
+        """The parameters of a new layer at `path`, tied to those of the same layer of step 0 when it is made
+        in a later step of a repeat(..., share=true) (the outermost such repeat not at step 0 decides; the
+        layer of step 0 carries its own ties, frozen= and initialisers, which every step then shares)."""
+        for outer, attr, share_span in self.shared_repeats:
+            k = len(outer)
+            if scope.frames[:k] != outer or len(scope.frames) <= k or scope.frames[k].name != attr:
+                continue
+            step = scope.frames[k].index
+            if not step:
+                continue
+            at = sum(len(f.segments) for f in outer) + 1  # the step's index in the module path
+            first = path[:at] + ("0",) + path[at + 1:]
+            nid = self.layers.get(first)
+            owner = self.graph.node(nid) if nid is not None else None
+            if owner is None or owner.op != opname or \
+                    [(p.name, p.shape, p.dtype) for p in params] != [(q.name, q.shape, q.dtype) for q in owner.params]:
+                have = (f"a {owner.op} with parameters {_params_text(owner.params)}" if owner is not None
+                        else "no layer")
+                return self.fail(share_span, f"repeat(..., share=true): step {step} has a {opname} "
+                                             f"'{'.'.join(path)}' with parameters {_params_text(params)}, but step 0 has {have} "
+                                             f"at '{'.'.join(first)}'; the steps of a shared repeat need the same "
+                                             f"layers with the same parameter shapes and dtypes",
+                                  f"that layer is at {span}")
+            return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(first + (q.name,)), frozen=q.frozen,
+                                             init=q.init)
+                         for p, q in zip(params, owner.params))
+        return params
 
     def check_symbols_known(self) -> None:
         """Every symbolic dimension the graph uses must be readable from an input's shape at run time."""
