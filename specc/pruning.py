@@ -199,7 +199,7 @@ def calibration(src, graph: Graph, base, calib, samples: int, seed: int, where: 
         if src.spec.train is None:
             raise SpecError(Diagnostic(where, f"--calib data needs the spec's train: section (a data set); "
                                               f"{graph.name} has none: use --calib example or a file"))
-        from specc.train.loop import load_data
+        from specc.train.loop import draw_inputs, load_data
         from specc.train.recipe import check_recipe
 
         recipe = check_recipe(src, graph)
@@ -208,10 +208,13 @@ def calibration(src, graph: Graph, base, calib, samples: int, seed: int, where: 
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
         part = {k: v[idx] for k, v in train.items()}
         scalars = _scalars(recipe)
+        drawn = draw_inputs(recipe, 0, 1, scalars, len(idx), fixed=True)  # train.random: evaluation's draws
         args = []
         for name, _ in graph.inputs:
             if name in recipe.scalar_inputs:
                 args.append(torch.tensor(scalars[recipe.scalar_inputs[name]]))
+            elif name in recipe.random:
+                args.append(drawn[name])
             else:
                 args.append(part[recipe.feed[name]])
         data = recipe.generator.name if recipe.generator is not None else Path(recipe.data_file.file).name

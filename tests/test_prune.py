@@ -255,6 +255,18 @@ def test_cli_prunes_gpt_with_its_data_set(tmp_path, capsys):
         assert f"{x['layer']}" in text and f"{x['after']}/{x['before']}" in text
 
 
+
+def test_cli_prunes_with_inputs_the_recipe_draws(tmp_path, capsys):
+    """position_prediction feeds `keep` from `random: subset(...)`, not from its data set: calibration
+    takes the recipe's evaluation draws for it (it failed with a KeyError when only data fields fed)."""
+    out = tmp_path / "pp"
+    code = main(["prune", "specs/position_prediction.yaml", "--flops", "0.8", "--samples", "16", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    manifest = json.loads((out / "manifest.json").read_text())["prune"]
+    assert manifest["flops"][1] <= 0.8 * manifest["flops"][0]
+    assert "16 samples of the train split of digit_patches" in manifest["calibration"]
+
 NO_LAYERS = """specc: 1
 name: plain
 inputs: {x: 'f32[B, 4]'}
