@@ -273,8 +273,9 @@ def _describe_recipe(recipe) -> str:
     peft = [f"{what} on {len(layers)} layer{'s' if len(layers) != 1 else ''}"
             for what, layers in (("LoRA", recipe.lora_layers), ("adapters", recipe.adapter_layers),
                                  ("prefixes", recipe.prefix_layers)) if layers]
+    drawn = [f"{name} = {t.random[name]} each step" for name in recipe.random]
     return (f"{data} ({', '.join(recipe.fields)}), {recipe.optimizer}, {length} of batch {t.batch}"
-            + (f"; {', '.join(peft)}" if peft else ""))
+            + (f"; {', '.join(drawn)}" if drawn else "") + (f"; {', '.join(peft)}" if peft else ""))
 
 
 def _recipe_json(recipe) -> dict:
@@ -282,7 +283,7 @@ def _recipe_json(recipe) -> dict:
     return {"data": recipe.generator.name if recipe.generator else recipe.data_file.file,
             "fields": {k: {"dtype": d, "shape": ["N", *shape], "range": list(r) if r else None}
                        for k, (d, shape, r) in recipe.fields.items()},
-            "feed": recipe.feed, "optimizer": recipe.optimizer, "steps": t.steps, "epochs": t.epochs,
+            "feed": recipe.feed, "random": {k: t.random[k] for k in recipe.random}, "optimizer": recipe.optimizer, "steps": t.steps, "epochs": t.epochs,
             "batch": t.batch, "metrics": sorted(recipe.metrics), "lora": list(recipe.lora_layers),
             "adapters": list(recipe.adapter_layers), "prefix": list(recipe.prefix_layers)}
 

@@ -232,8 +232,19 @@ def test_check_json_describes_the_recipe(capsys):
                                                       "label": {"dtype": "i64", "shape": ["N"], "range": [0, 2]},
                                                       "domain_label": {"dtype": "i64", "shape": ["N"],
                                                                        "range": [0, 2]}},
-                      "feed": {"x": "x"}, "optimizer": "AdamW", "steps": 40, "epochs": None, "batch": 32,
-                      "metrics": ["acc"], "lora": [], "adapters": [], "prefix": []}
+                      "feed": {"x": "x"}, "random": {}, "optimizer": "AdamW", "steps": 40, "epochs": None,
+                      "batch": 32, "metrics": ["acc"], "lora": [], "adapters": [], "prefix": []}
+
+
+def test_check_describes_the_inputs_the_recipe_draws(capsys):
+    import json
+
+    spec = ROOT / "specs" / "position_prediction.yaml"
+    assert main(["check", str(spec)]) == 0
+    assert "; keep = subset(ratio=0.25) each step" in capsys.readouterr().out
+    assert main(["check", str(spec), "--json"]) == 0
+    recipe = json.loads(capsys.readouterr().out)["train"]
+    assert recipe["feed"] == {"x": "x"} and recipe["random"] == {"keep": "subset(ratio=0.25)"}
 
 
 @pytest.mark.parametrize("spec, loss, message", [
