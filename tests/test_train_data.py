@@ -27,6 +27,7 @@ NP = {"f32": np.float32, "i64": np.int64, "bool": np.bool_}
     ("automata", {"n": 6, "length": 40}),
     ("seasonal", {"n": 30, "variates": 3, "lookback": 12, "horizon": 4}),
     ("two_moons", {"n": 40}),
+    ("flow_pairs", {"n": 12, "height": 10, "width": 14, "channels": 2, "max_flow": 3.0}),
     ("digits", {"n": 100, "rotations": True}),
     ("digit_patches", {"n": 100, "patch": 4, "mask_ratio": 0.5}),
     ("statsmodels", {"name": "sunspots", "lookback": 24, "horizon": 6}),
@@ -98,6 +99,43 @@ def test_seasonal_windows_follow_one_series():
     g = D.GENERATORS["seasonal"]
     a = D.generate(g, g.bind({"n": 20, "variates": 2, "lookback": 6, "horizon": 3}), 0)
     assert np.array_equal(a["x"][1, :-1], a["x"][0, 1:]) and np.array_equal(a["target"][0], a["x"][6, :3])
+
+
+def _warp64(x, flow):
+    """x [N, C, H, W] sampled bilinearly at p + flow(p) (torch's grid_sample, align_corners=True), float64,
+    and the mask of the pixels whose p + flow(p) lies inside the image."""
+    import torch.nn.functional as F
+    _, _, h, w = x.shape
+    gx = 2 * (torch.arange(w, dtype=torch.float64).view(1, 1, w) + flow[:, 0]) / (w - 1) - 1
+    gy = 2 * (torch.arange(h, dtype=torch.float64).view(1, h, 1) + flow[:, 1]) / (h - 1) - 1
+    out = F.grid_sample(x, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out, ((gx.abs() <= 1) & (gy.abs() <= 1)).unsqueeze(1).expand_as(out)
+
+
+def test_flow_pairs_know_their_flow():
+    """img1(p) = img2(p + flow_gt(p)): warping img2 backward by flow_gt gives img1 up to the error of bilinear
+    interpolation of a smooth image (far below the zero-flow difference; the opposite flow does not); the flow
+    is smooth, within max_flow, and max_flow=0 gives two equal images."""
+    g = D.GENERATORS["flow_pairs"]
+    a = D.generate(g, g.bind({"n": 64, "height": 12, "width": 16, "max_flow": 2.0}), 3)
+    img1, img2, flow = (torch.from_numpy(a[k]).double() for k in ("img1", "img2", "flow_gt"))
+    assert flow.abs().max() <= 2.0 and flow.abs().max() > 1.5 and 0.8 < img2.std() < 1.2
+    slope = 0.4 * 2.0 * 2 * math.pi / 16  # the smooth part's bound: 0.4 max_flow, wavelengths >= the longer side
+    assert (flow[..., 1:] - flow[..., :-1]).abs().max() <= slope and \
+        (flow[..., 1:, :] - flow[..., :-1, :]).abs().max() <= slope
+    assert (flow - flow.mean((2, 3), keepdim=True)).abs().max() > 0.1  # not only a translation
+    warped, inside = _warp64(img2, flow)
+    err = (warped - img1)[inside].abs().mean()
+    zero = (img2 - img1)[inside].abs().mean()
+    backwards, inside_b = _warp64(img2, -flow)
+    assert inside.float().mean() > 0.6 and zero > 0.3
+    assert err < 0.2 * zero and (backwards - img1)[inside_b].abs().mean() > 1.5 * zero
+    still = D.generate(g, g.bind({"n": 4, "max_flow": 0.0}), 0)
+    assert np.array_equal(still["img1"], still["img2"]) and not still["flow_gt"].any()
+    with pytest.raises(D.ArgError, match="'max_flow' must be zero or more, got -1.0"):
+        g.bind({"max_flow": -1.0})
+    with pytest.raises(D.ArgError, match="'height' must be positive, got 0"):
+        g.bind({"height": 0})
 
 
 def test_bad_generator_arguments():

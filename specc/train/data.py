@@ -23,6 +23,13 @@ Generators (arguments with defaults; every one takes `n`, the number of samples)
   after a gap of lookback + horizon - 1 windows, so that no validation value was seen in training).
 - `two_moons(rotation=30.0, noise=0.1)`: half the samples from the source domain, half from the
   target domain rotated by `rotation` degrees; `x` [N, 2], `label`, `domain_label` (0 source, 1 target).
+- `flow_pairs(height=16, width=16, channels=3, max_flow=2.0)`: two-frame optical flow with a known answer.
+  `img2` [N, channels, H, W] is a random smooth image (per channel a sum of 8 plane waves of random
+  direction, phase and wavelength 4 to 12 pixels, about unit variance), `flow_gt` [N, 2, H, W] a random
+  smooth flow in pixels (channel 0 along W, 1 along H: a translation plus two waves of wavelength one to
+  two image sides; each channel within max_flow), and `img1` the same waves evaluated at p + flow_gt(p),
+  so img1(p) = img2(p + flow_gt(p)) exactly: the flow that backward-warping img2 (the `warp` operator) to
+  img1 needs. Nothing is downloaded.
 - `digits()`: scikit-learn's 8x8 digits (1,797 images), `x` [N, 1, 8, 8] in [0, 1], `label`;
   with `rotations=true` also `rotated` [N, 4, 1, 8, 8] (0, 90, 180, 270 degrees) and `joint`
   [N, 4] = 4 * label + rotation (self-supervised label augmentation).
@@ -420,6 +427,50 @@ def _tm_make(a, rng):
     return {"x": x.astype(np.float32), "label": label.astype(np.int64), "domain_label": domain}
 
 
+# --- optical flow pairs --------------------------------------------------------------------
+
+#: flow_pairs(): plane waves per image channel and their wavelengths in pixels (the texture the
+#: correlation matches), and per flow channel the waves of its smooth part (wavelengths of 1 to 2 image sides).
+FLOW_WAVES, FLOW_WAVELENGTHS, FLOW_SMOOTH_WAVES = 8, (4.0, 12.0), 2
+
+
+def _waves(rng: np.random.Generator, shape: tuple[int, ...], count: int, lengths: tuple[float, float]):
+    """`count` random plane waves per entry of `shape`: frequency vectors [*shape, count, 2] (cycles per
+    pixel along W, H) and phases [*shape, count]."""
+    angle = rng.uniform(0.0, 2 * np.pi, shape + (count,))
+    freq = 1.0 / rng.uniform(lengths[0], lengths[1], shape + (count,))
+    return np.stack([np.cos(angle), np.sin(angle)], -1) * freq[..., None], rng.uniform(0.0, 2 * np.pi, shape + (count,))
+
+
+def _wave_sum(freq: np.ndarray, phase: np.ndarray, amp: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """sum_k amp_k sin(2 pi (f_k . (x, y)) + phase_k) at positions x, y [N, 1, H, W] (broadcast over the
+    channel axis of freq [N, C, K, 2]); [N, C, H, W]."""
+    arg = 2 * np.pi * (freq[..., 0, None, None] * x[:, :, None] + freq[..., 1, None, None] * y[:, :, None]) \
+        + phase[..., None, None]
+    return (amp[..., None, None] * np.sin(arg)).sum(axis=2)
+
+
+def _fp_fields(a):
+    c, h, w = a["channels"], a["height"], a["width"]
+    return {"img1": ("f32", (c, h, w), None), "img2": ("f32", (c, h, w), None), "flow_gt": ("f32", (2, h, w), None)}
+
+
+def _fp_make(a, rng):
+    n, c, h, w, m = a["n"], a["channels"], a["height"], a["width"], a["max_flow"]
+    side = float(max(h, w))
+    shift = rng.uniform(-1.0, 1.0, (n, 2, 1, 1))  # a translation and a smooth field, each channel within max_flow
+    f_freq, f_phase = _waves(rng, (n, 2), FLOW_SMOOTH_WAVES, (side, 2 * side))
+    f_amp = np.full((n, 2, FLOW_SMOOTH_WAVES), 1.0 / FLOW_SMOOTH_WAVES)
+    y, x = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    x, y = np.broadcast_to(x, (n, 1, h, w)), np.broadcast_to(y, (n, 1, h, w))
+    flow = m * (0.6 * shift + 0.4 * _wave_sum(f_freq, f_phase, f_amp, x, y))
+    i_freq, i_phase = _waves(rng, (n, c), FLOW_WAVES, FLOW_WAVELENGTHS)
+    i_amp = rng.standard_normal((n, c, FLOW_WAVES)) * np.sqrt(2.0 / FLOW_WAVES)  # about unit variance
+    img2 = _wave_sum(i_freq, i_phase, i_amp, x, y)
+    img1 = _wave_sum(i_freq, i_phase, i_amp, x + flow[:, :1], y + flow[:, 1:])  # img2 at p + flow(p), exactly
+    return {"img1": img1.astype(np.float32), "img2": img2.astype(np.float32), "flow_gt": flow.astype(np.float32)}
+
+
 # --- bundled data sets ---------------------------------------------------------------------
 
 def _dg_fields(a):
@@ -504,6 +555,8 @@ GENERATORS: dict[str, Generator] = {g.name: g for g in [
                                   "source": "random"}, _sc_fields, _sc_make,
               choices={"source": ("random", "automata")}, zero_ok=("spans",)),
     Generator("two_moons", {"n": 2000, "rotation": 30.0, "noise": 0.1}, _tm_fields, _tm_make),
+    Generator("flow_pairs", {"n": 2048, "height": 16, "width": 16, "channels": 3, "max_flow": 2.0}, _fp_fields,
+              _fp_make, zero_ok=("max_flow",)),
     Generator("digits", {"n": 1797, "rotations": False}, _dg_fields, _dg_make),
     Generator("digit_patches", {"n": 1797, "patch": 2, "mask_ratio": 0.75}, _dp_fields, _dp_make,
               zero_ok=("mask_ratio",)),
