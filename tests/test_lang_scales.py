@@ -49,24 +49,21 @@ def test_a_preset_selected_by_override():
     assert bound(scale="m") == {"depth": 3, "width": 48, "scale": "m"}  # unset keys keep their defaults
 
 
-def test_single_overrides_win_over_the_preset_in_any_order():
+def test_single_overrides_win_over_the_preset_in_any_order(tmp_path):
     assert bound(scale="s", width=48) == {"depth": 2, "width": 48, "scale": "s"}
     assert bound(width=48, scale="s")["width"] == 48
-    out = main(["ir", "--set", "width=40", "--set", "scale=n", "-O", "0", _write(SCALED)])
+    out = main(["ir", "--set", "width=40", "--set", "scale=n", "-O", "0", _write(tmp_path, SCALED)])
     assert out == 0
 
 
-def _write(text: str, name: str = "scaled.yaml") -> str:
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / name
+def _write(folder, text: str, name: str = "scaled.yaml") -> str:
+    path = folder / name
     path.write_text(text)
     return str(path)
 
 
-def test_cli_scale_and_set(capsys):
-    path = _write(SCALED)
+def test_cli_scale_and_set(capsys, tmp_path):
+    path = _write(tmp_path, SCALED)
     assert main(["check", path, "--set", "scale=s", "--set", "width=48", "--json"]) == 0
     import json
 
@@ -80,8 +77,8 @@ def test_without_a_default_the_params_stand_until_a_preset_is_chosen():
     assert specc.compile(spec, scale="n").params == {"depth": 1, "width": 16, "scale": "n"}
 
 
-def test_unknown_preset_lists_the_presets(capsys):
-    path = _write(SCALED)
+def test_unknown_preset_lists_the_presets(capsys, tmp_path):
+    path = _write(tmp_path, SCALED)
     code = main(["check", path, "--set", "scale=xl", "--no-color"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -89,8 +86,8 @@ def test_unknown_preset_lists_the_presets(capsys):
     assert "presets: n, s, m" in err and "^" in err
 
 
-def test_unknown_default_preset_is_located_at_params_scale(capsys):
-    path = _write(SCALED.replace("  scale: s\n", "  scale: xs\n"))
+def test_unknown_default_preset_is_located_at_params_scale(capsys, tmp_path):
+    path = _write(tmp_path, SCALED.replace("  scale: s\n", "  scale: xs\n"))
     code = main(["check", path, "--no-color"])
     err = capsys.readouterr().err
     assert code == 2
@@ -105,8 +102,8 @@ def test_unknown_default_preset_is_located_at_params_scale(capsys):
     ("  n: {scale: s}\n", 8, 7, "scales.n: a preset cannot set 'scale'"),
     ("  2x: {depth: 1}\n", 8, 3, "scales: preset name: '2x' is not a valid name"),
 ])
-def test_bad_presets_are_located(capsys, preset, line, col, message):
-    path = _write(SCALED.replace("  n: {depth: 1, width: 16}\n", preset))
+def test_bad_presets_are_located(capsys, tmp_path, preset, line, col, message):
+    path = _write(tmp_path, SCALED.replace("  n: {depth: 1, width: 16}\n", preset))
     code = main(["check", path, "--no-color"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
