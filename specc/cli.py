@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", metavar="data|example|FILE",
                     help="calibration batch: samples of the spec's train: data set (data, the default when it has "
                          "one), its example inputs (example), or a .npz/.safetensors file with one tensor per input")
+    pr.add_argument("--at", action="append", default=[], metavar="DIM=SIZE",
+                    help="count the FLOPs with this symbolic dimension at SIZE instead of the spec's example size "
+                         "(repeatable; attention's FLOPs grow with T squared, so the budget depends on it)")
     pr.add_argument("--samples", type=int, default=64, metavar="N",
                     help="calibration samples taken from the data set or file (default 64)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration samples (default 0)")
@@ -385,9 +388,18 @@ def _prune(args: argparse.Namespace, src, graph) -> int:
     except ValueError:
         raise SpecError(Diagnostic(where, f"--flops takes a fraction of the model's FLOPs in (0, 1], e.g. 0.6, "
                                           f"got '{args.flops}'")) from None
+    at_span = Span("<--at>", 0, 0)
+    at = {}
+    for item in args.at:
+        name, eq, size = item.partition("=")
+        if not eq or not name.strip() or not size.strip().isdigit():
+            raise SpecError(Diagnostic(at_span, f"--at takes DIM=SIZE with a positive integer size, e.g. T=128, "
+                                                f"got '{item}'"))
+        at[name.strip()] = int(size)
     weights = _read_weights(graph, args.weights) if args.weights else None
     report = run(src, graph, budget, base=weights, calib=args.calib, samples=args.samples, seed=args.seed,
-                 opt_level=args.opt_level, out=args.out, budget_span=where, calib_span=Span("<--calib>", 0, 0))
+                 opt_level=args.opt_level, out=args.out, at=at, budget_span=where,
+                 calib_span=Span("<--calib>", 0, 0), at_span=at_span)
     print(f"pruned {graph.name} -> {args.out}/ (model.py, weights.safetensors, manifest.json)")
     for line in summary_lines(report):
         print(line)

@@ -23,8 +23,9 @@ distortion with its own normalisation and also prunes ViT tokens and CNN channel
 features are the outputs of the later attention / mlp layers and the model's outputs, equally weighted
 after normalisation by their norms; the measure is computed exactly, each unit masked alone as in
 the paper (several masked copies of the batch share a forward pass when the model treats samples
-independently), not approximated by gradients; the FLOP budget applies at the spec's example
-dimensions (attention's score FLOPs grow with T squared, the projections' with T); and whole layers are
+independently), not approximated by gradients; the FLOP budget applies at one set of sizes, the spec's
+example dimensions unless `at=` (`--at T=128`) names others (attention's score FLOPs grow with T squared,
+the projections' with T, so the fraction a pruned model saves depends on the sizes); and whole layers are
 never removed. Measured on specs/gpt.yaml trained by its recipe (exact match 0.9997): 0.9 of the FLOPs
 keeps 0.9987, 0.8 keeps 0.992, 0.6 falls to 0.10 (the paper's 2% at 0.6 is for BERT on GLUE).
 
@@ -89,6 +90,7 @@ class PruneReport:
     params_after: int
     calibration: str
     layers: tuple[LayerReport, ...]
+    sizes: dict[str, int]  # the dimensions the FLOPs are counted at
     graph: Graph = field(repr=False)  # the pruned, unoptimised graph
     out: Path | None = None
 
@@ -99,6 +101,7 @@ class PruneReport:
     def to_json(self) -> dict[str, Any]:
         return {"budget": self.budget, "flops": [self.flops_before, self.flops_after],
                 "fraction": self.flops_after / self.flops_before if self.flops_before else 1.0,
+                "sizes": dict(self.sizes),
                 "parameters": [self.params_before, self.params_after], "calibration": self.calibration,
                 "criterion": CRITERION, "layers": [layer.to_json() for layer in self.layers]}
 
@@ -110,13 +113,35 @@ def check_budget(budget: Any, where: Span) -> float:
     return float(budget)
 
 
+def check_sizes(graph: Graph, at: Mapping[str, Any] | None, where: Span) -> dict[str, int]:
+    """The dimensions to count FLOPs at: the spec's example sizes, those named in `at` replaced. Each
+    name must be a symbolic dimension of the spec and its size within the spec's bounds."""
+    from specc.dsl.diagnostics import did_you_mean
+
+    sizes = graph.example_bindings()
+    for name, size in (at or {}).items():
+        if name not in graph.dims:
+            known = ", ".join(graph.dims) or "none"
+            raise SpecError(Diagnostic(where, f"'{name}' is not a symbolic dimension of {graph.name} (its "
+                                              f"dimensions: {known}){did_you_mean(name, list(graph.dims))}"))
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SpecError(Diagnostic(where, f"{name}: a size must be a positive integer, got {size!r}"))
+        _, lo, hi = graph.dims[name]
+        if size < lo or (hi is not None and size > hi):
+            raise SpecError(Diagnostic(where, f"{name}={size} is outside the sizes {graph.name} accepts "
+                                              f"({lo} to {hi if hi is not None else 'any'})"))
+        sizes[name] = size
+    return sizes
+
+
 def prune(path_or_text, out: str | Path | None = None, *, flops: float, calib: str | Path | None = None,
-          samples: int = 64, seed: int = 0, weights: Mapping[str, Any] | None = None, opt_level: int = 1,
+          at: Mapping[str, int] | None = None, samples: int = 64, seed: int = 0, weights: Mapping[str, Any] | None = None, opt_level: int = 1,
           allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None,
           **more_overrides: Any) -> PruneReport:
     """Prune a spec's attention heads and MLP neurons to `flops` (a fraction) of its FLOPs and, with
     `out`, write the pruned build there (model.py, weights.safetensors, manifest.json with a "prune"
-    entry). calib: "data", "example" or a file (see the module doc); weights: {name: tensor} of the
+    entry). calib: "data", "example" or a file (see the module doc); at: {dimension: size} to count the
+    FLOPs at instead of the spec's example sizes (e.g. {"T": 128}); weights: {name: tensor} of the
     spec's parameters (a trained model), as for specc.load. Raises SpecError on a user error."""
     from specc.api import _front, given_weights
 
@@ -124,12 +149,12 @@ def prune(path_or_text, out: str | Path | None = None, *, flops: float, calib: s
     budget = check_budget(flops, Span("<flops>", 0, 0))
     base = given_weights(graph, weights)
     return run(src, graph, budget, base=base, calib=calib, samples=samples, seed=seed, opt_level=opt_level,
-               out=out)
+               out=out, at=at)
 
 
 def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None = None, samples: int = 64,
-        seed: int = 0, opt_level: int = 1, out: str | Path | None = None,
-        budget_span: Span | None = None, calib_span: Span | None = None) -> PruneReport:
+        seed: int = 0, opt_level: int = 1, out: str | Path | None = None, at: Mapping[str, int] | None = None,
+        budget_span: Span | None = None, calib_span: Span | None = None, at_span: Span | None = None) -> PruneReport:
     """The whole command on an elaborated spec: importance, ranking, rewrite, and (with `out`) the build."""
     from specc.backends.pytorch.build import artifacts, check_memory, write_atomic
     from specc.backends.pytorch.weights import init_weights
@@ -140,7 +165,8 @@ def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise SpecError(Diagnostic(calib_span, f"the calibration sample count must be a positive integer, "
                                                f"got {samples!r}"))
-    layers = prunable_layers(graph)
+    sizes = check_sizes(graph, at, at_span or Span("<at>", 0, 0))
+    layers = prunable_layers(graph, sizes)
     candidates = [layer for layer in layers if layer.reason is None]
     if not candidates:
         where = src.doc.key_span(("graph",))
@@ -150,7 +176,7 @@ def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None
             message = (f"prune: none of the attention and mlp layers of {graph.name} can be pruned: "
                        + "; ".join(f"'{layer.path}': {layer.reason}" for layer in layers))
         raise SpecError(Diagnostic(where, message), {src.file: src.text})
-    before = summarize(graph)
+    before = summarize(graph, sizes)
     target = budget * before.example_flops
     floor = before.example_flops - sum((layer.units - 1) * layer.flops_per_unit for layer in candidates)
     if floor > target:
@@ -165,14 +191,14 @@ def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None
     importance = measure(src, graph, base, layers, candidates, batches, calib_span)
     keep = select(candidates, importance, before.example_flops, target)
     pruned = prune_structure(graph, keep).graph if keep else graph
-    after = summarize(pruned)
+    after = summarize(pruned, sizes)
     if after.example_flops > target:  # the per-unit costs are exact; a miss is a compiler bug
         raise AssertionError(f"pruned FLOPs {after.example_flops} exceed the budget {target}")
     reports = tuple(LayerReport(layer.path, layer.kind, layer.units, tuple(keep.get(layer.path, range(layer.units))),
                                 tuple(float(v) for v in importance.get(layer.path, ())), layer.reason)
                     for layer in layers)
     report = PruneReport(graph.name, budget, before.example_flops, after.example_flops, before.params, after.params,
-                         described, reports, pruned, Path(out) if out is not None else None)
+                         described, reports, sizes, pruned, Path(out) if out is not None else None)
     if out is not None:
         files = artifacts(pruned, src.text, src.file, src.spec.paper, src.spec.description, weights=base,
                           ctx=PassContext(opt_level=opt_level))
@@ -421,7 +447,8 @@ def summary_lines(report: PruneReport) -> list[str]:
         note = f"  (left whole: {layer.reason})" if layer.reason else ""
         lines.append(f"{layer.path:<{width}}  {layer.kind:<8} {f'{layer.after}/{layer.before}':>11}{note}")
     frac = report.flops_after / report.flops_before if report.flops_before else 1.0
-    lines.append(f"FLOPs       {human(report.flops_before)} -> {human(report.flops_after)} "
+    at = f" at {', '.join(f'{k}={v}' for k, v in report.sizes.items())}" if report.sizes else ""
+    lines.append(f"FLOPs       {human(report.flops_before)} -> {human(report.flops_after)}{at} "
                  f"({frac:.3f} of the original; budget {report.budget:g})")
     lines.append(f"parameters  {report.params_before:,} -> {report.params_after:,}")
     lines.append(f"calibration {report.calibration}")

@@ -189,6 +189,19 @@ def test_flops_after_pruning_are_within_the_budget(budget):
     assert all(layer.after >= 1 for layer in report.layers)
 
 
+def test_the_budget_applies_at_the_sizes_given():
+    """Attention's score FLOPs grow with T squared and the rest with T, so a budget met at the example
+    T = 16 is not met at T = 64 by the same pruned model; pruned at T = 64 it is, counted there."""
+    at_16 = specc.prune("specs/gpt.yaml", flops=0.6, calib="example", **GPT)
+    at_64 = specc.prune("specs/gpt.yaml", flops=0.6, calib="example", at={"T": 64}, **GPT)
+    assert at_16.sizes == {"B": 2, "T": 16} and at_64.sizes == {"B": 2, "T": 64}
+    before_64 = summarize(gpt_graph(), {"T": 64}).example_flops
+    assert at_64.flops_before == before_64
+    assert at_64.flops_after == summarize(at_64.graph, {"T": 64}).example_flops <= 0.6 * before_64
+    assert summarize(at_16.graph, {"T": 64}).example_flops > 0.6 * before_64  # the example-size choice misses it
+    assert at_64.to_json()["sizes"] == {"B": 2, "T": 64}
+
+
 def test_a_head_whose_output_projection_is_zero_goes_first_with_zero_importance():
     graph = gpt_graph()
     weights = init_weights(graph)
@@ -290,6 +303,12 @@ outputs:
     (["--flops", "0.6", "--calib", "nowhere.npz"], "nowhere.npz: error: cannot read the calibration file: no such file"),
     (["--flops", "0.6", "--samples", "0"], "<--calib>: error: the calibration sample count must be a positive "
                                            "integer, got 0"),
+    (["--flops", "0.6", "--at", "Q=64"], "<--at>: error: 'Q' is not a symbolic dimension of gpt (its dimensions: "
+                                         "B, T)"),
+    (["--flops", "0.6", "--at", "T=65"], "<--at>: error: T=65 is outside the sizes gpt accepts (1 to 64)"),
+    (["--flops", "0.6", "--at", "T=0"], "<--at>: error: T: a size must be a positive integer, got 0"),
+    (["--flops", "0.6", "--at", "T=-3"], "<--at>: error: --at takes DIM=SIZE with a positive integer size, "
+                                         "e.g. T=128, got 'T=-3'"),
 ])
 def test_cli_errors_are_located_and_write_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "o"

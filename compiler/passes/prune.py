@@ -54,7 +54,7 @@ class Layer:
     nid: int
     units: int  # heads or hidden neurons
     unit_width: int  # head_dim (attention), 1 (mlp)
-    flops: int  # the layer's FLOPs at the example dimensions
+    flops: int  # the layer's FLOPs at the example dimensions (or the sizes prunable_layers was given)
     reason: str | None = None  # why it is left whole (None: prunable)
 
     @property
@@ -74,11 +74,11 @@ def _head_dim(node: Node) -> int:
     return inner // node.attr("heads")
 
 
-def prunable_layers(graph: Graph) -> list[Layer]:
+def prunable_layers(graph: Graph, sizes: Mapping[str, int] | None = None) -> list[Layer]:
     """Every attention and mlp layer of `graph` in node order, with its unit count and FLOPs at the
-    example dimensions; `reason` says why a layer is left whole."""
+    example dimensions (those in `sizes` replaced); `reason` says why a layer is left whole."""
     ed = Editor(graph)
-    bindings = graph.example_bindings()
+    bindings = {**graph.example_bindings(), **(sizes or {})}
     out = []
     for nid, node in graph.nodes():
         if node.op not in PRUNABLE_OPS:
