@@ -168,11 +168,46 @@ def collapse_reshapes(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     return True
 
 
+def _full_slice(item, size) -> bool:
+    return item[0] == "slice" and item[1] in (None, 0) and (item[2] is None or item[2] == size)
+
+
+def select_from_stack(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
+    """concat([unsqueeze(v0, k), unsqueeze(v1, k), ...], dim=k)[:, ..., i] -> vi: one step picked out of
+    a stack (repeat(..., stack=true) then flows[-1]), so that the stack dies when nothing else reads it."""
+    if node.op != "getitem":
+        return False
+    items = node.attr("index")
+    stack = ed.node(node.inputs[0].node)
+    if stack.op != "concat":
+        return False
+    shape = ed.graph.type_of(node.inputs[0]).shape
+    k = stack.attr("dim") % len(shape)
+    if len(items) <= k or items[k][0] != "int" or not isinstance(shape[k], int):
+        return False
+    if not all(_full_slice(item, shape[axis]) for axis, item in enumerate(items) if axis != k):
+        return False
+    i = items[k][1] % shape[k]
+    offset = 0
+    for ref in stack.inputs:
+        size = ed.graph.type_of(ref).shape[k]
+        if not isinstance(size, int):
+            return False
+        if offset <= i < offset + size:
+            piece = ed.node(ref.node)
+            if size != 1 or piece.op != "unsqueeze" or piece.attr("dim") % len(shape) != k:
+                return False
+            return forward_to(ed, nid, piece.inputs[0])
+        offset += size
+    return False
+
+
 @register_pass("eliminate_identity", opt_level=1)
 def eliminate_identity(graph: Graph, ctx: PassContext) -> PassResult:
-    """Remove no-ops: dropout at inference, cancelling transposes/permutes, no-op reshapes and casts."""
-    return run_rules(graph, [drop_dropout, cancel_transposes, cancel_permutes, drop_noop_shape, collapse_reshapes],
-                     ctx)
+    """Remove no-ops: dropout at inference, cancelling transposes/permutes, no-op reshapes and casts, and
+    one step picked out of a stack of steps."""
+    return run_rules(graph, [drop_dropout, cancel_transposes, cancel_permutes, drop_noop_shape, collapse_reshapes,
+                             select_from_stack], ctx)
 
 
 # -- common subexpressions ----------------------------------------------------------------------
