@@ -53,7 +53,8 @@ INFINITE_TENSOR_OK = frozenset({("where", "x"), ("where", "y")} | {(n, a) for n 
                                                                   for a in ("x", "y")})
 
 #: repeat(n, block, x, ...)'s own keyword options (every other keyword goes to the block), with what each does.
-REPEAT_OPTIONS = {"share": "makes every step reuse the parameters of the first step",
+REPEAT_OPTIONS = {"share": "makes every step reuse the parameters of the first step (share=v: those of the same "
+                           "step of the earlier repeat that computed v)",
                   "stack": "gives each carried value of every step, stacked along a new leading axis"}
 
 OVERRIDES_FILE = "<--set>"
@@ -174,9 +175,14 @@ class Elaborator:
         self.depth = 0  # nesting of `ev` calls, bounded by MAX_EVAL_DEPTH
         self.too_big = False  # MAX_NODES was reached: no more nodes are added
         self.called: set[str] = set()  # blocks elaborated at least once
-        #: repeat(..., share=true) being elaborated, outermost first: (frames outside it, its attribute, the
-        #: span of its share= option); a layer of step i > 0 is tied to the same layer of step 0
-        self.shared_repeats: list[tuple[tuple[Frame, ...], str, Span]] = []
+        #: repeat(..., share=true | v) being elaborated, outermost first: (frames outside it, its attribute,
+        #: the span of its share= option, the attribute of the repeat that computed v or None for share=true,
+        #: a one-element list counting the layers tied so far); with share=true a layer of step i > 0 is tied
+        #: to the same layer of step 0, with share=v every layer to the same layer of the same step of v's
+        #: repeat (a layer that repeat lacks keeps its own parameters)
+        self.shared_repeats: list[tuple[tuple[Frame, ...], str, Span, str | None, list[int]]] = []
+        #: the step count of every repeat elaborated so far, by (frames outside it, its attribute)
+        self.repeat_steps: dict[tuple[tuple[Frame, ...], str], int] = {}
         self.layers: dict[tuple[str, ...], int] = {}  # module path of each layer with parameters -> node id
 
     # -- locations ---------------------------------------------------------------------------
@@ -1424,9 +1430,10 @@ class Elaborator:
             if k.name not in REPEAT_OPTIONS:
                 kwargs[k.name] = v
                 continue
-            if v is not POISON and not isinstance(v, bool):
-                v = self.fail(k.value.span, f"repeat: {k.name}= must be true or false, got {_kind(v)}",
-                              f"{k.name}=true {REPEAT_OPTIONS[k.name]}")
+            if v is not POISON and not isinstance(v, bool) and not (k.name == "share" and isinstance(v, TV)):
+                v = self.fail(k.value.span, f"repeat: {k.name}= must be true or false"
+                                            f"{' (or a value of an earlier repeat)' if k.name == 'share' else ''}, "
+                                            f"got {_kind(v)}", f"{k.name}=true {REPEAT_OPTIONS[k.name]}")
             options[k.name] = (v, k.span)
         if n is POISON or blk is POISON or any(v is POISON for v in carried + list(kwargs.values())) \
                 or any(v is POISON for v, _ in options.values()):
@@ -1450,11 +1457,18 @@ class Elaborator:
         if stack and n == 0:
             return self.fail(e.args[0].span, "repeat(..., stack=true) needs at least one step: zero steps "
                                              "stack to nothing")
+        source = None
+        if isinstance(share, TV):
+            source = self.shared_source(share, n, scope, share_span)
+            if source is POISON:
+                return POISON
         attr = scope.claim(hint if hint and "," not in hint else blk.name)
+        self.repeat_steps[(scope.frames, attr)] = n
         state = tuple(carried)
         steps: list[tuple[Any, ...]] = []
-        if share:
-            self.shared_repeats.append((scope.frames, attr, share_span))
+        tied = [0]
+        if share is not False:
+            self.shared_repeats.append((scope.frames, attr, share_span, source, tied))
         try:
             for i in range(n):
                 out = self.call_block(block, list(state), kwargs, e, scope, attr, i)
@@ -1467,8 +1481,13 @@ class Elaborator:
                 state = out
                 steps.append(out)
         finally:
-            if share:
+            if share is not False:
                 self.shared_repeats.pop()
+        if source is not None and n and not tied[0]:
+            return self.fail(share_span, f"repeat(..., share={source}): no layer of block '{blk.name}' matches a "
+                                         f"layer of the repeat '{source}' (layers match by their path inside the "
+                                         f"step, e.g. 'attention' or 'ffn'), so nothing would be shared",
+                             "name the shared layers alike in both blocks (the name a layer's value is assigned to)")
         if stack:
             return self.stack_steps(steps, e, scope, hint, blk.name)
         return state[0] if len(state) == 1 else state
@@ -1500,31 +1519,55 @@ class Elaborator:
             out.append(parts[0])
         return out[0] if len(out) == 1 else tuple(out)
 
+    def shared_source(self, v: "TV", n: int, scope: _Scope, span: Span) -> str | _Poison:
+        """repeat(..., share=v): the attribute of the earlier repeat, in this scope, whose step computed v
+        (its last step's value, as `g = repeat(...)` binds it); it must have run n steps."""
+        node = self.graph.node(v.ref.node)
+        k = len(scope.frames)
+        frame = node.scope[k] if node.scope[:k] == scope.frames and len(node.scope) > k else None
+        if frame is None or frame.index is None or (scope.frames, frame.name) not in self.repeat_steps:
+            return self.fail(span, "repeat(..., share=v): v must be a value computed inside an earlier repeat of "
+                                   "this scope (its result, as `g = repeat(n, block, x)` binds it), whose layers "
+                                   "this repeat's steps then reuse step by step",
+                             "share=true makes the steps of this repeat reuse its own first step's layers")
+        other = self.repeat_steps[(scope.frames, frame.name)]
+        if other != n:
+            return self.fail(span, f"repeat(..., share={frame.name}): '{frame.name}' ran {other} steps and this "
+                                   f"repeat runs {n}; step i reuses the layers of step i, so the counts must agree")
+        return frame.name
+
     def share_step(self, opname: str, params: tuple[ParamSpec, ...], path: tuple[str, ...], scope: _Scope,
                    span: Span) -> tuple[ParamSpec, ...] | _Poison:
         """The parameters of a new layer at `path`, tied to those of the same layer of step 0 when it is made
         in a later step of a repeat(..., share=true) (the outermost such repeat not at step 0 decides; the
         layer of step 0 carries its own ties, frozen= and initialisers, which every step then shares)."""
-        for outer, attr, share_span in self.shared_repeats:
+        for outer, attr, share_span, source, tied in self.shared_repeats:
             k = len(outer)
             if scope.frames[:k] != outer or len(scope.frames) <= k or scope.frames[k].name != attr:
                 continue
             step = scope.frames[k].index
-            if not step:
+            if not step and source is None:
                 continue
             at = sum(len(f.segments) for f in outer) + 1  # the step's index in the module path
-            first = path[:at] + ("0",) + path[at + 1:]
+            if source is None:
+                first = path[:at] + ("0",) + path[at + 1:]
+            else:  # the same step of the repeat that computed share=v; a layer it lacks is this step's own
+                first = path[:at - 1] + (source, str(step)) + path[at + 1:]
+                if first not in self.layers:
+                    return params
             nid = self.layers.get(first)
             owner = self.graph.node(nid) if nid is not None else None
             if owner is None or owner.op != opname or \
                     [(p.name, p.shape, p.dtype) for p in params] != [(q.name, q.shape, q.dtype) for q in owner.params]:
                 have = (f"a {owner.op} with parameters {_params_text(owner.params)}" if owner is not None
                         else "no layer")
-                return self.fail(share_span, f"repeat(..., share=true): step {step} has a {opname} "
-                                             f"'{'.'.join(path)}' with parameters {_params_text(params)}, but step 0 has {have} "
-                                             f"at '{'.'.join(first)}'; the steps of a shared repeat need the same "
-                                             f"layers with the same parameter shapes and dtypes",
-                                  f"that layer is at {span}")
+                owner_step = "step 0" if source is None else f"step {step} of '{source}'"
+                return self.fail(share_span, f"repeat(..., share={'true' if source is None else source}): step {step} "
+                                             f"has a {opname} '{'.'.join(path)}' with parameters "
+                                             f"{_params_text(params)}, but {owner_step} has {have} at "
+                                             f"'{'.'.join(first)}'; shared layers need the same op and parameter "
+                                             f"shapes and dtypes", f"that layer is at {span}")
+            tied[0] += 1
             return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(first + (q.name,)), frozen=q.frozen,
                                              init=q.init)
                          for p, q in zip(params, owner.params))

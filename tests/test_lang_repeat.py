@@ -249,14 +249,15 @@ def test_misuse_is_a_located_error():
         assert_error(ERRORS.format(line=graph), line, col, message)
 
     err(15, 26, "repeat(..., share=true): step 1 has a linear 'y.1.linear' with parameters [weight f32[4, 4], "
-        "bias f32[4]], but step 0 has a linear with parameters [weight f32[4, 3], bias f32[4]] at 'y.0.linear'; the "
-        "steps of a shared repeat need the same layers with the same parameter shapes and dtypes",
+        "bias f32[4]], but step 0 has a linear with parameters [weight f32[4, 3], bias f32[4]] at 'y.0.linear'; "
+        "shared layers need the same op and parameter shapes and dtypes",
         "y = repeat(2, step, x, share=true)")
     err(15, 7, "repeat(..., stack=true): block 'grow' returns value 1 as f32[B, 6] at step 0 but as f32[B, 12] at "
         "step 1; stacked values need one type at every step", "y = repeat(2, grow, x, stack=true)")
     err(15, 14, "repeat(..., stack=true) needs at least one step: zero steps stack to nothing",
         "y = repeat(0, step, x, stack=true)")
-    err(15, 32, "repeat: share= must be true or false, got the integer 1", "y = repeat(2, step, x, share=1)")
+    err(15, 32, "repeat: share= must be true or false (or a value of an earlier repeat), got the integer 1",
+        "y = repeat(2, step, x, share=1)")
     err(15, 32, "repeat: stack= must be true or false, got the string 'yes'", 'y = repeat(2, step, x, stack="yes")')
     err(15, 25, "repeat: 'stack=' is repeat's own option, so it cannot pass block 'opt' its argument 'stack'",
         "y = repeat(2, opt, x, stack=true)")
@@ -265,3 +266,86 @@ def test_misuse_is_a_located_error():
 def test_options_off_change_nothing():
     """share=false, stack=false are the plain repeat: the same IR as without the options."""
     assert ir(spec()) == ir(spec(options=""))
+
+
+#: two different blocks whose layers `ffn` (and `norm`) match by name; `extra` only in the second
+ACROSS = """\
+specc: 1
+name: a
+params: {{d: 5, n: 3}}
+dims: {{B: 2}}
+inputs:
+  x: f32[B, d]
+blocks:
+  plain(h): |
+    ffn = linear(h, d)
+    norm = layer_norm(relu(ffn) + h)
+    return norm
+  extra(h, z): |
+    ffn = linear(h, d)
+    norm = layer_norm(relu(ffn) + h)
+    more = linear(z, d, bias=false)
+    return norm + more
+  other(h): |
+    ffn = layer_norm(h)
+    return ffn
+  step2(h): |
+    return tanh(linear(h, d))
+graph: |
+  g = repeat(n, plain, x)
+  {line}
+outputs:
+  y: f32[B, d]
+"""
+
+
+def test_share_another_repeat_step_by_step():
+    """repeat(..., share=g): step i reuses the layers of step i of the repeat that computed g, matched by
+    their path inside the step; a layer g's steps lack (`more`) is the step's own."""
+    text = ACROSS.format(line="y = repeat(n, extra, x, z=g, share=g)")
+    text_ir = ir(text)
+    for i in range(N):
+        assert f"@y.{i}.ffn {{weight: f32[5, 5] = @g.{i}.ffn.weight, bias: f32[5] = @g.{i}.ffn.bias}}" in text_ir
+        assert f"@y.{i}.norm {{weight: f32[5] = @g.{i}.norm.weight" in text_ir
+        assert f"@y.{i}.more {{weight: f32[5, 5]}}" in text_ir
+    per_g = 5 * 5 + 5 + 2 * 5
+    assert specc.check(text).params == N * per_g + N * 5 * 5
+    model = specc.load(text, opt_level=0).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=f64))
+    w = dict(model.state_dict())
+    x = torch.randn(4, 5, dtype=f64, generator=torch.Generator().manual_seed(2))
+
+    def plain(h, i):
+        ffn = h @ w[f"g.{i}.ffn.weight"].T + w[f"g.{i}.ffn.bias"]
+        return F.layer_norm(torch.relu(ffn) + h, (5,), w[f"g.{i}.norm.weight"], w[f"g.{i}.norm.bias"])
+
+    g = x
+    for i in range(N):
+        g = plain(g, i)
+    h = x
+    for i in range(N):
+        h = plain(h, i) + g @ w[f"y.{i}.more.weight"].T
+    for opt_level in (0, 2):
+        got = specc.load(text, opt_level=opt_level).double()
+        got.load_state_dict(w, strict=False)
+        with torch.no_grad():
+            assert (got(x) - h).abs().max() <= TOL, opt_level
+
+
+def test_share_another_repeat_misuse_is_located():
+    def err(line, col, message, graph):
+        assert_error(ACROSS.format(line=graph), line, col, message)
+
+    err(24, 27, "repeat(..., share=v): v must be a value computed inside an earlier repeat of this scope (its "
+        "result, as `g = repeat(n, block, x)` binds it), whose layers this repeat's steps then reuse step by step",
+        "y = repeat(n, plain, x, share=x)")
+    err(24, 27, "repeat(..., share=g): 'g' ran 3 steps and this repeat runs 2; step i reuses the layers of step "
+        "i, so the counts must agree", "y = repeat(2, plain, x, share=g)")
+    err(24, 27, "repeat(..., share=g): step 0 has a layer_norm 'y.0.ffn' with parameters [weight f32[5], bias "
+        "f32[5]], but step 0 of 'g' has a linear with parameters [weight f32[5, 5], bias f32[5]] at 'g.0.ffn'; "
+        "shared layers need the same op and parameter shapes and dtypes", "y = repeat(n, other, x, share=g)")
+    err(24, 27, "repeat(..., share=g): no layer of block 'step2' matches a layer of the repeat 'g' (layers match "
+        "by their path inside the step, e.g. 'attention' or 'ffn'), so nothing would be shared",
+        "y = repeat(n, step2, x, share=g)")

@@ -27,7 +27,8 @@ D, HEADS, OLD, NEW, LP, PATCH = 32, 4, 6, 2, 8, 4
 #: per prompted layer: P, K, A of the earlier tasks (frozen), then those of this task, in spec order
 OLD_NEW = {"parameter": "P_old", "parameter_1": "P_new", "parameter_2": "K_old", "parameter_3": "K_new",
            "parameter_4": "A_old", "parameter_5": "A_new"}
-PROMPTED = ("h", "h_1")
+LAYERS = 2
+PROMPTED = tuple(f"h.{i}" for i in range(LAYERS))  # the prompted pass's steps; step i shares g.i's layer
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +82,19 @@ def coda_prompt(q, w, g):
     return prompt[:, :LP // 2], prompt[:, LP // 2:]
 
 
-def reference(x, w):
+def reference(x, w, layers=LAYERS):
     b = x.shape[0]
     cols = x.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)              # [B, 3, 4, 4, p, p]
     cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(b, 16, 3 * PATCH * PATCH)  # one row per patch, row-major
     tokens = cols @ w["patches.weight"].reshape(D, -1).T + w["patches.bias"] + w["parameter.weight"]
-    g = layer(layer(tokens, w, "layer"), w, "layer_1")
+    g = tokens
+    for i in range(layers):
+        g = layer(g, w, f"g.{i}")
     q = layer_norm(g, w, "norm").mean(1)                                   # the query, without prompts
-    prompts = [coda_prompt(q, w, p) for p in PROMPTED]
+    prompts = [coda_prompt(q, w, f"h.{i}") for i in range(layers)]
     h = tokens
-    for owner, (pk, pv) in zip(("layer", "layer_1"), prompts):
-        h = layer(h, w, owner, pk, pv)
+    for i, (pk, pv) in enumerate(prompts):
+        h = layer(h, w, f"g.{i}", pk, pv)                                  # the query pass's layer i, shared
     return lin(layer_norm(h, w, "norm").mean(1), w, "logits"), prompts
 
 
@@ -106,7 +109,7 @@ def test_prompts_and_logits_match_the_hand_written_computation(zoo, built, pertu
     w = dict(model.state_dict())
     seen = {}
     for p in PROMPTED:
-        getattr(model, p).attention.register_forward_pre_hook(
+        model.get_submodule(p + ".att").register_forward_pre_hook(
             lambda mod, args, kwargs, p=p: seen.__setitem__(p, kwargs["prefix"]), with_kwargs=True)
     x = images(0)
     with torch.no_grad():
@@ -126,7 +129,7 @@ def test_frozen_components_get_zero_gradient(zoo, built):
     trainable |= {"logits.weight", "logits.bias"}
     old = {f"{p}.components.{n}.weight" for p in PROMPTED for n, role in OLD_NEW.items() if role.endswith("old")}
     assert {n for n, p in params.items() if p.requires_grad} == trainable
-    assert old <= set(params) and params["h.components.parameter.weight"].shape == (OLD, LP, D)
+    assert old <= set(params) and params["h.0.components.parameter.weight"].shape == (OLD, LP, D)
     before = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     x, labels = images(1).float(), torch.tensor([3, 7])
@@ -151,3 +154,28 @@ def test_frozen_components_get_zero_gradient(zoo, built):
 def test_cli_builds_and_runs_it(zoo):
     out = zoo.build_cli(NAME, run=True)
     assert zoo.manifest(out)["parameter_count"] == specc.check(zoo.spec(NAME)).params
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_any_number_of_layers_shares_the_query_pass_layers(perturb, layers):
+    """layers= is a param: the prompted pass's step i reuses the query pass's layer i (repeat's share=g),
+    so the encoder's parameters exist once, and the logits equal the reference with that many layers."""
+    model = specc.load(zoo_spec(), opt_level=0, layers=layers)
+    model.load_state_dict(perturb(model.state_dict()))
+    model = model.double()
+    names = {n for n, _ in model.named_parameters()}
+    assert {n.split(".")[0] for n in names} == {"patches", "parameter", "g", "norm", "h", "logits"}
+    assert not any(n.startswith("h.") and not n.startswith(tuple(f"h.{i}.components." for i in range(layers)))
+                   for n in names)  # the prompted steps own only their components
+    summary = specc.check(zoo_spec(), layers=layers)
+    assert summary.trainable_params == layers * NEW * (LP * D + 2 * D) + 10 * D + 10
+    x = images(3)
+    with torch.no_grad():
+        got = model(x)
+        want, _ = reference(x, dict(model.state_dict()), layers)
+    assert (got - want).abs().max().item() <= 1e-10
+
+
+def zoo_spec():
+    from conftest import SPECS
+    return SPECS / f"{NAME}.yaml"
