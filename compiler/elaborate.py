@@ -1524,11 +1524,14 @@ class Elaborator:
         (its last step's value, as `g = repeat(...)` binds it); it must have run n steps."""
         node = self.graph.node(v.ref.node)
         k = len(scope.frames)
+        for _ in range(3):  # a stack=true repeat's values (and a step picked out of them) are made outside its steps
+            if node.scope == scope.frames and node.op in ("getitem", "concat", "unsqueeze") and node.inputs:
+                node = self.graph.node(node.inputs[0].node)
         frame = node.scope[k] if node.scope[:k] == scope.frames and len(node.scope) > k else None
         if frame is None or frame.index is None or (scope.frames, frame.name) not in self.repeat_steps:
             return self.fail(span, "repeat(..., share=v): v must be a value computed inside an earlier repeat of "
-                                   "this scope (its result, as `g = repeat(n, block, x)` binds it), whose layers "
-                                   "this repeat's steps then reuse step by step",
+                                   "this scope (its result, as `g = repeat(n, block, x)` binds it, stacked or not), "
+                                   "whose layers this repeat's steps then reuse step by step",
                              "share=true makes the steps of this repeat reuse its own first step's layers")
         other = self.repeat_steps[(scope.frames, frame.name)]
         if other != n:
@@ -1538,9 +1541,13 @@ class Elaborator:
 
     def share_step(self, opname: str, params: tuple[ParamSpec, ...], path: tuple[str, ...], scope: _Scope,
                    span: Span) -> tuple[ParamSpec, ...] | _Poison:
-        """The parameters of a new layer at `path`, tied to those of the same layer of step 0 when it is made
-        in a later step of a repeat(..., share=true) (the outermost such repeat not at step 0 decides; the
-        layer of step 0 carries its own ties, frozen= and initialisers, which every step then shares)."""
+        """The parameters of a new layer at `path` made inside shared repeats: tied to the same layer of step 0
+        in a later step of a repeat(..., share=true), or to the same layer of the same step of the repeat that
+        computed v under repeat(..., share=v) (a layer that repeat lacks is not matched there). Every shared
+        repeat around the layer that matches it counts the match (a share=v repeat without any is an error);
+        the outermost decides the tie, and since a matched layer carries its own ties (and frozen=,
+        initialisers), every choice reaches the same storage."""
+        decided = None
         for outer, attr, share_span, source, tied in self.shared_repeats:
             k = len(outer)
             if scope.frames[:k] != outer or len(scope.frames) <= k or scope.frames[k].name != attr:
@@ -1551,10 +1558,10 @@ class Elaborator:
             at = sum(len(f.segments) for f in outer) + 1  # the step's index in the module path
             if source is None:
                 first = path[:at] + ("0",) + path[at + 1:]
-            else:  # the same step of the repeat that computed share=v; a layer it lacks is this step's own
+            else:  # the same step of the repeat that computed share=v
                 first = path[:at - 1] + (source, str(step)) + path[at + 1:]
                 if first not in self.layers:
-                    return params
+                    continue
             nid = self.layers.get(first)
             owner = self.graph.node(nid) if nid is not None else None
             if owner is None or owner.op != opname or \
@@ -1568,10 +1575,14 @@ class Elaborator:
                                              f"'{'.'.join(first)}'; shared layers need the same op and parameter "
                                              f"shapes and dtypes", f"that layer is at {span}")
             tied[0] += 1
-            return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(first + (q.name,)), frozen=q.frozen,
-                                             init=q.init)
-                         for p, q in zip(params, owner.params))
-        return params
+            if decided is None:
+                decided = (first, owner)
+        if decided is None:
+            return params
+        first, owner = decided
+        return tuple(dataclasses.replace(p, tied_to=q.tied_to or ".".join(first + (q.name,)), frozen=q.frozen,
+                                         init=q.init)
+                     for p, q in zip(params, owner.params))
 
     def check_symbols_known(self) -> None:
         """Every symbolic dimension the graph uses must be readable from an input's shape at run time."""

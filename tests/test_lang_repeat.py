@@ -339,7 +339,8 @@ def test_share_another_repeat_misuse_is_located():
         assert_error(ACROSS.format(line=graph), line, col, message)
 
     err(24, 27, "repeat(..., share=v): v must be a value computed inside an earlier repeat of this scope (its "
-        "result, as `g = repeat(n, block, x)` binds it), whose layers this repeat's steps then reuse step by step",
+        "result, as `g = repeat(n, block, x)` binds it, stacked or not), whose layers this repeat's steps then reuse "
+        "step by step",
         "y = repeat(n, plain, x, share=x)")
     err(24, 27, "repeat(..., share=g): 'g' ran 3 steps and this repeat runs 2; step i reuses the layers of step "
         "i, so the counts must agree", "y = repeat(2, plain, x, share=g)")
@@ -349,3 +350,58 @@ def test_share_another_repeat_misuse_is_located():
     err(24, 27, "repeat(..., share=g): no layer of block 'step2' matches a layer of the repeat 'g' (layers match "
         "by their path inside the step, e.g. 'attention' or 'ffn'), so nothing would be shared",
         "y = repeat(n, step2, x, share=g)")
+
+
+NESTED_HEAD = "specc: 1\nname: s\nparams: {d: 4}\ndims: {B: 2}\ninputs:\n  x: f32[B, d]\n"
+
+
+def test_nested_shared_repeats_of_both_kinds():
+    """share=true inside the steps of a share=g repeat ties its own steps (the layer g's steps lack), and
+    share=g inside the steps of a share=true repeat matches g even where the outer repeat decides the tie:
+    every layer reaches one storage per equivalence class (20 parameters per linear(4, 4))."""
+    inner_true = NESTED_HEAD + """blocks:
+  q(h): |
+    fc = linear(h, d)
+    return tanh(fc)
+  sb(h): |
+    extra = linear(h, d)
+    return relu(extra)
+  p(h): |
+    fc = linear(h, d)
+    h = tanh(fc)
+    return repeat(2, sb, h, share=true)
+graph: |
+  g = repeat(2, q, x)
+  y = repeat(2, p, x, share=g)
+outputs:
+  y:
+"""
+    assert specc.check(inner_true).params == 2 * 20 + 2 * 20  # g's two fc; one sb per step of y
+    text_ir = ir(inner_true)
+    assert "@y.1.fc {weight: f32[4, 4] = @g.1.fc.weight" in text_ir
+    assert "@y.1.sb.1.extra {weight: f32[4, 4] = @y.1.sb.0.extra.weight" in text_ir
+    inner_g = NESTED_HEAD + """blocks:
+  step(h): |
+    fc = linear(h, d)
+    return tanh(fc)
+  pair(h): |
+    g = repeat(2, step, h)
+    return repeat(2, step, g, share=g)
+graph: |
+  y = repeat(3, pair, x, share=true)
+outputs:
+  y:
+"""
+    assert specc.check(inner_g).params == 2 * 20  # pair's g once; its shared repeat and the outer steps reuse it
+    assert specc.check(inner_g.replace("share=true", "share=false")).params == 3 * 2 * 20
+    text_ir = ir(inner_g)
+    assert "@y.2.step.1.fc {weight: f32[4, 4] = @y.0.g.1.fc.weight" in text_ir
+    assert "@y.0.step.1.fc {weight: f32[4, 4] = @y.0.g.1.fc.weight" in text_ir
+
+
+def test_share_a_stacked_repeat():
+    """share= takes a stack=true repeat's result, or a step picked out of it, as it takes a plain result."""
+    for line in ("gs = repeat(n, plain, x, stack=true)\n  y = repeat(n, extra, x, z=gs[-1], share=gs)",
+                 "gs = repeat(n, plain, x, stack=true)\n  y = repeat(n, extra, x, z=gs[0], share=gs[-1])"):
+        text = ACROSS.replace("  g = repeat(n, plain, x)\n", "").format(line=line)
+        assert "@y.2.ffn {weight: f32[5, 5] = @gs.2.ffn.weight" in ir(text), line
