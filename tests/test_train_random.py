@@ -211,3 +211,18 @@ def test_without_random_the_input_is_fed_by_no_field():
     """The rule: a drawn input takes no data field; without its random: entry it needs one."""
     errors = error_of(SPEC.replace("    keep: subset(2)\n", ""))
     assert any("the model input 'keep' is fed by no data field" in m for _, _, m in errors), errors
+
+
+def test_with_epochs_the_last_step_is_checked_before_anything_is_written(tmp_path):
+    """`specc check` cannot count the steps of `epochs:` (the data decides), so the draw's arguments at the
+    last step are checked when training starts, before the run folder exists."""
+    text = (SPEC.replace("keep: subset(2)", "keep: subset(7 * progress)")
+                .replace("steps: 10", "epochs: 1").replace("  checkpoint: {every: 5}\n", ""))
+    prepare(text)  # the check passes: at its step 0, k = 0
+    out = tmp_path / "run"
+    with pytest.raises(SpecError) as e:
+        train(text, out)
+    d = e.value.diagnostics[0]
+    assert d.message.startswith("random 'keep': subset: k must be a whole number at least 0, got 6.7") \
+        and d.message.endswith("at step 23"), d.message  # 192 samples / 8 = 24 steps
+    assert not out.exists()

@@ -484,7 +484,7 @@ def subset(k=None, ratio=None):
     if k is not None:
         k = _number("k", k)
         if k != int(k) or k < 0:
-            raise ValueError(f"k must be a whole number at least 0, got {k:g}")
+            raise ValueError(f"k must be a whole number at least 0, got {k!r}")
     else:
         ratio = _number("ratio", ratio)
         if not 0.0 <= ratio <= 1.0:
