@@ -33,7 +33,7 @@ from specc.dsl.schema import RESERVED, DimDecl, OutputDecl, SpecSource, check_id
 from specc.dsl.yamlpos import TextOrigin
 
 from . import ops as _ops  # noqa: F401  (registers the built-in operators)
-from .dims import Dim, Sym, div_exact, fmt, is_dim
+from .dims import Dim, Sym, div_exact, evaluate, fmt, is_dim
 from .ir import DTYPES, FLOAT_DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
 
@@ -217,10 +217,25 @@ class Elaborator:
             self.apply_freeze()
         if not self.errors:
             self.check_symbols_known()
-        self.errors.raise_if_any(self.sources)
         self.graph.params = dict(self.params)
         self.graph.dims = dict(self.symbols)
+        if not self.errors:
+            self.check_example_sizes()
+        self.errors.raise_if_any(self.sources)
         return self.graph
+
+    def check_example_sizes(self) -> None:
+        """At the example sizes every dimension must be at least 1: `specc check` counts there and
+        example_inputs() runs there, so a conv1d of kernel 5 over an example T of 3 (length T - 4 = -1) is
+        an error at the node that first has the dimension."""
+        bindings = self.graph.example_bindings()
+        at = ", ".join(f"{k}={v}" for k, v in bindings.items())
+        for nid, axis, d, value in self.graph.nonpositive_dims(bindings):
+            node = self.graph.node(nid)
+            need = smallest_size(d, bindings)
+            self.fail(node.span, f"at the example sizes ({at}) dimension {axis} of this {node.op}'s output, {d}, is "
+                                 f"{value}", *([f"{need[0]} must be at least {need[1]} here; give it a larger example "
+                                              f"under dims: ({need[0]}: {{example: {need[1]}}})"] if need else []))
 
     # -- params and overrides ----------------------------------------------------------------
     def bind_params(self) -> None:
@@ -1687,6 +1702,18 @@ def _params_text(params) -> str:
 def difflib_close(name: str, candidates: Collection[str], n: int = 3) -> list[str]:
     """Up to `n` candidates close to `name`."""
     return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5)
+
+
+def smallest_size(d, bindings: Mapping[str, int], limit: int = 1 << 16) -> tuple[str, int] | None:
+    """(symbol, the smallest value of it, from its binding up, at which `d` is at least 1) when `d` has one
+    symbol and such a value below `limit` exists."""
+    if len(d.symbols) != 1:
+        return None
+    (name,) = d.symbols
+    for v in range(bindings[name], limit):
+        if evaluate(d, {**bindings, name: v}) >= 1:
+            return name, v
+    return None
 
 
 def _plain(t: TensorType) -> str:

@@ -234,6 +234,23 @@ class Graph:
     def example_bindings(self) -> dict[str, int]:
         return {s: ex for s, (ex, _, _) in self.dims.items()}
 
+    def nonpositive_dims(self, bindings: Mapping[str, int]) -> list[tuple[int, int, Dim, int]]:
+        """(node id, axis, dimension, its value) where a symbolic dimension of a node's output is below 1
+        under `bindings` (a conv's T - 4 at T = 3), once per dimension, at the first node (in order) that
+        has it."""
+        seen: set = set()
+        out = []
+        for nid, node in self.nodes():
+            for t in node.outputs:
+                for axis, d in enumerate(t.shape):
+                    if isinstance(d, int) or d in seen or not d.symbols <= set(bindings):
+                        continue
+                    value = evaluate(d, bindings)
+                    if value < 1:
+                        seen.add(d)
+                        out.append((nid, axis, d, value))
+        return out
+
     def __len__(self) -> int:
         return self.g.number_of_nodes()
 

@@ -131,6 +131,11 @@ def check_sizes(graph: Graph, at: Mapping[str, Any] | None, where: Span) -> dict
             raise SpecError(Diagnostic(where, f"{name}={size} is outside the sizes {graph.name} accepts "
                                               f"({lo} to {hi if hi is not None else 'any'})"))
         sizes[name] = size
+    for nid, axis, d, value in graph.nonpositive_dims(sizes)[:1]:
+        node = graph.node(nid)
+        at = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise SpecError(Diagnostic(where, f"at {at} dimension {axis} of the output of the {node.op} at {node.span}, "
+                                          f"{d}, is {value}: the model does not run at these sizes"))
     return sizes
 
 

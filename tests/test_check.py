@@ -69,3 +69,46 @@ def test_cli_ir_and_build(tmp_path):
     assert manifest["params"]["layers"] == 1
     assert manifest["parameter_count"] == gpt_params(65, 64, 64, 1, True)
     assert manifest["inputs"][0]["type"] == "i64[B, T] in range(65)"
+
+
+CONV_OVER_T = """\
+specc: 1
+name: pc
+params: {{d: 8}}
+dims:
+  B: 2
+  T: {t}
+inputs:
+  x: f32[B, T, d]
+graph: |
+  h = relu(x)
+  c = conv1d(transpose(h, 1, 2), d, 5)
+  y = mlp(transpose(c, 1, 2), hidden=16)
+outputs:
+  y:
+"""
+
+
+def test_a_dimension_below_one_at_the_example_sizes_is_an_error():
+    """conv1d of kernel 5 over T has length T - 4: an example T of 3 would count FLOPs and build example
+    inputs for a model that cannot run; reported once, at the conv, with the smallest T that works."""
+    from opcheck import only_error
+
+    d = only_error(CONV_OVER_T.format(t=3))
+    assert (d.span.line, d.span.col) == (11, 7)
+    assert d.message == "at the example sizes (B=2, T=3) dimension 2 of this conv1d's output, T - 4, is -1"
+    assert d.notes == ("T must be at least 5 here; give it a larger example under dims: (T: {example: 5})",)
+    assert specc.check(CONV_OVER_T.format(t=5)).outputs[0].example_shape == (2, 1, 8)
+
+
+def test_prune_at_sizes_where_the_model_cannot_run_is_an_error(tmp_path, capsys):
+    from specc.cli import main
+
+    spec = tmp_path / "pc.yaml"
+    spec.write_text(CONV_OVER_T.format(t=8).replace("relu(x)", "attention(x, heads=2)"))
+    out = tmp_path / "o"
+    assert main(["prune", str(spec), "--flops", "1.0", "--calib", "example", "--at", "T=3", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"<--at>: error: at B=2, T=3 dimension 2 of the output of the conv1d at {spec}:11:7, T - 4, is -1: " \
+           "the model does not run at these sizes" in err, err
+    assert not out.exists()
