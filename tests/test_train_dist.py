@@ -88,3 +88,34 @@ def test_teardown_ends_the_groups_threads(tmp_path):
     # the main thread alone on each rank (each writes its count to a file of its own: printed, the two
     # ranks' reports could interleave on the launcher's one stdout)
     assert [(tmp_path / f"rank{i}").read_text() for i in range(2)] == ["1", "1"]
+
+
+def test_two_processes_take_their_rows_of_each_steps_draw(tmp_path):
+    """random: draws the global batch's values at each step and each process takes its rows, so the loss
+    curve of two processes is that of one (a process drawing its own values would change every loss)."""
+    spec = tmp_path / "drawn.yaml"
+    spec.write_text(MOONS.read_text()
+                    .replace("  x: f32[B, 2]\n", "  x: f32[B, 2]\n  noise: f32[B, 2]\n")
+                    .replace("relu(linear(x, hidden))", "relu(linear(x + noise, hidden))")
+                    .replace("  seed: 3\n", "  seed: 3\n  random:\n    noise: normal(0, 0.5)\n")
+                    .replace("  checkpoint: {every: 10, keep: 3}", "  checkpoint: {every: 40}"))
+    runs = {}
+    for name, more in (("one", ()), ("two", ("--nproc", "2"))):
+        env = dict(os.environ, NO_COLOR="1")
+        r = subprocess.run([sys.executable, "-m", "specc.cli", "train", str(spec), "-o", str(tmp_path / name),
+                            "--quiet", "--threads", "1", "--set", "dropout=0.0", *more],
+                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        runs[name] = records(tmp_path / name)
+    losses = {k: [x["loss"] for x in v if "loss" in x and x.get("split") != "val"] for k, v in runs.items()}
+    assert len(losses["one"]) == 40 and len(losses["two"]) == 40
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-5, abs=1e-6)
+    # teeth: the noise matters (without it the curve is another)
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text(spec.read_text().replace("normal(0, 0.5)", "normal(0, 0.0)"))
+    r = subprocess.run([sys.executable, "-m", "specc.cli", "train", str(quiet), "-o", str(tmp_path / "q"), "--quiet",
+                        "--threads", "1", "--set", "dropout=0.0"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    plain = [x["loss"] for x in records(tmp_path / "q") if "loss" in x and x.get("split") != "val"]
+    assert max(abs(a - b) for a, b in zip(plain, losses["one"])) > 1e-3
