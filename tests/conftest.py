@@ -128,3 +128,13 @@ def perturbed(state: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.1)
 @pytest.fixture(scope="session")
 def perturb():
     return perturbed
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: faster on a busy 2-core machine, and the same float sums in every
+    run (training tests compare runs to each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -53,12 +53,7 @@ train:
 GROUPS = [["linear.weight", "linear.bias"], ["linear_1.weight"], ["linear_1.bias", "logits.weight", "logits.bias"]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def gradients(text):

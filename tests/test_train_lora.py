@@ -20,12 +20,7 @@ MOONS = ROOT / "tests" / "data" / "train_moons.yaml"
 LORA = "  lora:\n    layers: [linear, logits]\n    rank: 2\n    alpha: 4\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_lora_fine_tunes_only_the_updates_and_merges_them(tmp_path):

@@ -28,12 +28,7 @@ TINY = {"d_model": 16, "heads": 2, "layers": 2}
 SHORT = {"data": "arithmetic(digits=2, n=600)", "steps": 6, "batch": 16, "eval.every": 3, "checkpoint.every": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def with_recipe(tmp_path: Path, spec: Path, lines: str, name: str = "spec.yaml") -> Path:

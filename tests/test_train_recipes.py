@@ -14,12 +14,7 @@ from specc.train import train
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def evals(run: Path) -> list[dict]:

@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MOONS = ROOT / "tests" / "data" / "train_moons.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: faster on a busy 2-core machine, and the same float sums in every run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def lines(run: Path) -> list[dict]:

@@ -24,7 +24,6 @@ rules: what the first version offered), "none" (the legalised loops as they are)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
