@@ -195,3 +195,168 @@ def test_flops_count_every_step_of_the_window():
     text = spec(F64, "y = omega_memory(q, k, v, 0.5, window=3)")
     for b in (2, 5):
         assert flops_of(text, "omega_memory", B=b) == b * STEPS * (4 * 3 * DK * DV + 2 * 3 * DV + 5 * DK * DV)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory="mlp": ATLAS's deep memory M(x) = x + W2 silu(W1 x), both weights trained by the window loss
+# ---------------------------------------------------------------------------------------------
+
+HID, HEADS = 4, 2
+MLP_INPUTS = ("q: 'f64[B, 2, T, dk]', k: 'f64[B, 2, T, dk]', v: 'f64[B, 2, T, {dv}]', lr: 'f64[B, 2, T]', "
+              "g: 'f64[B, 2, T]', a: 'f64[B, 2, T]'")
+
+
+def mlp_spec(window, residual=True, extra=""):
+    dv = "dk" if residual else "dv"
+    call = f"y = omega_memory(q, k, v, lr, gamma=g, decay=a, window={window}, memory='mlp', hidden={HID}{extra}"
+    return spec(MLP_INPUTS.format(dv=dv), call + ("" if residual else ", residual=false") + ")",
+                dims=f"B: 2, T: {STEPS}")
+
+
+def mlp_data(seed, residual=True, steps=STEPS):
+    q, k, v, lr, gamma, decay = data(seed, heads=(HEADS,), steps=steps)
+    if residual:  # values of the key width
+        v = torch.randn(*v.shape[:-1], DK, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
+    return q, k, v, lr, gamma, decay
+
+
+def mlp_weights(model, seed=0, scale=1.0):
+    """Random initial weights (of a larger scale than the default initialiser), put into the model."""
+    gen = torch.Generator().manual_seed(seed)
+    w = {n: scale * torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.state_dict().items()}
+    model.load_state_dict(w)
+    return w["y.weight1"], w["y.weight2"]
+
+
+def mlp_memory(w1, w2, x, residual):
+    return (x if residual else 0.0) + w2 @ torch.nn.functional.silu(w1 @ x)
+
+
+def omega_mlp_autograd(q, k, v, lr, gamma, decay, window, w1, w2, residual=True, check=True):
+    """The deep memory as the paper states it, one memory per (batch row, head): W_t = decay_t W_{t-1} -
+    lr_t * grad_W 1/2 sum_{i=t-c+1..t} gamma_i ||M(k_i) - v_i||^2 at W_{t-1}, for W = W1 and W2, the
+    gradients by torch.autograd.grad; y_t = M_t(q_t). With check=True each step's gradients are also
+    compared with the closed form the kernels use (<= 1e-12)."""
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            a1, a2 = w1[h].clone(), w2[h].clone()
+            for t in range(q.shape[2]):
+                p1, p2 = a1.detach().requires_grad_(True), a2.detach().requires_grad_(True)
+                span = range(max(0, t - window + 1), t + 1)
+                loss = sum(0.5 * gamma[b, h, i] * ((mlp_memory(p1, p2, k[b, h, i], residual) - v[b, h, i]) ** 2).sum()
+                           for i in span)
+                g1, g2 = torch.autograd.grad(loss, (p1, p2))
+                if check:  # the closed form: e_i = gamma_i (M(k_i) - v_i), grad W2 = sum e_i silu(z_i)^T,
+                    # grad W1 = sum ((W2^T e_i) * silu'(z_i)) k_i^T
+                    c1, c2 = torch.zeros_like(a1), torch.zeros_like(a2)
+                    for i in span:
+                        z = a1 @ k[b, h, i]
+                        s = torch.sigmoid(z)
+                        e = gamma[b, h, i] * (mlp_memory(a1, a2, k[b, h, i], residual) - v[b, h, i])
+                        c2 += torch.outer(e, z * s)
+                        c1 += torch.outer((a2.T @ e) * (s + z * s * (1 - s)), k[b, h, i])
+                    assert err(c1, g1) <= TOL and err(c2, g2) <= TOL
+                a1, a2 = decay[b, h, t] * a1 - lr[b, h, t] * g1, decay[b, h, t] * a2 - lr[b, h, t] * g2
+                out[b, h, t] = mlp_memory(a1, a2, q[b, h, t], residual)
+    return out
+
+
+@pytest.mark.parametrize("window, residual", [(1, True), (3, True), (2, False), (STEPS + 2, True)])
+def test_mlp_memory_is_one_autograd_step_of_both_weights_per_token(window, residual):
+    model = specc.load(mlp_spec(window, residual))
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == \
+        [("y.weight1", (HEADS, HID, DK)), ("y.weight2", (HEADS, DK if residual else DV, HID))]
+    w1, w2 = mlp_weights(model, window)
+    xs = mlp_data(window, residual)
+    with torch.no_grad():
+        got = model(*xs)
+    want = omega_mlp_autograd(*xs, window, w1, w2, residual)
+    assert got.dtype == torch.float64 and want.abs().max() > 0.1
+    assert err(got, want) <= 1e-10
+    # the memory learns: without the updates (lr = 0) the outputs differ, and so do other windows
+    static = omega_mlp_autograd(*xs[:3], 0 * xs[3], *xs[4:], window, w1, w2, residual, check=False)
+    assert err(static, want) > 1e-3
+    other = omega_mlp_autograd(*xs, 1 if window > 1 else 3, w1, w2, residual, check=False)
+    assert err(other, want) > 1e-3
+
+
+def test_mlp_memory_without_steps_is_the_static_mlp_of_its_initial_weights():
+    """lr = 0: no gradient step, so W_t = (decay_1 ... decay_t) W_0 and y_t = M_t(q_t) is a fixed
+    2-layer MLP of the learned initial weights (scaled by the forget gates), computed here directly."""
+    model = specc.load(mlp_spec(3))
+    w1, w2 = mlp_weights(model, 4)
+    q, k, v, lr, gamma, decay = mlp_data(4)
+    with torch.no_grad():
+        got = model(q, k, v, 0 * lr, gamma, decay)
+    scale = torch.cumprod(decay, dim=-1)[..., None, None]  # (B, H, T, 1, 1)
+    hidden = torch.nn.functional.silu((scale * w1[None, :, None]) @ q[..., None])  # (B, H, T, hidden, 1)
+    want = q + ((scale * w2[None, :, None]) @ hidden)[..., 0]
+    assert err(got, want) <= TOL
+    assert err(want, q) > 0.1  # the MLP's part is there
+
+
+def test_zero_initial_weights_are_a_fixed_point():
+    """W1_0 = W2_0 = 0: silu(0) = 0 and W2 = 0 make both gradients zero, so the memory never moves and
+    y_t = q_t (the residual) whatever the keys, values and step sizes: why the initial weights are learned
+    from a non-zero start."""
+    model = specc.load(mlp_spec(2))
+    model.load_state_dict({n: torch.zeros_like(p) for n, p in model.state_dict().items()})
+    q, k, v, lr, gamma, decay = mlp_data(6)
+    with torch.no_grad():
+        assert torch.equal(model(q, k, v, lr, gamma, decay), q)
+
+
+def test_mlp_memory_heads_start_from_their_own_weights():
+    model = specc.load(mlp_spec(2))
+    w1, w2 = mlp_weights(model, 8)
+    xs = mlp_data(8)
+    with torch.no_grad():
+        base = model(*xs)
+        sd = model.state_dict()
+        sd["y.weight1"][1] += 0.5  # head 1 only
+        model.load_state_dict(sd)
+        moved = model(*xs)
+    assert torch.equal(moved[:, 0], base[:, 0]) and (moved[:, 1] - base[:, 1]).abs().max() > 1e-3
+
+
+def test_mlp_memory_gradients_reach_the_initial_weights_and_inputs():
+    model = specc.load(spec(MLP_INPUTS.format(dv="dk"),
+                            "y = omega_memory(q, k, v, lr, gamma=g, decay=a, window=2, memory='mlp', hidden=3)",
+                            dims="B: 1, T: 3"))
+    names = [n for n, _ in model.named_parameters()]
+    mlp_weights(model, 9, scale=0.5)
+    xs = [x[:1].clone().requires_grad_(True) for x in mlp_data(9, steps=3)]  # one batch row
+    ws = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    fn = lambda *a: torch.func.functional_call(model, dict(zip(names, a[:2])), tuple(a[2:]))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, ws + xs)
+
+
+def test_mlp_memory_located_errors_and_flops():
+    inputs = MLP_INPUTS.format(dv="dv")
+    assert_error(spec(inputs, "y = omega_memory(q, k, v, lr, memory='mlp')"), 7, 7,
+                 "omega_memory: memory='mlp' needs hidden=H, the MLP's hidden width (a positive integer), got 0")
+    assert_error(spec(inputs, "y = omega_memory(q, k, v, lr, memory='mlp', hidden=4)"), 7, 7,
+                 "omega_memory: the residual memory M(x) = x + W2 silu(W1 x) needs keys and values of one width, "
+                 "got 3 and 2; residual=false gives M(x) = W2 silu(W1 x)")
+    assert_error(spec(inputs, "y = omega_memory(q, k, v, lr, memory='deep', hidden=4)"), 7, 33,
+                 "omega_memory(): argument 'memory' must be one of 'linear', 'mlp', got 'deep'")
+    assert_error(spec(F64, "y = omega_memory(q[0], k[0], v[0], 0.5, memory='mlp', hidden=2, residual=false)"), 7, 20,
+                 "omega_memory: memory='mlp' needs q of rank 3 or more, [batch, heads..., T, dk] (one initial memory "
+                 "per head), got f64[T, 3]")
+    assert_error(spec("q: 'f64[B, H, T, dk]', k: 'f64[B, H, T, dk]', v: 'f64[B, H, T, dk]'",
+                      "y = omega_memory(q, k, v, 0.5, memory='mlp', hidden=2)", dims="B: 2, H: 2, T: 3"), 7, 20,
+                 "omega_memory: parameter 'weight1' would have symbolic size H; its size must be fixed by params, "
+                 "not by a symbolic dimension")
+    # hidden and residual are the MLP's options: the linear memory takes and ignores them (a spec switches
+    # memories by a param without touching the rest of the call)
+    lin = specc.check(spec(inputs, "y = omega_memory(q, k, v, lr, hidden=4)"))
+    assert lin.params == 0
+    s = specc.check(mlp_spec(3))
+    assert s.params == HEADS * 2 * HID * DK
+    w, h, dk, dv = 3, HID, DK, DK
+    per_step = w * (4 * h * dk + 6 * dv * h + 9 * h + 3 * dv) + 5 * h * dk + 5 * dv * h + 4 * h + dv
+    assert s.flops_by_op["omega_memory"] == 2 * HEADS * STEPS * per_step
+    r = flops_of(mlp_spec(2, residual=False), "omega_memory", B=3)
+    w, dv = 2, DV
+    assert r == 3 * HEADS * STEPS * (w * (4 * h * dk + 6 * dv * h + 9 * h + 2 * dv) + 5 * h * dk + 5 * dv * h + 4 * h)

@@ -9,6 +9,14 @@ row j, M[j, :] (dk values, in registers or local memory), evolves on its own, si
     y_t[j] = M_t[j, :] . q_t.
 
 CPU: the R * dv tasks in parallel; CUDA: a thread block per row, a thread per memory row.
+
+memory="mlp" (ATLAS's deep memory, M(x) = x + W2 silu(W1 x)) couples every weight of a memory through
+W2^T e, so its kernel runs one task per row (batch x head), the tokens a serial loop: W1 [hidden, dk]
+and W2 [dv, hidden] start from the row's head's initial weights (the layer's parameters) and live in
+the task's local memory; each step computes, for the window's tokens, z = W1 k_i, silu(z) and silu'(z),
+the errors e_i = gamma_i (M(k_i) - v_i) and W2^T e_i * silu'(z), then updates both weights from their
+old values and reads y_t = M_t(q_t). CPU: the rows in parallel; CUDA: a thread block of one thread per
+row (the recurrence is serial; the kernel is there to run, not to be fast).
 """
 
 from __future__ import annotations
@@ -81,14 +89,122 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
     return omega_scan
 
 
+#: The most values (hidden * (dk + dv + 3 * window) + dv * window) the MLP kernel keeps in a task's local memory.
+MAX_MLP_STATE = 1 << 20
+
+
+def omega_mlp_kernel(dk: int, dv: int, hidden: int, window: int, residual: bool, dtype: str,
+                     gpu: bool = False) -> tirx.PrimFunc:
+    """The Omega-rule kernel of the MLP memory over a symbolic row count R, length L and head count H.
+
+    In: q, k [R, L, dk], v [R, L, dv], lr, gamma, decay [R, L], the initial weights w1 [H, hidden, dk],
+    w2 [H, dv, hidden] (row r is of head r % H). Out: y [R, L, dv]. Step t takes the window's tokens
+    i = t - window + 1 .. t (i >= 0) with the weights of step t - 1, updates both, then reads M_t(q_t).
+    """
+    from tvm.script import tirx as T
+
+    C, Hd = window, hidden
+
+    @T.macro
+    def memory(q, k, v, lr, gamma, decay, w1, w2, y, L, r, head):
+        """Row r over every step: its weights in local memory; per window slot w the token t + w - (C - 1)."""
+        m1 = T.decl_buffer((Hd, dk), dtype, scope="local")
+        m2 = T.decl_buffer((dv, Hd), dtype, scope="local")
+        act = T.decl_buffer((C, Hd), dtype, scope="local")  # silu(z) of each window token
+        back = T.decl_buffer((C, Hd), dtype, scope="local")  # silu'(z), then (W2^T e) * silu'(z)
+        e = T.decl_buffer((C, dv), dtype, scope="local")  # gamma_i (M(k_i) - v_i)
+        zq = T.decl_buffer((Hd,), dtype, scope="local")
+        acc = T.decl_buffer((1,), dtype, scope="local")
+        for a, b in T.grid(Hd, dk):
+            m1[a, b] = w1[head, a, b]
+        for j, a in T.grid(dv, Hd):
+            m2[j, a] = w2[head, j, a]
+        for t in range(L):
+            for w in range(C):
+                if t + w >= C - 1:  # the slot holds a token
+                    for a in range(Hd):
+                        acc[0] = T.Cast(dtype, 0)
+                        for b in range(dk):
+                            acc[0] = acc[0] + m1[a, b] * k[r, t + w - (C - 1), b]
+                        act[w, a] = acc[0] * T.sigmoid(acc[0])
+                        back[w, a] = T.sigmoid(acc[0]) * (T.Cast(dtype, 1) + acc[0] * (T.Cast(dtype, 1)
+                                                                                        - T.sigmoid(acc[0])))
+                    for j in range(dv):
+                        if residual:  # a Python constant
+                            acc[0] = k[r, t + w - (C - 1), j]
+                        else:
+                            acc[0] = T.Cast(dtype, 0)
+                        for a in range(Hd):
+                            acc[0] = acc[0] + m2[j, a] * act[w, a]
+                        e[w, j] = (acc[0] - v[r, t + w - (C - 1), j]) * gamma[r, t + w - (C - 1)]
+                    for a in range(Hd):
+                        acc[0] = T.Cast(dtype, 0)
+                        for j in range(dv):
+                            acc[0] = acc[0] + m2[j, a] * e[w, j]
+                        back[w, a] = back[w, a] * acc[0]
+            for j, a in T.grid(dv, Hd):
+                m2[j, a] = decay[r, t] * m2[j, a]
+                for w in range(C):
+                    if t + w >= C - 1:
+                        m2[j, a] = m2[j, a] - lr[r, t] * e[w, j] * act[w, a]
+            for a, b in T.grid(Hd, dk):
+                m1[a, b] = decay[r, t] * m1[a, b]
+                for w in range(C):
+                    if t + w >= C - 1:
+                        m1[a, b] = m1[a, b] - lr[r, t] * back[w, a] * k[r, t + w - (C - 1), b]
+            for a in range(Hd):
+                acc[0] = T.Cast(dtype, 0)
+                for b in range(dk):
+                    acc[0] = acc[0] + m1[a, b] * q[r, t, b]
+                zq[a] = acc[0] * T.sigmoid(acc[0])
+            for j in range(dv):
+                if residual:
+                    acc[0] = q[r, t, j]
+                else:
+                    acc[0] = T.Cast(dtype, 0)
+                for a in range(Hd):
+                    acc[0] = acc[0] + m2[j, a] * zq[a]
+                y[r, t, j] = acc[0]
+
+    @T.prim_func(private=True)
+    def omega_mlp_scan(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_lr: T.handle, var_g: T.handle,
+                       var_d: T.handle, var_w1: T.handle, var_w2: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        Rn = T.int64()
+        L = T.int64()
+        H = T.int64()
+        q = T.match_buffer(var_q, (Rn, L, dk), dtype)
+        k = T.match_buffer(var_k, (Rn, L, dk), dtype)
+        v = T.match_buffer(var_v, (Rn, L, dv), dtype)
+        lr = T.match_buffer(var_lr, (Rn, L), dtype)
+        gamma = T.match_buffer(var_g, (Rn, L), dtype)
+        decay = T.match_buffer(var_d, (Rn, L), dtype)
+        w1 = T.match_buffer(var_w1, (H, Hd, dk), dtype)
+        w2 = T.match_buffer(var_w2, (H, dv, Hd), dtype)
+        y = T.match_buffer(var_y, (Rn, L, dv), dtype)
+        if gpu:  # a Python constant: one loop nest or the other
+            for r in T.thread_binding(Rn, thread="blockIdx.x"):
+                for one in T.thread_binding(1, thread="threadIdx.x"):
+                    memory(q, k, v, lr, gamma, decay, w1, w2, y, L, r + one, (r + one) % H)
+        else:
+            for r in T.parallel(Rn):
+                memory(q, k, v, lr, gamma, decay, w1, w2, y, L, r, r % H)
+
+    return omega_mlp_scan
+
+
 def _omega_memory(c: Ctx, xs: list) -> relax.Expr:
     if c.target_kind not in ("llvm", "cuda"):
         raise LoweringError(f"omega_memory: no recurrence kernel for target {c.target_kind} (llvm and cuda only)")
     qt, vt = c.in_type(0), c.in_type(2)
     dk, dv, window = int(qt.shape[-1]), int(vt.shape[-1]), int(c.a("window"))
-    if dk > MAX_KEY_WIDTH:
+    mlp, hidden = c.a("memory") == "mlp", int(c.a("hidden"))
+    if mlp and hidden * (dk + dv + 3 * window) + dv * window > MAX_MLP_STATE:
+        raise LoweringError(f"omega_memory: the MLP memory's state (hidden {hidden}, key width {dk}, value width "
+                            f"{dv}, window {window}) is over the kernel's {MAX_MLP_STATE} values per task")
+    if not mlp and dk > MAX_KEY_WIDTH:
         raise LoweringError(f"omega_memory: the key width {dk} is over the kernel's {MAX_KEY_WIDTH}")
-    if c.target_kind == "cuda" and dv > 1024:
+    if not mlp and c.target_kind == "cuda" and dv > 1024:
         raise LoweringError(f"omega_memory: the value width {dv} is over CUDA's 1024 threads per block")
     dtype = c.dtype
     lead = c.shape(qt.shape[:-2])
@@ -112,6 +228,9 @@ def _omega_memory(c: Ctx, xs: list) -> relax.Expr:
             x = _cast(c, xs[i], dtype)
         return c.emit(R.reshape(R.broadcast_to(x, lead + [steps]), [rows, steps]))
 
+    if mlp:
+        return _omega_mlp(c, xs[:3], [per_token(lr, 0.0), per_token(gamma, 1.0), per_token(decay, 1.0)],
+                          lead, rows, steps, dk, dv, hidden, window)
     key = ("omega", dk, dv, window, dtype, c.target_kind)
     if key not in c.kernels:
         c.kernels[key] = c.bb.add_func(omega_kernel(dk, dv, window, dtype, gpu=c.target_kind == "cuda"),
@@ -119,6 +238,28 @@ def _omega_memory(c: Ctx, xs: list) -> relax.Expr:
     args = [c.emit(R.reshape(q, [rows, steps, dk])), c.emit(R.reshape(k, [rows, steps, dk])),
             c.emit(R.reshape(v, [rows, steps, dv])), per_token(lr, 0.0), per_token(gamma, 1.0),
             per_token(decay, 1.0)]
+    y = c.emit(relax.call_tir(c.kernels[key], args, out_ty=relax.TensorType([rows, steps, dv], dtype)))
+    return R.reshape(y, c.shape(c.out.shape))
+
+
+def _omega_mlp(c: Ctx, qkv: list, per_token: list, lead: list, rows, steps, dk: int, dv: int, hidden: int,
+               window: int) -> relax.Expr:
+    """memory="mlp": the initial weights (one pair per head, [heads..., hidden, dk] / [heads..., dv, hidden])
+    flattened to [H, ...] (row r = batch * H + head), and the MLP kernel."""
+    dtype, residual = c.dtype, bool(c.a("residual"))
+    heads = 1
+    for d in c.in_type(0).shape[1:-2]:  # fixed sizes (the parameters' shapes)
+        heads *= int(d)
+    w1 = c.emit(R.reshape(_cast(c, c.weight("weight1"), dtype), [heads, hidden, dk]))
+    w2 = c.emit(R.reshape(_cast(c, c.weight("weight2"), dtype), [heads, dv, hidden]))
+    key = ("omega_mlp", dk, dv, hidden, window, residual, dtype, c.target_kind)
+    if key not in c.kernels:
+        kernel = omega_mlp_kernel(dk, dv, hidden, window, residual, dtype, gpu=c.target_kind == "cuda")
+        c.kernels[key] = c.bb.add_func(kernel, f"omega_mlp_scan_k{dk}_v{dv}_h{hidden}_w{window}"
+                                               + ("" if residual else "_nores"))
+    q, k, v = qkv
+    args = [c.emit(R.reshape(q, [rows, steps, dk])), c.emit(R.reshape(k, [rows, steps, dk])),
+            c.emit(R.reshape(v, [rows, steps, dv])), *per_token, w1, w2]
     y = c.emit(relax.call_tir(c.kernels[key], args, out_ty=relax.TensorType([rows, steps, dv], dtype)))
     return R.reshape(y, c.shape(c.out.shape))
 
