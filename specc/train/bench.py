@@ -39,6 +39,18 @@ RECIPES = {
     "dann_source_only": ("specs/dann.yaml", ["--set", "train.loss=cross_entropy(logits, label, mask=domain_label "
                                                       "== 0)"], "the same recipe minus the domain loss"),
     "sla": ("specs/sla.yaml", [], "single_acc: the one-pass head; aggregated_acc: mean over four rotations"),
+    "counter_current": ("specs/counter_current.yaml", [], "acc: the forward network alone; acc1: the class whose "
+                                                          "feedback signal is closest at depth 1"),
+    "position_prediction": ("specs/position_prediction.yaml", [], "position_acc: each patch's position out of 16 "
+                                                                  "(chance 1/16), keys from 4 patches drawn afresh "
+                                                                  "each step"),
+    "bt2": ("specs/bt2.yaml", [], "compat_cos: cosine of the new embedding's old dimensions to the old model's"),
+    "icl_gpt": ("specs/icl_gpt.yaml", [], "distances of the in-context predictions to least squares, ridge and "
+                                          "one GD step; zero_loss: predicting 0"),
+    "codegen2": ("specs/codegen2.yaml", [], "span corruption: exact = every token of the spans right (teacher "
+                                            "forcing)"),
+    "splatflow": ("specs/splatflow.yaml", [], "epe: end-point error of the last step's flow, pixels; epe_zero: "
+                                              "the zero-flow error"),
 }
 
 
