@@ -33,7 +33,7 @@ dims:
 inputs:
   q: {dt}[B, 3, T, 6]
   k: {dt}[B, 3, T, 6]
-  v: {dt}[B, 3, T, 5]
+  v: {dt}[B, 3, T, {dv}]
   lr: {dt}[B, 3, T]
   g: {dt}[B, 3, T]
 graph: |
@@ -45,25 +45,26 @@ outputs:
 """
 
 
-def inputs(b: int, t: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+def inputs(b: int, t: int, dtype: torch.dtype, seed: int, dv: int = 5) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(b, 3, t, 6, generator=gen, dtype=torch.float64) * 0.5 for _ in range(2))
-    v = torch.randn(b, 3, t, 5, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, 3, t, dv, generator=gen, dtype=torch.float64)
     lr, g = (torch.rand(b, 3, t, generator=gen, dtype=torch.float64) for _ in range(2))
     return [x.to(dtype) for x in (q, k, v, lr, g)]
 
 
 @pytest.mark.parametrize("window", [1, 2, 5])
 @pytest.mark.parametrize("dt", ["f32", "f64"])
-def test_omega_kernel_equals_the_torch_loop(window, dt):
-    text = SPEC.format(dt=dt, w=window)
+@pytest.mark.parametrize("dv", [5, 12])  # the CPU kernel's memory rows per task: 1 and 4 side by side
+def test_omega_kernel_equals_the_torch_loop(window, dt, dv):
+    text = SPEC.format(dt=dt, w=window, dv=dv)
     graph = specc.compile(text)
     runner = compile_graph(graph, weights=init_weights(graph))
     oracle = specc.load(text).double()
     dtype = torch.float32 if dt == "f32" else torch.float64
     tol = 1e-5 if dt == "f32" else 1e-12
     for b, t, seed in ((1, 4, 0), (3, 9, 1), (2, 1, 2)):  # one library, any B and T (T=1: one step)
-        xs = inputs(b, t, dtype, seed)
+        xs = inputs(b, t, dtype, seed, dv)
         got = runner(*xs)
         with torch.no_grad():
             want = oracle(*(x.double() for x in xs))
@@ -72,8 +73,21 @@ def test_omega_kernel_equals_the_torch_loop(window, dt):
             assert (g.double() - w).abs().max().item() <= tol * max(1.0, w.abs().max().item()), (window, dt, b, t)
 
 
+def test_the_cpu_kernel_keeps_memory_rows_side_by_side():
+    """On the CPU a task runs J memory rows (J the largest of 16, 8, 4, 2, 1 dividing dv) in vector lanes;
+    the CUDA kernel keeps a thread per memory row."""
+    from specc.backends.tvm.lowering_memory import omega_kernel
+
+    for dv, lanes in ((16, 16), (24, 8), (12, 4), (5, 1)):
+        text = omega_kernel(8, dv, 3, "float32").script()
+        assert f"T.vectorized({lanes})" in text, (dv, text)
+        tasks = "T.parallel(Rn)" if dv == lanes else f"T.parallel(Rn * T.int64({dv // lanes}))"
+        assert tasks in text, (dv, text)
+    assert "T.vectorized" not in omega_kernel(8, 16, 3, "float32", gpu=True).script()
+
+
 def test_omega_kernel_compiles_for_cuda():
-    graph = specc.compile(SPEC.format(dt="f32", w=3))
+    graph = specc.compile(SPEC.format(dt="f32", w=3, dv=5))
     ex, _ = build_module(graph, {"kind": "cuda", "arch": "sm_90"})
     assert ex is not None
 

@@ -8,7 +8,9 @@ row j, M[j, :] (dk values, in registers or local memory), evolves on its own, si
     M_t[j, :] = decay_t * M_{t-1}[j, :] - lr_t * sum_i gamma_i (M_{t-1}[j, :] . k_i - v_i[j]) k_i,
     y_t[j] = M_t[j, :] . q_t.
 
-CPU: the R * dv tasks in parallel; CUDA: a thread block per row, a thread per memory row.
+CPU: R * dv / J tasks in parallel, each J memory rows side by side in the innermost loops (J the largest
+of 16, 8, 4, 2, 1 dividing dv: the vector lanes, with every row's arithmetic in the order of one row
+alone); CUDA: a thread block per row, a thread per memory row.
 
 memory="mlp" (ATLAS's deep memory, M(x) = x + W2 silu(W1 x)) couples every weight of a memory through
 W2^T e, so its kernel runs one task per row (batch x head), the tokens a serial loop: W1 [hidden, dk]
@@ -39,6 +41,7 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
     from tvm.script import tirx as T
 
     C = window
+    J = next(n for n in (16, 8, 4, 2, 1) if dv % n == 0)  # CPU: memory rows per task, side by side
 
     @T.macro
     def memory_row(q, k, v, lr, gamma, decay, y, L, r, j):
@@ -65,6 +68,42 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
                 acc[0] = acc[0] + m[a] * q[r, t, a]
             y[r, t, j] = acc[0]
 
+    @T.macro
+    def memory_rows(q, k, v, lr, gamma, decay, y, L, r, j0):
+        """Memory rows j0 .. j0 + J - 1 of row r over every step (the CPU's task): the same arithmetic as
+        memory_row for each row, with the J rows side by side in the innermost loops (vector lanes)."""
+        m = T.decl_buffer((dk, J), dtype, scope="local")
+        e = T.decl_buffer((C, J), dtype, scope="local")
+        acc = T.decl_buffer((J,), dtype, scope="local")
+        for a in range(dk):
+            for jj in T.vectorized(J):
+                m[a, jj] = T.Cast(dtype, 0)
+        for t in range(L):
+            for w in range(C):
+                for jj in T.vectorized(J):
+                    e[w, jj] = T.Cast(dtype, 0)
+                if t + w >= C - 1:  # token i = t + w - (C - 1) of the window, if there is one
+                    for jj in T.vectorized(J):
+                        acc[jj] = T.Cast(dtype, 0)
+                    for a in range(dk):
+                        for jj in T.vectorized(J):
+                            acc[jj] = acc[jj] + m[a, jj] * k[r, t + w - (C - 1), a]
+                    for jj in T.vectorized(J):
+                        e[w, jj] = (acc[jj] - v[r, t + w - (C - 1), j0 + jj]) * gamma[r, t + w - (C - 1)]
+            for jj in T.vectorized(J):
+                acc[jj] = T.Cast(dtype, 0)
+            for a in range(dk):
+                for jj in T.vectorized(J):
+                    m[a, jj] = decay[r, t] * m[a, jj]
+                for w in range(C):
+                    if t + w >= C - 1:
+                        for jj in T.vectorized(J):
+                            m[a, jj] = m[a, jj] - lr[r, t] * e[w, jj] * k[r, t + w - (C - 1), a]
+                for jj in T.vectorized(J):
+                    acc[jj] = acc[jj] + m[a, jj] * q[r, t, a]
+            for jj in T.vectorized(J):
+                y[r, t, j0 + jj] = acc[jj]
+
     @T.prim_func(private=True)
     def omega_scan(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_lr: T.handle, var_g: T.handle,
                    var_d: T.handle, var_y: T.handle):
@@ -83,8 +122,8 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
                 for j in T.thread_binding(dv, thread="threadIdx.x"):
                     memory_row(q, k, v, lr, gamma, decay, y, L, r, j)
         else:
-            for task in T.parallel(Rn * dv):
-                memory_row(q, k, v, lr, gamma, decay, y, L, task // dv, task % dv)
+            for task in T.parallel(Rn * (dv // J)):
+                memory_rows(q, k, v, lr, gamma, decay, y, L, task // (dv // J), task % (dv // J) * J)
 
     return omega_scan
 
