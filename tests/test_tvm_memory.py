@@ -73,9 +73,10 @@ def test_omega_kernel_equals_the_torch_loop(window, dt, dv):
             assert (g.double() - w).abs().max().item() <= tol * max(1.0, w.abs().max().item()), (window, dt, b, t)
 
 
-def test_the_cpu_kernel_keeps_memory_rows_side_by_side():
-    """On the CPU a task runs J memory rows (J the largest of 16, 8, 4, 2, 1 dividing dv) in vector lanes;
-    the CUDA kernel keeps a thread per memory row."""
+def test_the_cpu_kernels_keep_rows_side_by_side():
+    """On the CPU a task of the linear memory runs J memory rows (J the largest of 16, 8, 4, 2, 1 dividing
+    dv) in vector lanes, and the MLP memory's kernel its hidden units; on CUDA, a thread per memory row
+    and one lane."""
     from specc.backends.tvm.lowering_memory import omega_kernel
 
     for dv, lanes in ((16, 16), (24, 8), (12, 4), (5, 1)):
@@ -84,6 +85,13 @@ def test_the_cpu_kernel_keeps_memory_rows_side_by_side():
         tasks = "T.parallel(Rn)" if dv == lanes else f"T.parallel(Rn * T.int64({dv // lanes}))"
         assert tasks in text, (dv, text)
     assert "T.vectorized" not in omega_kernel(8, 16, 3, "float32", gpu=True).script()
+    # the MLP memory's kernel: the hidden units side by side (W1 held transposed), one lane on CUDA
+    from specc.backends.tvm.lowering_memory import omega_mlp_kernel
+
+    for hidden, lanes in ((16, 16), (12, 4), (3, 1)):
+        text = omega_mlp_kernel(8, 8, hidden, 2, True, "float32").script()
+        assert f"T.vectorized({lanes})" in text and f"T.vectorized({2 * lanes})" not in text, (hidden, text)
+    assert "T.vectorized(16)" not in omega_mlp_kernel(8, 8, 16, 2, True, "float32", gpu=True).script()
 
 
 def test_omega_kernel_compiles_for_cuda():

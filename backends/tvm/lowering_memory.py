@@ -17,8 +17,9 @@ W2^T e, so its kernel runs one task per row (batch x head), the tokens a serial 
 and W2 [dv, hidden] start from the row's head's initial weights (the layer's parameters) and live in
 the task's local memory; each step computes, for the window's tokens, z = W1 k_i, silu(z) and silu'(z),
 the errors e_i = gamma_i (M(k_i) - v_i) and W2^T e_i * silu'(z), then updates both weights from their
-old values and reads y_t = M_t(q_t). CPU: the rows in parallel; CUDA: a thread block of one thread per
-row (the recurrence is serial; the kernel is there to run, not to be fast).
+old values and reads y_t = M_t(q_t). CPU: the rows in parallel, the hidden units in vector lanes (W1
+held transposed, [dk, hidden]; each unit's sums in the order of one unit alone); CUDA: a thread block of
+one thread per row (the recurrence is serial; the kernel is there to run, not to be fast).
 """
 
 from __future__ import annotations
@@ -143,31 +144,45 @@ def omega_mlp_kernel(dk: int, dv: int, hidden: int, window: int, residual: bool,
     from tvm.script import tirx as T
 
     C, Hd = window, hidden
+    # CPU: the hidden units in vector lanes of A (the largest of 16, 8, 4, 2, 1 dividing hidden), each unit's
+    # sums in the order of one unit alone; CUDA: A = 1 (the kernel is there to run, not to be fast)
+    A = 1 if gpu else next(n for n in (16, 8, 4, 2, 1) if Hd % n == 0)
+    G = Hd // A
 
     @T.macro
     def memory(q, k, v, lr, gamma, decay, w1, w2, y, L, r, head):
-        """Row r over every step: its weights in local memory; per window slot w the token t + w - (C - 1)."""
-        m1 = T.decl_buffer((Hd, dk), dtype, scope="local")
+        """Row r over every step: its weights in local memory (W1 transposed, [dk, hidden], so that the
+        hidden units lie side by side); per window slot w the token t + w - (C - 1)."""
+        m1 = T.decl_buffer((dk, Hd), dtype, scope="local")
         m2 = T.decl_buffer((dv, Hd), dtype, scope="local")
         act = T.decl_buffer((C, Hd), dtype, scope="local")  # silu(z) of each window token
         back = T.decl_buffer((C, Hd), dtype, scope="local")  # silu'(z), then (W2^T e) * silu'(z)
         e = T.decl_buffer((C, dv), dtype, scope="local")  # gamma_i (M(k_i) - v_i)
+        z = T.decl_buffer((Hd,), dtype, scope="local")  # W1 x, then W2^T e
         zq = T.decl_buffer((Hd,), dtype, scope="local")
         acc = T.decl_buffer((1,), dtype, scope="local")
-        for a, b in T.grid(Hd, dk):
-            m1[a, b] = w1[head, a, b]
-        for j, a in T.grid(dv, Hd):
-            m2[j, a] = w2[head, j, a]
+        for b, g in T.grid(dk, G):
+            for l in T.vectorized(A):
+                m1[b, g * A + l] = w1[head, g * A + l, b]
+        for j, g in T.grid(dv, G):
+            for l in T.vectorized(A):
+                m2[j, g * A + l] = w2[head, j, g * A + l]
         for t in range(L):
             for w in range(C):
                 if t + w >= C - 1:  # the slot holds a token
-                    for a in range(Hd):
-                        acc[0] = T.Cast(dtype, 0)
-                        for b in range(dk):
-                            acc[0] = acc[0] + m1[a, b] * k[r, t + w - (C - 1), b]
-                        act[w, a] = acc[0] * T.sigmoid(acc[0])
-                        back[w, a] = T.sigmoid(acc[0]) * (T.Cast(dtype, 1) + acc[0] * (T.Cast(dtype, 1)
-                                                                                        - T.sigmoid(acc[0])))
+                    for g in range(G):
+                        for l in T.vectorized(A):
+                            z[g * A + l] = T.Cast(dtype, 0)
+                    for b, g in T.grid(dk, G):
+                        for l in T.vectorized(A):
+                            z[g * A + l] = z[g * A + l] + m1[b, g * A + l] * k[r, t + w - (C - 1), b]
+                    for g in range(G):
+                        for l in T.vectorized(A):
+                            act[w, g * A + l] = z[g * A + l] * T.sigmoid(z[g * A + l])
+                    for g in range(G):
+                        for l in T.vectorized(A):
+                            back[w, g * A + l] = T.sigmoid(z[g * A + l]) * (
+                                T.Cast(dtype, 1) + z[g * A + l] * (T.Cast(dtype, 1) - T.sigmoid(z[g * A + l])))
                     for j in range(dv):
                         if residual:  # a Python constant
                             acc[0] = k[r, t + w - (C - 1), j]
@@ -176,26 +191,41 @@ def omega_mlp_kernel(dk: int, dv: int, hidden: int, window: int, residual: bool,
                         for a in range(Hd):
                             acc[0] = acc[0] + m2[j, a] * act[w, a]
                         e[w, j] = (acc[0] - v[r, t + w - (C - 1), j]) * gamma[r, t + w - (C - 1)]
-                    for a in range(Hd):
-                        acc[0] = T.Cast(dtype, 0)
-                        for j in range(dv):
-                            acc[0] = acc[0] + m2[j, a] * e[w, j]
-                        back[w, a] = back[w, a] * acc[0]
-            for j, a in T.grid(dv, Hd):
-                m2[j, a] = decay[r, t] * m2[j, a]
-                for w in range(C):
-                    if t + w >= C - 1:
-                        m2[j, a] = m2[j, a] - lr[r, t] * e[w, j] * act[w, a]
-            for a, b in T.grid(Hd, dk):
-                m1[a, b] = decay[r, t] * m1[a, b]
-                for w in range(C):
-                    if t + w >= C - 1:
-                        m1[a, b] = m1[a, b] - lr[r, t] * back[w, a] * k[r, t + w - (C - 1), b]
-            for a in range(Hd):
-                acc[0] = T.Cast(dtype, 0)
-                for b in range(dk):
-                    acc[0] = acc[0] + m1[a, b] * q[r, t, b]
-                zq[a] = acc[0] * T.sigmoid(acc[0])
+                    for g in range(G):
+                        for l in T.vectorized(A):
+                            z[g * A + l] = T.Cast(dtype, 0)
+                    for j, g in T.grid(dv, G):
+                        for l in T.vectorized(A):
+                            z[g * A + l] = z[g * A + l] + m2[j, g * A + l] * e[w, j]
+                    for g in range(G):
+                        for l in T.vectorized(A):
+                            back[w, g * A + l] = back[w, g * A + l] * z[g * A + l]
+            for j, g in T.grid(dv, G):
+                for l in T.vectorized(A):
+                    m2[j, g * A + l] = decay[r, t] * m2[j, g * A + l]
+            for w in range(C):
+                if t + w >= C - 1:
+                    for j, g in T.grid(dv, G):
+                        for l in T.vectorized(A):
+                            m2[j, g * A + l] = m2[j, g * A + l] - lr[r, t] * e[w, j] * act[w, g * A + l]
+            for b, g in T.grid(dk, G):
+                for l in T.vectorized(A):
+                    m1[b, g * A + l] = decay[r, t] * m1[b, g * A + l]
+            for w in range(C):
+                if t + w >= C - 1:
+                    for b, g in T.grid(dk, G):
+                        for l in T.vectorized(A):
+                            m1[b, g * A + l] = m1[b, g * A + l] - lr[r, t] * back[w, g * A + l] * \
+                                k[r, t + w - (C - 1), b]
+            for g in range(G):
+                for l in T.vectorized(A):
+                    z[g * A + l] = T.Cast(dtype, 0)
+            for b, g in T.grid(dk, G):
+                for l in T.vectorized(A):
+                    z[g * A + l] = z[g * A + l] + m1[b, g * A + l] * q[r, t, b]
+            for g in range(G):
+                for l in T.vectorized(A):
+                    zq[g * A + l] = z[g * A + l] * T.sigmoid(z[g * A + l])
             for j in range(dv):
                 if residual:
                     acc[0] = q[r, t, j]
