@@ -65,33 +65,37 @@ def omega_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr, gamma=None
     kw, vw = windows(k), windows(v)  # (..., T, dk, c), (..., T, dv, c); padded tokens have gamma 0
     if not steps:  # no steps
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    # each step's slices, taken once: indexing the whole tensor at every step would make its backward
+    # write a zero tensor of the whole size per step (T^2 work); unbind's backward is one stack
+    kws, vws, gs, lrs, qs = kw.unbind(-3), vw.unbind(-3), gamma.unbind(-2), lr.unbind(-1), q.unbind(-2)
+    decays = None if decay is None else decay.unbind(-1)
     ys = []
     if w1 is None:
         m = q.new_zeros(*q.shape[:-2], v.shape[-1], k.shape[-1])  # (..., dv, dk)
         for t in range(steps):
-            keys = kw[..., t, :, :]
-            err = (m @ keys - vw[..., t, :, :]) * gamma[..., t, None, :]  # (..., dv, c)
+            keys = kws[t]  # (..., dk, c)
+            err = (m @ keys - vws[t]) * gs[t][..., None, :]  # (..., dv, c)
             grad = err @ keys.transpose(-1, -2)  # (..., dv, dk)
-            m = (m if decay is None else decay[..., t, None, None] * m) - lr[..., t, None, None] * grad
-            ys.append(m @ q[..., t, :, None])  # (..., dv, 1)
+            m = (m if decays is None else decays[t][..., None, None] * m) - lrs[t][..., None, None] * grad
+            ys.append(m @ qs[t][..., :, None])  # (..., dv, 1)
         return torch.cat(ys, dim=-1).transpose(-1, -2)  # (..., T, dv)
     lead = q.shape[:-2]
     a1 = w1.to(q.dtype).expand(*lead, *w1.shape[-2:])  # (..., hidden, dk)
     a2 = w2.to(q.dtype).expand(*lead, *w2.shape[-2:])  # (..., dv, hidden)
     for t in range(steps):
-        keys = kw[..., t, :, :]  # (..., dk, c)
+        keys = kws[t]  # (..., dk, c)
         z = a1 @ keys  # (..., hidden, c)
         s = torch.sigmoid(z)
         act = z * s  # silu
         pred = a2 @ act + (keys if residual else 0.0)  # (..., dv, c)
-        err = (pred - vw[..., t, :, :]) * gamma[..., t, None, :]
+        err = (pred - vws[t]) * gs[t][..., None, :]
         back = (a2.transpose(-1, -2) @ err) * (s + z * s * (1 - s))  # (..., hidden, c): times silu'(z)
         g2 = err @ act.transpose(-1, -2)  # (..., dv, hidden)
         g1 = back @ keys.transpose(-1, -2)  # (..., hidden, dk)
-        if decay is not None:
-            a1, a2 = decay[..., t, None, None] * a1, decay[..., t, None, None] * a2
-        a1, a2 = a1 - lr[..., t, None, None] * g1, a2 - lr[..., t, None, None] * g2
-        qt = q[..., t, :, None]  # (..., dk, 1)
+        if decays is not None:
+            a1, a2 = decays[t][..., None, None] * a1, decays[t][..., None, None] * a2
+        a1, a2 = a1 - lrs[t][..., None, None] * g1, a2 - lrs[t][..., None, None] * g2
+        qt = qs[t][..., :, None]  # (..., dk, 1)
         ys.append(a2 @ F.silu(a1 @ qt) + (qt if residual else 0.0))  # (..., dv, 1)
     return torch.cat(ys, dim=-1).transpose(-1, -2)  # (..., T, dv)
 ''',
