@@ -95,14 +95,14 @@ def delta_loop(q, k, v, eta):
     return torch.stack(ys)
 
 
-def memory_ref(x, w, p, window, delta=False, memory="mlp"):
+def memory_ref(x, w, p, window, delta=False, memory="mlp", step_scale=0.125):
     """The memory block of one layer, written out: projections, heads, phi, the recurrence per (batch, head)."""
     b, t, _ = x.shape
     dh = D // HEADS
     heads = lambda z: z.reshape(b, t, HEADS, dh).transpose(1, 2)  # noqa: E731
     gate = lambda name: torch.sigmoid(F.linear(x, w[p + name + ".weight"], w[p + name + ".bias"])).transpose(1, 2)  # noqa: E731
     q, k, v = (heads(x @ w[p + n + ".weight"].T) for n in "qkv")
-    eta = gate("eta") / window
+    eta = gate("eta") * step_scale / window
     y = torch.empty(b, HEADS, t, dh, dtype=x.dtype)
     if delta:  # no feature map, no gamma, no forget gate
         for i in range(b):
@@ -257,7 +257,7 @@ def test_cli_checks_and_builds(zoo):
     assert "omega_memory: window must be from 1 to 4096 tokens, got 0" in r.stderr
     out = zoo.build_cli(NAME, run=True)
     module, model = zoo.load_dir(out)
-    assert ("y = omega_rule(phi, phi_1, heads_of_2, gate / 4.0, gamma=gate_1, decay=gate_2, window=4, "
+    assert ("y = omega_rule(phi, phi_1, heads_of_2, gate * 0.125 / 4.0, gamma=gate_1, decay=gate_2, window=4, "
             "w1=self.y.weight1, w2=self.y.weight2, residual=False)") in (out / "model.py").read_text()
     w = {k: v.double() for k, v in zoo.weights(out).items()}
     idx = module.example_inputs()[0]
