@@ -42,67 +42,45 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
     from tvm.script import tirx as T
 
     C = window
-    J = next(n for n in (16, 8, 4, 2, 1) if dv % n == 0)  # CPU: memory rows per task, side by side
-
-    @T.macro
-    def memory_row(q, k, v, lr, gamma, decay, y, L, r, j):
-        """Memory row j of row r over every step: M[j, :] in local memory, the window's errors first."""
-        m = T.decl_buffer((dk,), dtype, scope="local")
-        e = T.decl_buffer((C,), dtype, scope="local")
-        acc = T.decl_buffer((1,), dtype, scope="local")
-        for a in range(dk):
-            m[a] = T.Cast(dtype, 0)
-        for t in range(L):
-            for w in range(C):
-                e[w] = T.Cast(dtype, 0)
-                if t + w >= C - 1:  # token i = t + w - (C - 1) of the window, if there is one
-                    acc[0] = T.Cast(dtype, 0)
-                    for a in range(dk):
-                        acc[0] = acc[0] + m[a] * k[r, t + w - (C - 1), a]
-                    e[w] = (acc[0] - v[r, t + w - (C - 1), j]) * gamma[r, t + w - (C - 1)]
-            acc[0] = T.Cast(dtype, 0)
-            for a in range(dk):
-                m[a] = decay[r, t] * m[a]
-                for w in range(C):
-                    if t + w >= C - 1:
-                        m[a] = m[a] - lr[r, t] * e[w] * k[r, t + w - (C - 1), a]
-                acc[0] = acc[0] + m[a] * q[r, t, a]
-            y[r, t, j] = acc[0]
+    # memory rows per task, side by side in vector lanes: on the CPU the largest of 16, 8, 4, 2, 1 dividing
+    # dv; on CUDA one (a thread per memory row)
+    J = 1 if gpu else next(n for n in (16, 8, 4, 2, 1) if dv % n == 0)
+    lanes = T.serial if gpu else T.vectorized
 
     @T.macro
     def memory_rows(q, k, v, lr, gamma, decay, y, L, r, j0):
-        """Memory rows j0 .. j0 + J - 1 of row r over every step (the CPU's task): the same arithmetic as
-        memory_row for each row, with the J rows side by side in the innermost loops (vector lanes)."""
+        """Memory rows j0 .. j0 + J - 1 of row r over every step: M[j, :] in local memory, the window's errors
+        first; the J rows side by side in the innermost loops, each row's arithmetic that of the row alone."""
         m = T.decl_buffer((dk, J), dtype, scope="local")
         e = T.decl_buffer((C, J), dtype, scope="local")
         acc = T.decl_buffer((J,), dtype, scope="local")
         for a in range(dk):
-            for jj in T.vectorized(J):
+            for jj in lanes(J):
                 m[a, jj] = T.Cast(dtype, 0)
         for t in range(L):
             for w in range(C):
-                for jj in T.vectorized(J):
+                for jj in lanes(J):
                     e[w, jj] = T.Cast(dtype, 0)
                 if t + w >= C - 1:  # token i = t + w - (C - 1) of the window, if there is one
-                    for jj in T.vectorized(J):
+                    for jj in lanes(J):
                         acc[jj] = T.Cast(dtype, 0)
                     for a in range(dk):
-                        for jj in T.vectorized(J):
+                        for jj in lanes(J):
                             acc[jj] = acc[jj] + m[a, jj] * k[r, t + w - (C - 1), a]
-                    for jj in T.vectorized(J):
+                    for jj in lanes(J):
                         e[w, jj] = (acc[jj] - v[r, t + w - (C - 1), j0 + jj]) * gamma[r, t + w - (C - 1)]
-            for jj in T.vectorized(J):
+            for jj in lanes(J):
                 acc[jj] = T.Cast(dtype, 0)
             for a in range(dk):
-                for jj in T.vectorized(J):
+                for jj in lanes(J):
                     m[a, jj] = decay[r, t] * m[a, jj]
                 for w in range(C):
                     if t + w >= C - 1:
-                        for jj in T.vectorized(J):
+                        for jj in lanes(J):
                             m[a, jj] = m[a, jj] - lr[r, t] * e[w, jj] * k[r, t + w - (C - 1), a]
-                for jj in T.vectorized(J):
+                for jj in lanes(J):
                     acc[jj] = acc[jj] + m[a, jj] * q[r, t, a]
-            for jj in T.vectorized(J):
+            for jj in lanes(J):
                 y[r, t, j0 + jj] = acc[jj]
 
     @T.prim_func(private=True)
@@ -121,7 +99,7 @@ def omega_kernel(dk: int, dv: int, window: int, dtype: str, gpu: bool = False) -
         if gpu:  # a Python constant: one loop nest or the other
             for r in T.thread_binding(Rn, thread="blockIdx.x"):
                 for j in T.thread_binding(dv, thread="threadIdx.x"):
-                    memory_row(q, k, v, lr, gamma, decay, y, L, r, j)
+                    memory_rows(q, k, v, lr, gamma, decay, y, L, r, j)
         else:
             for task in T.parallel(Rn * (dv // J)):
                 memory_rows(q, k, v, lr, gamma, decay, y, L, task // (dv // J), task % (dv // J) * J)
