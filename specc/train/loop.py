@@ -21,7 +21,6 @@ Files of a run directory:
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -45,7 +44,7 @@ from specc.dsl.schema import SpecSource
 
 from . import data as D
 from .expr import TENSOR_FUNCTIONS, Clock, ExprError, evaluate, sampler, scalar_functions
-from .recipe import Recipe, optimizers
+from .recipe import Recipe, group_index, optimizers
 
 CHECKPOINTS = "checkpoints"
 #: Validation splits up to this many samples are evaluated in one pass.
@@ -168,12 +167,7 @@ def weight_names(graph: Graph, recipe: Recipe | None = None) -> list[str]:
 def _group_of(model: torch.nn.Module, recipe: Recipe) -> list[tuple[torch.nn.Parameter, int | None]]:
     """Every trainable parameter, in the model's order, with the index of the first group of the recipe
     whose patterns match its name (None: no group)."""
-    out = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out.append((p, next((i for i, (patterns, _) in enumerate(recipe.groups)
-                                 if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)), None)))
-    return out
+    return [(p, group_index(name, recipe.groups)) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

@@ -89,6 +89,13 @@ def optimizers() -> dict[str, type]:
             and name.lower() not in UNSUPPORTED}
 
 
+def group_index(name: str, groups: list[tuple[list[str], dict[str, Any]]]) -> int | None:
+    """The index of the first of a recipe's `groups` (patterns, optimizer arguments) whose patterns match
+    the parameter `name`, which holds it (None: no group does)."""
+    return next((i for i, (patterns, _) in enumerate(groups) if any(fnmatch.fnmatchcase(name, p) for p in patterns)),
+                None)
+
+
 def optimizer_arguments(cls: type) -> set[str]:
     return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")}
 
@@ -246,7 +253,7 @@ class _Checker:
         frozen = self.frozen()
         lora = self.lora()
         adapters, prefixes = self.peft()
-        self.clipped_groups(frozen | (frozenset(parameter_names(self.graph)) if lora or adapters or prefixes
+        self.clipped_groups(groups, frozen | (frozenset(parameter_names(self.graph)) if lora or adapters or prefixes
                                       else frozenset()))
         if t.steps is None and t.epochs is None:
             self.errors.error(self.span(), "train: give steps or epochs")
@@ -424,7 +431,6 @@ class _Checker:
         kind fits the input's dtype, into a shape whose axes after the batch the params or the data fix;
         the draw's arguments are evaluated at the first and the last step (a subset larger than its axis
         is an error here)."""
-        from specc.compiler.dims import evaluate
         from specc.compiler.ir import FLOAT_DTYPES
 
         inputs = {name: self.graph.node(nid).outputs[0] for name, nid in self.graph.inputs}
@@ -469,7 +475,7 @@ class _Checker:
                                           f"{' or '.join(DRAW_KINDS[e.func_name])} values"
                                   + (f" ({kind} inputs take {' or '.join(fits)})" if fits else
                                      f" (no draw makes {kind} values)"))
-            shape = self.random_shape(name, ty, batch, bindings, evaluate)
+            shape = self.random_shape(name, ty, batch, bindings)
             if len(self.errors.diagnostics) > before or shape is None:
                 continue
             for step in sorted({0, clock.steps - 1}):  # the arguments at the ends, to catch bad ones now
@@ -489,9 +495,11 @@ class _Checker:
             out[name] = RandomInput(e, shape, ty.dtype, dims)
         return out
 
-    def random_shape(self, name, ty, batch: set, bindings: dict[str, int], evaluate) -> tuple[int, ...] | None:
+    def random_shape(self, name, ty, batch: set, bindings: dict[str, int]) -> tuple[int, ...] | None:
         """The shape of one sample of a drawn input: its axes after the batch, as the params or the data
         fix them (None, with an error, when they do not)."""
+        from specc.compiler.dims import evaluate
+
         where = self.span("random", name)
         first = _symbol(ty.shape[0]) if ty.shape else None
         if first is None or (batch and first not in batch):
@@ -602,17 +610,16 @@ class _Checker:
             out.append((patterns, {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}))
         return out
 
-    def clipped_groups(self, frozen: frozenset[str]) -> None:
+    def clipped_groups(self, groups: list[tuple[list[str], dict[str, Any]]], frozen: frozenset[str]) -> None:
         """A group's `clip:` clips the gradient of the parameters the group holds: the trainable ones
         whose first matching group it is. One that holds none would clip nothing: an error."""
-        names = [n for n, trainable in parameter_names(self.graph).items() if trainable and n not in frozen]
+        every = parameter_names(self.graph)
+        names = [n for n, trainable in every.items() if trainable and n not in frozen]
         for i, g in enumerate(self.t.groups):
             if g.clip is None:
                 continue
-            patterns = [[g2.params] if isinstance(g2.params, str) else list(g2.params) for g2 in self.t.groups]
-            held = [n for n in names if next((j for j, ps in enumerate(patterns)
-                                              if any(fnmatch.fnmatchcase(n, p) for p in ps)), None) == i]
-            if not held and all(fnmatch.filter(parameter_names(self.graph), p) for p in patterns[i]):
+            held = [n for n in names if group_index(n, groups) == i]
+            if not held and all(fnmatch.filter(every, p) for p in groups[i][0]):
                 self.errors.error(self.key_span("groups", i, "clip"),
                                   "groups: clip: the group holds no trainable parameter (each parameter belongs to "
                                   "the first group that matches it; frozen ones to none), so it would clip nothing")
