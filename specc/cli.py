@@ -249,14 +249,11 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         from specc.backends.pytorch.build import artifacts, write_atomic
 
         ctx = _pass_context(args, src.file)
-        if args.weights and args.target != "torch":
-            raise SpecError(Diagnostic(Span(args.weights, 0, 0), f"--weights is supported with --target torch only, "
-                                                                 f"not {args.target}"))
         weights = _read_weights(graph, args.weights) if args.weights else None
         files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
                           weights=weights, ctx=ctx, torch_compile=args.torch_compile)
         if args.target != "torch":
-            return _build_tvm(args, src, graph, ctx, json.loads(files["manifest.json"]))
+            return _build_tvm(args, src, graph, ctx, json.loads(files["manifest.json"]), weights)
         write_atomic(Path(args.out), files)
         print(f"built {graph.name} -> {args.out}/ ({', '.join(files)})")
         if args.run:
@@ -440,8 +437,9 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int:
-    """Build for a TVM target; an op the target cannot lower is a located error naming the targets that can."""
+def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict, given: dict | None) -> int:
+    """Build for a TVM target; an op the target cannot lower is a located error naming the targets that can.
+    `given`: every -O0 parameter with --weights in place (None: the seeded initialisation)."""
     try:
         from specc.backends.tvm.lowering import LoweringError
         from specc.backends.tvm.package import PackageError, build_package, check_options
@@ -455,7 +453,7 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict) -> int
         check_options(args.target, args.out, args.tuning_db, args.tune)  # before any compiling or writing
         optimised, _ = optimize(graph, ctx)
         _tvm_lowerable(optimised, args.target, src)
-        weights = materialise(optimised, init_weights(graph))
+        weights = materialise(optimised, given if given is not None else init_weights(graph))
         build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db,
                       tune_trials=args.tune)
     except PackageError as e:

@@ -140,3 +140,47 @@ def test_cli_weights_errors(tmp_path, capsys):
     code = main(["build", str(spec), "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "junk.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot read weights" in err and "Traceback" not in err, err
+
+
+def _import_built(directory):
+    import importlib.util
+    import sys
+    import uuid
+
+    name = f"given_weights_build_{uuid.uuid4().hex}"
+    module_spec = importlib.util.spec_from_file_location(name, directory / "model.py")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module.load(directory)
+
+
+def test_cli_weights_for_the_tvm_target(tmp_path, capsys):
+    """`--target tvm-llvm --weights` compiles the given values (the batch norm folded into the convolution
+    at -O1 derives its weights from them), as the torch build of the same file does; bad files are the same
+    located errors, with nothing written."""
+    pytest.importorskip("tvm")
+    spec = tmp_path / "small.yaml"
+    spec.write_text(SPEC)
+    w = tmp_path / "given.safetensors"
+    save_file(given(), str(w))
+    for target, out in (("torch", "t"), ("tvm-llvm", "v"), ("tvm-llvm", "seeded")):
+        extra = [] if out == "seeded" else ["--weights", str(w)]
+        assert main(["build", str(spec), "-o", str(tmp_path / out), "--target", target, *extra]) == 0
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = specc.load(SPEC, opt_level=0, weights=given()).double()(x.double())
+        torch_out = _import_built(tmp_path / "t")(x)
+    tvm_out, seeded = _import_built(tmp_path / "v")(x), _import_built(tmp_path / "seeded")(x)
+    assert (torch_out.double() - want).abs().max() < 1e-5
+    assert (tvm_out.double() - want).abs().max() < 1e-5
+    assert (seeded.double() - want).abs().max() > 1e-2  # the seeded build differs: the file was used
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"y.wieght": torch.zeros(5, 4)}, str(bad))
+    code = main(["build", str(spec), "-o", str(tmp_path / "bad_out"), "--target", "tvm-llvm", "--weights", str(bad),
+                 "--no-color"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{bad}: error: weights: 'y.wieght' is not a parameter of small" in err
+    assert not (tmp_path / "bad_out").exists()

@@ -117,13 +117,6 @@ def test_failed_build_keeps_the_earlier_build(capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it
 
 
-def test_given_weights_are_for_the_torch_target(capsys, tmp_path):
-    weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")
-    [(where, msg)] = fails(capsys, *build(tmp_path / "out", "--weights", str(weights)))
-    assert where == str(weights) and "--weights is supported with --target torch only, not tvm-llvm" in msg
-
-
 def test_symbolic_input_dimension_that_is_an_expression(capsys, tmp_path):
     spec = tmp_path / "expr.yaml"
     spec.write_text("specc: 1\nname: e\ninputs:\n  x: f32[B, 2 * T]\ngraph: |\n  y = relu(x)\noutputs:\n  y:\n")
