@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--examples", type=int, default=50, help="how many generated examples (default 50)")
     v.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, help="candidate opt level")
     v.add_argument("--target", choices=("torch", "tvm-llvm"), default="torch", help="candidate backend")
+    v.add_argument("--weights", metavar="FILE.safetensors",
+                   help="run both models with these values of the spec's parameters (e.g. a trained model; names "
+                        "as `specc ir -O0` shows them), the rest seeded; default: seeded weights plus noise")
     gr = spec_cmd("graph", "Draw the IR: FILE.svg (laid out without Graphviz) and FILE.dot.")
     gr.add_argument("-o", "--out", required=True, metavar="FILE.svg", help="the SVG to write; the DOT goes beside it")
     pass_options(gr, 0)
@@ -515,9 +518,11 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
             raise SpecError(Diagnostic(Span(src.file, 0, 0), f"--target {args.target} needs apache-tvm "
                                                              f"(pip install 'specc[tvm]'): {e}")) from None
         _tvm_lowerable(optimize(graph, PassContext(opt_level=args.opt_level))[0], args.target, src)
+    weights = _read_weights(graph, args.weights) if args.weights else None
     what = f"-O{args.opt_level} ({args.target})"
-    print(f"verify {graph.name}: {what} against -O0 in float64, {args.examples} examples")
-    report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target)
+    print(f"verify {graph.name}: {what} against -O0 in float64, {args.examples} examples"
+          + (f", weights {args.weights}" if args.weights else ""))
+    report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target, weights=weights)
     if report.ok:
         print(f"  worst error {report.worst:.3g}" + (f" (output {report.worst_output})" if report.worst_output else "")
               + f"; tolerance {ATOL:g} + {RTOL:g}*|reference|")

@@ -5,14 +5,15 @@ Random bindings of the spec's symbolic dimensions (within their declared bounds)
 (seeded, scaled so that they stay finite) are run through the reference, the -O0 PyTorch module in
 float64, and the candidate: the -On PyTorch module in float32, or the TVM-compiled model. Weights
 are the spec's seeded initial weights plus seeded noise, so that norm gains of exactly 1 and zero
-biases cannot hide a wrong rewrite. A mismatch is shrunk by Hypothesis to a small counterexample.
+biases cannot hide a wrong rewrite, or the user's given weights (`--weights`: e.g. a trained model's)
+as they are. A mismatch is shrunk by Hypothesis to a small counterexample.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -76,13 +77,15 @@ def _candidate(graph: Graph, base: dict[str, torch.Tensor], text: str, file: str
 
 
 def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_level: int = 2,
-                 target: str = "torch", seed: int = 0) -> Report:
-    """Compare the candidate against the float64 reference on `examples` generated inputs."""
+                 target: str = "torch", seed: int = 0, weights: dict[str, torch.Tensor] | None = None) -> Report:
+    """Compare the candidate against the float64 reference on `examples` generated inputs. `weights`:
+    every parameter of the unoptimised graph (as given_weights returns them), used as they are;
+    None: the seeded initialisation plus seeded noise."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
     check_memory(graph, file, copies=5)  # the weights, the float64 reference (2x) and the candidate's copies
-    base = perturbed(init_weights(graph), seed)
+    base = perturbed(init_weights(graph), seed) if weights is None else weights
     reference = load_in_memory(artifacts(graph, text, file, weights=base, ctx=PassContext(opt_level=0)))
     reference = reference.double()
     candidate = _candidate(graph, base, text, file, opt_level, target)
@@ -141,10 +144,12 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
 
 
 def verify(path_or_text: str | Path, examples: int = 50, opt_level: int = 2, target: str = "torch",
-           overrides: dict[str, Any] | None = None, allow_imports: Iterable[str] = ()) -> Report:
+           overrides: dict[str, Any] | None = None, allow_imports: Iterable[str] = (),
+           weights: Mapping[str, Any] | None = None) -> Report:
     """Verify a spec: the optimised (or compiled) model against the unoptimised one. allow_imports:
-    the modules of the spec's `imports:` you allow it to import (as for specc.load)."""
-    from specc.api import _front
+    the modules of the spec's `imports:` you allow it to import (as for specc.load); weights: values
+    of some parameters (names as `specc ir -O0` prints them), the rest seeded, none perturbed."""
+    from specc.api import _front, given_weights
 
     src, graph = _front(path_or_text, dict(overrides or {}), allow_imports=allow_imports)
-    return verify_graph(graph, src.text, src.file, examples, opt_level, target)
+    return verify_graph(graph, src.text, src.file, examples, opt_level, target, weights=given_weights(graph, weights))

@@ -138,3 +138,26 @@ def test_verify_refuses_weights_that_cannot_fit_in_memory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "specc.cli", "verify", str(spec)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "more than this machine's" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_given_weights_are_used_as_they_are(tmp_path, capsys):
+    """With --weights both models run the given values, unperturbed: a zero linear layer makes h exactly
+    0, so y = relu(x) in float32 and float64 alike (worst error 0), where the seeded weights plus noise
+    leave float32 rounding. A bad file is a located error, exit 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    zeros = {"linear.weight": torch.zeros(8, 8), "linear.bias": torch.zeros(8)}
+    assert verify(SPEC, examples=5).worst > 0
+    report = verify(SPEC, examples=5, weights=zeros)
+    assert report.ok and report.worst == 0.0
+    path, w = tmp_path / "v.yaml", tmp_path / "zeros.safetensors"
+    path.write_text(SPEC)
+    save_file(zeros, str(w))
+    assert main(["verify", str(path), "--examples", "3", "--weights", str(w)]) == 0
+    out = capsys.readouterr().out
+    assert f"3 examples, weights {w}" in out and "worst error 0;" in out
+    save_file({"linear.wieght": torch.zeros(8, 8)}, str(w))
+    assert main(["verify", str(path), "--weights", str(w), "--no-color"]) == 2
+    err = capsys.readouterr().err
+    assert f"{w}: error: weights: 'linear.wieght' is not a parameter of v" in err and "Traceback" not in err
