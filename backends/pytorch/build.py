@@ -81,7 +81,11 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
         model.tie_weights()
     model.eval()
     return torch.compile(model) if compile else model
+'''
 
+
+#: The generated files' example_inputs() (torch alone), shared by every target's model.py.
+EXAMPLE_INPUTS = '''
 
 def _size(d, sizes: dict[str, int]) -> int:
     if isinstance(d, int):
@@ -202,7 +206,7 @@ def artifacts(graph: Graph, spec_text: str, spec_file: str, paper: str | None = 
     sha = sha256(spec_text)
     ties = [".".join(n.path + (p.name,)) for _, n in optimised.nodes() for p in n.params if p.tied_to]
     source = generate_source(optimised, header(optimised, optimised.name, spec_file, sha, paper, description,
-                                               ties, torch_compile)) + _FOOTER
+                                               ties, torch_compile)) + _FOOTER + EXAMPLE_INPUTS
     blob = st_save({k: v.contiguous() for k, v in sorted(state.items())})
     summary = summarize(optimised)
     manifest = {

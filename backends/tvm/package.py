@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from specc.compiler.dims import Sym
+from specc.backends.pytorch.build import EXAMPLE_INPUTS, _dim_json
 from specc.compiler.ir import DTYPES, Graph
 
 TARGETS = {"tvm-llvm": {"kind": "llvm"}, "tvm-cuda": {"kind": "cuda", "arch": "sm_90"}}
@@ -63,56 +63,14 @@ def load(directory: str | Path | None = None) -> Model:
     if TARGET == "tvm-cuda" and not torch.cuda.is_available():
         raise RuntimeError("this build holds CUDA kernels (sm_90) and needs an NVIDIA GPU; none is available here")
     return Model(_loader().load(directory)).eval()
-
-
-def _size(d, sizes):
-    if isinstance(d, int):
-        return d
-    if isinstance(d, str):
-        return sizes[d]
-    return sum(c * _prod(sizes[s] for s in syms) for c, syms in d)
-
-
-def _prod(xs):
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
-def example_inputs(seed: int = 0, **dims: int) -> tuple[torch.Tensor, ...]:
-    """Random inputs that fit the declared inputs, at the example sizes (override with e.g. B=4)."""
-    sizes = {{**DIMS, **dims}}
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for dtype_name, shape, value_range in INPUTS.values():
-        shape = [_size(d, sizes) for d in shape]
-        dtype = getattr(torch, dtype_name)
-        if value_range is not None:
-            out.append(torch.randint(value_range[0], value_range[1], shape, generator=gen, dtype=dtype))
-        elif dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen, dtype=dtype))
-        elif dtype == torch.bool:
-            out.append(torch.randint(0, 2, shape, generator=gen).bool())
-        else:
-            out.append(torch.randint(0, 8, shape, generator=gen, dtype=dtype))
-    return tuple(out)
 '''
 
 
-def _dim(d: Any) -> Any:
-    if isinstance(d, Sym):
-        if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-            return d.terms[0][0][0]
-        return [[c, list(m)] for m, c in d.terms]
-    return d
-
-
 def model_py(graph: Graph, target: str) -> str:
-    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(_dim(d) for d in graph.node(nid).type.shape),
+    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(_dim_json(d) for d in graph.node(nid).type.shape),
                      graph.node(nid).type.value_range) for name, nid in graph.inputs}
     dims = {s: ex for s, (ex, _, _) in graph.dims.items()}
-    return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims))
+    return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims)) + EXAMPLE_INPUTS
 
 
 class PackageError(ValueError):
