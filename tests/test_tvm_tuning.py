@@ -49,7 +49,8 @@ outputs:
   y: f32[B, 32]
 """
 
-QUICK = dict(trials=2, strategy="replay-trace", measure_repeats=1)
+#: check_model is left to its own tests below: at random its timing could keep the records out of a build
+QUICK = dict(trials=2, strategy="replay-trace", measure_repeats=1, check_model=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,62 @@ def test_the_cli_prints_the_database_warning_as_one_line(tuned, tmp_path, capsys
                  str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "specc: warning: tuning database" in err and "Traceback" not in err and "UserWarning" not in err
+
+
+def _copy_unchecked(db, dest):
+    """A copy of the database with no size checked yet."""
+    import shutil
+
+    shutil.copytree(db, dest)
+    index = read_index(dest)
+    for entry in index["graphs"].values():
+        for rec in entry["tuned"]:
+            rec.pop("use", None)
+            rec.pop("model_ms", None)
+    (dest / INDEX).write_text(json.dumps(index))
+    return dest
+
+
+def test_the_model_is_timed_with_and_without_the_records(tuned, tmp_path):
+    """After tuning, each size tuned is timed as a whole model both ways (the real measurement), and the
+    index records the times and the choice; tuning again checks nothing more."""
+    db, graph, _, _ = tuned
+    db = _copy_unchecked(db, tmp_path / "db")
+    report = tune(graph, db, dims={"B": 4}, **(QUICK | dict(check_model=True, check_seconds=0.4)))
+    assert list(report.model) == ["main__B4"]
+    t, sch = report.model["main__B4"]
+    assert t > 0 and sch > 0 and "main__B4: " in str(report)
+    [rec] = next(iter(read_index(db)["graphs"].values()))["tuned"]
+    assert rec["use"] == ("scheduled" if t > sch else "tuned") and set(rec["model_ms"]) == {"tuned", "scheduled"}
+    assert tune(graph, db, dims={"B": 4}, **(QUICK | dict(check_model=True))).model == {}
+
+
+@pytest.mark.parametrize("faster", ["tuned", "scheduled"])
+def test_a_size_where_the_records_made_the_model_slower_builds_without_them(tuned, tmp_path, monkeypatch, faster):
+    """The timing decides (here fixed by replacing the timer): where the model ran slower with the records,
+    later builds have no static copy at that size and run specc's schedules; else they use the records."""
+    from specc.backends.tvm import bench
+
+    db, graph, _, _ = tuned
+    db = _copy_unchecked(db, tmp_path / "db")
+    timed = []
+
+    def fake(fns, min_time, **_):
+        timed.append(sorted(fns))
+        return {"tuned": 1.0, "scheduled": 2.0} if faster == "tuned" else {"tuned": 2.0, "scheduled": 1.0}
+
+    monkeypatch.setattr(bench, "interleaved", fake)
+    report = tune(graph, db, dims={"B": 4}, **(QUICK | dict(check_model=True)))
+    assert timed == [["scheduled", "tuned"]] and report.slower == ([] if faster == "tuned" else ["main__B4"])
+    runner = compile_graph(graph, weights=init_weights(graph), tuning_db=db)
+    runner(torch.randn(4, 16))
+    if faster == "tuned":
+        assert runner.last_function == "main__B4" and tuned_dims(db, graph) == [{"B": 4}]
+        assert runner.manifest["tuned_kernels"]
+    else:
+        assert runner.last_function == "main" and "specialised" not in runner.manifest
+        assert tuned_dims(db, graph) == [] and tuned_dims(db, graph, include_slower=True) == [{"B": 4}]
+        assert "builds use specc's schedules there" in str(report)
 
 
 @pytest.mark.skipif(os.environ.get("SPECC_SLOW") != "1", reason="tuning a model takes minutes: SPECC_SLOW=1")

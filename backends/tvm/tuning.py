@@ -17,6 +17,13 @@ in the database are never tuned again: tuning a second spec that shares kernels 
 shapes) with the first costs only the new ones, and `compile_graph(..., tuning_db=...)` never tunes.
 
 The hand-written kernels (LSTM recurrence, attention) and the row kernels (softmax, norms) are not tuned.
+
+A kernel that wins alone can lose inside the model (its inputs and weights are not in cache there as
+they were when it was measured alone; gpt at batch 8 ran 0.97x of torch eager tuned against 0.78x with
+specc's schedules alone). So after tuning, `tune` times the whole model both ways at each size tuned
+(interleaved rounds, `check_model`), and the index marks a size where the records made the model
+slower: later builds leave that size to the symbolic function and specc's schedules. A build with a
+database is thus never slower than the default build at the sizes tuned, up to timing noise.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.target import Target
 
-from specc.compiler.ir import Graph
+from specc.compiler.dims import evaluate
+from specc.compiler.ir import DTYPES, Graph
 
 INDEX = "specc_tuning.json"
 _IS_SCHEDULED = "tirx.is_scheduled"
@@ -161,9 +169,10 @@ def _write_index(db_dir: Path, index: dict[str, Any]) -> None:
 
 
 def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = None, *,
-               key: str | None = None) -> list[dict[str, int]]:
-    """The sizes `graph` was tuned at in `db_dir` (for this target's CPU), oldest first. `key`: the
-    graph's fingerprint, where the caller has it already (it lowers the graph to Relax)."""
+               key: str | None = None, include_slower: bool = False) -> list[dict[str, int]]:
+    """The sizes `graph` was tuned at in `db_dir` (for this target's CPU), oldest first, without those
+    where the model ran slower with the records (unless `include_slower`). `key`: the graph's
+    fingerprint, where the caller has it already (it lowers the graph to Relax)."""
     if db_dir is None:
         return []
     graphs = read_index(db_dir)["graphs"]
@@ -183,6 +192,8 @@ def tuned_dims(db_dir: str | Path | None, graph: Graph, target: Target | None = 
     for rec in entry["tuned"]:
         if target is not None and rec.get("target_key") not in (None, _target_key(target)):
             continue
+        if rec.get("use") == "scheduled" and not include_slower:
+            continue  # the whole model ran faster without the records at these sizes (model_check)
         if rec["dims"] not in out:
             out.append(rec["dims"])
     return out
@@ -207,11 +218,22 @@ class TuneReport:
     specc_kept: list[str] = field(default_factory=list)  # kernels where specc's schedule beat the search
     trials: int = 0
     seconds: float = 0.0
+    #: the whole model's seconds per call with the records and with specc's schedules alone, per size
+    #: checked (function name, e.g. main__B1_T128): (tuned, scheduled)
+    model: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def slower(self) -> list[str]:
+        """The sizes where the model ran slower with the records: later builds do without them there."""
+        return [name for name, (tuned, scheduled) in self.model.items() if tuned > scheduled]
 
     def __str__(self) -> str:
+        checked = "".join(f"; {name}: {1e3 * t:.3g} ms with the records, {1e3 * sch:.3g} ms without"
+                          + (" (builds use specc's schedules there)" if t > sch else "")
+                          for name, (t, sch) in self.model.items())
         return (f"tuned {len(self.tuned)} kernel(s) ({self.trials} trials each at most, {self.seconds:.0f} s; "
                 f"specc's own schedule kept for {len(self.specc_kept)}), reused {len(self.reused)} record(s) "
-                f"from {self.db_dir}, sizes {self.dims}")
+                f"from {self.db_dir}, sizes {self.dims}{checked}")
 
 
 def tuning_tasks(graph: Graph, target: Target, dims_list: list[dict[str, int]], lift: bool = True) -> list[Any]:
@@ -426,7 +448,7 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
          target: str | Mapping[str, Any] | Target = "llvm", weights: Any = None, lift: bool = True,
          seed: int | None = 0, log_dir: str | Path | None = None, strategy: str = "evolutionary",
          workers: str = "inprocess", timeout_sec: float = 300.0, measure_repeats: int = 3,
-         verbose: bool = False) -> TuneReport:
+         verbose: bool = False, check_model: bool = True, check_seconds: float = 2.0) -> TuneReport:
     """Tune the graph's kernels at `dims` (a dict or a list of dicts of symbolic sizes; default: the
     spec's example sizes) with MetaSchedule, `trials` measured candidates per kernel, into the
     database in `db_dir`. Kernels that already have a record there are skipped. `weights` is
@@ -438,6 +460,9 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
     workers: "inprocess" (build and measure in this process: see `in_process_workers`) or "popen"
     (MetaSchedule's worker processes, with `timeout_sec` per build and per measurement: generous,
     because each worker imports TVM; MetaSchedule's default 30 s timed out on a loaded 2-core machine).
+    check_model: after tuning (or when a size was never checked), time the whole model with the records
+    and without, `check_seconds` per size (see `model_check`); the index keeps the records out of later
+    builds at a size where they made the model slower.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -499,8 +524,12 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
                 cost_model=_cost_model() if strategy == "evolutionary" else "random")
         report.tuned = [t.task_name for t in todo]
         report.specc_kept = seed_with_specc_schedules(database, todo, tgt, measure_repeats)
+    unchecked = _record(db_dir, graph, tgt, dims_list, report, todo, tasks,
+                        recheck=bool(report.tuned or report.specc_kept))
+    if check_model and unchecked:
+        report.model = model_check(graph, db_dir, tgt, unchecked, check_seconds)
+        _record_check(db_dir, graph, tgt, report.model)
     report.seconds = time.perf_counter() - t0
-    _record(db_dir, graph, tgt, dims_list, report, todo, tasks)
     return report
 
 
@@ -686,13 +715,21 @@ def _cost_model() -> str:
 
 
 def _record(db_dir: Path, graph: Graph, target: Target, dims_list: list[dict[str, int]], report: TuneReport,
-            todo: list[Any], tasks: list[Any]) -> None:
+            todo: list[Any], tasks: list[Any], recheck: bool) -> list[dict[str, int]]:
+    """Add the graph, its sizes and its kernels to the index; returns the sizes whose model check is to be
+    made: those never checked, or all of `dims_list` when `recheck` (records were added)."""
     index = read_index(db_dir)
     entry = index["graphs"].setdefault(fingerprint(graph), {"name": graph.name, "tuned": []})
+    unchecked = []
     for dims in dims_list:
-        rec = {"dims": dims, "target": str(target), "target_key": _target_key(target)}
-        if rec not in entry["tuned"]:
+        rec = _size_record(entry, dims, target)
+        if rec is None:
+            rec = {"dims": dims, "target": str(target), "target_key": _target_key(target)}
             entry["tuned"].append(rec)
+        if recheck or "use" not in rec:
+            rec.pop("use", None)  # until checked, the build compiles the records at this size
+            rec.pop("model_ms", None)
+            unchecked.append(dims)
     # the kernels (MetaSchedule workloads, by structural hash) this graph's builds look up: a build
     # reads only those rows of the database (open_database)
     entry["workloads"] = sorted(set(entry.get("workloads", [])) | {workload_key(t.dispatched[0]) for t in tasks})
@@ -704,6 +741,64 @@ def _record(db_dir: Path, graph: Graph, target: Target, dims_list: list[dict[str
                            {"op": task.task_name, "shapes": shapes, "trials": report.trials,
                             "target": str(target)})
     _write_index(db_dir, index)
+    return unchecked
+
+
+def _size_record(entry: dict[str, Any], dims: Mapping[str, int], target: Target) -> dict[str, Any] | None:
+    for rec in entry["tuned"]:
+        if rec["dims"] == dims and rec.get("target_key") in (None, _target_key(target)):
+            return rec
+    return None
+
+
+def _record_check(db_dir: Path, graph: Graph, target: Target, model: Mapping[str, tuple[float, float]]) -> None:
+    """Mark each checked size "tuned" (the records serve builds there) or "scheduled" (they do not)."""
+    index = read_index(db_dir)
+    entry = index["graphs"][fingerprint(graph)]
+    for rec in entry["tuned"]:
+        name = spec_name(rec["dims"])
+        if name in model and rec.get("target_key") in (None, _target_key(target)):
+            tuned, scheduled = model[name]
+            rec["use"] = "scheduled" if tuned > scheduled else "tuned"
+            rec["model_ms"] = {"tuned": round(1e3 * tuned, 4), "scheduled": round(1e3 * scheduled, 4)}
+    _write_index(db_dir, index)
+
+
+def model_check(graph: Graph, db_dir: str | Path, target: Target, dims_list: list[dict[str, int]],
+                seconds: float = 2.0) -> dict[str, tuple[float, float]]:
+    """Seconds per call of the whole model built with the database's records and without them (specc's
+    schedules), at each of `dims_list`: {function name: (tuned, scheduled)}. Zero weights, random float
+    inputs and integer inputs at the bottom of their range; the two libraries run in interleaved rounds,
+    `seconds` in all per size."""
+    import torch
+
+    from .bench import interleaved
+    from .build import compile_graph
+
+    # the build with the records compiles a static copy of every size in dims_list (none is marked yet)
+    runners = {"tuned": compile_graph(graph, target, tuning_db=db_dir), "scheduled": compile_graph(graph, target)}
+    weights = {p["name"]: torch.zeros(p["shape"], dtype=getattr(torch, p["dtype"]))
+               for p in runners["scheduled"].manifest["params"]}
+    for runner in runners.values():
+        runner.bind(weights)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for dims in dims_list:
+        inputs = []
+        for _, nid in graph.inputs:
+            t = graph.node(nid).type
+            shape, dtype = [evaluate(d, dims) for d in t.shape], getattr(torch, DTYPES[t.dtype])
+            if dtype.is_floating_point:
+                inputs.append(torch.randn(shape, generator=gen, dtype=dtype))
+            else:
+                inputs.append(torch.full(shape, t.value_range[0] if t.value_range else 0, dtype=dtype))
+        runners["tuned"](*inputs)
+        if runners["tuned"].last_function != spec_name(dims):
+            continue  # no static copy at these sizes (nothing to choose between)
+        times = interleaved({k: (lambda r=r: r(*inputs)) for k, r in runners.items()}, seconds / 2)
+        out[spec_name(dims)] = (times["tuned"], times["scheduled"])
+    return out
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -749,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["tune", "TuneReport", "DatabaseError", "check_database", "tuned_dims", "specialise", "spec_name", "fingerprint", "read_index",
+__all__ = ["tune", "TuneReport", "model_check", "DatabaseError", "check_database", "tuned_dims", "specialise", "spec_name", "fingerprint", "read_index",
            "open_database", "workload_key", "tuning_tasks", "seed_with_specc_schedules", "INDEX"]
 
 
