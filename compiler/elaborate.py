@@ -1442,6 +1442,8 @@ class Elaborator:
         options: dict[str, tuple[Any, Span]] = {}
         for k in e.kwargs:
             v = self.ev(k.value, scope, hint=None)
+            if k.name in kwargs or k.name in options:
+                v = self.fail(k.span, f"argument '{k.name}' is given twice")
             if k.name not in REPEAT_OPTIONS:
                 kwargs[k.name] = v
                 continue

@@ -261,6 +261,11 @@ def test_misuse_is_a_located_error():
     err(15, 32, "repeat: stack= must be true or false, got the string 'yes'", 'y = repeat(2, step, x, stack="yes")')
     err(15, 25, "repeat: 'stack=' is repeat's own option, so it cannot pass block 'opt' its argument 'stack'",
         "y = repeat(2, opt, x, stack=true)")
+    # a keyword given twice, an option or one for the block: an error, not the last one silently winning
+    err(15, 38, "argument 'share' is given twice", "y = repeat(2, step, x, share=true, share=false)")
+    err(15, 38, "argument 'stack' is given twice", "y = repeat(2, step, x, stack=true, stack=false)")
+    text = ERRORS.format(line="y = repeat(2, step, x, g=x, g=x * 2)").replace("step(h): |", "step(h, g): |")
+    assert_error(text, 15, 31, "argument 'g' is given twice")
 
 
 def test_options_off_change_nothing():
