@@ -149,3 +149,13 @@ def product(dims) -> Dim:
     for d in dims:
         out = out * d
     return out
+
+
+def to_json(d: Dim) -> int | str | list:
+    """A dimension as plain data (manifests, generated files): an int, a symbol's name, or a polynomial
+    as [[coefficient, [symbols]], ...]."""
+    if isinstance(d, Sym):
+        if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+            return d.terms[0][0][0]
+        return [[c, list(m)] for m, c in d.terms]
+    return d

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from specc.compiler.diagnostics import Diagnostic, Span, SpecError
-from specc.compiler.dims import Sym
+from specc.compiler.dims import to_json as dim_json
 from specc.compiler.ir import DTYPES, Graph
 from specc.compiler.passes import PassContext, optimize
 from specc.compiler.summary import summarize
@@ -120,15 +120,6 @@ def example_inputs(seed: int = 0, **dims: int) -> tuple[torch.Tensor, ...]:
 '''
 
 
-def _dim_json(d: Any) -> Any:
-    """An int, a symbol name, or a polynomial as [[coefficient, [symbols]], ...]."""
-    if isinstance(d, Sym):
-        if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-            return d.terms[0][0][0]
-        return [[c, list(m)] for m, c in d.terms]
-    return d
-
-
 def _py(v: Any) -> str:
     """Python source for plain JSON-like data (validated names and numbers only)."""
     return repr(v)
@@ -147,7 +138,7 @@ def header(graph: Graph, spec_name: str, spec_file: str, spec_sha: str, paper: s
         doc.append("Paper: " + _doc_safe(paper))
     doc.append("")
     doc.append("Edit the spec, not this file. Parameters: " + _doc_safe(params))
-    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(_dim_json(d) for d in graph.node(nid).type.shape),
+    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(dim_json(d) for d in graph.node(nid).type.shape),
                      graph.node(nid).type.value_range) for name, nid in graph.inputs}
     dims = {s: ex for s, (ex, _, _) in graph.dims.items()}
     lines = ['"""' + "\n".join(doc) + '\n"""', "",

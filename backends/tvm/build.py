@@ -33,7 +33,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from specc.compiler.dims import Sym
+from specc.compiler.dims import to_json as dim_json
 from specc.compiler.ir import DTYPES, Graph
 
 from .lowering import Signature, to_relax
@@ -191,14 +191,6 @@ def pipeline(target: Target, lift: bool = True, cpu_schedule: bool = False, sche
 # compile and run
 # ---------------------------------------------------------------------------------------------
 
-def _dim_json(d: Any) -> Any:
-    if isinstance(d, Sym):
-        if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-            return d.terms[0][0][0]
-        return [[c, list(m)] for m, c in d.terms]
-    return d
-
-
 def manifest(graph: Graph, sig: Signature, target: Target, lift: bool) -> dict[str, Any]:
     """What a runner needs to call the compiled function: inputs, weights and outputs, in order."""
     return {
@@ -207,10 +199,10 @@ def manifest(graph: Graph, sig: Signature, target: Target, lift: bool) -> dict[s
         "target": json.loads(str(target)),
         "target_kind": target.kind.name,
         "lifted": lift,
-        "inputs": [{"name": n, "dtype": DTYPES[t.dtype], "shape": [_dim_json(d) for d in t.shape],
+        "inputs": [{"name": n, "dtype": DTYPES[t.dtype], "shape": [dim_json(d) for d in t.shape],
                     "value_range": list(t.value_range) if t.value_range else None} for n, t in sig.inputs],
         "params": [{"name": n, "dtype": DTYPES[p.dtype], "shape": list(p.shape)} for n, p in sig.params],
-        "outputs": [{"name": n, "dtype": DTYPES[t.dtype], "shape": [_dim_json(d) for d in t.shape]}
+        "outputs": [{"name": n, "dtype": DTYPES[t.dtype], "shape": [dim_json(d) for d in t.shape]}
                     for n, t in sig.outputs],
         "dims": {s: {"example": ex, "min": lo, "max": hi} for s, (ex, lo, hi) in graph.dims.items()},
         "versions": {"tvm": tvm.__version__},

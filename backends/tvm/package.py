@@ -13,7 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from specc.backends.pytorch.build import EXAMPLE_INPUTS, _dim_json
+from specc.backends.pytorch.build import EXAMPLE_INPUTS
+from specc.compiler.dims import to_json as dim_json
 from specc.compiler.ir import DTYPES, Graph
 
 TARGETS = {"tvm-llvm": {"kind": "llvm"}, "tvm-cuda": {"kind": "cuda", "arch": "sm_90"}}
@@ -67,7 +68,7 @@ def load(directory: str | Path | None = None) -> Model:
 
 
 def model_py(graph: Graph, target: str) -> str:
-    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(_dim_json(d) for d in graph.node(nid).type.shape),
+    inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(dim_json(d) for d in graph.node(nid).type.shape),
                      graph.node(nid).type.value_range) for name, nid in graph.inputs}
     dims = {s: ex for s, (ex, _, _) in graph.dims.items()}
     return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims)) + EXAMPLE_INPUTS
