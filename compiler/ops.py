@@ -387,7 +387,8 @@ def _attention(c: OpCall):
     mask: a bool or float tensor broadcastable to [..., T, S] (the same for every head) or, one rank
     higher, to [..., heads, T, S]. A bool mask says where a query MAY attend (true = attend, the
     convention of scaled_dot_product_attention); a float mask is added to the scores (0 or -inf, or
-    any bias). Combined with causal, both apply. A row with no allowed position gives NaN.
+    any bias). Combined with causal, both apply. A query with no allowed position gets zeros (as
+    scaled_dot_product_attention gives; a padded sequence gives no NaN, in outputs or gradients).
 
     prefix: l key rows and l value rows put before the projected keys and values (prefix tuning,
     prompts), [..., 2, l, d]: [..., 0, :, :] the keys, [..., 1, :, :] the values, per batch row or shared

@@ -277,6 +277,42 @@ def test_attention_mask_computed_in_the_graph_and_absent_mask_unchanged(tmp_path
     assert "b = self.b(x)  # (B, T, 8)" in src
 
 
+@pytest.mark.parametrize("mask_type", ["bool", "f64"])
+def test_a_query_that_sees_no_key_gets_zeros_at_every_level_and_on_tvm(mask_type):
+    """A fully masked row (a padded sequence, say) gives zeros out of the attention (so the layer's output
+    is its output projection's bias there) at -O0 (softmax written out), -O1/-O2 (scaled_dot_product_attention)
+    and on tvm-llvm alike, and the gradients stay finite; the other rows are as the reference gives them."""
+    text = spec(f"x: 'f64[B, T, 8]', m: '{mask_type}[B, 1, T]'", "y = attention(x, heads=2, mask=m)")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=gen)
+    keep = torch.ones(2, 1, 5, dtype=torch.bool)
+    keep[0] = False  # batch row 0: every key hidden from every query
+    keep[1, 0, 3:] = False
+    m = keep if mask_type == "bool" else torch.zeros(2, 1, 5, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    base = load64(text, 0)
+    sd = base.state_dict()
+    want = reference_attention(x[1:], x[1:], sd, "y", 2, False, keep[1:, None].expand(-1, 2, 5, -1))
+    for level in (0, 1, 2):
+        model = load64(text, level)
+        model.load_state_dict(sd, strict=False) if level == 0 else None
+        xg = x.clone().requires_grad_(True)
+        got = model(xg, m)
+        assert torch.equal(got[0], sd["y.o.bias"].expand(5, -1)), (level, got[0])
+        close(got[1:], want)
+        got.sum().backward()
+        assert torch.isfinite(xg.grad).all(), level
+    pytest.importorskip("tvm")
+    from specc.backends.pytorch.weights import init_weights
+    from specc.backends.tvm.build import compile_graph
+
+    graph = specc.compile(text.replace("f64[", "f32["))
+    weights = {k: v.float() for k, v in sd.items()}
+    assert set(weights) == set(init_weights(graph))
+    y = compile_graph(graph, weights=weights)(x.float(), m.float() if mask_type == "f64" else m)
+    assert torch.equal(y[0], weights["y.o.bias"].expand(5, -1))
+    assert (y[1:].double() - want).abs().max() < 1e-5
+
+
 def test_attention_mask_errors():
     assert_error(spec("x: 'f32[B, T, 8]', m: 'bool[B, S, T]'", "y = attention(x, 2, mask=m)"), 6, 23,
                  "attention: the mask bool[B, S, T] does not broadcast to the scores [B, T, T] ([..., T, S]) of x "

@@ -610,7 +610,7 @@ class MultiHeadAttention(nn.Module):
         k, v (..., S, d) whose batch dimensions broadcast to q's.
 
         mask: bool (true = may attend) or float (added to the scores), broadcastable to (..., T, S) or,
-        per head, to (..., h, T, S). prefix (..., 2, l, d): l key rows and l value rows put before k and
+        per head, to (..., h, T, S); a query whose keys are all hidden gets zeros. prefix (..., 2, l, d): l key rows and l value rows put before k and
         v (prefix tuning), seen by every query; causal and mask apply to the S positions only.
         """
         *batch, t, d = q.shape
@@ -644,7 +644,12 @@ class MultiHeadAttention(nn.Module):
                 att = att.masked_fill(~keep, float("-inf"))
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
-            att = F.softmax(att, dim=-1)
+                # a query that sees no key gets zeros, as scaled_dot_product_attention gives (its row is
+                # made finite first, so that neither the output nor the gradients become NaN)
+                blind = att.amax(-1, keepdim=True) == float("-inf")
+                att = F.softmax(att.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0)
+            else:
+                att = F.softmax(att, dim=-1)
             if dropout:
                 att = F.dropout(att, p=dropout)
             y = att @ v  # (..., h, T, d/h)

@@ -387,8 +387,15 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
             att = c.emit(R.where(mask, att, c.const(float("-inf"))))
         else:
             att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
-    att = c.emit(R.nn.softmax(att, axis=-1))
-    y = c.emit(R.matmul(att, v))  # [*batch, h, T, dh]
+        # a query that sees no key gets zeros (as torch's scaled_dot_product_attention): its row is made
+        # finite before the softmax and zeroed after it. (TVM's max starts from the lowest finite value, so
+        # a row of -inf has that maximum, not -inf.)
+        lowest = float(np.finfo(_np_dtype(c.dtype)).min)
+        blind = c.emit(R.less_equal(c.emit(R.max(att, axis=-1, keepdims=True)), c.const(lowest)))
+        att = c.emit(R.nn.softmax(c.emit(R.where(blind, c.const(0.0), att)), axis=-1))
+        y = c.emit(R.where(blind, c.const(0.0), c.emit(R.matmul(att, v))))  # [*batch, h, T, dh]
+    else:
+        y = c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v))
     y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))
     return c.emit(R.reshape(y, batch + [t_len, i64(d)]))
 
