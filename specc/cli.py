@@ -365,16 +365,24 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
 
 def _read_weights(graph, path: str):
     """The -O0 graph's parameters with those of a .safetensors file in place (errors located at the file)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from specc.api import given_weights
 
     try:
         tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            level = (f.metadata() or {}).get("specc_opt_level", "0")
     except (OSError, SafetensorError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise SpecError(Diagnostic(Span(path, 0, 0), f"cannot read weights: {reason}")) from None
+    if level != "0":  # its values are the optimised graph's (fused, folded), even where a name fits
+        raise SpecError(Diagnostic(Span(path, 0, 0), f"weights: {path} holds the weights of an -O{level} build, the "
+                                                     f"optimised graph's parameters (fused, folded), not the spec's",
+                                   notes=("--weights takes the spec's parameters (names as `specc ir -O0` prints "
+                                          "them): an -O0 build's weights.safetensors or a training checkpoint's "
+                                          "model.safetensors",)))
     return given_weights(graph, tensors, source=path)
 
 

@@ -184,3 +184,28 @@ def test_cli_weights_for_the_tvm_target(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err, err
     assert f"{bad}: error: weights: 'y.wieght' is not a parameter of small" in err
     assert not (tmp_path / "bad_out").exists()
+
+
+def test_an_optimised_builds_weights_are_refused_with_the_reason(tmp_path, capsys):
+    """weights.safetensors records the build's opt level: an -O1 build's file (batch norm folded into the
+    convolution: other names) given to --weights is an error that says why and what to give; an -O0
+    build's file is taken as it is."""
+    spec = tmp_path / "small.yaml"
+    spec.write_text(SPEC)
+    for level in ("0", "1"):
+        assert main(["build", str(spec), "-o", str(tmp_path / f"O{level}"), "-O", level]) == 0
+    capsys.readouterr()
+    code = main(["build", str(spec), "-o", str(tmp_path / "again"), "--weights", str(tmp_path / "O1" / "weights.safetensors"),
+                 "--no-color"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    # refused even though every name of this file is also a parameter of the spec (the folded
+    # convolution keeps the name c.weight): its values are not the spec's
+    assert set(load_file(str(tmp_path / "O1" / "weights.safetensors"))) < set(given()) | {"c.weight", "c.bias", "y.bias"}
+    assert "error: weights: " in err and "holds the weights of an -O1 build" in err
+    assert "an -O0 build's weights.safetensors" in err
+    assert not (tmp_path / "again").exists()
+    assert main(["build", str(spec), "-o", str(tmp_path / "again"), "-O", "0",
+                 "--weights", str(tmp_path / "O0" / "weights.safetensors")]) == 0
+    assert load_file(str(tmp_path / "again" / "weights.safetensors")).keys() == \
+        load_file(str(tmp_path / "O0" / "weights.safetensors")).keys()
