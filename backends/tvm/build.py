@@ -228,7 +228,9 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
         key = fingerprint(graph)
         dims = tuned_dims(tuning_db, graph, tgt, key=key)
         if dims:
-            mod = specialise(mod, dims, FUNC)
+            from .lowering import input_shapes
+
+            mod = specialise(mod, dims, FUNC, shapes=input_shapes(graph))
             specialised = [{"function": spec_name(d), "dims": d} for d in dims]
         database = open_database(tuning_db, graph, key=key)  # DatabaseError: a row MetaSchedule cannot read
     shared = bool(specialised)

@@ -53,7 +53,11 @@ from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
 
 
 class LoweringError(Exception):
-    """The graph uses something this backend cannot lower (yet)."""
+    """The graph uses something this backend cannot lower (yet). `span`: where in the spec, when known."""
+
+    def __init__(self, message: str, span: Any = None):
+        super().__init__(message)
+        self.span = span
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,13 +391,14 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
             att = c.emit(R.where(mask, att, c.const(float("-inf"))))
         else:
             att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
-        # a query that sees no key gets zeros (as torch's scaled_dot_product_attention): its row is made
-        # finite before the softmax and zeroed after it. (TVM's max starts from the lowest finite value, so
-        # a row of -inf has that maximum, not -inf.)
-        lowest = float(np.finfo(_np_dtype(c.dtype)).min)
-        blind = c.emit(R.less_equal(c.emit(R.max(att, axis=-1, keepdims=True)), c.const(lowest)))
-        att = c.emit(R.nn.softmax(c.emit(R.where(blind, c.const(0.0), att)), axis=-1))
-        y = c.emit(R.where(blind, c.const(0.0), c.emit(R.matmul(att, v))))  # [*batch, h, T, dh]
+        # a query that sees no key gets zeros (as torch's scaled_dot_product_attention): the hidden scores
+        # become the lowest finite value, so such a row's softmax is finite (uniform), and its output is
+        # scaled by `seen`, 0 for such a row, else 1: min(max(row max - lowest, 0), 1) (no bool tensor:
+        # dlight's CUDA code for a vectorised bool load did not compile)
+        lowest = c.const(float(np.finfo(_np_dtype(c.dtype)).min))
+        att = c.emit(R.maximum(att, lowest))
+        seen = c.emit(R.clip(c.emit(R.subtract(c.emit(R.max(att, axis=-1, keepdims=True)), lowest)), 0, 1))
+        y = c.emit(R.multiply(c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v)), seen))  # [*batch, h, T, dh]
     else:
         y = c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v))
     y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))
@@ -1280,18 +1285,75 @@ def parameters(graph: Graph) -> list[tuple[str, ParamSpec]]:
     return out
 
 
-def _symbols(graph: Graph) -> dict[str, tirx.Var]:
-    syms: dict[str, tirx.Var] = {}
+def affine(d: Any) -> tuple[str, int, int] | None:
+    """(S, a, b) when the dimension d is a * S + b in one symbol S with a >= 1, else None."""
+    if not isinstance(d, Sym):
+        return None
+    sym, a, b = None, 0, 0
+    for m, c in d.terms:
+        if not m:
+            b = c
+        elif len(m) == 1 and sym is None:
+            sym, a = m[0], c
+        else:
+            return None
+    return (sym, a, b) if sym is not None and a >= 1 else None
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    """How the function's inputs define the spec's symbols. A symbol that is a whole input dimension
+    somewhere is a size variable of the function. One that appears only as a * S + b (an image side
+    4 * Hq that pools twice, say) is (v - b) // a of a variable v the function takes for that axis;
+    such an input (and one with an axis whose expression uses symbols defined elsewhere) is reshaped
+    once inside the function to its shape in the spec's symbols. The sizes must fit: the runner
+    checks them before it calls the function."""
+
+    syms: dict[str, Any]  # symbol -> its tirx.Var, or (v - b) // a of an axis variable
+    annotations: dict[int, list[Any]]  # input node -> the shape its parameter is declared with
+    derived: dict[str, tuple[str, int, int]]  # axis variable name -> (S, a, b): v = a * S + b
+    checked: frozenset[int]  # input nodes reshaped to their shape in the spec's symbols inside the function
+
+
+def input_shapes(graph: Graph) -> InputShapes:
+    syms: dict[str, Any] = {}
+    for _, nid in graph.inputs:  # plain symbols first: where a symbol is a whole dimension, it is a variable
+        for d in graph.node(nid).type.shape:
+            if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+                syms.setdefault(d.terms[0][0][0], tirx.Var(d.terms[0][0][0], "int64"))
+    annotations: dict[int, list[Any]] = {}
+    derived: dict[str, tuple[str, int, int]] = {}
+    checked = set()
     for name, nid in graph.inputs:
+        shape = []
         for axis, d in enumerate(graph.node(nid).type.shape):
-            if isinstance(d, Sym):
-                if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-                    s = d.terms[0][0][0]
-                    syms.setdefault(s, tirx.Var(s, "int64"))
-                else:
-                    raise LoweringError(f"input '{name}': dimension {axis} is the expression {d}; the TVM "
-                                        f"backend needs each symbolic input dimension to be a single symbol")
-    return syms
+            if not isinstance(d, Sym) or isinstance(syms.get(str(d)), tirx.Var):
+                shape.append(dim_expr(d, syms) if isinstance(d, Sym) else tirx.IntImm("int64", d))
+                continue
+            v = tirx.Var(f"{_hint(name)}__{axis}", "int64")
+            if all(isinstance(syms.get(x), tirx.Var) for x in d.symbols):  # e.g. B * T, both whole dimensions
+                shape.append(v)
+                checked.add(nid)
+                continue
+            form = affine(d)
+            if form is None:
+                raise LoweringError(f"input '{name}': dimension {axis} is the expression {d}; the TVM backend "
+                                    f"takes an input dimension that is a symbol, a * S + b in one symbol, or an "
+                                    f"expression of symbols that are whole dimensions of the inputs",
+                                    graph.node(nid).span)
+            sym, a, b = form
+            derived[v.name] = form
+            if sym not in syms:
+                syms[sym] = tirx.floordiv(v - b, a) if a != 1 else v - b
+            shape.append(v)
+            checked.add(nid)
+        annotations[nid] = shape
+    return InputShapes(syms, annotations, derived, frozenset(checked))
+
+
+def _symbols(graph: Graph) -> dict[str, Any]:
+    """The spec's symbols as the TIR expressions the lowered function computes them by."""
+    return input_shapes(graph).syms
 
 
 _VAR = re.compile(r"[^A-Za-z0-9_]")
@@ -1305,25 +1367,35 @@ def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main",
              lanes: int = 16) -> tuple[tvm.IRModule, Signature]:
     """The IRModule of `graph`: one Relax function `func_name`(*inputs, *weights) -> output(s).
     `lanes`: float32 lanes of a CPU target's vector registers (16 on AVX-512, 8 on AVX2)."""
-    syms = _symbols(graph)
+    shapes = input_shapes(graph)
+    syms = shapes.syms
     bb = relax.BlockBuilder()
     in_vars = []
     for name, nid in graph.inputs:
-        in_vars.append(relax.Var(_hint(name), tensor_type(graph.node(nid).type, syms)))
+        in_vars.append(relax.Var(_hint(name), relax.TensorType(shapes.annotations[nid],
+                                                               DTYPES[graph.node(nid).type.dtype])))
     params = parameters(graph)
     weights: dict[str, relax.Var] = {}
     for full, p in params:
         weights[full] = relax.Var(_hint(full), relax.TensorType(list(p.shape), DTYPES[p.dtype]))
     env: dict[Ref, relax.Expr] = {}
-    for (name, nid), v in zip(graph.inputs, in_vars):
-        env[Ref(nid, 0)] = v
     kernels: dict[Any, tvm.ir.GlobalVar] = {}
     attrs = {"num_input": len(in_vars)}
-    bounds = {s: hi for s, (_, _, hi) in graph.dims.items() if hi is not None and s in syms}
+    bounds = {s: hi for s, (_, _, hi) in graph.dims.items() if hi is not None and isinstance(syms.get(s), tirx.Var)}
+    for v, (sym, a, b) in shapes.derived.items():
+        hi = graph.dims.get(sym, (None, None, None))[2]
+        if hi is not None:
+            bounds[v] = a * hi + b
     if bounds:
         attrs["tir_var_upper_bound"] = bounds
     with bb.function(func_name, in_vars + list(weights.values()), attrs=attrs):
         with bb.dataflow():
+            for (name, nid), v in zip(graph.inputs, in_vars):
+                # an axis given as a * S + b: the input, seen in the spec's symbols (a reshape to the same
+                # sizes, not a match_cast: the lifting of weight transforms refuses a match_cast; the
+                # runner checks that the sizes fit before it calls the function)
+                env[Ref(nid, 0)] = (bb.emit(R.reshape(v, [dim_expr(d, syms) for d in graph.node(nid).type.shape]),
+                                            _hint(name)) if nid in shapes.checked else v)
             for nid, node in graph.nodes():
                 if node.op == "input":
                     continue
@@ -1353,7 +1425,7 @@ def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main",
     return mod, sig
 
 
-__all__ = ["LOWERINGS", "UNSUPPORTED", "Ctx", "LoweringError", "Signature", "to_relax", "parameters",
+__all__ = ["LOWERINGS", "UNSUPPORTED", "Ctx", "LoweringError", "Signature", "to_relax", "parameters", "input_shapes",
            "lstm_kernel", "lstm_kernel_gpu", "dim_expr"]
 
 from . import lowering_flow  # noqa: E402  (warp, splat, correlation)

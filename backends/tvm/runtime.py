@@ -100,6 +100,46 @@ def _to_tvm(x: Any, dev: Any) -> Any:
     return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
 
 
+def _affine(d: Any) -> tuple[str, int, int] | None:
+    """(S, a, b) for a manifest dimension [[a, [S]], [b, []]] (a * S + b in one symbol, a >= 1), else None."""
+    if not isinstance(d, list):
+        return None
+    sym, a, b = None, 0, 0
+    for coef, symbols in d:
+        if not symbols:
+            b = coef
+        elif len(symbols) == 1 and sym is None:
+            sym, a = symbols[0], coef
+        else:
+            return None
+    return (sym, a, b) if sym is not None and a >= 1 else None
+
+
+def _size(d: Any, dims: Mapping[str, int]) -> int:
+    """A manifest dimension (an int, a symbol, or [[coefficient, [symbols]], ...]) at the given sizes."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, str):
+        return dims[d]
+    total = 0
+    for coef, symbols in d:
+        for sym in symbols:
+            coef *= dims[sym]
+        total += coef
+    return total
+
+
+def _symbols_of(d: Any) -> set[str]:
+    return {d} if isinstance(d, str) else {s for _, syms in d for s in syms} if isinstance(d, list) else set()
+
+
+def _show(d: Any) -> str:
+    if not isinstance(d, list):
+        return str(d)
+    terms = sorted(d, key=lambda t: not t[1])  # the constant last: 2*T + 1
+    return " + ".join("*".join(([str(c)] if c != 1 or not syms else []) + list(syms)) for c, syms in terms)
+
+
 class Runner:
     """A compiled model: a Relax VM over the executable, with weights bound by name."""
 
@@ -157,13 +197,23 @@ class Runner:
         for x, spec in zip(args, specs):
             if len(x.shape) != len(spec["shape"]):
                 raise ValueError(f"input {spec['name']}: rank {len(x.shape)}, expected {len(spec['shape'])}")
+        dims = self.dims_of(args)  # ValueError: an a * S + b axis whose size is not of that form
+        for x, spec in zip(args, specs):
             for axis, d in enumerate(spec["shape"]):
-                # The symbolic sizes must respect the spec's bounds: memory may be planned for the maximum.
-                if isinstance(d, str) and d in bounds:
-                    n, lo, hi = int(x.shape[axis]), bounds[d]["min"], bounds[d]["max"]
-                    if (lo is not None and n < lo) or (hi is not None and n > hi):
-                        raise ValueError(f"input {spec['name']}: dimension {axis} ({d}) is {n}, outside "
-                                         f"[{lo}, {'inf' if hi is None else hi}]")
+                n = int(x.shape[axis])
+                if isinstance(d, list) and _size(d, dims) != n:  # an expression of sizes the inputs give
+                    raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but must be {_show(d)} = "
+                                     f"{_size(d, dims)} with {', '.join(f'{k}={v}' for k, v in sorted(dims.items()))}")
+                if isinstance(d, int) and n != d:
+                    raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, expected {d}")
+        for sym, n in dims.items():
+            # The symbolic sizes must respect the spec's bounds: memory may be planned for the maximum.
+            if sym in bounds:
+                lo, hi = bounds[sym]["min"], bounds[sym]["max"]
+                if (lo is not None and n < lo) or (hi is not None and n > hi):
+                    where = next(f"input {spec['name']}: dimension {axis} ({_show(d)})"
+                                 for spec in specs for axis, d in enumerate(spec["shape"]) if sym in _symbols_of(d))
+                    raise ValueError(f"{where} gives {sym}={n}, outside [{lo}, {'inf' if hi is None else hi}]")
             vr = spec.get("value_range")
             if vr is not None and _numel(x):
                 lo, hi = int(x.min()), int(x.max())
@@ -172,12 +222,26 @@ class Runner:
                                      f"got values from {lo} to {hi}")
 
     def dims_of(self, args: tuple) -> dict[str, int]:
-        """The sizes of the symbolic dimensions, read from the inputs' shapes."""
+        """The sizes of the symbolic dimensions, read from the inputs' shapes: a symbol that is a whole
+        dimension somewhere is that dimension's size; one that appears only as a * S + b is solved for
+        (ValueError when the size is not of that form)."""
         dims: dict[str, int] = {}
-        for x, spec in zip(args, self.manifest["inputs"]):
+        specs = self.manifest["inputs"]
+        for x, spec in zip(args, specs):
             for axis, d in enumerate(spec["shape"]):
                 if isinstance(d, str):
-                    dims[d] = int(x.shape[axis])
+                    dims.setdefault(d, int(x.shape[axis]))
+        for x, spec in zip(args, specs):
+            for axis, d in enumerate(spec["shape"]):
+                form = _affine(d)
+                if form is None or form[0] in dims:
+                    continue
+                sym, a, b = form
+                n = int(x.shape[axis])
+                if (n - b) % a or (n - b) // a < 0:
+                    raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but must be {_show(d)} for "
+                                     f"a whole {sym} >= 0")
+                dims[sym] = (n - b) // a
         return dims
 
     def run_tvm(self, *args: Any) -> Any:

@@ -88,8 +88,11 @@ def _dims_list(graph: Graph, dims: Mapping[str, int] | Iterable[Mapping[str, int
     return out
 
 
-def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "main") -> tvm.IRModule:
+def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "main",
+               shapes: Any = None) -> tvm.IRModule:
     """`mod` plus, for each dims, a copy of `func` with the symbolic sizes bound (static shapes).
+    `shapes`: the graph's lowering.InputShapes, whose axis variables (an input axis a * S + b) are bound
+    to a * S + b, and whose symbols that are not variables of the function are left out.
 
     The copies' calls of fusable TIR kernels written over size variables of their own (the lowering's
     conv kernels) go to static copies of those kernels: FuseTIR binds such a variable to a symbol of
@@ -99,7 +102,11 @@ def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "
     base = mod[func]
     for dims in dims_list:
         name = spec_name(dims)
-        one = relax.transform.BindSymbolicVars(dict(dims))(tvm.IRModule({func: base}))[func]
+        binding = dict(dims)
+        if shapes is not None:
+            binding = {k: v for k, v in dims.items() if isinstance(shapes.syms.get(k), tirx.Var)}
+            binding.update({v: a * dims[sym] + b for v, (sym, a, b) in shapes.derived.items()})
+        one = relax.transform.BindSymbolicVars(binding)(tvm.IRModule({func: base}))[func]
         mod[name] = one.with_attr("global_symbol", name)
         mod = _StaticKernels(mod).run(name)
     return mod
@@ -242,8 +249,10 @@ def tuning_tasks(graph: Graph, target: Target, dims_list: list[dict[str, int]], 
 
     from .build import FUNC, lower, pre_schedule_passes
 
+    from .lowering import input_shapes
+
     mod, _ = lower(graph, target)
-    mod = specialise(mod, dims_list)
+    mod = specialise(mod, dims_list, shapes=input_shapes(graph))
     mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != FUNC})
     with target:
         mod = tvm.transform.Sequential(pre_schedule_passes(target, lift=lift, shared=True))(mod)

@@ -1,0 +1,105 @@
+"""Input dimensions that are expressions, on the TVM backend: a * S + b in one symbol (an image side 4 * Hq
+that pools twice; 2 * T + 1), and expressions of symbols that are whole dimensions of other inputs
+(B * T). One library serves every size: the function takes a size variable for such an axis, S is
+solved from it, and the runner checks that the sizes fit before the call (a clear ValueError, not a VM
+error). Outputs against the float64 torch oracle on the same perturbed weights (tolerance as
+tests/test_tvm_equivalence.py: 1e-4 * max(1, |oracle|)); tuned static copies at such sizes too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import specc  # noqa: E402
+from specc.backends.pytorch.weights import init_weights  # noqa: E402
+from specc.backends.tvm.build import compile_graph  # noqa: E402
+from specc.backends.tvm.tuning import tune  # noqa: E402
+
+from test_tvm_equivalence import assert_close, oracle_of, run_oracle, torch_model  # noqa: E402
+
+UNET = """\
+specc: 1
+name: unet
+dims:
+  Hq: {example: 3, max: 8}
+  Wq: 2
+inputs:
+  x: f32[B, 3, 4 * Hq, 4 * Wq]
+graph: |
+  e1 = relu(conv2d(x, 4, 3, padding=1))
+  e2 = relu(conv2d(max_pool2d(e1, 2), 8, 3, padding=1))
+  mid = relu(conv2d(max_pool2d(e2, 2), 8, 3, padding=1))
+  d2 = relu(conv2d(concat([upsample(mid, 2), e2], dim=1), 4, 3, padding=1))
+  d1 = conv2d(concat([upsample(d2, 2), e1], dim=1), 2, 1)
+outputs:
+  d1: f32[B, 2, 4 * Hq, 4 * Wq]
+"""
+
+#: 2 * T + 1 (a constant term), and B * T where both are whole dimensions of x
+MIXED = """\
+specc: 1
+name: mixed
+dims:
+  T: {example: 3, max: 9}
+inputs:
+  x: f32[B, T, 4]
+  odd: f32[B, 2 * T + 1]
+  flat: f32[B * T, 4]
+graph: |
+  pairs = reshape(odd[:, 1:], B, T, 2)
+  y = concat([x + reshape(flat, B, T, 4), pairs * odd[:, 0:1][:, :, None]], dim=2)
+outputs:
+  y: f32[B, T, 6]
+"""
+
+
+def _check(text: str, sizes: list[dict[str, int]], perturb, tuning_db=None):
+    graph = specc.compile(text)
+    weights = perturb(init_weights(graph))
+    runner = compile_graph(graph, weights=weights, tuning_db=tuning_db)
+    model = torch_model(text, {}, weights)
+    oracle = oracle_of(model)
+    for seed, dims in enumerate(sizes):
+        inputs = model.example_inputs(seed=seed, **dims)
+        assert_close(runner(*inputs), run_oracle(oracle, inputs), f"{graph.name} at {dims}")
+    return runner, model
+
+
+def test_a_unet_over_symbolic_image_sizes_from_one_library(perturb):
+    runner, _ = _check(UNET, [{"B": 2, "Hq": 3}, {"B": 1, "Hq": 5, "Wq": 2}], perturb)
+    assert runner.manifest["inputs"][0]["shape"] == ["B", 3, [[4, ["Hq"]]], [[4, ["Wq"]]]]
+
+
+def test_a_constant_term_and_a_product_of_whole_dimensions(perturb):
+    _check(MIXED, [{"B": 2, "T": 3}, {"B": 3, "T": 7}], perturb)
+
+
+def test_sizes_that_do_not_fit_are_clear_errors(perturb):
+    runner, model = _check(UNET, [{"B": 1, "Hq": 2}], perturb)
+    with pytest.raises(ValueError, match=r"input x: dimension 2 is 10, but must be 4\*Hq for a whole Hq >= 0"):
+        runner(torch.randn(1, 3, 10, 8))
+    with pytest.raises(ValueError, match=r"input x: dimension 2 \(4\*Hq\) gives Hq=9, outside \[1, 8\]"):
+        runner(torch.randn(1, 3, 36, 8))
+    with pytest.raises(ValueError, match=r"input x: dimension 1 is 4, expected 3"):
+        runner(torch.randn(1, 4, 8, 8))
+    graph = specc.compile(MIXED)
+    mixed = compile_graph(graph, weights=init_weights(graph))
+    x, odd, flat = torch.randn(2, 3, 4), torch.randn(2, 7), torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"input flat: dimension 0 is 5, but must be B\*T = 6 with B=2, T=3"):
+        mixed(x, odd, flat[:5])
+    with pytest.raises(ValueError, match=r"input odd: dimension 1 is 9, but must be 2\*T \+ 1 = 7"):
+        mixed(x, torch.randn(2, 9), flat)
+
+
+def test_tuned_static_copies_at_such_sizes(perturb, tmp_path):
+    graph = specc.compile(UNET)
+    tune(graph, tmp_path, dims={"B": 1, "Hq": 3, "Wq": 2}, trials=1, strategy="replay-trace", measure_repeats=1,
+         check_model=False)
+    runner, model = _check(UNET, [{"B": 1, "Hq": 3}, {"B": 1, "Hq": 4}], perturb, tuning_db=tmp_path)
+    runner(*model.example_inputs(B=1, Hq=3))
+    assert runner.last_function == "main__B1_Hq3_Wq2"
+    runner(*model.example_inputs(B=1, Hq=4))
+    assert runner.last_function == "main"
