@@ -8,7 +8,8 @@ Four kinds of expression appear in a `train:` section, all written in the gramma
   and the scalars;
 - draws (the `random:` entries): a call of `DRAWS` whose arguments are scalars, giving a `Sampler`
   that fills a model input with random values (the loop seeds its generator).
-Every failure is a `SpecError` located at the sub-expression that failed.
+`inf` is infinity in each of them, as in graph bodies (`where(m, s, -inf)`); a draw's arguments must
+still be finite. Every failure is a `SpecError` located at the sub-expression that failed.
 """
 
 from __future__ import annotations
@@ -66,17 +67,28 @@ class Function:
     doc: str = ""
 
     def parameters(self) -> tuple[list[str], set[str], bool]:
-        """(positional names, keyword names, takes *args)."""
-        sig = inspect.signature(self.fn)
+        """(positional names, keyword names, takes *args); a builtin without a signature (min, max) takes
+        any number of positional arguments and no keyword."""
+        sig = self._signature()
+        if sig is None:
+            return [], set(), True
         pos = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         kw = {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         star = any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
         return pos, kw, star
 
     def required(self) -> list[str]:
-        sig = inspect.signature(self.fn)
+        sig = self._signature()
+        if sig is None:
+            return []
         return [p.name for p in sig.parameters.values()
                 if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def _signature(self) -> inspect.Signature | None:
+        try:
+            return inspect.signature(self.fn)
+        except ValueError:  # builtins such as min and max have none
+            return None
 
 
 def evaluate(expr: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function],
@@ -93,6 +105,8 @@ def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) 
         return e.value
     if isinstance(e, A.Name):
         if e.id not in env:
+            if e.id == INF:  # as in graph bodies (a param of that name would come first)
+                return math.inf
             raise ExprError(e.span, f"unknown name '{e.id}'")
         return env[e.id]
     if isinstance(e, A.ListExpr):
@@ -108,7 +122,7 @@ def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) 
             if _is_tensor(a) or _is_tensor(b):
                 return _guard(e.span, lambda: (a & b) if e.op == "and" else (a | b))
             return (a and b) if e.op == "and" else (a or b)
-        return _guard(e.span, lambda: _binop(e.op, a, b))
+        return _guard(e.span, lambda: _binop_at(e, a, b))
     if isinstance(e, A.IfExp):
         cond = _eval(e.cond, env, functions)
         if _is_tensor(cond):
@@ -136,8 +150,46 @@ def _index_item(i, env, functions):
     return _eval(i, env, functions)
 
 
+#: The name of infinity in every recipe expression, as in graph bodies: `where(m, s, -inf)`, `min(x, inf)`.
+INF = "inf"
+#: What a ZeroDivisionError of each operator means (Python's own messages name float and int types).
+_ZERO_DIVISION = {"/": "division by zero", "//": "division by zero", "%": "modulo by zero",
+                  "**": "zero raised to a negative power"}
+
+
+def fmt_number(v: Any) -> str:
+    """A number for a message as the spec would write it: true/false, whole numbers without '.0', huge
+    ones in scientific notation (never 300 digits), other floats as Python writes them."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        if abs(v) < 10 ** 15:
+            return str(v)
+        try:
+            return f"{float(v):.6g}"
+        except OverflowError:
+            return f"{'-' if v < 0 else ''}a number of {len(str(abs(v)))} digits"
+    if isinstance(v, float):
+        if math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+            return str(int(v))
+        return repr(v)
+    return repr(v)
+
+
 #: Integer powers beyond this many bits are refused (a spec is untrusted: 10 ** 10 ** 10 must not hang).
 MAX_POW_BITS = 4096
+
+
+def _binop_at(e: A.BinOp, a: Any, b: Any) -> Any:
+    """`_binop`, a division by zero said in the spec's terms (Python's says "float division by zero")."""
+    try:
+        return _binop(e.op, a, b)
+    except ZeroDivisionError:
+        def show(v):  # the operands as written: 0.0 / 0.0
+            return repr(v) if isinstance(v, float) else fmt_number(v)
+
+        what = _ZERO_DIVISION.get(e.op, "division by zero")
+        raise ExprError(e.span, f"{what}: {show(a)} {e.op} {show(b)}") from None
 
 
 def _binop(op: str, a: Any, b: Any) -> Any:
@@ -466,9 +518,17 @@ class Sampler:
 
 
 def _number(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise TypeError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
+    """A draw's argument as a float: a finite number (not a boolean; inf is a number, but no draw can use
+    it; an integer too large for a float is not finite either)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a finite number, got {fmt_number(v)}")
+    try:
+        value = float(v)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {fmt_number(v)}")
+    return value
 
 
 def _as_dtype(mask, dtype):
@@ -484,11 +544,11 @@ def subset(k=None, ratio=None):
     if k is not None:
         k = _number("k", k)
         if k != int(k) or k < 0:
-            raise ValueError(f"k must be a whole number at least 0, got {k!r}")
+            raise ValueError(f"k must be a whole number at least 0, got {fmt_number(k)}")
     else:
         ratio = _number("ratio", ratio)
         if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1], got {ratio:g}")
+            raise ValueError(f"ratio must be in [0, 1], got {fmt_number(ratio)}")
 
     def count(n: int) -> int:
         return int(k) if k is not None else math.floor(ratio * n + 0.5)
@@ -497,7 +557,7 @@ def subset(k=None, ratio=None):
         if not shape:
             return "subset needs an axis to choose along"
         if count(shape[-1]) > shape[-1]:
-            return f"k={count(shape[-1])} is larger than the last axis ({shape[-1]} entries)"
+            return f"k={fmt_number(count(shape[-1]))} is larger than the last axis ({shape[-1]} entries)"
         return None
 
     def draw(gen, shape, dtype):
@@ -512,7 +572,7 @@ def bernoulli(p):
     """Each entry true with probability p, independently (1.0 / 0.0 for a float input)."""
     p = _number("p", p)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p:g}")
+        raise ValueError(f"p must be in [0, 1], got {fmt_number(p)}")
     return Sampler("bernoulli",
                    lambda gen, shape, dtype: _as_dtype(torch.rand(shape, generator=gen, dtype=torch.float64) < p,
                                                        dtype))
@@ -522,7 +582,7 @@ def uniform(lo=0.0, hi=1.0):
     """Each entry uniform in [lo, hi), independently."""
     lo, hi = _number("lo", lo), _number("hi", hi)
     if hi < lo:
-        raise ValueError(f"needs lo <= hi, got lo={lo:g}, hi={hi:g}")
+        raise ValueError(f"needs lo <= hi, got lo={fmt_number(lo)}, hi={fmt_number(hi)}")
     return Sampler("uniform", lambda gen, shape, dtype: (
         lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)).to(dtype))
 
@@ -531,7 +591,7 @@ def normal(mean=0.0, std=1.0):
     """Each entry normal with this mean and standard deviation, independently."""
     mean, std = _number("mean", mean), _number("std", std)
     if std < 0:
-        raise ValueError(f"std must be at least 0, got {std:g}")
+        raise ValueError(f"std must be at least 0, got {fmt_number(std)}")
     return Sampler("normal", lambda gen, shape, dtype: (
         mean + std * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype))
 

@@ -12,11 +12,16 @@ as the run never stopped.
 Files of a run directory:
 
     metrics.jsonl            one JSON line per step ({"step", "loss", "lr", scalars}) and per evaluation
-                             ({"step", "split": "val", "loss", metrics})
+                             ({"step", "split": "val", "loss", metrics}); a value that is not finite (a
+                             metric's NaN, an infinite scalar) is written as null, so every line is JSON
     checkpoints/step-NNNNNNN/  model.safetensors + state.pt (optimizer, RNG, step), written to a
                              temporary folder and renamed, so an interrupted write leaves no checkpoint
     model/                   a `specc build` output (-O1) of the trained weights
-    summary.json             steps, wall time, the last evaluation
+    summary.json             steps, wall time, the last evaluation (non-finite values as null too)
+
+The folder is made only once the loss is known to be finite at the starting weights (the dry run on
+one batch, the step-0 evaluation and the first step's loss, all before any update): a loss that is
+NaN from the start is an error that writes nothing, as a bad loss expression is.
 """
 
 from __future__ import annotations
@@ -187,9 +192,29 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
     except (ValueError, TypeError) as e:
         raise SpecError(Diagnostic(recipe.optimizer_span or recipe.span, f"optimizer: {recipe.optimizer}: {e}"),
                         recipe.sources) from None
+    for i, (_, opts) in enumerate(recipe.groups):  # torch checks only the optimizer's own arguments: a
+        held = [p for p, j in _group_of(model, recipe) if j == i]  # group's go through the same constructor
+        if not opts or not held:
+            continue
+        problem = _constructor_problem(cls, held, {**recipe.optimizer_args, **opts})
+        if problem:  # located at the argument that alone fails (else the group: a combination does)
+            key = next((k for k in opts if _constructor_problem(cls, held, {**recipe.optimizer_args, k: opts[k]})),
+                       None)
+            spans = recipe.group_key_spans[i] if i < len(recipe.group_key_spans) else {}
+            where = spans.get(key) or (recipe.group_spans[i] if i < len(recipe.group_spans) else recipe.span)
+            raise SpecError(Diagnostic(where, f"groups: {recipe.optimizer}: {problem}"), recipe.sources)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt
+
+
+def _constructor_problem(cls: type, params: list, args: dict[str, Any]) -> str | None:
+    """What torch's optimizer constructor says of `args` (None: it takes them); nothing is stepped."""
+    try:
+        cls(params, **args)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
 
 
 def clip_sets(model: torch.nn.Module, recipe: Recipe) -> list[tuple[list[torch.nn.Parameter], float]]:
@@ -328,19 +353,34 @@ class Stepper:
         model.train(was)
         return {k: v / n for k, v in totals.items()}
 
+    def not_finite(self, value: float, where: str) -> SpecError:
+        """The error of a loss that is not finite before any update: at the starting weights, so neither
+        the learning rate nor the gradients' size is the cause; the data, the loss, or a drawn input is
+        (an empty subset masks every key, and a softmax over no key is NaN)."""
+        drawn = list(self.recipe.random)
+        hint = (f"; the inputs drawn by random: ({', '.join(drawn)}) take part: a draw can leave nothing to attend "
+                f"to or average over (an empty subset masks every key)" if drawn else "")
+        return SpecError(Diagnostic(self.recipe.loss.span, f"loss: not finite ({value}) at the initial weights, "
+                                                           f"before any update ({where}){hint}"), self.recipe.sources)
+
     @torch.no_grad()
-    def dry_run(self, model, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], batch: int) -> None:
-        """The loss and every metric on one batch, in eval mode (no dropout, no RNG drawn)."""
+    def dry_run(self, model, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], batch: int,
+                initial: bool = False) -> None:
+        """The loss and every metric on one batch, in eval mode (no dropout, no RNG drawn). initial: the
+        weights are the starting ones, so a loss that is not finite is an error already."""
         was = model.training
         model.eval()
         try:
-            for split in (train, val):
+            for split, name in ((train, "on the first training batch"), (val, "on the first validation batch")):
                 part = {k: v[:batch] for k, v in split.items()}
                 n = len(next(iter(part.values())))
                 if n:
                     scalars = self.scalars(0)
                     drawn = self.draws(0, scalars, n, fixed=True)
-                    self._measure(self.env(part, self.forward(model, part, scalars, drawn), scalars, 0, drawn))
+                    loss = self._measure(self.env(part, self.forward(model, part, scalars, drawn), scalars, 0,
+                                                  drawn))["loss"]
+                    if initial and not math.isfinite(loss):
+                        raise self.not_finite(loss, name)
             last = self.clock.steps - 1
             if last > 0:  # `specc check` evaluated them at its own count of steps, which epochs: leaves open
                 draw_inputs(self.recipe, last, self.clock.steps, self.scalars(last), 1)
@@ -474,12 +514,8 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
 
         trained = DistributedDataParallel(model, device_ids=None if dist.device == "cpu" else [dist.device])
     batches = Batches(n_train, t.batch, t.seed, dist)
-    stepper.dry_run(model, train, val, t.batch // dist.world)  # a bad loss or metric fails before anything is written
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _keep_metrics(out, resume, start)
-        if resume is None or Path(resume).resolve() != out.resolve():
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a new run: an older run's are not its own
+    # a bad loss or metric, or a loss that is not finite at the starting weights, fails before anything is written
+    stepper.dry_run(model, train, val, t.batch // dist.world, initial=start == 0)
     clips = clip_sets(model, recipe)
     share = t.batch // dist.world
     rows = slice(dist.rank * share, (dist.rank + 1) * share)  # this process's share of the global batch
@@ -487,12 +523,17 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     began = time.perf_counter()
     last_eval: dict[str, float] = {}
     loss_value = float("nan")
+    pending: list[dict[str, Any]] = []  # lines of metrics.jsonl before the folder is made
+    if dist.main and t.eval is not None and start == 0:  # the metrics at initialisation
+        last_eval = stepper.evaluate(model, val, 0, stepper.scalars(0), EVAL_CHUNK)
+        if not math.isfinite(last_eval["loss"]):
+            raise stepper.not_finite(last_eval["loss"], "on the validation split")
+        pending.append({"step": 0, "split": "val", **last_eval})
     bar = _Progress(stop, start, progress and dist.main)
-    log = open(out / "metrics.jsonl", "a") if dist.main else None
+    log = None
     try:
-        if dist.main and t.eval is not None and start == 0:  # the metrics at initialisation
-            last_eval = stepper.evaluate(model, val, 0, stepper.scalars(0), EVAL_CHUNK)
-            log.write(json.dumps({"step": 0, "split": "val", **last_eval}) + "\n")
+        if start >= stop and dist.main:  # nothing to train (--until at the resumed step): the folder all the same
+            log = _open_run(out, resume, start, pending)
         for step in range(start, stop):
             scalars = stepper.scalars(step)
             factor = stepper.lr_factor(step)
@@ -503,24 +544,28 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
             drawn = stepper.draws(step, scalars, t.batch, rows)
             outputs = stepper.forward(trained, batch, scalars, drawn)
             loss = stepper.loss(stepper.env(batch, outputs, scalars, step, drawn))
+            loss_value = _global_mean(loss.detach(), dist)  # checked before the update it would make
+            if not math.isfinite(loss_value):
+                if step == 0:  # no update has been made: the learning rate is not to blame
+                    raise stepper.not_finite(loss_value, "on the first training batch")
+                raise SpecError(Diagnostic(recipe.loss.span, f"loss: became {loss_value} at step {step + 1} "
+                                                             f"(lower the learning rate, or clip gradients)"),
+                                recipe.sources)
+            if log is None and dist.main:
+                log = _open_run(out, resume, start, pending)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group, max_norm in clips:
                 torch.nn.utils.clip_grad_norm_(group, max_norm)
             opt.step()
-            loss_value = _global_mean(loss.detach(), dist)
-            if not math.isfinite(loss_value):
-                raise SpecError(Diagnostic(recipe.loss.span, f"loss: became {loss_value} at step {step + 1} "
-                                                             f"(lower the learning rate, or clip gradients)"),
-                                recipe.sources)
             done = step + 1
             if log is not None:
-                log.write(json.dumps({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
-                                      **scalars}) + "\n")
+                log.write(_json_line({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
+                                      **scalars}))
             bar.update(done, loss_value)
             if dist.main and t.eval is not None and (done % t.eval.every == 0 or done == steps):
                 last_eval = stepper.evaluate(model, val, step, scalars, EVAL_CHUNK)
-                log.write(json.dumps({"step": done, "split": "val", **last_eval}) + "\n")
+                log.write(_json_line({"step": done, "split": "val", **last_eval}))
                 log.flush()
                 bar.note(done, last_eval)
             if dist.main and ((t.checkpoint is not None and done % t.checkpoint.every == 0) or done == stop):
@@ -535,7 +580,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     if dist.main and not result.stopped:
         _export(src, graph, model, recipe, out, opt_level)
         summary = {"steps": stop, "seconds": round(seconds, 3), "final_loss": loss_value, "val": last_eval}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     return result
 
 
@@ -547,6 +592,36 @@ def _global_mean(loss: torch.Tensor, dist: Dist) -> float:
         tdist.all_reduce(loss)
         loss /= dist.world
     return float(loss)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, inf) as None: JSON has no NaN, and Python's
+    json writes a bare NaN that other readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One line of metrics.jsonl: valid JSON, a value that is not finite written as null."""
+    return json.dumps(_finite(record), allow_nan=False) + "\n"
+
+
+def _open_run(out: Path, resume: Path | None, start: int, pending: list[dict[str, Any]]):
+    """Make the run folder (metrics.jsonl kept up to the resumed step, an older run's checkpoints gone) and
+    open metrics.jsonl to append to, with the `pending` lines written."""
+    out.mkdir(parents=True, exist_ok=True)
+    _keep_metrics(out, resume, start)
+    if resume is None or Path(resume).resolve() != out.resolve():
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a new run: an older run's are not its own
+    log = open(out / "metrics.jsonl", "a")
+    for record in pending:
+        log.write(_json_line(record))
+    return log
 
 
 def _keep_metrics(out: Path, resume: Path | None, start: int) -> None:

@@ -26,9 +26,9 @@ from specc.dsl.schema import DataFile, SpecSource, TrainOnly, TrainSection, _loc
 from specc.dsl.yamlpos import Located, TextOrigin, load_yaml
 
 from . import data as D
-from .optim import OPTIMIZERS, UNSUPPORTED
-from .expr import (DRAW_KINDS, DRAWS, SCALAR_NAMES, TENSOR_FUNCTIONS, Clock, ExprError, Function, _eval, sampler,
-                   scalar_functions)
+from .optim import FLAGS, OPTIMIZERS, UNSUPPORTED, argument_problem
+from .expr import (DRAW_KINDS, DRAWS, INF, SCALAR_NAMES, TENSOR_FUNCTIONS, Clock, ExprError, Function, _eval,
+                   sampler, scalar_functions)
 
 OVERRIDES_FILE = "<--set>"
 
@@ -74,6 +74,8 @@ class Recipe:
     prefix_layers: tuple[str, ...] = ()  # attention layers that get a prefix (train.prefix)
     random: dict[str, RandomInput] = field(default_factory=dict)  # model input -> its draw (train.random)
     group_clips: tuple[float | None, ...] = ()  # per entry of `groups`: its own gradient-norm clip
+    group_spans: tuple[Span, ...] = ()  # per entry of `groups`: where it is (torch's checks of its arguments)
+    group_key_spans: tuple[dict[str, Span], ...] = ()  # per entry of `groups`: where each argument's key is
 
     @property
     def ordered(self) -> bool:
@@ -164,6 +166,7 @@ class _Checker:
         self.params = dict(graph.params)
         self.fields_known = True
         self.optimizer_span: Span | None = None
+        self.peft_graph: Graph | None = None  # the graph with the recipe's adapters and prefixes (peft())
 
     # -- helpers -------------------------------------------------------------------------------
     def span(self, *path) -> Span:
@@ -212,7 +215,8 @@ class _Checker:
                 if missing and not star:
                     self.errors.error(sub.span, f"{fname}() is missing the argument{'s' if len(missing) > 1 else ''} "
                                                 f"{', '.join(repr(m) for m in missing)}")
-            elif isinstance(sub, A.Name) and sub.id not in known and not _is_callee(e, sub) and self.fields_known:
+            elif isinstance(sub, A.Name) and sub.id not in known and sub.id != INF and not _is_callee(e, sub) \
+                    and self.fields_known:
                 self.errors.error(sub.span, f"{what}: unknown name '{sub.id}'" + did_you_mean(sub.id, known),
                                   f"names here: {', '.join(sorted(known - set(self.params)))}")
 
@@ -249,12 +253,13 @@ class _Checker:
             schedule = self.expression(t.schedule, "schedule")
             if schedule is not None:
                 self.scalar_expr(schedule, "schedule", ("schedule",))
-        groups = self.groups(opt)
         frozen = self.frozen()
         lora = self.lora()
         adapters, prefixes = self.peft()
-        self.clipped_groups(groups, frozen | (frozenset(parameter_names(self.graph)) if lora or adapters or prefixes
-                                      else frozenset()))
+        trained = self.trained(frozen, lora, adapters or prefixes)
+        groups = self.groups(opt, frozenset(trained or ()) - frozenset(parameter_names(self.graph)))
+        self.held_groups(groups, trained, bool(lora or adapters or prefixes))
+        self.booleans()
         if t.steps is None and t.epochs is None:
             self.errors.error(self.span(), "train: give steps or epochs")
         if t.steps is not None and t.epochs is not None:
@@ -265,7 +270,10 @@ class _Checker:
                       opt_args, schedule, scalars, groups, frozen, self.span(),
                       self.span("data", "file") if isinstance(t.data, DataFile) else None, scalar_inputs, lora,
                       self.optimizer_span, adapter_layers=adapters, prefix_layers=prefixes, random=random,
-                      group_clips=tuple(g.clip for g in t.groups))
+                      group_clips=tuple(g.clip for g in t.groups),
+                      group_spans=tuple(self.span("groups", i) for i in range(len(t.groups))),
+                      group_key_spans=tuple({k: self.key_span("groups", i, k) for k in opts} for i, (_, opts)
+                                            in enumerate(groups)))
 
     def data(self) -> tuple[D.Generator | None, dict[str, Any], dict[str, D.FieldType], dict[str, Span]]:
         t = self.t
@@ -486,8 +494,8 @@ class _Checker:
                 env.update(dims)
                 try:
                     problem = sampler(e, env, fns).problem(shape)
-                except ExprError as err:
-                    self.errors.error(err.span, f"{what}: {err.message}")
+                except ExprError as err:  # at the last step too: subset(16 - step) fails only late
+                    self.errors.error(err.span, f"{what}: {err.message}" + (f" at step {step}" if step else ""))
                     break
                 if problem:
                     self.errors.error(e.span, f"{what}: {problem}" + (f" at step {step}" if step else ""))
@@ -580,15 +588,20 @@ class _Checker:
                                   + did_you_mean(k.name, allowed), f"arguments: {', '.join(sorted(allowed))}")
                 continue
             v = self.constant(k.value)
-            if v is not _BAD:
-                args[k.name] = v
-        if "lr" in args and (isinstance(args["lr"], bool) or not isinstance(args["lr"], (int, float))
-                             or args["lr"] < 0):
-            self.errors.error(e.span, f"optimizer: lr must be a number at least 0, got {args['lr']!r}")
+            if v is _BAD:
+                continue
+            problem = argument_problem(k.name, v)
+            if problem:
+                self.errors.error(k.span, f"optimizer: {problem}")
+            args[k.name] = v
         return cls_name, args
 
-    def groups(self, opt: str) -> list[tuple[list[str], dict[str, Any]]]:
-        names = parameter_names(self.graph)
+    def groups(self, opt: str, extra_names: frozenset[str] = frozenset()) -> list[tuple[list[str], dict[str, Any]]]:
+        """Each entry's patterns (each must match a parameter: the spec's, or one that `lora:`, `adapters:`
+        or `prefix:` adds, `extra_names`) and optimizer arguments, whose values must be what the optimizer
+        itself may take (`argument_problem`: torch checks only the optimizer's own arguments, so a group's
+        lr of -1 would train by gradient ascent)."""
+        names = {**parameter_names(self.graph), **dict.fromkeys(extra_names, True)}
         allowed = set(OPTIMIZERS[opt.lower()][1]) if opt else set()
         out = []
         for i, g in enumerate(self.t.groups):
@@ -603,26 +616,85 @@ class _Checker:
                 if opt and k not in allowed:
                     self.errors.error(self.key_span("groups", i, k), f"groups: {opt} has no argument '{k}'"
                                       + did_you_mean(k, allowed))
-                elif not (isinstance(v, (int, float)) or (isinstance(v, list) and v and
-                                                          all(isinstance(x, (int, float)) for x in v))):
+                elif k not in FLAGS and not (_plain_number(v) or (isinstance(v, list) and v and
+                                                                  all(_plain_number(x) for x in v))):
+                    got = str(v).lower() if isinstance(v, bool) else repr(v)
                     self.errors.error(self.span("groups", i, k), f"groups: '{k}' must be a number (or a list of "
-                                                                 f"numbers, e.g. betas), got {v!r}")
+                                                                 f"numbers, e.g. betas), got {got}")
+                elif problem := argument_problem(k, v):  # the values the optimizer's own arguments may take
+                    self.errors.error(self.key_span("groups", i, k), f"groups: {problem}")
             out.append((patterns, {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}))
         return out
 
-    def clipped_groups(self, groups: list[tuple[list[str], dict[str, Any]]], frozen: frozenset[str]) -> None:
-        """A group's `clip:` clips the gradient of the parameters the group holds: the trainable ones
-        whose first matching group it is. One that holds none would clip nothing: an error."""
-        every = parameter_names(self.graph)
-        names = [n for n, trainable in every.items() if trainable and n not in frozen]
-        for i, g in enumerate(self.t.groups):
-            if g.clip is None:
+    def trained(self, frozen: frozenset[str], lora: tuple[str, ...], peft: bool) -> list[str] | None:
+        """The names of the parameters training will update, in the names the groups' patterns match: the
+        spec's trainable ones not frozen, or, with lora:, adapters: or prefix: (which freeze the spec's),
+        the ones they add. None: unknown, since the adapters' transform was not made (an error is)."""
+        if peft and self.peft_graph is None:
+            return None
+        if lora or peft:
+            names = [f"{path}.{ab}" for path in lora for ab in ("lora_A", "lora_B")]
+            if self.peft_graph is not None:
+                base = parameter_names(self.graph)
+                names += [n for n, trainable in parameter_names(self.peft_graph).items()
+                          if trainable and n not in base]
+            return names
+        return [n for n, trainable in parameter_names(self.graph).items() if trainable and n not in frozen]
+
+    def held_groups(self, groups: list[tuple[list[str], dict[str, Any]]], trained: list[str] | None,
+                    wholesale: bool) -> None:
+        """Each group holds a trainable parameter: the ones whose first matching group it is. One that holds
+        none would set its optimizer arguments, or clip, for nothing (its parameters all taken by earlier
+        groups, or frozen): an error, at its clip when it has one, else at the group. wholesale: lora:,
+        adapters: or prefix: freeze every parameter of the spec, so a group written for training the spec
+        itself (`{params: "*.bias", weight_decay: 0}`) may stay when one is added; only its clip is an error."""
+        if trained is None:
+            return
+        every = set(parameter_names(self.graph)) | set(trained)
+        lines = [self.span("groups", i).line for i in range(len(groups))]
+        for i, (patterns, args) in enumerate(groups):
+            if not all(fnmatch.filter(every, p) for p in patterns):
+                continue  # a pattern that matches no parameter is an error of its own
+            owners = [group_index(n, groups) for n in trained if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            if i in owners:
                 continue
-            held = [n for n in names if group_index(n, groups) == i]
-            if not held and all(fnmatch.filter(every, p) for p in groups[i][0]):
+            if wholesale and not owners and self.t.groups[i].clip is None:
+                continue
+            earlier = sorted({lines[j] for j in owners if j is not None})
+            why = (f"the trainable ones it matches belong to the group{'s' if len(earlier) > 1 else ''} on "
+                   f"line{'s' if len(earlier) > 1 else ''} {', '.join(map(str, earlier))}" if earlier
+                   else "every parameter it matches is frozen")
+            rule = "each parameter belongs to the first group that matches it; frozen ones to none"
+            if self.t.groups[i].clip is not None:
                 self.errors.error(self.key_span("groups", i, "clip"),
-                                  "groups: clip: the group holds no trainable parameter (each parameter belongs to "
-                                  "the first group that matches it; frozen ones to none), so it would clip nothing")
+                                  f"groups: clip: the group holds no trainable parameter ({rule}), so it would clip "
+                                  f"nothing: {why}")
+            else:
+                what = f"its {', '.join(args)} would apply" if args else "it would apply"
+                self.errors.error(self.span("groups", i),
+                                  f"groups: the group holds no trainable parameter ({rule}), so {what} to nothing: "
+                                  f"{why}", "put it before the group that takes its parameters, or narrow that "
+                                            "group's patterns" if earlier else None)
+
+    def booleans(self) -> None:
+        """Numbers given as true or false: YAML's booleans pass pydantic's number fields as 1 and 0, so
+        `clip: true` would clip to norm 1 and `steps: true` train one step; a number is asked for."""
+        raw = self.doc.data.get("train")
+        if not isinstance(raw, dict):
+            return
+        paths = [(k,) for k in ("clip", "split", "seed", "steps", "epochs", "batch")]
+        paths += [("eval", "every"), ("checkpoint", "every"), ("checkpoint", "keep"), ("lora", "rank"),
+                  ("lora", "alpha"), ("adapters", "bottleneck"), ("adapters", "scale"), ("prefix", "length")]
+        groups = raw.get("groups")
+        paths += [("groups", i, "clip") for i in range(len(groups) if isinstance(groups, list) else 0)]
+        for path in paths:
+            value = raw
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else value[key] if isinstance(value, list) \
+                    else None
+            if isinstance(value, bool):
+                self.errors.error(self.span(*path), f"train.{'.'.join(map(str, path))}: expected a number, got "
+                                                    f"{str(value).lower()}")
 
     def frozen(self) -> frozenset[str]:
         names = parameter_names(self.graph)
@@ -687,8 +759,9 @@ class _Checker:
         if (found["adapters"] or found["prefix"]) and not self.errors:
             a, pre = t.adapters, t.prefix
             try:
-                transform(self.graph, list(found["adapters"]), a.bottleneck if a else 16, a.kind if a else "houlsby",
-                          a.scale if a else None, list(found["prefix"]), pre.length if pre else 8)
+                self.peft_graph = transform(self.graph, list(found["adapters"]), a.bottleneck if a else 16,
+                                            a.kind if a else "houlsby", a.scale if a else None,
+                                            list(found["prefix"]), pre.length if pre else 8)
             except PeftError as e:
                 key = e.key
                 i = next((i for i, m in patterns.get(key, []) if m == e.layer), None)
@@ -723,6 +796,11 @@ def _symbol(d: Any) -> str | None:
     if terms and len(terms) == 1 and terms[0][1] == 1 and len(terms[0][0]) == 1:
         return terms[0][0][0]
     return None
+
+
+def _plain_number(v: Any) -> bool:
+    """A number that is not a boolean (YAML's true is no 1 here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _is_callee(root: A.Expr, name: A.Name) -> bool:
