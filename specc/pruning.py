@@ -30,9 +30,14 @@ never removed. Measured on specs/gpt.yaml trained by its recipe (exact match 0.9
 keeps 0.9987, 0.8 keeps 0.992, 0.6 falls to 0.10 (the paper's 2% at 0.6 is for BERT on GLUE).
 
 Calibration (`calib=`): "data": samples of the spec's train: data set (its training split, a seeded
-choice of `samples` of them); "example": the spec's example inputs for seeds seed .. seed+3; or a
-.npz / .safetensors file holding one tensor per model input, samples along the first axis (the first
-`samples` are used). The default is "data" when the spec has a train: section, else "example".
+choice of `samples` of them, all of it when it holds fewer); "example": the spec's example inputs for
+seeds seed .. seed+3; or a .npz / .safetensors file holding one tensor per model input, samples along
+the first axis of the inputs whose first axis is a dimension such as B (the first `samples` are used, all
+of them when it holds fewer; its tensors are checked against the inputs' types, shapes, ranges and for
+NaN / inf). The default is "data" when the spec has a train: section, else "example". The description
+printed and recorded in the manifest says how many samples were used. The cost is one forward pass of
+the calibration samples per head and neuron, `STACK_SAMPLES` samples at a time (so memory does not grow
+with `samples`; time does), and `samples` is at most `MAX_SAMPLES`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from specc.compiler.diagnostics import Diagnostic, Span, SpecError
+from specc.compiler.dims import Sym, evaluate
 from specc.compiler.ir import DTYPES, Graph
 from specc.compiler.passes import PassContext
 from specc.compiler.passes.prune import Layer, PruneError, prunable_layers, prune_structure
@@ -160,7 +166,13 @@ def prune(path_or_text, out: str | Path | None = None, *, flops: float, calib: s
 def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None = None, samples: int = 64,
         seed: int = 0, opt_level: int = 1, out: str | Path | None = None, at: Mapping[str, int] | None = None,
         budget_span: Span | None = None, calib_span: Span | None = None, at_span: Span | None = None) -> PruneReport:
-    """The whole command on an elaborated spec: importance, ranking, rewrite, and (with `out`) the build."""
+    """The whole command on an elaborated spec: importance, ranking, rewrite, and (with `out`) the build.
+
+    samples: how many calibration samples "data" or a file gives, 1 to MAX_SAMPLES (an error beyond:
+    the importances cost one forward pass of them per head and neuron); a data split or file holding
+    fewer is used whole, and the report's calibration (printed, and in the manifest) says how many were
+    used and how many were asked for. Memory does not grow with them (measure evaluates STACK_SAMPLES at
+    a time). Every user error is raised before anything is written."""
     from specc.backends.pytorch.build import artifacts, check_memory, write_atomic
     from specc.backends.pytorch.weights import init_weights
 
@@ -170,6 +182,10 @@ def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise SpecError(Diagnostic(calib_span, f"the calibration sample count must be a positive integer, "
                                                f"got {samples!r}"))
+    if samples > MAX_SAMPLES:  # the measure's time grows with it (memory does not: see measure)
+        raise SpecError(Diagnostic(calib_span, f"at most {MAX_SAMPLES} calibration samples, got {samples}: the "
+                                               f"importances cost one forward pass of them per head and neuron, "
+                                               f"and a few hundred already fix the ranking"))
     sizes = check_sizes(graph, at, at_span or Span("<at>", 0, 0))
     layers = prunable_layers(graph, sizes)
     candidates = [layer for layer in layers if layer.reason is None]
@@ -217,7 +233,9 @@ def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None
 # -- calibration --------------------------------------------------------------------------------
 
 def calibration(src, graph: Graph, base, calib, samples: int, seed: int, where: Span):
-    """(list of input tuples, a description) for the calibration."""
+    """(list of input tuples, a description) for the calibration. The description names how many samples
+    are used: with "data" or a file, `samples` of them or, when the split or the file holds fewer, all
+    of them (said so: "..., 64 asked for"), never a count that was not run."""
     import torch
 
     if calib is None:
@@ -236,6 +254,9 @@ def calibration(src, graph: Graph, base, calib, samples: int, seed: int, where: 
         recipe = check_recipe(src, graph)
         train, _ = load_data(recipe)
         n = len(next(iter(train.values())))
+        data = recipe.generator.name if recipe.generator is not None else Path(recipe.data_file.file).name
+        if n == 0:
+            raise SpecError(Diagnostic(where, f"--calib data: the train split of {data} holds no samples"))
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
         part = {k: v[idx] for k, v in train.items()}
         scalars = _scalars(recipe)
@@ -248,9 +269,16 @@ def calibration(src, graph: Graph, base, calib, samples: int, seed: int, where: 
                 args.append(drawn[name])
             else:
                 args.append(part[recipe.feed[name]])
-        data = recipe.generator.name if recipe.generator is not None else Path(recipe.data_file.file).name
-        return [tuple(args)], f"{len(idx)} samples of the train split of {data} (seed {seed})"
-    return [_from_file(Path(calib), graph, samples, where)], f"{Path(calib).name} (first {samples} samples)"
+        # a split smaller than `samples` is used whole, and the description says so (as for a file)
+        fewer = f"; all it holds, {samples} asked for" if len(idx) < samples else ""
+        return [tuple(args)], f"{len(idx)} samples of the train split of {data} (seed {seed}{fewer})"
+    args, used, held = _from_file(Path(calib), graph, samples, where)
+    if used is None:
+        return [args], f"{Path(calib).name} (one batch: no input has a sample axis)"
+    if used < samples:
+        return [args], f"{Path(calib).name} (all {used} of its samples, {samples} asked for)"
+    return [args], f"{Path(calib).name} (first {used} of its {held} samples)" if held > used \
+        else f"{Path(calib).name} (all {used} of its samples)"
 
 
 def _scalars(recipe) -> dict[str, float]:
@@ -266,6 +294,15 @@ def _scalars(recipe) -> dict[str, float]:
 
 
 def _from_file(path: Path, graph: Graph, samples: int, where: Span):
+    """(the input tuple, the samples used, the samples the file holds; both None when no input has a
+    sample axis) from a calibration file.
+
+    Every input's tensor is checked, errors located at the file: its kind (float, integer or bool;
+    integers for a bool input must be 0 or 1, not cast), its rank and the sizes its type fixes
+    (static axes, a dimension's bounds, the same size wherever a dimension recurs), its values
+    (finite floats, integers within the input's range and dtype), and the sample count: the inputs whose
+    first axis is a dimension (B) hold the samples along it, the same number in each, at least one.
+    The others (no axes, or a static first axis) are taken whole."""
     import numpy as np
     import torch
 
@@ -276,7 +313,7 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
-                tensors = {k: torch.from_numpy(np.ascontiguousarray(f[k])) for k in f.files}
+                tensors = {k: torch.from_numpy(np.array(f[k], order="C")) for k in f.files}  # keeps 0-d ones 0-d
         elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -287,24 +324,105 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
         raise
     except Exception as e:  # a damaged archive: numpy and safetensors raise various errors
         raise SpecError(Diagnostic(span, f"cannot read the calibration file: {str(e).splitlines()[0]}")) from None
-    args = []
+
+    def fail(message: str):
+        raise SpecError(Diagnostic(span, message))
+
+    def kind(dtype) -> str:
+        return "float" if dtype.is_floating_point else "bool" if dtype == torch.bool else \
+            "complex" if dtype.is_complex else "integer"
+
+    def described(name: str, v) -> str:
+        return f"calibration tensor '{name}' is {str(v.dtype).replace('torch.', '')}{list(v.shape)}"
+
+    given = {}  # name: (tensor, type, torch dtype)
     for name, nid in graph.inputs:
         t = graph.node(nid).type
         if name not in tensors:
-            raise SpecError(Diagnostic(span, f"the calibration file has no tensor '{name}' (the model's inputs: "
-                                             f"{', '.join(n for n, _ in graph.inputs)}; it has: "
-                                             f"{', '.join(sorted(tensors)) or 'none'})"))
-        v = tensors[name]
-        want = getattr(torch, DTYPES[t.dtype])
-        if v.dtype.is_floating_point != want.is_floating_point or v.dim() != t.rank:
-            raise SpecError(Diagnostic(span, f"calibration tensor '{name}' is {str(v.dtype).replace('torch.', '')}"
-                                             f"{list(v.shape)}, but the input is {t}"))
-        if t.value_range is not None and v.numel() and (int(v.min()) < t.value_range[0]
-                                                         or int(v.max()) >= t.value_range[1]):
-            raise SpecError(Diagnostic(span, f"calibration tensor '{name}' has values outside "
-                                             f"range{tuple(t.value_range)} (input {t})"))
-        args.append(v[:samples].to(want))
-    return tuple(args)
+            fail(f"the calibration file has no tensor '{name}' (the model's inputs: "
+                 f"{', '.join(n for n, _ in graph.inputs)}; it has: {', '.join(sorted(tensors)) or 'none'})")
+        v, want = tensors[name], getattr(torch, DTYPES[t.dtype])
+        # integers may stand for a bool input (0 / 1, checked below); otherwise the kinds must agree
+        fits = kind(v.dtype) == kind(want) or (kind(want) == "bool" and kind(v.dtype) == "integer") \
+            or (kind(want) == "integer" and kind(v.dtype) == "bool")
+        if not fits or v.dim() != t.rank:
+            fail(f"{described(name, v)}, but the input is {t}")
+        given[name] = (v, t, want)
+
+    # the samples: along the first axis of the inputs whose first axis is a dimension of the spec
+    batched = [name for name, (v, t, _) in given.items() if t.rank and _symbol(t.shape[0]) in graph.dims]
+    counts = {name: given[name][0].shape[0] for name in batched}
+    if len(set(counts.values())) > 1:
+        fail("the calibration tensors hold different numbers of samples (their first axis): "
+             + ", ".join(f"'{k}' {n}" for k, n in counts.items()))
+    held = next(iter(counts.values()), None)  # None: no batched input, the tensors are one batch
+    if held == 0:
+        name = next(iter(counts))
+        fail(f"the calibration file holds no samples ({described(name, given[name][0])})")
+    used = min(samples, held) if held is not None else None
+
+    bindings: dict[str, int] = {_symbol(given[name][1].shape[0]): used for name in batched}
+    bound_by: dict[str, str] = {}
+    later = []
+    for name, (v, t, _) in given.items():
+        for axis, (d, size) in enumerate(zip(t.shape, v.shape)):
+            if axis == 0 and name in batched:
+                continue
+            symbol = _symbol(d)
+            if isinstance(d, int):
+                if size != d:
+                    fail(f"{described(name, v)}, but the input is {t}: axis {axis} must be {d}")
+            elif symbol in graph.dims and symbol not in bindings:
+                _, lo, hi = graph.dims[symbol]
+                if size < lo or (hi is not None and size > hi):
+                    fail(f"{described(name, v)}, but the input is {t} with {symbol} from {lo} to "
+                         f"{'any' if hi is None else hi}: axis {axis} is {size}")
+                bindings[symbol], bound_by[symbol] = size, name
+            else:
+                later.append((name, v, t, axis, d, size))
+    for name, v, t, axis, d, size in later:  # recurring dimensions and expressions of them
+        try:
+            expect = evaluate(d, bindings)
+        except KeyError:  # a dimension no axis alone fixes: the model checks it when it runs
+            continue
+        if size != expect:
+            fail(f"{described(name, v)}, but the input is {t}: axis {axis} must be {expect}"
+                 + (f" ({d} as '{bound_by[_symbol(d)]}' has it)" if _symbol(d) in bound_by else f" ({d})"))
+
+    args = []
+    for name, nid in graph.inputs:
+        v, t, want = given[name]
+        if name in batched:
+            v = v[:used]
+        if v.is_floating_point():
+            for bad, what in ((~torch.isfinite(v), "NaN or infinite values"),  # then: too large for f32, f16
+                              (~torch.isfinite(v.to(want)), f"values too large for the input's {t.dtype}")):
+                if bool(bad.any()):
+                    at = f" (sample {int(bad.reshape(v.shape[0], -1).any(1).nonzero()[0])})" if name in batched else ""
+                    fail(f"{described(name, v)} and has {what}{at}: the importances would be meaningless")
+        elif want == torch.bool and v.dtype != torch.bool:
+            odd = v[(v != 0) & (v != 1)]
+            if odd.numel():
+                fail(f"{described(name, v)} with values other than 0 and 1 (e.g. {int(odd[0])}), but the input "
+                     f"is {t}: give bool values (or 0 and 1)")
+        elif want != torch.bool and v.numel():
+            lo, hi = int(v.min()), int(v.max())
+            if t.value_range is not None and (lo < t.value_range[0] or hi >= t.value_range[1]):
+                fail(f"calibration tensor '{name}' has values outside range{tuple(t.value_range)} (input {t})")
+            info = torch.iinfo(want)
+            if lo < info.min or hi > info.max:
+                fail(f"{described(name, v)} with values from {lo} to {hi}, outside what the input's {t.dtype} "
+                     f"holds (input {t})")
+        args.append(v.to(want))
+    return tuple(args), used, held
+
+
+def _symbol(d) -> str | None:
+    """The name of a dimension that is a single symbol (T), else None."""
+    if not isinstance(d, Sym) or len(d.symbols) != 1:
+        return None
+    name = next(iter(d.symbols))
+    return name if d == Sym.of(name) else None
 
 
 # -- importance ---------------------------------------------------------------------------------
@@ -315,9 +433,16 @@ def _model(src, graph: Graph, base):
     return load_in_memory(artifacts(graph, src.text, src.file, weights=base, ctx=PassContext(opt_level=0)))
 
 
-#: Units masked in one forward pass when the calibration inputs stack along their first axis (up to
-#: this many samples in one pass).
+#: Samples in one forward pass: units masked together when the calibration inputs stack along their
+#: first axis (up to this many samples in one pass, masked copies included), and the chunk a larger batch
+#: is evaluated in, so memory does not grow with the calibration samples.
 STACK_SAMPLES = 2048
+
+#: The most calibration samples (`samples`, --samples): the measure costs one forward pass of them per
+#: head and neuron, so its time grows with them (specs/gpt.yaml, 520 units: 15 s for 256 samples, 3
+#: minutes for 2048 on two cores, so about 40 for its whole 27000-sample split), and more samples than
+#: this hardly move a ranking that a few hundred already fix.
+MAX_SAMPLES = 4096
 
 
 def measure(src, graph: Graph, base, layers: list[Layer], candidates: list[Layer], batches, where: Span):
@@ -326,7 +451,11 @@ def measure(src, graph: Graph, base, layers: list[Layer], candidates: list[Layer
     Each unit is masked alone. When every input and every measured feature has the samples along its first
     axis and the model treats samples independently (checked: the first half of the batch alone gives
     the same features), several units are measured in one forward pass, each on its own copy of the
-    batch; otherwise one pass per unit and batch."""
+    batch; otherwise one pass per unit and batch. Such a batch of more than STACK_SAMPLES samples is
+    evaluated in chunks of that many: the squared errors and the features' squared norms are summed over
+    the chunks before one divides the other, so the importances are those of the whole batch (up to
+    rounding) while memory stays that of a chunk. Raises SpecError when an importance is NaN or infinite
+    (NaN weights, or features that overflow), rather than ranking on it."""
     import torch
 
     model = _model(src, graph, base).double().eval()
@@ -369,52 +498,85 @@ def measure(src, graph: Graph, base, layers: list[Layer], candidates: list[Layer
         outs = out if isinstance(out, tuple) else (out,)
         return recorded + [("<output>", o) for o in outs if o.is_floating_point()]
 
-    try:
-        with torch.no_grad():
-            reference = [features(args) for args in batches]
-            norms = [[(f ** 2).sum().clamp_min(1e-300) for _, f in ref] for ref in reference]
-            stack = [_stack_size(args, ref, features) for args, ref in zip(batches, reference)]
-            out: dict[str, torch.Tensor] = {}
+    def errors(args):
+        """({layer path: [units, features] squared errors}, [features] squared norms) of one batch."""
+        err: dict[str, torch.Tensor] = {}
+        norm = None
+        for chunk in _chunks(args, features):
+            ref = features(chunk)
+            g = _stack_size(chunk, ref, features)
+            sq = torch.stack([(f ** 2).sum() for _, f in ref])
+            norm = sq if norm is None else norm + sq
             for layer in candidates:
                 width, n = layer.unit_width, layer.units
-                scores = torch.zeros(n, dtype=torch.float64)
-                for args, ref, norm, g in zip(batches, reference, norms, stack):
-                    first = next(i for i, (p, _) in enumerate(ref) if p == layer.path)
-                    samples = args[0].shape[0] if g > 1 else 1
-                    for lo in range(0, n, g):
-                        units = range(lo, min(n, lo + g))
-                        mask = torch.ones(len(units), n * width, dtype=torch.float64)
-                        for j, u in enumerate(units):
-                            mask[j, u * width:(u + 1) * width] = 0.0
-                        state["path"] = layer.path
-                        if g > 1:  # copy j of the batch has unit units[j] masked
-                            state["mask"] = mask.repeat_interleave(samples, dim=0)
-                            got = features(tuple(t.repeat(len(units), *[1] * (t.dim() - 1)) for t in args))
-                        else:
-                            state["mask"] = mask[0]
-                            got = features(args)
-                        for (_, f), (_, r), nr in zip(got[first + 1:], ref[first + 1:], norm[first + 1:]):
-                            diff = f.reshape(len(units), *r.shape) - r if g > 1 else (f - r)[None]
-                            scores[lo:lo + len(units)] += (diff ** 2).flatten(1).sum(1) / nr
+                e = err.setdefault(layer.path, torch.zeros(n, len(ref), dtype=torch.float64))
+                first = next(i for i, (p, _) in enumerate(ref) if p == layer.path)
+                samples = chunk[0].shape[0] if g > 1 else 1
+                for lo in range(0, n, g):
+                    units = range(lo, min(n, lo + g))
+                    mask = torch.ones(len(units), n * width, dtype=torch.float64)
+                    for j, u in enumerate(units):
+                        mask[j, u * width:(u + 1) * width] = 0.0
+                    state["path"] = layer.path
+                    if g > 1:  # copy j of the batch has unit units[j] masked
+                        state["mask"] = mask.repeat_interleave(samples, dim=0)
+                        got = features(tuple(t.repeat(len(units), *[1] * (t.dim() - 1)) for t in chunk))
+                    else:
+                        state["mask"] = mask[0]
+                        got = features(chunk)
+                    for k, ((_, f), (_, r)) in enumerate(zip(got[first + 1:], ref[first + 1:]), start=first + 1):
+                        diff = f.reshape(len(units), *r.shape) - r if g > 1 else (f - r)[None]
+                        e[lo:lo + len(units), k] += (diff ** 2).flatten(1).sum(1)
                 state["path"] = state["mask"] = None
-                out[layer.path] = scores / len(batches)
-            return out
+        return err, norm.clamp_min(1e-300)
+
+    try:
+        with torch.no_grad():
+            out = {layer.path: torch.zeros(layer.units, dtype=torch.float64) for layer in candidates}
+            for args in batches:
+                err, norm = errors(args)
+                for path, e in err.items():  # each later feature weighs the same (0 before the layer)
+                    out[path] += (e / norm).sum(1)
+            out = {path: v / len(batches) for path, v in out.items()}
     finally:
         for h in handles:
             h.remove()
+    bad = [path for path, v in out.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise SpecError(Diagnostic(where, f"the importances of '{bad[0]}' are NaN or infinite on the calibration "
+                                          f"batch (NaN weights, or features that overflow in float64): nothing "
+                                          f"to rank the heads and neurons by"))
+    return out
+
+
+def _chunks(args, features) -> list[tuple]:
+    """The batch in chunks of STACK_SAMPLES samples when it has more and they are independent (checked on
+    the first chunk, as _stack_size does), else the batch whole."""
+    n = args[0].shape[0] if args and args[0].dim() else 0
+    if n <= STACK_SAMPLES or any(t.dim() == 0 or t.shape[0] != n for t in args):
+        return [args]
+    first = tuple(t[:STACK_SAMPLES] for t in args)
+    if not _independent(first, features(first), features):
+        return [args]
+    return [tuple(t[lo:lo + STACK_SAMPLES] for t in args) for lo in range(0, n, STACK_SAMPLES)]
 
 
 def _stack_size(args, reference, features) -> int:
     """How many masked copies of this batch one forward pass may hold (1: one pass per unit)."""
+    if not _independent(args, reference, features):
+        return 1
+    return max(1, STACK_SAMPLES // args[0].shape[0])
+
+
+def _independent(args, reference, features) -> bool:
+    """Whether the inputs and the features `reference` (of `args`) hold the samples along their first axis
+    and the model treats them independently: the first half of the batch alone gives the same features."""
     n = args[0].shape[0] if args and args[0].dim() else 0
     if n < 2 or any(t.dim() == 0 or t.shape[0] != n for t in args) or any(f.dim() == 0 or f.shape[0] != n
                                                                            for _, f in reference):
-        return 1
+        return False
     half = features(tuple(t[:n // 2] for t in args))  # samples must not see each other
-    for (_, h), (_, f) in zip(half, reference):
-        if h.shape[1:] != f.shape[1:] or not _close(h, f[:n // 2]):
-            return 1
-    return max(1, STACK_SAMPLES // n)
+    return all(h.shape[1:] == f.shape[1:] and _close(h, f[:n // 2]) for (_, h), (_, f) in zip(half, reference))
 
 
 def _close(a, b) -> bool:
@@ -461,4 +623,4 @@ def summary_lines(report: PruneReport) -> list[str]:
 
 
 __all__ = ["prune", "run", "PruneReport", "LayerReport", "PruneError", "select", "measure", "calibration",
-           "summary_lines", "CRITERION"]
+           "summary_lines", "CRITERION", "MAX_SAMPLES", "STACK_SAMPLES"]
