@@ -944,10 +944,9 @@ def _conv(n: int):
         per_output = x.shape[1] // c.a("groups") * product(int_tuple(c.a("kernel"), n, name, "kernel"))
         return 2 * numel(outs[0]) * per_output + (numel(outs[0]) if c.a("bias") else 0)
 
-    spatial = ", ".join(_SPATIAL[n])
     infer.__doc__ = (
         f"{name}(x, out, kernel, stride=1, padding=0, dilation=1, groups=1, bias=true): a {n}-D convolution "
-        f"of x {_LAYOUT[n]} -> [B, out, {spatial}'].\n\n"
+        f"of x {_LAYOUT[n]} -> [B, out, {', '.join(d + chr(39) for d in _SPATIAL[n])}].\n\n"
         + ("kernel, stride, padding and dilation are each an integer or a list of 2. " if n == 2 else "")
         + "padding may be 'same' (stride 1; the output keeps the input's size) or 'valid' (0). Each output "
         "size is floor((n + 2p - d(k-1) - 1) / s) + 1; a symbolic input size is allowed where that is exact "

@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="count the FLOPs with this symbolic dimension at SIZE instead of the spec's example size "
                          "(repeatable; attention's FLOPs grow with T squared, so the budget depends on it)")
     pr.add_argument("--samples", type=int, default=64, metavar="N",
-                    help="calibration samples taken from the data set or file (default 64)")
+                    help="calibration samples taken from the data set or file (default 64, at most 4096; a "
+                         "smaller split or file is used whole)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration samples (default 0)")
     pr.add_argument("--weights", metavar="FILE.safetensors",
                     help="the spec's parameters to prune (e.g. a trained model); names as `specc ir -O0` shows them")
@@ -128,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="optimisation level of the pruned build (default 1)")
     sc = sub.add_parser("schema", help="Print (or write) the JSON Schema of spec files, for editors.")
     sc.add_argument("-o", "--out", metavar="FILE", help="write the schema to FILE instead of printing it")
-    sub.add_parser("ops", help="List the operators with their signatures.")
+    op = sub.add_parser("ops", help="List the operators with their signatures (the whole text of the named ones).")
+    op.add_argument("names", nargs="*", metavar="OP", help="print these operators' whole documentation")
     sub.add_parser("passes", help="List the optimisation passes in pipeline order with their opt levels.")
     return p
 
@@ -164,10 +166,18 @@ def parse_overrides(items: Sequence[str]) -> tuple[dict[str, str], dict[str, tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader stopped early (specc ops | head): no traceback, and none at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     color = sys.stderr.isatty() and not getattr(args, "no_color", False) and "NO_COLOR" not in os.environ
     if args.command == "ops":
-        return _ops()
+        return _ops(args.names)
     if args.command == "passes":
         return _passes()
     if args.command == "schema":
@@ -252,6 +262,10 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
         from specc.backends.pytorch.build import artifacts, write_atomic
 
         ctx = _pass_context(args, src.file)
+        if args.run:
+            from specc.backends.pytorch.build import check_example_inputs
+
+            check_example_inputs(graph)  # before anything is built or written
         weights = _read_weights(graph, args.weights) if args.weights else None
         files = artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
                           weights=weights, ctx=ctx, torch_compile=args.torch_compile)
@@ -470,8 +484,7 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict, given:
     except PackageError as e:
         raise SpecError(Diagnostic(Span(e.path or src.file, 0, 0), f"target {args.target}: {e}")) from None
     except LoweringError as e:
-        raise SpecError(Diagnostic(Span(src.file, 0, 0), f"target {args.target}: {e}",
-                                   notes=("targets that support it: torch",)), {src.file: src.text}) from None
+        raise _lowering_error(e, args.target, src) from None
     print(f"built {graph.name} -> {args.out}/ (model_lib.so, model.py, loader.py, weights.safetensors, manifest.json; "
           f"target {args.target})")
     if args.run:
@@ -480,6 +493,12 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict, given:
         else:
             _run_built(Path(args.out))
     return 0
+
+
+def _lowering_error(e, target: str, src) -> SpecError:
+    """A LoweringError (something of the graph this TVM target cannot lower) as a located user error."""
+    return SpecError(Diagnostic(e.span or Span(src.file, 0, 0), f"target {target}: {e}",
+                                notes=("targets that support it: torch",)), {src.file: src.text})
 
 
 def _tvm_lowerable(graph, target: str, src) -> None:
@@ -530,7 +549,15 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
     what = f"-O{args.opt_level} ({args.target})"
     print(f"verify {graph.name}: {what} against -O0 in float64, {args.examples} examples"
           + (f", weights {args.weights}" if args.weights else ""))
-    report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target, weights=weights)
+    lowering_error: tuple = ()
+    if args.target != "torch":
+        from specc.backends.tvm.lowering import LoweringError  # (imported above: the tvm extra is there)
+
+        lowering_error = (LoweringError,)
+    try:
+        report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target, weights=weights)
+    except lowering_error as e:
+        raise _lowering_error(e, args.target, src) from None
     if report.ok:
         print(f"  worst error {report.worst:.3g}" + (f" (output {report.worst_output})" if report.worst_output else "")
               + f"; tolerance {ATOL:g} + {RTOL:g}*|reference|")
@@ -559,8 +586,15 @@ def _run_built(out: Path) -> None:
     inputs = module.example_inputs()
     import torch
 
-    with torch.no_grad():
-        result = model(*inputs)
+    try:
+        with torch.no_grad():
+            result = model(*inputs)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise SpecError(Diagnostic(Span(str(out / "model.py"), 0, 0),
+                                   f"the build is complete, but running it on its example inputs ran out of "
+                                   f"memory: {str(e).splitlines()[0]}")) from None
     results = result if isinstance(result, tuple) else (result,)
     shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in results)
     print(f"ran {out}/model.py on example_inputs(): {shapes}")
@@ -595,15 +629,28 @@ def _print_summary(summary, color: bool) -> None:
                       f"parameters {d.params:,}, FLOPs {human(d.example_flops)}, nodes {d.nodes}")
 
 
-def _ops() -> int:
+def _ops(names: Sequence[str] = ()) -> int:
+    """Every operator, a line each (its signature and the first paragraph of its text); with names, the
+    whole text of each (an unknown name: exit 2, with close names)."""
+    import inspect
+
     from specc.compiler import ops as _  # noqa: F401
     from specc.compiler.registry import REGISTRY
 
-    for name, opdef in sorted(REGISTRY.items()):
-        if opdef.category == "internal":
-            continue
-        first = opdef.doc.splitlines()[0] if opdef.doc else ""
+    public = {name: opdef for name, opdef in REGISTRY.items() if opdef.category != "internal"}
+    if names:
+        unknown = [n for n in names if n not in public]
+        for n in unknown:
+            print(f"specc: error: unknown operator '{n}'{did_you_mean(n, public)}", file=sys.stderr)
+        if unknown:
+            return 2
+        for i, n in enumerate(names):
+            print(("\n" if i else "") + (inspect.cleandoc(public[n].doc) if public[n].doc else public[n].signature()))
+        return 0
+    for name, opdef in sorted(public.items()):
+        first = " ".join(inspect.cleandoc(opdef.doc).split("\n\n")[0].split()) if opdef.doc else ""
         print(f"{opdef.signature():70s} {first}")
+    print("\n(`specc ops NAME` prints an operator's whole text)")
     return 0
 
 

@@ -346,3 +346,35 @@ def test_an_output_path_that_is_a_file_or_under_one_is_a_user_error(tmp_path, ca
     assert main(["build", str(spec), "-o", str(afile / "sub"), "--no-color"]) == 2
     assert f"{afile} is not a folder" in capsys.readouterr().err
     assert afile.read_text() == "keep me"
+
+
+def test_run_with_example_inputs_larger_than_memory(tmp_path):
+    """`build --run` at example sizes whose inputs cannot fit in memory: an error at the input, before
+    anything is built (the run had been an internal error after the build was written)."""
+    spec = tmp_path / "huge.yaml"
+    spec.write_text(GOOD.replace("inputs:", "dims:\n  T: {example: 100000000000}\ninputs:"))
+    r = specc("build", str(spec), "-o", str(tmp_path / "out"), "--run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert re.search(rf"{re.escape(str(spec))}:8:3: error: the example inputs need \d+\.\d GiB at the example "
+                     r"sizes \(B=2, T=100000000000\), more than this machine's", r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+    assert specc("build", str(spec), "-o", str(tmp_path / "out")).returncode == 0  # without --run: fine
+
+
+def test_ops_lists_every_operator_and_prints_the_whole_text_of_named_ones():
+    from specc.compiler import ops  # noqa: F401  (registers the operators)
+    from specc.compiler.registry import REGISTRY
+
+    r = specc("ops")
+    assert r.returncode == 0, r.stderr
+    listed = {line.split("(")[0] for line in r.stdout.splitlines() if "(" in line}
+    public = {n for n, d in REGISTRY.items() if d.category != "internal"}
+    assert len(public) > 50 and public <= listed
+    # the first paragraph on one line, not cut at the first line break of the text
+    [attention] = [line for line in r.stdout.splitlines() if line.startswith("attention(")]
+    assert attention.rstrip().endswith("rope_dim=none): multi-head softmax attention.")
+    r = specc("ops", "conv2d", "attention")
+    assert r.returncode == 0 and "padding may be 'same'" in r.stdout and "[B, out, H', W']" in r.stdout
+    assert "A query with no allowed position gets zeros" in r.stdout
+    r = specc("ops", "conv2x")
+    assert r.returncode == 2 and "unknown operator 'conv2x' (did you mean 'conv2d'?)" in r.stderr

@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 
 from specc.compiler.diagnostics import Diagnostic, Span, SpecError
 from specc.compiler.dims import to_json as dim_json
-from specc.compiler.ir import DTYPES, Graph
+from specc.compiler.ir import DTYPE_BYTES, DTYPES, Graph
 from specc.compiler.passes import PassContext, optimize
 from specc.compiler.summary import summarize
 
@@ -160,13 +160,41 @@ def _doc_safe(text: str) -> str:
     return " ".join(text.replace("\\", "/").replace('"""', "'''").replace('"', "'").split())
 
 
+def _memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+        return None
+
+
+def check_example_inputs(graph: Graph) -> None:
+    """Refuse, as a user error located at the input, to make example inputs that cannot fit in this
+    machine's memory (`--run` makes them at the example sizes, which a spec may set to anything)."""
+    have = _memory()
+    if have is None:
+        return
+    summary = summarize(graph)
+    need = 0
+    for info in summary.inputs:
+        n = DTYPE_BYTES[info.type.dtype]
+        for d in info.example_shape:
+            n *= d
+        need += n
+        if need > have:
+            dims = ", ".join(f"{k}={v}" for k, v in sorted(summary.bindings.items()))
+            raise SpecError(Diagnostic(graph.node(dict(graph.inputs)[info.name]).span,
+                                       f"the example inputs need {need / 2**30:.1f} GiB at the example sizes "
+                                       f"({dims}), more than this machine's {have / 2**30:.1f} GiB of memory, so "
+                                       f"the built model cannot be run on them"))
+
+
 def check_memory(graph: Graph, spec_file: str, copies: float = 1.0) -> None:
     """Refuse, as a user error, to allocate weights that cannot fit in this machine's memory (`copies`:
     how many float32-sized copies of them the caller holds at once)."""
     need = int(summarize(graph).param_bytes * copies)
-    try:
-        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+    have = _memory()
+    if have is None:
         return
     if need > have:
         raise SpecError(Diagnostic(Span(spec_file, 0, 0),
