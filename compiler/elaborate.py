@@ -1517,6 +1517,8 @@ class Elaborator:
         out = []
         for j, target in enumerate(targets):
             values = [s[j] for s in steps]
+            if any(v is POISON for v in values):  # an error inside the block, reported already
+                return POISON
             if not all(isinstance(v, TV) for v in values):
                 return self.fail(e.span, f"repeat(..., stack=true): block '{name}' returns {_kind(values[0])} as "
                                          f"value {j + 1}; only tensors can be stacked")
@@ -1583,11 +1585,11 @@ class Elaborator:
             owner = self.graph.node(nid) if nid is not None else None
             if owner is None or owner.op != opname or \
                     [(p.name, p.shape, p.dtype) for p in params] != [(q.name, q.shape, q.dtype) for q in owner.params]:
-                have = (f"a {owner.op} with parameters {_params_text(owner.params)}" if owner is not None
+                have = (f"{_a(owner.op)} with parameters {_params_text(owner.params)}" if owner is not None
                         else "no layer")
                 owner_step = "step 0" if source is None else f"step {step} of '{source}'"
                 return self.fail(share_span, f"repeat(..., share={'true' if source is None else source}): step {step} "
-                                             f"has a {opname} '{'.'.join(path)}' with parameters "
+                                             f"has {_a(opname)} '{'.'.join(path)}' with parameters "
                                              f"{_params_text(params)}, but {owner_step} has {have} at "
                                              f"'{'.'.join(first)}'; shared layers need the same op and parameter "
                                              f"shapes and dtypes", f"that layer is at {span}")
@@ -1720,6 +1722,11 @@ def smallest_size(d, bindings: Mapping[str, int], limit: int = 1 << 16) -> tuple
 
 def _plain(t: TensorType) -> str:
     return str(TensorType(t.dtype, t.shape))
+
+
+def _a(word: str) -> str:
+    """'a linear', 'an attention'."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 def _kind(v: Any) -> str:

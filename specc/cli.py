@@ -417,6 +417,8 @@ def _prune(args: argparse.Namespace, src, graph) -> int:
         if not eq or not name.strip() or not size.strip().isdigit():
             raise SpecError(Diagnostic(at_span, f"--at takes DIM=SIZE with a positive integer size, e.g. T=128, "
                                                 f"got '{item}'"))
+        if name.strip() in at:
+            raise SpecError(Diagnostic(at_span, f"--at {name.strip()} is given twice ({at[name.strip()]} and {size})"))
         at[name.strip()] = int(size)
     weights = _read_weights(graph, args.weights) if args.weights else None
     report = run(src, graph, budget, base=weights, calib=args.calib, samples=args.samples, seed=args.seed,

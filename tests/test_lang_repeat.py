@@ -11,6 +11,7 @@ against the sum of the per-step gradients of the untied model, float32: 1e-5 abs
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -266,6 +267,13 @@ def test_misuse_is_a_located_error():
     err(15, 38, "argument 'stack' is given twice", "y = repeat(2, step, x, stack=true, stack=false)")
     text = ERRORS.format(line="y = repeat(2, step, x, g=x, g=x * 2)").replace("step(h): |", "step(h, g): |")
     assert_error(text, 15, 31, "argument 'g' is given twice")
+    # an error inside a stacked block (here a repeat of itself) is reported once, not again as a value
+    # that cannot be stacked
+    text = ERRORS.format(line="y, z = repeat(2, pair, x, x, stack=true)").replace(
+        "blocks:\n", "blocks:\n  pair(a, b): |\n    a, b = repeat(1, pair, a, b)\n    return a, b\n")
+    with pytest.raises(specc.SpecError) as e:
+        specc.compile(text)
+    assert [d.message for d in e.value.diagnostics] == ["block 'pair' calls itself (through pair -> pair)"]
 
 
 def test_options_off_change_nothing():

@@ -309,6 +309,7 @@ outputs:
     (["--flops", "0.6", "--at", "T=0"], "<--at>: error: T: a size must be a positive integer, got 0"),
     (["--flops", "0.6", "--at", "T=-3"], "<--at>: error: --at takes DIM=SIZE with a positive integer size, "
                                          "e.g. T=128, got 'T=-3'"),
+    (["--flops", "0.6", "--at", "T=8", "--at", "T=16"], "<--at>: error: --at T is given twice (8 and 16)"),
 ])
 def test_cli_errors_are_located_and_write_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "o"
