@@ -82,9 +82,12 @@ def _correlation(c: Ctx, xs: list) -> relax.Expr:
     cols = c.emit(R.arange(0, w, 1, dtype="int64"))  # rows dy + arange(H), columns dx + arange(W)
     parts = []
     for dy in range(2 * r + 1):
-        band = c.emit(R.take(padded, c.emit(R.add(rows, relax.const(dy, "int64"))), axis=2)) if r else padded
+        # (mode="clip": the indices are in range by construction; TVM warns of "fast" mode otherwise)
+        band = (c.emit(R.take(padded, c.emit(R.add(rows, relax.const(dy, "int64"))), axis=2, mode="clip"))
+                if r else padded)
         for dx in range(2 * r + 1):
-            window = c.emit(R.take(band, c.emit(R.add(cols, relax.const(dx, "int64"))), axis=3)) if r else band
+            window = (c.emit(R.take(band, c.emit(R.add(cols, relax.const(dx, "int64"))), axis=3, mode="clip"))
+                      if r else band)
             parts.append(c.emit(R.sum(R.multiply(f1, window), axis=[1], keepdims=True)))
     return R.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
