@@ -562,7 +562,7 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
         raise _lowering_error(e, args.target, src) from None
     if report.ok:
         print(f"  worst error {report.worst:.3g}" + (f" (output {report.worst_output})" if report.worst_output else "")
-              + f"; tolerance {ATOL:g} + {RTOL:g}*|reference|")
+              + f"; tolerance {ATOL:g}*max(1, max|reference|) + {RTOL:g}*|reference|, per output")
         print(f"ok: {report.examples} runs, no mismatch")
         return 0
     m = report.mismatch
