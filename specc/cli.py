@@ -568,7 +568,8 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
     m = report.mismatch
     dims = ", ".join(f"{k}={v}" for k, v in m.bindings.items()) or "no symbolic dimensions"
     print(f"MISMATCH: output '{m.output}' differs by {m.error:.3g} (allowed {m.bound:.3g})")
-    print(f"  minimal counterexample: {dims}; inputs example_inputs(seed={m.input_seed}) * {m.input_scale:g}")
+    fill = "" if m.bool_fill is None else f", bool inputs all {str(m.bool_fill).lower()}"
+    print(f"  minimal counterexample: {dims}; inputs example_inputs(seed={m.input_seed}) * {m.input_scale:g}{fill}")
     return 1
 
 

@@ -38,6 +38,7 @@ class Mismatch:
     output: str
     error: float
     bound: float
+    bool_fill: bool | None = None  # bool inputs all false / all true (None: the example inputs' random ones)
 
 
 @dataclass
@@ -95,13 +96,16 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
     names = [name for name, _ in graph.outputs]
     report = Report()
 
+    # bool inputs (masks) also all false and all true: a query that may see no key is an edge case of its own
+    has_bool = any(graph.node(nid).type.dtype == "bool" for _, nid in graph.inputs)
     dims = {}
     for sym, (example, lo, hi) in graph.dims.items():
         dims[sym] = st.integers(lo, hi if hi is not None else max(lo, 2 * example))
 
-    def run(bindings: dict[str, int], input_seed: int, scale: float) -> None:
+    def run(bindings: dict[str, int], input_seed: int, scale: float, fill: bool | None) -> None:
         inputs = reference.example_inputs(seed=input_seed, **bindings)
-        inputs = tuple(i * scale if i.is_floating_point() else i for i in inputs)
+        inputs = tuple(i * scale if i.is_floating_point() else
+                       torch.full_like(i, fill) if fill is not None and i.dtype == torch.bool else i for i in inputs)
         with torch.no_grad():
             want = float64_run(reference, inputs)
             got = candidate(*inputs)
@@ -110,10 +114,10 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
         report.examples += 1
         for name, w, g in zip(names, want, got):
             if tuple(g.shape) != tuple(w.shape):
-                raise AssertionError(Mismatch(bindings, input_seed, scale, name, float("inf"), 0.0))
+                raise AssertionError(Mismatch(bindings, input_seed, scale, name, float("inf"), 0.0, fill))
             if not w.is_floating_point():
                 if not torch.equal(g.to(w.dtype), w):
-                    raise AssertionError(Mismatch(bindings, input_seed, scale, name, float("inf"), 0.0))
+                    raise AssertionError(Mismatch(bindings, input_seed, scale, name, float("inf"), 0.0, fill))
                 continue
             g = g.double()
             # equal infinities (e.g. -inf mask fills) and NaN where the reference has NaN agree exactly
@@ -127,15 +131,16 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
             if not bool((err <= bound).all()):
                 i = int((err - bound).flatten().argmax())
                 raise AssertionError(Mismatch(bindings, input_seed, scale, name, float(err.flatten()[i]),
-                                              float(bound.flatten()[i])))
+                                              float(bound.flatten()[i]), fill))
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               phases=[Phase.explicit, Phase.generate, Phase.shrink],
               suppress_health_check=list(HealthCheck))
     @given(bindings=st.fixed_dictionaries(dims), input_seed=st.integers(0, 2**16),
-           scale=st.sampled_from([1.0, 0.1, 3.0]))
-    def search(bindings, input_seed, scale):
-        run(bindings, input_seed, scale)
+           scale=st.sampled_from([1.0, 0.1, 3.0]),
+           fill=st.sampled_from([None, False, True] if has_bool else [None]))
+    def search(bindings, input_seed, scale, fill):
+        run(bindings, input_seed, scale, fill)
 
     try:
         search()

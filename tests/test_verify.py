@@ -172,3 +172,24 @@ def test_the_absolute_tolerance_follows_the_scale_of_each_output():
     report = verify(spec, examples=10)
     assert report.ok, report.mismatch
     assert 1e-4 < report.worst < 1e-2  # beyond the old per-element bound of 1e-4 + 1e-4 * 1
+
+
+def test_bool_inputs_are_also_tried_all_false_and_all_true(monkeypatch):
+    """Masks all false (a query that may see no key) and all true are edge cases random masks rarely hit;
+    the search tries both besides the random ones."""
+    import specc.verify as v
+
+    seen = set()
+    run = v.float64_run
+
+    def spy(model, inputs):
+        m = inputs[1]
+        seen.add("false" if not m.any() else "true" if m.all() else "random")
+        return run(model, inputs)
+
+    monkeypatch.setattr(v, "float64_run", spy)
+    spec = SPEC.replace("  x: f32[B, T, 8]", "  x: f32[B, T, 8]\n  m: bool[B, 1, T]").replace(
+        "  h = gelu(linear(x, 8))\n  y = h + relu(x)", "  y = attention(x, heads=2, mask=m)")
+    report = verify(spec, examples=20)
+    assert report.ok, report.mismatch
+    assert seen == {"false", "true", "random"}
