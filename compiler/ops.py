@@ -700,6 +700,35 @@ def _reshape(c: OpCall):
     return T(x.dtype, tuple(shape), x.value_range)
 
 
+@op("expand", Arg("x", "tensor"), Arg("shape", "dims", variadic=True), flops=lambda c, o: 0, category="shape")
+def _expand(c: OpCall):
+    """expand(x, d0, d1, ...): x repeated along its size-1 dimensions to the given sizes (a view, as torch's
+    expand; -1 keeps a dimension's size). With more sizes than x has dimensions, x gets new leading ones:
+    expand(cls, B, 1, d) puts a learned [1, 1, d] class token before every batch row's tokens."""
+    x = c.t("x")
+    shape = list(c.a("shape"))
+    if len(shape) < x.rank:
+        raise OpError(f"expand: {len(shape)} sizes for {shape_str(x)}, which has {x.rank} dimensions; give one "
+                      f"size per dimension (-1 keeps it), and more for new leading ones", "shape")
+    lead = len(shape) - x.rank
+    out = []
+    for i, d in enumerate(shape):
+        have = x.shape[i - lead] if i >= lead else None
+        if isinstance(d, int) and d == -1:
+            if have is None:
+                raise OpError(f"expand: size {i} is -1, but it is a new leading dimension, which has no size to "
+                              f"keep", "shape")
+            out.append(have)
+            continue
+        if isinstance(d, int) and d < 0:
+            raise OpError(f"expand: invalid size {d}", "shape")
+        if have is not None and have != 1 and have != d:
+            raise OpError(f"expand: dimension {i - lead} of {shape_str(x)} is {fmt(have)}, which can only stay "
+                          f"{fmt(have)}, not become {fmt(d)} (only size-1 dimensions repeat)", "shape")
+        out.append(d)
+    return T(x.dtype, tuple(out), x.value_range)
+
+
 @op("concat", Arg("xs", "tensors"), Arg("dim", "axis", -1), flops=lambda c, o: 0, category="shape")
 def _concat(c: OpCall):
     """concat([a, b, ...], dim=-1): join tensors along one dimension."""

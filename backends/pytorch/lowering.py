@@ -440,6 +440,7 @@ LOWERINGS: dict[str, Lowering] = {
     "transpose": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.transpose({c.a('dim0')}, {c.a('dim1')})")),
     "permute": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.permute({', '.join(map(str, c.a('dims')))})")),
     "reshape": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.reshape({', '.join(c.dim(d) for d in c.a('shape'))})")),
+    "expand": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.expand({', '.join(c.dim(d) for d in c.a('shape'))})")),
     "concat": Lowering(lambda c, xs: call(f"torch.cat([{', '.join(x.text for x in xs)}], dim={c.a('dim')})")),
     "split": Lowering(lambda c, xs: call(
         f"torch.split({xs[0].text}, [{', '.join(c.dim(t.shape[c.a('dim')]) for t in c.node.outputs)}], "

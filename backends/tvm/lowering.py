@@ -1215,6 +1215,7 @@ LOWERINGS: dict[str, Lowering] = {
     "transpose": _transpose,
     "permute": _permute,
     "reshape": _reshape,
+    "expand": lambda c, xs: R.broadcast_to(xs[0], c.shape(c.out.shape)),  # the output type has -1 resolved
     "concat": _concat,
     "split": _split,
     "getitem": _getitem,
