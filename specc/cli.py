@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = spec_cmd("check", "Parse and check a spec; print outputs, parameters and FLOPs.")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("--params", action="store_true",
+                   help="list every parameter: its name (as --weights, freeze: and groups: take it), shape, dtype "
+                        "and the spec line of its layer")
     i = spec_cmd("ir", "Print the typed IR, one node per line (optimised with -O1/-O2).")
     pass_options(i, 0)
     b = spec_cmd("build", "Build a standalone PyTorch module with initialised weights.")
@@ -243,7 +246,16 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
             data = summary.to_json()
             if recipe is not None:
                 data["train"] = _recipe_json(recipe)
+            if args.params:
+                data["parameters"] = _parameter_rows(graph)
             print(json.dumps(data, indent=2))
+        elif args.params:
+            rows = _parameter_rows(graph)
+            width = max((len(r["name"]) for r in rows), default=0)
+            for r in rows:
+                shape = f"{r['dtype']}[{', '.join(map(str, r['shape']))}]"
+                what = f"tied to {r['tied_to']}" if r["tied_to"] else ("" if r["kind"] == "trainable" else r["kind"])
+                print(f"{r['name']:{width}s}  {shape:24s} {r['op']:12s} {r['where']}" + (f"  ({what})" if what else ""))
         else:
             _print_summary(summary, color=not args.no_color)
             if recipe is not None:
@@ -281,6 +293,19 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
     if args.command == "prune":
         return _prune(args, src, graph)
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _parameter_rows(graph) -> list[dict]:
+    """Every parameter of the unoptimised graph in node order: name, shape, dtype, op, where its layer is
+    written (file:line:col), kind (trainable, frozen or buffer), and the owner of a tied one."""
+    rows = []
+    for _, node in graph.nodes():
+        for p in node.params:
+            rows.append({"name": ".".join(node.path + (p.name,)), "shape": list(p.shape), "dtype": p.dtype,
+                         "op": node.op, "where": f"{node.span.file}:{node.span.line}:{node.span.col}",
+                         "kind": "buffer" if p.buffer else "frozen" if p.frozen else "trainable",
+                         "tied_to": p.tied_to})
+    return rows
 
 
 def _describe_recipe(recipe) -> str:

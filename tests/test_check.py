@@ -112,3 +112,25 @@ def test_prune_at_sizes_where_the_model_cannot_run_is_an_error(tmp_path, capsys)
     assert f"<--at>: error: at B=2, T=3 dimension 2 of the output of the conv1d at {spec}:11:7, T - 4, is -1: " \
            "the model does not run at these sizes" in err, err
     assert not out.exists()
+
+
+def test_check_params_lists_every_parameter_with_its_name_and_line(capsys):
+    """`specc check --params`: the names --weights, freeze: and groups: take, with shape, op, the line of
+    the layer, and what is tied (a shared repeat's steps), frozen or a buffer; --json too."""
+    from specc.backends.pytorch.weights import init_weights
+    from specc.cli import main
+
+    spec = str(ROOT / "specs/splatflow.yaml")
+    assert main(["check", spec, "--params"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [ln.split()[0] for ln in lines]
+    graph = specc.compile(spec)
+    assert set(init_weights(graph)) < set(names)  # the stored ones, and the tied ones besides
+    [convq] = [ln for ln in lines if ln.startswith("refine.2.convq.weight ")]
+    assert "f32[16, 48, 3, 3]" in convq and "conv2d" in convq and "(tied to refine.0.convq.weight)" in convq
+    assert f"{spec}:41:13" in convq
+    assert main(["check", str(ROOT / "specs/repvgg.yaml"), "--params", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["parameters"]
+    kinds = {r["name"]: r["kind"] for r in rows}
+    assert kinds["down.conv_bn.batch_norm.running_mean"] == "buffer"
+    assert kinds["down.conv_bn.batch_norm.weight"] == "trainable"
