@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .dims import Dim, Sym, div_exact, fmt, is_dim, product
+from .dims import Dim, Sym, div_exact, fmt, is_dim, product, symbols
 from .ir import FLOAT_DTYPES, INT_DTYPES, Init, TensorType
 from .registry import Arg, OpCall, OpError, op, param, uniform_fan_in
 
@@ -886,6 +886,12 @@ def floor_div(a: Dim, s: int) -> Dim | None:
     return Sym._norm(terms)
 
 
+def _half_name(n: Dim, stride: int) -> str:
+    """A name for n / stride in a hint: H -> Hq (H2 for a stride of 2), else S."""
+    syms = sorted(symbols(n))
+    return f"{syms[0]}{stride}" if len(syms) == 1 else "S"
+
+
 def window_out(x: TensorType, axis: int, k: int, stride: int, pad: int, dilation: int, op_name: str,
                stride_arg: str = "stride") -> Dim:
     """Output size of a sliding window along `axis`: floor((n + 2p - d(k-1) - 1) / s) + 1."""
@@ -896,7 +902,9 @@ def window_out(x: TensorType, axis: int, k: int, stride: int, pad: int, dilation
     if q is None:
         raise OpError(f"{op_name}: dimension {axis} of x {shape_str(x)} is the symbolic size {fmt(n)}; with "
                       f"stride {stride} the output size floor({fmt(span)} / {stride}) + 1 is not a polynomial "
-                      f"in it: give dimension {axis} a fixed size (or a multiple of {stride})", stride_arg)
+                      f"in it: give dimension {axis} a fixed size, or declare it as a multiple of {stride} "
+                      f"(e.g. {stride} * {_half_name(n, stride)} in the input's type: the size is then "
+                      f"{stride} times a symbol)", stride_arg)
     out = q + 1
     if isinstance(out, int) and out <= 0:
         what = f"kernel {k}" + (f" with dilation {dilation}" if dilation != 1 else "") + \

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import specc
 from specc.compiler.summary import summarize
-from opcheck import assert_error, close, flops_of, inputs64, load64, spec_text
+from opcheck import assert_error, close, flops_of, inputs64, load64, output_types, spec_text
 
 
 # Specs with a batch norm right after a conv are built at -O0: -O1 folds the two into one conv
@@ -128,7 +128,11 @@ def test_conv1d_over_a_symbolic_length():
 def test_conv_errors_are_located_and_name_the_shapes():
     assert_error(spec("x: 'f32[B, 4, T]'", "y = conv1d(x, 5, 3, stride=2)"), 6, 23,
                  "conv1d: dimension 2 of x f32[B, 4, T] is the symbolic size T; with stride 2 the output size "
-                 "floor((T - 3) / 2) + 1 is not a polynomial in it: give dimension 2 a fixed size (or a multiple of 2)")
+                 "floor((T - 3) / 2) + 1 is not a polynomial in it: give dimension 2 a fixed size, or declare it "
+                 "as a multiple of 2 (e.g. 2 * T2 in the input's type: the size is then 2 times a symbol)")
+    # ... and the way out it names works
+    assert output_types(spec("x: 'f32[B, 4, 2 * T2]'", "y = conv1d(x, 5, 3, stride=2)", dims="B: 2, T2: 4")) == \
+        ["f32[B, 5, (T2 - 1)]"]
     assert_error(spec("x: 'f32[B, 3, 16]'", "y = relu(conv2d(x, 8, 3))"), 6, 19,
                  "conv2d: expected x of layout [B, C, H, W] (rank 4), got f32[B, 3, 16] (rank 3)")
     assert_error(spec("x: 'f32[B, 4, 8, 8]'", "y = conv2d(x, 6, 3, groups=3)"), 6, 23,
