@@ -507,6 +507,7 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict, given:
         _tvm_lowerable(optimised, args.target, src)
         weights = materialise(optimised, given if given is not None else init_weights(graph))
         build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db,
+                      opt_level=ctx.opt_level,
                       tune_trials=args.tune)
     except PackageError as e:
         raise SpecError(Diagnostic(Span(e.path or src.file, 0, 0), f"target {args.target}: {e}")) from None

@@ -301,8 +301,9 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
     integers for a bool input must be 0 or 1, not cast), its rank and the sizes its type fixes
     (static axes, a dimension's bounds, the same size wherever a dimension recurs), its values
     (finite floats, integers within the input's range and dtype), and the sample count: the inputs whose
-    first axis is a dimension (B) hold the samples along it, the same number in each, at least one.
-    The others (no axes, or a static first axis) are taken whole."""
+    first axis is the batch dimension (B: the first axis of the most inputs) hold the samples along it,
+    the same number in each, at least one. The others (no axes, a static first axis, a mask [T, T]) are
+    taken whole."""
     import numpy as np
     import torch
 
@@ -349,8 +350,13 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
             fail(f"{described(name, v)}, but the input is {t}")
         given[name] = (v, t, want)
 
-    # the samples: along the first axis of the inputs whose first axis is a dimension of the spec
-    batched = [name for name, (v, t, _) in given.items() if t.rank and _symbol(t.shape[0]) in graph.dims]
+    # the samples: along the first axis of the inputs whose first axis is the batch dimension, the dimension
+    # that is the first axis of the most inputs and, of those, the other axes of the fewest (B; a mask
+    # [T, T] beside x [B, T, d] is taken whole)
+    firsts = [_symbol(t.shape[0]) for _, t, _ in given.values() if t.rank and _symbol(t.shape[0]) in graph.dims]
+    others = [_symbol(d) for _, t, _ in given.values() for d in t.shape[1:]]
+    batch = max(dict.fromkeys(firsts), key=lambda s: (firsts.count(s), -others.count(s))) if firsts else None
+    batched = [name for name, (v, t, _) in given.items() if t.rank and _symbol(t.shape[0]) == batch]
     counts = {name: given[name][0].shape[0] for name in batched}
     if len(set(counts.values())) > 1:
         fail("the calibration tensors hold different numbers of samples (their first axis): "

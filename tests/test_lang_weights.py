@@ -176,6 +176,11 @@ def test_cli_weights_for_the_tvm_target(tmp_path, capsys):
     assert (tvm_out.double() - want).abs().max() < 1e-5
     assert (seeded.double() - want).abs().max() > 1e-2  # the seeded build differs: the file was used
 
+    # a TVM build's weights.safetensors records its opt level too: -O1's (folded) is refused
+    code = main(["build", str(spec), "-o", str(tmp_path / "from_tvm"), "--weights", str(tmp_path / "v" / "weights.safetensors"),
+                 "--no-color"])
+    assert code == 2 and "holds the weights of an -O1 build" in capsys.readouterr().err
+
     bad = tmp_path / "bad.safetensors"
     save_file({"y.wieght": torch.zeros(5, 4)}, str(bad))
     code = main(["build", str(spec), "-o", str(tmp_path / "bad_out"), "--target", "tvm-llvm", "--weights", str(bad),

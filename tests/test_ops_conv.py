@@ -324,8 +324,8 @@ def test_pools_over_symbolic_sizes():
         close(model(x), F.max_pool1d(x, 2))
     assert_error(spec("x: 'f32[B, 4, T]'", "y = avg_pool1d(x, 2)"), 6, 21,
                  "avg_pool1d: dimension 2 of x f32[B, 4, T] is the symbolic size T; with stride 2 the output size "
-                 "floor((T - 2) / 2) + 1 is not a polynomial in it: give dimension 2 a fixed size (or a multiple "
-                 "of 2)")
+                 "floor((T - 2) / 2) + 1 is not a polynomial in it: give dimension 2 a fixed size, or declare it as "
+                 "a multiple of 2 (e.g. 2 * T2 in the input's type: the size is then 2 times a symbol)")
 
 
 def test_pool_errors():

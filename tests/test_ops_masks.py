@@ -313,6 +313,31 @@ def test_a_query_that_sees_no_key_gets_zeros_at_every_level_and_on_tvm(mask_type
     assert (y[1:].double() - want).abs().max() < 1e-5
 
 
+def test_tvm_masks_at_the_lowest_finite_value_and_bf16():
+    """A float mask at the lowest finite value (the Hugging Face convention) hides nothing from a row whose
+    every score it sets: the row averages its values, on TVM as in torch (only -inf rows are zeroed); a
+    bf16 masked attention builds (its lowest value through ml_dtypes)."""
+    pytest.importorskip("tvm")
+    from specc.backends.pytorch.weights import init_weights
+    from specc.backends.tvm.build import compile_graph
+
+    text = spec("x: 'f32[B, T, 8]', m: 'f32[B, 1, T]'", "y = attention(x, heads=2, mask=m)")
+    graph = specc.compile(text)
+    weights = init_weights(graph)
+    model = load64(text.replace("f32[", "f64["), 0)
+    model.load_state_dict({k: v.double() for k, v in weights.items()})
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(5))
+    m = torch.zeros(2, 1, 5)
+    m[0] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        want = model(x.double(), m.double())
+    got = compile_graph(graph, weights=weights)(x, m)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert not torch.allclose(want[0], model.y.o.bias.expand(5, -1))  # the row was not zeroed
+    bf16 = specc.compile(spec("x: 'bf16[B, T, 8]', m: 'bool[B, 1, T]'", "y = attention(x, heads=2, mask=m)"))
+    compile_graph(bf16)
+
+
 def test_attention_mask_errors():
     assert_error(spec("x: 'f32[B, T, 8]', m: 'bool[B, S, T]'", "y = attention(x, 2, mask=m)"), 6, 23,
                  "attention: the mask bool[B, S, T] does not broadcast to the scores [B, T, T] ([..., T, S]) of x "

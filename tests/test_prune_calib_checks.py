@@ -252,3 +252,33 @@ def test_nan_importances_are_an_error_not_a_ranking(tmp_path):
                     d_model=32, layers=1)
     assert "are NaN or infinite on the calibration batch" in str(e.value)
     assert not (tmp_path / "o").exists()
+
+
+MASKED = """\
+specc: 1
+name: pm
+dims:
+  T: {example: 6, max: 16}
+inputs:
+  m: bool[T, T]
+  x: f32[B, T, 16]
+graph: |
+  a = x + attention(x, heads=4, mask=m)
+  y = a + mlp(a, hidden=32)
+outputs:
+  y: f32[B, T, 16]
+"""
+
+
+def test_a_mask_without_the_batch_axis_is_taken_whole(tmp_path, capsys):
+    """The samples run along the batch dimension, the first axis of the most inputs (x [B, T, 16]); a mask
+    [T, T] (listed first here) is one tensor for them all, not a second count of samples."""
+    spec = tmp_path / "pm.yaml"
+    spec.write_text(MASKED)
+    gen = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=gen.normal(size=(20, 6, 16)).astype(np.float32),
+             m=np.tril(np.ones((6, 6), bool)))
+    code, out, err = prune_cli(capsys, [str(spec), "--calib", str(tmp_path / "cal.npz"), "--samples", "8"],
+                               tmp_path / "out")
+    assert code == 0, err
+    assert "cal.npz (first 8 of its 20 samples)" in out

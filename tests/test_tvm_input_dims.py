@@ -103,3 +103,25 @@ def test_tuned_static_copies_at_such_sizes(perturb, tmp_path):
     assert runner.last_function == "main__B1_Hq3_Wq2"
     runner(*model.example_inputs(B=1, Hq=4))
     assert runner.last_function == "main"
+
+
+def test_integer_inputs_out_of_range_are_refused_whatever_the_other_inputs():
+    """The value-range check of every integer input (ids index tables: out of range, a gather reads what
+    it finds), beside another input and with no symbolic sizes at all."""
+    for batch in ("B", "2"):
+        text = f"""\
+specc: 1
+name: ids
+inputs:
+  idx: i64[{batch}, 4] in range(10)
+  x: f32[{batch}, 4, 8]
+graph: |
+  y = embedding(idx, 10, 8) + x
+outputs:
+  y:
+"""
+        graph = specc.compile(text)
+        runner = compile_graph(graph, weights=init_weights(graph))
+        with pytest.raises(IndexError, match=r"input idx: values must lie in range\(0, 10\), got values from 0 to 50"):
+            runner(torch.tensor([[0, 1, 2, 50]] * 2), torch.zeros(2, 4, 8))
+        runner(torch.tensor([[0, 1, 2, 9]] * 2), torch.zeros(2, 4, 8))

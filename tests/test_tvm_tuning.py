@@ -198,6 +198,28 @@ def test_a_size_where_the_records_made_the_model_slower_builds_without_them(tune
         assert "builds use specc's schedules there" in str(report)
 
 
+def test_a_static_graph_where_the_records_made_it_slower_builds_without_any(tmp_path, monkeypatch):
+    """With static shapes `main` itself is the size tuned: where the check found the model slower with the
+    records, none applies to it (the build's tuned_kernels is empty), not only no static copy is made."""
+    from specc.backends.tvm import bench
+
+    graph = specc.compile(SPEC.format(name="static").replace("x: f32[B, d]", "x: f32[4, d]")
+                          .replace("y: f32[B, 32]", "y: f32[4, 32]").replace("dims:\n  B: 4\n", ""))
+    monkeypatch.setattr(bench, "interleaved", lambda fns, min_time, **_: {"tuned": 2.0, "scheduled": 1.0})
+    report = tune(graph, tmp_path, **(QUICK | dict(check_model=True)))
+    assert report.slower == ["main__"]
+    runner = compile_graph(graph, weights=init_weights(graph), tuning_db=tmp_path)
+    assert runner.manifest["tuned_kernels"] == [] and "specialised" not in runner.manifest
+    monkeypatch.setattr(bench, "interleaved", lambda fns, min_time, **_: {"tuned": 1.0, "scheduled": 2.0})
+    index = read_index(tmp_path)
+    for entry in index["graphs"].values():
+        for rec in entry["tuned"]:
+            rec.pop("use")
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    assert tune(graph, tmp_path, **(QUICK | dict(check_model=True))).slower == []
+    assert compile_graph(graph, weights=init_weights(graph), tuning_db=tmp_path).manifest["tuned_kernels"]
+
+
 @pytest.mark.skipif(os.environ.get("SPECC_SLOW") != "1", reason="tuning a model takes minutes: SPECC_SLOW=1")
 def test_tuned_gpt_is_not_slower(tmp_path):
     """gpt (d_model 64, 2 layers) at B=1, T=64: 16 trials per kernel; the tuned library is at most

@@ -232,12 +232,15 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
 
             mod = specialise(mod, dims, FUNC, shapes=input_shapes(graph))
             specialised = [{"function": spec_name(d), "dims": d} for d in dims]
-        database = open_database(tuning_db, graph, key=key)  # DatabaseError: a row MetaSchedule cannot read
+            database = open_database(tuning_db, graph, key=key)  # DatabaseError: a row MetaSchedule cannot read
     shared = bool(specialised)
     tuned = _TunedKernels()
+    # the records serve only where the graph was tuned and the model ran faster with them (tuning.py's
+    # model check): with no such size, none applies, not even to kernels of `main` that happen to be static
+    records = tuning_db if specialised else None
     with tgt, database:
         ex = tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, lift=lift, cpu_schedule=cpu_schedule,
-                                                           schedule=schedule, tuning_db=tuning_db, shared=shared,
+                                                           schedule=schedule, tuning_db=records, shared=shared,
                                                            tuned=tuned))
     man = manifest(graph, sig, tgt, lift)
     if specialised:
@@ -301,11 +304,13 @@ LIBRARY = "model_lib.so"
 
 def export(graph: Graph, weights: Mapping[str, Any], out_dir: str | Path,
            target: str | Mapping[str, Any] | Target = "llvm", *, lift: bool = True, schedule: str = "specc",
-           tuning_db: str | Path | None = None) -> Path:
+           tuning_db: str | Path | None = None, opt_level: int | None = None) -> Path:
     """Write LIBRARY (export_library), weights.safetensors, tvm_manifest.json and loader.py into out_dir.
 
     `loader.load(out_dir)` gives a Runner with the weights bound; it needs tvm and numpy only (the
-    TVM runtime: see tools/gpu_check.sh for loading without the compiler library).
+    TVM runtime: see tools/gpu_check.sh for loading without the compiler library). `opt_level`: the
+    specc opt level `graph` was optimised at, recorded in weights.safetensors as the torch target
+    records it (`--weights` takes only an -O0 build's).
     """
     from safetensors.torch import save_file
 
@@ -315,7 +320,8 @@ def export(graph: Graph, weights: Mapping[str, Any], out_dir: str | Path,
     man["library"] = LIBRARY
     man["weights"] = "weights.safetensors"
     ex.export_library(str(out / LIBRARY))
-    save_file({k: v.detach().contiguous().cpu() for k, v in sorted(weights.items())}, str(out / "weights.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in sorted(weights.items())}, str(out / "weights.safetensors"),
+              metadata=None if opt_level is None else {"specc_opt_level": str(opt_level)})
     (out / MANIFEST).write_text(json.dumps(man, indent=2) + "\n")
     shutil.copyfile(Path(__file__).with_name("runtime.py"), out / "loader.py")
     return out

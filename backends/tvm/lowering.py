@@ -156,6 +156,15 @@ def _cast(c: Ctx, x: relax.Expr, dtype: str) -> relax.Expr:
     return c.emit(R.astype(x, dtype))
 
 
+def _lowest(dtype: str) -> float:
+    """The lowest finite value of a float dtype (bfloat16 through ml_dtypes, which numpy's finfo refuses)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).min)
+    return float(np.finfo(np.dtype(dtype)).min)
+
+
 def _np_dtype(dtype: str):
     if dtype == "bfloat16":
         import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -391,13 +400,14 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
             att = c.emit(R.where(mask, att, c.const(float("-inf"))))
         else:
             att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
-        # a query that sees no key gets zeros (as torch's scaled_dot_product_attention): the hidden scores
-        # become the lowest finite value, so such a row's softmax is finite (uniform), and its output is
-        # scaled by `seen`, 0 for such a row, else 1: min(max(row max - lowest, 0), 1) (no bool tensor:
-        # dlight's CUDA code for a vectorised bool load did not compile)
-        lowest = c.const(float(np.finfo(_np_dtype(c.dtype)).min))
-        att = c.emit(R.maximum(att, lowest))
-        seen = c.emit(R.clip(c.emit(R.subtract(c.emit(R.max(att, axis=-1, keepdims=True)), lowest)), 0, 1))
+        # a query that sees no key (every score -inf) gets zeros, as torch's scaled_dot_product_attention
+        # gives: `seen` is 1 where a row has a score above -inf, else 0 (a float, not a bool tensor: dlight's
+        # CUDA code for a vectorised bool load did not compile); the scores are clamped to the lowest finite
+        # value first, so that such a row's softmax is finite, and its output is multiplied by `seen`. (A
+        # score of exactly the lowest finite value, the Hugging Face mask convention, is seen, as in torch.)
+        seen = c.emit(R.max(c.emit(R.astype(R.greater(att, c.const(float("-inf"))), c.dtype)), axis=-1,
+                            keepdims=True))
+        att = c.emit(R.maximum(att, c.const(_lowest(c.dtype))))
         y = c.emit(R.multiply(c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v)), seen))  # [*batch, h, T, dh]
     else:
         y = c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v))

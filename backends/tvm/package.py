@@ -114,7 +114,7 @@ def check_options(target: str, out: str | Path, tuning_db: str | Path | None, tu
 
 def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, target: str,
                   manifest: Mapping[str, Any], tuning_db: str | Path | None = None, tune_trials: int = 0,
-                  tune_dims: Any = None) -> Path:
+                  tune_dims: Any = None, opt_level: int | None = None) -> Path:
     """Compile `graph` (already optimised; `weights` its parameters) for `target` into `out`, atomically.
 
     With `tuning_db`, the database's records for this graph are used; with `tune_trials` > 0 too, the
@@ -145,7 +145,7 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
     except OSError as e:
         raise PackageError(f"cannot make the output folder: {e.strerror or e}", out) from None
     try:
-        export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db)
+        export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db, opt_level=opt_level)
         (tmp / "model.py").write_text(model_py(graph, target))
         (tmp / "manifest.json").write_text(json.dumps(dict(manifest, target=target), indent=2) + "\n")
         if out.exists():

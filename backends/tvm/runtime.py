@@ -214,6 +214,7 @@ class Runner:
                     where = next(f"input {spec['name']}: dimension {axis} ({_show(d)})"
                                  for spec in specs for axis, d in enumerate(spec["shape"]) if sym in _symbols_of(d))
                     raise ValueError(f"{where} gives {sym}={n}, outside [{lo}, {'inf' if hi is None else hi}]")
+        for x, spec in zip(args, specs):  # integer inputs in their declared range (ids index tables)
             vr = spec.get("value_range")
             if vr is not None and _numel(x):
                 lo, hi = int(x.min()), int(x.max())
