@@ -50,13 +50,22 @@ Generators (arguments with defaults; every one takes `n`, the number of samples)
   `tokens`/`targets`/`mask` [N, length + 2*spans + 1] (`mask`: the targets after the prefix),
   `prefix` [N] (the corrupted text and the separator: the bidirectional part of a prefix-LM),
   `original` [N, length].
+- `masked_lm(states=4, alphabet=8, length=32, min_length=8, mask_ratio=0.15)`: BERT's masked LM with
+  padding. Each sample is a random automaton's text (as automata(): symbols 0..alphabet-1, end of word
+  `alphabet`) cut to a seeded length in [min_length, length] and padded to `length` with PAD =
+  alphabet + 1; MASK = alphabet + 2, so the vocabulary is alphabet + 3 (`masked_lm_tokens()`). Of each
+  sample's L valid tokens, max(1, round(mask_ratio * L)) positions (a uniform random subset) are to be
+  predicted, and of those 80% read MASK in the input, 10% a random symbol in range(alphabet) (possibly
+  the original) and 10% the original (`MLM_SPLIT`). Fields [N, length]: `tokens` the input,
+  `targets` the uncorrupted ids (PAD on padding), `mask` the positions to predict (valid ones only, at
+  least one per sample), `valid` true where not padding (a prefix of each row).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -230,22 +239,31 @@ def _fa_fields(a):
     return _lm_fields(a["length"], a["alphabet"] + 1)
 
 
-def _fa_make(a, rng):
-    n, q, k, length = a["n"], a["states"], a["alphabet"], a["length"]
-    seqs = np.empty((n, length + 1), dtype=np.int64)
+def _fa_walks(rng: np.random.Generator, n: int, states: int, alphabet: int, length: int) -> np.ndarray:
+    """`n` token streams of `length` tokens [n, length] int64, each from a random finite automaton of its
+    own (`states` states over the symbols range(alphabet), each state allowing about half of them): words
+    of 2 to 8 symbols, each a random walk from state 0 followed by the end-of-word token `alphabet`. The
+    one source of automaton text, so that automata(), span_corruption() and masked_lm() draw alike."""
+    q, k = states, alphabet
+    seqs = np.empty((n, length), dtype=np.int64)
     for i in range(n):
         allowed = rng.random((q, k)) < 0.5
         allowed[np.arange(q), rng.integers(0, k, q)] = True  # every state has a way out
         nxt = rng.integers(0, q, (q, k))
         out: list[int] = []
-        while len(out) < length + 1:
+        while len(out) < length:
             state, words = 0, rng.integers(2, 9)
             for _ in range(words):
                 sym = rng.choice(np.flatnonzero(allowed[state]))
                 out.append(int(sym))
                 state = nxt[state, sym]
             out.append(k)
-        seqs[i] = out[:length + 1]
+        seqs[i] = out[:length]
+    return seqs
+
+
+def _fa_make(a, rng):
+    seqs = _fa_walks(rng, a["n"], a["states"], a["alphabet"], a["length"] + 1)
     tokens, targets = seqs[:, :-1], seqs[:, 1:]
     return {"tokens": tokens, "targets": targets, "mask": np.ones(targets.shape, bool)}
 
@@ -355,8 +373,7 @@ def _sc_make(a, rng):
     _sc_check(a)
     n, length, v, k = a["n"], a["length"], a["vocab"], a["spans"]
     if a["source"] == "automata":
-        walks = _fa_make({"n": n, "states": 4, "alphabet": v - 1, "length": length - 1}, rng)
-        original = np.concatenate([walks["tokens"], walks["targets"][:, -1:]], axis=1)
+        original = _fa_walks(rng, n, 4, v - 1, length)
     else:
         original = rng.integers(0, v, (n, length)).astype(np.int64)
     seqs = np.empty((n, length + 2 * k + 2), dtype=np.int64)
@@ -366,6 +383,71 @@ def _sc_make(a, rng):
     out = _lm(seqs, 1)
     out["mask"] = np.arange(seqs.shape[1] - 1)[None, :] >= prefix[:, None] - 1  # targets after the prefix
     return {**out, "prefix": prefix, "original": original}
+
+
+# --- masked language modelling with padding (BERT) ----------------------------------------
+
+class MaskedLMTokens(NamedTuple):
+    """The token ids of masked_lm() over symbols range(alphabet): end of word, padding, the mask token,
+    and the vocabulary size (alphabet + 3)."""
+
+    end: int
+    pad: int
+    mask: int
+    vocab: int
+
+
+def masked_lm_tokens(alphabet: int) -> MaskedLMTokens:
+    """masked_lm()'s special tokens: end of word `alphabet`, PAD `alphabet + 1`, MASK `alphabet + 2`."""
+    return MaskedLMTokens(alphabet, alphabet + 1, alphabet + 2, alphabet + 3)
+
+
+#: BERT's corruption of the positions to predict: the share replaced by MASK, by a random symbol, and
+#: left unchanged (MASK never occurs in fine-tuning inputs, so the model must keep a representation of
+#: every input token, not only of the MASK positions).
+MLM_SPLIT = (0.8, 0.1, 0.1)
+
+
+def masked_count(ratio: float, lengths):
+    """How many positions masked_lm() predicts in samples of `lengths` valid tokens: ratio * length rounded
+    half up, at least one (BERT's max(1, round(ratio * tokens))). Never more than the length (ratio <= 1)."""
+    return np.maximum(1, np.floor(ratio * np.asarray(lengths) + 0.5)).astype(np.int64)
+
+
+def _mlm_check(a):
+    if a["min_length"] > a["length"]:
+        raise ArgError("min_length", f"masked_lm(): 'min_length' ({a['min_length']}) exceeds 'length' "
+                                     f"({a['length']})")
+    if not 0.0 < a["mask_ratio"] <= 1.0:
+        raise ArgError("mask_ratio", f"masked_lm(): 'mask_ratio' must be in (0, 1] (the share of each "
+                                     f"sample's tokens to predict), got {a['mask_ratio']}")
+
+
+def _mlm_fields(a):
+    _mlm_check(a)
+    length, t = a["length"], masked_lm_tokens(a["alphabet"])
+    return {"tokens": ("i64", (length,), (0, t.vocab)), "targets": ("i64", (length,), (0, t.mask)),
+            "mask": ("bool", (length,), None), "valid": ("bool", (length,), None)}
+
+
+def _mlm_make(a, rng):
+    _mlm_check(a)
+    n, length, k = a["n"], a["length"], a["alphabet"]
+    t = masked_lm_tokens(k)
+    lengths = rng.integers(a["min_length"], length + 1, n)
+    valid = np.arange(length)[None, :] < lengths[:, None]  # padding is a suffix
+    targets = np.where(valid, _fa_walks(rng, n, a["states"], k, length), t.pad)
+    # a uniform random subset of masked_count() valid positions per sample: padding sorts last
+    order = np.argsort(np.where(valid, rng.random((n, length)), np.inf), axis=1)
+    mask = np.zeros((n, length), dtype=np.bool_)
+    np.put_along_axis(mask, order, np.arange(length)[None, :] < masked_count(a["mask_ratio"], lengths)[:, None],
+                      axis=1)
+    how = rng.random((n, length))
+    tokens = targets.copy()
+    tokens[mask & (how < MLM_SPLIT[0])] = t.mask
+    swap = mask & (how >= MLM_SPLIT[0]) & (how < MLM_SPLIT[0] + MLM_SPLIT[1])
+    tokens[swap] = rng.integers(0, k, int(swap.sum()))  # may draw the original symbol, as in BERT
+    return {"tokens": tokens.astype(np.int64), "targets": targets.astype(np.int64), "mask": mask, "valid": valid}
 
 
 # --- seasonal multivariate series ----------------------------------------------------------
@@ -554,6 +636,8 @@ GENERATORS: dict[str, Generator] = {g.name: g for g in [
     Generator("span_corruption", {"n": 4096, "length": 24, "vocab": 16, "spans": 3, "span_length": 3,
                                   "source": "random"}, _sc_fields, _sc_make,
               choices={"source": ("random", "automata")}, zero_ok=("spans",)),
+    Generator("masked_lm", {"n": 2048, "states": 4, "alphabet": 8, "length": 32, "min_length": 8,
+                            "mask_ratio": 0.15}, _mlm_fields, _mlm_make),
     Generator("two_moons", {"n": 2000, "rotation": 30.0, "noise": 0.1}, _tm_fields, _tm_make),
     Generator("flow_pairs", {"n": 2048, "height": 16, "width": 16, "channels": 3, "max_flow": 2.0}, _fp_fields,
               _fp_make, zero_ok=("max_flow",)),
