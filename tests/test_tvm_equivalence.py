@@ -171,6 +171,7 @@ OPS_TESTED_ELSEWHERE = frozenset({
     "parameter",  # and tests/test_ops_parameter.py (verify --target tvm-llvm)
     "warp", "splat", "correlation",  # tests/test_tvm_ops.py (test_flow_ops) and the splatflow case
     "omega_memory",  # tests/test_tvm_memory.py and the atlas case
+    "expand",  # tests/test_ops_expand.py (test_tvm)
 })
 
 

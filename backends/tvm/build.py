@@ -232,7 +232,7 @@ def build_module(graph: Graph, target: str | Mapping[str, Any] | Target = "llvm"
 
             mod = specialise(mod, dims, FUNC, shapes=input_shapes(graph))
             specialised = [{"function": spec_name(d), "dims": d} for d in dims]
-            database = open_database(tuning_db, graph, key=key)  # DatabaseError: a row MetaSchedule cannot read
+        database = open_database(tuning_db, graph, key=key)  # DatabaseError: a row MetaSchedule cannot read
     shared = bool(specialised)
     tuned = _TunedKernels()
     # the records serve only where the graph was tuned and the model ran faster with them (tuning.py's
