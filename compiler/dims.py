@@ -151,11 +151,16 @@ def product(dims) -> Dim:
     return out
 
 
+def symbol_name(d: object) -> str | None:
+    """The name of a dimension that is a single symbol (T), else None (an int, or an expression 2*T)."""
+    if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+        return d.terms[0][0][0]
+    return None
+
+
 def to_json(d: Dim) -> int | str | list:
     """A dimension as plain data (manifests, generated files): an int, a symbol's name, or a polynomial
     as [[coefficient, [symbols]], ...]."""
     if isinstance(d, Sym):
-        if len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-            return d.terms[0][0][0]
-        return [[c, list(m)] for m, c in d.terms]
+        return symbol_name(d) or [[c, list(m)] for m, c in d.terms]
     return d

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .dims import Dim, Sym, div_exact, fmt, is_dim, product, symbols
+from .dims import Dim, Sym, div_exact, fmt, is_dim, product, symbol_name, symbols
 from .ir import FLOAT_DTYPES, INT_DTYPES, Init, TensorType
 from .registry import Arg, OpCall, OpError, op, param, uniform_fan_in
 
@@ -113,10 +113,8 @@ def _arange(c: OpCall):
 
 
 def _max_of(d: Dim, c: OpCall) -> int | None:
-    if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-        lo_hi = c.bounds.get(d.terms[0][0][0])
-        return lo_hi[1] if lo_hi else None
-    return None
+    lo_hi = c.bounds.get(symbol_name(d)) if symbol_name(d) else None
+    return lo_hi[1] if lo_hi else None
 
 
 @op("cast", Arg("x", "tensor"), Arg("dtype", "dtype"), flops=elementwise_flops)

@@ -32,7 +32,7 @@ keeps 0.9987, 0.8 keeps 0.992, 0.6 falls to 0.10 (the paper's 2% at 0.6 is for B
 Calibration (`calib=`): "data": samples of the spec's train: data set (its training split, a seeded
 choice of `samples` of them, all of it when it holds fewer); "example": the spec's example inputs for
 seeds seed .. seed+3; or a .npz / .safetensors file holding one tensor per model input, samples along
-the first axis of the inputs whose first axis is a dimension such as B (the first `samples` are used, all
+the first axis of the inputs whose first axis is the batch dimension B (the first `samples` are used, all
 of them when it holds fewer; its tensors are checked against the inputs' types, shapes, ranges and for
 NaN / inf). The default is "data" when the spec has a train: section, else "example". The description
 printed and recorded in the manifest says how many samples were used. The cost is one forward pass of
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from specc.compiler.diagnostics import Diagnostic, Span, SpecError
-from specc.compiler.dims import Sym, evaluate
+from specc.compiler.dims import evaluate, symbol_name
 from specc.compiler.ir import DTYPES, Graph
 from specc.compiler.passes import PassContext
 from specc.compiler.passes.prune import Layer, PruneError, prunable_layers, prune_structure
@@ -353,10 +353,10 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
     # the samples: along the first axis of the inputs whose first axis is the batch dimension, the dimension
     # that is the first axis of the most inputs and, of those, the other axes of the fewest (B; a mask
     # [T, T] beside x [B, T, d] is taken whole)
-    firsts = [_symbol(t.shape[0]) for _, t, _ in given.values() if t.rank and _symbol(t.shape[0]) in graph.dims]
-    others = [_symbol(d) for _, t, _ in given.values() for d in t.shape[1:]]
+    firsts = [symbol_name(t.shape[0]) for _, t, _ in given.values() if t.rank and symbol_name(t.shape[0]) in graph.dims]
+    others = [symbol_name(d) for _, t, _ in given.values() for d in t.shape[1:]]
     batch = max(dict.fromkeys(firsts), key=lambda s: (firsts.count(s), -others.count(s))) if firsts else None
-    batched = [name for name, (v, t, _) in given.items() if t.rank and _symbol(t.shape[0]) == batch]
+    batched = [name for name, (v, t, _) in given.items() if t.rank and symbol_name(t.shape[0]) == batch]
     counts = {name: given[name][0].shape[0] for name in batched}
     if len(set(counts.values())) > 1:
         fail("the calibration tensors hold different numbers of samples (their first axis): "
@@ -367,14 +367,14 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
         fail(f"the calibration file holds no samples ({described(name, given[name][0])})")
     used = min(samples, held) if held is not None else None
 
-    bindings: dict[str, int] = {_symbol(given[name][1].shape[0]): used for name in batched}
+    bindings: dict[str, int] = {symbol_name(given[name][1].shape[0]): used for name in batched}
     bound_by: dict[str, str] = {}
     later = []
     for name, (v, t, _) in given.items():
         for axis, (d, size) in enumerate(zip(t.shape, v.shape)):
             if axis == 0 and name in batched:
                 continue
-            symbol = _symbol(d)
+            symbol = symbol_name(d)
             if isinstance(d, int):
                 if size != d:
                     fail(f"{described(name, v)}, but the input is {t}: axis {axis} must be {d}")
@@ -393,7 +393,7 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
             continue
         if size != expect:
             fail(f"{described(name, v)}, but the input is {t}: axis {axis} must be {expect}"
-                 + (f" ({d} as '{bound_by[_symbol(d)]}' has it)" if _symbol(d) in bound_by else f" ({d})"))
+                 + (f" ({d} as '{bound_by[symbol_name(d)]}' has it)" if symbol_name(d) in bound_by else f" ({d})"))
 
     args = []
     for name, nid in graph.inputs:
@@ -421,14 +421,6 @@ def _from_file(path: Path, graph: Graph, samples: int, where: Span):
                      f"holds (input {t})")
         args.append(v.to(want))
     return tuple(args), used, held
-
-
-def _symbol(d) -> str | None:
-    """The name of a dimension that is a single symbol (T), else None."""
-    if not isinstance(d, Sym) or len(d.symbols) != 1:
-        return None
-    name = next(iter(d.symbols))
-    return name if d == Sym.of(name) else None
 
 
 # -- importance ---------------------------------------------------------------------------------

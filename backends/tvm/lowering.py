@@ -48,7 +48,7 @@ from tvm.relax import op as R
 
 from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
-from specc.compiler.dims import Dim, Sym
+from specc.compiler.dims import Dim, Sym, symbol_name
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
 
 
@@ -1329,16 +1329,15 @@ class InputShapes:
 def input_shapes(graph: Graph) -> InputShapes:
     syms: dict[str, Any] = {}
     for _, nid in graph.inputs:  # plain symbols first: where a symbol is a whole dimension, it is a variable
-        for d in graph.node(nid).type.shape:
-            if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-                syms.setdefault(d.terms[0][0][0], tirx.Var(d.terms[0][0][0], "int64"))
+        for name in filter(None, map(symbol_name, graph.node(nid).type.shape)):
+            syms.setdefault(name, tirx.Var(name, "int64"))
     annotations: dict[int, list[Any]] = {}
     derived: dict[str, tuple[str, int, int]] = {}
     checked = set()
     for name, nid in graph.inputs:
         shape = []
         for axis, d in enumerate(graph.node(nid).type.shape):
-            if not isinstance(d, Sym) or isinstance(syms.get(str(d)), tirx.Var):
+            if not isinstance(d, Sym) or symbol_name(d):
                 shape.append(dim_expr(d, syms) if isinstance(d, Sym) else tirx.IntImm("int64", d))
                 continue
             v = tirx.Var(f"{_hint(name)}__{axis}", "int64")

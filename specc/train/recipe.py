@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
+from specc.compiler.dims import symbol_name
 from specc.compiler.ir import Graph
 from specc.dsl import ast as A
 from specc.dsl.diagnostics import Collector, Span, SpecError, did_you_mean
@@ -331,10 +332,10 @@ class _Checker:
             ty = inputs[name]
             if not ty.shape:
                 continue
-            batch.add(_symbol(ty.shape[0]))
+            batch.add(symbol_name(ty.shape[0]))
             for w, g in zip(ty.shape[1:], fields[source][1]):
-                if _symbol(w) is not None:
-                    bindings[_symbol(w)] = g
+                if symbol_name(w) is not None:
+                    bindings[symbol_name(w)] = g
         if len(batch) != 1 or None in batch:
             return
         symbol = batch.pop()
@@ -445,9 +446,9 @@ class _Checker:
         bindings: dict[str, int] = {}
         for name, source in feed.items():
             for w, g in zip(inputs[name].shape[1:], fields[source][1]):
-                if _symbol(w) is not None:
-                    bindings[_symbol(w)] = g
-        batch = {_symbol(inputs[n].shape[0]) for n in feed if inputs[n].shape}
+                if symbol_name(w) is not None:
+                    bindings[symbol_name(w)] = g
+        batch = {symbol_name(inputs[n].shape[0]) for n in feed if inputs[n].shape}
         dims = {k: v for k, v in bindings.items() if k not in batch}
         clock = Clock(max(1, self.t.steps or 1))
         fns = scalar_functions(clock)
@@ -509,7 +510,7 @@ class _Checker:
         from specc.compiler.dims import evaluate
 
         where = self.span("random", name)
-        first = _symbol(ty.shape[0]) if ty.shape else None
+        first = symbol_name(ty.shape[0]) if ty.shape else None
         if first is None or (batch and first not in batch):
             axis = "no axes" if not ty.shape else f"first axis {ty.shape[0]}"
             want = f" {next(iter(batch))}" if len(batch) == 1 and None not in batch else ""
@@ -552,7 +553,7 @@ class _Checker:
             if isinstance(w, int) and w != g:
                 self.errors.error(where, f"the input '{name}' is {ty}: axis {i + 1} is {w}, the field '{source}' "
                                          f"has {g}")
-            symbol = _symbol(w)
+            symbol = symbol_name(w)
             if symbol in self.graph.dims:
                 _, lo, hi = self.graph.dims[symbol]
                 if g < lo or (hi is not None and g > hi):
@@ -788,14 +789,6 @@ def _batch_dim(d: int, symbol: str) -> str:
     if d % BATCH == 0:
         return f"{d // BATCH} * {symbol}"
     return str(d)
-
-
-def _symbol(d: Any) -> str | None:
-    """The name of a dimension that is a single symbol (T), else None."""
-    terms = getattr(d, "terms", None)
-    if terms and len(terms) == 1 and terms[0][1] == 1 and len(terms[0][0]) == 1:
-        return terms[0][0][0]
-    return None
 
 
 def _plain_number(v: Any) -> bool:
