@@ -188,7 +188,8 @@ class Runner:
         self._weights, self._keep = tensors, keep
         return self
 
-    def _check(self, args: tuple) -> None:
+    def _check(self, args: tuple) -> dict[str, int]:
+        """Check the inputs against the manifest (ValueError, IndexError, TypeError); their symbolic sizes."""
         specs = self.manifest["inputs"]
         if len(args) != len(specs):
             raise TypeError(f"the model takes {len(specs)} input(s) ({', '.join(self.input_names)}), "
@@ -221,6 +222,7 @@ class Runner:
                 if lo < vr[0] or hi >= vr[1]:
                     raise IndexError(f"input {spec['name']}: values must lie in range({vr[0]}, {vr[1]}), "
                                      f"got values from {lo} to {hi}")
+        return dims
 
     def dims_of(self, args: tuple) -> dict[str, int]:
         """The sizes of the symbolic dimensions, read from the inputs' shapes: a symbol that is a whole
@@ -249,11 +251,10 @@ class Runner:
         """Run on the inputs (in input order); the VM's outputs as TVM tensors (a tuple for several)."""
         if self._weights is None:
             raise RuntimeError("no weights bound: call bind(weights) first")
-        self._check(args)
+        dims = self._check(args)
         ins = [_to_tvm(x, self.device) for x in args]
         fn, self.last_function = self._main, self.manifest["function"]
         if self._specialised:
-            dims = self.dims_of(args)
             for want, f in self._specialised:
                 if want == dims:
                     fn, self.last_function = f, _spec_name(want)

@@ -533,11 +533,12 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
                 cost_model=_cost_model() if strategy == "evolutionary" else "random")
         report.tuned = [t.task_name for t in todo]
         report.specc_kept = seed_with_specc_schedules(database, todo, tgt, measure_repeats)
-    unchecked = _record(db_dir, graph, tgt, dims_list, report, todo, tasks,
+    key = fingerprint(graph)  # (it lowers the graph: once for the index's two updates)
+    unchecked = _record(db_dir, graph, key, tgt, dims_list, report, todo, tasks,
                         recheck=bool(report.tuned or report.specc_kept))
     if check_model and unchecked:
         report.model = model_check(graph, db_dir, tgt, unchecked, check_seconds)
-        _record_check(db_dir, graph, tgt, report.model)
+        _record_check(db_dir, key, tgt, report.model)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -723,12 +724,12 @@ def _cost_model() -> str:
         return "random"
 
 
-def _record(db_dir: Path, graph: Graph, target: Target, dims_list: list[dict[str, int]], report: TuneReport,
-            todo: list[Any], tasks: list[Any], recheck: bool) -> list[dict[str, int]]:
+def _record(db_dir: Path, graph: Graph, key: str, target: Target, dims_list: list[dict[str, int]],
+            report: TuneReport, todo: list[Any], tasks: list[Any], recheck: bool) -> list[dict[str, int]]:
     """Add the graph, its sizes and its kernels to the index; returns the sizes whose model check is to be
     made: those never checked, or all of `dims_list` when `recheck` (records were added)."""
     index = read_index(db_dir)
-    entry = index["graphs"].setdefault(fingerprint(graph), {"name": graph.name, "tuned": []})
+    entry = index["graphs"].setdefault(key, {"name": graph.name, "tuned": []})
     unchecked = []
     for dims in dims_list:
         rec = _size_record(entry, dims, target)
@@ -760,10 +761,11 @@ def _size_record(entry: dict[str, Any], dims: Mapping[str, int], target: Target)
     return None
 
 
-def _record_check(db_dir: Path, graph: Graph, target: Target, model: Mapping[str, tuple[float, float]]) -> None:
-    """Mark each checked size "tuned" (the records serve builds there) or "scheduled" (they do not)."""
+def _record_check(db_dir: Path, key: str, target: Target, model: Mapping[str, tuple[float, float]]) -> None:
+    """Mark each checked size of the graph `key` "tuned" (the records serve builds there) or "scheduled"
+    (they do not)."""
     index = read_index(db_dir)
-    entry = index["graphs"][fingerprint(graph)]
+    entry = index["graphs"][key]
     for rec in entry["tuned"]:
         name = spec_name(rec["dims"])
         if name in model and rec.get("target_key") in (None, _target_key(target)):
@@ -807,7 +809,6 @@ def model_check(graph: Graph, db_dir: str | Path, target: Target, dims_list: lis
         times = interleaved({k: (lambda r=r: r(*inputs)) for k, r in runners.items()}, seconds / 2)
         out[spec_name(dims)] = (times["tuned"], times["scheduled"])
     return out
-
 
 
 def main(argv: list[str] | None = None) -> int:
