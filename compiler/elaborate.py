@@ -183,6 +183,9 @@ class Elaborator:
         self.shared_repeats: list[tuple[tuple[Frame, ...], str, Span, str | None, list[int]]] = []
         #: the step count of every repeat elaborated so far, by (frames outside it, its attribute)
         self.repeat_steps: dict[tuple[tuple[Frame, ...], str], int] = {}
+        #: the node ids of the values repeat(..., stack=true) returned (the concat of the steps, or the one
+        #: step's unsqueeze), which share=v may name whole or indexed
+        self.stacked: set[int] = set()
         self.layers: dict[tuple[str, ...], int] = {}  # module path of each layer with parameters -> node id
 
     # -- locations ---------------------------------------------------------------------------
@@ -1535,18 +1538,36 @@ class Elaborator:
                 parts = [self.make("concat", {"xs": parts}, {"dim": 0}, e.span, scope, target, {"xs": e.span})]
                 if parts[0] is POISON:
                     return POISON
+            self.stacked.add(parts[0].ref.node)
             out.append(parts[0])
         return out[0] if len(out) == 1 else tuple(out)
 
     def shared_source(self, v: "TV", n: int, scope: _Scope, span: Span) -> str | _Poison:
         """repeat(..., share=v): the attribute of the earlier repeat, in this scope, whose step computed v
         (its last step's value, as `g = repeat(...)` binds it); it must have run n steps."""
-        node = self.graph.node(v.ref.node)
+        nid = v.ref.node
+        node = self.graph.node(nid)
         k = len(scope.frames)
-        for _ in range(3):  # a stack=true repeat's values (and a step picked out of them) are made outside its steps
-            if node.scope == scope.frames and node.op in ("getitem", "concat", "unsqueeze") and node.inputs:
+        # a stack=true repeat's values (and a step picked out of them) are made outside its steps: from the
+        # stack (or an index of it) to step 0's value, through the concat and the unsqueeze of each step
+        if node.op == "getitem" and node.inputs and node.inputs[0].node in self.stacked:
+            nid = node.inputs[0].node
+            node = self.graph.node(nid)
+        if nid in self.stacked:
+            if node.op == "concat":
                 node = self.graph.node(node.inputs[0].node)
+            node = self.graph.node(node.inputs[0].node)
         frame = node.scope[k] if node.scope[:k] == scope.frames and len(node.scope) > k else None
+        if frame is None and node.scope == scope.frames and node.op in ("getitem", "concat", "unsqueeze") \
+                and node.inputs:
+            inner = self.graph.node(node.inputs[0].node)
+            if inner.scope[:k] == scope.frames and len(inner.scope) > k and inner.scope[k].index is not None:
+                name = inner.scope[k].name
+                what = {"getitem": "an index", "concat": "a concat", "unsqueeze": "an unsqueeze"}[node.op]
+                return self.fail(span, f"repeat(..., share=v): v is {what} of '{name}', which is the last step's "
+                                       f"value of a repeat; {what} of it picks no step (only the result of a "
+                                       f"repeat(..., stack=true) is indexed by step)",
+                                 f"write share={name} to reuse the layers of that repeat, step by step")
         if frame is None or frame.index is None or (scope.frames, frame.name) not in self.repeat_steps:
             return self.fail(span, "repeat(..., share=v): v must be a value computed inside an earlier repeat of "
                                    "this scope (its result, as `g = repeat(n, block, x)` binds it, stacked or not), "

@@ -418,3 +418,17 @@ def test_share_a_stacked_repeat():
                  "gs = repeat(n, plain, x, stack=true)\n  y = repeat(n, extra, x, z=gs[0], share=gs[-1])"):
         text = ACROSS.replace("  g = repeat(n, plain, x)\n", "").format(line=line)
         assert "@y.2.ffn {weight: f32[5, 5] = @gs.2.ffn.weight" in ir(text), line
+    one = ACROSS.replace("  g = repeat(n, plain, x)\n", "").replace("n: 3", "n: 1").format(
+        line="gs = repeat(n, plain, x, stack=true)\n  y = repeat(n, extra, x, z=gs[0], share=gs[0])")
+    assert "@y.0.ffn {weight: f32[5, 5] = @gs.0.ffn.weight" in ir(one)  # one step: the stack is an unsqueeze
+
+
+def test_share_an_index_of_a_plain_repeat_is_located():
+    """g = repeat(...) binds the last step's value: g[0] indexes its batch axis, not a step, so share=g[0]
+    (or another view of g) is an error that says to write share=g, not a silent share=g."""
+    for graph, what in (("y = repeat(n, plain, x, share=g[0])", "an index"),
+                        ("y = repeat(n, plain, x, share=g[:, 1:])", "an index"),
+                        ("y = repeat(n, plain, x, share=unsqueeze(g, 0))", "an unsqueeze")):
+        assert_error(ACROSS.format(line=graph), 24, 27,
+                     f"repeat(..., share=v): v is {what} of 'g', which is the last step's value of a repeat; {what} "
+                     f"of it picks no step (only the result of a repeat(..., stack=true) is indexed by step)")
