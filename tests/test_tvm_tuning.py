@@ -341,15 +341,27 @@ def test_a_build_reads_only_the_rows_of_its_graph(tuned, tmp_path):
 def test_tuning_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch, workers):
     """MetaSchedule exports every candidate into a fresh temporary directory that it never removes;
     a tuning run must leave the system's temporary directory as it found it, with either kind of
-    worker (the popen workers find it through TMPDIR)."""
+    worker, without pointing the process's TMPDIR or `tempfile.tempdir` elsewhere while it runs
+    (other threads of the process keep their temporary directory)."""
     import tempfile
+
+    import tvm.s_tir.meta_schedule as ms
 
     system_tmp = tmp_path / "system_tmp"
     system_tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(system_tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    during = []
+    real = ms.tune.tune_tasks
+
+    def tune_tasks(**kwargs):
+        during.append((os.environ["TMPDIR"], tempfile.tempdir, tempfile.gettempdir()))
+        return real(**kwargs)
+
+    monkeypatch.setattr(ms.tune, "tune_tasks", tune_tasks)
     graph = specc.compile(SPEC.format(name="tune_tmp"))
     report = tune(graph, tmp_path / "db", dims={"B": 4}, workers=workers, **QUICK)
     assert report.tuned, "nothing was tuned, so nothing was built"
+    assert during == [(str(system_tmp),) * 3]
     assert sorted(p.name for p in system_tmp.iterdir()) == []
     assert os.environ["TMPDIR"] == str(system_tmp) and tempfile.tempdir == str(system_tmp)

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import tvm
 from tvm import relax, tirx
@@ -516,15 +516,16 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
             for h in unnamed:
                 ms_logger.addHandler(h)
         evaluator = ms.runner.EvaluatorConfig(number=measure_repeats, repeat=1, min_repeat_ms=20)
-        if workers == "inprocess":
-            builder, runner = in_process_workers(evaluator)
-        elif workers == "popen":
-            builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec)
-            runner = ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator,
-                                           f_alloc_argument=alloc_arguments)
-        else:
-            raise ValueError(f"workers must be 'inprocess' or 'popen', not {workers!r}")
-        with scratch_tempdir():
+        with scratch_tempdir() as scratch:
+            export = exporter(scratch)
+            if workers == "inprocess":
+                builder, runner = in_process_workers(evaluator, export)
+            elif workers == "popen":
+                builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec, f_export=export)
+                runner = ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator,
+                                               f_alloc_argument=alloc_arguments)
+            else:
+                raise ValueError(f"workers must be 'inprocess' or 'popen', not {workers!r}")
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights_, work_dir=work_dir,
                 max_trials_global=trials * len(contexts), max_trials_per_task=trials,
@@ -545,24 +546,34 @@ def tune(graph: Graph, db_dir: str | Path, trials: int = 64, *, dims: Any = None
 
 @contextlib.contextmanager
 def scratch_tempdir():
-    """A private temporary directory for the duration of a tuning run, removed after it.
-
-    MetaSchedule's builders export every candidate into a fresh `tempfile.mkdtemp()` directory and
-    nothing removes it (its runner's default cleanup does nothing): tens of kilobytes per trial left
-    in the system's temporary directory. Here `tempfile` (this process) and TMPDIR (the worker
-    processes that LocalBuilder starts) point into one directory that goes away with the run."""
+    """A private directory for the candidates of a tuning run, removed after it (see `exporter`)."""
     scratch = tempfile.mkdtemp(prefix="specc-tune-")
-    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = scratch, scratch
     try:
         yield Path(scratch)
     finally:
-        tempfile.tempdir = saved_dir
-        if saved_env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved_env
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def exporter(scratch: Path) -> Callable[[Any], str]:
+    """MetaSchedule's f_export for a tuning run: each candidate exported as a tar into its own directory
+    under `scratch`. MetaSchedule's default exports into a fresh `tempfile.mkdtemp()` directory that
+    nothing removes (its runner's default cleanup does nothing): tens of kilobytes per trial left in
+    the system's temporary directory. The function is a closure with its imports inside, so that
+    cloudpickle sends it by value to LocalBuilder's worker processes, which need not import specc;
+    neither TMPDIR nor `tempfile.tempdir` changes, so the rest of the process is not affected."""
+    where = str(scratch)
+
+    def export(mod: Any) -> str:
+        import os as os_
+        import tempfile as tempfile_
+
+        from tvm.support.tar import tar
+
+        path = os_.path.join(tempfile_.mkdtemp(dir=where), "tvm_tmp_mod." + tar.output_format)
+        mod.export_library(path, fcompile=tar)
+        return path
+
+    return export
 
 
 def alloc_arguments(device: Any, args_info: list, alloc_repeat: int) -> list:
@@ -585,7 +596,7 @@ def alloc_arguments(device: Any, args_info: list, alloc_repeat: int) -> list:
     return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
-def in_process_workers(evaluator_config: Any):
+def in_process_workers(evaluator_config: Any, export: Callable[[Any], str]):
     """A MetaSchedule builder and runner that work in this process.
 
     MetaSchedule's LocalBuilder starts fresh worker processes for every batch of candidates (to
@@ -594,7 +605,7 @@ def in_process_workers(evaluator_config: Any):
     compiler would take the tuning process with it (none did in our runs).
     """
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
     from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerResult
     from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
     from tvm.ir.utils import derived_object
@@ -605,7 +616,7 @@ def in_process_workers(evaluator_config: Any):
             out = []
             for bi in build_inputs:
                 try:
-                    out.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                    out.append(BuilderResult(export(default_build(bi.mod, bi.target, None)), None))
                 except Exception as e:  # noqa: BLE001 - reported to the tuner as a failed candidate
                     out.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
             return out
