@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     c = spec_cmd("check", "Parse and check a spec; print outputs, parameters and FLOPs.")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("--params", action="store_true",
-                   help="list every parameter: its name (as --weights, freeze: and groups: take it), shape, dtype "
-                        "and the spec line of its layer")
+                   help="list every parameter: its name (as --weights, freeze: and groups: take it), shape, dtype, "
+                        "the spec line of its layer and the stored parameter a tied one is tied to (which a "
+                        "recipe's freeze: and groups: select by either name)")
     i = spec_cmd("ir", "Print the typed IR, one node per line (optimised with -O1/-O2).")
     pass_options(i, 0)
     b = spec_cmd("build", "Build a standalone PyTorch module with initialised weights.")

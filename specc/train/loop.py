@@ -172,7 +172,8 @@ def weight_names(graph: Graph, recipe: Recipe | None = None) -> list[str]:
 def _group_of(model: torch.nn.Module, recipe: Recipe) -> list[tuple[torch.nn.Parameter, int | None]]:
     """Every trainable parameter, in the model's order, with the index of the first group of the recipe
     whose patterns match its name (None: no group)."""
-    return [(p, group_index(name, recipe.groups)) for name, p in model.named_parameters() if p.requires_grad]
+    return [(p, group_index(name, recipe.groups, recipe.tied)) for name, p in model.named_parameters()
+            if p.requires_grad]
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

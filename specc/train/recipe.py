@@ -77,6 +77,7 @@ class Recipe:
     group_clips: tuple[float | None, ...] = ()  # per entry of `groups`: its own gradient-norm clip
     group_spans: tuple[Span, ...] = ()  # per entry of `groups`: where it is (torch's checks of its arguments)
     group_key_spans: tuple[dict[str, Span], ...] = ()  # per entry of `groups`: where each argument's key is
+    tied: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stored parameter -> the names tied to it
 
     @property
     def ordered(self) -> bool:
@@ -92,11 +93,78 @@ def optimizers() -> dict[str, type]:
             and name.lower() not in UNSUPPORTED}
 
 
-def group_index(name: str, groups: list[tuple[list[str], dict[str, Any]]]) -> int | None:
+def group_index(name: str, groups: list[tuple[list[str], dict[str, Any]]],
+                tied: Mapping[str, tuple[str, ...]] | None = None) -> int | None:
     """The index of the first of a recipe's `groups` (patterns, optimizer arguments) whose patterns match
-    the parameter `name`, which holds it (None: no group does)."""
-    return next((i for i, (patterns, _) in enumerate(groups) if any(fnmatch.fnmatchcase(name, p) for p in patterns)),
-                None)
+    the parameter `name`, which holds it (None: no group does). A stored parameter is also matched by the
+    names tied to it (`tied`, `tied_names`): a later step of a shared repeat names step 0's tensor. (That a
+    pattern matching some of those names matches all of them is `select`'s check, at `specc check`.)"""
+    names = (name, *(tied or {}).get(name, ()))
+    return next((i for i, (patterns, _) in enumerate(groups)
+                 if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)), None)
+
+
+def tied_names(graph: Graph) -> dict[str, tuple[str, ...]]:
+    """Stored parameter -> the names of the parameters tied to it, in graph order: `tie=`, `share=`, the
+    later steps of `repeat(..., share=true)` and the steps of `repeat(..., share=g)`. The IR's `tied_to`,
+    which names the owner itself (never a tied parameter), as `specc check --params` prints it."""
+    out: dict[str, list[str]] = {}
+    for _, n in graph.nodes():
+        for p in n.params:
+            if p.tied_to is not None:
+                out.setdefault(p.tied_to, []).append(".".join(n.path + (p.name,)))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one `freeze:` or `groups:` pattern selects among the stored parameters (`select`)."""
+
+    hits: list[str]  # stored names: matched themselves, or through every name tied to them
+    partial: list[tuple[str, list[str]]]  # stored name, the names tied to it the pattern matches (not all)
+
+
+def select(pattern: str, names, tied: Mapping[str, tuple[str, ...]]) -> Selection:
+    """The stored parameters (`names`) a pattern selects. A tied parameter is its owner's tensor, so a
+    pattern naming it selects the owner, but only when it names every name tied to it (or the owner's
+    own): a pattern naming step 2 of a shared repeat's steps 1 to 3 makes a choice of steps that one
+    tensor cannot follow (`partial`, an error of the caller's)."""
+    hits, partial = [], []
+    for s in names:
+        if fnmatch.fnmatchcase(s, pattern):
+            hits.append(s)
+            continue
+        aliases = tied.get(s, ())
+        matched = [a for a in aliases if fnmatch.fnmatchcase(a, pattern)]
+        if matched and len(matched) == len(aliases):
+            hits.append(s)
+        elif matched:
+            partial.append((s, matched))
+    return Selection(hits, partial)
+
+
+def _listed(names, limit: int = 4) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def partial_tie_message(key: str, pattern: str, partial: list[tuple[str, list[str]]],
+                        tied: Mapping[str, tuple[str, ...]]) -> tuple[str, str]:
+    """The error (and hint) for a `freeze:` or `groups:` pattern that names some, not all, of the names of
+    one tied tensor: it cannot be frozen, or given optimizer arguments, for those names alone."""
+    stored, matched = partial[0]
+    others = [a for a in tied[stored] if a not in matched]
+    what = "freezing it freezes" if key == "freeze" else "the group's arguments apply to"
+    more = f" ({len(partial) - 1} more tied parameter{'s' if len(partial) > 2 else ''} alike)" if len(partial) > 1 \
+        else ""
+    message = (f"{key}: '{pattern}' matches {_listed(matched)}, tied to {stored}: the same tensor as "
+               f"{_listed(others)}, so {what} every one of them, not only the "
+               f"name{'s' if len(matched) > 1 else ''} the pattern matches{more}")
+    verb = "freeze it" if key == "freeze" else "put it in this group"
+    hint = (f"to {verb}, name {stored} (the stored name, which selects every name tied to it) or a pattern "
+            f"that matches all its names; a tied parameter has no per-step or per-layer copy")
+    return message, hint
 
 
 def optimizer_arguments(cls: type) -> set[str]:
@@ -168,6 +236,7 @@ class _Checker:
         self.fields_known = True
         self.optimizer_span: Span | None = None
         self.peft_graph: Graph | None = None  # the graph with the recipe's adapters and prefixes (peft())
+        self.tied = tied_names(graph)  # stored parameter -> the names tied to it (freeze: and groups: take both)
 
     # -- helpers -------------------------------------------------------------------------------
     def span(self, *path) -> Span:
@@ -274,7 +343,7 @@ class _Checker:
                       group_clips=tuple(g.clip for g in t.groups),
                       group_spans=tuple(self.span("groups", i) for i in range(len(t.groups))),
                       group_key_spans=tuple({k: self.key_span("groups", i, k) for k in opts} for i, (_, opts)
-                                            in enumerate(groups)))
+                                            in enumerate(groups)), tied=self.tied)
 
     def data(self) -> tuple[D.Generator | None, dict[str, Any], dict[str, D.FieldType], dict[str, Span]]:
         t = self.t
@@ -608,10 +677,13 @@ class _Checker:
         for i, g in enumerate(self.t.groups):
             patterns = [g.params] if isinstance(g.params, str) else list(g.params)
             for j, p in enumerate(patterns):
-                if not fnmatch.filter(names, p):
-                    path = ("groups", i, "params") + ((j,) if not isinstance(g.params, str) else ())
+                path = ("groups", i, "params") + ((j,) if not isinstance(g.params, str) else ())
+                chosen = select(p, names, self.tied)
+                if chosen.partial:
+                    self.errors.error(self.span(*path), *partial_tie_message("groups", p, chosen.partial, self.tied))
+                elif not chosen.hits:
                     self.errors.error(self.span(*path), f"groups: '{p}' matches no parameter",
-                                      _close_params(p, names))
+                                      _close_params(p, names, self.tied))
             extra = dict(g.model_extra or {})
             for k, v in extra.items():
                 if opt and k not in allowed:
@@ -651,12 +723,13 @@ class _Checker:
         itself (`{params: "*.bias", weight_decay: 0}`) may stay when one is added; only its clip is an error."""
         if trained is None:
             return
-        every = set(parameter_names(self.graph)) | set(trained)
+        every = self.every_name(set(parameter_names(self.graph)) | set(trained))
         lines = [self.span("groups", i).line for i in range(len(groups))]
         for i, (patterns, args) in enumerate(groups):
             if not all(fnmatch.filter(every, p) for p in patterns):
                 continue  # a pattern that matches no parameter is an error of its own
-            owners = [group_index(n, groups) for n in trained if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            mine = [n for n in trained if group_index(n, [(patterns, {})], self.tied) is not None]
+            owners = [group_index(n, groups, self.tied) for n in mine]
             if i in owners:
                 continue
             if wholesale and not owners and self.t.groups[i].clip is None:
@@ -665,6 +738,10 @@ class _Checker:
             why = (f"the trainable ones it matches belong to the group{'s' if len(earlier) > 1 else ''} on "
                    f"line{'s' if len(earlier) > 1 else ''} {', '.join(map(str, earlier))}" if earlier
                    else "every parameter it matches is frozen")
+            via = [(a, n) for n in mine if group_index(n, [(patterns, {})]) is None
+                   for a in self.tied.get(n, ()) if any(fnmatch.fnmatchcase(a, p) for p in patterns)]
+            if earlier and via:  # matched through a tied name: say that it is the other group's tensor
+                why += f" ({via[0][0]} is tied to {via[0][1]}: the same tensor)"
             rule = "each parameter belongs to the first group that matches it; frozen ones to none"
             if self.t.groups[i].clip is not None:
                 self.errors.error(self.key_span("groups", i, "clip"),
@@ -697,15 +774,23 @@ class _Checker:
                 self.errors.error(self.span(*path), f"train.{'.'.join(map(str, path))}: expected a number, got "
                                                     f"{str(value).lower()}")
 
+    def every_name(self, names) -> set[str]:
+        """`names` and the names tied to them: every name a pattern may match."""
+        return set(names) | {a for n in names for a in self.tied.get(n, ())}
+
     def frozen(self) -> frozenset[str]:
+        """The stored parameters the recipe's `freeze:` patterns select (`select`: a tied name selects the
+        tensor it is tied to; naming some of its names only is an error)."""
         names = parameter_names(self.graph)
         out: set[str] = set()
         for i, p in enumerate(self.t.freeze):
-            hits = fnmatch.filter(names, p)
-            if not hits:
+            chosen = select(p, names, self.tied)
+            if chosen.partial:
+                self.errors.error(self.span("freeze", i), *partial_tie_message("freeze", p, chosen.partial, self.tied))
+            elif not chosen.hits:
                 self.errors.error(self.span("freeze", i), f"freeze: '{p}' matches no parameter",
-                                  _close_params(p, names))
-            out.update(hits)
+                                  _close_params(p, names, self.tied))
+            out.update(chosen.hits)
         return frozenset(out)
 
 
@@ -809,8 +894,10 @@ def _close_layers(pattern: str, names, what: str) -> str:
     return f"close names: {', '.join(close)}" if close else f"layers: {', '.join(sorted(names)[:10])}"
 
 
-def _close_params(pattern: str, names) -> str:
+def _close_params(pattern: str, names, tied: Mapping[str, tuple[str, ...]] | None = None) -> str:
+    """Close names among `names` and the names tied to them, else the first (stored) names."""
     import difflib
 
-    close = difflib.get_close_matches(pattern, sorted(names), n=3, cutoff=0.4)
+    every = set(names) | {a for n in names for a in (tied or {}).get(n, ())}
+    close = difflib.get_close_matches(pattern, sorted(every), n=3, cutoff=0.4)
     return f"close names: {', '.join(close)}" if close else f"parameters: {', '.join(sorted(names)[:10])}"
