@@ -267,11 +267,25 @@ def _one_hot(c: OpCall):
     return T("f32", ids.shape + (num,))
 
 
+def _norm_axis(c: OpCall, name: str) -> int:
+    """The normalised axis of a layer_norm / rms_norm call, checked: a float tensor of rank >= 1 and a
+    `dim` in range for it (a located error at `dim` otherwise)."""
+    x = c.t("x")
+    need_float(x, name)
+    need_rank(x, 1, name)
+    return norm_axis(c.a("dim"), x.rank, name)
+
+
 def _norm_params(name: str, with_bias: bool):
     def params(c: OpCall):
         if not c.a("affine"):
             return []
-        d = fixed_width(c.t("x").shape[-1], name, "normalised width (last dimension of x)")
+        x = c.t("x")
+        axis = _norm_axis(c, name)
+        if axis == x.rank - 1:
+            d = fixed_width(x.shape[-1], name, "normalised width (last dimension of x)")
+        else:
+            d = fixed_width(x.shape[axis], name, f"normalised width (dimension {axis} of x)", "dim")
         ps = [param("weight", (d,), Init("ones"), op=name)]
         if with_bias and c.a("bias"):
             ps.append(param("bias", (d,), Init("zeros"), op=name))
@@ -281,24 +295,31 @@ def _norm_params(name: str, with_bias: bool):
 
 
 @op("layer_norm", Arg("x", "tensor"), Arg("eps", "float", 1e-5), Arg("affine", "bool", True),
-    Arg("bias", "bool", True), params=_norm_params("layer_norm", True),
+    Arg("bias", "bool", True), Arg("dim", "axis", -1), params=_norm_params("layer_norm", True),
     flops=lambda c, o: 5 * numel(o[0]), category="layer")
 def _layer_norm(c: OpCall):
-    """layer_norm(x, eps=1e-5, affine=true, bias=true): normalise over the last dimension."""
-    x = c.t("x")
-    need_float(x, "layer_norm")
-    need_rank(x, 1, "layer_norm")
-    return x
+    """layer_norm(x, eps=1e-5, affine=true, bias=true, dim=-1): normalise over one dimension (default the last).
+
+    (x - mean) / sqrt(var + eps) * weight + bias, the mean and the biased variance taken over dimension
+    `dim` of x for each position of the others; weight and bias have the size of that dimension.
+    dim names a single dimension (negative counts from the end): dim=1 on [B, C, H, W] is ConvNeXt's
+    channels-first LayerNorm, each pixel normalised over its C channels.
+    """
+    _norm_axis(c, "layer_norm")
+    return c.t("x")
 
 
 @op("rms_norm", Arg("x", "tensor"), Arg("eps", "float", 1e-6), Arg("affine", "bool", True),
-    params=_norm_params("rms_norm", False), flops=lambda c, o: 4 * numel(o[0]), category="layer")
+    Arg("dim", "axis", -1), params=_norm_params("rms_norm", False), flops=lambda c, o: 4 * numel(o[0]),
+    category="layer")
 def _rms_norm(c: OpCall):
-    """rms_norm(x, eps=1e-6, affine=true): x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
-    x = c.t("x")
-    need_float(x, "rms_norm")
-    need_rank(x, 1, "rms_norm")
-    return x
+    """rms_norm(x, eps=1e-6, affine=true, dim=-1): x / sqrt(mean(x^2) + eps) * weight over one dimension.
+
+    The mean is taken over dimension `dim` of x (default the last; a single dimension, negative counts
+    from the end), and weight has the size of that dimension.
+    """
+    _norm_axis(c, "rms_norm")
+    return c.t("x")
 
 
 @op("dropout", Arg("x", "tensor"), Arg("p", "float", 0.1), flops=lambda c, o: 0, category="layer")

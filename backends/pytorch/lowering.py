@@ -213,24 +213,43 @@ def _arange(c: Ctx, xs: list[Expr]) -> Expr:
     return call(f"torch.arange({c.dim(c.a('n'))}, dtype={c.dtype(c.a('dtype'))}, device={c.device})")
 
 
+def _norm_dim(c: Ctx) -> int | None:
+    """The dimension a layer_norm / rms_norm normalises over, as written (e.g. 1 or -3), or None for the
+    last one (nn.LayerNorm's and nn.RMSNorm's own)."""
+    dim, rank = c.a("dim"), c.node.outputs[0].rank
+    return None if dim is None or dim % rank == rank - 1 else dim
+
+
+def _norm_width(c: Ctx, ins: InTypes) -> int:
+    """The size of the normalised dimension: the width of the norm's weight."""
+    return ins[0].shape[-1 if _norm_dim(c) is None else _norm_dim(c)]
+
+
 def _layer_norm_init(c: Ctx, ins: InTypes) -> str:
-    d = ins[0].shape[-1]
-    return (f"nn.LayerNorm({d}, eps={lit(c.a('eps'))}"
+    return (f"nn.LayerNorm({_norm_width(c, ins)}, eps={lit(c.a('eps'))}"
             + (", bias=False" if not c.a("bias") else "") + ")")
 
 
-def _layer_norm(c: Ctx, xs: list[Expr]) -> Expr:
+def _norm_call(c: Ctx, xs: list[Expr], fn: str) -> Expr:
+    """A layer_norm / rms_norm: the module (affine) or F.<fn> over the last dimension; over another
+    dimension, the same on x with that dimension moved last, and moved back after
+    (`self.norm(x.movedim(1, -1)).movedim(-1, 1)`: ConvNeXt's channels-first LayerNorm)."""
+    dim = _norm_dim(c)
+    x = xs[0].text if dim is None else f"{xs[0].at(ATOM)}.movedim({dim}, -1)"
     if c.a("affine"):
-        return call(f"{c.module}({xs[0].text})")
-    d = c.node.outputs[0].shape[-1]
-    return call(f"F.layer_norm({xs[0].text}, ({c.dim(d)},), eps={lit(c.a('eps'))})")
+        text = f"{c.module}({x})"
+    else:
+        d = c.node.outputs[0].shape[-1 if dim is None else dim]
+        text = f"F.{fn}({x}, ({c.dim(d)},), eps={lit(c.a('eps'))})"
+    return call(text if dim is None else f"{text}.movedim(-1, {dim})")
+
+
+def _layer_norm(c: Ctx, xs: list[Expr]) -> Expr:
+    return _norm_call(c, xs, "layer_norm")
 
 
 def _rms_norm(c: Ctx, xs: list[Expr]) -> Expr:
-    if c.a("affine"):
-        return call(f"{c.module}({xs[0].text})")
-    d = c.node.outputs[0].shape[-1]
-    return call(f"F.rms_norm({xs[0].text}, ({c.dim(d)},), eps={lit(c.a('eps'))})")
+    return _norm_call(c, xs, "rms_norm")
 
 
 def _compare(symbol: str):
@@ -428,7 +447,7 @@ LOWERINGS: dict[str, Lowering] = {
     "one_hot": Lowering(lambda c, xs: call(f"F.one_hot({c.as_index(0, xs[0])}, {c.a('num')}).to({c.dtype('f32')})")),
     "embedding": Lowering(lambda c, xs: call(f"{c.module}({c.as_index(0, xs[0], ('i64', 'i32'))})"), lambda c, ins: f"nn.Embedding({c.a('num')}, {c.a('dim')})"),
     "layer_norm": Lowering(_layer_norm, lambda c, ins: _layer_norm_init(c, ins) if c.a("affine") else ""),
-    "rms_norm": Lowering(_rms_norm, lambda c, ins: f"nn.RMSNorm({ins[0].shape[-1]}, eps={lit(c.a('eps'))})"
+    "rms_norm": Lowering(_rms_norm, lambda c, ins: f"nn.RMSNorm({_norm_width(c, ins)}, eps={lit(c.a('eps'))})"
                          if c.a("affine") else ""),
     "dropout": Lowering(lambda c, xs: call(f"F.dropout({xs[0].text}, p={lit(c.a('p'))}, training=self.training)")),
     "attention": Lowering(_attention_call, _attention_init, ("MultiHeadAttention",)),

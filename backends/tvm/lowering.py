@@ -275,12 +275,44 @@ def _embedding(c: Ctx, xs: list) -> relax.Expr:
     return R.take(c.weight("weight"), xs[0], axis=0, mode="clip")
 
 
-def _ones(c: Ctx, n: int) -> tvm.ir.expr.Constant:
+def _ones(c: Ctx, n: Dim) -> relax.Expr:
+    """A norm's unit gain of width n (a symbolic width, for a norm without parameters, too)."""
+    if not isinstance(n, int):
+        return c.emit(R.ones(c.shape([n]), c.dtype))
     return relax.const(np.ones((n,), _np_dtype(c.dtype)), c.dtype)
 
 
-def _zeros(c: Ctx, n: int) -> tvm.ir.expr.Constant:
+def _zeros(c: Ctx, n: Dim) -> relax.Expr:
+    if not isinstance(n, int):
+        return c.emit(R.zeros(c.shape([n]), c.dtype))
     return relax.const(np.zeros((n,), _np_dtype(c.dtype)), c.dtype)
+
+
+def _norm_axis(c: Ctx) -> int:
+    """The axis a layer_norm / rms_norm normalises over (its dim=): -1 for the last one (the Relax of
+    every norm without dim= stays as it was), else counted from the front."""
+    rank = c.out.rank
+    axis = c.a("dim", -1) % rank
+    return -1 if axis == rank - 1 else axis
+
+
+def _moved_last(c: Ctx, x: relax.Expr, axis: int) -> relax.Expr:
+    """x with `axis` moved last (unchanged for -1). A norm over another axis than the last is the norm
+    over the last axis of x moved so, moved back after (`_moved_back`): the row kernels and GPU
+    schedules of the last-axis norms then serve it (topi's rms_norm misreads a non-trailing axis, and
+    dlight's GPU reduction rule cannot schedule a mean over a middle axis with its elementwise ops)."""
+    if axis == -1:
+        return x
+    rank = c.out.rank
+    return c.emit(R.permute_dims(x, [i for i in range(rank) if i != axis] + [axis]))
+
+
+def _moved_back(c: Ctx, y: relax.Expr, axis: int) -> relax.Expr:
+    """The inverse of `_moved_last`: the last axis of y back to `axis`."""
+    if axis == -1:
+        return y
+    rank = c.out.rank
+    return R.permute_dims(c.emit(y), list(range(axis)) + [rank - 1] + list(range(axis, rank - 1)))
 
 
 def _normalised(c: Ctx, x: relax.Expr, centre: bool) -> relax.Expr:
@@ -294,27 +326,35 @@ def _normalised(c: Ctx, x: relax.Expr, centre: bool) -> relax.Expr:
 
 
 def _layer_norm(c: Ctx, xs: list) -> relax.Expr:
-    d = c.out.shape[-1]
+    axis = _norm_axis(c)
+    return _moved_back(c, _layer_norm_last(c, _moved_last(c, xs[0], axis), c.out.shape[axis]), axis)
+
+
+def _layer_norm_last(c: Ctx, x: relax.Expr, d) -> relax.Expr:
+    """layer_norm over the last axis of x, of size d."""
     affine = bool(c.a("affine"))
     with_bias = affine and c.a("bias", True) and c.has_weight("bias")
     if c.dtype not in ("float32", "float16"):
-        y = _normalised(c, xs[0], centre=True)
+        y = _normalised(c, x, centre=True)
         if affine:
             y = R.multiply(c.emit(y), c.weight("weight"))
         return R.add(c.emit(y), c.weight("bias")) if with_bias else y
     gamma = c.weight("weight") if affine else _ones(c, d)
     beta = c.weight("bias") if with_bias else _zeros(c, d)
-    return R.nn.layer_norm(xs[0], gamma, beta, axes=[-1], epsilon=float(c.a("eps")), center=with_bias,
+    return R.nn.layer_norm(x, gamma, beta, axes=[-1], epsilon=float(c.a("eps")), center=with_bias,
                            scale=affine)
 
 
 def _rms_norm(c: Ctx, xs: list) -> relax.Expr:
-    d = c.out.shape[-1]
+    axis = _norm_axis(c)
+    x, d = _moved_last(c, xs[0], axis), c.out.shape[axis]
     if c.dtype == "float64":
-        y = _normalised(c, xs[0], centre=False)
-        return R.multiply(c.emit(y), c.weight("weight")) if c.a("affine") else y
-    w = c.weight("weight") if c.a("affine") else _ones(c, d)
-    return R.nn.rms_norm(xs[0], w, axes=[-1], epsilon=float(c.a("eps")))
+        y = _normalised(c, x, centre=False)
+        y = R.multiply(c.emit(y), c.weight("weight")) if c.a("affine") else y
+    else:
+        w = c.weight("weight") if c.a("affine") else _ones(c, d)
+        y = R.nn.rms_norm(x, w, axes=[-1], epsilon=float(c.a("eps")))
+    return _moved_back(c, y, axis)
 
 
 def _dropout(c: Ctx, xs: list) -> relax.Expr:

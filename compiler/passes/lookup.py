@@ -21,7 +21,7 @@ from . import PassContext, PassResult, register_pass
 from .conv import _fresh_path
 from .fusion import source
 
-#: Ops applied to each token's vector independently (on the last dimension only).
+#: Ops applied to each token's vector independently (on the last dimension only: a norm's dim= the last).
 PER_TOKEN = frozenset({"linear", "layer_norm", "rms_norm", "mlp", "relu", "gelu", "silu", "tanh", "sigmoid",
                        "exp", "abs", "neg", "dropout"})
 SCALAR_OPS = frozenset({"add", "sub", "mul", "div"})
@@ -36,6 +36,8 @@ def _step(ed: Editor, node: Node, prev: Ref, ctx: PassContext) -> tuple | None:
             return None
         if node.inputs != (prev,) or ed.shares(node) or node.attr("tie"):
             return None
+        if node.op in ("layer_norm", "rms_norm") and node.attr("dim", -1) % node.type.rank != node.type.rank - 1:
+            return None  # a norm over another dimension than the last mixes tokens
         params = tuple((p.name, source(node, p.name)) for p in node.params)
         attrs = tuple((k, v) for k, v in node.attrs if not k.endswith(("#", "?")))
         return (node.op, attrs, params)
