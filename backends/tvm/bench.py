@@ -17,6 +17,8 @@ Variants:
   untuned    the pipeline with no CPU schedules (legalised loops, as first written)
   scheduled  specc's CPU schedules (backends/tvm/schedules.py), the default
   im2col     scheduled, but convolutions as an im2col kernel + matmul instead of one implicit-GEMM kernel
+  portable   scheduled, but masked attention's softmax as portable Relax ops (a clamp, softmax and a
+             multiply by a row-seen reduction) instead of the CPU row kernel that zeroes empty rows
   tuned      the scheduled build plus MetaSchedule records from --tuning-db (static-shape
              specialisations for the shapes tuned; `tune` first)
 """
@@ -36,6 +38,10 @@ import torch
 ZOO_SIZES: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
     "gpt": ({"d_model": 256, "layers": 4, "block_size": 128}, {"T": 128}),
 }
+
+
+#: Variants that are the scheduled build with a module-level choice of backends/tvm/lowering.py switched.
+SWITCHES: dict[str, tuple[str, str]] = {"im2col": ("CONV_IMPL", "im2col"), "portable": ("MASKED_SOFTMAX", "portable")}
 
 
 def zoo() -> list[tuple[str, dict[str, Any], dict[str, int]]]:
@@ -163,17 +169,19 @@ def bench_spec(path: str, overrides: dict[str, Any], fixed: dict[str, int], batc
                 out("  tuned: skipped (no --tuning-db)")
                 continue
             kw["tuning_db"] = tuning_db
-        elif variant not in ("scheduled", "im2col"):
+        elif variant != "scheduled" and variant not in SWITCHES:
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()
-        if variant == "im2col":  # the scheduled build with convolutions as im2col + matmul, for comparison
+        if variant in SWITCHES:  # the scheduled build with one lowering choice switched, for comparison
             from specc.backends.tvm import lowering
 
-            previous, lowering.CONV_IMPL = lowering.CONV_IMPL, "im2col"
+            name, value = SWITCHES[variant]
+            previous = getattr(lowering, name)
+            setattr(lowering, name, value)
             try:
                 runners[variant] = compile_graph(graph, weights=weights)
             finally:
-                lowering.CONV_IMPL = previous
+                setattr(lowering, name, previous)
         else:
             runners[variant] = compile_graph(graph, weights=weights, **kw)
         build_s[variant] = time.perf_counter() - t0

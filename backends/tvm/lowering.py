@@ -46,6 +46,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax import op as R
 
+from specc.backends.tvm import rowops
 from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
 from specc.compiler.dims import Dim, Sym, symbol_name
@@ -382,6 +383,12 @@ def _fused_attention_applies(c: Ctx, qt: TensorType, mask: Any, prefix: Any) -> 
     return c.target_kind == "llvm" and mask is None and prefix is None and DTYPES[qt.dtype] in ("float32", "float64")
 
 
+#: How a masked attention's softmax zeroes the rows that see no key: "auto" is the CPU row kernel for float32
+#: on llvm (backends/tvm/rowops.py), else "portable" (a clamp, R.nn.softmax and a multiply by a row-seen
+#: reduction, for every target and dtype).
+MASKED_SOFTMAX = "auto"
+
+
 def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: TensorType, kt: TensorType, h: int,
                  causal: bool, mask: relax.Expr | None, mt: TensorType | None, prefix: relax.Expr | None,
                  pt: TensorType | None) -> relax.Expr:
@@ -441,14 +448,18 @@ def _attend_core(c: Ctx, q: relax.Expr, k: relax.Expr, v: relax.Expr, qt: Tensor
         else:
             att = c.emit(R.add(att, _cast(c, mask, c.dtype)))
         # a query that sees no key (every score -inf) gets zeros, as torch's scaled_dot_product_attention
-        # gives: `seen` is 1 where a row has a score above -inf, else 0 (a float, not a bool tensor: dlight's
-        # CUDA code for a vectorised bool load did not compile); the scores are clamped to the lowest finite
-        # value first, so that such a row's softmax is finite, and its output is multiplied by `seen`. (A
-        # score of exactly the lowest finite value, the Hugging Face mask convention, is seen, as in torch.)
-        seen = c.emit(R.max(c.emit(R.astype(R.greater(att, c.const(float("-inf"))), c.dtype)), axis=-1,
-                            keepdims=True))
-        att = c.emit(R.maximum(att, c.const(_lowest(c.dtype))))
-        y = c.emit(R.multiply(c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v)), seen))  # [*batch, h, T, dh]
+        # gives. On the CPU (float32), one row kernel does that (rowops). Elsewhere `seen` is 1 where a row
+        # has a score above -inf, else 0 (a float, not a bool tensor: dlight's CUDA code for a vectorised
+        # bool load did not compile); the scores are clamped to the lowest finite value first, so that such
+        # a row's softmax is finite, and its output is multiplied by `seen`. (A score of exactly the lowest
+        # finite value, the Hugging Face mask convention, is seen, as in torch.)
+        if MASKED_SOFTMAX == "auto" and c.target_kind == "llvm" and rowops.applies(att.ty):
+            y = c.emit(R.matmul(rowops.emit_softmax_empty_rows_zero(c.bb, c.kernels, att, c.lanes), v))
+        else:
+            seen = c.emit(R.max(c.emit(R.astype(R.greater(att, c.const(float("-inf"))), c.dtype)), axis=-1,
+                                keepdims=True))
+            att = c.emit(R.maximum(att, c.const(_lowest(c.dtype))))
+            y = c.emit(R.multiply(c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v)), seen))
     else:
         y = c.emit(R.matmul(c.emit(R.nn.softmax(att, axis=-1)), v))
     y = c.emit(R.permute_dims(y, list(range(nb)) + [nb + 1, nb, nb + 2]))

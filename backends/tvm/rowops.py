@@ -60,7 +60,10 @@ def _fold(part: te.Tensor, x_at: Callable, rows: list, start: Any, length: Any, 
     return te.compute(tuple(rows), lambda *i: head(*i) + tail(*i), name=name)
 
 
-def softmax_te(x: te.Tensor, lanes: int) -> te.Tensor:
+def softmax_te(x: te.Tensor, lanes: int, empty_rows_zero: bool = False) -> te.Tensor:
+    """softmax over the last axis. empty_rows_zero: a row whose every value is -inf (an attention query
+    that sees no key) gives zeros, as torch's scaled_dot_product_attention does, where plain softmax
+    gives NaN; other rows, including those whose values are all the lowest finite number, are unchanged."""
     *rows_shape, length = x.shape
     nc, start, has_tail = _row_split(length, lanes)
     at = lambda i, k: x[tuple(i) + (k,)]  # noqa: E731
@@ -72,6 +75,12 @@ def softmax_te(x: te.Tensor, lanes: int) -> te.Tensor:
     s = _fold(_lane_reduce(e_at, rows_shape, nc, lanes, "sum", "s"), e_at, rows_shape, start, length, has_tail,
               lanes, "sum", "s")
     inv = te.compute(tuple(rows_shape), lambda *i: tirx.const(1.0, x.dtype) / s(*i), name="inv")
+    if empty_rows_zero:
+        # the max reduction starts at the lowest finite value, so a row of -inf has that max and exps of 0
+        # (fast_exp flushes), a sum of 0; any other row's largest value gives exp(0) = 1, a sum >= 1
+        half, zero = tirx.const(0.5, x.dtype), tirx.const(0.0, x.dtype)
+        return te.compute(x.shape, lambda *i: tirx.Select(s(*i[:-1]) >= half, e(*i) * inv(*i[:-1]), zero),
+                          name="softmax")
     return te.compute(x.shape, lambda *i: e(*i) * inv(*i[:-1]), name="softmax")
 
 
@@ -204,6 +213,24 @@ def _kernel(name: str, build: Callable, arg_types: list, lanes: int) -> tirx.Pri
     return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr("tirx.noalias", True)
 
 
+def applies(ty: Any) -> bool:
+    """Whether the row kernels take a tensor of relax type `ty` (float32, known rank >= 2)."""
+    return getattr(ty, "dtype", None) == "float32" and getattr(ty, "shape", None) is not None \
+        and hasattr(ty.shape, "values") and ty.ndim >= 2
+
+
+def emit_softmax_empty_rows_zero(bb: Any, kernels: dict, x: relax.Expr, lanes: int) -> relax.Expr:
+    """Emit softmax over x's last axis (float32, CPU) that gives zeros for a row of only -inf: one row
+    kernel, where the portable form (a clamp, a softmax, and a multiply by a "row seen" reduction)
+    takes an extra pass over the scores."""
+    ty = x.ty
+    key = ("softmax_empty_rows_zero", _dims_pattern([ty]), lanes)
+    if key not in kernels:
+        kernels[key] = bb.add_func(_kernel("softmax_rows_masked", lambda a: softmax_te(a, lanes, True), [ty], lanes),
+                                   "softmax_rows_masked")
+    return bb.emit(relax.call_tir(kernels[key], [x], out_ty=relax.TensorType(ty.shape, ty.dtype)))
+
+
 @tvm.transform.module_pass(opt_level=0, name="SpeccCPURowKernels")
 class CPURowKernels:
     """Replace softmax / layer_norm / rms_norm over the last axis (float32) by the vectorised row kernels."""
@@ -235,8 +262,7 @@ class CPURowKernels:
                     return call
                 x = call.args[0]
                 ty = x.ty
-                if getattr(ty, "dtype", None) != "float32" or getattr(ty, "shape", None) is None \
-                        or not hasattr(ty.shape, "values") or ty.ndim < 2:
+                if not applies(ty):
                     return call
                 rank = ty.ndim
                 axes = [int(call.attrs.axis)] if op == "relax.nn.softmax" else [int(a) for a in call.attrs.axes]
@@ -261,4 +287,4 @@ class CPURowKernels:
         return rw.builder_.get()
 
 
-__all__ = ["CPURowKernels", "softmax_te", "layer_norm_te", "rms_norm_te", "schedule_row_kernel"]
+__all__ = ["CPURowKernels", "applies", "emit_softmax_empty_rows_zero", "softmax_te", "layer_norm_te", "rms_norm_te", "schedule_row_kernel"]
