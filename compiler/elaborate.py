@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import importlib
 import keyword
 import math
@@ -36,6 +35,7 @@ from . import ops as _ops  # noqa: F401  (registers the built-in operators)
 from .dims import Dim, Sym, div_exact, evaluate, fmt, is_dim
 from .ir import DTYPES, FLOAT_DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
+from .tied import partial_tie_message, select, tied_names
 
 #: Options any operator that owns parameters takes, handled here rather than by each op:
 #: frozen=true, init=normal(0.02), bias_init=zeros, share=v (reuse the parameters of the layer that computed v),
@@ -1112,24 +1112,24 @@ class Elaborator:
         patterns = self.spec.freeze
         if not patterns:
             return
-        names: dict[str, tuple[int, int]] = {}  # full parameter name -> (node id, index in node.params)
-        for nid, node in self.graph.nodes():
-            for i, p in enumerate(node.params):
-                names[".".join(node.path + (p.name,))] = (nid, i)
+        names = [".".join(node.path + (p.name,)) for _, node in self.graph.nodes() for p in node.params]
+        stored = [".".join(node.path + (p.name,)) for _, node in self.graph.nodes() for p in node.params
+                  if p.tied_to is None]
+        tied = tied_names(self.graph)
         frozen: set[str] = set()
         for k, pattern in enumerate(patterns):
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
+            chosen = select(pattern, stored, tied)
+            if chosen.partial:
+                self.fail(self.doc.span(("freeze", k)), *partial_tie_message("freeze", pattern, chosen.partial, tied))
+                continue
+            if not chosen.hits:
                 literal = pattern.replace("*", "").replace("?", "")
                 close = difflib_close(literal, names)
                 self.fail(self.doc.span(("freeze", k)), f"freeze: the pattern '{pattern}' matches no parameter",
                           ("close names: " + ", ".join(close)) if close else
                           "parameter names are module paths such as h.0.attention.q.weight (see `specc ir`)")
                 continue
-            for n in hits:
-                nid, i = names[n]
-                p = self.graph.node(nid).params[i]
-                frozen.add(p.tied_to or n)
+            frozen.update(chosen.hits)
         for nid, node in list(self.graph.nodes()):
             if not node.params:
                 continue

@@ -172,12 +172,19 @@ def test_shared_steps_follow_frozen_freeze_and_initialisers_of_step_0():
     model = specc.load(text)
     assert not model.step[0].linear.weight.requires_grad and model.step[2].linear.weight is model.step[0].linear.weight
     assert not model.step[0].linear.weight.any()
-    # freeze: a pattern that names a later step freezes the storage it shares, that of step 0
-    frozen = spec(tied=True) + "freeze:\n  - step.2.mix.*\n"
+    # freeze: a pattern that names every later step freezes the storage they share, that of step 0; one
+    # naming some steps only would choose steps that one tensor cannot follow: an error at the pattern, as
+    # in a recipe's freeze: (tests/test_train_tied_names.py)
+    frozen = spec(tied=True) + "freeze:\n  - step.[12].mix.*\n"
     s = specc.check(frozen)
     assert s.trainable_params == per_step() - (D * D + D)
     m = specc.load(frozen)
     assert not m.step[0].mix.linear.weight.requires_grad and m.step[0].h.weight.requires_grad
+    some = spec(tied=True) + "freeze:\n  - step.2.mix.*\n"
+    assert_error(some, some.splitlines().index("  - step.2.mix.*") + 1, 5,
+                 "freeze: 'step.2.mix.*' matches step.2.mix.linear.weight, tied to step.0.mix.linear.weight: the "
+                 "same tensor as step.1.mix.linear.weight, so freezing it freezes every one of them, not only the "
+                 "name the pattern matches (1 more tied parameter alike)")
     # share= inside the block: the layer shares the one of its own step, and so, tied, that of step 0
     inner = spec(tied=True).replace("u = mix(h) + linear(c, d, bias=false)",
                                     "v = linear(c, d, bias=false)\n    u = linear(v, d, bias=false, share=v)")
