@@ -56,8 +56,8 @@ outputs:
 """
 
 
-#: one pooling step over 2 * Hq: the tuning test's spec (the U-Net's symbolic convolutions take over a minute
-#: to compile, so the U-Net is compiled once, for the two tests that run it)
+#: one pooling step over 2 * Hq: the tuning test's spec (tuning the U-Net's five convolutions would take long;
+#: the U-Net is compiled once, for the two tests that run it)
 POOL = """\
 specc: 1
 name: pool
