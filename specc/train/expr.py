@@ -14,6 +14,7 @@ still be finite. Every failure is a `SpecError` located at the sub-expression th
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import math
@@ -221,12 +222,28 @@ def _guard(span: Span, thunk: Callable[[], Any], name: str | None = None) -> Any
 # ---------------------------------------------------------------------------------------------
 # Tensor functions: losses, metrics and helpers for the loss and the metrics.
 
+#: While a distributed training step computes its loss: a function that sums a tensor over the processes
+#: (all_reduce) and the number of processes. A masked mean then divides this process's sum by the count
+#: of every process's mask, times the number of processes, so that DistributedDataParallel's average of
+#: the gradients is the gradient of the global batch's masked mean (each shard's own masked mean, averaged,
+#: weights the shards alike however many entries each mask keeps). A mean without a mask needs nothing:
+#: the shards are of one size.
+GLOBAL_SUM: contextvars.ContextVar[tuple[Callable[[Any], Any], int] | None] = \
+    contextvars.ContextVar("specc_global_sum", default=None)
+
+
 def _reduce(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `v`, over the entries where `mask` is true when a mask is given."""
+    """Mean of `v`, over the entries where `mask` is true when a mask is given (over the global batch in
+    a distributed step: GLOBAL_SUM)."""
     if mask is None:
         return v.mean()
     m = torch.broadcast_to(mask.to(v.dtype), v.shape)
-    return (v * m).sum() / m.sum().clamp_min(1.0)
+    count = m.sum()
+    spread = GLOBAL_SUM.get()
+    if spread is not None:
+        total, world = spread
+        return (v * m).sum() * world / total(count.detach()).clamp_min(1.0)
+    return (v * m).sum() / count.clamp_min(1.0)
 
 
 def _tensor(x: Any, what: str) -> torch.Tensor:

@@ -26,6 +26,7 @@ NaN from the start is an error that writes nothing, as a bad loss expression is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -48,7 +49,7 @@ from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 from specc.dsl.schema import SpecSource
 
 from . import data as D
-from .expr import TENSOR_FUNCTIONS, Clock, ExprError, evaluate, sampler, scalar_functions
+from .expr import GLOBAL_SUM, TENSOR_FUNCTIONS, Clock, ExprError, evaluate, sampler, scalar_functions
 from .recipe import Recipe, group_index, optimizers
 
 CHECKPOINTS = "checkpoints"
@@ -544,7 +545,8 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
             batch = {k: v[idx] for k, v in train.items()}
             drawn = stepper.draws(step, scalars, t.batch, rows)
             outputs = stepper.forward(trained, batch, scalars, drawn)
-            loss = stepper.loss(stepper.env(batch, outputs, scalars, step, drawn))
+            with _global_masks(dist):
+                loss = stepper.loss(stepper.env(batch, outputs, scalars, step, drawn))
             loss_value = _global_mean(loss.detach(), dist)  # checked before the update it would make
             if not math.isfinite(loss_value):
                 if step == 0:  # no update has been made: the learning rate is not to blame
@@ -583,6 +585,26 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
         summary = {"steps": stop, "seconds": round(seconds, 3), "final_loss": loss_value, "val": last_eval}
         (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     return result
+
+
+@contextlib.contextmanager
+def _global_masks(dist: Dist):
+    """In a distributed step, masked means in the loss are over the global batch (expr.GLOBAL_SUM)."""
+    if dist.world <= 1:
+        yield
+        return
+    import torch.distributed as tdist
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        tdist.all_reduce(x)
+        return x
+
+    token = GLOBAL_SUM.set((total, dist.world))
+    try:
+        yield
+    finally:
+        GLOBAL_SUM.reset(token)
 
 
 def _global_mean(loss: torch.Tensor, dist: Dist) -> float:
