@@ -413,10 +413,13 @@ def _read_weights(graph, path: str):
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:
-            level = (f.metadata() or {}).get("specc_opt_level", "0")
+            metadata = f.metadata() or {}
+        level = metadata.get("specc_opt_level", "0")
     except (OSError, SafetensorError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise SpecError(Diagnostic(Span(path, 0, 0), f"cannot read weights: {reason}")) from None
+    if any(k.endswith((".lora_A", ".lora_B")) for k in tensors):  # a LoRA run's checkpoint: merge its updates
+        tensors = _merge_lora(tensors, metadata, path)
     if level != "0":  # its values are the optimised graph's (fused, folded), even where a name fits
         raise SpecError(Diagnostic(Span(path, 0, 0), f"weights: {path} holds the weights of an -O{level} build, the "
                                                      f"optimised graph's parameters (fused, folded), not the spec's",
@@ -424,6 +427,30 @@ def _read_weights(graph, path: str):
                                           "them): an -O0 build's weights.safetensors or a training checkpoint's "
                                           "model.safetensors",)))
     return given_weights(graph, tensors, source=path)
+
+
+def _merge_lora(tensors: dict, metadata: dict, path: str) -> dict:
+    """The spec's parameters of a LoRA run's checkpoint: each layer's W + alpha/r * B @ A (the scales are
+    in the file's metadata, written with it)."""
+    from specc.train.lora import SCALES_KEY, merge_factors
+
+    def fail(message: str):
+        raise SpecError(Diagnostic(Span(path, 0, 0), f"weights: {message}"))
+
+    try:
+        scales = json.loads(metadata[SCALES_KEY])
+        if not isinstance(scales, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in scales.values()):
+            raise ValueError
+    except KeyError:
+        fail(f"{path} holds LoRA factors (lora_A, lora_B) but not their scales (alpha / r), so the updates "
+             f"cannot be merged; give a checkpoint that `specc train` wrote with its `lora:` recipe")
+    except ValueError:
+        fail(f"{path}: the LoRA scales in its metadata ({SCALES_KEY}) are not a mapping of layers to numbers")
+    try:
+        return merge_factors(tensors, {str(k): float(v) for k, v in scales.items()})
+    except ValueError as e:
+        fail(f"{path}: {e}")
 
 
 def _prune(args: argparse.Namespace, src, graph) -> int:

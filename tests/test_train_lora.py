@@ -61,3 +61,34 @@ def test_lora_patterns_are_checked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml:28:22: error: lora: 'head' matches no linear layer" in err
     assert "bad.yaml:26:3: error: train: lora freezes every parameter of the model already; drop freeze" in err
+
+
+def test_a_lora_checkpoint_serves_weights_for_every_target(tmp_path, capsys):
+    """A LoRA run's checkpoint holds the factors and, in its metadata, their scales: `specc build
+    --weights` of the spec merges them (W + alpha/r * B @ A), so the trained model reaches any target
+    without training again at -O0; a file of factors without scales is a clear error."""
+    from safetensors.torch import save_file
+
+    spec = tmp_path / "lora.yaml"
+    spec.write_text(MOONS.read_text().replace("  clip: 1.0\n", "  clip: 1.0\n" + LORA))
+    run = tmp_path / "run"
+    train(spec, run, dropout=0.0, train={"steps": 20})
+    ckpt = run / "checkpoints" / "step-0000020" / "model.safetensors"
+    assert any(v.abs().max() > 0 for k, v in load_file(str(ckpt)).items() if k.endswith("lora_B"))
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    want = import_model_module(run / "model").load(run / "model")(x)  # RUN/model: the merged build
+    assert main(["build", str(spec), "-o", str(tmp_path / "torch"), "--weights", str(ckpt), "-O0"]) == 0
+    got = import_model_module(tmp_path / "torch").load(tmp_path / "torch")(x)
+    assert (got - want).abs().max() < 1e-5
+    pytest.importorskip("tvm")
+    assert main(["build", str(spec), "-o", str(tmp_path / "tvm"), "--weights", str(ckpt),
+                 "--target", "tvm-llvm"]) == 0
+    got = import_model_module(tmp_path / "tvm").load(tmp_path / "tvm")(x)
+    assert (got - want).abs().max() < 1e-5
+    capsys.readouterr()
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(ckpt)), str(bare))  # the factors without the scales
+    assert main(["build", str(spec), "-o", str(tmp_path / "no"), "--weights", str(bare), "--no-color"]) == 2
+    err = capsys.readouterr().err
+    assert "holds LoRA factors (lora_A, lora_B) but not their scales (alpha / r)" in err and "Traceback" not in err
+    assert not (tmp_path / "no").exists()

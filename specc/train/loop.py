@@ -421,7 +421,11 @@ def save_checkpoint(run: Path, step: int, model, names: list[str], opt, keep: in
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
     try:
         weights = model.state_dict()
-        save_file({k: weights[k].detach().cpu().contiguous() for k in names}, str(tmp / "model.safetensors"))
+        from .lora import SCALES_KEY, scales
+
+        lora = scales(model, names)  # a LoRA run's file says its scales: `--weights` merges the updates
+        save_file({k: weights[k].detach().cpu().contiguous() for k in names}, str(tmp / "model.safetensors"),
+                  metadata={SCALES_KEY: json.dumps(lora)} if lora else None)
         state = {"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()

@@ -60,6 +60,36 @@ def inject(model: torch.nn.Module, layers: list[str], rank: int, alpha: float, s
     return names
 
 
+#: The metadata key of a checkpoint's model.safetensors that holds its LoRA layers' scales (alpha / r) as
+#: JSON, so that the file alone gives the merged weights (`merge_factors`: `--weights` of any target).
+SCALES_KEY = "specc_lora_scales"
+
+
+def scales(model: torch.nn.Module, names: list[str]) -> dict[str, float]:
+    """The scale of each LoRA layer among the stored tensor `names` (those ending in .lora_A)."""
+    paths = [n[:-len(".lora_A")] for n in names if n.endswith(".lora_A")]
+    return {p: float(model.get_submodule(p).lora_scale) for p in paths}
+
+
+def merge_factors(tensors: dict[str, torch.Tensor], layer_scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """A LoRA run's stored tensors with each layer's update folded into its weight (W + scale * B @ A, in
+    float64) and the factors left out: the spec's own parameters. Raises ValueError when the factors and
+    the scales do not fit each other."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
+    factored = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))})
+    for path in factored:
+        missing = [k for k in (f"{path}.lora_A", f"{path}.lora_B", f"{path}.weight") if k not in tensors]
+        if missing or path not in layer_scales:
+            raise ValueError(f"the LoRA layer '{path}' lacks {', '.join(missing) or 'its scale'}")
+        a, b, w = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"], tensors[f"{path}.weight"]
+        if a.ndim != 2 or b.ndim != 2 or w.ndim != 2 or b.shape[1] != a.shape[0] \
+                or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ValueError(f"the LoRA layer '{path}': B {list(b.shape)} @ A {list(a.shape)} does not fit its "
+                             f"weight {list(w.shape)}")
+        out[f"{path}.weight"] = (w.double() + layer_scales[path] * (b.double() @ a.double())).to(w.dtype)
+    return out
+
+
 def merged(model: torch.nn.Module, layers: list[str], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`weights` (of the spec's parameters) with each layer's update folded into its weight (in float64)."""
     out = dict(weights)
