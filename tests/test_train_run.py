@@ -235,3 +235,14 @@ def test_gradient_clipping_bounds_the_step(tmp_path):
     after = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000001" / "model.safetensors"))
     step = torch.cat([(after[k].double() - before[k].double()).flatten() for k in after])
     assert step.norm().item() == pytest.approx(0.001, rel=1e-4)  # SGD with lr 1: the clipped gradient itself
+
+
+def test_a_train_override_on_a_spec_without_recipe_is_one_error(capsys):
+    """--set train.KEY=v on a spec with no train: section is that error alone, at the override (not a
+    second, empty-keyed 'expected a mapping, got a mapping' at the top of the spec)."""
+    from specc.cli import main
+
+    code = main(["check", str(ROOT / "specs" / "lstm_classifier.yaml"), "--set", "train.steps=5", "--no-color"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--set steps: the spec has no train: section" in err and "1 error" in err, err
+    assert "expected a mapping" not in err

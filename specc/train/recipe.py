@@ -155,7 +155,8 @@ def check_recipe(src: SpecSource, graph: Graph,
     """The spec's recipe, checked (None when the spec has none). Raises SpecError with every problem."""
     doc, errors = apply_overrides(src, overrides or {})
     sources = {src.file: src.text}
-    if doc.data.get("train") is None and not errors:
+    if doc.data.get("train") is None:  # nothing to check but the overrides' own errors
+        errors.raise_if_any(sources)
         return None
     try:
         section = TrainOnly.model_validate({"train": doc.data.get("train")}).train
