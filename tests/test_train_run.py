@@ -246,3 +246,15 @@ def test_a_train_override_on_a_spec_without_recipe_is_one_error(capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--set steps: the spec has no train: section" in err and "1 error" in err, err
     assert "expected a mapping" not in err
+
+
+def test_switching_steps_for_epochs_from_the_command_line(capsys):
+    """train.epochs=N over a spec's steps: is the 'not both' error, with the way over (train.steps=null),
+    which then checks."""
+    from specc.cli import main
+
+    assert main(["check", str(MOONS), "--set", "train.epochs=1", "--no-color"]) == 2
+    err = capsys.readouterr().err
+    assert "train: give steps or epochs, not both" in err and "--set train.steps=null" in err, err
+    assert main(["check", str(MOONS), "--set", "train.epochs=1", "--set", "train.steps=null"]) == 0
+    assert "1 epochs of batch 32" in capsys.readouterr().out

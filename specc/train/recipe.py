@@ -272,7 +272,9 @@ class _Checker:
         if t.steps is None and t.epochs is None:
             self.errors.error(self.span(), "train: give steps or epochs")
         if t.steps is not None and t.epochs is not None:
-            self.errors.error(self.key_span("epochs"), "train: give steps or epochs, not both")
+            self.errors.error(self.key_span("epochs"), "train: give steps or epochs, not both",
+                              "to count epochs in place of the spec's steps from the command line, add --set "
+                              "train.steps=null (or train.epochs=null for the other way)")
         self.errors.raise_if_any(self.sources)
         return Recipe(t, self.src.file, self.sources, self.params, generator, data_args, t.data
                       if isinstance(t.data, DataFile) else None, fields, field_spans, feed, loss, metrics, opt,
