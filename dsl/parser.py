@@ -286,7 +286,8 @@ def _tree_problem(tree: Tree) -> tuple[int, int, str] | None:
         if depth > MAX_DEPTH:
             meta = node.meta
             return (getattr(meta, "line", 1), getattr(meta, "column", 1),
-                    f"this expression is nested too deeply (more than {MAX_DEPTH} levels)")
+                    f"this expression is nested too deeply (more than {MAX_DEPTH} levels; each operator of "
+                    f"a chain such as a + b + c is a level: split it into named steps)")
         stack.extend((c, depth + 1) for c in reversed(node.children))
     return None
 

@@ -168,7 +168,8 @@ HOSTILE = [
      "repeat count must be a non-negative integer, got the integer -3"),
     ("  y = a(x)\n", "blocks:\n  a(h): |\n    return b(h)\n  b(h): |\n    return a(h)\n", 11, 12,
      "block 'a' calls itself (through a -> b -> a)"),
-    ("  y = x" + " + x" * 500 + "\n", "", 8, 7, "this expression is nested too deeply (more than 100 levels)"),
+    ("  y = x" + " + x" * 500 + "\n", "", 8, 7, "this expression is nested too deeply (more than 100 levels; "
+     "each operator of a chain such as a + b + c is a level: split it into named steps)"),
 ]
 
 

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import specc
@@ -155,6 +156,7 @@ def test_names_that_could_break_generated_code_are_refused(edit, where, message)
 
 
 def build_and_import(tmp_path: Path, text: str, name: str = "spec.yaml"):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec_path = tmp_path / name
     spec_path.write_text(text)
     out = tmp_path / "out"
@@ -255,6 +257,55 @@ outputs:
     assert tuple(outputs.shape) == (2, 8, 4)
 
 
+BLOCK_NAMED = """\
+specc: 1
+name: bn
+params: {d: 8}
+dims: {B: 2, T: {example: 3}}
+inputs:
+  x: f32[B, T, d]
+blocks:
+  BLOCK(h): |
+    h = h + mlp(h, hidden=16) + attention(h, heads=2) + parameter(d)
+    return h
+graph: |
+  y = BLOCK(x)
+  y = BLOCK(y)
+outputs:
+  y: f32[B, T, d]
+"""
+
+
+def _module_level_names(source: str) -> set[str]:
+    from specc.backends.pytorch.codegen import bound_names
+
+    return set(bound_names(ast.parse(source).body))
+
+
+def test_block_names_never_take_a_name_the_generated_module_uses(tmp_path):
+    # a block class F hid `torch.nn.functional as F` (the build passed, the import failed); every
+    # module-level name of model.py (imports, constants, helpers, load, ...) and some builtins as block names
+    plain_source, _, plain = build_and_import(tmp_path / "plain", BLOCK_NAMED.replace("BLOCK", "blk"))
+    taken = _module_level_names(plain_source)
+    assert {"F", "Path", "INPUTS", "DIMS", "TIED", "ACTIVATIONS", "Parameters", "Model", "load"} <= taken
+    names = {"F", "parameters", "Parameters", "Path", "INPUTS", "ACTIVATIONS", "DIMS", "TIED", "list", "super",
+             "Model", "load", "nn", "math", "torch", "Tensor", "MLP", "MultiHeadAttention", "Exception"}
+    names |= {n for n in taken if not n.startswith("__") and n not in ("annotations",)}
+    for i, name in enumerate(sorted(names)):
+        source, _, outputs = build_and_import(tmp_path / str(i), BLOCK_NAMED.replace("BLOCK", name))
+        assert torch.equal(outputs, plain), name
+        classes = [n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
+        assert len(classes) == len(set(classes)) and len(_module_level_names(source)) == len(taken), name
+
+
+def test_a_module_name_defined_twice_is_a_codegen_error():
+    from specc.backends.pytorch.codegen import CodegenError, check_module
+
+    check_module("import torch\nclass G:\n    F = 1\n")
+    with pytest.raises(CodegenError, match="'F' twice"):
+        check_module("import torch.nn.functional as F\n\nclass F:\n    pass\n")
+
+
 def test_spec_file_name_cannot_inject_code(tmp_path):
     build_and_import(tmp_path, BASE, name='evil"""\nimport os\n""".yaml')
 
@@ -274,8 +325,8 @@ def test_symbolic_dimension_names_do_not_shadow_generated_names(tmp_path):
     ("a = B + T + d\n" + "a = a * a\n" * 8 + "y = relu(x)", (12, 7), "the symbolic expression is too large"),
     ("a = 'ab'\n" + "a = a + a\n" * 40 + "y = relu(x)", (21, 7),
      "the string would be longer than 10000 characters"),
-    ("y = " + "-" * 500 + "x", (8, 105), "this expression is nested too deeply (more than 100 levels)"),
-    ("y = " + "relu(" * 300 + "x" + ")" * 300, (8, 492), "this expression is nested too deeply (more than 100 levels)"),
+    ("y = " + "-" * 500 + "x", (8, 105), "this expression is nested too deeply (more than 100 levels;"),
+    ("y = " + "relu(" * 300 + "x" + ")" * 300, (8, 492), "this expression is nested too deeply (more than 100 levels;"),
     ("y = split(x, 10 ** 9)", (8, 16), "split: at most 4096 parts, got 1000000000"),
     ("y = lstm(x, 4, layers=10 ** 9)", (8, 18), "lstm: at most 1024 layers, got 1000000000"),
     ("y = reshape(x, 2 ** 40, 2 ** 40, -1)", (8, 18),
