@@ -225,7 +225,7 @@ def artifacts(graph: Graph, spec_text: str, spec_file: str, paper: str | None = 
     sha = sha256(spec_text)
     ties = [".".join(n.path + (p.name,)) for _, n in optimised.nodes() for p in n.params if p.tied_to]
     source = generate_source(optimised, header(optimised, optimised.name, spec_file, sha, paper, description,
-                                               ties, torch_compile)) + _FOOTER + EXAMPLE_INPUTS
+                                               ties, torch_compile), _FOOTER + EXAMPLE_INPUTS)
     # the opt level says whose names these are: -O0's are the spec's parameters (what --weights takes)
     blob = st_save({k: v.contiguous() for k, v in sorted(state.items())},
                    metadata={"specc_opt_level": str(ctx.opt_level)})

@@ -12,6 +12,7 @@ raw spec text, so no spec can inject code. The same graph always gives the same 
 
 from __future__ import annotations
 
+import ast
 import builtins
 import functools
 import keyword
@@ -46,12 +47,45 @@ class CodegenError(Exception):
 
 #: Python's builtins (a local named `sum` or `max` would hide the builtin from the code after it).
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
-_DEFINED = re.compile(r"^(?:class|def)\s+([A-Za-z_]\w*)|^([A-Za-z_]\w*)\s*[:=]", re.M)
+#: The class the generator writes for the whole graph.
+MODEL_CLASS = "Model"
+
+
+def bound_names(body: list[ast.stmt]) -> list[str]:
+    """The names statements bind at the level of `body` (imports, assignments, classes, functions),
+    each as often as it is bound; `if`/`try` blocks at that level are looked into."""
+    names: list[str] = []
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names += [a.asname or a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [n for t in targets for n in _target_names(t)]
+        elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+            names += bound_names([n for part in ("body", "orelse", "finalbody") for n in getattr(node, part, [])]
+                                 + [n for h in getattr(node, "handlers", []) for n in h.body])
+    return names
+
+
+def _target_names(t: ast.expr) -> list[str]:
+    if isinstance(t, ast.Name):
+        return [t.id]
+    if isinstance(t, (ast.Tuple, ast.List)):
+        return [n for e in t.elts for n in _target_names(e)]
+    return _target_names(t.value) if isinstance(t, ast.Starred) else []  # x.a = or x[i] = binds nothing
+
+
+@functools.lru_cache(maxsize=64)
+def module_names(source: str) -> frozenset[str]:
+    """The names `source` (Python text of module level: the header, a helper, the footer) binds."""
+    return frozenset(bound_names(ast.parse(source).body))
 
 
 def helper_names() -> frozenset[str]:
     """The top-level names the helper snippets may define in model.py (keys of HELPERS and the
-    classes, functions and globals their text defines)."""
+    classes, functions and globals their text defines), whether a model uses them or not."""
     return _helper_names(tuple(HELPERS))
 
 
@@ -59,14 +93,16 @@ def helper_names() -> frozenset[str]:
 def _helper_names(keys: tuple[str, ...]) -> frozenset[str]:
     names = set(keys)
     for k in keys:
-        names.update(a or b for a, b in _DEFINED.findall(HELPERS[k]))
+        names |= module_names(HELPERS[k])
     return frozenset(names)
 
 
-def ident(name: str) -> str:
+def ident(name: str, reserved: frozenset[str] = frozenset()) -> str:
+    """The Python name of spec name `name`: with a trailing '_' where it would hide a name the generated
+    code uses (a keyword, a builtin, a helper, or one of `reserved`, the module's own names)."""
     if not _IDENT.fullmatch(name):
         raise CodegenError(f"'{name}' is not a valid identifier")
-    if keyword.iskeyword(name) or name in _TAKEN or name in _BUILTINS or name in helper_names():
+    if keyword.iskeyword(name) or name in _TAKEN or name in _BUILTINS or name in helper_names() or name in reserved:
         return name + "_"
     if name.startswith(EXT_PREFIX):  # the prefix of imported custom-operator modules
         return "v" + name
@@ -120,9 +156,15 @@ class ClassGroup:
 
 
 class Generator:
-    def __init__(self, graph: Graph, header: str = ""):
+    def __init__(self, graph: Graph, header: str = "", footer: str = ""):
         self.graph = graph
         self.header = header
+        self.footer = footer
+        #: Every module-level name of model.py that is not the spec's: what the header and the footer
+        #: import and define, every helper's names, the Model class, builtins and keywords. Block
+        #: classes and values never take one of them (they get a trailing '_').
+        self.reserved = (module_names(header) | module_names(footer) | helper_names() | _BUILTINS
+                         | frozenset(keyword.kwlist) | {MODEL_CLASS})
         self.insts: dict[tuple[Frame, ...], Inst] = {}
         self.users: dict[Ref, list[int]] = {}
         self.output_refs = {ref for _, ref in graph.outputs}
@@ -132,8 +174,15 @@ class Generator:
         self.group_of: dict[tuple[Frame, ...], int] = {}  # block instance -> index in self.groups
         self.keys: dict[Any, int] = {}  # value numbering: key of a computation -> its number
         self.class_src: list[str] = []
-        self.used_class_names = {"Model", "MultiHeadAttention", "MLP"}
-        self.symbol_vars = frozenset(sym_name(s) for s in graph.dims)
+        self.used_class_names = set(self.reserved)
+        self.symbol_vars = frozenset(self.sym_name(s) for s in graph.dims)
+
+    def ident(self, name: str) -> str:
+        return ident(name, self.reserved)
+
+    def sym_name(self, s: str) -> str:
+        """The local variable holding symbolic dimension `s` (never a name generated code uses)."""
+        return self.ident(s) if s != "layer" else "layer_"
 
     # -- structure ---------------------------------------------------------------------------
     def analyse(self) -> None:
@@ -321,13 +370,15 @@ class Generator:
     # -- emission ----------------------------------------------------------------------------
     def generate(self) -> str:
         self.analyse()
-        model_src = self.emit_class((), "Model")
+        model_src = self.emit_class((), MODEL_CLASS)
         parts = [self.with_imports(self.header.rstrip()) + "\n"]
         for h in sorted(self.helpers):
             parts.append(HELPERS[h].rstrip() + "\n")
         parts.extend(self.class_src)
         parts.append(model_src)
-        return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+        source = "\n\n\n".join(p.strip("\n") for p in parts) + "\n" + self.footer
+        check_module(source)
+        return source
 
     def with_imports(self, header: str) -> str:
         """The header with the modules of the custom operators imported after torch's imports."""
@@ -345,6 +396,8 @@ class Generator:
         if grp.name:
             return grp.name
         base = camel(s[-1].block)
+        if base in self.reserved:  # a block F would hide torch.nn.functional as F, one called Path pathlib's
+            base += "_"
         name, i = base, 2
         while name in self.used_class_names:
             name = f"{base}{i}"
@@ -527,7 +580,7 @@ class Generator:
             if isinstance(d, Sym):
                 for s in d.symbols:
                     dims_used[s] = True
-            return dim_text(d, sym_name)
+            return dim_text(d, self.sym_name)
 
         g = self.graph
         scalars = tuple(g.node(r.node).attr("value") if g.node(r.node).op == "scalar" else None for r in node.inputs)
@@ -558,7 +611,7 @@ class Generator:
         else:
             args = []
             for name, nid in g.inputs:
-                args.append(ident(name))
+                args.append(self.ident(name))
                 names[Ref(nid)] = args[-1]
                 shapes_from.append((args[-1], Ref(nid)))
         # Which nodes are inlined into their single consumer
@@ -707,10 +760,10 @@ class Generator:
         if "," in hint:
             parts = hint.split(",")
             hint = parts[ref.index] if ref.index < len(parts) else node.op
-        return ident(hint) if _IDENT.fullmatch(hint) else node.op
+        return self.ident(hint) if _IDENT.fullmatch(hint) else node.op
 
     def fresh(self, base: str, taken: set[str]) -> str:
-        base = ident(base) if _IDENT.fullmatch(base) else "x"
+        base = self.ident(base) if _IDENT.fullmatch(base) else "x"
         for cand in candidates(base, self.symbol_vars):
             if cand not in taken:
                 return cand
@@ -731,13 +784,22 @@ class Generator:
             if found is None:
                 raise CodegenError(f"symbolic dimension {s} is not readable from the inputs of "
                                    f"{'/'.join(inst_path(inst.scope)) or 'the model'}")
-            lines.append(f"{sym_name(s)} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
+            lines.append(f"{self.sym_name(s)} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
         return lines
 
 
-def sym_name(s: str) -> str:
-    """The local variable holding symbolic dimension `s` (never a name generated code uses)."""
-    return ident(s) if s != "layer" else "layer_"
+def check_module(source: str) -> None:
+    """CodegenError unless `source` parses and binds each of its module-level names once (two would
+    mean a spec's name took one the generated code uses: the later would replace the earlier)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:  # pragma: no cover - a generator bug
+        raise CodegenError(f"the generated source does not parse: {e}") from None
+    seen: set[str] = set()
+    for name in bound_names(tree.body):
+        if name in seen:
+            raise CodegenError(f"the generated module would define '{name}' twice")
+        seen.add(name)
 
 
 def candidates(base: str, avoid: frozenset[str] = frozenset()):
@@ -771,8 +833,10 @@ def attr_path(path: tuple[str, ...]) -> list[str]:
     return out
 
 
-def generate_source(graph: Graph, header: str) -> str:
-    return Generator(graph, header).generate()
+def generate_source(graph: Graph, header: str, footer: str = "") -> str:
+    """model.py: `header` (docstring, imports, constants), the helpers and classes, then `footer` (the
+    module-level functions after Model: load(), example_inputs())."""
+    return Generator(graph, header, footer).generate()
 
 
 __all__ = ["generate_source", "CodegenError", "DTYPES", "lit"]
