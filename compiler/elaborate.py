@@ -751,6 +751,11 @@ class Elaborator:
             if opname is None:
                 return self.fail(e.span, f"operator '{e.op}' is not defined for tensors")
             spans = {"x": e.left.span, "y": e.right.span}
+            if opname in ("floordiv", "mod") and isinstance(a, TV) and a.type.dtype in _ops.INT_DTYPES \
+                    and type(b) is int and b == 0:  # torch raises for an integer division by zero
+                what = "division" if e.op == "//" else "remainder"
+                return self.fail(e.right.span, f"integer {what} by zero: '{e.op}' of the integer tensor "
+                                               f"{_ops.shape_str(a.type)} by the constant 0")
             a = self.as_tensor(a, b, e.left.span, scope)
             b = self.as_tensor(b, a, e.right.span, scope)
             if a is POISON or b is POISON:
@@ -1422,10 +1427,15 @@ class Elaborator:
         try:
             before = len(self.errors.diagnostics)
             result = self.exec_body(block.body, inner, in_block=block)
-            for i in range(before, len(self.errors.diagnostics)):
+            for i in range(before, len(self.errors.diagnostics)):  # the call chain, innermost block first
                 d = self.errors.diagnostics[i]
-                if not any(n.startswith("in block") for n in d.notes):
+                at = next((j for j, n in enumerate(d.notes) if n.startswith("in block")), None)
+                if at is None:
                     self.errors.diagnostics[i] = d.with_note(f"in block '{name}' called at {e.span}")
+                else:
+                    notes = list(d.notes)
+                    notes[at] += f", in block '{name}' called at {e.span}"
+                    self.errors.diagnostics[i] = dataclasses.replace(d, notes=tuple(notes))
         finally:
             self.stack.pop()
         return result

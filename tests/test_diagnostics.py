@@ -216,6 +216,15 @@ def test_positions_inside_nested_block_bodies():
     assert d.notes[-1] == "in block 'enc' called at <spec>:12:7"
 
 
+def test_an_error_in_nested_blocks_names_the_whole_call_chain():
+    """An error two blocks deep says where each block was called, innermost first (through a repeat,
+    once: the steps' copies of the error are one)."""
+    blocks = "blocks:\n  inner(h): |\n    return lienar(h, 2)\n  outer(h): |\n    return inner(h) + h\n"
+    d = only(spec("y = repeat(2, outer, x)", blocks=blocks))
+    assert (d.span.line, d.span.col) == (9, 12)
+    assert d.notes[-1] == "in block 'inner' called at <spec>:11:12, in block 'outer' called at <spec>:13:7"
+
+
 @pytest.mark.parametrize("value, col", [
     ("y = relu(lienar(x, 2))", 17),        # plain
     ('"y = relu(lienar(x, 2))"', 18),      # double-quoted
