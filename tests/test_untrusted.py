@@ -228,6 +228,33 @@ def test_free_text_cannot_inject_code_into_model_py(tmp_path, capfd):
                           "from torch import nn"]  # ... and never becomes a statement
 
 
+#: Characters that make source read otherwise than it runs (Trojan Source) or hide: bidi embeddings,
+#: overrides and isolates, marks, zero-width and other format characters, separators, a tag character.
+INVISIBLE = ("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u200b\u200d\u00ad"
+             "\ufeff\u2028\u2029\U000e0041")
+
+
+def test_invisible_and_bidi_characters_never_reach_model_py(tmp_path):
+    def escaped(text: str) -> str:  # YAML double-quoted escapes: the file itself stays plain
+        return "".join(c if c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                       for c in text)
+
+    text = BASE.replace("name: m\n", "name: m\n"
+                        f'description: "admin{escaped(INVISIBLE)} check # secret"\n'
+                        f'paper: "Attention \u202eIs All\u2066 You Need"\n'
+                        'params:\n  note: "ok\\u202e"\n', 1).replace("params:\n  d: 8", "  d: 8")
+    source, tree, _ = build_and_import(tmp_path, text, name="spec\u202e\u200f\x1b.yaml")
+    bad = sorted({f"U+{ord(c):04X}" for c in source if c != "\n" and not c.isprintable()})
+    assert not bad, bad
+    for c in INVISIBLE.replace("\u2028", "").replace("\u2029", ""):  # line separators: spaces, as all whitespace
+        # each is written as its escape, which the docstring decodes back to the character
+        assert (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}") in source, hex(ord(c))
+    doc = ast.get_docstring(tree)
+    assert " ".join(f"admin{INVISIBLE} check # secret".split()) in doc
+    assert "Paper: Attention \u202eIs All\u2066 You Need" in doc and "spec\u202e\u200f\x1b.yaml" in doc
+    assert "\\u202eIs All\\u2066 You Need" in source and "note='ok/u202e'" in source
+
+
 def test_builtin_and_module_names_are_renamed_not_shadowed(tmp_path):
     text = """\
 specc: 1

@@ -156,8 +156,14 @@ def header(graph: Graph, spec_name: str, spec_file: str, spec_sha: str, paper: s
 
 
 def _doc_safe(text: str) -> str:
-    """Free text placed in a docstring: no quotes or backslashes that could end or escape it."""
-    return " ".join(text.replace("\\", "/").replace('"""', "'''").replace('"', "'").split())
+    """Free text placed in a docstring: no quotes or backslashes that could end or escape it, and no
+    character that is not printable (bidi controls such as U+202E, zero-width and other format
+    characters, control characters, line and paragraph separators: Trojan Source) but as its escape,
+    `\\u202e`, which the docstring decodes back to the character. Here, where the text enters the code,
+    and not in the schema: it also holds the spec file's name, and text may rightly hold such characters."""
+    text = " ".join(text.replace("\\", "/").replace('"""', "'''").replace('"', "'").split())
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in text)
 
 
 def _memory() -> int | None:
