@@ -208,6 +208,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(e.render(color=color), file=sys.stderr)
         n = len(e.diagnostics)
         print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        if getattr(args, "json", False):  # `check --json`: the errors as JSON on stdout too, for tools
+            print(json.dumps({"errors": [_diagnostic_json(d) for d in e.diagnostics]}, indent=2))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -218,6 +220,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"specc: internal error: {type(e).__name__}: {e}\n"
               f"(this is a bug in specc; rerun with SPECC_DEBUG=1 for a traceback)", file=sys.stderr)
         return 3
+
+
+def _diagnostic_json(d) -> dict:
+    """One error of `check --json`: where (1-based line and column, the end exclusive), what, the notes."""
+    s = d.span
+    return {"file": s.file, "line": s.line, "col": s.col, "end_line": s.end_line, "end_col": s.end_col,
+            "severity": d.severity, "message": d.message, "notes": list(d.notes)}
 
 
 def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tuple[str, Span]],

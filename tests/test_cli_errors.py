@@ -379,3 +379,20 @@ def test_ops_lists_every_operator_and_prints_the_whole_text_of_named_ones():
     assert "A query with no allowed position gets zeros" in r.stdout
     r = specc("ops", "conv2x")
     assert r.returncode == 2 and "unknown operator 'conv2x' (did you mean 'conv2d'?)" in r.stderr
+
+
+def test_check_json_prints_the_errors_as_json(tmp_path, capsys):
+    """`specc check --json` on a bad spec: exit 2, the located errors as JSON on stdout (for editors and
+    tools), the rendered text on stderr as without --json."""
+    import json
+
+    from specc.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("specc: 1\nname: bad\ninputs:\n  x: f32[B, 4]\ngraph: |\n  y = lienar(x, 2)\noutputs:\n  y:\n")
+    assert main(["check", str(path), "--json", "--no-color"]) == 2
+    out, err = capsys.readouterr()
+    got = json.loads(out)["errors"]
+    assert len(got) == 1 and got[0]["file"] == str(path) and (got[0]["line"], got[0]["col"]) == (6, 7)
+    assert got[0]["message"].startswith("unknown operator 'lienar'") and got[0]["severity"] == "error"
+    assert "lienar" in err and "1 error" in err
