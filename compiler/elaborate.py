@@ -58,6 +58,8 @@ REPEAT_OPTIONS = {"share": "makes every step reuse the parameters of the first s
                   "stack": "gives each carried value of every step, stacked along a new leading axis"}
 
 OVERRIDES_FILE = "<--set>"
+#: where an override given from Python (specc.load(path, d=3), no --set text) is said to be
+API_OVERRIDES = "<keyword overrides>"
 DEFAULT_EXAMPLE = {"B": 2}
 DEFAULT_SYMBOL_EXAMPLE = 8
 
@@ -250,9 +252,10 @@ class Elaborator:
         if self.spec.scales:
             self.apply_scale(overrides)
         for name, value in overrides.items():
-            text, span = self.override_text.get(name, (None, Span(OVERRIDES_FILE, 1, 1)))
+            text, span = self.override_text.get(name, (None, Span(API_OVERRIDES, 0, 0)))
             if name not in self.params:
-                span = Span(span.file, span.line, 1, span.line, len(name) + 1)
+                if span.line >= 1:  # the name's part of `--set name=value`
+                    span = Span(span.file, span.line, 1, span.line, len(name) + 1)
                 self.fail(span, f"unknown parameter '{name}' in override" + did_you_mean(name, self.params),
                           f"parameters of {self.spec.name}: {', '.join(self.params) or 'none'}")
                 continue
@@ -289,7 +292,7 @@ class Elaborator:
             presets[preset] = checked
         if "scale" in overrides:
             chosen = overrides.pop("scale")
-            span = self.override_text.get("scale", (None, Span(OVERRIDES_FILE, 1, 1)))[1]
+            span = self.override_text.get("scale", (None, Span(API_OVERRIDES, 0, 0)))[1]
         elif "scale" in self.spec.params:
             chosen, span = self.spec.params["scale"], self.doc.span(("params", "scale"))
         else:

@@ -413,10 +413,11 @@ def test_input_with_a_bad_type_causes_no_follow_on_errors():
 # ---------------------------------------------------------------------------------------------
 
 def test_override_errors_through_the_api():
+    """Keyword overrides from Python have no --set text: the errors say so (not `<--set>:1:1`)."""
     diags = errors(spec("y = linear(x, d)"), dd=3, d="abc")
-    assert [(d.span.file, d.message) for d in diags] == [
-        ("<--set>", "unknown parameter 'dd' in override (did you mean 'd'?)"),
-        ("<--set>", "bad override for 'd': expected an integer, got 'abc'"),
+    assert [(d.span.file, d.span.line, d.message) for d in diags] == [
+        ("<keyword overrides>", 0, "unknown parameter 'dd' in override (did you mean 'd'?)"),
+        ("<keyword overrides>", 0, "bad override for 'd': expected an integer, got 'abc'"),
     ]
 
 
