@@ -88,16 +88,18 @@ def load(path_or_text: str | Path, *, opt_level: int = 1, deploy: bool = False,
 
 def build(path_or_text: str | Path, out: str | Path, *, opt_level: int = 1, disabled: tuple[str, ...] = (),
           deploy: bool = False, torch_compile: bool = False, weights: Mapping[str, Any] | None = None,
-          allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None,
+          allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None, force: bool = False,
           **more_overrides: Any) -> Path:
     """Write model.py, weights.safetensors and manifest.json into `out` (atomically).
-    weights and allow_imports as for `load`."""
+    weights and allow_imports as for `load`. An existing `out` must be empty or an earlier specc build
+    (else a SpecError), unless `force`; never the current directory or a folder holding the spec."""
     from specc.backends.pytorch.build import artifacts, write_atomic
 
     src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides}, allow_imports=allow_imports)
     ctx = PassContext(opt_level=opt_level, disabled=frozenset(disabled), deploy=deploy)
     write_atomic(Path(out), artifacts(graph, src.text, src.file, src.spec.paper, src.spec.description,
-                                      weights=given_weights(graph, weights), ctx=ctx, torch_compile=torch_compile))
+                                      weights=given_weights(graph, weights), ctx=ctx, torch_compile=torch_compile),
+                 force=force, protect=(src.file,), force_hint="force=True")
     return Path(out)
 
 

@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     i = spec_cmd("ir", "Print the typed IR, one node per line (optimised with -O1/-O2).")
     pass_options(i, 0)
     b = spec_cmd("build", "Build a standalone PyTorch module with initialised weights.")
-    b.add_argument("-o", "--out", required=True, help="output directory (replaced atomically)")
+    b.add_argument("-o", "--out", required=True,
+                   help="output directory, replaced atomically: it must be new, empty or an earlier specc build "
+                        "(see --force); a link to a folder: its target is replaced")
+    b.add_argument("--force", action="store_true",
+                   help="replace OUT even when it holds files specc did not write (they are deleted); never the "
+                        "current directory, a parent of it, or a folder holding the spec or another input")
     b.add_argument("--run", action="store_true", help="after building, run the model on example_inputs()")
     b.add_argument("--torch-compile", action="store_true",
                    help="make the built load() wrap the model in torch.compile by default")
@@ -116,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                            "no retraining) until the FLOPs are within a budget; write the pruned build.")
     pr.add_argument("--flops", required=True, metavar="FRACTION",
                     help="the budget: the pruned model's FLOPs at most FRACTION of the spec's (0 < FRACTION <= 1)")
-    pr.add_argument("-o", "--out", required=True, help="output directory (replaced atomically), as for build")
+    pr.add_argument("-o", "--out", required=True,
+                    help="output directory, replaced atomically as for build: new, empty or an earlier specc build")
+    pr.add_argument("--force", action="store_true",
+                    help="replace OUT even when it holds files specc did not write (they are deleted), as for build")
     pr.add_argument("--calib", metavar="data|example|FILE",
                     help="calibration batch: samples of the spec's train: data set (data, the default when it has "
                          "one), its example inputs (example), or a .npz/.safetensors file with one tensor per input")
@@ -281,8 +289,11 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
     if args.command == "verify":
         return _verify(args, src, graph)
     if args.command == "build":
+        from specc.backends.outdir import check
         from specc.backends.pytorch.build import artifacts, write_atomic
 
+        protect = (args.spec, args.weights)
+        check(args.out, force=args.force, protect=(*protect, args.tuning_db))  # before anything is built
         ctx = _pass_context(args, src.file)
         if args.run:
             from specc.backends.pytorch.build import check_example_inputs
@@ -293,7 +304,7 @@ def _run(args: argparse.Namespace, values: dict[str, str], spans: dict[str, tupl
                           weights=weights, ctx=ctx, torch_compile=args.torch_compile)
         if args.target != "torch":
             return _build_tvm(args, src, graph, ctx, json.loads(files["manifest.json"]), weights)
-        write_atomic(Path(args.out), files)
+        write_atomic(Path(args.out), files, force=args.force, protect=protect)
         print(f"built {graph.name} -> {args.out}/ ({', '.join(files)})")
         if args.run:
             _run_built(Path(args.out))
@@ -485,7 +496,8 @@ def _prune(args: argparse.Namespace, src, graph) -> int:
     weights = _read_weights(graph, args.weights) if args.weights else None
     report = run(src, graph, budget, base=weights, calib=args.calib, samples=args.samples, seed=args.seed,
                  opt_level=args.opt_level, out=args.out, at=at, budget_span=where,
-                 calib_span=Span("<--calib>", 0, 0), at_span=at_span)
+                 calib_span=Span("<--calib>", 0, 0), at_span=at_span, force=args.force,
+                 protect=(args.spec, args.weights))
     print(f"pruned {graph.name} -> {args.out}/ (model.py, weights.safetensors, manifest.json)")
     for line in summary_lines(report):
         print(line)
@@ -539,13 +551,14 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict, given:
     from specc.compiler.passes import optimize
 
     try:
-        check_options(args.target, args.out, args.tuning_db, args.tune)  # before any compiling or writing
+        protect = (args.spec, args.weights)
+        check_options(args.target, args.out, args.tuning_db, args.tune, force=args.force,
+                      protect=protect)  # before any compiling or writing
         optimised, _ = optimize(graph, ctx)
         _tvm_lowerable(optimised, args.target, src)
         weights = materialise(optimised, given if given is not None else init_weights(graph))
         build_package(optimised, weights, Path(args.out), args.target, manifest, tuning_db=args.tuning_db,
-                      opt_level=ctx.opt_level,
-                      tune_trials=args.tune)
+                      opt_level=ctx.opt_level, tune_trials=args.tune, force=args.force, protect=protect)
     except PackageError as e:
         raise SpecError(Diagnostic(Span(e.path or src.file, 0, 0), f"target {args.target}: {e}")) from None
     except LoweringError as e:

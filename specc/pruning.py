@@ -147,34 +147,44 @@ def check_sizes(graph: Graph, at: Mapping[str, Any] | None, where: Span) -> dict
 
 def prune(path_or_text, out: str | Path | None = None, *, flops: float, calib: str | Path | None = None,
           at: Mapping[str, int] | None = None, samples: int = 64, seed: int = 0, weights: Mapping[str, Any] | None = None, opt_level: int = 1,
-          allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None,
+          allow_imports: Iterable[str] = (), overrides: dict[str, Any] | None = None, force: bool = False,
           **more_overrides: Any) -> PruneReport:
     """Prune a spec's attention heads and MLP neurons to `flops` (a fraction) of its FLOPs and, with
     `out`, write the pruned build there (model.py, weights.safetensors, manifest.json with a "prune"
     entry). calib: "data", "example" or a file (see the module doc); at: {dimension: size} to count the
     FLOPs at instead of the spec's example sizes (e.g. {"T": 128}); weights: {name: tensor} of the
-    spec's parameters (a trained model), as for specc.load. Raises SpecError on a user error."""
+    spec's parameters (a trained model), as for specc.load; force: replace an `out` that is not empty
+    and not an earlier specc build, as `specc prune --force`. Raises SpecError on a user error."""
     from specc.api import _front, given_weights
 
     src, graph = _front(path_or_text, {**(overrides or {}), **more_overrides}, allow_imports=allow_imports)
     budget = check_budget(flops, Span("<flops>", 0, 0))
     base = given_weights(graph, weights)
     return run(src, graph, budget, base=base, calib=calib, samples=samples, seed=seed, opt_level=opt_level,
-               out=out, at=at)
+               out=out, at=at, force=force)
 
 
 def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None = None, samples: int = 64,
         seed: int = 0, opt_level: int = 1, out: str | Path | None = None, at: Mapping[str, int] | None = None,
-        budget_span: Span | None = None, calib_span: Span | None = None, at_span: Span | None = None) -> PruneReport:
+        budget_span: Span | None = None, calib_span: Span | None = None, at_span: Span | None = None,
+        force: bool = False, protect: tuple = ()) -> PruneReport:
     """The whole command on an elaborated spec: importance, ranking, rewrite, and (with `out`) the build.
 
     samples: how many calibration samples "data" or a file gives, 1 to MAX_SAMPLES (an error beyond:
     the importances cost one forward pass of them per head and neuron); a data split or file holding
     fewer is used whole, and the report's calibration (printed, and in the manifest) says how many were
     used and how many were asked for. Memory does not grow with them (measure evaluates STACK_SAMPLES at
-    a time). Every user error is raised before anything is written."""
+    a time). Every user error is raised before anything is written. `out` is replaced as `specc build`
+    replaces it (`force`, `protect`: see specc.backends.outdir; the spec and a calibration file are
+    always protected), checked before any work."""
+    from specc.backends.outdir import check
     from specc.backends.pytorch.build import artifacts, check_memory, write_atomic
     from specc.backends.pytorch.weights import init_weights
+
+    if out is not None:
+        protect = (src.file, calib if isinstance(calib, (str, Path)) and calib not in ("data", "example") else None,
+                   *protect)
+        check(out, force=force, protect=protect)
 
     budget_span = budget_span or Span("<flops>", 0, 0)
     calib_span = calib_span or Span("<calib>", 0, 0)
@@ -226,7 +236,7 @@ def run(src, graph: Graph, budget: float, *, base=None, calib: str | Path | None
         manifest = json.loads(files["manifest.json"])
         manifest["prune"] = report.to_json()
         files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
-        write_atomic(Path(out), files)
+        write_atomic(Path(out), files, force=force, protect=protect)
     return report
 
 

@@ -8,7 +8,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 import uuid
@@ -267,41 +266,23 @@ def artifacts(graph: Graph, spec_text: str, spec_file: str, paper: str | None = 
     }
 
 
-def write_atomic(out: Path, files: dict[str, bytes]) -> None:
+def write_atomic(out: Path, files: dict[str, bytes], *, force: bool = False, protect=(),
+                 force_hint: str = "--force") -> None:
     """Write files into `out` so that a failure leaves no partial directory: build in a sibling
-    temporary directory, then swap it in."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SpecError(Diagnostic(Span(str(out), 0, 0), "the output path exists and is not a folder"))
-    parent = out.resolve().parent
-    ancestor = parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise SpecError(Diagnostic(Span(str(out), 0, 0), f"cannot make the output folder: {ancestor} is not a folder"))
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise SpecError(Diagnostic(Span(str(out), 0, 0),
-                                   f"cannot make the output folder: {e.strerror or e}")) from None
-    try:
+    temporary directory, then swap it in. An `out` that holds anything but an earlier specc build is
+    an error unless `force`; one holding a `protect` path or the current directory, always (see
+    specc.backends.outdir)."""
+    from specc.backends.outdir import replace_folder
+
+    def fill(tmp: Path) -> None:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        replace_folder(out, fill, force=force, protect=protect, force_hint=force_hint)
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise SpecError(Diagnostic(Span(str(out), 0, 0), f"cannot write the build: {e.strerror or e}{where}")) from None
 
 
 def import_model_module(directory: Path):

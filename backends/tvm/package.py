@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,8 +80,10 @@ class PackageError(ValueError):
         self.path = None if path is None else str(path)
 
 
-def check_options(target: str, out: str | Path, tuning_db: str | Path | None, tune_trials: int) -> None:
-    """Raise PackageError for options that cannot work, before anything is compiled, tuned or written."""
+def check_options(target: str, out: str | Path, tuning_db: str | Path | None, tune_trials: int, *,
+                  force: bool = False, protect=()) -> None:
+    """Raise PackageError for options that cannot work, before anything is compiled, tuned or written
+    (SpecError for an output folder that may not be replaced: see specc.backends.outdir)."""
     from .tuning import DatabaseError, check_database
 
     if target not in TARGETS:
@@ -103,7 +102,10 @@ def check_options(target: str, out: str | Path, tuning_db: str | Path | None, tu
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PackageError("the output path exists and is not a folder", out)
-    parent = out.absolute().parent
+    from specc.backends.outdir import check
+
+    out = check(out, force=force, protect=(tuning_db, *protect))
+    parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -114,7 +116,8 @@ def check_options(target: str, out: str | Path, tuning_db: str | Path | None, tu
 
 def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, target: str,
                   manifest: Mapping[str, Any], tuning_db: str | Path | None = None, tune_trials: int = 0,
-                  tune_dims: Any = None, opt_level: int | None = None) -> Path:
+                  tune_dims: Any = None, opt_level: int | None = None, force: bool = False,
+                  protect=()) -> Path:
     """Compile `graph` (already optimised; `weights` its parameters) for `target` into `out`, atomically.
 
     With `tuning_db`, the database's records for this graph are used; with `tune_trials` > 0 too, the
@@ -122,11 +125,15 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
     example sizes; CPU targets only), so that later builds reuse them.
 
     Options that cannot work (see `check_options`) and a failure to write raise PackageError; a failed
-    build leaves `out` as it was (no partial folder, an earlier build untouched).
+    build leaves `out` as it was (no partial folder, an earlier build untouched). An `out` holding
+    anything but an earlier specc build is an error unless `force`; one holding the tuning database, a
+    `protect` path or the current directory, always (specc.backends.outdir).
     """
     from .build import export
 
-    check_options(target, out, tuning_db, tune_trials)
+    check_options(target, out, tuning_db, tune_trials, force=force, protect=protect)
+    from specc.backends.outdir import replace_folder
+
     from .tuning import DatabaseError
 
     if tune_trials:
@@ -138,35 +145,17 @@ def build_package(graph: Graph, weights: Mapping[str, Any], out: str | Path, tar
             raise PackageError(str(e), e.path) from None
 
     out = Path(out)
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise PackageError(f"cannot make the output folder: {e.strerror or e}", out) from None
-    try:
+
+    def fill(tmp: Path) -> None:
         export(graph, weights, tmp, TARGETS[target], tuning_db=tuning_db, opt_level=opt_level)
         (tmp / "model.py").write_text(model_py(graph, target))
         (tmp / "manifest.json").write_text(json.dumps(dict(manifest, target=target), indent=2) + "\n")
-        if out.exists():
-            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+
+    try:
+        replace_folder(out, fill, force=force, protect=(tuning_db, *protect))
     except DatabaseError as e:  # a row of the tuning database MetaSchedule cannot read
-        shutil.rmtree(tmp, ignore_errors=True)
         raise PackageError(str(e), e.path) from None
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         raise PackageError(f"cannot write the build: {e.strerror or e}{where}", out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
