@@ -64,9 +64,10 @@ def _parser() -> Lark:
 
 
 class _ToAst(Transformer):
-    def __init__(self, span_of: Callable[[object], Span]):
+    def __init__(self, span_of: Callable[[object], Span], errors: Collector):
         super().__init__()
         self._span = span_of
+        self._errors = errors
 
     def _s(self, meta) -> Span:
         return self._span(meta)
@@ -143,6 +144,9 @@ class _ToAst(Transformer):
         for c in rest:
             if c is None:
                 continue
+            if kwargs and not isinstance(c, A.Keyword):  # as Python: f(k=1, x) would bind x by position
+                self._errors.error(c.span, f"a positional argument after the keyword argument "
+                                           f"'{kwargs[-1].name}=': give the keyword arguments last")
             (kwargs if isinstance(c, A.Keyword) else args).append(c)
         return A.Call(func, tuple(args), tuple(kwargs), self._s(meta))
 
@@ -407,7 +411,7 @@ def parse(text: str, origin: TextOrigin, start: str, errors: Collector):
             broken.extend(names)
         attempt = blanked
     try:
-        result = _ToAst(span_of).transform(tree)
+        result = _ToAst(span_of, errors).transform(tree)
     except VisitError as e:  # pragma: no cover - literals are checked before the transform
         errors.error(origin.span(1, 1), f"invalid literal: {e.orig_exc}")
         return None

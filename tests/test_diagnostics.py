@@ -276,6 +276,14 @@ outputs:
 # Unknown operators and names
 # ---------------------------------------------------------------------------------------------
 
+def test_a_positional_argument_after_a_keyword_is_located():
+    """linear(out=4, x) is refused, as Python refuses it (it had bound x to the first free argument)."""
+    d = only(spec("y = linear(out=4, x)"))
+    assert (d.span.line, d.span.col) == (8, 21)
+    assert d.message == "a positional argument after the keyword argument 'out=': give the keyword arguments last"
+    assert specc.check(spec("y = linear(x, out=4, bias=false)")).params == 16 * 4  # keywords last: fine
+
+
 def test_unknown_operator_with_suggestion_and_caret_width():
     d = only(spec("y = lienar(x, d)"))
     assert (d.span.line, d.span.col, d.span.end_col) == (8, 7, 13)
