@@ -1163,10 +1163,15 @@ class Elaborator:
                     values[a.name] = [v for v, _ in rest]
                 if rest:
                     spans[a.name] = rest[0][1].span.merge(rest[-1][1].span)
+                    items = rest[0][1].items if len(rest) == 1 and isinstance(rest[0][1], A.ListExpr) \
+                        else [x for _, x in rest]
+                    spans.update((f"{a.name}[{j}]", x.span) for j, x in enumerate(items))  # OpError's "xs[2]"
                 pos = []
                 break
             if i < len(pos):
                 values[a.name], spans[a.name] = pos[i][0], pos[i][1].span
+                if isinstance(pos[i][1], A.ListExpr):  # each item's place too, for OpError's "xs[2]"
+                    spans.update((f"{a.name}[{j}]", x.span) for j, x in enumerate(pos[i][1].items))
         else:
             if len(pos) > len(params):
                 extra = e.args[len(params)]
@@ -1183,6 +1188,8 @@ class Elaborator:
                 self.fail(k.span, f"{opdef.name}() got argument '{k.name}' twice")
                 return None
             values[k.name], spans[k.name] = kwargs[k.name], k.span
+            if isinstance(k.value, A.ListExpr):
+                spans.update((f"{k.name}[{j}]", x.span) for j, x in enumerate(k.value.items))
         for a in opdef.args:
             if a.name not in values:
                 if a.required and not a.variadic:
@@ -1329,8 +1336,9 @@ class Elaborator:
             outs = opdef.infer(call)
             outs = outs if isinstance(outs, tuple) else (outs,)
             params = opdef.layer_params(call)
-        except OpError as err:
-            return self.fail(spans.get(err.arg or "", span) if err.arg else span, err.message)
+        except OpError as err:  # at the argument named (an item of a list argument: "xs[2]", else the list)
+            where = spans.get(err.arg, spans.get(err.arg.split("[")[0], span)) if err.arg else span
+            return self.fail(where, err.message)
         for p in params:  # tie=: one storage, so one dtype (a layer's float parameters take its input's)
             owner = self.param_spec(p.tied_to) if p.tied_to else None
             if owner is not None and owner.dtype != p.dtype:

@@ -760,13 +760,13 @@ def _concat(c: OpCall):
     for i, t in enumerate(xs):
         if t.rank != first.rank:
             raise OpError(f"concat: tensor {i} is {shape_str(t)}, but tensor 0 is {shape_str(first)} "
-                          f"(rank {t.rank} vs {first.rank})", "xs")
+                          f"(rank {t.rank} vs {first.rank})", f"xs[{i}]")
         if t.dtype != first.dtype:
-            raise OpError(f"concat: tensor {i} has dtype {t.dtype}, tensor 0 has {first.dtype}", "xs")
+            raise OpError(f"concat: tensor {i} has dtype {t.dtype}, tensor 0 has {first.dtype}", f"xs[{i}]")
         for j, (a, b) in enumerate(zip(first.shape, t.shape)):
             if j != axis and a != b:
                 raise OpError(f"concat: tensor {i} is {shape_str(t)}, tensor 0 is {shape_str(first)}: "
-                              f"dimension {j} is {fmt(b)} vs {fmt(a)}", "xs")
+                              f"dimension {j} is {fmt(b)} vs {fmt(a)}", f"xs[{i}]")
         total = total + t.shape[axis]
     shape = list(first.shape)
     shape[axis] = total

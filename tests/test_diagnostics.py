@@ -347,7 +347,7 @@ def test_block_arguments():
 
 def test_shape_mismatch_names_both_shapes_and_the_dimension():
     diags = errors(spec("h = linear(x, 8)\na = h + x\nb = matmul(x, x)\nc = concat([h, x], dim=1)\ny = x"))
-    assert where(diags) == [(9, 11), (10, 17), (11, 14)]
+    assert where(diags) == [(9, 11), (10, 17), (11, 18)]  # concat: at the tensor that differs
     assert diags[0].message == ("add: cannot broadcast f32[B, T, 8] with f32[B, T, 16]: "
                                 "dimension -1 is 8 vs 16")
     assert diags[1].message == ("matmul: inner dimensions differ: f32[B, T, 16] @ f32[B, T, 16] "
