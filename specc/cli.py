@@ -563,8 +563,8 @@ def _build_tvm(args: argparse.Namespace, src, graph, ctx, manifest: dict, given:
         raise SpecError(Diagnostic(Span(e.path or src.file, 0, 0), f"target {args.target}: {e}")) from None
     except LoweringError as e:
         raise _lowering_error(e, args.target, src) from None
-    print(f"built {graph.name} -> {args.out}/ (model_lib.so, model.py, loader.py, weights.safetensors, manifest.json; "
-          f"target {args.target})")
+    print(f"built {graph.name} -> {args.out}/ (model_lib.so, model.py, loader.py, weights.safetensors, manifest.json, "
+          f"tvm_manifest.json; target {args.target})")
     if args.run:
         if args.target == "tvm-cuda":
             print("not run: the library holds CUDA kernels for sm_90 and this machine has no NVIDIA GPU")
