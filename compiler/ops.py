@@ -563,48 +563,79 @@ def _mlp(c: OpCall):
     return T(x.dtype, x.shape[:-1] + (c.a("out") or d,))
 
 
-def _lstm_params(c: OpCall):
+def _recurrent_params(name: str, gates: int):
+    """The parameters of lstm (gates=4: i, f, g, o) and gru (gates=3: r, z, n), named and shaped as
+    torch.nn.LSTM's and torch.nn.GRU's (so a torch state_dict loads by name), each uniform(+-1/sqrt(hidden))
+    as torch initialises them."""
+    def params(c: OpCall):
+        x = c.t("x")
+        d = fixed_width(x.shape[-1], name, "input width (last dimension of x)")
+        h, layers = c.a("hidden"), c.a("layers")
+        dirs = 2 if c.a("bidirectional") else 1
+        init = Init("uniform", (1.0 / h ** 0.5,))
+        ps = []
+        for layer in range(layers):
+            fan_in = d if layer == 0 else h * dirs
+            for suffix in ("", "_reverse")[:dirs]:
+                ps.append(param(f"weight_ih_l{layer}{suffix}", (gates * h, fan_in), init, op=name, arg="hidden"))
+                ps.append(param(f"weight_hh_l{layer}{suffix}", (gates * h, h), init, op=name, arg="hidden"))
+                ps.append(param(f"bias_ih_l{layer}{suffix}", (gates * h,), init, op=name, arg="hidden"))
+                ps.append(param(f"bias_hh_l{layer}{suffix}", (gates * h,), init, op=name, arg="hidden"))
+        return ps
+    return params
+
+
+def _recurrent_flops(gates: int, per_state: int):
+    """Per layer, direction and step (B * T steps): the two projections, 2 * gates * H * (d_in + H), 4 per
+    gate element (the two biases, the sum of the projections, the activation) and `per_state` per entry
+    of the state (the cell's own update)."""
+    def flops(c: OpCall, outs):
+        x = c.t("x")
+        h, dirs = c.a("hidden"), 2 if c.a("bidirectional") else 1
+        steps = product(x.shape[:-1])
+        total: Dim = 0
+        for layer in range(c.a("layers")):
+            fan_in = x.shape[-1] if layer == 0 else h * dirs
+            total = total + dirs * steps * (2 * gates * h * (fan_in + h) + 4 * gates * h + per_state * h)
+        return total
+    return flops
+
+
+def _recurrent(name: str, c: OpCall):
     x = c.t("x")
-    d = fixed_width(x.shape[-1], "lstm", "input width (last dimension of x)")
-    h, layers = c.a("hidden"), c.a("layers")
+    need_float(x, name)
+    need_rank(x, 3, name, hi=3)
+    fixed_width(x.shape[-1], name, "input width (last dimension of x)")
+    if c.a("hidden") <= 0 or c.a("layers") <= 0:
+        raise OpError(f"{name}: hidden and layers must be positive", "hidden")
+    if c.a("layers") > MAX_LAYERS:
+        raise OpError(f"{name}: at most {MAX_LAYERS} layers, got {c.a('layers')}", "layers")
     dirs = 2 if c.a("bidirectional") else 1
-    init = Init("uniform", (1.0 / h ** 0.5,))
-    ps = []
-    for layer in range(layers):
-        fan_in = d if layer == 0 else h * dirs
-        for suffix in ("", "_reverse")[:dirs]:
-            ps.append(param(f"weight_ih_l{layer}{suffix}", (4 * h, fan_in), init, op="lstm", arg="hidden"))
-            ps.append(param(f"weight_hh_l{layer}{suffix}", (4 * h, h), init, op="lstm", arg="hidden"))
-            ps.append(param(f"bias_ih_l{layer}{suffix}", (4 * h,), init, op="lstm", arg="hidden"))
-            ps.append(param(f"bias_hh_l{layer}{suffix}", (4 * h,), init, op="lstm", arg="hidden"))
-    return ps
-
-
-def _lstm_flops(c: OpCall, outs):
-    x = c.t("x")
-    h, dirs = c.a("hidden"), 2 if c.a("bidirectional") else 1
-    steps = product(x.shape[:-1])
-    total: Dim = 0
-    for layer in range(c.a("layers")):
-        fan_in = x.shape[-1] if layer == 0 else h * dirs
-        total = total + dirs * steps * (2 * 4 * h * (fan_in + h) + 4 * 4 * h + 6 * h)
-    return total
+    return T(x.dtype, x.shape[:-1] + (c.a("hidden") * dirs,))
 
 
 @op("lstm", Arg("x", "tensor"), Arg("hidden", "int"), Arg("layers", "int", 1), Arg("bidirectional", "bool", False),
-    params=_lstm_params, flops=_lstm_flops, category="layer")
+    params=_recurrent_params("lstm", 4), flops=_recurrent_flops(4, 6), category="layer")
 def _lstm(c: OpCall):
     """lstm(x, hidden, layers=1, bidirectional=false): x [B, T, d] -> [B, T, hidden * directions]."""
-    x = c.t("x")
-    need_float(x, "lstm")
-    need_rank(x, 3, "lstm", hi=3)
-    fixed_width(x.shape[-1], "lstm", "input width (last dimension of x)")
-    if c.a("hidden") <= 0 or c.a("layers") <= 0:
-        raise OpError("lstm: hidden and layers must be positive", "hidden")
-    if c.a("layers") > MAX_LAYERS:
-        raise OpError(f"lstm: at most {MAX_LAYERS} layers, got {c.a('layers')}", "layers")
-    dirs = 2 if c.a("bidirectional") else 1
-    return T(x.dtype, x.shape[:-1] + (c.a("hidden") * dirs,))
+    return _recurrent("lstm", c)
+
+
+@op("gru", Arg("x", "tensor"), Arg("hidden", "int"), Arg("layers", "int", 1), Arg("bidirectional", "bool", False),
+    params=_recurrent_params("gru", 3), flops=_recurrent_flops(3, 4), category="layer")
+def _gru(c: OpCall):
+    """gru(x, hidden, layers=1, bidirectional=false): x [B, T, d] -> [B, T, hidden * directions], as torch.nn.GRU.
+
+    torch.nn.GRU(batch_first=True) with h0 = 0, per step: r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),
+    z = sigmoid(W_iz x + b_iz + W_hz h + b_hz), n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
+    h' = (1 - z) * n + z * h. Parameters as torch's, so that its state_dict loads by name: weight_ih_l{k}
+    [3H, d_in], weight_hh_l{k} [3H, H], bias_ih_l{k} and bias_hh_l{k} [3H] (gates r, z, n), U(-1/sqrt(H),
+    1/sqrt(H)); ..._reverse for the backward direction, whose output follows the forward one's (concat on
+    the last dim); layer k > 0 reads the previous layer's output. FLOPs: the sum over layers and
+    directions of B * T * (6 H (d_in + H) + 16 H): the two projections; 4 per gate element (the two
+    biases, the sum of the two projections, the activation); 4 per state entry (n's reset product
+    r * (W_hn h + b_hn), and h' computed as n + z * (h - n))."""
+    return _recurrent("gru", c)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ LAYERS = {
     "attention": ("x: 'f64[B, T, 8]'", "y = attention(x, heads=2, causal=true)"),
     "lstm": ("x: 'f64[B, T, 6]'", "y = lstm(x, 5)"),
     "lstm_bidirectional": ("x: 'f64[B, T, 6]'", "y = lstm(x, 5, layers=2, bidirectional=true)"),
+    "gru_bidirectional": ("x: 'f64[B, T, 6]'", "y = gru(x, 5, layers=2, bidirectional=true)"),
 }
 
 

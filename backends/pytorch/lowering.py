@@ -406,14 +406,18 @@ def _mlp_init(c: Ctx, ins: InTypes) -> str:
     return f"MLP({', '.join(args)})"
 
 
-def _lstm_init(c: Ctx, ins: InTypes) -> str:
-    args = [str(ins[0].shape[-1]), str(c.a("hidden"))]
-    if c.a("layers") != 1:
-        args.append(f"num_layers={c.a('layers')}")
-    args.append("batch_first=True")
-    if c.a("bidirectional"):
-        args.append("bidirectional=True")
-    return f"nn.LSTM({', '.join(args)})"
+def _recurrent_init(cls: str) -> Callable[[Ctx, InTypes], str]:
+    """nn.LSTM / nn.GRU(d, hidden, num_layers=, batch_first=True, bidirectional=): the spec's parameters
+    are theirs, by name and layout."""
+    def init(c: Ctx, ins: InTypes) -> str:
+        args = [str(ins[0].shape[-1]), str(c.a("hidden"))]
+        if c.a("layers") != 1:
+            args.append(f"num_layers={c.a('layers')}")
+        args.append("batch_first=True")
+        if c.a("bidirectional"):
+            args.append("bidirectional=True")
+        return f"{cls}({', '.join(args)})"
+    return init
 
 
 def _module_call(c: Ctx, xs: list[Expr]) -> Expr:
@@ -452,7 +456,8 @@ LOWERINGS: dict[str, Lowering] = {
     "dropout": Lowering(lambda c, xs: call(f"F.dropout({xs[0].text}, p={lit(c.a('p'))}, training=self.training)")),
     "attention": Lowering(_attention_call, _attention_init, ("MultiHeadAttention",)),
     "mlp": Lowering(_module_call, _mlp_init, ("MLP",)),
-    "lstm": Lowering(lambda c, xs: call(f"{c.module}({xs[0].text})[0]"), _lstm_init),
+    "lstm": Lowering(lambda c, xs: call(f"{c.module}({xs[0].text})[0]"), _recurrent_init("nn.LSTM")),
+    "gru": Lowering(lambda c, xs: call(f"{c.module}({xs[0].text})[0]"), _recurrent_init("nn.GRU")),
     "softmax": Lowering(lambda c, xs: call(f"F.softmax({xs[0].text}, dim={c.a('dim')})")),
     "mean": Lowering(_reduce("mean")),
     "sum": Lowering(_reduce("sum")),

@@ -1,5 +1,5 @@
 """Hand-written CPU kernels in TIR for what the schedule rules cannot reach (fused attention), and the
-vectorisable float32 exp / sigmoid / tanh they and the LSTM kernel (lowering.py) use.
+vectorisable float32 exp / sigmoid / tanh they and the LSTM/GRU scan kernel (lowering.py) use.
 
 `attention_kernel` is softmax(q k^T * scale [causal]) v for every (batch row, head) in one parallel
 loop, reading q, k, v as the projections write them ([N, L, heads * dh], a head a column slice) and

@@ -11,11 +11,11 @@ The IR is lowered straight to Relax with a `relax.BlockBuilder` (no torch.export
 * each node is lowered by `LOWERINGS[node.op](ctx, inputs)`, which returns a Relax expression (or
   a tuple of them for an op with several outputs, e.g. split).
 
-The LSTM recurrence is a hand-written TIR kernel (on CPU: the batch rows in parallel, each a serial
-loop over the symbolic time dimension, gates vectorised, h/c state kept in the output and scratch
-buffers), called with `call_tir` once per layer and direction; the input projection of all steps is
-one Relax matmul before it. No unrolling: T stays symbolic. CUDA has its own version of that kernel
-(a thread block per batch row), compiled but not yet run on a GPU.
+The LSTM and GRU recurrences are one hand-written TIR kernel, parameterised by the cell (on CPU: the
+batch rows in parallel, each a serial loop over the symbolic time dimension, gates vectorised, the
+state kept in the output and scratch buffers), called with `call_tir` once per layer and direction;
+the input projection of all steps is one Relax matmul before it. No unrolling: T stays symbolic. CUDA
+has its own version of that kernel (a thread block per batch row), compiled but not yet run on a GPU.
 
 On CPU targets `linear` is written as matmul(x, permute_dims(W)): the schedules vectorise over the
 output columns, so they read W transposed ([in, out], contiguous along the columns); with
@@ -574,35 +574,49 @@ def _mlp(c: Ctx, xs: list) -> relax.Expr:
     return _linear(c, y, c.weight("fc2.weight"), c.weight("fc2.bias") if bias else None, "fc2")
 
 
-# -- LSTM ---------------------------------------------------------------------------------------
+# -- LSTM, GRU -----------------------------------------------------------------------------------
 
-def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
-    """One direction of one LSTM layer as a CPU TIR kernel over a symbolic batch B and length L.
+#: The recurrent cells with a scan kernel: gates per state entry, in torch.nn.LSTM's and torch.nn.GRU's
+#: layouts (LSTM: i, f, g, o; GRU: r, z, n).
+RECURRENT_GATES = {"lstm": 4, "gru": 3}
 
-    In: xp [B, L, 4H] (the input projection plus both biases, for every step), w_hh^T [H, 4H]
-    (transposed, contiguous along the gates; with lifting, once at bind time).
+
+def recurrent_kernel(cell: str, hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
+    """One direction of one LSTM or GRU layer (`cell`) as a CPU TIR kernel over a symbolic batch B and length L.
+
+    In: xp [B, L, G] (G = gates * H: the input projection for every step; for the LSTM plus both
+    biases, for the GRU plus b_ih), w: the LSTM's w_hh^T [H, 4H], the GRU's [w_hh^T; b_hh] [H + 1, 3H]
+    (b_hh as a last row: the n gate needs W_hn h + b_hn apart from the input's share), transposed,
+    contiguous along the gates (with lifting, once at bind time).
     Out: h [B, L, H] (the hidden state at each step, aligned with the input steps), and scratch
-    buffers c [B, H] (the cell state) and g [B, 4H] (the gates of the current step).
-    Gate order i, f, g, o (torch.nn.LSTM's layout); h0 = c0 = 0. The batch rows are independent
-    recurrences: they run in parallel, each its serial loop over the steps. A step's gates are
-    accumulated JC at a time in a local (register) tile over h's H entries, vectorised along the
-    gates; the cell update is vectorised too, with polynomial sigmoid/tanh in float32.
+    buffers c [B, H] (the LSTM's cell state; the GRU's h) and g [B, G] (the current step's gates: the
+    LSTM's pre-activations, the GRU's hidden projection W_hh h + b_hh, then z and n over its z and n
+    entries). h0 = c0 = 0.
+    LSTM: c = sig(f) c + sig(i) tanh(g), h = sig(o) tanh(c). GRU: r = sig(xp_r + g_r), z = sig(xp_z + g_z),
+    n = tanh(xp_n + r g_n), h = n + z (h - n) (torch's (1 - z) n + z h, as torch computes it).
+    The batch rows are independent recurrences: they run in parallel, each its serial loop over the
+    steps. A step's gates are accumulated JC at a time in a local (register) tile over h's H entries,
+    vectorised along the gates; the state update is vectorised too, with polynomial sigmoid/tanh in
+    float32.
     """
     from tvm.script import tirx as T
 
-    H, G = hidden, 4 * hidden
-    JC = next(n for n in (64, 32, 16, 8, 4) if G % n == 0)  # gates per register tile (G = 4H)
+    gru = cell == "gru"
+    H, G = hidden, RECURRENT_GATES[cell] * hidden
+    WR = 1 if gru else 0  # w's rows after w_hh^T's H: the GRU's b_hh
+    # gates per register tile (G = 4H: a multiple of 4; G = 3H: of 3)
+    JC = next(n for n in ((64, 48, 32, 24, 16, 12, 8, 6, 4, 3) if gru else (64, 32, 16, 8, 4)) if G % n == 0)
     HC = next(n for n in (16, 8, 4, 2, 1) if H % n == 0)  # state entries per vector
     rev = 1 if reverse else 0
     sig, tanh = gate_fns(dtype)
 
     @T.prim_func(private=True)
-    def lstm_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
+    def recurrent_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         L = T.int64()
         xp = T.match_buffer(var_xp, (B, L, G), dtype)
-        w = T.match_buffer(var_w, (H, G), dtype)
+        w = T.match_buffer(var_w, (H + WR, G), dtype)
         out = T.match_buffer(var_out, (B, L, H), dtype)
         c = T.match_buffer(var_c, (B, H), dtype)
         g = T.match_buffer(var_g, (B, G), dtype)
@@ -614,8 +628,12 @@ def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
                 t = rev * (L - 1) + (1 - 2 * rev) * s  # the step this iteration computes
                 tp = t - (1 - 2 * rev)  # the step before it, in the direction of the scan
                 for jo in range(G // JC):
-                    for ji in T.vectorized(JC):
-                        acc[ji] = xp[b, t, jo * JC + ji]
+                    if gru:  # W_hh h + b_hh: from the bias row
+                        for ji in T.vectorized(JC):
+                            acc[ji] = w[H, jo * JC + ji]
+                    else:
+                        for ji in T.vectorized(JC):
+                            acc[ji] = xp[b, t, jo * JC + ji]
                     if s > 0:
                         for k in range(H):
                             for ji in T.vectorized(JC):
@@ -624,36 +642,47 @@ def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
                         g[b, jo * JC + ji] = acc[ji]
                 for jo in range(H // HC):
                     for ji in T.vectorized(HC):
-                        c[b, jo * HC + ji] = (sig(g[b, H + jo * HC + ji]) * c[b, jo * HC + ji]
-                                              + sig(g[b, jo * HC + ji]) * tanh(g[b, 2 * H + jo * HC + ji]))
-                        out[b, t, jo * HC + ji] = sig(g[b, 3 * H + jo * HC + ji]) * tanh(c[b, jo * HC + ji])
+                        if gru:  # z, n over g's entries: a let in a vectorised loop miscompiles (TVM 0.27)
+                            g[b, H + jo * HC + ji] = sig(xp[b, t, H + jo * HC + ji] + g[b, H + jo * HC + ji])
+                            g[b, 2 * H + jo * HC + ji] = tanh(xp[b, t, 2 * H + jo * HC + ji] + sig(
+                                xp[b, t, jo * HC + ji] + g[b, jo * HC + ji]) * g[b, 2 * H + jo * HC + ji])
+                            c[b, jo * HC + ji] = g[b, 2 * H + jo * HC + ji] + g[b, H + jo * HC + ji] * (
+                                c[b, jo * HC + ji] - g[b, 2 * H + jo * HC + ji])
+                            out[b, t, jo * HC + ji] = c[b, jo * HC + ji]
+                        else:
+                            c[b, jo * HC + ji] = (sig(g[b, H + jo * HC + ji]) * c[b, jo * HC + ji]
+                                                  + sig(g[b, jo * HC + ji]) * tanh(g[b, 2 * H + jo * HC + ji]))
+                            out[b, t, jo * HC + ji] = sig(g[b, 3 * H + jo * HC + ji]) * tanh(c[b, jo * HC + ji])
 
-    return lstm_scan
+    return recurrent_scan
 
 
-def lstm_kernel_gpu(hidden: int, reverse: bool, dtype: str, max_threads: int = 1024) -> tirx.PrimFunc:
-    """The kernel of `lstm_kernel` for CUDA: one thread block per batch row, a thread per gate.
+def recurrent_kernel_gpu(cell: str, hidden: int, reverse: bool, dtype: str, max_threads: int = 1024) -> tirx.PrimFunc:
+    """The kernel of `recurrent_kernel` for CUDA: one thread block per batch row, a thread per gate.
 
-    Same buffers and call signature (the c/g scratch outputs are unused: the cell state lives in
-    registers, h and the gates in shared memory). Each step: every thread computes its gates from
-    h in shared memory, a barrier, the first H threads update c and h, a barrier. Compiled and
-    checked by reading the generated CUDA; not yet run on a GPU.
+    Same buffers and call signature, w not transposed: the LSTM's w_hh [4H, H], the GRU's
+    [w_hh, b_hh] [3H, H + 1] (b_hh as a last column). The c/g scratch outputs are unused: the state
+    lives in registers, h and the gates in shared memory. Each step: every thread computes its gates
+    from h in shared memory, a barrier, the first H threads update the state and h, a barrier.
+    Compiled and checked by reading the generated CUDA; not yet run on a GPU.
     """
     from tvm.script import tirx as T
 
-    H, G = hidden, 4 * hidden
+    gru = cell == "gru"
+    H, G = hidden, RECURRENT_GATES[cell] * hidden
+    WC = 1 if gru else 0  # w's columns after w_hh's H: the GRU's b_hh
     NT = min(max_threads, (G + 31) // 32 * 32)
     RG = (G + NT - 1) // NT  # gates per thread
     RH = (H + NT - 1) // NT  # state elements per thread
     rev = 1 if reverse else 0
 
     @T.prim_func(private=True)
-    def lstm_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
+    def recurrent_scan(var_xp: T.handle, var_w: T.handle, var_out: T.handle, var_c: T.handle, var_g: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         L = T.int64()
         xp = T.match_buffer(var_xp, (B, L, G), dtype)
-        w = T.match_buffer(var_w, (G, H), dtype)
+        w = T.match_buffer(var_w, (G, H + WC), dtype)
         out = T.match_buffer(var_out, (B, L, H), dtype)
         T.match_buffer(var_c, (B, H), dtype)
         T.match_buffer(var_g, (B, G), dtype)
@@ -672,7 +701,10 @@ def lstm_kernel_gpu(hidden: int, reverse: bool, dtype: str, max_threads: int = 1
                     t = rev * (L - 1) + (1 - 2 * rev) * s
                     for r in range(RG):
                         if r * NT + tx < G:
-                            acc[0] = xp[b, t, r * NT + tx]
+                            if gru:  # W_hh h + b_hh: from the bias column
+                                acc[0] = w[r * NT + tx, H]
+                            else:
+                                acc[0] = xp[b, t, r * NT + tx]
                             for k in range(H):
                                 acc[0] = acc[0] + hs[k] * w[r * NT + tx, k]
                             gs[r * NT + tx] = acc[0]
@@ -680,48 +712,89 @@ def lstm_kernel_gpu(hidden: int, reverse: bool, dtype: str, max_threads: int = 1
                     for r in range(RH):
                         if r * NT + tx < H:
                             j = r * NT + tx
-                            cl[r] = T.sigmoid(gs[H + j]) * cl[r] + T.sigmoid(gs[j]) * T.tanh(gs[2 * H + j])
-                            hs[j] = T.sigmoid(gs[3 * H + j]) * T.tanh(cl[r])
-                            out[b, t, j] = T.sigmoid(gs[3 * H + j]) * T.tanh(cl[r])
+                            if gru:  # cl holds h
+                                z = T.sigmoid(xp[b, t, H + j] + gs[H + j])
+                                n = T.tanh(xp[b, t, 2 * H + j] + T.sigmoid(xp[b, t, j] + gs[j]) * gs[2 * H + j])
+                                cl[r] = n + z * (cl[r] - n)
+                                hs[j] = cl[r]
+                                out[b, t, j] = cl[r]
+                            else:
+                                cl[r] = T.sigmoid(gs[H + j]) * cl[r] + T.sigmoid(gs[j]) * T.tanh(gs[2 * H + j])
+                                hs[j] = T.sigmoid(gs[3 * H + j]) * T.tanh(cl[r])
+                                out[b, t, j] = T.sigmoid(gs[3 * H + j]) * T.tanh(cl[r])
                     T.tvm_storage_sync("shared")
 
-    return lstm_scan
+    return recurrent_scan
 
 
-def _lstm(c: Ctx, xs: list) -> relax.Expr:
-    if c.target_kind == "llvm":
-        make_kernel = lstm_kernel
-    elif c.target_kind == "cuda":
-        make_kernel = lstm_kernel_gpu
-    else:
-        raise LoweringError(f"lstm: no recurrence kernel for target {c.target_kind} (llvm and cuda only)")
-    xt = c.in_type(0)
-    hidden, layers = int(c.a("hidden")), int(c.a("layers"))
-    dirs = ("", "_reverse") if c.a("bidirectional") else ("",)
-    bsz, length = c.dim(xt.shape[0]), c.dim(xt.shape[1])
-    H = tirx.IntImm("int64", hidden)
-    dtype = DTYPES[xt.dtype]
-    y = xs[0]
-    for layer in range(layers):
-        outs = []
-        for suffix in dirs:
-            key = ("lstm", hidden, bool(suffix), dtype)
-            if key not in c.kernels:
-                c.kernels[key] = c.bb.add_func(make_kernel(hidden, bool(suffix), dtype),
-                                               f"lstm_scan_h{hidden}{'_rev' if suffix else ''}")
-            w_ih, w_hh = c.weight(f"weight_ih_l{layer}{suffix}"), c.weight(f"weight_hh_l{layer}{suffix}")
-            b = c.emit(R.add(c.weight(f"bias_ih_l{layer}{suffix}"), c.weight(f"bias_hh_l{layer}{suffix}")))
-            xp = _linear(c, y, w_ih, b, f"lstm_xp_l{layer}{suffix}")
-            if c.target_kind == "llvm":  # the CPU kernel reads w_hh^T [H, 4H]: vectors along the gates
-                w_hh = c.emit(R.permute_dims(w_hh, [1, 0]))
-            res = c.emit(relax.call_tir(c.kernels[key], [xp, w_hh], out_ty=[
-                relax.TensorType([bsz, length, H], dtype),
-                relax.TensorType([bsz, H], dtype),
-                relax.TensorType([bsz, tirx.IntImm("int64", 4 * hidden)], dtype),
-            ]))
-            outs.append(c.emit(relax.TupleGetItem(res, 0), f"lstm_h_l{layer}{suffix}"))
-        y = outs[0] if len(outs) == 1 else c.emit(R.concat(outs, axis=-1))
-    return y
+def lstm_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
+    """`recurrent_kernel` of the LSTM."""
+    return recurrent_kernel("lstm", hidden, reverse, dtype)
+
+
+def lstm_kernel_gpu(hidden: int, reverse: bool, dtype: str, max_threads: int = 1024) -> tirx.PrimFunc:
+    """`recurrent_kernel_gpu` of the LSTM."""
+    return recurrent_kernel_gpu("lstm", hidden, reverse, dtype, max_threads)
+
+
+def gru_kernel(hidden: int, reverse: bool, dtype: str) -> tirx.PrimFunc:
+    """`recurrent_kernel` of the GRU."""
+    return recurrent_kernel("gru", hidden, reverse, dtype)
+
+
+def gru_kernel_gpu(hidden: int, reverse: bool, dtype: str, max_threads: int = 1024) -> tirx.PrimFunc:
+    """`recurrent_kernel_gpu` of the GRU."""
+    return recurrent_kernel_gpu("gru", hidden, reverse, dtype, max_threads)
+
+
+def _recurrent(cell: str) -> Lowering:
+    """lstm / gru: per layer and direction, the input projection of every step (one Relax matmul), then
+    the scan kernel (call_tir); the directions' outputs concatenated, forward first."""
+    gates = RECURRENT_GATES[cell]
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        if c.target_kind == "llvm":
+            make_kernel = recurrent_kernel
+        elif c.target_kind == "cuda":
+            make_kernel = recurrent_kernel_gpu
+        else:
+            raise LoweringError(f"{cell}: no recurrence kernel for target {c.target_kind} (llvm and cuda only)")
+        xt = c.in_type(0)
+        hidden, layers = int(c.a("hidden")), int(c.a("layers"))
+        dirs = ("", "_reverse") if c.a("bidirectional") else ("",)
+        bsz, length = c.dim(xt.shape[0]), c.dim(xt.shape[1])
+        H = tirx.IntImm("int64", hidden)
+        dtype = DTYPES[xt.dtype]
+        y = xs[0]
+        for layer in range(layers):
+            outs = []
+            for suffix in dirs:
+                key = (cell, hidden, bool(suffix), dtype)
+                if key not in c.kernels:
+                    c.kernels[key] = c.bb.add_func(make_kernel(cell, hidden, bool(suffix), dtype),
+                                                   f"{cell}_scan_h{hidden}{'_rev' if suffix else ''}")
+                w_ih, w_hh = c.weight(f"weight_ih_l{layer}{suffix}"), c.weight(f"weight_hh_l{layer}{suffix}")
+                b_ih, b_hh = c.weight(f"bias_ih_l{layer}{suffix}"), c.weight(f"bias_hh_l{layer}{suffix}")
+                if cell == "lstm":
+                    xp = _linear(c, y, w_ih, c.emit(R.add(b_ih, b_hh)), f"lstm_xp_l{layer}{suffix}")
+                    if c.target_kind == "llvm":  # the CPU kernel reads w_hh^T [H, 4H]: vectors along the gates
+                        w_hh = c.emit(R.permute_dims(w_hh, [1, 0]))
+                else:  # b_hh stays apart (r * (W_hn h + b_hn)): a last row of w_hh^T, or column of w_hh
+                    xp = _linear(c, y, w_ih, b_ih, f"gru_xp_l{layer}{suffix}")
+                    if c.target_kind == "llvm":
+                        w_hh = c.emit(R.concat([R.permute_dims(w_hh, [1, 0]),
+                                                R.reshape(b_hh, [1, gates * hidden])], axis=0))
+                    else:
+                        w_hh = c.emit(R.concat([w_hh, R.reshape(b_hh, [gates * hidden, 1])], axis=1))
+                res = c.emit(relax.call_tir(c.kernels[key], [xp, w_hh], out_ty=[
+                    relax.TensorType([bsz, length, H], dtype),
+                    relax.TensorType([bsz, H], dtype),
+                    relax.TensorType([bsz, tirx.IntImm("int64", gates * hidden)], dtype),
+                ]))
+                outs.append(c.emit(relax.TupleGetItem(res, 0), f"{cell}_h_l{layer}{suffix}"))
+            y = outs[0] if len(outs) == 1 else c.emit(R.concat(outs, axis=-1))
+        return y
+    return lower
 
 
 # -- reductions, shapes ------------------------------------------------------------------------
@@ -1269,7 +1342,8 @@ LOWERINGS: dict[str, Lowering] = {
     "dropout": _dropout,
     "attention": _attention,
     "mlp": _mlp,
-    "lstm": _lstm,
+    "lstm": _recurrent("lstm"),
+    "gru": _recurrent("gru"),
     "softmax": _softmax,
     "mean": _reduce(R.mean),
     "sum": _reduce(R.sum),
@@ -1495,7 +1569,8 @@ def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main",
 
 
 __all__ = ["LOWERINGS", "UNSUPPORTED", "Ctx", "LoweringError", "Signature", "to_relax", "parameters", "input_shapes",
-           "lstm_kernel", "lstm_kernel_gpu", "dim_expr"]
+           "lstm_kernel", "lstm_kernel_gpu", "gru_kernel", "gru_kernel_gpu", "recurrent_kernel", "recurrent_kernel_gpu",
+           "dim_expr"]
 
 from . import lowering_flow  # noqa: E402  (warp, splat, correlation)
 LOWERINGS.update(lowering_flow.LOWERINGS)
