@@ -617,7 +617,13 @@ def _recurrent(name: str, c: OpCall):
 @op("lstm", Arg("x", "tensor"), Arg("hidden", "int"), Arg("layers", "int", 1), Arg("bidirectional", "bool", False),
     params=_recurrent_params("lstm", 4), flops=_recurrent_flops(4, 6), category="layer")
 def _lstm(c: OpCall):
-    """lstm(x, hidden, layers=1, bidirectional=false): x [B, T, d] -> [B, T, hidden * directions]."""
+    """lstm(x, hidden, layers=1, bidirectional=false): x [B, T, d] -> [B, T, hidden * directions].
+
+    torch.nn.LSTM(batch_first=True) with h0 = c0 = 0, its parameters by name (weight_ih_l{k} [4H, d_in],
+    weight_hh_l{k} [4H, H], bias_ih_l{k}, bias_hh_l{k} [4H], gates i, f, g, o; ..._reverse backward).
+    FLOPs: the sum over layers and directions of B * T * (8 H (d_in + H) + 22 H): the two projections;
+    4 per gate element (the two biases, the sum of the two projections, the activation); 6 per state
+    entry (the cell and hidden updates)."""
     return _recurrent("lstm", c)
 
 
