@@ -215,6 +215,12 @@ def eliminate_identity(graph: Graph, ctx: PassContext) -> PassResult:
 _IMPURE = frozenset({"input", "dropout"})
 
 
+def _attrs_key(attrs: tuple) -> tuple:
+    """Attributes as a key in which -0.0 differs from 0 (equal as numbers: x / -0.0 is -inf, x / 0 inf)."""
+    return tuple((k, ("-0.0",) if isinstance(v, float) and v == 0 and math.copysign(1.0, v) < 0 else v)
+                 for k, v in attrs)
+
+
 @register_pass("cse", opt_level=1)
 def cse(graph: Graph, ctx: PassContext) -> PassResult:
     """Compute identical parameter-free nodes (same op, inputs, attributes, scope) once."""
@@ -225,7 +231,7 @@ def cse(graph: Graph, ctx: PassContext) -> PassResult:
         node = ed.node(nid)
         if node.params or node.op in _IMPURE:
             continue
-        key = (node.op, node.inputs, node.attrs, node.outputs, node.scope)
+        key = (node.op, node.inputs, _attrs_key(node.attrs), node.outputs, node.scope)
         if key in seen:
             for i in range(len(node.outputs)):
                 ed.replace_uses(Ref(nid, i), Ref(seen[key], i))
