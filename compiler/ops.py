@@ -158,6 +158,9 @@ def _binary(name: str, doc: str):
         x, y = c.t("x"), c.t("y")
         if (x.dtype == "bool") != (y.dtype == "bool") and name != "mul":
             raise OpError(f"{name}: cannot combine {shape_str(x)} and {shape_str(y)}", "y")
+        if name in ("floordiv", "mod") and "bool" in (x.dtype, y.dtype):
+            raise OpError(f"{name}: needs numbers, got {shape_str(x)} and {shape_str(y)}",
+                          "x" if x.dtype == "bool" else "y")
         dtype = promote(x.dtype, y.dtype)
         if name == "div" and dtype not in FLOAT_DTYPES:
             dtype = "f32"
@@ -188,10 +191,14 @@ def _range_of(name: str, x: TensorType, y: TensorType, dtype: str) -> tuple[int,
 _binary("add", "x + y, with broadcasting.")
 _binary("sub", "x - y, with broadcasting.")
 _binary("mul", "x * y, with broadcasting.")
-_binary("div", "x / y, with broadcasting (true division).")
+_binary("div", "x / y, with broadcasting (true division; x / 0 is +-inf, 0 / 0 nan, as IEEE says).")
 _binary("pow", "x ** y, with broadcasting.")
+_binary("floordiv", "x // y, with broadcasting: floor(x / y), as torch's floor_divide (rounding_mode='floor'); "
+                    "integers stay integers. An integer division by a constant zero is an error.")
+_binary("mod", "x % y, with broadcasting: the remainder with the sign of y, as torch.remainder and Python's %; "
+               "integers stay integers. An integer remainder by a constant zero is an error.")
 
-BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
+BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "//": "floordiv", "%": "mod"}
 
 
 # ---------------------------------------------------------------------------------------------
