@@ -444,6 +444,8 @@ LOWERINGS: dict[str, Lowering] = {
     "mul": Lowering(_binop("*", MUL)),
     "div": Lowering(_binop("/", MUL)),
     "pow": Lowering(_binop("**", POW)),
+    "floordiv": Lowering(_binop("//", MUL)),  # torch.floor_divide: rounding_mode="floor"
+    "mod": Lowering(_binop("%", MUL)),  # torch.remainder: the sign of the divisor
     "matmul": Lowering(_binop("@", MUL)),
     "linear": Lowering(_module_call, lambda c, ins: f"nn.Linear({ins[0].shape[-1]}, {c.a('out')}"
                                                       + (", bias=False)" if not c.a("bias") else ")")),

@@ -262,6 +262,126 @@ def _pow(c: Ctx, xs: list) -> relax.Expr:
     return R.astype(c.emit(R.round(y)), c.dtype)
 
 
+# -- division: constant zeros (TIR's constant folder refuses a division by 0 and folds y * 0 to 0) ------
+
+def _const_array(x: tvm.ir.expr.Constant) -> np.ndarray:
+    return x.data.numpy() if hasattr(x, "data") else np.asarray(x.value.numpy() if hasattr(x.value, "numpy")
+                                                                 else x.value)
+
+
+def _zero_constant(x: relax.Expr) -> bool:
+    """Whether x is a constant every element of which is 0 (or -0.0)."""
+    return isinstance(x, tvm.ir.expr.Constant) and not np.any(_const_array(x))
+
+
+def _opaque_zero(c: Ctx, x: relax.Expr) -> relax.Expr:
+    """A scalar constant 0 as a [1, ..., 1] constant of the result's rank: a buffer the kernel reads rather
+    than the immediate legalisation would make of it, which TIR folds (y * 0 -> 0, 0 / y -> 0, where
+    torch's IEEE arithmetic gives nan for an inf or nan y, -0.0 for a negative y, nan for 0 / 0). x as it
+    is otherwise."""
+    if not _zero_constant(x) or x.ty.ndim != 0 or c.out.rank == 0:
+        return x
+    return relax.const(np.full((1,) * c.out.rank, _const_array(x)), x.ty.dtype)
+
+
+def _mul(c: Ctx, xs: list) -> relax.Expr:
+    return R.multiply(*(_opaque_zero(c, _cast(c, x, c.dtype)) for x in xs))
+
+
+def _input_free(graph: Graph, ref: Ref) -> bool:
+    """Whether the value `ref` depends on no graph input and no parameter: computed from constants alone
+    (zeros(...), ones(...) - 1, arange(n)), which TVM's simplifier may fold to a constant once fused."""
+    seen, stack = set(), [ref.node]
+    while stack:
+        nid = stack.pop()
+        if nid in seen:
+            continue
+        seen.add(nid)
+        node = graph.node(nid)
+        if node.op in ("input", "parameter") or node.params:
+            return False
+        stack.extend(r.node for r in node.inputs)
+    return True
+
+
+_BITS_OF = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "float64": "int64"}
+
+
+def _unfolded(v: Any, dtype: str) -> Any:
+    """v itself, through a bit cast and back that TIR's simplifier does not look through: a divisor that
+    fusion turns into a constant 0 stays a value (LLVM divides by it as IEEE says, and drops the casts)."""
+    return tirx.reinterpret(dtype, tirx.reinterpret(_BITS_OF[dtype], v))
+
+
+def _elementwise_te(c: Ctx, fn: Callable[[Any, Any, str], Any], xs: list, name: str) -> relax.Expr:
+    """fn(x, y, dtype) per element as one TE kernel, x and y broadcast to the result's shape first."""
+    shape = c.shape(c.out.shape)
+    xs = [x if tuple(c.in_type(i).shape) == tuple(c.out.shape) else c.emit(R.broadcast_to(x, shape))
+          for i, x in enumerate(xs)]
+    dtype = c.dtype
+
+    def kernel(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+        return te.compute(a.shape, lambda *i: fn(a(*i), b(*i), dtype), name=f"T_{name}")
+
+    return c.bb.emit_te(kernel, *xs, primfunc_name_hint=name)
+
+
+def _divide(c: Ctx, xs: list) -> relax.Expr:
+    """x / y. By a constant 0 (or -0.0): x times the constant 1 / y (+-inf), which is what IEEE division
+    gives (+-inf, nan for 0 / 0), exactly; by a value computed from constants alone: a kernel whose
+    divisor TIR cannot fold to 0. Other divisions are Relax's divide."""
+    x, y = (_cast(c, v, c.dtype) for v in xs)
+    if _zero_constant(y):
+        with np.errstate(divide="ignore"):
+            inv = np.divide(np.ones((), _const_array(y).dtype), _const_array(y))
+        return R.multiply(_opaque_zero(c, x), relax.const(inv, c.dtype))
+    if _input_free(c.graph, c.node.inputs[1]):
+        return _elementwise_te(c, lambda a, b, dt: a / _unfolded(b, dt), [x, y], "divide")
+    return R.divide(_opaque_zero(c, x), y)
+
+
+def _float_remainder(a: Any, b: Any, dtype: str) -> Any:
+    """torch.remainder on floats: fmod(a, b), plus b where it is nonzero and its sign is not b's."""
+    b = _unfolded(b, dtype)
+    zero = tirx.const(0, dtype)
+    m = tirx.truncmod(a, b)  # fmod: LLVM's frem
+    # (TIR's != on floats is an ordered compare, false for nan: the tests are written with < and >)
+    return tirx.Select(tirx.Or(tirx.And(m > zero, b < zero), tirx.And(m < zero, b >= zero)), m + b, m)
+
+
+def _float_floor_divide(a: Any, b: Any, dtype: str) -> Any:
+    """torch's floor division on floats (c10's div_floor_floating, as Python's float //): (a - fmod(a, b)) / b,
+    less 1 where the remainder's sign is not b's, rounded to the nearest integer; a / b when b is 0."""
+    b = _unfolded(b, dtype)
+    zero, one = tirx.const(0, dtype), tirx.const(1, dtype)
+    q = a / b
+    m = tirx.truncmod(a, b)
+    d = (a - m) / b
+    d = tirx.Select(tirx.Or(tirx.And(m > zero, b < zero), tirx.And(m < zero, b >= zero)), d - one, d)
+    fl = tirx.floor(d)
+    fl = tirx.Select(d - fl > tirx.const(0.5, dtype), fl + one, fl)
+    return tirx.Select(b == zero, q, tirx.Select(d == zero, tirx.copysign(zero, q), fl))
+
+
+def _floor_op(name: str) -> Lowering:
+    """x // y (floordiv) and x % y (mod), as torch computes them: on integers TIR's floordiv / floormod
+    (Python's rounding: toward -inf, the remainder with the divisor's sign), a divisor that is 0 at run
+    time taken as 1 (torch raises; an integer division traps; a constant 0 is an error at spec time);
+    on floats a kernel of torch's own formula (not TVM's floor(x / y), which rounds differently)."""
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        x, y = (_cast(c, v, c.dtype) for v in xs)
+        if c.out.dtype in ("f16", "bf16", "f32", "f64"):
+            fn = _float_floor_divide if name == "floordiv" else _float_remainder
+            return _elementwise_te(c, fn, [x, y], "floor_divide" if name == "floordiv" else "remainder")
+        if not (isinstance(y, tvm.ir.expr.Constant) and np.all(_const_array(y))):
+            zero, one = relax.const(0, c.dtype), relax.const(1, c.dtype)
+            y = c.emit(R.where(c.emit(R.equal(y, zero)), one, y))
+        return (R.floor_divide if name == "floordiv" else R.floor_mod)(x, y)
+
+    return lower
+
+
 def _matmul(c: Ctx, xs: list) -> relax.Expr:
     return R.matmul(xs[0], xs[1])
 
@@ -1330,9 +1450,11 @@ LOWERINGS: dict[str, Lowering] = {
     "neg": _unary(R.negative),
     "add": _binary(R.add),
     "sub": _binary(R.subtract),
-    "mul": _binary(R.multiply),
-    "div": _binary(R.divide),
+    "mul": _mul,
+    "div": _divide,
     "pow": _pow,
+    "floordiv": _floor_op("floordiv"),
+    "mod": _floor_op("mod"),
     "matmul": _matmul,
     "linear": _linear_op,
     "embedding": _embedding,
