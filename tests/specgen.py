@@ -46,7 +46,7 @@ def pattern(draw, b: Builder) -> None:
     kind = draw(st.sampled_from([
         "act", "linear", "linear_chain", "norm", "neutral", "scale", "dropout", "transpose_pair",
         "reshape_pair", "attention", "mlp", "binary", "concat_split", "mean", "matmul", "cse", "softmax",
-        "lora",
+        "lora", "periodic",
     ]))
     w = draw(st.sampled_from(WIDTHS))
     if kind == "act":
@@ -102,6 +102,12 @@ def pattern(draw, b: Builder) -> None:
     elif kind == "lora":
         r = draw(st.sampled_from([1, 2]))
         b.new(f"linear({name}, {w}) + 0.5 * linear(linear({name}, {r}, bias=false), {w}, bias=false)", w)
+    elif kind == "periodic":
+        # % and // by a nonzero constant, in r * (c - r) with r the remainder: continuous where r jumps
+        # from c to 0, so that a rounding difference between builds cannot flip the result
+        c = draw(st.sampled_from([0.5, 0.75, 2]))
+        r = draw(st.sampled_from(["{v} % {c}", "({v} - {c} * ({v} // {c}))"])).format(v=name, c=c)
+        b.new(f"{r} * ({c} - {r})", width)
     else:  # a pattern that did not fit this width
         b.new(f"tanh({name})", width)
 
