@@ -803,7 +803,7 @@ class Elaborator:
         if v is POISON:
             return POISON
         if isinstance(v, (tuple, list)):
-            if len(e.items) != 1 or isinstance(e.items[0], A.Slice):
+            if len(e.items) != 1 or isinstance(e.items[0], (A.Slice, A.Ellipsis_)):
                 return self.fail(e.span, "a tuple takes one integer index")
             i = self.ev(e.items[0], scope, hint=None)
             if i is POISON:
@@ -815,7 +815,18 @@ class Elaborator:
             return self.fail(e.value.span, f"cannot index {_kind(v)}")
         items = []
         newaxes: list[int] = []  # x[:, None]: positions of new size-1 dimensions in the result
+        dots = [i for i in e.items if isinstance(i, A.Ellipsis_)]
+        if len(dots) > 1:
+            return self.fail(dots[1].span, "an index can have only one '...'")
         for item in e.items:
+            if isinstance(item, A.Ellipsis_):  # the dimensions the other indices leave, whole
+                named = sum(1 for i in e.items if not isinstance(i, A.Ellipsis_)
+                            and not (isinstance(i, A.Const) and i.value is None))
+                if named > v.type.rank:
+                    return self.fail(e.span, f"index: too many indices ({named}, besides '...' and the new "
+                                             f"axes) for {_plain(v.type)}")
+                items.extend([("slice", None, None)] * (v.type.rank - named))
+                continue
             if isinstance(item, A.Slice):
                 bounds = []
                 for b in (item.start, item.stop):

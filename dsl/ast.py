@@ -75,6 +75,13 @@ class Slice:
 
 
 @dataclass(frozen=True)
+class Ellipsis_:
+    """`...` among indices: as many whole dimensions as the other indices leave (x[..., 0])."""
+
+    span: Span
+
+
+@dataclass(frozen=True)
 class Index:
     value: "Expr"
     items: tuple["Expr | Slice", ...]

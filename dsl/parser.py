@@ -165,6 +165,10 @@ class _ToAst(Transformer):
         start, stop = children
         return A.Slice(start, stop, self._s(meta))
 
+    @v_args(meta=True)
+    def ellipsis(self, meta, children):
+        return A.Ellipsis_(self._s(meta))
+
     # statements
     @v_args(meta=True)
     def targets(self, meta, children):
@@ -444,7 +448,7 @@ def walk(expr) -> Iterator:
                 for e in (i.start, i.stop):
                     if e is not None:
                         yield from walk(e)
-            else:
+            elif not isinstance(i, A.Ellipsis_):
                 yield from walk(i)
     elif isinstance(expr, A.ListExpr):
         for i in expr.items:

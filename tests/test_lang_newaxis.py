@@ -1,6 +1,7 @@
 """New axes in indexing: x[:, None], x[None], x[0, None], x[:, 1:3, None] add dimensions of size 1 (an
 `unsqueeze` node each, after a getitem when the index also selects), as in numpy and torch; pairwise
-comparisons read as q[:, :, None] == k[:, None, :]. Misuse is a located error.
+comparisons read as q[:, :, None] == k[:, None, :]. `...` stands for the whole dimensions the other
+indices leave (x[..., 0]). Misuse is a located error.
 
 Tolerance: none needed; new axes move no values, so results are compared exactly.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 import specc
@@ -54,3 +56,35 @@ def test_new_axis_errors():
 
 def test_new_axes_keep_value_ranges():
     assert types(spec("n: 'i64[B, T] in range(7)'", "y = n[:, None]")) == ["i64[B, 1, T] in range(7)"]
+
+
+ELLIPSIS = "a = x[..., 0]\nb = x[1, ...]\nc = x[..., None]\nd = x[:, ..., 1:3]\ne = x[...]\nf = x[..., None, 2]"
+
+
+def test_ellipsis_indexing_is_torchs():
+    """x[..., 0] and the like index as torch does, at every level and on tvm-llvm (values move, exactly)."""
+    text = spec("x: 'f32[B, T, 4]'", ELLIPSIS, outputs="a b c d e f")
+    assert types(text) == ["f32[B, T]", "f32[T, 4]", "f32[B, T, 4, 1]", "f32[B, T, 2]", "f32[B, T, 4]",
+                           "f32[B, T, 1]"]
+    for level in (0, 2):
+        model = load64(text, level)
+        (x,) = inputs64(model)
+        with torch.no_grad():
+            got = model(x)
+        want = (x[..., 0], x[1, ...], x[..., None], x[:, ..., 1:3], x[...], x[..., None, 2])
+        for g, w in zip(got, want):
+            close(g, w)
+    pytest.importorskip("tvm")
+    from specc.backends.tvm.build import compile_graph
+
+    x = torch.randn(3, 5, 4)
+    got = compile_graph(specc.compile(text), weights={})(x)
+    want = (x[..., 0], x[1, ...], x[..., None], x[:, ..., 1:3], x[...], x[..., None, 2])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_ellipsis_errors():
+    assert_error(spec("x: 'f32[B, T]'", "y = x[..., 0, ...]"), 6, 17, "an index can have only one '...'")
+    assert_error(spec("x: 'f32[B, T]'", "y = x[0, ..., 1, 2]"), 6, 7,
+                 "index: too many indices (3, besides '...' and the new axes) for f32[B, T]")

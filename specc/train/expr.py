@@ -144,6 +144,8 @@ def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) 
 
 
 def _index_item(i, env, functions):
+    if isinstance(i, A.Ellipsis_):
+        return Ellipsis
     if isinstance(i, A.Slice):
         start = None if i.start is None else _eval(i.start, env, functions)
         stop = None if i.stop is None else _eval(i.stop, env, functions)
