@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     pass_options(b, 1)
     v = spec_cmd("verify", "Search for inputs on which the optimised or compiled model differs from the "
                            "unoptimised one (exit 1 on a mismatch).")
-    v.add_argument("--examples", type=int, default=50, help="how many generated examples (default 50)")
+    v.add_argument("--examples", type=_positive_int, default=50, help="how many generated examples (default 50)")
     v.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, help="candidate opt level")
     v.add_argument("--target", choices=("torch", "tvm-llvm"), default="torch", help="candidate backend")
     v.add_argument("--weights", metavar="FILE.safetensors",
@@ -104,11 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--out", required=True, metavar="RUN",
                     help="the run folder: metrics.jsonl, checkpoints/, model/ (a specc build of the trained weights)")
     tr.add_argument("--resume", metavar="RUN", help="continue from the newest checkpoint of this run folder")
-    tr.add_argument("--until", type=int, metavar="STEP", help="stop after this step (resume the run later)")
+    tr.add_argument("--until", type=_count, metavar="STEP", help="stop after this step (resume the run later)")
     tr.add_argument("--nproc", type=int, default=1, metavar="N",
                     help="train with N processes on this machine (torch.distributed: gloo on CPU, nccl on GPUs)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (torch.set_num_threads)")
+    tr.add_argument("--threads", type=_positive_int, metavar="N",
+                    help="CPU threads per process (torch.set_num_threads)")
     tr.add_argument("--device", default="cpu", metavar="DEVICE",
                     help="where one process trains: cpu (default) or cuda[:N]; with --nproc each process takes "
                          "its own GPU when there are GPUs")
@@ -154,6 +155,21 @@ def _module_name(text: str) -> str:
         return check_module_name(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str, least: int = 1) -> int:
+    what = "a positive integer" if least == 1 else "an integer >= 0"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+    return n
+
+
+def _count(text: str) -> int:
+    return _positive_int(text, least=0)
 
 
 def parse_overrides(items: Sequence[str]) -> tuple[dict[str, str], dict[str, tuple[str, Span]], str, Collector]:
@@ -371,7 +387,7 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
     if args.threads:
         import torch
 
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     with process_group() as dist:
         if dist.world == 1 and args.device != "cpu":
             dist = _device(args.device, dist)
@@ -612,8 +628,6 @@ def _pass_context(args: argparse.Namespace, file: str):
 def _verify(args: argparse.Namespace, src, graph) -> int:
     from specc.verify import ATOL, RTOL, verify_graph
 
-    if args.examples < 1:
-        raise SystemExit("specc: error: --examples must be at least 1")
     if args.target != "torch":  # an op the target cannot lower: located errors, before any compiling
         from specc.compiler.passes import PassContext, optimize
 

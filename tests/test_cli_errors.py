@@ -396,3 +396,21 @@ def test_check_json_prints_the_errors_as_json(tmp_path, capsys):
     assert len(got) == 1 and got[0]["file"] == str(path) and (got[0]["line"], got[0]["col"]) == (6, 7)
     assert got[0]["message"].startswith("unknown operator 'lienar'") and got[0]["severity"] == "error"
     assert "lienar" in err and "1 error" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "SPEC", "-o", "RUN", "--threads", "0"], "argument --threads: expected a positive integer, got 0"),
+    (["train", "SPEC", "-o", "RUN", "--threads", "x"], "argument --threads: expected a positive integer, got 'x'"),
+    (["train", "SPEC", "-o", "RUN", "--until", "-1"], "argument --until: expected an integer >= 0, got -1"),
+    (["verify", "SPEC", "--examples", "0"], "argument --examples: expected a positive integer, got 0"),
+])
+def test_numeric_arguments_are_checked_as_usage_errors(tmp_path, capsys, argv, message):
+    """--threads 0 had been taken (as 1), --until -1 ran nothing, --examples 0 exited 1: usage errors, exit 2."""
+    from specc.cli import main
+
+    argv = [str(ROOT / "tests" / "data" / "train_moons.yaml") if a == "SPEC" else
+            str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
