@@ -19,7 +19,8 @@ Expressions are nested tuples, so they are hashable and print readably:
     ("rsqrt_add", a, eps)                 1 / sqrt(a + eps)
     ("zeros", (shape...)), ("ones", (shape...))
     ("pad_kernel", w, (before...), (size...))  a conv kernel zero-padded to `size`, `before` zeros first
-    ("identity_kernel", (out, in, k...))  1 at the centre tap of channel o's own input o, else 0
+    ("identity_kernel", (out, in, k...))  1 at the centre tap of channel o's own input, else 0 (input
+                                          o mod in: a grouped conv's in is its inputs per group)
     ("eye", n)                            the n x n identity (the table of one_hot)
     ("onehot_product", (n1, n2, ...))     one row per combination, concatenated one-hots, last fastest
     ("chain", table, steps)               per-token ops applied to the rows of `table` (a folded

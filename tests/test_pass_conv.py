@@ -99,8 +99,6 @@ def conv_specs(draw):
     bias = draw(st.booleans())
     affine = draw(st.booleans())
     branch = draw(st.sampled_from(["", " + batch_norm(conv2d(x, {c}, 1, groups={g}, bias=false))", " + x"]))
-    if branch == " + x" and groups != 1:
-        branch = ""
     body = (f"y = relu(batch_norm(conv2d(x, {c}, {k[0]}, padding={k[1]}, groups={groups}, "
             f"bias={str(bias).lower()}), affine={str(affine).lower()})" + branch.format(c=c, g=groups) + ")")
     return (f"specc: 1\nname: g\ninputs:\n  x: f32[B, {c}, 7, 7]\ngraph: |\n  {body}\n"
@@ -243,8 +241,6 @@ outputs:
     ("6, 6", "z = batch_norm(x)\n  y = conv2d(x, 4, 3, padding=1) + z", ["y", "z"]),
     # stride 2 (on a 1x1 map, so that the shapes agree)
     ("1, 1", "y = conv2d(x, 4, 3, stride=2, padding=1) + batch_norm(x)", ["y"]),
-    # grouped conv
-    ("6, 6", "y = conv2d(x, 4, 3, padding=1, groups=2) + batch_norm(x)", ["y"]),
     # dilated conv
     ("6, 6", "y = conv2d(x, 4, 3, padding=2, dilation=2) + batch_norm(x)", ["y"]),
     # batch_norm of another tensor
@@ -255,6 +251,21 @@ def test_bn_identity_left_alone(shape, graph, outs):
             + "".join(f"  {o}:\n" for o in outs))
     ir = assert_merged_equivalent(text, only("merge_parallel_convs"))
     assert ir.count("= batch_norm(") == graph.count("batch_norm(") and "= add(" in ir
+
+
+@pytest.mark.parametrize("graph", [
+    "y = conv2d(x, 4, 3, padding=1, groups=2) + batch_norm(x)",
+    "y = conv2d(x, 4, 3, padding=1, groups=4) + x",
+    # MobileOne / grouped RepVGG: depthwise 3x3 + depthwise 1x1 + the batch-normalised identity
+    "y = relu(batch_norm(conv2d(x, 4, 3, padding=1, groups=4, bias=false)) + "
+    "batch_norm(conv2d(x, 4, 1, groups=4, bias=false)) + batch_norm(x))",
+])
+def test_grouped_identity_branches_merge(graph):
+    """A grouped conv's identity tap is 1 at each output's own input within its group (input o mod the
+    inputs per group), so the identity and batch-normalised identity branches merge as for groups=1."""
+    text = f"specc: 1\nname: g\ninputs:\n  x: f32[B, 4, 6, 6]\ngraph: |\n  {graph}\noutputs:\n  y:\n"
+    ir = assert_merged_equivalent(text, fold_and_merge())
+    assert ir.count("= conv2d(") == 1 and "= add(" not in ir and "= batch_norm(" not in ir, ir
 
 
 def test_shared_bn_identity_left_alone():

@@ -169,8 +169,8 @@ def evaluate(expr: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = args[0]
         out = torch.zeros(shape, dtype=torch.float64)
         centre = tuple(k // 2 for k in shape[2:])
-        for o in range(shape[0]):
-            out[(o, o) + centre] = 1.0
+        for o in range(shape[0]):  # a grouped conv's weight holds each group's inputs: o's is o mod in
+            out[(o, o % shape[1]) + centre] = 1.0
         return out
     if op == "zeros":
         return torch.zeros(args[0], dtype=torch.float64)

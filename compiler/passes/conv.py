@@ -129,10 +129,10 @@ def merge_convs_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool
         biases = [source(n, "bias") for n in (a, b) if _has(n, "bias")]
         merged = (a, b)
     elif (b_ref == x or _normalised_identity(ed, b_ref, x, node, ctx)) and all(s == 1 for s in ga[1]) \
-            and all(o == 0 for o in ga[3]) and ed.graph.type_of(x) == node.type and a.attr("groups") == 1:
+            and all(o == 0 for o in ga[3]) and ed.graph.type_of(x) == node.type:
         kernel, padding = ga[0], ga[2]
         out = a.attr("out")
-        tap = ("identity_kernel", (out, out) + kernel)
+        tap = ("identity_kernel", (out, out // (a.attr("groups") or 1)) + kernel)  # grouped: inputs per group
         biases = [source(a, "bias")] if _has(a, "bias") else []
         merged = (a,)
         if b_ref != x:  # bn(x): the identity scaled per channel, and a bias of its own
