@@ -288,20 +288,39 @@ def _mul(c: Ctx, xs: list) -> relax.Expr:
     return R.multiply(*(_opaque_zero(c, _cast(c, x, c.dtype)) for x in xs))
 
 
-def _input_free(graph: Graph, ref: Ref) -> bool:
-    """Whether the value `ref` depends on no graph input and no parameter: computed from constants alone
-    (zeros(...), ones(...) - 1, arange(n)), which TVM's simplifier may fold to a constant once fused."""
-    seen, stack = set(), [ref.node]
+#: Ops whose kernels fusion inlines into a consumer, elementwise or moving elements: TIR's simplifier sees
+#: through them to their inputs. A value of any other op (inputs, layers, reductions, matmul) is opaque to it.
+_INLINED = frozenset({"scalar", "zeros", "ones", "arange", "cast", "neg", "abs", "relu", "exp", "log", "sqrt",
+                      "tanh", "sigmoid", "silu", "gelu", "add", "sub", "mul", "div", "pow", "floordiv", "mod",
+                      "expand", "reshape", "unsqueeze", "transpose", "permute", "getitem", "concat", "where",
+                      "masked_fill", "tril", "triu", "detach", "grad_reverse", "dropout"})
+_CONSTANT = frozenset({"scalar", "zeros", "ones", "arange"})
+
+
+def _may_fold(graph: Graph, ref: Ref) -> bool:
+    """Whether TIR's simplifier may fold the value `ref`, inlined into its consumer, to a constant (0 as a
+    divisor, which it refuses): its expression, through inlined ops, reads a zeros(...), more than one
+    constant (ones(...) - 1), some opaque value more than once (z - z, ones * z - z), or nothing opaque at
+    all (arange(1)). Else (x / (y + 1), x / sqrt(v + eps), x / sum(e)) no constant can arise."""
+    constants, opaque, stack = 0, set(), [ref]
     while stack:
-        nid = stack.pop()
-        if nid in seen:
+        r = stack.pop()
+        node = graph.node(r.node)
+        if node.op not in _INLINED or node.params:
+            if r in opaque:
+                return True
+            opaque.add(r)
             continue
-        seen.add(nid)
-        node = graph.node(nid)
-        if node.op in ("input", "parameter") or node.params:
-            return False
-        stack.extend(r.node for r in node.inputs)
-    return True
+        if node.op == "zeros":
+            return True
+        if node.op in _CONSTANT:
+            constants += 1
+            if constants > 1:
+                return True
+        stack.extend(node.inputs)
+        if len(stack) > 10_000:  # a huge expression: take no chance
+            return True
+    return not opaque
 
 
 _BITS_OF = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "float64": "int64"}
@@ -328,14 +347,14 @@ def _elementwise_te(c: Ctx, fn: Callable[[Any, Any, str], Any], xs: list, name: 
 
 def _divide(c: Ctx, xs: list) -> relax.Expr:
     """x / y. By a constant 0 (or -0.0): x times the constant 1 / y (+-inf), which is what IEEE division
-    gives (+-inf, nan for 0 / 0), exactly; by a value computed from constants alone: a kernel whose
-    divisor TIR cannot fold to 0. Other divisions are Relax's divide."""
+    gives (+-inf, nan for 0 / 0), exactly; by a value TIR's simplifier might fold to 0 once fused (see
+    `_may_fold`): a kernel whose divisor it cannot fold. Other divisions are Relax's divide."""
     x, y = (_cast(c, v, c.dtype) for v in xs)
     if _zero_constant(y):
         with np.errstate(divide="ignore"):
             inv = np.divide(np.ones((), _const_array(y).dtype), _const_array(y))
         return R.multiply(_opaque_zero(c, x), relax.const(inv, c.dtype))
-    if _input_free(c.graph, c.node.inputs[1]):
+    if _may_fold(c.graph, c.node.inputs[1]):
         return _elementwise_te(c, lambda a, b, dt: a / _unfolded(b, dt), [x, y], "divide")
     return R.divide(_opaque_zero(c, x), y)
 
