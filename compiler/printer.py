@@ -9,6 +9,7 @@ from typing import Any
 
 from .dims import fmt
 from .ir import Graph, Node, Ref
+from .registry import REGISTRY
 
 
 def format_value(v: Any) -> str:
@@ -34,8 +35,12 @@ def format_node(nid: int, node: Node, show_span: bool = True, relative_to: str |
     else:
         lhs = ", ".join(f"{Ref(nid, i)}: {t}" for i, t in enumerate(node.outputs))
     args = [str(r) for r in node.inputs]
+    opdef = REGISTRY.get(node.op)
     for k, v in node.attrs:
         if k.endswith("#") or k.endswith("?"):
+            continue
+        arg = opdef.arg(k) if opdef is not None else None
+        if arg is not None and not arg.shown and v == arg.default:
             continue
         if k == "tie" and v is not None:
             args.append(f"tie=@{v[0]}")

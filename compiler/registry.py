@@ -33,6 +33,9 @@ class Arg:
     choices: tuple = ()
     variadic: bool = False  # collects the remaining positional arguments (e.g. reshape(x, B, T, -1))
     doc: str = ""
+    #: False: the IR text omits the attribute while it has its default (an option added after IR texts
+    #: were pinned, e.g. attention's kv_heads, so that existing specs print as before).
+    shown: bool = True
 
     @property
     def is_tensor(self) -> bool:
