@@ -347,19 +347,34 @@ def attention_inner(c: OpCall) -> int:
     return c.a("heads") * head_dim
 
 
+def attention_kv_heads(c: OpCall) -> int:
+    """How many key/value heads attention has: kv_heads= (grouped-query attention), else heads."""
+    kv_heads = c.attrs.get("kv_heads")
+    return c.a("heads") if kv_heads is None else kv_heads
+
+
+def attention_kv_inner(c: OpCall) -> int:
+    """The width of attention's projected keys and values: kv_heads * head_dim (attention_inner without
+    kv_heads=)."""
+    kv_heads = c.attrs.get("kv_heads")
+    inner = attention_inner(c)
+    return inner if kv_heads is None or kv_heads == c.a("heads") else inner // c.a("heads") * kv_heads
+
+
 def _attention_params(c: OpCall):
     x, kv = c.t("x"), c.t("kv")
     d = fixed_width(x.shape[-1], "attention", "model width (last dimension of x)")
     dkv = d if kv is None else fixed_width(kv.shape[-1], "attention", "width of kv", "kv")
-    inner = attention_inner(c)
+    inner, kv_inner = attention_inner(c), attention_kv_inner(c)
     ps = []
     if c.a("qkv"):
-        ps.append(param("qkv.weight", (3 * inner, d), uniform_fan_in(d), op="attention"))
+        fused = 3 * inner if kv_inner == inner else inner + 2 * kv_inner
+        ps.append(param("qkv.weight", (fused, d), uniform_fan_in(d), op="attention"))
         if c.a("bias"):
-            ps.append(param("qkv.bias", (3 * inner,), uniform_fan_in(d), op="attention"))
+            ps.append(param("qkv.bias", (fused,), uniform_fan_in(d), op="attention"))
         projections = (("o", d, inner),)
     else:
-        projections = (("q", inner, d), ("k", inner, dkv), ("v", inner, dkv), ("o", d, inner))
+        projections = (("q", inner, d), ("k", kv_inner, dkv), ("v", kv_inner, dkv), ("o", d, inner))
     for proj, out, fan_in in projections:
         ps.append(param(f"{proj}.weight", (out, fan_in), uniform_fan_in(fan_in), op="attention"))
         if c.a("bias"):
@@ -373,11 +388,15 @@ def _attention_flops(c: OpCall, outs):
     b_t = product(x.shape[:-1])
     b_s = product(kv.shape[:-1])
     d, inner = x.shape[-1], attention_inner(c)
-    proj = 2 * b_t * d * inner * 2 + 2 * b_s * kv.shape[-1] * inner * 2  # q and o; k and v
+    kv_inner = attention_kv_inner(c)  # kv_heads * head_dim: grouped-query attention's smaller k and v
+    proj = 2 * b_t * d * inner * 2 + 2 * b_s * kv.shape[-1] * kv_inner * 2  # q and o; k and v
     q = T(x.dtype, x.shape[:-1] + (inner,))
     rope = 0
     if c.attrs.get("rope") is not None:  # x*cos + rotate_half(x)*sin per rotated channel of q and k; the angle
-        rope = 3 * 2 * b_t * c.a("heads") * attention_rope_dim(c)  # tables (shared by the batch) not counted
+        if kv_inner == inner:  # tables (shared by the batch) not counted
+            rope = 3 * 2 * b_t * c.a("heads") * attention_rope_dim(c)
+        else:  # k has kv_heads heads to turn (rotated before its heads are repeated)
+            rope = 3 * b_t * (c.a("heads") + attention_kv_heads(c)) * attention_rope_dim(c)
     return proj + rope + attention_core_flops(q, kv.shape[-2], c.a("heads"), c.t("mask"), c.t("prefix"))
 
 
@@ -400,10 +419,11 @@ def attention_core_flops(q: TensorType, s: Dim, heads: int, mask: TensorType | N
     Arg("kv", "tensor?", None), Arg("bias", "bool", True), Arg("dropout", "float", 0.0),
     Arg("qkv", "bool", False), Arg("impl", "str", "math", ("math", "sdpa")), Arg("mask", "tensor?", None),
     Arg("prefix", "tensor?", None), Arg("head_dim", "int", None), Arg("rope", "float", None),
-    Arg("rope_dim", "int", None), params=_attention_params, flops=_attention_flops, category="layer")
+    Arg("rope_dim", "int", None), Arg("kv_heads", "int", None, shown=False), params=_attention_params,
+    flops=_attention_flops, category="layer")
 def _attention(c: OpCall):
     """attention(x, heads, causal=false, kv=none, bias=true, dropout=0.0, mask=none, prefix=none,
-    head_dim=none, rope=none, rope_dim=none): multi-head softmax attention.
+    head_dim=none, rope=none, rope_dim=none, kv_heads=none): multi-head softmax attention.
 
     Queries come from x [..., T, d]; keys and values from kv [..., S, dkv] (default x; its batch
     dimensions may be fewer or 1 and broadcast to x's, e.g. [S, dkv] shared by every batch row). With
@@ -433,6 +453,19 @@ def _attention(c: OpCall):
     default all, GPT-NeoX's rotary_pct / CodeGen2's rotary_dim); the frequencies are
     base ** (-2i / rope_dim). Prefix rows are not rotated (they have no position; the queries that
     read them are).
+
+    kv_heads: grouped-query attention (GQA: Llama 2/3, Mistral; Ainslie et al., 2023): k and v project to
+    kv_heads * head_dim columns (weights [kv_heads * head_dim, dkv]; default kv_heads = heads, plain
+    multi-head attention), and each group of heads / kv_heads consecutive query heads reads one key/value
+    head (query head i reads key/value head i // (heads / kv_heads), torch's repeat_interleave of the k/v
+    heads); kv_heads=1 is multi-query attention. It must divide heads. It composes with every other
+    option: kv= (cross-attention), causal, mask (a per-head mask has heads slices, one per query head),
+    rope (k rotated on its kv_heads heads), head_dim=, dropout, qkv=true (one fused projection of
+    (heads + 2 * kv_heads) * head_dim rows: q, then k, then v), and prefix= (and training prefixes),
+    whose key and value rows then have the width kv_heads * head_dim. FLOPs: the k and v projections
+    count kv_heads * head_dim outputs (rope: k's kv_heads heads); the scores and the weighted sum are
+    those of heads query heads, as without it (sharing a key/value head saves no multiply there).
+    `specc prune` leaves a GQA layer's heads whole (mlp neurons and the heads of other layers still prune).
     """
     x, kv = c.t("x"), c.t("kv")
     need_float(x, "attention")
@@ -447,6 +480,10 @@ def _attention(c: OpCall):
             raise OpError(f"attention: head_dim must be positive, got {head_dim}", "head_dim")
     elif heads <= 0 or d % heads:
         raise OpError(f"attention: the width {d} is not divisible by heads={heads}", "heads")
+    kv_heads = c.attrs.get("kv_heads")
+    if kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
+        raise OpError(f"attention: kv_heads={kv_heads} must be positive and divide heads={heads} (each group of "
+                      f"heads / kv_heads query heads shares one key/value head)", "kv_heads")
     if kv is not None:
         need_float(kv, "attention", "kv")
         if kv.dtype != x.dtype:  # one set of projections, of x's dtype, for queries, keys and values
@@ -462,7 +499,8 @@ def _attention(c: OpCall):
     if c.t("mask") is not None:
         _check_attention_mask(c.t("mask"), x, (kv or x).shape[-2], heads)
     if c.t("prefix") is not None:
-        check_attention_prefix(c.t("prefix"), x, "attention", width=attention_inner(c))
+        check_attention_prefix(c.t("prefix"), x, "attention", width=attention_kv_inner(c),
+                               width_name="heads * head_dim" if kv_heads is None else "kv_heads * head_dim")
     _check_rope(c, kv)
     return x
 
@@ -496,15 +534,15 @@ def check_batch_broadcast(t: TensorType, x: TensorType, op_name: str, arg: str, 
 
 
 def check_attention_prefix(prefix: TensorType, x: TensorType, op_name: str, x_name: str = "x",
-                           width: Dim | None = None) -> None:
+                           width: Dim | None = None, width_name: str = "heads * head_dim") -> None:
     """A prefix of key and value rows [..., 2, l, w] for queries x [..., T, d]: w = d, or `width` (the
-    heads * head_dim of an attention with head_dim=)."""
+    heads * head_dim of an attention with head_dim=, kv_heads * head_dim with kv_heads=: `width_name`)."""
     if prefix.dtype != x.dtype:
         raise OpError(f"{op_name}: the prefix must have {x_name}'s dtype {x.dtype}, got {shape_str(prefix)}", "prefix")
     own = width is None or width == x.shape[-1]
     width = x.shape[-1] if width is None else width
     if prefix.rank < 3 or prefix.shape[-3] != 2 or prefix.shape[-1] != width:
-        what = f"of {x_name}'s width" if own else "of width heads * head_dim"
+        what = f"of {x_name}'s width" if own else f"of width {width_name}"
         raise OpError(f"{op_name}: the prefix must be [..., 2, l, {fmt(width)}] (l key rows, then l value "
                       f"rows, {what}), got {shape_str(prefix)}", "prefix")
     fixed_width(prefix.shape[-2], op_name, "prefix length l (dimension -2 of the prefix)", "prefix")

@@ -389,6 +389,11 @@ def _attention_init(c: Ctx, ins: InTypes) -> str:
         if c.node.attr("rope_dim") is not None:
             args.append(f"rope_dim={c.a('rope_dim')}")
         c.helpers.add("apply_rotary")
+    kv_heads = c.node.attr("kv_heads")
+    if kv_heads is not None and kv_heads != c.a("heads"):  # grouped-query attention: a subclass, so that
+        c.helpers.add("MultiHeadAttentionGQA")  # plain attention's generated code stays as it was
+        args.insert(2, f"kv_heads={kv_heads}")
+        return f"MultiHeadAttentionGQA({', '.join(args)})"
     return f"MultiHeadAttention({', '.join(args)})"
 
 
@@ -681,6 +686,63 @@ class MultiHeadAttention(nn.Module):
                 att = F.dropout(att, p=dropout)
             y = att @ v  # (..., h, T, d/h)
         return y.transpose(-3, -2).reshape(*batch, t, d)  # (..., T, d)
+''',
+    "MultiHeadAttentionGQA": '''
+class MultiHeadAttentionGQA(MultiHeadAttention):
+    """Grouped-query attention: k and v project to kv_heads * head_dim columns, and each group of
+    heads // kv_heads consecutive query heads reads one key/value head (kv_heads=1: multi-query attention).
+    The key/value heads are repeated (repeat_interleave) before MultiHeadAttention.attend; a prefix
+    (..., 2, l, kv_heads * head_dim) too. Rotary embeddings turn k on its kv_heads heads."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, causal: bool = False, kv_dim: int | None = None,
+                 bias: bool = True, dropout: float = 0.0, fused_qkv: bool = False, sdpa: bool = False,
+                 head_dim: int | None = None, rope: float | None = None, rope_dim: int | None = None):
+        nn.Module.__init__(self)
+        assert head_dim is not None or dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        assert heads % kv_heads == 0, f"kv_heads={kv_heads} does not divide heads={heads}"
+        kv_dim = dim if kv_dim is None else kv_dim
+        inner = dim if head_dim is None else heads * head_dim
+        self.heads, self.causal, self.dropout, self.fused_qkv, self.sdpa = heads, causal, dropout, fused_qkv, sdpa
+        self.kv_heads, self.inner, self.kv_inner = kv_heads, inner, inner // heads * kv_heads
+        self.rope, self.rope_dim = rope, (inner // heads if rope_dim is None else rope_dim)
+        if fused_qkv:
+            self.qkv = nn.Linear(dim, inner + 2 * self.kv_inner, bias=bias)
+        else:
+            self.q = nn.Linear(dim, inner, bias=bias)
+            self.k = nn.Linear(kv_dim, self.kv_inner, bias=bias)
+            self.v = nn.Linear(kv_dim, self.kv_inner, bias=bias)
+        self.o = nn.Linear(inner, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
+        kv = x if kv is None else kv
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).split([self.inner, self.kv_inner, self.kv_inner], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(kv), self.v(kv)
+        if self.rope is not None:
+            q, k = self.rotate(q), self.rotate(k)
+        k, v = self.repeat_kv(k), self.repeat_kv(v)
+        prefix = None if prefix is None else self.repeat_kv(prefix)
+        y = self.attend(q, k, v, self.heads, causal=self.causal, mask=mask, prefix=prefix,
+                        dropout=self.dropout if self.training else 0.0, sdpa=self.sdpa)
+        return self.o(y)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of the first rope_dim channels of each head of x (..., T, n * head_dim), n heads."""
+        *batch, t, w = x.shape
+        hs = self.inner // self.heads
+        x = x.reshape(*batch, t, w // hs, hs).transpose(-3, -2)  # (..., n, T, hs)
+        r = self.rope_dim
+        x = torch.cat([apply_rotary(x[..., :r], base=self.rope), x[..., r:]], dim=-1)
+        return x.transpose(-3, -2).reshape(*batch, t, -1)  # (..., T, n * hs)
+
+    def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., kv_heads * hs) -> (..., heads * hs): key/value head j repeated for query heads
+        j * g .. j * g + g - 1 (g = heads // kv_heads)."""
+        hs = self.inner // self.heads
+        x = x.reshape(*x.shape[:-1], self.kv_heads, hs).repeat_interleave(self.heads // self.kv_heads, dim=-2)
+        return x.reshape(*x.shape[:-2], self.inner)
 ''',
     "apply_rotary": '''
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0) -> torch.Tensor:

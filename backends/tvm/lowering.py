@@ -643,8 +643,10 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
     attrs: heads, causal, kv? (keys/values from a second input, whose batch dimensions broadcast to
     x's), mask?, prefix?, bias, dropout (inference: none), qkv (one fused [3d, d] projection for q, k
     and v), impl ('math' or 'sdpa': the same function), head_dim (q, k and v of width heads * head_dim,
-    default d), rope / rope_dim (rotary embeddings of q and k: `_rope`; prefix rows unrotated). Inputs:
-    x, kv?, mask?, prefix?.
+    default d), rope / rope_dim (rotary embeddings of q and k: `_rope`; prefix rows unrotated), kv_heads
+    (grouped-query attention: k, v and the prefix rows of kv_heads * head_dim columns, each key/value head
+    repeated for its heads / kv_heads query heads by one `take` of columns, `_repeat_kv`, before the
+    attention core: the written-out one or the fused CPU kernel). Inputs: x, kv?, mask?, prefix?.
     """
     x = xs[0]
     has_kv, has_mask = bool(c.a("kv?")), bool(c.a("mask?"))
@@ -661,6 +663,7 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
         return _linear(c, inp, c.weight(f"{name}.weight"), c.weight(f"{name}.bias") if bias else None, name)
 
     h = int(c.a("heads"))
+    kvh = h if c.node.attr("kv_heads") is None else int(c.node.attr("kv_heads"))
     rope = c.node.attr("rope")
     if rope is not None:
         if has_kv:
@@ -668,9 +671,24 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
         dh, rope_dim = int(d) // h, c.node.attr("rope_dim")
         r = dh if rope_dim is None else int(rope_dim)
 
-        def turn(t: relax.Expr, blocks: tuple[bool, ...]) -> relax.Expr:
-            return _rope(c, t, c.dim(xt.shape[-2]), h, dh, r, float(rope), blocks)
-    if c.a("qkv"):
+        def turn(t: relax.Expr, blocks: tuple[bool, ...], heads: int = h) -> relax.Expr:
+            return _rope(c, t, c.dim(xt.shape[-2]), heads, dh, r, float(rope), blocks)
+    if kvh != h:  # grouped-query attention: k and v of kv_heads heads, repeated to h before the core
+        if c.a("qkv"):
+            if has_kv:
+                raise LoweringError("attention: a fused qkv projection needs self-attention (no kv)")
+            dk = int(d) // h * kvh
+            parts = c.emit(R.split(proj("qkv", x), [tirx.IntImm("int64", int(d)), tirx.IntImm("int64", int(d) + dk)],
+                                   axis=-1))
+            q, k, v = (c.emit(relax.TupleGetItem(parts, i)) for i in range(3))
+        else:
+            q, k, v = proj("q", x), proj("k", kv), proj("v", kv)
+        if rope is not None:
+            q, k = turn(q, blocks=(True,)), turn(k, blocks=(True,), heads=kvh)
+        k, v = _repeat_kv(c, k, h, kvh, int(d) // h), _repeat_kv(c, v, h, kvh, int(d) // h)
+        if prefix is not None:
+            prefix = _repeat_kv(c, prefix, h, kvh, int(d) // h)
+    elif c.a("qkv"):
         if has_kv:
             raise LoweringError("attention: a fused qkv projection needs self-attention (no kv)")
         qkv = proj("qkv", x)
@@ -694,6 +712,14 @@ def _attention(c: Ctx, xs: list) -> relax.Expr:
                      c.in_type(1 + has_kv) if has_mask else None, prefix,
                      c.in_type(1 + has_kv + has_mask) if prefix is not None else None)
     return _linear(c, y, c.weight("o.weight"), c.weight("o.bias") if bias else None, "o")
+
+
+def _repeat_kv(c: Ctx, x: relax.Expr, h: int, kvh: int, dh: int) -> relax.Expr:
+    """[..., kvh * dh] -> [..., h * dh]: key/value head j repeated for query heads j * g .. j * g + g - 1
+    (g = h / kvh; torch's repeat_interleave of the heads), one take of columns."""
+    g = h // kvh
+    cols = np.array([(i // g) * dh + j for i in range(h) for j in range(dh)], dtype="int64")
+    return c.emit(R.take(x, relax.const(cols, "int64"), axis=-1, mode="clip"))
 
 
 def _attend(c: Ctx, xs: list) -> relax.Expr:

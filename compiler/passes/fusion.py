@@ -75,19 +75,22 @@ def merge_linear_chains(graph: Graph, ctx: PassContext) -> PassResult:
 
 
 def fuse_qkv_rule(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
-    """Self-attention's q, k and v projections of one input -> one projection of width 3d."""
+    """Self-attention's q, k and v projections of one input -> one projection of width 3d ((heads + 2 *
+    kv_heads) * head_dim with kv_heads=: the rows of q, then k, then v)."""
     if node.op != "attention" or node.attr("kv?") or node.attr("qkv") or not _plain_params(node, ed):
         return False
     d = node.type.shape[-1]
     q = next(p for p in node.params if p.name == "q.weight")
+    k = next(p for p in node.params if p.name == "k.weight")
     inner = q.shape[0]  # heads * head_dim: d, unless the attention has head_dim=
+    rows = 3 * inner if k.shape[0] == inner else inner + 2 * k.shape[0]  # kv_heads=: k, v of kv_heads * head_dim
     keep = [p for p in node.params if not p.name.startswith(("q.", "k.", "v."))]
     w = ("concat", 0, source(node, "q.weight"), source(node, "k.weight"), source(node, "v.weight"))
     dtype = q.dtype
-    fused = [ParamSpec("qkv.weight", (3 * inner, d), Init("zeros"), dtype, derive=w)]
+    fused = [ParamSpec("qkv.weight", (rows, d), Init("zeros"), dtype, derive=w)]
     if node.attr("bias"):
         b = ("concat", 0, source(node, "q.bias"), source(node, "k.bias"), source(node, "v.bias"))
-        fused.append(ParamSpec("qkv.bias", (3 * inner,), Init("zeros"), dtype, derive=b))
+        fused.append(ParamSpec("qkv.bias", (rows,), Init("zeros"), dtype, derive=b))
     attrs = tuple((k, True if k == "qkv" else v) for k, v in node.attrs)
     ed.set(nid, node.replace(attrs=attrs, params=tuple(fused + keep)))
     return True

@@ -69,8 +69,7 @@ class Layer:
 
 
 def _head_dim(node: Node) -> int:
-    q = next(p for p in node.params if p.name in ("q.weight", "qkv.weight"))
-    inner = q.shape[0] // (3 if q.name == "qkv.weight" else 1)
+    inner = next(p for p in node.params if p.name == "o.weight").shape[1]  # heads * head_dim
     return inner // node.attr("heads")
 
 
@@ -89,7 +88,11 @@ def prunable_layers(graph: Graph, sizes: Mapping[str, int] | None = None) -> lis
             reason = "its parameters are shared with another layer (tie= or share=)"
         if node.op == "attention":
             units, width = node.attr("heads"), _head_dim(node)
-            if node.attr("prefix?"):
+            kv_heads = node.attr("kv_heads")
+            if kv_heads is not None and kv_heads != units:
+                reason = (f"it has grouped-query attention (kv_heads={kv_heads} < heads={units}): its query heads "
+                          f"share key/value heads, and removing heads one at a time is not supported")
+            elif node.attr("prefix?"):
                 reason = "it has a prefix= input (rows of every head's width)"
             elif node.attr("mask?"):
                 x = graph.type_of(node.inputs[0])
@@ -136,6 +139,8 @@ def _prune_attention(node: Node, heads: tuple[int, ...]) -> Node:
     new["o.weight"] = _sliced(node, "o.weight", cols_kept, 1)
     params = tuple(new.get(p.name, p) for p in node.params)
     changed = {"heads": len(heads), "head_dim": dh}
+    if node.attr("kv_heads") is not None:  # kv_heads = heads (grouped-query attention is left whole)
+        changed["kv_heads"] = len(heads)
     attrs = tuple((k, changed.get(k, v)) for k, v in node.attrs)
     if "head_dim" not in dict(attrs):  # a node made without the argument (it defaults to none)
         attrs += (("head_dim", dh),)

@@ -9,7 +9,8 @@ is trained and of the `specc build` output RUN/model/, and the generated model.p
   reading L's input x;
 - a prefix of attention layer L: a learned [2, l, w] parameter fed to L's `prefix=` input (l key rows
   and l value rows before the projected keys and values), w the width of those keys and values:
-  heads * head_dim (the model width d unless L has head_dim=). Rotary embeddings (rope=) leave the
+  heads * head_dim (the model width d unless L has head_dim=; kv_heads * head_dim for grouped-query
+  attention, kv_heads=). Rotary embeddings (rope=) leave the
   prefix rows unrotated.
 
 An adapter is a block instance `L_adapter` (the sibling of L: `h.0.attention_adapter.down.weight`,
@@ -25,7 +26,7 @@ import dataclasses
 from typing import Any
 
 from specc.compiler.ir import FLOAT_DTYPES, Frame, Graph, Init, Node, Ref
-from specc.compiler.ops import attention_inner
+from specc.compiler.ops import attention_kv_inner
 from specc.compiler.registry import REGISTRY, OpCall, OpError
 from specc.compiler.rewrite import Editor
 from specc.compiler.summary import op_call
@@ -159,7 +160,7 @@ def _prefix(ed: Editor, nid: int, path: str, length: int) -> None:
     node, parent = _place(ed, nid, path)
     if node.attr("prefix?"):
         raise PeftError(path, f"'{path}' has a prefix already (prefix= in the spec)", "prefix")
-    width = attention_inner(op_call(ed.graph, nid))  # heads * head_dim: the model width unless head_dim= says
+    width = attention_kv_inner(op_call(ed.graph, nid))  # (kv_)heads * head_dim: the model width unless head_dim= says
     attr = _free_name(ed, parent, f"{node.path[-1]}_prefix")
     p = _add(ed, "parameter", {}, {"shape": (2, length, width)}, node, attr, node.scope, parent + (attr,))
     if ed.graph.type_of(p).dtype != ed.graph.type_of(node.inputs[0]).dtype:
