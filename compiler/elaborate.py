@@ -201,12 +201,17 @@ class Elaborator:
         return o
 
     def fail(self, span: Span, message: str, *notes: str) -> _Poison:
+        for name, text in getattr(self, "expr_like", {}).items():  # `vocab: alphabet + 3` under params:
+            if f"the string {text!r}" in message:
+                notes += (f"params.{name} is the string {text!r}; to compute it from other params, declare it under "
+                          f"'derived:' ({name}: {text})",)
         self.errors.error(span, message, *notes)
         return POISON
 
     # -- entry -------------------------------------------------------------------------------
     def run(self) -> Graph:
         self.bind_params()
+        self.bind_derived()
         self.import_modules()
         self.declare_dims()
         self.declare_inputs()
@@ -248,16 +253,22 @@ class Elaborator:
     def bind_params(self) -> None:
         # entries of the spec left out for an error are unknown values, not undefined names
         self.params = {name: POISON for section, name in self.src.unknown
-                       if section in ("params", "dims", "inputs")}
+                       if section in ("params", "derived", "dims", "inputs")}
         self.params.update(self.spec.params)
+        self.parse_derived()
         overrides = dict(self.overrides)
         if self.spec.scales:
             self.apply_scale(overrides)
         for name, value in overrides.items():
             text, span = self.override_text.get(name, (None, Span(API_OVERRIDES, 0, 0)))
-            if name not in self.params:
+            derived = name in self.derived_exprs and name not in self.spec.params
+            if name not in self.params or derived:
                 if span.line >= 1:  # the name's part of `--set name=value`
                     span = Span(span.file, span.line, 1, span.line, len(name) + 1)
+                if derived:
+                    self.fail(span, f"'{name}' is a derived param and cannot be set: {self.derived_text(name)}",
+                              *self.derived_notes(name))
+                    continue
                 self.fail(span, f"unknown parameter '{name}' in override" + did_you_mean(name, self.params),
                           f"parameters of {self.spec.name}: {', '.join(self.params) or 'none'}")
                 continue
@@ -283,6 +294,9 @@ class Elaborator:
                 kspan = self.doc.key_span(("scales", preset, key))
                 if key == "scale":
                     self.fail(kspan, f"scales.{preset}: a preset cannot set 'scale', which selects the preset")
+                elif key in self.derived_exprs and key not in self.spec.params:
+                    self.fail(kspan, f"scales.{preset}: '{key}' is a derived param and cannot be set: "
+                                     f"{self.derived_text(key)}", *self.derived_notes(key))
                 elif key not in self.params:
                     self.fail(kspan, f"scales.{preset}: unknown parameter '{key}'" + did_you_mean(key, self.params),
                               "a preset overrides parameters declared under 'params:'")
@@ -311,6 +325,131 @@ class Elaborator:
             return
         self.params.update(presets.get(chosen, {}))
         self.params["scale"] = chosen
+
+    # -- derived params ----------------------------------------------------------------------
+    def parse_derived(self) -> None:
+        """Parse every expression of `derived:` (name -> expression, None where it does not parse)."""
+        self.derived_exprs: dict[str, A.Expr | None] = {}
+        for name, text in self.spec.derived.items():
+            self.derived_exprs[name] = parse(text, self.origin("derived", name), "expression", self.errors)
+        #: string params that read as arithmetic on other params: a derived param written under params:
+        self.expr_like: dict[str, str] = {}
+        for name, text in self.spec.params.items():
+            if isinstance(text, str) and len(text) <= 200 and any(c in text for c in "+-*/%("):
+                expr = parse(text, self.origin("params", name), "expression", Collector())
+                if expr is not None and any(n in self.spec.params for n in _value_names(expr)):
+                    self.expr_like[name] = text
+
+    def derived_text(self, name: str) -> str:
+        """`derived.NAME = EXPR (at FILE:LINE:COL)`, for messages about a derived param."""
+        return f"derived.{name} = {self.spec.derived[name]} (at {self.doc.span(('derived', name))})"
+
+    def derived_notes(self, name: str) -> tuple[str, ...]:
+        """A note naming the params a derived param is computed from (through other derived ones)."""
+        roots: list[str] = []
+        seen: set[str] = set()
+
+        def visit(n: str) -> None:
+            if n in seen:
+                return
+            seen.add(n)
+            expr = self.derived_exprs.get(n)
+            for used in (_value_names(expr) if expr is not None else ()):
+                if used in self.spec.params and used not in roots:
+                    roots.append(used)
+                elif used in self.derived_exprs:
+                    visit(used)
+
+        visit(name)
+        if not roots:
+            return ()
+        return (f"it derives from {', '.join(roots)}: set {'that' if len(roots) == 1 else 'those'} instead",)
+
+    def bind_derived(self) -> None:
+        """Evaluate `derived:` in order, after the overrides and the scale preset: each expression over the
+        params and the derived params above it, with the graph's scalar arithmetic (never Python's eval)."""
+        order = list(self.derived_exprs)
+        for i, (name, expr) in enumerate(self.derived_exprs.items()):
+            kspan = self.doc.key_span(("derived", name))
+            if name in self.spec.params:
+                self.fail(kspan, f"'{name}' is declared under both 'params:' and 'derived:'",
+                          f"params.{name} is at {self.doc.key_span(('params', name))}")
+                continue
+            if name == "scale" and self.spec.scales:
+                self.fail(kspan, "'scale' selects a preset of 'scales:' and cannot be derived")
+                self.params[name] = POISON
+                continue
+            self.params[name] = POISON if expr is None else self.derived_value(name, expr, order[i + 1:])
+
+    def derived_value(self, name: str, expr: A.Expr, later: list[str]) -> Any:
+        where = f"derived.{name}"
+        ok = True
+        for sub in walk(expr):
+            if isinstance(sub, A.Call):
+                fname = sub.func_name
+                if fname not in CONST_FUNCS:
+                    ok = False
+                    what = (f"'{fname}' is an operator" if fname and self.reserved_op(fname) else
+                            f"unknown function '{fname}'" + did_you_mean(fname, CONST_FUNCS) if fname else
+                            "only named functions can be called")
+                    self.fail(sub.func.span, f"{where}: {what}; a derived param may call only "
+                                             f"{', '.join(CONST_FUNCS)}")
+                elif sub.kwargs:
+                    ok = False
+                    self.fail(sub.kwargs[0].span, f"{fname}() takes no keyword arguments")
+            elif isinstance(sub, (A.Index, A.ListExpr)) and ok:  # once: [1][0] is both
+                ok = False
+                self.fail(sub.span, f"{where}: lists and indexing are not allowed in a derived param",
+                          "a derived param is a number, a boolean or a string computed from params")
+        for sub in _value_names(expr, spans=True):
+            n = sub.id
+            if n in self.params or n == "inf":
+                continue
+            ok = False
+            if n == name:
+                self.fail(sub.span, f"{where} refers to itself")
+            elif n in later:
+                cycle = self.derived_cycle(name, n)
+                self.fail(sub.span, f"{where} uses '{n}', which is derived after it (at "
+                                    f"{self.doc.key_span(('derived', n))}); a derived param may use the params and "
+                                    f"the derived params above it",
+                          *([f"'{name}' and '{n}' depend on each other: {' -> '.join(cycle)}"] if cycle else
+                            [f"move '{n}' above '{name}'"]))
+            elif n in self.spec.dims or n in self.spec.inputs:
+                what = "a symbolic dimension" if n in self.spec.dims else "an input"
+                self.fail(sub.span, f"{where}: '{n}' is {what}; a derived param is computed from params alone")
+            else:
+                usable = [k for k in self.params if k in self.spec.params or k in self.derived_exprs]
+                self.fail(sub.span, f"unknown name '{n}' in {where}" + did_you_mean(n, usable),
+                          f"names it may use (the params and the derived params above it): "
+                          f"{', '.join(usable) or 'none'}")
+        if not ok:
+            return POISON
+        v = self.const_eval(expr, "a number")
+        if v is POISON:
+            return POISON
+        if isinstance(v, float) and not math.isfinite(v):
+            return self.fail(expr.span, f"{where} is {v}; a param must be a finite number")
+        if not isinstance(v, (bool, int, float, str)):
+            return self.fail(expr.span, f"{where} must be a number, a boolean or a string, got {_kind(v)}")
+        return v
+
+    def derived_cycle(self, start: str, via: str) -> list[str]:
+        """A chain start -> via -> ... -> start through the derived params' expressions, or []."""
+        path = [start, via]
+        seen = {via}
+        while True:
+            expr = self.derived_exprs.get(path[-1])
+            if expr is None:
+                return []
+            names = [n for n in _value_names(expr) if n in self.derived_exprs]
+            if start in names:
+                return path + [start]
+            nxt = next((n for n in names if n not in seen), None)
+            if nxt is None:
+                return []
+            seen.add(nxt)
+            path.append(nxt)
 
     # -- custom operators --------------------------------------------------------------------
     def import_modules(self) -> None:
@@ -464,7 +603,8 @@ class Elaborator:
         if any(v is POISON for v in vals):
             return POISON
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-            return self.fail(expr.span, "range bounds must be integers")
+            bad = next(v for v in vals if not isinstance(v, int) or isinstance(v, bool))
+            return self.fail(expr.span, f"range bounds must be integers, got {_kind(bad)}")
         lo, hi = (0, vals[0]) if len(vals) == 1 else vals
         if hi <= lo:
             return self.fail(expr.span, f"empty range({lo}, {hi})")
@@ -884,7 +1024,7 @@ class Elaborator:
                 return self.fail(e.kwargs[0].span, f"{fname}() takes no keyword arguments")
             try:
                 return CONST_FUNCS[fname](*args)
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, OverflowError) as err:
                 return self.fail(e.span, f"{fname}(): {err}")
         if fname in self.blocks:
             target: Any = BlockRef(fname)
@@ -1924,7 +2064,10 @@ def _int(x: Any) -> int:
 def _float(x: Any) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ValueError(f"cannot convert {_kind(x)} to a number")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError("the integer is too large for a float") from None
 
 
 def _minmax(f):
@@ -1951,6 +2094,14 @@ def _attr_symbols(v: Any) -> set[str]:
 
 def _free_names(e: A.Expr) -> set[str]:
     return {s.id for s in walk(e) if isinstance(s, A.Name)}
+
+
+def _value_names(e: A.Expr, spans: bool = False) -> list:
+    """The names an expression reads as values (not the functions it calls), in order, each once;
+    with `spans`, the Name nodes (every occurrence)."""
+    called = {id(s.func) for s in walk(e) if isinstance(s, A.Call)}
+    names = [s for s in walk(e) if isinstance(s, A.Name) and id(s) not in called]
+    return names if spans else list(dict.fromkeys(s.id for s in names))
 
 
 def identifier_problem(name: str) -> str | None:

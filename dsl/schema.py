@@ -230,6 +230,13 @@ class SpecFile(_Strict):
                                                               "docstring.")
     params: dict[str, ParamValue] = Field(default_factory=dict,
                                           description="Named parameters with defaults; override with --set k=v.")
+    derived: dict[str, str] = Field(
+        default_factory=dict,
+        description="Params computed from other params: name -> an expression over params and the derived "
+                    "params above it (arithmetic, comparisons, a if c else b, min, max, int, float, sqrt), e.g. "
+                    "{d_ff: 4 * d_model, head_dim: d_model // heads, vocab: alphabet + 3}. Evaluated in order "
+                    "after --set overrides and scale presets; a derived param cannot be set itself.",
+        json_schema_extra={"examples": [{"d_ff": "4 * d_model", "head_dim": "d_model // heads"}]})
     dims: dict[str, Union[int, DimDecl]] = Field(default_factory=dict,
                                                  description="Symbolic dimensions: example value and bounds.")
     inputs: dict[str, str] = Field(description="Typed inputs, e.g. x: f32[B, T, d] or ids: i64[B, T] in range(vocab).")
@@ -309,6 +316,9 @@ def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
         return f"missing required key '{loc[-1]}'", False
     if kind == "literal_error" and loc == ("specc",):
         return "unsupported spec version: 'specc' must be 1", False
+    if kind == "string_type" and len(loc) == 2 and loc[0] == "derived":
+        return (f"derived.{loc[1]}: expected an expression over params, e.g. 4 * d_model, got "
+                f"{_yaml_kind(_at(data, loc))} (a fixed value belongs under 'params:')"), False
     if kind in _EXPECTED:
         return f"{'.'.join(map(str, loc))}: expected {_EXPECTED[kind]}, got {_yaml_kind(_at(data, loc))}", False
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -394,7 +404,7 @@ def _located_errors(e: ValidationError, doc: Located) -> Collector:
 
 
 #: Sections whose keys name things (and so become identifiers in generated code).
-NAMED_SECTIONS = ("params", "dims", "inputs", "outputs")
+NAMED_SECTIONS = ("params", "derived", "dims", "inputs", "outputs")
 
 
 def _check_names(doc: Located, errors: Collector) -> set[tuple]:
@@ -424,7 +434,7 @@ def _check_names(doc: Located, errors: Collector) -> set[tuple]:
 
 #: Stand-ins for top-level values in error, so that the rest of a spec can still be checked.
 _STAND_INS = {"specc": 1, "name": "model", "seed": 0}
-_ENTRY_SECTIONS = ("params", "dims", "inputs", "outputs", "blocks")
+_ENTRY_SECTIONS = ("params", "derived", "dims", "inputs", "outputs", "blocks")
 
 
 def _salvage(data: dict, bad: set[tuple]) -> tuple[SpecFile | None, frozenset[tuple[str, str]]]:
