@@ -373,7 +373,7 @@ def test_ops_lists_every_operator_and_prints_the_whole_text_of_named_ones():
     assert len(public) > 50 and public <= listed
     # the first paragraph on one line, not cut at the first line break of the text
     [attention] = [line for line in r.stdout.splitlines() if line.startswith("attention(")]
-    assert attention.rstrip().endswith("rope_dim=none): multi-head softmax attention.")
+    assert attention.rstrip().endswith("rope_dim=none, kv_heads=none): multi-head softmax attention.")
     r = specc("ops", "conv2d", "attention")
     assert r.returncode == 0 and "padding may be 'same'" in r.stdout and "[B, out, H', W']" in r.stdout
     assert "A query with no allowed position gets zeros" in r.stdout
