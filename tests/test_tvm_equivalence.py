@@ -44,6 +44,8 @@ CASES = {
     "lstm_classifier": (REPO / "specs/lstm_classifier.yaml", dict(vocab=50, d=16, hidden=16, layers=2),
                         [dict(B=1, T=12), dict(B=3, T=7)]),
     "tiny": (REPO / "tests/data/tiny.yaml", {}, [dict(B=1, T=4), dict(B=3, T=6)]),
+    # the GPU check's model of operators no zoo spec uses (gru, kv_heads, layer_norm dim=1, // and %)
+    "gpu_ops": (REPO / "tests/data/gpu_ops.yaml", {}, [dict(B=1, T=4), dict(B=3, T=9)]),
     "repvgg": (REPO / "specs/repvgg.yaml", dict(width=8, depth=1, classes=5), [dict(B=1), dict(B=3)]),
     "lora_gpt": (REPO / "specs/lora_gpt.yaml", dict(d_model=32, heads=4, layers=2, block_size=32, r=2),
                  [dict(B=1, T=16), dict(B=3, T=9)]),

@@ -13,9 +13,12 @@
 #   run(command="tools/gpu_check.sh run", carry=["build/gpu_check"], timeout_s=300)
 #
 # The models: the whole zoo, every spec in specs/ at its defaults (gpt, lora_gpt and peft_gpt at
-# T=64): coda_prompt, dann, gelan, glyph_embedding, gpt, itransformer, lora_gpt, lsa_icl,
-# lstm_classifier, memoryformer, moe_router, ngram_head, peft_gpt, repvgg, set_prompting, sla,
-# timellm, tokenformer, transformer_program; and gpt_d256 (d_model 256, 4 layers, T 128). Each at
+# T=64): atlas, bt2, coda_prompt, codegen2, counter_current, dann, gelan, glyph_embedding, gpt,
+# icl_gpt, itransformer, lora_gpt, lsa_icl, lstm_classifier, memoryformer, moe_router, ngram_head,
+# peft_gpt, position_prediction, repvgg, set_prompting, sla, splatflow, timellm, tokenformer,
+# transformer_program; gpt_d256 (d_model 256, 4 layers, T 128); and gpu_ops (tests/data/gpu_ops.yaml:
+# gru, grouped-query attention with a padding mask, a channels-first layer norm, tensor // and %,
+# which no zoo spec uses). Each at
 # B=1 and B=8, with every output (training-only ones too) compared; integer outputs exactly.
 # A model the stage cannot build for CUDA is reported (NOT STAGED, with the reason), the others are
 # staged, stage exits 1 and the run counts it as a failure.

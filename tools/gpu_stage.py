@@ -4,7 +4,8 @@
     python tools/gpu_stage.py [--out build/gpu_check] [--target cuda|llvm] [--models gpt,...] [-B 1 -B 8]
 
 (tools/gpu_check.sh wraps this; its header says how to run the result.) The models: every spec in
-specs/ (named by its stem) and gpt_d256, or --models. Per model, models/NAME/: model.so.xz (the TVM
+specs/ (named by its stem), gpt_d256 and gpu_ops (tests/data/gpu_ops.yaml: operators no zoo spec
+uses), or --models. Per model, models/NAME/: model.so.xz (the TVM
 library, exported, xz-compressed: the runner unpacks it), kernels/SHA256.fatbin.xz (nvcc's fatbin
 of each CUDA source module in it, for the runner's compile callback), tvm_manifest.json,
 torch_model.py and weights.safetensors (the PyTorch backend's build of the same graph, at -O0, same
@@ -55,8 +56,9 @@ def zoo_models() -> dict[str, tuple[str, dict, dict]]:
 MODELS = zoo_models() | {
     "gpt_d256": ("specs/gpt.yaml", {"d_model": 256, "layers": 4, "block_size": 128}, {"T": 128}),
     "tiny": ("tests/data/tiny.yaml", {}, {"T": 8}),
+    "gpu_ops": ("tests/data/gpu_ops.yaml", {}, {"T": 8}),
 }
-ZOO = [*zoo_models(), "gpt_d256"]
+ZOO = [*zoo_models(), "gpt_d256", "gpu_ops"]
 TARGETS = {"cuda": {"kind": "cuda", "arch": "sm_90"}, "llvm": {"kind": "llvm"}}
 
 
