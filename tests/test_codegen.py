@@ -241,3 +241,89 @@ def test_one_class_whatever_values_the_calls_pass(tmp_path):
     for got, ref in ((q, q_ref), (s, s_ref), (t, t_ref)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+CHECKED = """\
+specc: 1
+name: checked
+dims:
+  H: {example: 2, max: 8}
+  T: {example: 4, max: 32}
+inputs:
+  x: f32[B, 3, 4 * H, 4 * H]
+  ids: i64[B, T] in range(5)
+  tail: f32[B, T - 2]
+graph: |
+  y = mean(max_pool2d(relu(conv2d(x, 4, 3, padding=1)), 2), dim=[2, 3])
+  z = embedding(ids, 5, 4)
+  w = sum(tail, dim=1)
+outputs:
+  y: f32[B, 4]
+  z: f32[B, T, 4]
+  w: f32[B]
+"""
+
+
+def test_example_inputs_refuse_unknown_names_and_sizes_out_of_bounds(tmp_path):
+    import pytest
+
+    module = import_model_module(specc.build(CHECKED, tmp_path / "out"))
+    x, ids, tail = module.example_inputs(B=3, T=32, H=8)
+    assert x.shape == (3, 3, 32, 32) and ids.shape == (3, 32) and tail.shape == (3, 30)
+    for dims, message in (({"T": 40}, "example_inputs: T=40, outside [1, 32]"),
+                          ({"T": 0}, "example_inputs: T=0, outside [1, 32]"),
+                          ({"B": -1}, "example_inputs: B=-1, outside [1, inf]"),
+                          ({"Q": 3}, "example_inputs: Q is not a symbolic dimension of this model "
+                                     "(its dimensions: H, T, B)"),
+                          ({"T": 2.5}, "example_inputs: T=2.5 is not a whole number"),
+                          ({"T": 2}, "example_inputs: input tail: dimension 1 is T - 2 = 0 with B=2, H=2, T=2, "
+                                     "but must be at least 1")):
+        with pytest.raises(ValueError) as info:
+            module.example_inputs(**dims)
+        assert str(info.value) == message, dims
+
+
+def test_the_model_checks_its_inputs_against_the_declared_shapes(tmp_path):
+    import pytest
+
+    out = specc.build(CHECKED, tmp_path / "out")
+    assert "        check_inputs(x, ids, tail)  # ranks, dtypes and sizes as INPUTS declares\n" in \
+        (out / "model.py").read_text()
+    module = import_model_module(out)
+    model = module.load(out)
+    x, ids, tail = module.example_inputs()
+    long_ids = torch.zeros(2, 40, dtype=torch.int64)
+    for inputs, message in (
+            ((torch.randn(1, 3, 16, 20), ids[:1], tail[:1]),
+             "input x: dimension 3 is 20, but must be 4*H = 16 with B=1, H=4, T=4"),
+            ((torch.randn(1, 3, 18, 18), ids[:1], tail[:1]), "input x: dimension 2 is 18, but must be 4*H for a whole H >= 1"),
+            ((torch.randn(2, 3, 36, 36), ids, tail), "input x: dimension 2 (4*H) gives H=9, outside [1, 8]"),
+            ((x[0], ids, tail), "input x: rank 3, expected 4"),
+            ((torch.randn(2, 4, 8, 8), ids, tail), "input x: dimension 1 is 4, expected 3"),
+            ((x, ids.float(), tail), "input ids: dtype torch.float32, expected torch.int64"),
+            ((x, ids, tail[:1]), "input tail: dimension 0 is 1, but input x: dimension 0 (B) gives B=2"),
+            ((x, ids, tail[:, :1]), "input tail: dimension 1 is 1, but must be T - 2 = 2 with B=2, H=2, T=4"),
+            ((x, long_ids, torch.zeros(2, 38)), "input ids: dimension 1 (T) gives T=40, outside [1, 32]"),
+            ((x[:0], ids[:0], tail[:0]), "input x: dimension 0 (B) gives B=0, outside [1, inf]")):
+        with pytest.raises(ValueError) as info:
+            model(*inputs)
+        assert str(info.value) == message
+    with torch.no_grad():  # an f32 input may have the module's own float dtype
+        y, z, w = model.double()(x.double(), ids, tail.double())
+    assert y.dtype == torch.float64 and z.shape == (2, 4, 4)
+
+
+def test_torch_compile_and_export_trace_the_checked_model(tmp_path):
+    out = specc.build(CHECKED, tmp_path / "out")
+    module = import_model_module(out)
+    model = module.load(out)
+    inputs = module.example_inputs(seed=1)
+    with torch.no_grad():
+        want = model(*inputs)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)  # no graph break in the check
+        for a, b in zip(compiled(*inputs), want):
+            assert torch.equal(a, b)
+        batch = torch.export.Dim("batch", min=1, max=64)
+        exported = torch.export.export(model, inputs, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+        for a, b in zip(exported.module()(*inputs), want):
+            assert torch.equal(a, b)

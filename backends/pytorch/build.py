@@ -83,7 +83,7 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
 '''
 
 
-#: The generated files' example_inputs() (torch alone), shared by every target's model.py.
+#: The generated files' input checks and example_inputs() (torch alone), shared by every target's model.py.
 EXAMPLE_INPUTS = '''
 
 def _size(d, sizes: dict[str, int]) -> int:
@@ -99,12 +99,86 @@ def _size(d, sizes: dict[str, int]) -> int:
     return total
 
 
+def _show(d) -> str:
+    """A declared dimension as the spec writes it: 8, T, 4*H, 2*T + 1."""
+    if not isinstance(d, list):
+        return str(d)
+    terms = sorted(d, key=lambda t: not t[1])  # the constant last
+    return " + ".join("*".join(([str(c)] if c != 1 or not s else []) + s) for c, s in terms).replace("+ -", "- ")
+
+
+def _bounds(s: str) -> tuple[int, int | None, str]:
+    lo, hi = BOUNDS.get(s, (1, None))
+    return lo, hi, f"outside [{lo}, {'inf' if hi is None else hi}]"
+
+
+def check_inputs(*inputs: torch.Tensor) -> None:
+    """ValueError, naming the input and dimension, unless the inputs have the ranks, dtypes (an f32 one:
+    any float dtype, the module's own) and static sizes INPUTS declares, and one size per symbolic
+    dimension (read whole, or solved from a * S + b) within BOUNDS. Reads shapes only, never values;
+    skipped while torch.compile or torch.export trace the model."""
+    if torch.compiler.is_compiling():
+        return
+    declared = []  # (name, declared shape, shape)
+    sizes, where = {}, {}  # symbol -> its size, and where it was read
+    for (name, (dtype, shape, _)), x in zip(INPUTS.items(), inputs):
+        have = tuple(x.shape)
+        if len(have) != len(shape):
+            raise ValueError(f"input {name}: rank {len(have)}, expected {len(shape)}")
+        want = getattr(torch, dtype)
+        if x.dtype != want and not (want == torch.float32 and x.dtype.is_floating_point):
+            raise ValueError(f"input {name}: dtype {x.dtype}, expected {want}")
+        declared.append((name, shape, have))
+        for axis, d in enumerate(shape):
+            if isinstance(d, str) and d not in sizes:
+                sizes[d], where[d] = have[axis], f"input {name}: dimension {axis} ({d})"
+    for name, shape, have in declared:  # a * S + b, S given whole by no input: solved from the size
+        for axis, d in enumerate(shape):
+            if not isinstance(d, list):
+                continue
+            unknown = {s for _, ss in d for s in ss} - set(sizes)
+            if len(unknown) == 1 and all(len(ss) <= 1 for _, ss in d):
+                (s,), n = unknown, have[axis]
+                a, b = sum(c for c, ss in d if ss), sum(c for c, ss in d if not ss)
+                if (n - b) % a or (n - b) // a < 1:
+                    raise ValueError(f"input {name}: dimension {axis} is {n}, but must be {_show(d)} for a whole "
+                                     f"{s} >= 1")
+                sizes[s], where[s] = (n - b) // a, f"input {name}: dimension {axis} ({_show(d)})"
+    for name, shape, have in declared:
+        for axis, (d, n) in enumerate(zip(shape, have)):
+            if isinstance(d, int) and n != d:
+                raise ValueError(f"input {name}: dimension {axis} is {n}, expected {d}")
+            if isinstance(d, str) and n != sizes[d]:
+                raise ValueError(f"input {name}: dimension {axis} is {n}, but {where[d]} gives {d}={sizes[d]}")
+            if isinstance(d, list) and all(s in sizes for _, ss in d for s in ss) and n != _size(d, sizes):
+                raise ValueError(f"input {name}: dimension {axis} is {n}, but must be {_show(d)} = {_size(d, sizes)} "
+                                 f"with {', '.join(f'{k}={v}' for k, v in sorted(sizes.items()))}")
+    for s, n in sizes.items():
+        lo, hi, outside = _bounds(s)
+        if n < lo or (hi is not None and n > hi):
+            raise ValueError(f"{where[s]} gives {s}={n}, {outside}")
+
+
 def example_inputs(seed: int = 0, **dims: int) -> tuple[torch.Tensor, ...]:
-    """Random inputs that fit the declared inputs, at the example sizes (override with e.g. B=4)."""
+    """Random inputs that fit the declared inputs, at the example sizes (override with e.g. B=4). ValueError
+    for a name that is no symbolic dimension, a size outside its bounds, or one that makes a dimension < 1."""
+    for s, n in dims.items():
+        if s not in DIMS:
+            raise ValueError(f"example_inputs: {s} is not a symbolic dimension of this model (its dimensions: "
+                             f"{', '.join(DIMS) or 'none'})")
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ValueError(f"example_inputs: {s}={n!r} is not a whole number")
+        lo, hi, outside = _bounds(s)
+        if n < lo or (hi is not None and n > hi):
+            raise ValueError(f"example_inputs: {s}={n}, {outside}")
     sizes = {**DIMS, **dims}
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for dtype_name, shape, value_range in INPUTS.values():
+    for name, (dtype_name, shape, value_range) in INPUTS.items():
+        for axis, d in enumerate(shape):
+            if _size(d, sizes) < 1:
+                raise ValueError(f"example_inputs: input {name}: dimension {axis} is {_show(d)} = {_size(d, sizes)} "
+                                 f"with {', '.join(f'{k}={v}' for k, v in sorted(sizes.items()))}, but must be at least 1")
         shape = [_size(d, sizes) for d in shape]
         dtype = getattr(torch, dtype_name)
         if value_range is not None:
@@ -140,6 +214,7 @@ def header(graph: Graph, spec_name: str, spec_file: str, spec_sha: str, paper: s
     inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(dim_json(d) for d in graph.node(nid).type.shape),
                      graph.node(nid).type.value_range) for name, nid in graph.inputs}
     dims = {s: ex for s, (ex, _, _) in graph.dims.items()}
+    bounds = {s: (lo, hi) for s, (_, lo, hi) in graph.dims.items()}
     lines = ['"""' + "\n".join(doc) + '\n"""', "",
              "from __future__ import annotations", "", "import json", "import math", "from pathlib import Path", "",
              "import torch", "import torch.nn.functional as F", "from torch import nn", "",
@@ -147,6 +222,8 @@ def header(graph: Graph, spec_name: str, spec_file: str, spec_sha: str, paper: s
              f"INPUTS = {_py(inputs)}",
              "#: Example sizes of the symbolic dimensions.",
              f"DIMS = {_py(dims)}",
+             "#: The sizes each symbolic dimension may take: (smallest, largest), None for no largest.",
+             f"BOUNDS = {_py(bounds)}",
              "#: Parameters that share another's storage (not stored in the weights file).",
              f"TIED = {_py(tuple(ties))}",
              "#: Whether load() wraps the model in torch.compile by default (specc build --torch-compile).",

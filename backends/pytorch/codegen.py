@@ -49,6 +49,9 @@ class CodegenError(Exception):
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 #: The class the generator writes for the whole graph.
 MODEL_CLASS = "Model"
+#: The footer's function that Model.forward calls first, where the footer defines it: it checks the
+#: inputs' ranks, dtypes and sizes against the declared ones (ValueError naming the input and dimension).
+INPUT_CHECK = "check_inputs"
 
 
 def bound_names(body: list[ast.stmt]) -> list[str]:
@@ -748,6 +751,8 @@ class Generator:
                 lambda m: names[Ref(int(m.group(1)), int(m.group(2) or 0))], expr_of(r).text))
         lines.append(f"return {', '.join(out_texts)}" if out_texts else "return None")
         prologue = self.symbol_prologue(inst, shapes_from, sorted(dims_used))
+        if not inst.scope and args and INPUT_CHECK in module_names(self.footer):
+            prologue.insert(0, f"{INPUT_CHECK}({', '.join(args)})  # ranks, dtypes and sizes as INPUTS declares")
         return prologue + lines, args, set(dims_used)
 
     def hint_for(self, ref: Ref, inst: Inst) -> str:

@@ -34,6 +34,8 @@ import torch
 INPUTS = {inputs}
 #: Example sizes of the symbolic dimensions.
 DIMS = {dims}
+#: The sizes each symbolic dimension may take: (smallest, largest), None for no largest.
+BOUNDS = {bounds}
 TARGET = {target!r}
 
 
@@ -68,7 +70,9 @@ def model_py(graph: Graph, target: str) -> str:
     inputs = {name: (DTYPES[graph.node(nid).type.dtype], tuple(dim_json(d) for d in graph.node(nid).type.shape),
                      graph.node(nid).type.value_range) for name, nid in graph.inputs}
     dims = {s: ex for s, (ex, _, _) in graph.dims.items()}
-    return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims)) + EXAMPLE_INPUTS
+    bounds = {s: (lo, hi) for s, (_, lo, hi) in graph.dims.items()}
+    return _MODEL_PY.format(name=graph.name, target=target, inputs=repr(inputs), dims=repr(dims),
+                            bounds=repr(bounds)) + EXAMPLE_INPUTS
 
 
 class PackageError(ValueError):

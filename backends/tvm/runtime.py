@@ -241,9 +241,9 @@ class Runner:
                     continue
                 sym, a, b = form
                 n = int(x.shape[axis])
-                if (n - b) % a or (n - b) // a < 0:
+                if (n - b) % a or (n - b) // a < 1:
                     raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but must be {_show(d)} for "
-                                     f"a whole {sym} >= 0")
+                                     f"a whole {sym} >= 1")
                 dims[sym] = (n - b) // a
         return dims
 
