@@ -124,6 +124,10 @@ def test_sizes_that_do_not_fit_are_clear_errors(perturb, unet):
         "input flat: dimension 0 is 5, but must be B*T = 6 with B=2, T=3"
     assert _same_error(mixed, mixed_torch, x, torch.randn(2, 9), flat).startswith(
         "input odd: dimension 1 is 9, but must be 2*T + 1 = 7")
+    # one size per symbol: B is 2 in x, so odd's 3 rows do not fit (the runner had taken the first size
+    # and left the mismatch to the VM)
+    assert _same_error(mixed, mixed_torch, x, torch.randn(3, 7), flat) == \
+        "input odd: dimension 0 is 3, but input x: dimension 0 (B) gives B=2"
 
 
 def test_tuned_static_copies_at_such_sizes(perturb, tmp_path):

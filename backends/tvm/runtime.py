@@ -199,9 +199,15 @@ class Runner:
             if len(x.shape) != len(spec["shape"]):
                 raise ValueError(f"input {spec['name']}: rank {len(x.shape)}, expected {len(spec['shape'])}")
         dims = self.dims_of(args)  # ValueError: an a * S + b axis whose size is not of that form
+        first = {}  # a symbol that is a whole dimension: where its size was read (the first such input)
         for x, spec in zip(args, specs):
             for axis, d in enumerate(spec["shape"]):
                 n = int(x.shape[axis])
+                if isinstance(d, str):
+                    first.setdefault(d, f"input {spec['name']}: dimension {axis} ({d})")
+                    if n != dims[d]:  # one size per symbol across the inputs, as the torch module checks
+                        raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but {first[d]} gives "
+                                         f"{d}={dims[d]}")
                 if isinstance(d, list) and _size(d, dims) != n:  # an expression of sizes the inputs give
                     raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but must be {_show(d)} = "
                                      f"{_size(d, dims)} with {', '.join(f'{k}={v}' for k, v in sorted(dims.items()))}")
