@@ -34,6 +34,7 @@ class Summary:
     buffers: int = 0  # elements of buffers (running statistics), not counted in params
     training_only: tuple[str, ...] = ()  # outputs a deploy build drops
     deploy: "Summary | None" = None  # the same facts for the deploy graph, when it differs
+    bound: dict[str, Any] = field(default_factory=dict)  # the spec's params as bound (derived ones too)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class Summary:
             "example_flops": self.example_flops,
             "example_dims": dict(self.bindings),
             "nodes": self.nodes,
+            "bound_params": dict(self.bound),
             **({"training_only": list(self.training_only)} if self.training_only else {}),
             **({"deploy": self.deploy.to_json()} if self.deploy is not None else {}),
         }
@@ -107,7 +109,7 @@ def summarize(graph: Graph, bindings: dict[str, int] | None = None) -> Summary:
     outs = tuple(OutputInfo(name, graph.type_of(ref), graph.type_of(ref).concrete(b)) for name, ref in graph.outputs)
     return Summary(graph.name, ins, outs, params, trainable, nbytes, total, evaluate(total, b), b, len(graph),
                    {k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if v}, buffers,
-                   tuple(n for n, _ in graph.outputs if n in graph.training_outputs))
+                   tuple(n for n, _ in graph.outputs if n in graph.training_outputs), bound=dict(graph.params))
 
 
 def human(n: int) -> str:

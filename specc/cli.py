@@ -716,6 +716,9 @@ def _print_summary(summary, color: bool) -> None:
     console.print(f"FLOPs       {human(summary.example_flops)} at {dims or 'the declared shapes'}"
                   f"  [{fmt(summary.flops)}]")
     console.print(f"nodes       {summary.nodes}")
+    if summary.bound:  # the spec's params as bound: defaults, --set, the scale preset, derived values
+        shown = {k: str(v).lower() if isinstance(v, bool) or v is None else v for k, v in summary.bound.items()}
+        console.print("params      " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if summary.deploy is not None:
         d = summary.deploy
         console.print(f"deploy      without {', '.join(summary.training_only)} (training only): "

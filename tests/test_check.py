@@ -50,10 +50,14 @@ def test_cli_check_prints_summary_and_json():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "logits" in r.stdout and "f32[B, T, 65]" in r.stdout and "parameters" in r.stdout
+    # the params as bound, --set included, written as the spec writes them
+    assert "params      vocab=65, block_size=64, d_model=64, heads=4, layers=3, dropout=0.0, tied=true" in r.stdout
     r = subprocess.run([sys.executable, "-m", "specc.cli", "check", str(GPT), "--json"], capture_output=True, text=True)
     data = json.loads(r.stdout)
     assert data["params"] == gpt_params(65, 64, 64, 2, True)
     assert data["outputs"][0]["example_shape"] == [2, 16, 65]
+    assert data["bound_params"] == {"vocab": 65, "block_size": 64, "d_model": 64, "heads": 4, "layers": 2,
+                                    "dropout": 0.0, "tied": True}
 
 
 def test_cli_ir_and_build(tmp_path):

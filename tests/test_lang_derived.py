@@ -293,3 +293,17 @@ def test_the_json_schema_describes_derived():
     derived = schema["properties"]["derived"]
     assert derived["type"] == "object" and derived["additionalProperties"] == {"type": "string"}
     assert "after --set overrides and scale presets" in derived["description"]
+
+
+def test_check_prints_the_derived_values(tmp_path, capsys):
+    """specc check shows the params as bound, derived ones with the values --set gave them."""
+    from specc.cli import main
+
+    path = tmp_path / "dv.yaml"
+    path.write_text("specc: 1\nname: dv\nparams:\n  alphabet: 10\nderived:\n  vocab: alphabet + 3\n"
+                    "dims: {B: 2, T: {example: 4}}\ninputs:\n  ids: i64[B, T] in range(vocab)\ngraph: |\n"
+                    "  y = embedding(ids, vocab, 8)\noutputs:\n  y:\n")
+    assert main(["check", str(path), "--set", "alphabet=20", "--no-color"]) == 0
+    assert "params      alphabet=20, vocab=23" in capsys.readouterr().out
+    assert main(["check", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bound_params"] == {"alphabet": 10, "vocab": 13}
