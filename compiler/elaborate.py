@@ -1314,15 +1314,12 @@ class Elaborator:
                     values[a.name] = [v for v, _ in rest]
                 if rest:
                     spans[a.name] = rest[0][1].span.merge(rest[-1][1].span)
-                    items = rest[0][1].items if len(rest) == 1 and isinstance(rest[0][1], A.ListExpr) \
-                        else [x for _, x in rest]
-                    spans.update((f"{a.name}[{j}]", x.span) for j, x in enumerate(items))  # OpError's "xs[2]"
+                    _item_spans(spans, a.name, rest[0][1] if len(rest) == 1 else [x for _, x in rest])
                 pos = []
                 break
             if i < len(pos):
                 values[a.name], spans[a.name] = pos[i][0], pos[i][1].span
-                if isinstance(pos[i][1], A.ListExpr):  # each item's place too, for OpError's "xs[2]"
-                    spans.update((f"{a.name}[{j}]", x.span) for j, x in enumerate(pos[i][1].items))
+                _item_spans(spans, a.name, pos[i][1])
         else:
             if len(pos) > len(params):
                 extra = e.args[len(params)]
@@ -1339,8 +1336,7 @@ class Elaborator:
                 self.fail(k.span, f"{opdef.name}() got argument '{k.name}' twice")
                 return None
             values[k.name], spans[k.name] = kwargs[k.name], k.span
-            if isinstance(k.value, A.ListExpr):
-                spans.update((f"{k.name}[{j}]", x.span) for j, x in enumerate(k.value.items))
+            _item_spans(spans, k.name, k.value)
         for a in opdef.args:
             if a.name not in values:
                 if a.required and not a.variadic:
@@ -2094,6 +2090,13 @@ def _attr_symbols(v: Any) -> set[str]:
 
 def _free_names(e: A.Expr) -> set[str]:
     return {s.id for s in walk(e) if isinstance(s, A.Name)}
+
+
+def _item_spans(spans: dict[str, Span], name: str, given: "A.Expr | list[A.Expr]") -> None:
+    """Where each item of argument `name` is, as spans["name[j]"] (an OpError may name "xs[2]"): the items
+    of a list literal, or the values a variadic argument collected; nothing for any other expression."""
+    items = given.items if isinstance(given, A.ListExpr) else given if isinstance(given, list) else []
+    spans.update((f"{name}[{j}]", x.span) for j, x in enumerate(items))
 
 
 def _value_names(e: A.Expr, spans: bool = False) -> list:
