@@ -91,11 +91,11 @@ def merge_factors(tensors: dict[str, torch.Tensor], layer_scales: dict[str, floa
 
 
 def merged(model: torch.nn.Module, layers: list[str], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`weights` (of the spec's parameters) with each layer's update folded into its weight (in float64)."""
-    out = dict(weights)
+    """`weights` (of the spec's parameters) with each layer's update folded into its weight (in float64):
+    `merge_factors` of the model's factors, on the weights' device."""
+    factors = {}
     for path in layers:
-        module = model.get_submodule(path)
-        w = out[f"{path}.weight"]
-        delta = module.lora_scale * (module.lora_B.detach().double() @ module.lora_A.detach().double())
-        out[f"{path}.weight"] = (w.double() + delta.to(w.device)).to(w.dtype)
-    return out
+        module, device = model.get_submodule(path), weights[f"{path}.weight"].device
+        factors[f"{path}.lora_A"] = module.lora_A.detach().to(device)
+        factors[f"{path}.lora_B"] = module.lora_B.detach().to(device)
+    return merge_factors({**weights, **factors}, scales(model, [f"{p}.lora_A" for p in layers]))
