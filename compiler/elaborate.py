@@ -35,7 +35,7 @@ from specc.dsl.yamlpos import TextOrigin
 
 from . import ops as _ops  # noqa: F401  (registers the built-in operators)
 from .dims import Dim, Sym, div_exact, evaluate, fmt, is_dim
-from .ir import DTYPES, FLOAT_DTYPES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
+from .ir import DTYPES, FLOAT_DTYPES, INT_RANGES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
 from .tied import partial_tie_message, select, tied_names
 
@@ -933,7 +933,7 @@ class Elaborator:
         dtype = odt if (isinstance(v, int) or odt in _ops.FLOAT_DTYPES) else "f32"
         if dtype == "bool":
             dtype = "i64" if isinstance(v, int) else "f32"
-        lo, hi = _INT_RANGES.get(dtype, (None, None))
+        lo, hi = INT_RANGES.get(dtype, (None, None))
         if lo is not None and not lo <= v < hi:
             return self.fail(span, f"the integer {v} does not fit the dtype {dtype} (range({lo}, {hi}))")
         return self.make("scalar", {}, {"value": v, "dtype": dtype}, span, scope, None, {})
@@ -1946,7 +1946,6 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
-_INT_RANGES = {"u8": (0, 2 ** 8), "i8": (-2 ** 7, 2 ** 7), "i32": (-2 ** 31, 2 ** 31), "i64": (-2 ** 63, 2 ** 63)}
 
 
 def _too_large(shape: tuple) -> bool:

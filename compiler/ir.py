@@ -29,6 +29,8 @@ DTYPES = {
 }
 FLOAT_DTYPES = frozenset({"f16", "bf16", "f32", "f64"})
 INT_DTYPES = frozenset({"i8", "i32", "i64", "u8"})
+#: The values each integer dtype holds, as half-open ranges.
+INT_RANGES = {"u8": (0, 2 ** 8), "i8": (-2 ** 7, 2 ** 7), "i32": (-2 ** 31, 2 ** 31), "i64": (-2 ** 63, 2 ** 63)}
 DTYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "i32": 4, "i64": 8, "u8": 1, "bool": 1}
 
 

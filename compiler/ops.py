@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from .dims import Dim, Sym, div_exact, fmt, is_dim, product, symbol_name, symbols
-from .ir import FLOAT_DTYPES, INT_DTYPES, Init, TensorType
+from .ir import FLOAT_DTYPES, INT_DTYPES, INT_RANGES, Init, TensorType
 from .registry import Arg, OpCall, OpError, op, param, uniform_fan_in
 
 T = TensorType
@@ -199,6 +199,63 @@ _binary("mod", "x % y, with broadcasting: the remainder with the sign of y, as t
                "integers stay integers. An integer remainder by a constant zero is an error.")
 
 BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "//": "floordiv", "%": "mod"}
+
+
+def _extremum(name: str, doc: str):
+    pick = max if name == "maximum" else min
+
+    def infer(c: OpCall):
+        x, y = c.t("x"), c.t("y")
+        if "bool" in (x.dtype, y.dtype):
+            other = "logical_or" if name == "maximum" else "logical_and"
+            raise OpError(f"{name}: needs numbers, got {shape_str(x)} and {shape_str(y)}; for bool tensors use "
+                          f"{other}", "x" if x.dtype == "bool" else "y")
+        dtype = promote(x.dtype, y.dtype)
+        rng = None
+        if dtype in INT_DTYPES and x.value_range is not None and y.value_range is not None:
+            rng = (pick(x.value_range[0], y.value_range[0]), pick(x.value_range[1], y.value_range[1]))
+        return T(dtype, broadcast_args(x, y, name, "x", "y"), rng)
+
+    infer.__doc__ = doc
+    op(name, Arg("x", "tensor"), Arg("y", "tensor"), flops=elementwise_flops, category="elementwise")(infer)
+
+
+_extremum("maximum", "maximum(x, y): the larger of x and y per element, with broadcasting, as torch.maximum: nan "
+                     "where either is nan; y may be a number, e.g. maximum(x, 0.0).")
+_extremum("minimum", "minimum(x, y): the smaller of x and y per element, with broadcasting, as torch.minimum: nan "
+                     "where either is nan; y may be a number.")
+
+
+@op("clamp", Arg("x", "tensor"), Arg("min", "number", None), Arg("max", "number", None), flops=elementwise_flops,
+    category="elementwise")
+def _clamp(c: OpCall):
+    """clamp(x, min=none, max=none): x limited to [min, max] per element, as torch.clamp (nan stays nan); one
+    bound may be left out. An integer x with integer bounds stays an integer tensor whose values are known to
+    lie in [min, max] (so clamp(ids, 0, V - 1) may index an embedding of V rows); a float bound makes the
+    result float."""
+    x, lo, hi = c.t("x"), c.a("min"), c.a("max")
+    if x.dtype == "bool":
+        raise OpError(f"clamp: x {shape_str(x)} is bool; clamp takes numbers", "x")
+    if lo is None and hi is None:
+        raise OpError("clamp: give min, max or both")
+    if lo is not None and hi is not None and lo > hi:
+        raise OpError(f"clamp: min ({fmt(lo)}) is greater than max ({fmt(hi)})", "max")
+    floats = any(isinstance(b, float) for b in (lo, hi))
+    dtype = "f32" if floats and x.dtype not in FLOAT_DTYPES else x.dtype
+    if dtype not in INT_DTYPES:
+        return T(dtype, x.shape)
+    start, stop = INT_RANGES[dtype]
+    for name, v in (("min", lo), ("max", hi)):
+        if v is not None and not start <= v < stop:
+            raise OpError(f"clamp: {name} {v} does not fit x's dtype {dtype} (range({start}, {stop}))", name)
+    a, b = (x.value_range[0], x.value_range[1] - 1) if x.value_range is not None else (-math.inf, math.inf)
+
+    def limit(v):  # clamp is monotone: the ends of x's range go to the ends of the result's
+        v = v if lo is None else max(v, lo)
+        return v if hi is None else min(v, hi)
+
+    a, b = limit(a), limit(b)
+    return T(dtype, x.shape, (a, b + 1) if math.isfinite(a) and math.isfinite(b) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1254,7 +1311,8 @@ BINARY_OPS.update(COMPARE_OPS)
 
 #: Tensor arguments that a spec may give as a plain number (the elaborator makes it a scalar of the
 #: dtype of the op's other tensor argument), e.g. where(mask, x, 0.0) or lt(x, 0).
-NUMBER_ARGS: dict[str, tuple[str, ...]] = {"where": ("x", "y"), **{n: ("x", "y") for n in COMPARE_OPS.values()}}
+NUMBER_ARGS: dict[str, tuple[str, ...]] = {"where": ("x", "y"), "maximum": ("x", "y"), "minimum": ("x", "y"),
+                                           **{n: ("x", "y") for n in COMPARE_OPS.values()}}
 
 
 def _need_bool(t: TensorType, op_name: str, arg: str) -> None:

@@ -46,7 +46,7 @@ def pattern(draw, b: Builder) -> None:
     kind = draw(st.sampled_from([
         "act", "linear", "linear_chain", "norm", "neutral", "scale", "dropout", "transpose_pair",
         "reshape_pair", "attention", "mlp", "binary", "concat_split", "mean", "matmul", "cse", "softmax",
-        "lora", "periodic",
+        "lora", "periodic", "extremum",
     ]))
     w = draw(st.sampled_from(WIDTHS))
     if kind == "act":
@@ -108,6 +108,11 @@ def pattern(draw, b: Builder) -> None:
         c = draw(st.sampled_from([0.5, 0.75, 2]))
         r = draw(st.sampled_from(["{v} % {c}", "({v} - {c} * ({v} // {c}))"])).format(v=name, c=c)
         b.new(f"{r} * ({c} - {r})", width)
+    elif kind == "extremum":  # continuous: a rounding difference moves the result as little
+        other = draw(st.sampled_from([n for n, k in b.values if k == width]))
+        expr = draw(st.sampled_from(["maximum({v}, {o})", "minimum({o}, {v})", "maximum({v}, 0.0)",
+                                     "clamp({v}, min=-0.5, max=0.75)", "clamp({v}, max=0.25)"]))
+        b.new(expr.format(v=name, o=other), width)
     else:  # a pattern that did not fit this width
         b.new(f"tanh({name})", width)
 

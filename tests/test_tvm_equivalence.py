@@ -175,6 +175,7 @@ OPS_TESTED_ELSEWHERE = frozenset({
     "omega_memory",  # tests/test_tvm_memory.py and the atlas case
     "expand",  # tests/test_ops_expand.py (test_tvm)
     "floordiv", "mod",  # tests/test_ops_floor_mod.py (tvm-llvm, zero divisors and inf/nan inputs included)
+    "maximum", "minimum", "clamp",  # tests/test_ops_clamp.py (tvm-llvm, nan and inf inputs included)
 })
 
 

@@ -359,6 +359,14 @@ STATIC_CONVS = {
                "a: f32[B, 5, L]\nb: f32[B, 5, L - 2]", "B: 2\nL: 9", [{"B": 2, "L": 9}]),
     "height_width": ("v: f32[B, 4, H, W]", "a = relu(conv2d(v, 5, 3, padding=1))", "a: f32[B, 5, H, W]",
                      "B: 2\nH: 6\nW: 7", [{"B": 1, "H": 6, "W": 7}]),
+    # the lowering's TE kernels (nan-keeping reductions and pools, float //) after fusable producers, one
+    # over an input of size L - 2 (a size argument L beside its buffers)
+    "te_kernels": ("v: f32[B, 4, L]",
+                   "a = amax(relu(conv1d(v, 5, 3)) * 2.0, dim=-1)\nb = argmax(v * 2.0 - 1.0, dim=-1)\n"
+                   "c = max_pool1d(concat([v, v], dim=-1) + 1.0, 2)\ne = amin(v[:, :, 1:] + 1.0, dim=1)\n"
+                   "f = (v // 0.75) * 2.0",
+                   "a: f32[B, 5]\nb: i64[B, 4]\nc: f32[B, 4, L]\ne: f32[B, L - 1]\nf: f32[B, 4, L]",
+                   "B: 2\nL: 9", [{"B": 2, "L": 9}, {"B": 1, "L": 4}]),
 }
 
 

@@ -326,6 +326,31 @@ def _exact_f32(v: Any) -> bool:
         return False
 
 
+def _extremum(name: str):
+    """torch.maximum / torch.minimum of two tensors; beside a literal (which torch.maximum does not take) the
+    tensor's clamp, the same values (nan stays nan); between two literals the constant itself."""
+    bound = "min" if name == "maximum" else "max"
+
+    def lower(c: Ctx, xs: list[Expr]) -> Expr:
+        xs = c.as_float(xs)
+        lits = c.literals()
+        if all(lits):
+            v = (max if name == "maximum" else min)(*c.in_scalars)
+            return call(f"torch.tensor({num(v)}, dtype={c.dtype(c.x.dtype)}, device={c.device})")
+        if lits[0] or lits[1]:
+            t, v = (xs[1], xs[0]) if lits[0] else (xs[0], xs[1])
+            return call(f"{t.at(ATOM)}.clamp({bound}={v.text})")
+        return call(f"torch.{name}({xs[0].text}, {xs[1].text})")
+
+    return lower
+
+
+def _clamp(c: Ctx, xs: list[Expr]) -> Expr:
+    xs = c.as_float(xs)
+    bounds = ", ".join(f"{k}={num(c.a(k))}" for k in ("min", "max") if c.a(k) is not None)
+    return call(f"{xs[0].at(ATOM)}.clamp({bounds})")
+
+
 def _where(c: Ctx, xs: list[Expr]) -> Expr:
     """torch.where(cond, x, y). Where the result is f32 but neither x nor y a float tensor, it takes the
     module's float dtype: an integer x or y is converted first; between two literals, the result is
@@ -498,6 +523,9 @@ LOWERINGS: dict[str, Lowering] = {
     "logical_or": Lowering(_binop("|", BITOR)),
     "logical_not": Lowering(lambda c, xs: Expr(f"~{xs[0].at(UNARY)}", UNARY)),
     "where": Lowering(_where),
+    "maximum": Lowering(_extremum("maximum")),
+    "minimum": Lowering(_extremum("minimum")),
+    "clamp": Lowering(_clamp),
     "masked_fill": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.masked_fill({xs[1].text}, {num(c.a('value'))})")),
     "tril": Lowering(_triangle("tril")),
     "triu": Lowering(_triangle("triu")),

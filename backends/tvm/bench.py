@@ -19,6 +19,10 @@ Variants:
   im2col     scheduled, but convolutions as an im2col kernel + matmul instead of one implicit-GEMM kernel
   portable   scheduled, but masked attention's softmax as portable Relax ops (a clamp, softmax and a
              multiply by a row-seen reduction) instead of the CPU row kernel that zeroes empty rows
+  nan_dropping  scheduled, but relu, max pools, amax/amin and argmax as Relax's ops, which may drop a nan
+             that torch keeps (the default keeps it: a compare and a select more per element)
+  nan_portable  scheduled, but max pools, amax/amin and argmax keep a nan as on GPUs: Relax's reduction
+             and the same reduction of isnan(x), in place of one TE reduction with a nan-keeping combiner
   tuned      the scheduled build plus MetaSchedule records from --tuning-db (static-shape
              specialisations for the shapes tuned; `tune` first)
 """
@@ -41,7 +45,9 @@ ZOO_SIZES: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
 
 
 #: Variants that are the scheduled build with a module-level choice of backends/tvm/lowering.py switched.
-SWITCHES: dict[str, tuple[str, str]] = {"im2col": ("CONV_IMPL", "im2col"), "portable": ("MASKED_SOFTMAX", "portable")}
+SWITCHES: dict[str, tuple[str, str]] = {"im2col": ("CONV_IMPL", "im2col"), "portable": ("MASKED_SOFTMAX", "portable"),
+                                        "nan_dropping": ("NAN", "drop"),
+                                        "nan_portable": ("NAN", "portable")}
 
 
 def zoo() -> list[tuple[str, dict[str, Any], dict[str, int]]]:

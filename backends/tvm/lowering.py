@@ -200,11 +200,12 @@ def _linear(c: Ctx, x: relax.Expr, w: relax.Expr, b: relax.Expr | None, hint: st
 def _act(c: Ctx, name: str, x: relax.Expr) -> relax.Expr:
     if name == "identity":
         return x
+    if name == "relu":
+        return _relu(c, x)
     return c.emit(ACTIVATIONS[name](x))
 
 
 ACTIVATIONS: dict[str, Callable[[relax.Expr], relax.Expr]] = {
-    "relu": R.nn.relu,
     "gelu": R.nn.gelu,
     "silu": R.nn.silu,
     "tanh": R.tanh,
@@ -292,7 +293,8 @@ def _mul(c: Ctx, xs: list) -> relax.Expr:
 #: through them to their inputs. A value of any other op (inputs, layers, reductions, matmul) is opaque to it.
 _INLINED = frozenset({"scalar", "zeros", "ones", "arange", "cast", "neg", "abs", "relu", "exp", "log", "sqrt",
                       "tanh", "sigmoid", "silu", "gelu", "add", "sub", "mul", "div", "pow", "floordiv", "mod",
-                      "expand", "reshape", "unsqueeze", "transpose", "permute", "getitem", "concat", "where",
+                      "maximum", "minimum", "clamp", "expand", "reshape", "unsqueeze", "transpose", "permute",
+                      "getitem", "concat", "where",
                       "masked_fill", "tril", "triu", "detach", "grad_reverse", "dropout"})
 _CONSTANT = frozenset({"scalar", "zeros", "ones", "arange"})
 
@@ -397,6 +399,129 @@ def _floor_op(name: str) -> Lowering:
             zero, one = relax.const(0, c.dtype), relax.const(1, c.dtype)
             y = c.emit(R.where(c.emit(R.equal(y, zero)), one, y))
         return (R.floor_divide if name == "floordiv" else R.floor_mod)(x, y)
+
+    return lower
+
+
+# -- maximum, minimum, clamp, relu, amax, amin: a nan propagates, as in torch ------------------------
+# (TIR's max(a, b) is `a >= b ? a : b`: a nan a gives b; Relax's maximum, relu, clip and max reduction
+# would drop a nan that torch keeps.)
+
+_FLOATS = ("f16", "bf16", "f32", "f64")
+
+#: How max pools, amax/amin and argmax keep a nan as torch does: "auto" is "kernel" on CPU targets (one TE
+#: reduction whose combiner keeps a nan) and "portable" on GPUs (dlight's reduction rules take only the
+#: standard combiners: Relax's reduction, beside the same reduction of isnan(x) that says where to put
+#: nan); "drop" is Relax's reduction alone, which may lose a nan (the benchmark's `nan_dropping` variant,
+#: to measure what keeping costs; relu then drops it too).
+NAN = "auto"
+
+
+def _nan_mode(c: Ctx) -> str:
+    return NAN if NAN != "auto" else ("kernel" if c.target_kind == "llvm" else "portable")
+
+
+def _nan_where(c: Ctx, nan_seen: relax.Expr, y: relax.Expr) -> relax.Expr:
+    """y, with nan where the (0 or 1) float nan_seen is 1."""
+    return R.where(c.emit(R.greater(nan_seen, c.const(0.0))), c.const(float("nan")), y)
+
+
+def _scalar_of(x: relax.Expr) -> float | int | None:
+    """The value of a 0-d constant, None for anything else."""
+    if isinstance(x, tvm.ir.expr.Constant) and x.ty.ndim == 0:
+        return _const_array(x).item()
+    return None
+
+
+def _nan_pick(name: str, a: Any, b: Any) -> Any:
+    """max(a, b) or min(a, b) of two float TIR values, nan where either is nan."""
+    m = tirx.max(a, b) if name == "maximum" else tirx.min(a, b)
+    return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, m))
+
+
+def _keep_nan(c: Ctx, x: relax.Expr, y: relax.Expr) -> relax.Expr:
+    """y, or x where x is nan: Relax ops, which fuse into one kernel with the computation of y (and are
+    legalised at the static sizes of a tuned copy)."""
+    return R.where(c.emit(R.isnan(x)), x, c.emit(y))
+
+
+def _extremum(name: str) -> Lowering:
+    """maximum / minimum: Relax's, and for floats a nan of either side kept (a scalar constant side is
+    not nan)."""
+    fn = R.maximum if name == "maximum" else R.minimum
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        x, y = (_cast(c, v, c.dtype) for v in xs)
+        if c.out.dtype not in _FLOATS:
+            return fn(x, y)
+        if _scalar_of(x) is not None:
+            x, y = y, x
+        if _scalar_of(y) is not None:
+            return _keep_nan(c, x, fn(x, y))
+        return _keep_nan(c, x, _keep_nan(c, y, fn(x, y)))
+
+    return lower
+
+
+def _clamp(c: Ctx, xs: list) -> relax.Expr:
+    """torch.clamp: x limited to [min, max] (either absent: no limit); a nan stays nan."""
+    lo, hi = c.a("min"), c.a("max")
+    x = _cast(c, xs[0], c.dtype)
+    y = x
+    if lo is not None:
+        y = c.emit(R.maximum(y, c.const(float(lo) if c.out.dtype in _FLOATS else int(lo))))
+    if hi is not None:
+        y = c.emit(R.minimum(y, c.const(float(hi) if c.out.dtype in _FLOATS else int(hi))))
+    return _keep_nan(c, x, y) if c.out.dtype in _FLOATS else y
+
+
+def _relu(c: Ctx, x: relax.Expr) -> relax.Expr:
+    """max(x, 0), nan where x is nan (torch's relu); Relax's relu for integers."""
+    if x.ty.dtype not in ("float16", "bfloat16", "float32", "float64") or _nan_mode(c) == "drop":
+        return c.emit(R.nn.relu(x))
+    return c.emit(_keep_nan(c, x, R.nn.relu(x)))
+
+
+def _relu_op(c: Ctx, xs: list) -> relax.Expr:
+    return _relu(c, xs[0])
+
+
+def _nan_reducer(pick: str) -> Any:
+    """A TE max (pick 'maximum') or min reduction that gives nan where any value reduced is nan."""
+    return te.comm_reducer(lambda a, b: _nan_pick(pick, a, b),
+                           lambda t: tirx.const(float("-inf") if pick == "maximum" else float("inf"), t),
+                           name=f"nan_{pick}")
+
+
+def _nan_reduce(name: str) -> Lowering:
+    """amax / amin over some axes: Relax's for integers; for floats a reduction whose combiner keeps a nan
+    (torch's amax and amin give nan for a row holding one)."""
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        rank = c.in_type(0).rank
+        axes, keep = _axes_of(c, rank), bool(c.a("keepdim"))
+        fn = R.max if name == "maximum" else R.min
+        if c.out.dtype not in _FLOATS or _nan_mode(c) == "drop":
+            return fn(xs[0], axis=axes, keepdims=keep)
+        if _nan_mode(c) == "portable":
+            seen = c.emit(R.max(c.emit(R.astype(c.emit(R.isnan(xs[0])), c.dtype)), axis=axes, keepdims=keep))
+            return _nan_where(c, seen, c.emit(fn(xs[0], axis=axes, keepdims=keep)))
+        pick = "maximum" if name == "maximum" else "minimum"
+        reducer = _nan_reducer(pick)
+
+        def kernel(x: te.Tensor) -> te.Tensor:
+            ks = {a: te.reduce_axis((0, x.shape[a]), name=f"k{a}") for a in axes}
+            out_axes = [a for a in range(rank) if a not in ks or keep]
+            shape = [1 if a in ks else x.shape[a] for a in out_axes]
+
+            def at(*i: Any) -> Any:
+                pos = dict(zip(out_axes, i))
+                return reducer(x[tuple(ks[a] if a in ks else pos[a] for a in range(rank))],
+                               axis=[ks[a] for a in axes])
+
+            return te.compute(shape, at, name=f"T_{name}")
+
+        return c.bb.emit_te(kernel, xs[0], primfunc_name_hint="amax" if pick == "maximum" else "amin")
 
     return lower
 
@@ -1298,9 +1423,30 @@ def _batch_norm(c: Ctx, xs: list) -> relax.Expr:
     return R.add(R.multiply(xs[0], scale), shift)
 
 
+def _nan_max_pool(c: Ctx, x: relax.Expr, kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int]) -> relax.Expr:
+    """A float max pool whose window maximum is nan where the window holds a nan (torch's max pools; Relax's
+    drops it), padded positions -inf: one kernel, the window a reduction."""
+    shape, n, dtype = c.shape(c.out.shape), len(kernel), c.dtype
+    reducer = _nan_reducer("maximum")
+
+    def kern(a: te.Tensor) -> te.Tensor:
+        taps = [te.reduce_axis((0, k), name=f"r{d}") for d, k in enumerate(kernel)]
+
+        def at(b: Any, ch: Any, *o: Any) -> Any:
+            pos = [o[d] * stride[d] + taps[d] - padding[d] for d in range(n)]
+            inside = tirx.all(*(tirx.And(p >= 0, p < a.shape[2 + d]) for d, p in enumerate(pos)))
+            v = tirx.if_then_else(inside, a[(b, ch, *pos)], tirx.const(float("-inf"), dtype))
+            return reducer(v, axis=taps)
+
+        return te.compute(shape, at, name="T_max_pool")
+
+    return c.bb.emit_te(kern, x, primfunc_name_hint=f"max_pool{n}d")
+
+
 def _pool(kind: str, n: int) -> Lowering:
     """max/avg pools 1d/2d, floor mode; padded positions: -inf for max, zeros counted in the mean (torch's
-    count_include_pad)."""
+    count_include_pad). A float max pool keeps a nan (`_nan_max_pool`)."""
     fn = {("max", 1): R.nn.max_pool1d, ("max", 2): R.nn.max_pool2d,
           ("avg", 1): R.nn.avg_pool1d, ("avg", 2): R.nn.avg_pool2d}[kind, n]
 
@@ -1308,8 +1454,15 @@ def _pool(kind: str, n: int) -> Lowering:
         kernel = _tuple(c.a("kernel"), n)
         stride = kernel if c.a("stride") is None else _tuple(c.a("stride"), n)
         padding = _tuple(c.a("padding"), n)
+        if kind == "max" and c.out.dtype in _FLOATS and _nan_mode(c) == "kernel":
+            return _nan_max_pool(c, xs[0], kernel, stride, padding)
         extra = {"count_include_pad": True} if kind == "avg" else {}
-        return fn(xs[0], pool_size=kernel, strides=stride, padding=padding + padding, **extra)
+        pooled = fn(xs[0], pool_size=kernel, strides=stride, padding=padding + padding, **extra)
+        if kind == "max" and c.out.dtype in _FLOATS and _nan_mode(c) == "portable":
+            seen = c.emit(fn(c.emit(R.astype(c.emit(R.isnan(xs[0])), c.dtype)), pool_size=kernel, strides=stride,
+                             padding=padding + padding))
+            return _nan_where(c, seen, c.emit(pooled))
+        return pooled
 
     return lower
 
@@ -1419,14 +1572,44 @@ def _axes_of(c: Ctx, rank: int) -> list[int]:
     return sorted(_axis(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
 
 
-def _extreme(fn: Callable) -> Lowering:
-    return lambda c, xs: fn(xs[0], axis=_axes_of(c, c.in_type(0).rank), keepdims=bool(c.a("keepdim")))
+def _argmax_combine(a: Any, b: Any) -> Any:
+    """Of two (index, value) pairs, the one torch's argmax keeps: a nan first (it counts as the largest),
+    else the larger value, on a tie the smaller index."""
+    (ia, va), (ib, vb) = a, b
+    na, nb = tirx.isnan(va), tirx.isnan(vb)
+    first = tirx.Select(na, tirx.Or(tirx.Not(nb), ia < ib),
+                        tirx.And(tirx.Not(nb), tirx.Or(va > vb, tirx.And(va == vb, ia < ib))))
+    return tirx.Select(first, ia, ib), tirx.Select(first, va, vb)
 
 
 def _argmax(c: Ctx, xs: list) -> relax.Expr:
-    """The first index of the largest value (TVM's argmax keeps the smaller index on ties, as torch), as i64."""
-    axis = _axis(c.a("dim"), c.in_type(0).rank)
-    return _cast(c, c.emit(R.argmax(xs[0], axis=axis, keepdims=bool(c.a("keepdim")))), "int64")
+    """The first index of the largest value, as i64: for integers Relax's argmax (it keeps the smaller index on
+    ties, as torch); for floats a kernel that also takes a nan as the largest value, as torch does."""
+    rank = c.in_type(0).rank
+    axis, keep = _axis(c.a("dim"), rank), bool(c.a("keepdim"))
+    if c.in_type(0).dtype not in _FLOATS or _nan_mode(c) != "kernel":
+        index = _cast(c, c.emit(R.argmax(xs[0], axis=axis, keepdims=keep)), "int64")
+        if _nan_mode(c) == "drop" or c.in_type(0).dtype not in _FLOATS:
+            return index
+        nans = c.emit(R.astype(c.emit(R.isnan(xs[0])), "int8"))  # the first nan, where there is one
+        first = _cast(c, c.emit(R.argmax(nans, axis=axis, keepdims=keep)), "int64")
+        seen = c.emit(R.max(nans, axis=axis, keepdims=keep))
+        return R.where(c.emit(R.greater(seen, relax.const(0, "int8"))), first, index)
+    reducer = te.comm_reducer(_argmax_combine, lambda ti, tv: (tirx.max_value(ti), tirx.const(float("-inf"), tv)),
+                              name="nan_argmax")
+    shape = c.shape(c.out.shape)
+
+    def kernel(x: te.Tensor) -> te.Tensor:
+        k = te.reduce_axis((0, x.shape[axis]), name="k")
+
+        def at(*i: Any) -> Any:
+            i = list(i)
+            pos = i[:axis] + [k] + i[axis + (1 if keep else 0):]
+            return reducer((k.astype("int64"), x[tuple(pos)]), axis=k)
+
+        return te.compute(shape, at, name="T_argmax")[0]
+
+    return c.bb.emit_te(kernel, xs[0], primfunc_name_hint="argmax")
 
 
 def _gather(c: Ctx, xs: list) -> relax.Expr:
@@ -1483,7 +1666,7 @@ LOWERINGS: dict[str, Lowering] = {
     "scalar": _scalar,
     "arange": _arange,
     "cast": _cast_op,
-    "relu": _unary(R.nn.relu),
+    "relu": _relu_op,
     "gelu": _gelu,
     "silu": _unary(R.nn.silu),
     "tanh": _unary(R.tanh),
@@ -1541,6 +1724,9 @@ LOWERINGS: dict[str, Lowering] = {
     "logical_or": lambda c, xs: R.logical_or(xs[0], xs[1]),
     "logical_not": lambda c, xs: R.logical_not(xs[0]),
     "where": _where,
+    "maximum": _extremum("maximum"),
+    "minimum": _extremum("minimum"),
+    "clamp": _clamp,
     "masked_fill": _masked_fill,
     "tril": _triangle(R.tril),
     "triu": _triangle(R.triu),
@@ -1550,8 +1736,8 @@ LOWERINGS: dict[str, Lowering] = {
     "attend": _attend,
     "grad_reverse": lambda c, xs: xs[0],  # the identity forward (it reverses gradients only)
     "detach": lambda c, xs: xs[0],  # the identity forward (it stops gradients only)
-    "amax": _extreme(R.max),
-    "amin": _extreme(R.min),
+    "amax": _nan_reduce("maximum"),
+    "amin": _nan_reduce("minimum"),
     "argmax": _argmax,
     "gather": _gather,
     "unsqueeze": _unsqueeze,

@@ -95,7 +95,8 @@ def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "
     to a * S + b, and whose symbols that are not variables of the function are left out.
 
     The copies' calls of fusable TIR kernels written over size variables of their own (the lowering's
-    conv kernels) go to static copies of those kernels: FuseTIR binds such a variable to a symbol of
+    conv kernels, and its TE kernels: nan-keeping relu, maximum, reductions) go to static copies of those
+    kernels: FuseTIR binds such a variable to a symbol of
     the caller, not to a constant, so it cannot merge the symbolic kernel into a fused function of
     static shapes."""
     mod = tvm.IRModule(dict(mod.functions_items()))
@@ -120,6 +121,11 @@ def _static_shape(sinfo: Any) -> list[int] | None:
     return [int(v) for v in values]
 
 
+def _static_value(arg: Any) -> int | None:
+    """The value of a size argument, when it is a constant."""
+    return int(arg.value) if isinstance(arg, tirx.IntImm) else None
+
+
 @relax.expr_functor.mutator
 class _StaticKernels(relax.PyExprMutator):
     """call_tir of a fusable symbolic PrimFunc with static arguments -> call_tir of its static copy."""
@@ -139,24 +145,40 @@ class _StaticKernels(relax.PyExprMutator):
         if call.op != tvm.ir.Op.get("relax.call_tir") or len(call.args) != 2:
             return call
         callee = self.mod_[call.args[0]]
-        pattern = callee.attrs.get("op_pattern") if isinstance(callee, tirx.PrimFunc) and callee.attrs else None
-        if pattern is None or int(pattern) >= 8 or not tirx.analysis.undefined_vars(callee.body, callee.params):
+        if not isinstance(callee, tirx.PrimFunc):
             return call
-        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
-        types = [a.ty for a in args] + [call.ty_args[0]]
-        shapes = [_static_shape(t) for t in types]
+        # (a kernel of emit_te has no op_pattern yet: the pipeline annotates it, and may fuse it; a
+        # hand-scheduled kernel is never fused)
+        attrs = callee.attrs or {}
+        pattern = attrs.get("op_pattern")
+        if (pattern is not None and int(pattern) >= 8) or "tirx.is_scheduled" in attrs \
+                or not tirx.analysis.undefined_vars(callee.body, callee.params):
+            return call
+        args = list(call.args[1].fields) if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+        # a size argument (a TE kernel's size variable that its buffers' shapes do not define, as L of a
+        # [B, C, L - 2] input; an integer in the static copy) binds to its value; each buffer to its shape
+        args.append(call)
+        types = [None if isinstance(a, tirx.IntImm) else getattr(a, "ty", None) for a in args[:-1]]
+        types.append(call.ty_args[0])
+        shapes = [_static_shape(t) if t is not None else _static_value(a) for a, t in zip(args, types)]
         if any(sh is None for sh in shapes) or len(shapes) != len(callee.params):
             return call
-        key = (call.args[0].name_hint, tuple(tuple(sh) for sh in shapes))
+        key = (call.args[0].name_hint, tuple(tuple(sh) if isinstance(sh, list) else sh for sh in shapes))
         if key not in self.copies:
+            # the size arguments first (specialize drops them from the signature): a buffer's shape must be
+            # variables (B, not L - 2) to be replaced, and L - 2 is 7 once L is 9
+            static = callee.specialize({p: tirx.IntImm("int64", sh) for p, sh, t in zip(callee.params, shapes, types)
+                                        if t is None})
+            sized = [(sh, t) for sh, t in zip(shapes, types) if t is not None]
             # (a parameter of a PrimFunc here is a buffer-typed variable: its shape and offset are its own)
-            static = callee.specialize({
+            static = static.specialize({
                 p: tirx.decl_buffer([tirx.IntImm("int64", v) for v in sh], t.dtype,
                                     elem_offset=p.elem_offset, offset_factor=p.offset_factor)
-                for p, sh, t in zip(callee.params, shapes, types)})
+                for p, (sh, t) in zip(static.params, sized) if not all(isinstance(d, tirx.IntImm) for d in p.shape)})
             self.copies[key] = self.builder_.add_func(static, call.args[0].name_hint + "_static")
-        return relax.call_tir(self.copies[key], call.args[1], out_ty=call.ty_args[0])
-
+        buffers = [a for a, t in zip(args[:-1], types) if t is not None]
+        return relax.call_tir(self.copies[key], relax.Tuple(buffers) if isinstance(call.args[1], relax.Tuple)
+                              else buffers[0], out_ty=call.ty_args[0])
 
 # ---------------------------------------------------------------------------------------------
 # the index

@@ -52,7 +52,8 @@ def forward_to(ed: Editor, nid: int, ref: Ref) -> bool:
 
 _FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
          "div": lambda a, b: a / b, "pow": lambda a, b: a ** b,
-         "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b}  # Python's // and %: torch's, on numbers
+         "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,  # Python's // and %: torch's, on numbers
+         "maximum": max, "minimum": min}
 _NEUTRAL_RIGHT = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}
 _NEUTRAL_LEFT = {"add": 0, "mul": 1}
 
