@@ -976,7 +976,16 @@ class Elaborator:
                     if bv is not None and not is_dim(bv):
                         return self.fail(b.span, f"slice bounds must be integers, got {_kind(bv)}")
                     bounds.append(bv)
-                items.append(("slice", bounds[0], bounds[1]))
+                step = 1 if item.step is None else self.ev(item.step, scope, hint=None)
+                if step is POISON:
+                    return POISON
+                number = isinstance(step, int) and not isinstance(step, bool)
+                if not number or step <= 0:
+                    note = "torch's slices take no negative steps either: an index cannot reverse a dimension"
+                    return self.fail(item.step.span, f"slice steps must be positive integers, got {_kind(step)}",
+                                     *([note] if number and step < 0 else []))
+                # step 1 stays ('slice', start, stop): graphs and their keys read as before strides
+                items.append(("slice", bounds[0], bounds[1]) + ((step,) if step != 1 else ()))
             else:
                 iv = self.ev(item, scope, hint=None)
                 if iv is POISON:

@@ -103,6 +103,13 @@ class ParamSpec:
         return n
 
 
+def slice_step(item: tuple) -> int:
+    """The step of a slice item of a getitem's `index`. The items are ('int', i), ('slice', start, stop)
+    for a step of 1 (as before steps existed, so those graphs and their keys are unchanged), and
+    ('slice', start, stop, step) for a positive step other than 1."""
+    return item[3] if len(item) == 4 else 1
+
+
 @dataclass(frozen=True)
 class Ref:
     """One output of a node."""

@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from .dims import Dim, Sym, div_exact, fmt, is_dim, product, symbol_name, symbols
-from .ir import FLOAT_DTYPES, INT_DTYPES, INT_RANGES, Init, TensorType
+from .ir import FLOAT_DTYPES, INT_DTYPES, INT_RANGES, Init, TensorType, slice_step
 from .registry import Arg, OpCall, OpError, op, param, uniform_fan_in
 
 T = TensorType
@@ -946,12 +946,15 @@ def _split(c: OpCall):
 
 
 def _index_item(item) -> bool:
-    """An index as the elaborator records it: ('int', i) or ('slice', start, stop)."""
+    """An index as the elaborator records it: ('int', i), ('slice', start, stop) for a step of 1, or
+    ('slice', start, stop, step) for a positive integer step other than 1."""
     if not isinstance(item, tuple) or not item:
         return False
     if item[0] == "int":
         return len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)
-    return item[0] == "slice" and len(item) == 3 and all(b is None or is_dim(b) for b in item[1:])
+    if item[0] != "slice" or len(item) not in (3, 4) or not all(b is None or is_dim(b) for b in item[1:3]):
+        return False
+    return len(item) == 3 or (isinstance(item[3], int) and not isinstance(item[3], bool) and item[3] > 1)
 
 
 def sum_dims(ds) -> Dim:
@@ -963,7 +966,8 @@ def sum_dims(ds) -> Dim:
 
 @op("getitem", Arg("x", "tensor"), Arg("index", "any"), flops=lambda c, o: 0, category="shape")
 def _getitem(c: OpCall):
-    """x[i, a:b, :]: integer indices drop a dimension, slices keep it (constant bounds, step 1)."""
+    """x[i, a:b, ::s]: integer indices drop a dimension, slices keep it (bounds may be symbolic; a step
+    is a positive integer, and a strided length ceil((b - a) / s) of a symbolic size must be exact)."""
     x = c.t("x")
     items = c.a("index")
     if not (isinstance(items, tuple) and all(_index_item(i) for i in items)):
@@ -978,7 +982,8 @@ def _getitem(c: OpCall):
             if isinstance(n, int) and not -n <= i < n:
                 raise OpError(f"index: {i} is out of range for dimension {axis} of size {n}", "index")
             continue
-        _, start, stop = item
+        _, start, stop = item[:3]
+        step = slice_step(item)
         start = 0 if start is None else start
         if stop is None:
             stop = n
@@ -990,6 +995,15 @@ def _getitem(c: OpCall):
         length = stop - start
         if isinstance(length, int) and length <= 0:
             raise OpError(f"index: the slice of dimension {axis} is empty", "index")
+        if step != 1:
+            strided = floor_div(length + (step - 1), step)  # ceil(length / step)
+            if strided is None:
+                raise OpError(f"index: the strided length of a symbolic dimension must be exact: dimension {axis} "
+                              f"of {shape_str(x)} takes {fmt(length)} elements by steps of {step}, and "
+                              f"ceil({fmt(length)} / {step}) is not a polynomial in its symbols; declare the "
+                              f"dimension as a multiple of {step} (e.g. {step} * {_half_name(n, step)} in the input's "
+                              f"type) or give it a fixed size", "index")
+            length = strided
         shape.append(length)
     shape.extend(x.shape[len(items):])
     return T(x.dtype, tuple(shape), x.value_range)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .dims import fmt
-from .ir import Graph, Node, Ref
+from .ir import Graph, Node, Ref, slice_step
 from .registry import REGISTRY
 
 
@@ -71,7 +71,8 @@ def _format_index(items) -> str:
         else:
             s = "" if it[1] is None else fmt(it[1])
             e = "" if it[2] is None else fmt(it[2])
-            out.append(f"{s}:{e}")
+            step = slice_step(it)
+            out.append(f"{s}:{e}" + (f":{step}" if step != 1 else ""))
     return ", ".join(out)
 
 

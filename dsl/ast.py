@@ -69,9 +69,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Slice:
+    """start:stop or start:stop:step; a part left out is None."""
+
     start: "Expr | None"
     stop: "Expr | None"
     span: Span
+    step: "Expr | None" = None
 
 
 @dataclass(frozen=True)

@@ -162,8 +162,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def slice(self, meta, children):
-        start, stop = children
-        return A.Slice(start, stop, self._s(meta))
+        start, stop, step = (*children, None) if len(children) == 2 else children
+        return A.Slice(start, stop, self._s(meta), step)
 
     @v_args(meta=True)
     def ellipsis(self, meta, children):
@@ -445,7 +445,7 @@ def walk(expr) -> Iterator:
         yield from walk(expr.value)
         for i in expr.items:
             if isinstance(i, A.Slice):
-                for e in (i.start, i.stop):
+                for e in (i.start, i.stop, i.step):
                     if e is not None:
                         yield from walk(e)
             elif not isinstance(i, A.Ellipsis_):

@@ -3,7 +3,8 @@
 Each generated spec has one input x: f32[B, T, d] and a graph body of a few statements drawn from
 a menu of op patterns; every pattern knows the shape of what it makes, so the spec always checks.
 Patterns include the shapes the optimiser rewrites (linear chains, neutral arithmetic, cancelling
-transposes, repeated subexpressions, dropout, attention), so differential tests reach the passes.
+transposes, repeated subexpressions, dropout, attention), so differential tests reach the passes; one
+regroups the last axis by residue with strided slices (x[:, :, r::s]).
 Values stay bounded (normalisation and squashing keep inputs of later ops away from overflow), so
 float comparisons are meaningful. A failing example shrinks to a short spec, printed as text.
 """
@@ -46,7 +47,7 @@ def pattern(draw, b: Builder) -> None:
     kind = draw(st.sampled_from([
         "act", "linear", "linear_chain", "norm", "neutral", "scale", "dropout", "transpose_pair",
         "reshape_pair", "attention", "mlp", "binary", "concat_split", "mean", "matmul", "cse", "softmax",
-        "lora", "periodic", "extremum",
+        "lora", "periodic", "extremum", "strided",
     ]))
     w = draw(st.sampled_from(WIDTHS))
     if kind == "act":
@@ -113,6 +114,12 @@ def pattern(draw, b: Builder) -> None:
         expr = draw(st.sampled_from(["maximum({v}, {o})", "minimum({o}, {v})", "maximum({v}, 0.0)",
                                      "clamp({v}, min=-0.5, max=0.75)", "clamp({v}, max=0.25)"]))
         b.new(expr.format(v=name, o=other), width)
+    elif kind == "strided":
+        # the last axis regrouped by residue mod s (x[:, :, r::s] for r = s-1, ..., 0): strided slices
+        # whose concat is a permutation of the columns, so the width stays
+        s = draw(st.sampled_from([s for s in (2, 3, 4) if width % s == 0]))
+        parts = ", ".join(f"{name}[:, :, {r}::{s}]" if r else f"{name}[:, :, ::{s}]" for r in reversed(range(s)))
+        b.new(f"concat([{parts}], dim=-1)", width)
     else:  # a pattern that did not fit this width
         b.new(f"tanh({name})", width)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from specc.compiler.dims import Sym
-from specc.compiler.ir import DTYPES, FLOAT_DTYPES, Node
+from specc.compiler.ir import DTYPES, FLOAT_DTYPES, Node, slice_step
 
 # Python operator precedences, for parenthesising inlined expressions.
 ATOM, POW, UNARY, MUL, ADD, BITAND, BITOR, CMP = 100, 7, 6, 5, 4, 3, 2, 1
@@ -205,7 +205,8 @@ def _getitem(c: Ctx, xs: list[Expr]) -> Expr:
         else:
             s = "" if it[1] is None else c.dim(it[1])
             e = "" if it[2] is None else c.dim(it[2])
-            parts.append(f"{s}:{e}")
+            step = slice_step(it)
+            parts.append(f"{s}:{e}" + (f":{step}" if step != 1 else ""))
     return call(f"{xs[0].at(ATOM)}[{', '.join(parts)}]")
 
 

@@ -50,7 +50,7 @@ from specc.backends.tvm import rowops
 from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
 from specc.compiler.dims import Dim, Sym, symbol_name
-from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType
+from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType, slice_step
 
 
 class LoweringError(Exception):
@@ -1140,15 +1140,17 @@ def _split(c: Ctx, xs: list) -> tuple:
 
 def _getitem(c: Ctx, xs: list) -> relax.Expr:
     xt = c.in_type(0)
-    axes, begin, end, drop = [], [], [], []
+    axes, begin, end, strides, drop = [], [], [], [], []
     for axis, item in enumerate(c.a("index")):
         n = xt.shape[axis]
+        step = 1
         if item[0] == "int":
             i = item[1] + n if item[1] < 0 else item[1]
             lo, hi = i, i + 1
             drop.append(axis)
         else:
-            _, lo, hi = item
+            _, lo, hi = item[:3]
+            step = slice_step(item)
             lo = 0 if lo is None else lo
             hi = n if hi is None else hi
             lo = lo + n if isinstance(lo, int) and lo < 0 else lo
@@ -1156,7 +1158,10 @@ def _getitem(c: Ctx, xs: list) -> relax.Expr:
         axes.append(axis)
         begin.append(c.dim(lo))
         end.append(c.dim(hi))
-    y = c.emit(R.strided_slice(xs[0], axes, begin, end, assume_inbound=True)) if axes else xs[0]
+        strides.append(step)
+    # strides only when one is not 1, so that step-1 slices lower as they did before strides
+    y = c.emit(R.strided_slice(xs[0], axes, begin, end, strides if any(s != 1 for s in strides) else None,
+                               assume_inbound=True)) if axes else xs[0]
     return R.squeeze(y, drop) if drop else y
 
 

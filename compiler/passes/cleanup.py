@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..ir import Graph, Node, Ref
+from ..ir import Graph, Node, Ref, slice_step
 from ..rewrite import Editor
 from . import PassContext, PassResult, register_pass
 
@@ -171,7 +171,9 @@ def collapse_reshapes(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
 
 
 def _full_slice(item, size) -> bool:
-    return item[0] == "slice" and item[1] in (None, 0) and (item[2] is None or item[2] == size)
+    """A whole dimension: ':' or '0:size', of step 1 (x[::2] is not whole)."""
+    return (item[0] == "slice" and slice_step(item) == 1 and item[1] in (None, 0)
+            and (item[2] is None or item[2] == size))
 
 
 def select_from_stack(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:

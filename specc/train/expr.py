@@ -149,7 +149,8 @@ def _index_item(i, env, functions):
     if isinstance(i, A.Slice):
         start = None if i.start is None else _eval(i.start, env, functions)
         stop = None if i.stop is None else _eval(i.stop, env, functions)
-        return slice(start, stop)
+        step = None if i.step is None else _eval(i.step, env, functions)
+        return slice(start, stop, step)
     return _eval(i, env, functions)
 
 
