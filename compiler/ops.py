@@ -789,6 +789,19 @@ _reduce("mean", "mean(x, dim=none, keepdim=false): mean over one dimension, a li
 _reduce("sum", "sum(x, dim=none, keepdim=false): sum over one dimension, a list of them, or all.")
 
 
+@op("cumsum", Arg("x", "tensor"), Arg("dim", "axis", -1), Arg("reverse", "bool", False), flops=elementwise_flops,
+    category="reduction")
+def _cumsum(c: OpCall):
+    """cumsum(x, dim=-1, reverse=false): running sums along `dim`, as torch.cumsum (y[..., i] = x[..., 0] +
+    ... + x[..., i]); reverse=true sums from the end (y[..., i] = x[..., i] + ... + x[..., n - 1]). Integer
+    and bool tensors sum to i64, as in torch."""
+    x = c.t("x")
+    if x.rank == 0:
+        raise OpError(f"cumsum: x {shape_str(x)} has no dimension to sum along", "x")
+    norm_axis(c.a("dim"), x.rank, "cumsum")
+    return T("i64" if x.dtype in INT_DTYPES or x.dtype == "bool" else x.dtype, x.shape)
+
+
 @op("matmul", Arg("x", "tensor"), Arg("y", "tensor"),
     flops=lambda c, o: 2 * numel(o[0]) * c.t("x").shape[-1], category="elementwise")
 def _matmul(c: OpCall):

@@ -47,7 +47,7 @@ def pattern(draw, b: Builder) -> None:
     kind = draw(st.sampled_from([
         "act", "linear", "linear_chain", "norm", "neutral", "scale", "dropout", "transpose_pair",
         "reshape_pair", "attention", "mlp", "binary", "concat_split", "mean", "matmul", "cse", "softmax",
-        "lora", "periodic", "extremum", "strided",
+        "lora", "periodic", "extremum", "strided", "cumsum",
     ]))
     w = draw(st.sampled_from(WIDTHS))
     if kind == "act":
@@ -114,6 +114,9 @@ def pattern(draw, b: Builder) -> None:
         expr = draw(st.sampled_from(["maximum({v}, {o})", "minimum({o}, {v})", "maximum({v}, 0.0)",
                                      "clamp({v}, min=-0.5, max=0.75)", "clamp({v}, max=0.25)"]))
         b.new(expr.format(v=name, o=other), width)
+    elif kind == "cumsum":  # running sums along T (forward or from the end), scaled by a constant
+        reverse = draw(st.booleans())
+        b.new(f"cumsum({name}, dim=1{', reverse=true' if reverse else ''}) * 0.25", width)
     elif kind == "strided":
         # the last axis regrouped by residue mod s (x[:, :, r::s] for r = s-1, ..., 0): strided slices
         # whose concat is a permutation of the columns, so the width stays

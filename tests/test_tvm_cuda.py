@@ -35,7 +35,7 @@ def test_cuda_codegen_and_nvcc(spec, overrides):
     assert len(nvcc_compile(src, TARGET)) > 0
 
 
-#: One spec over the convolutional, mask, position, selection and mixture-of-experts ops
+#: One spec over the convolutional, mask, position, selection, mixture-of-experts and running-sum ops
 MIXED = """\
 specc: 1
 name: cudamix
@@ -57,9 +57,12 @@ graph: |
   e = moe_mlp(a, ids, experts=4, hidden=8) + linear(one_hot(argmax(a), 8), 8)
   g = gather(e, unsqueeze(ids, -1)) + amax(e, dim=-1, keepdim=true)
   y = where(x > 0.0, masked_fill(e, unsqueeze(ids == 2, -1), 1.5), g)
+  s = cumsum(clamp(y, min=-1.0, max=2.0), dim=1) + cumsum(maximum(y, x), reverse=true) + amin(y, dim=1, keepdim=true)
+  k = cumsum(ids, dim=1) + argmax(s, dim=-1)
 outputs:
   r: f32[B, 4, 2, 2]
-  y: f32[B, T, 8]
+  s: f32[B, T, 8]
+  k: i64[B, T]
 """
 
 

@@ -176,6 +176,7 @@ OPS_TESTED_ELSEWHERE = frozenset({
     "expand",  # tests/test_ops_expand.py (test_tvm)
     "floordiv", "mod",  # tests/test_ops_floor_mod.py (tvm-llvm, zero divisors and inf/nan inputs included)
     "maximum", "minimum", "clamp",  # tests/test_ops_clamp.py (tvm-llvm, nan and inf inputs included)
+    "cumsum",  # tests/test_ops_cumsum.py (tvm-llvm, and the GPU lowering compiled for the CPU)
 })
 
 

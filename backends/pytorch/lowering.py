@@ -197,6 +197,14 @@ def _reduce(name: str):
     return lower
 
 
+def _cumsum(c: Ctx, xs: list[Expr]) -> Expr:
+    """torch.cumsum along dim; reverse: of x flipped along it, flipped back."""
+    d = c.a("dim")
+    if c.a("reverse"):
+        return call(f"{xs[0].at(ATOM)}.flip({d}).cumsum({d}).flip({d})")
+    return call(f"{xs[0].at(ATOM)}.cumsum({d})")
+
+
 def _getitem(c: Ctx, xs: list[Expr]) -> Expr:
     parts = []
     for it in c.a("index"):
@@ -494,6 +502,7 @@ LOWERINGS: dict[str, Lowering] = {
     "softmax": Lowering(lambda c, xs: call(f"F.softmax({xs[0].text}, dim={c.a('dim')})")),
     "mean": Lowering(_reduce("mean")),
     "sum": Lowering(_reduce("sum")),
+    "cumsum": Lowering(_cumsum),
     "transpose": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.transpose({c.a('dim0')}, {c.a('dim1')})")),
     "permute": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.permute({', '.join(map(str, c.a('dims')))})")),
     "reshape": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.reshape({', '.join(c.dim(d) for d in c.a('shape'))})")),

@@ -1577,6 +1577,26 @@ def _axes_of(c: Ctx, rank: int) -> list[int]:
     return sorted(_axis(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
 
 
+def _cumsum(c: Ctx, xs: list) -> relax.Expr:
+    """Running sums along dim in the result's dtype (i64 for integers and bools, as torch); reverse: of x
+    flipped along it, flipped back."""
+    rank = c.in_type(0).rank
+    axis = _axis(c.a("dim"), rank)
+    x = xs[0] if c.in_type(0).dtype != "bool" else c.emit(R.astype(xs[0], "int64"))
+    # (on GPUs, along the last axis: TIR's lowering of the CUDA scan over another axis divides by zero)
+    order = None if c.target_kind == "llvm" or axis == rank - 1 else \
+        [a for a in range(rank) if a != axis] + [axis]
+    if order is not None:
+        x = c.emit(R.permute_dims(x, order))
+    at = axis if order is None else rank - 1
+    if c.a("reverse"):
+        x = c.emit(R.flip(x, at))
+    y = c.emit(R.cumsum(x, axis=at, dtype=c.dtype))
+    if c.a("reverse"):
+        y = c.emit(R.flip(y, at))
+    return y if order is None else R.permute_dims(y, [order.index(a) for a in range(rank)])
+
+
 def _argmax_combine(a: Any, b: Any) -> Any:
     """Of two (index, value) pairs, the one torch's argmax keeps: a nan first (it counts as the largest),
     else the larger value, on a tie the smaller index."""
@@ -1741,6 +1761,7 @@ LOWERINGS: dict[str, Lowering] = {
     "attend": _attend,
     "grad_reverse": lambda c, xs: xs[0],  # the identity forward (it reverses gradients only)
     "detach": lambda c, xs: xs[0],  # the identity forward (it stops gradients only)
+    "cumsum": _cumsum,
     "amax": _nan_reduce("maximum"),
     "amin": _nan_reduce("minimum"),
     "argmax": _argmax,
