@@ -5,6 +5,7 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import specc
@@ -327,3 +328,24 @@ def test_torch_compile_and_export_trace_the_checked_model(tmp_path):
         exported = torch.export.export(model, inputs, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
         for a, b in zip(exported.module()(*inputs), want):
             assert torch.equal(a, b)
+
+
+def test_a_model_loaded_with_torch_compile_still_checks_its_inputs(tmp_path):
+    """load(compile=True) (the default of a `--torch-compile` build) wraps the model in torch.compile, whose
+    traced forward skips the input checks: they run before each call of the wrapper instead, positional
+    or by keyword, so a wrong input is the same ValueError and nothing is compiled for it."""
+    out = specc.build(CHECKED, tmp_path / "out", torch_compile=True)
+    module = import_model_module(out)
+    model = module.load(out)
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    x, ids, tail = module.example_inputs(seed=1)
+    for args, kwargs, message in (((x[0], ids, tail), {}, "input x: rank 3, expected 4"),
+                                  ((x,), {"ids": ids.float(), "tail": tail}, "input ids: dtype torch.float32, "
+                                                                             "expected torch.int64"),
+                                  ((), {"x": x, "ids": ids, "tail": tail[:1]},
+                                   "input tail: dimension 0 is 1, but input x: dimension 0 (B) gives B=2")):
+        with pytest.raises(ValueError) as info:
+            model(*args, **kwargs)
+        assert str(info.value) == message
+    with pytest.raises(TypeError):
+        model(x, ids)  # as the model's own forward: a missing argument

@@ -59,7 +59,8 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
     """The model with its weights (from weights.safetensors beside this file by default), in eval mode.
 
     With compile=True (the default when built with `specc build --torch-compile`), the model is
-    wrapped by torch.compile; its first call compiles.
+    wrapped by torch.compile; its first call compiles. The input checks, which the compiled forward
+    skips, run before each call of the wrapper.
     """
     directory = Path(__file__).resolve().parent if directory is None else Path(directory)
     with torch.device("meta"):
@@ -79,7 +80,23 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
     if TIED:
         model.tie_weights()
     model.eval()
-    return torch.compile(model) if compile else model
+    if not compile:
+        return model
+    compiled = torch.compile(model)
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:  # in eager Python, before the compiled call
+        check_inputs(*_bound_inputs(model.forward, args, kwargs))
+
+    compiled.register_forward_pre_hook(check, with_kwargs=True)
+    return compiled
+
+
+def _bound_inputs(forward, args: tuple, kwargs: dict) -> list:
+    """forward's arguments, positional or by keyword, in its parameters' order (a TypeError as forward's
+    own where they do not fit)."""
+    import inspect
+
+    return list(inspect.signature(forward).bind(*args, **kwargs).arguments.values())
 '''
 
 
