@@ -11,6 +11,7 @@ import math
 from typing import Callable
 
 from ..ir import Graph, Node, Ref, slice_step
+from ..registry import REGISTRY
 from ..rewrite import Editor
 from . import PassContext, PassResult, register_pass
 
@@ -225,9 +226,33 @@ def _attrs_key(attrs: tuple) -> tuple:
                  for k, v in attrs)
 
 
+#: Ops whose `axes` attribute is a set of dimensions (its order does not matter; one int is a set of one).
+_AXIS_SETS = frozenset({"amax", "amin", "mean", "sum"})
+
+
+def _axes_key(graph: Graph, node: Node) -> tuple:
+    """The attributes with every axis counted from the front (softmax(x, dim=-1) is softmax(x, dim=3) of a
+    rank-4 x; unsqueeze's dim counts in the result's rank), a reduction's axes as a sorted tuple."""
+    opdef = REGISTRY.get(node.op)
+    if opdef is None or not node.inputs:
+        return node.attrs
+    rank = graph.type_of(node.inputs[0]).rank + (1 if node.op == "unsqueeze" else 0)
+    out = []
+    for k, v in node.attrs:
+        arg = opdef.arg(k)
+        if arg is not None and arg.kind in ("axis", "axes") and rank and v is not None:
+            if isinstance(v, (list, tuple)):
+                v = tuple(sorted(d % rank for d in v)) if node.op in _AXIS_SETS else tuple(d % rank for d in v)
+            elif isinstance(v, int) and not isinstance(v, bool):
+                v = (v % rank,) if node.op in _AXIS_SETS else v % rank
+        out.append((k, v))
+    return tuple(out)
+
+
 @register_pass("cse", opt_level=1)
 def cse(graph: Graph, ctx: PassContext) -> PassResult:
-    """Compute identical parameter-free nodes (same op, inputs, attributes, scope) once."""
+    """Compute identical parameter-free nodes (same op, inputs, attributes, scope) once; an axis counted from
+    the end is the same as that axis counted from the front."""
     ed = Editor(graph)
     seen: dict[tuple, int] = {}
     merged = 0
@@ -235,7 +260,7 @@ def cse(graph: Graph, ctx: PassContext) -> PassResult:
         node = ed.node(nid)
         if node.params or node.op in _IMPURE:
             continue
-        key = (node.op, node.inputs, _attrs_key(node.attrs), node.outputs, node.scope)
+        key = (node.op, node.inputs, _attrs_key(_axes_key(ed.graph, node)), node.outputs, node.scope)
         if key in seen:
             for i in range(len(node.outputs)):
                 ed.replace_uses(Ref(nid, i), Ref(seen[key], i))
