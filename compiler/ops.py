@@ -149,6 +149,23 @@ _unary("log", "log(x).", cost=2)
 _unary("sqrt", "sqrt(x).", cost=2)
 _unary("abs", "abs(x).", float_only=False)
 _unary("neg", "neg(x) = -x.", float_only=False)
+_unary("sin", "sin(x).", cost=4)
+_unary("cos", "cos(x).", cost=4)
+_unary("rsqrt", "rsqrt(x) = 1 / sqrt(x).", cost=2)
+_unary("erf", "erf(x): the error function.", cost=8)
+_unary("floor", "floor(x): the largest integer value <= x (a float tensor).")
+_unary("ceil", "ceil(x): the smallest integer value >= x (a float tensor).")
+_unary("round", "round(x): the nearest integer value, halves to even (as torch.round: round(2.5) = 2).")
+_unary("sign", "sign(x): 1, -1 or 0 by the sign of x (0 for 0, -0 and nan, as torch.sign).")
+_unary("softplus", "softplus(x, beta=1.0, threshold=20.0) = log(1 + exp(beta * x)) / beta, and x where beta * x "
+                   "> threshold (as torch's softplus).",
+       extra=(Arg("beta", "float", 1.0), Arg("threshold", "float", 20.0)), cost=4)
+_unary("leaky_relu", "leaky_relu(x, negative_slope=0.01) = x where x > 0, else negative_slope * x.",
+       extra=(Arg("negative_slope", "float", 0.01),))
+_unary("elu", "elu(x, alpha=1.0) = x where x > 0, else alpha * (exp(x) - 1).", extra=(Arg("alpha", "float", 1.0),),
+       cost=3)
+_unary("hardswish", "hardswish(x) = x * min(max(x + 3, 0), 6) / 6 (MobileNetV3).", cost=4)
+_unary("mish", "mish(x) = x * tanh(softplus(x)).", cost=8)
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 
@@ -923,6 +940,40 @@ def _concat(c: OpCall):
     shape = list(first.shape)
     shape[axis] = total
     return T(first.dtype, tuple(shape))
+
+
+@op("stack", Arg("xs", "tensors"), Arg("dim", "axis", 0), flops=lambda c, o: 0, category="shape")
+def _stack(c: OpCall):
+    """stack([a, b, ...], dim=0): tensors of one shape and dtype joined along a new dimension `dim` (of the
+    result: dim=-1 puts it last), as torch.stack."""
+    xs = c.t("xs")
+    if not xs:
+        raise OpError("stack: needs at least one tensor", "xs")
+    first = xs[0]
+    axis = norm_axis(c.a("dim"), first.rank + 1, "stack")
+    for i, t in enumerate(xs[1:], 1):
+        if (t.dtype, t.shape) != (first.dtype, first.shape):
+            raise OpError(f"stack: tensor {i} is {shape_str(t)}, but tensor 0 is {shape_str(first)}: stacked "
+                          f"tensors have one shape and dtype", f"xs[{i}]")
+    shape = list(first.shape)
+    shape.insert(axis, len(xs))
+    return T(first.dtype, tuple(shape), first.value_range if all(t.value_range == first.value_range for t in xs)
+             else None)
+
+
+@op("flip", Arg("x", "tensor"), Arg("dims", "axes"), flops=lambda c, o: 0, category="shape")
+def _flip(c: OpCall):
+    """flip(x, dims): x with the order of its entries reversed along each dimension of `dims` (an int or a
+    list), as torch.flip: flip(x, 1)[:, i] = x[:, n - 1 - i]."""
+    x = c.t("x")
+    dims = c.a("dims")
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:
+        raise OpError("flip: dims=[] names no dimension", "dims")
+    axes = [norm_axis(d, x.rank, "flip") for d in dims]
+    if len(set(axes)) != len(axes):
+        raise OpError(f"flip: repeated dimension in {dims}", "dims")
+    return x
 
 
 @op("split", Arg("x", "tensor"), Arg("sections", "any"), Arg("dim", "axis", -1), flops=lambda c, o: 0,

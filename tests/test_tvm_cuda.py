@@ -59,9 +59,11 @@ graph: |
   y = where(x > 0.0, masked_fill(e, unsqueeze(ids == 2, -1), 1.5), g)
   s = cumsum(clamp(y, min=-1.0, max=2.0), dim=1) + cumsum(maximum(y, x), reverse=true) + amin(y, dim=1, keepdim=true)
   k = cumsum(ids, dim=1) + argmax(s, dim=-1)
+  w = mish(erf(s)) + hardswish(sin(s)) * elu(cos(s)) + leaky_relu(rsqrt(softplus(s))) + sign(round(floor(s) + ceil(s)))
+  s2 = amax(stack([w, flip(w, [1, 2])], dim=-1), dim=-1)
 outputs:
   r: f32[B, 4, 2, 2]
-  s: f32[B, T, 8]
+  s2: f32[B, T, 8]
   k: i64[B, T]
 """
 

@@ -177,6 +177,8 @@ OPS_TESTED_ELSEWHERE = frozenset({
     "floordiv", "mod",  # tests/test_ops_floor_mod.py (tvm-llvm, zero divisors and inf/nan inputs included)
     "maximum", "minimum", "clamp",  # tests/test_ops_clamp.py (tvm-llvm, nan and inf inputs included)
     "cumsum",  # tests/test_ops_cumsum.py (tvm-llvm, and the GPU lowering compiled for the CPU)
+    "sin", "cos", "rsqrt", "erf", "floor", "ceil", "round", "sign", "softplus", "leaky_relu", "elu", "hardswish",
+    "mish", "flip", "stack",  # tests/test_ops_more_elementwise.py (tvm-llvm, nan, inf and ties included)
 })
 
 

@@ -175,6 +175,16 @@ def _scalar(c: Ctx, xs: list[Expr]) -> Expr:
     return Expr(text, ATOM if not text.startswith("-") else UNARY)
 
 
+def _with_floats(name: str, *keys: str, defaults: tuple[float, ...]):
+    """name(x, key=value, ...), each float attribute written only where it is not torch's default."""
+
+    def lower(c: Ctx, xs: list[Expr]) -> Expr:
+        extra = "".join(f", {k}={num(c.a(k))}" for k, d in zip(keys, defaults) if c.a(k) != d)
+        return call(f"{name}({xs[0].text}{extra})")
+
+    return lower
+
+
 def _gelu(c: Ctx, xs: list[Expr]) -> Expr:
     if c.a("approximate") == "tanh":
         return call(f"F.gelu({xs[0].text}, approximate='tanh')")
@@ -478,6 +488,19 @@ LOWERINGS: dict[str, Lowering] = {
     "sqrt": Lowering(_fn("torch.sqrt")),
     "abs": Lowering(_fn("torch.abs")),
     "neg": Lowering(lambda c, xs: Expr(f"-{xs[0].at(UNARY)}", UNARY)),
+    "sin": Lowering(_fn("torch.sin")),
+    "cos": Lowering(_fn("torch.cos")),
+    "rsqrt": Lowering(_fn("torch.rsqrt")),
+    "erf": Lowering(_fn("torch.erf")),
+    "floor": Lowering(_fn("torch.floor")),
+    "ceil": Lowering(_fn("torch.ceil")),
+    "round": Lowering(_fn("torch.round")),
+    "sign": Lowering(_fn("torch.sign")),
+    "softplus": Lowering(_with_floats("F.softplus", "beta", "threshold", defaults=(1.0, 20.0))),
+    "leaky_relu": Lowering(_with_floats("F.leaky_relu", "negative_slope", defaults=(0.01,))),
+    "elu": Lowering(_with_floats("F.elu", "alpha", defaults=(1.0,))),
+    "hardswish": Lowering(_fn("F.hardswish")),
+    "mish": Lowering(_fn("F.mish")),
     "add": Lowering(_binop("+", ADD)),
     "sub": Lowering(_binop("-", ADD)),
     "mul": Lowering(_binop("*", MUL)),
@@ -508,6 +531,8 @@ LOWERINGS: dict[str, Lowering] = {
     "reshape": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.reshape({', '.join(c.dim(d) for d in c.a('shape'))})")),
     "expand": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.expand({', '.join(c.dim(d) for d in c.a('shape'))})")),
     "concat": Lowering(lambda c, xs: call(f"torch.cat([{', '.join(x.text for x in xs)}], dim={c.a('dim')})")),
+    "stack": Lowering(lambda c, xs: call(f"torch.stack([{', '.join(x.text for x in xs)}], dim={c.a('dim')})")),
+    "flip": Lowering(lambda c, xs: call(f"{xs[0].at(ATOM)}.flip({_axes(c.a('dims'))})")),
     "split": Lowering(lambda c, xs: call(
         f"torch.split({xs[0].text}, [{', '.join(c.dim(t.shape[c.a('dim')]) for t in c.node.outputs)}], "
         f"dim={c.a('dim')})")),

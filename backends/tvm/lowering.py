@@ -292,9 +292,11 @@ def _mul(c: Ctx, xs: list) -> relax.Expr:
 #: Ops whose kernels fusion inlines into a consumer, elementwise or moving elements: TIR's simplifier sees
 #: through them to their inputs. A value of any other op (inputs, layers, reductions, matmul) is opaque to it.
 _INLINED = frozenset({"scalar", "zeros", "ones", "arange", "cast", "neg", "abs", "relu", "exp", "log", "sqrt",
+                      "sin", "cos", "rsqrt", "erf", "floor", "ceil", "round", "sign", "softplus", "leaky_relu",
+                      "elu", "hardswish", "mish",
                       "tanh", "sigmoid", "silu", "gelu", "add", "sub", "mul", "div", "pow", "floordiv", "mod",
                       "maximum", "minimum", "clamp", "expand", "reshape", "unsqueeze", "transpose", "permute",
-                      "getitem", "concat", "where",
+                      "getitem", "concat", "stack", "flip", "where",
                       "masked_fill", "tril", "triu", "detach", "grad_reverse", "dropout"})
 _CONSTANT = frozenset({"scalar", "zeros", "ones", "arange"})
 
@@ -480,6 +482,27 @@ def _relu(c: Ctx, x: relax.Expr) -> relax.Expr:
     if x.ty.dtype not in ("float16", "bfloat16", "float32", "float64") or _nan_mode(c) == "drop":
         return c.emit(R.nn.relu(x))
     return c.emit(_keep_nan(c, x, R.nn.relu(x)))
+
+
+def _sign(c: Ctx, xs: list) -> relax.Expr:
+    """1 where x > 0, -1 where x < 0, else 0 (0 for +-0 and nan, as torch.sign)."""
+    one, zero = c.const(1.0), c.const(0.0)
+    neg = c.emit(R.where(c.emit(R.less(xs[0], zero)), c.const(-1.0), zero))
+    return R.where(c.emit(R.greater(xs[0], zero)), one, neg)
+
+
+def _elu(c: Ctx, xs: list) -> relax.Expr:
+    """x where x > 0, else alpha * (exp(x) - 1) (a nan stays nan: the compare is false)."""
+    x, alpha = xs[0], c.const(float(c.a("alpha")))
+    below = c.emit(R.multiply(alpha, c.emit(R.subtract(c.emit(R.exp(x)), c.const(1.0)))))
+    return R.where(c.emit(R.greater(x, c.const(0.0))), x, below)
+
+
+def _hardswish(c: Ctx, xs: list) -> relax.Expr:
+    """x * min(max(x + 3, 0), 6) / 6 (a nan x gives nan through the product)."""
+    x = xs[0]
+    r6 = c.emit(R.minimum(c.emit(R.maximum(c.emit(R.add(x, c.const(3.0))), c.const(0.0))), c.const(6.0)))
+    return R.divide(c.emit(R.multiply(x, r6)), c.const(6.0))
 
 
 def _relu_op(c: Ctx, xs: list) -> relax.Expr:
@@ -1128,6 +1151,18 @@ def _concat(c: Ctx, xs: list) -> relax.Expr:
     return R.concat(list(xs), axis=_axis(c.a("dim"), c.out.rank))
 
 
+def _stack(c: Ctx, xs: list) -> relax.Expr:
+    return R.stack(list(xs), axis=_axis(c.a("dim"), c.out.rank))
+
+
+def _flip(c: Ctx, xs: list) -> relax.Expr:
+    dims = c.a("dims")
+    y = xs[0]
+    for d in dims if isinstance(dims, (list, tuple)) else [dims]:
+        y = c.emit(R.flip(y, _axis(d, c.out.rank)))
+    return y
+
+
 def _split(c: Ctx, xs: list) -> tuple:
     axis = _axis(c.a("dim"), c.in_type(0).rank)
     cuts, at = [], 0
@@ -1692,6 +1727,19 @@ LOWERINGS: dict[str, Lowering] = {
     "arange": _arange,
     "cast": _cast_op,
     "relu": _relu_op,
+    "sin": _unary(R.sin),
+    "cos": _unary(R.cos),
+    "rsqrt": _unary(R.rsqrt),
+    "erf": lambda c, xs: _keep_nan(c, xs[0], R.erf(xs[0])),  # (TVM's erf clamps x to [-4, 4] first: nan -> 1)
+    "floor": _unary(R.floor),
+    "ceil": _unary(R.ceil),
+    "round": _unary(R.round),
+    "sign": _sign,
+    "softplus": lambda c, xs: R.nn.softplus(xs[0], beta=float(c.a("beta")), threshold=float(c.a("threshold"))),
+    "leaky_relu": lambda c, xs: R.nn.leakyrelu(xs[0], alpha=float(c.a("negative_slope"))),
+    "elu": _elu,
+    "hardswish": _hardswish,
+    "mish": lambda c, xs: R.multiply(xs[0], c.emit(R.tanh(c.emit(R.nn.softplus(xs[0], beta=1.0, threshold=20.0))))),
     "gelu": _gelu,
     "silu": _unary(R.nn.silu),
     "tanh": _unary(R.tanh),
@@ -1727,6 +1775,8 @@ LOWERINGS: dict[str, Lowering] = {
     "reshape": _reshape,
     "expand": lambda c, xs: R.broadcast_to(xs[0], c.shape(c.out.shape)),  # the output type has -1 resolved
     "concat": _concat,
+    "stack": _stack,
+    "flip": _flip,
     "split": _split,
     "getitem": _getitem,
     "one_hot": _one_hot,
