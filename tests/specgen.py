@@ -50,8 +50,9 @@ def pattern(draw, b: Builder) -> None:
         "lora", "periodic", "extremum", "strided", "cumsum",
     ]))
     w = draw(st.sampled_from(WIDTHS))
-    if kind == "act":
-        act = draw(st.sampled_from(["relu", "gelu", "silu", "tanh", "sigmoid"]))
+    if kind == "act":  # continuous ones (floor, round, sign jump: a rounding difference could flip them)
+        act = draw(st.sampled_from(["relu", "gelu", "silu", "tanh", "sigmoid", "sin", "cos", "erf", "softplus",
+                                    "leaky_relu", "elu", "hardswish", "mish"]))
         b.new(f"{act}({name})", width)
     elif kind == "linear":
         bias = draw(st.booleans())
