@@ -195,3 +195,27 @@ def test_tvm_llvm_matches_torch():
                        ("rs", torch.remainder(torch.full_like(y, 3.5), y))):
         same(got[name], want.double(), f"tvm float32 {name}")
     assert got["fd"][0, 0].item() == 9.0
+
+
+def test_an_integer_divisor_that_is_zero_at_run_time_raises_as_torch_does():
+    """torch raises RuntimeError("ZeroDivisionError") for an integer // or % by a 0 it meets at run time; so
+    does tvm-llvm's library (a checking kernel before the division), naming where in the spec; the torch
+    build raises torch's own."""
+    pytest.importorskip("tvm")
+    from specc.backends.tvm.build import compile_graph
+
+    text = spec("i: 'i64[B, d]', j: 'i64[B, d]', k: 'i32[d]'", "a = i // j\nb = i % k", "a b")
+    runner = compile_graph(specc.compile(text), weights={})
+    model = specc.load(text)
+    i, j, k = torch.tensor([[7, -7, 9, 3]] * 3), torch.tensor([[2, 2, -4, 1]] * 3), torch.tensor([3, 1, 2, 5])
+    for got, want in zip(runner(i, j, k.int()), (torch.div(i, j, rounding_mode="floor"), torch.remainder(i, k))):
+        assert torch.equal(got, want)
+    zero_j = j.clone()
+    zero_j[1, 2] = 0
+    for args, where in (((i, zero_j, k), "'//' at line 6, column 7"), ((i, j, torch.tensor([3, 0, 2, 5])),
+                                                                       "'%' at line 7, column 7")):
+        with pytest.raises(RuntimeError, match="^ZeroDivisionError$"):
+            model(*args[:2], args[2].int())
+        with pytest.raises(RuntimeError) as info:
+            runner(*args[:2], args[2].int())
+        assert str(info.value) == f"ZeroDivisionError ({where} of the spec)"

@@ -49,7 +49,7 @@ from tvm.relax import op as R
 from specc.backends.tvm import rowops
 from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
-from specc.compiler.dims import Dim, Sym, symbol_name
+from specc.compiler.dims import Dim, Sym, product, symbol_name
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType, slice_step
 
 
@@ -389,7 +389,8 @@ def _float_floor_divide(a: Any, b: Any, dtype: str) -> Any:
 def _floor_op(name: str) -> Lowering:
     """x // y (floordiv) and x % y (mod), as torch computes them: on integers TIR's floordiv / floormod
     (Python's rounding: toward -inf, the remainder with the divisor's sign), a divisor that is 0 at run
-    time taken as 1 (torch raises; an integer division traps; a constant 0 is an error at spec time);
+    time torch's RuntimeError("ZeroDivisionError") on CPU targets (`_checked_divisor`), taken as 1 on
+    GPUs (a kernel cannot raise there); a constant 0 is an error at spec time;
     on floats a kernel of torch's own formula (not TVM's floor(x / y), which rounds differently)."""
 
     def lower(c: Ctx, xs: list) -> relax.Expr:
@@ -398,11 +399,51 @@ def _floor_op(name: str) -> Lowering:
             fn = _float_floor_divide if name == "floordiv" else _float_remainder
             return _elementwise_te(c, fn, [x, y], "floor_divide" if name == "floordiv" else "remainder")
         if not (isinstance(y, tvm.ir.expr.Constant) and np.all(_const_array(y))):
-            zero, one = relax.const(0, c.dtype), relax.const(1, c.dtype)
-            y = c.emit(R.where(c.emit(R.equal(y, zero)), one, y))
+            if c.target_kind == "llvm":
+                y = _checked_divisor(c, y, name)
+            else:  # a GPU kernel cannot raise: a 0 divides as 1
+                zero, one = relax.const(0, c.dtype), relax.const(1, c.dtype)
+                y = c.emit(R.where(c.emit(R.equal(y, zero)), one, y))
         return (R.floor_divide if name == "floordiv" else R.floor_mod)(x, y)
 
     return lower
+
+
+def nonzero_kernel(dtype: str, message: str) -> tirx.PrimFunc:
+    """A copy of the flat integer tensor a [n] into b that stops the call with RuntimeError(message) at
+    the first 0 (a TIR assert: host code, so CPU targets only)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def nonzero(var_a: T.handle, var_b: T.handle):
+        # (opaque, and a root block: the single-input single-output kernel is not taken for a reshape)
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        a = T.match_buffer(var_a, (n,), dtype)
+        b = T.match_buffer(var_b, (n,), dtype)
+        with T.sblock("root"):
+            for i in range(n):
+                assert a[i] != T.Cast(dtype, 0), message
+                b[i] = a[i]
+
+    return nonzero
+
+
+def _checked_divisor(c: Ctx, y: relax.Expr, name: str) -> relax.Expr:
+    """The integer divisor y, through a kernel that raises torch's ZeroDivisionError (a RuntimeError,
+    naming the spec's line and column) where y holds a 0: an integer division by 0 traps."""
+    span = c.node.span
+    where = f" ('{'//' if name == 'floordiv' else '%'}' at line {span.line}, column {span.col} of the spec)" \
+        if span is not None else ""
+    message = "ZeroDivisionError" + where
+    key = ("nonzero", c.dtype, message)
+    if key not in c.kernels:
+        c.kernels[key] = c.bb.add_func(nonzero_kernel(c.dtype, message), "nonzero")
+    shape = c.shape(c.in_type(1).shape)
+    n = c.dim(product(c.in_type(1).shape)) if shape else 1
+    flat = c.emit(R.reshape(y, [n]))
+    checked = c.emit(relax.call_tir(c.kernels[key], [flat], relax.TensorType([n], c.dtype)))
+    return c.emit(R.reshape(checked, shape))
 
 
 # -- maximum, minimum, clamp, relu, amax, amin: a nan propagates, as in torch ------------------------
