@@ -347,5 +347,9 @@ def test_a_model_loaded_with_torch_compile_still_checks_its_inputs(tmp_path):
         with pytest.raises(ValueError) as info:
             model(*args, **kwargs)
         assert str(info.value) == message
-    with pytest.raises(TypeError):
-        model(x, ids)  # as the model's own forward: a missing argument
+    for args, kwargs, message in (((x, ids), {}, "missing inputs: tail"),
+                                  ((x, ids, tail, tail), {}, "takes 3 inputs but 4 were given"),
+                                  ((x, ids, tail), {"ids": ids}, "multiple values for argument 'ids'"),
+                                  ((x, ids, tail), {"y": ids}, "unexpected keyword argument 'y'")):
+        with pytest.raises(TypeError, match=message):  # as the model's own forward would
+            model(*args, **kwargs)

@@ -94,9 +94,21 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
 def _bound_inputs(forward, args: tuple, kwargs: dict) -> list:
     """forward's arguments, positional or by keyword, in its parameters' order (a TypeError as forward's
     own where they do not fit)."""
-    import inspect
-
-    return list(inspect.signature(forward).bind(*args, **kwargs).arguments.values())
+    code = forward.__code__
+    names = code.co_varnames[1:code.co_argcount]  # after self
+    if len(args) > len(names):
+        raise TypeError(f"forward() takes {len(names)} inputs but {len(args)} were given")
+    bound = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
+        if name in bound:
+            raise TypeError(f"forward() got multiple values for argument {name!r}")
+        bound[name] = value
+    missing = [name for name in names if name not in bound]
+    if missing:
+        raise TypeError(f"forward() missing inputs: {', '.join(missing)}")
+    return [bound[name] for name in names]
 '''
 
 
