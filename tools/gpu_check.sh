@@ -18,7 +18,8 @@
 # peft_gpt, position_prediction, repvgg, set_prompting, sla, splatflow, timellm, tokenformer,
 # transformer_program; gpt_d256 (d_model 256, 4 layers, T 128); and gpu_ops (tests/data/gpu_ops.yaml:
 # gru, grouped-query attention with a padding mask, a channels-first layer norm, tensor // and %,
-# which no zoo spec uses). Each at
+# cumsum, clamp, maximum, stack, flip, amax, max_pool2d, mish, erf, softplus, hardswish, leaky_relu
+# and sin, which no zoo spec uses). Each at
 # B=1 and B=8, with every output (training-only ones too) compared; integer outputs exactly.
 # A model the stage cannot build for CUDA is reported (NOT STAGED, with the reason), the others are
 # staged, stage exits 1 and the run counts it as a failure.
