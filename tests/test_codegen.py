@@ -353,3 +353,38 @@ def test_a_model_loaded_with_torch_compile_still_checks_its_inputs(tmp_path):
                                   ((x, ids, tail), {"y": ids}, "unexpected keyword argument 'y'")):
         with pytest.raises(TypeError, match=message):  # as the model's own forward would
             model(*args, **kwargs)
+
+
+def test_a_symbol_given_only_as_a_times_s_plus_b_is_solved_from_the_input(tmp_path):
+    """A symbol that no input axis is whole (T, with x: [B, 2 * T + 1, 4]) is read as (size - b) // a,
+    at the top level and in a block whose argument carries it so."""
+    spec = """
+specc: 1
+name: affine_dims
+dims:
+  B: 2
+  T: 3
+inputs:
+  x: f32[B, 2 * T + 1, 4]
+blocks:
+  halves(h): |
+    return reshape(h[:, 1:, :], [B, T, 8])
+graph: |
+  a = halves(x)
+  b = reshape(x[:, :2 * T, :], [B, T, 8])
+outputs:
+  a: f32[B, T, 8]
+  b: f32[B, T, 8]
+"""
+    out = specc.build(spec, tmp_path / "out")
+    source = (out / "model.py").read_text()
+    assert "T = (x.shape[1] - 1) // 2  # symbolic dimension: x's axis 1 is 2*T + 1" in source
+    module = import_model_module(out)
+    model = module.load(out)
+    for t in (1, 3, 6):
+        x = torch.randn(2, 2 * t + 1, 4)
+        a, b = model(x)
+        assert torch.equal(a, x[:, 1:].reshape(2, t, 8))
+        assert torch.equal(b, x[:, :2 * t].reshape(2, t, 8))
+    with pytest.raises(ValueError, match="must be 2\\*T \\+ 1 for a whole T >= 1"):
+        model(torch.randn(2, 6, 4))

@@ -786,10 +786,24 @@ class Generator:
                         break
                 if found:
                     break
+            if found is not None:
+                lines.append(f"{self.sym_name(s)} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
+                continue
+            for name, r in ins:  # an axis a * s + b (an image side 4 * H): s solved from its size
+                for axis, d in enumerate(g.type_of(r).shape):
+                    ab = _affine_in(d, s)
+                    if ab is not None:
+                        found = (name, axis, *ab, d)
+                        break
+                if found:
+                    break
             if found is None:
                 raise CodegenError(f"symbolic dimension {s} is not readable from the inputs of "
                                    f"{'/'.join(inst_path(inst.scope)) or 'the model'}")
-            lines.append(f"{self.sym_name(s)} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
+            name, axis, a, b, d = found
+            size = f"{name}.shape[{axis}]" if not b else f"({name}.shape[{axis}] {'-' if b > 0 else '+'} {abs(b)})"
+            lines.append(f"{self.sym_name(s)} = {size}{f' // {a}' if a != 1 else ''}  # symbolic dimension: "
+                         f"{name}'s axis {axis} is {d}")
         return lines
 
 
@@ -845,3 +859,18 @@ def generate_source(graph: Graph, header: str, footer: str = "") -> str:
 
 
 __all__ = ["generate_source", "CodegenError", "DTYPES", "lit"]
+
+
+def _affine_in(d: Any, s: str) -> tuple[int, int] | None:
+    """(a, b) when the dimension d is a * s + b with a >= 1, else None."""
+    if not isinstance(d, Sym):
+        return None
+    a, b = 0, 0
+    for m, c in d.terms:
+        if not m:
+            b = c
+        elif m == (s,):
+            a = c
+        else:
+            return None
+    return (a, b) if a >= 1 else None
