@@ -1806,19 +1806,34 @@ class Elaborator:
     def check_symbols_known(self) -> None:
         """Every symbolic dimension the graph uses must be readable from an input's shape at run time."""
         known: set[str] = set()
-        for _, nid in self.graph.inputs:
-            known |= self.graph.node(nid).type.symbols()
+        readable: set[str] = set()  # a whole input dimension, or a * S + b in one symbol (solved from the size)
+        part_of: dict[str, str] = {}  # a symbol read nowhere alone -> an input dimension it is part of
+        for name, nid in self.graph.inputs:
+            for d in self.graph.node(nid).type.shape:
+                if not isinstance(d, Sym):
+                    continue
+                known |= d.symbols
+                if len(d.symbols) == 1 and all(not m or (len(m) == 1 and c >= 1) for m, c in d.terms):
+                    readable |= d.symbols
+                for s in d.symbols:
+                    part_of.setdefault(s, f"{d} of input '{name}'")
         reported: set[str] = set()
         for _, node in self.graph.nodes():
             used: set[str] = set()
             for t in node.outputs:
                 used |= t.symbols()
+            computed: set[str] = set()  # sizes the computation itself takes (a reshape's, arange's)
             for k, v in node.attrs:
-                used |= _attr_symbols(v)
-            for s in sorted(used - known - reported):
+                computed |= _attr_symbols(v)
+            for s in sorted((used | computed) - known - reported):
                 reported.add(s)
                 self.fail(node.span, f"symbolic dimension '{s}' appears in no input's shape, so its value is "
                                      f"unknown when the model runs")
+            for s in sorted(computed - readable - reported):
+                reported.add(s)
+                self.fail(node.span, f"symbolic dimension '{s}' is only part of an input dimension ({part_of[s]}), "
+                                     f"so its value cannot be read when the model runs",
+                          f"give an input a dimension {s} alone (or a * {s} + b)")
 
     def check_unused_blocks(self) -> None:
         """Blocks the graph never calls get no shapes, but their unknown names are still errors."""
