@@ -213,7 +213,8 @@ def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
     """Random valid specs that mix `pattern`s with the mask and position ops: comparisons, logical ops,
     where, masked_fill, tril/triu, ones/zeros, rotary (default and given positions), attention with
     bool and float masks (the diagonal always allowed, so no query row is empty), amax/amin, argmax and
-    gather, rot90, moe_mlp and attend. Every comparison and argmax reads the input x itself (x[:, :, i:i+1] or x[:, :, i], broadcast over any width), never a
+    gather, rot90, moe_mlp and attend (kv_heads= too: grouped-query). Every comparison and argmax reads
+    the input x itself (x[:, :, i:i+1] or x[:, :, i], broadcast over any width), never a
     computed value: a float32 and a float64 run then take the same branch."""
     d = draw(st.sampled_from(WIDTHS))
     b = Builder(d, values=[("x", d)])
@@ -269,8 +270,14 @@ def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
         elif kind == "attend":
             heads = draw(st.sampled_from([h for h in (1, 2, 4) if width % h == 0]))
             causal = str(draw(st.booleans())).lower()
-            b.new(f"attend(linear({name}, {width}), linear({name}, {width}, bias=false), {name}, heads={heads}, "
-                  f"causal={causal})", width)
+            kv_heads = draw(st.sampled_from([g for g in (1, 2, 4) if heads % g == 0]))
+            if kv_heads == heads:
+                b.new(f"attend(linear({name}, {width}), linear({name}, {width}, bias=false), {name}, heads={heads}, "
+                      f"causal={causal})", width)
+            else:  # grouped-query: keys and values of kv_heads heads of the queries' head width
+                kw = width // heads * kv_heads
+                b.new(f"attend(linear({name}, {width}), linear({name}, {kw}, bias=false), linear({name}, {kw}), "
+                      f"heads={heads}, kv_heads={kv_heads}, causal={causal})", width)
         else:
             b.new(f"{name} + ones(B, T, {width}) * 0.5 - zeros({width})", width)
     last = [n for n, _ in b.values[-1:]]

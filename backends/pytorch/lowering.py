@@ -755,7 +755,8 @@ class MultiHeadAttentionGQA(MultiHeadAttention):
     """Grouped-query attention: k and v project to kv_heads * head_dim columns, and each group of
     heads // kv_heads consecutive query heads reads one key/value head (kv_heads=1: multi-query attention).
     The key/value heads are repeated (repeat_interleave) before MultiHeadAttention.attend; a prefix
-    (..., 2, l, kv_heads * head_dim) too. Rotary embeddings turn k on its kv_heads heads."""
+    (..., 2, l, kv_heads * head_dim) too. Rotary embeddings turn k on its kv_heads heads. The static
+    attend(..., kv_heads=) does the same for keys and values the spec projects itself (the attend op)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, causal: bool = False, kv_dim: int | None = None,
                  bias: bool = True, dropout: float = 0.0, fused_qkv: bool = False, sdpa: bool = False,
@@ -803,9 +804,28 @@ class MultiHeadAttentionGQA(MultiHeadAttention):
     def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """(..., kv_heads * hs) -> (..., heads * hs): key/value head j repeated for query heads
         j * g .. j * g + g - 1 (g = heads // kv_heads)."""
-        hs = self.inner // self.heads
-        x = x.reshape(*x.shape[:-1], self.kv_heads, hs).repeat_interleave(self.heads // self.kv_heads, dim=-2)
-        return x.reshape(*x.shape[:-2], self.inner)
+        return self.repeat_heads(x, self.heads, self.kv_heads)
+
+    @staticmethod
+    def repeat_heads(x: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+        """(..., kv_heads * hs) -> (..., heads * hs), each head repeated heads // kv_heads times in place."""
+        hs = x.shape[-1] // kv_heads
+        x = x.reshape(*x.shape[:-1], kv_heads, hs).repeat_interleave(heads // kv_heads, dim=-2)
+        return x.reshape(*x.shape[:-2], heads * hs)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
+               mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None, dropout: float = 0.0,
+               sdpa: bool = False, kv_heads: int | None = None) -> torch.Tensor:
+        """MultiHeadAttention.attend over keys and values (..., S, kv_heads * hs) of kv_heads heads (and a
+        prefix (..., 2, l, kv_heads * hs)), hs = d / heads: query head i reads key/value head
+        i // (heads // kv_heads). kv_heads=None: heads (the keys and values as they are)."""
+        if kv_heads is not None and kv_heads != heads:
+            k = MultiHeadAttentionGQA.repeat_heads(k, heads, kv_heads)
+            v = MultiHeadAttentionGQA.repeat_heads(v, heads, kv_heads)
+            prefix = None if prefix is None else MultiHeadAttentionGQA.repeat_heads(prefix, heads, kv_heads)
+        return MultiHeadAttention.attend(q, k, v, heads, causal=causal, mask=mask, prefix=prefix, dropout=dropout,
+                                         sdpa=sdpa)
 ''',
     "apply_rotary": '''
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0) -> torch.Tensor:

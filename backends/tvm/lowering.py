@@ -912,12 +912,24 @@ def _repeat_kv(c: Ctx, x: relax.Expr, h: int, kvh: int, dh: int) -> relax.Expr:
 
 
 def _attend(c: Ctx, xs: list) -> relax.Expr:
-    """attend(q, k, v, heads, causal, mask?, prefix?): the attention core over the spec's own projections."""
+    """attend(q, k, v, heads, causal, mask?, prefix?, kv_heads): the attention core over the spec's own
+    projections. kv_heads (grouped-query attention): k, v and the prefix rows have kv_heads * head_dim
+    columns, each key/value head repeated for its heads / kv_heads query heads by one take of columns
+    (`_repeat_kv`, as the attention layer's) before the core."""
     has_mask = bool(c.a("mask?"))
     mask = xs[3] if has_mask else None
     prefix = xs[3 + has_mask] if c.a("prefix?") else None
-    return _attend_core(c, xs[0], xs[1], xs[2], c.in_type(0), c.in_type(1), int(c.a("heads")), bool(c.a("causal")),
-                        mask, c.in_type(3) if has_mask else None, prefix,
+    q, k, v = xs[0], xs[1], xs[2]
+    qt, kt = c.in_type(0), c.in_type(1)
+    h = int(c.a("heads"))
+    kvh = h if c.node.attr("kv_heads") is None else int(c.node.attr("kv_heads"))
+    if kvh != h:
+        dh = int(qt.shape[-1]) // h
+        k, v = _repeat_kv(c, k, h, kvh, dh), _repeat_kv(c, v, h, kvh, dh)
+        if prefix is not None:
+            prefix = _repeat_kv(c, prefix, h, kvh, dh)
+        kt = TensorType(kt.dtype, kt.shape[:-1] + (qt.shape[-1],))
+    return _attend_core(c, q, k, v, qt, kt, h, bool(c.a("causal")), mask, c.in_type(3) if has_mask else None, prefix,
                         c.in_type(3 + has_mask) if prefix is not None else None)
 
 
