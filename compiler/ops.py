@@ -167,7 +167,13 @@ _unary("elu", "elu(x, alpha=1.0) = x where x > 0, else alpha * (exp(x) - 1).", e
 _unary("hardswish", "hardswish(x) = x * min(max(x + 3, 0), 6) / 6 (MobileNetV3).", cost=4)
 _unary("mish", "mish(x) = x * tanh(softplus(x)).", cost=8)
 
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+#: The activations of mlp and moe_mlp (`act=`): the unary ops of those names at their default arguments
+#: (leaky_relu's negative_slope 0.01, elu's alpha 1.0, softplus's beta 1.0 and threshold 20.0, gelu exact), and
+#: identity. The other continuous unary ops are left out: sin and cos are periodic (a SIREN layer also needs
+#: its frequency scale and initialisation, which mlp has no arguments for), erf is gelu's building block
+#: rather than an activation.
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "softplus", "leaky_relu", "elu", "hardswish", "mish",
+               "identity")
 
 
 def _binary(name: str, doc: str):
@@ -672,7 +678,10 @@ def _mlp_flops(c: OpCall, outs):
 @op("mlp", Arg("x", "tensor"), Arg("hidden", "int"), Arg("out", "int", None), Arg("act", "op", "gelu", ACTIVATIONS),
     Arg("bias", "bool", True), Arg("dropout", "float", 0.0), params=_mlp_params, flops=_mlp_flops, category="layer")
 def _mlp(c: OpCall):
-    """mlp(x, hidden, out=width of x, act=gelu, bias=true, dropout=0.0): linear -> act -> linear."""
+    """mlp(x, hidden, out=width of x, act=gelu, bias=true, dropout=0.0): linear -> act -> linear. act: relu,
+    gelu, silu, tanh, sigmoid, softplus, leaky_relu, elu, hardswish, mish or identity, each as the op of
+    that name computes it with its default arguments (leaky_relu's slope 0.01, elu's alpha 1, softplus's
+    beta 1 and threshold 20, gelu's exact form)."""
     x = c.t("x")
     need_float(x, "mlp")
     need_rank(x, 1, "mlp")

@@ -43,8 +43,10 @@ def _moe_flops(c: OpCall, outs):
 def _moe_mlp(c: OpCall):
     """moe_mlp(x, route, experts, hidden, out=width of x, act=gelu, bias=true): `experts` MLPs (linear -> act
     -> linear); the token x[..., :] goes through the expert route[...] (integers in range(experts), of x's
-    shape without its last dimension). Parameters fc1/fc2 weight and bias, one slice per expert, e.g.
-    fc1.weight [experts, hidden, d]. init_from=v starts every expert as a copy of the mlp that computed v."""
+    shape without its last dimension). act: as mlp's (relu, gelu, silu, tanh, sigmoid, softplus, leaky_relu,
+    elu, hardswish, mish or identity, at their default arguments). Parameters fc1/fc2 weight and bias, one
+    slice per expert, e.g. fc1.weight [experts, hidden, d]. init_from=v starts every expert as a copy of the
+    mlp that computed v."""
     x, route = c.t("x"), c.t("route")
     need_float(x, "moe_mlp")
     need_rank(x, 1, "moe_mlp")

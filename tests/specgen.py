@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from specc.compiler.ops import ACTIVATIONS
+
 WIDTHS = (4, 8, 12, 16)
+#: mlp's and moe_mlp's act=, every one the compiler accepts.
+MLP_ACTS = ACTIVATIONS
 
 
 @dataclass
@@ -82,7 +86,7 @@ def pattern(draw, b: Builder) -> None:
         causal = draw(st.booleans())
         b.new(f"attention(layer_norm({name}), heads={heads}, causal={str(causal).lower()})", width)
     elif kind == "mlp":
-        act = draw(st.sampled_from(["gelu", "relu", "silu"]))
+        act = draw(st.sampled_from(MLP_ACTS))
         b.new(f"mlp({name}, hidden={w}, act={act})", width)
     elif kind == "binary":
         same = [n for n, k in b.values if k == width]
@@ -266,7 +270,7 @@ def masked_specs(draw, min_ops: int = 1, max_ops: int = 6) -> str:
             experts = min(d, 3)
             route = f"argmax(x[:, :, 0:{experts}])"
             b.new(f"moe_mlp({name}, {route}, experts={experts}, hidden={draw(st.sampled_from(WIDTHS))}, "
-                  f"act={draw(st.sampled_from(['gelu', 'relu']))})", width)
+                  f"act={draw(st.sampled_from(MLP_ACTS))})", width)
         elif kind == "attend":
             heads = draw(st.sampled_from([h for h in (1, 2, 4) if width % h == 0]))
             causal = str(draw(st.booleans())).lower()

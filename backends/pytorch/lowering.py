@@ -866,7 +866,8 @@ class MLP(nn.Module):
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-               "identity": lambda x: x}
+               "softplus": F.softplus, "leaky_relu": F.leaky_relu, "elu": F.elu, "hardswish": F.hardswish,
+               "mish": F.mish, "identity": lambda x: x}
 ''',
 }
 

@@ -40,7 +40,8 @@ class RoutedMLP(nn.Module):
     goes through expert route[...] only."""
 
     ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-            "identity": lambda x: x}
+            "softplus": F.softplus, "leaky_relu": F.leaky_relu, "elu": F.elu, "hardswish": F.hardswish,
+            "mish": F.mish, "identity": lambda x: x}
 
     def __init__(self, dim: int, hidden: int, experts: int, out: int | None = None, act: str = "gelu",
                  bias: bool = True):

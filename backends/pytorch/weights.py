@@ -218,9 +218,10 @@ def _chain_step(x: torch.Tensor, step: tuple, base: dict[str, torch.Tensor]) -> 
         return F.layer_norm(x, (x.shape[-1],), p.get("weight"), p.get("bias"), a["eps"])
     if op == "rms_norm":
         return F.rms_norm(x, (x.shape[-1],), p.get("weight"), a["eps"])
-    if op == "mlp":
+    if op == "mlp":  # its act as the op of that name with default arguments (compiler/ops.py ACTIVATIONS)
         h = F.linear(x, p["fc1.weight"], p.get("fc1.bias"))
-        h = {**acts, "gelu": F.gelu}[a["act"]](h)
+        h = {**acts, "gelu": F.gelu, "softplus": F.softplus, "leaky_relu": F.leaky_relu, "elu": F.elu,
+             "hardswish": F.hardswish, "mish": F.mish}[a["act"]](h)
         return F.linear(h, p["fc2.weight"], p.get("fc2.bias"))
     if op == "dropout":
         return x

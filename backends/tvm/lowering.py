@@ -198,19 +198,13 @@ def _linear(c: Ctx, x: relax.Expr, w: relax.Expr, b: relax.Expr | None, hint: st
 
 
 def _act(c: Ctx, name: str, x: relax.Expr) -> relax.Expr:
+    """mlp's and moe_mlp's `act`: the lowering of the op of that name at its default arguments (ACTIVATIONS,
+    beside those lowerings), so that nan and inf come out as the op alone gives them."""
     if name == "identity":
         return x
     if name == "relu":
         return _relu(c, x)
-    return c.emit(ACTIVATIONS[name](x))
-
-
-ACTIVATIONS: dict[str, Callable[[relax.Expr], relax.Expr]] = {
-    "gelu": R.nn.gelu,
-    "silu": R.nn.silu,
-    "tanh": R.tanh,
-    "sigmoid": R.sigmoid,
-}
+    return c.emit(ACTIVATIONS[name](c, x))
 
 
 def _axis(a: int, rank: int) -> int:
@@ -532,18 +526,43 @@ def _sign(c: Ctx, xs: list) -> relax.Expr:
     return R.where(c.emit(R.greater(xs[0], zero)), one, neg)
 
 
-def _elu(c: Ctx, xs: list) -> relax.Expr:
+def _softplus(c: Ctx, x: relax.Expr, beta: float = 1.0, threshold: float = 20.0) -> relax.Expr:
+    return R.nn.softplus(x, beta=beta, threshold=threshold)
+
+
+def _leaky_relu(c: Ctx, x: relax.Expr, negative_slope: float = 0.01) -> relax.Expr:
+    return R.nn.leakyrelu(x, alpha=negative_slope)
+
+
+def _elu(c: Ctx, x: relax.Expr, alpha: float = 1.0) -> relax.Expr:
     """x where x > 0, else alpha * (exp(x) - 1) (a nan stays nan: the compare is false)."""
-    x, alpha = xs[0], c.const(float(c.a("alpha")))
-    below = c.emit(R.multiply(alpha, c.emit(R.subtract(c.emit(R.exp(x)), c.const(1.0)))))
+    below = c.emit(R.multiply(c.const(alpha), c.emit(R.subtract(c.emit(R.exp(x)), c.const(1.0)))))
     return R.where(c.emit(R.greater(x, c.const(0.0))), x, below)
 
 
-def _hardswish(c: Ctx, xs: list) -> relax.Expr:
+def _hardswish(c: Ctx, x: relax.Expr) -> relax.Expr:
     """x * min(max(x + 3, 0), 6) / 6 (a nan x gives nan through the product)."""
-    x = xs[0]
     r6 = c.emit(R.minimum(c.emit(R.maximum(c.emit(R.add(x, c.const(3.0))), c.const(0.0))), c.const(6.0)))
     return R.divide(c.emit(R.multiply(x, r6)), c.const(6.0))
+
+
+def _mish(c: Ctx, x: relax.Expr) -> relax.Expr:
+    return R.multiply(x, c.emit(R.tanh(c.emit(_softplus(c, x)))))
+
+
+#: The activations of mlp and moe_mlp other than relu and identity (see _act), at their ops' default
+#: arguments: the ops' own lowerings.
+ACTIVATIONS: dict[str, Callable[[Ctx, relax.Expr], relax.Expr]] = {
+    "gelu": lambda c, x: R.nn.gelu(x),
+    "silu": lambda c, x: R.nn.silu(x),
+    "tanh": lambda c, x: R.tanh(x),
+    "sigmoid": lambda c, x: R.sigmoid(x),
+    "softplus": _softplus,
+    "leaky_relu": _leaky_relu,
+    "elu": _elu,
+    "hardswish": _hardswish,
+    "mish": _mish,
+}
 
 
 def _relu_op(c: Ctx, xs: list) -> relax.Expr:
@@ -1788,11 +1807,11 @@ LOWERINGS: dict[str, Lowering] = {
     "ceil": _unary(R.ceil),
     "round": _unary(R.round),
     "sign": _sign,
-    "softplus": lambda c, xs: R.nn.softplus(xs[0], beta=float(c.a("beta")), threshold=float(c.a("threshold"))),
-    "leaky_relu": lambda c, xs: R.nn.leakyrelu(xs[0], alpha=float(c.a("negative_slope"))),
-    "elu": _elu,
-    "hardswish": _hardswish,
-    "mish": lambda c, xs: R.multiply(xs[0], c.emit(R.tanh(c.emit(R.nn.softplus(xs[0], beta=1.0, threshold=20.0))))),
+    "softplus": lambda c, xs: _softplus(c, xs[0], float(c.a("beta")), float(c.a("threshold"))),
+    "leaky_relu": lambda c, xs: _leaky_relu(c, xs[0], float(c.a("negative_slope"))),
+    "elu": lambda c, xs: _elu(c, xs[0], float(c.a("alpha"))),
+    "hardswish": lambda c, xs: _hardswish(c, xs[0]),
+    "mish": lambda c, xs: _mish(c, xs[0]),
     "gelu": _gelu,
     "silu": _unary(R.nn.silu),
     "tanh": _unary(R.tanh),
