@@ -55,6 +55,17 @@ from .recipe import Recipe, group_index, optimizers
 CHECKPOINTS = "checkpoints"
 #: Validation splits up to this many samples are evaluated in one pass.
 EVAL_CHUNK = 4096
+#: A larger split's outputs are gathered whole (exact metrics) up to this size, else averaged over chunks.
+EVAL_GATHER_BYTES = 1 << 30
+
+
+def chunked_note() -> str:
+    """What a run says when its validation metrics were averaged over chunks (Stepper.evaluate)."""
+    return (f"the validation loss and metrics are means over chunks of {EVAL_CHUNK} samples weighted by their "
+            f"sizes (an output has no sample axis, or the split's outputs exceed {EVAL_GATHER_BYTES >> 20} MiB): "
+            f"exact for plain means over samples, not for masked means or nonlinear metrics")
+
+
 _TORCH = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
           "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8, "bool": torch.bool}
 
@@ -281,6 +292,7 @@ class Stepper:
         self.outputs = [name for name, _ in graph.outputs]
         self.clock = Clock(steps)
         self.scalar_fns = scalar_functions(self.clock)
+        self.chunked = False  # an evaluation averaged its metrics over chunks of the split (see evaluate)
 
     def scalars(self, step: int) -> dict[str, float]:
         self.clock.step = step
@@ -337,14 +349,56 @@ class Stepper:
 
     @torch.no_grad()
     def evaluate(self, model, val: dict[str, torch.Tensor], step: int, scalars: dict[str, float],
-                 chunk: int) -> dict[str, float]:
-        """The loss and the metrics on the validation split, in eval mode: on the whole split at once
-        when it has at most `chunk` samples, else the mean over chunks weighted by their sizes (exact
-        for means over samples)."""
+                 chunk: int, gather_bytes: int | None = None) -> dict[str, float]:
+        """The loss and the metrics on the validation split, in eval mode. A split of more than `chunk`
+        samples runs through the model `chunk` samples at a time; the outputs are concatenated along the
+        sample axis and the loss and the metrics computed once, on the whole split, so that a masked mean,
+        a ratio or a root of a mean is what one pass would give. When an output has no sample axis (its
+        type's first dimension is not the inputs'), or the outputs of the whole split would take more than
+        `gather_bytes` (EVAL_GATHER_BYTES), they are the mean over chunks weighted by their sizes instead:
+        exact for plain means over samples only; `self.chunked` says so."""
         was = model.training
         model.eval()
         n = len(next(iter(val.values())))
         drawn_all = self.draws(step, scalars, n, fixed=True)
+        try:
+            if n <= chunk:
+                return self._measure(self.env(val, self.forward(model, val, scalars, drawn_all), scalars, step,
+                                              drawn_all))
+            parts: list[dict[str, torch.Tensor]] = []
+            gathered = self._sample_major_outputs()
+            limit = EVAL_GATHER_BYTES if gather_bytes is None else gather_bytes
+            for i in range(0, n, chunk):
+                part = {k: v[i:i + chunk] for k, v in val.items()}
+                drawn = {k: v[i:i + chunk] for k, v in drawn_all.items()}
+                outputs = self.forward(model, part, scalars, drawn)
+                rows = len(next(iter(part.values())))
+                gathered = gathered and all(isinstance(v, torch.Tensor) and v.dim() >= 1 and len(v) == rows
+                                            for v in outputs.values())
+                if gathered and i == 0:
+                    gathered = sum(v.element_size() * v.numel() for v in outputs.values()) * n // rows <= limit
+                if not gathered:
+                    self.chunked = True
+                    return self._weighted(model, val, drawn_all, scalars, step, chunk)
+                parts.append(outputs)
+            outputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            return self._measure(self.env(val, outputs, scalars, step, drawn_all))
+        finally:
+            model.train(was)
+
+    def _sample_major_outputs(self) -> bool:
+        """Whether every output's first dimension is the sample axis of the inputs the data feeds."""
+        fed = set(self.recipe.feed) | set(self.recipe.random)
+        g = self.graph
+        ins = [g.node(nid).outputs[0] for name, nid in g.inputs if name in fed]
+        axes = {t.shape[0] for t in ins if t.rank >= 1}
+        outs = [g.type_of(ref) for _, ref in g.outputs]
+        return bool(axes) and all(t.rank >= 1 and t.shape[0] in axes for t in outs)
+
+    def _weighted(self, model, val: dict[str, torch.Tensor], drawn_all: dict[str, torch.Tensor],
+                  scalars: dict[str, float], step: int, chunk: int) -> dict[str, float]:
+        """The loss and the metrics of each chunk, their mean weighted by the chunks' sizes."""
+        n = len(next(iter(val.values())))
         totals: dict[str, float] = {}
         for i in range(0, n, chunk):
             part = {k: v[i:i + chunk] for k, v in val.items()}
@@ -352,7 +406,6 @@ class Stepper:
             outputs = self.forward(model, part, scalars, drawn)
             for name, value in self._measure(self.env(part, outputs, scalars, step, drawn)).items():
                 totals[name] = totals.get(name, 0.0) + value * len(next(iter(part.values())))
-        model.train(was)
         return {k: v / n for k, v in totals.items()}
 
     def not_finite(self, value: float, where: str) -> SpecError:
@@ -529,6 +582,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     began = time.perf_counter()
     last_eval: dict[str, float] = {}
     loss_value = float("nan")
+    noted = False  # the note that validation metrics are averaged over chunks, printed once
     pending: list[dict[str, Any]] = []  # lines of metrics.jsonl before the folder is made
     if dist.main and t.eval is not None and start == 0:  # the metrics at initialisation
         last_eval = stepper.evaluate(model, val, 0, stepper.scalars(0), EVAL_CHUNK)
@@ -572,6 +626,9 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
             bar.update(done, loss_value)
             if dist.main and t.eval is not None and (done % t.eval.every == 0 or done == steps):
                 last_eval = stepper.evaluate(model, val, step, scalars, EVAL_CHUNK)
+                if stepper.chunked and not noted:
+                    bar.message(f"note: {chunked_note()}")
+                    noted = True
                 log.write(_json_line({"step": done, "split": "val", **last_eval}))
                 log.flush()
                 bar.note(done, last_eval)
@@ -587,6 +644,8 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     if dist.main and not result.stopped:
         _export(src, graph, model, recipe, out, opt_level)
         summary = {"steps": stop, "seconds": round(seconds, 3), "final_loss": loss_value, "val": last_eval}
+        if stepper.chunked:
+            summary["val_note"] = chunked_note()
         (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     return result
 
@@ -705,7 +764,9 @@ class _Progress:
             self.progress.update(self.task, completed=done, loss=f"{loss:.4g}", rate=f"{rate:.1f} it/s")
 
     def note(self, done: int, metrics: dict[str, float]) -> None:
-        text = f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.message(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def message(self, text: str) -> None:
         if self.enabled:
             self.progress.console.print(text)
         elif not self.quiet:
