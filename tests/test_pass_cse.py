@@ -71,3 +71,33 @@ def test_axes_counted_from_either_end_are_one_computation():
 
 test_axes_property = property_test("cse", ["softmax({v}, dim=1) - softmax({v}, dim=-2) + {v}",
                                            "{v} - mean({v}, dim=-1, keepdim=true) + mean({v}, dim=[2], keepdim=true)"])
+
+
+KV = """specc: 1
+name: cse_kv
+inputs:
+  q: f32[B, 5, 8]
+  k: f32[B, 5, 8]
+  g: f32[B, 5, 4]
+graph: |
+  a = attend(q, k, k, heads=2) + attend(q, k, k, heads=2, kv_heads=2)
+  b = attend(q, g, g, heads=2, kv_heads=1) + attend(q, g, g, heads=2, kv_heads=1)
+outputs:
+  a:
+  b:
+"""
+
+
+def test_attend_with_a_key_head_per_query_head_is_attend():
+    """kv_heads=heads means what no kv_heads means: one computation; a grouped attend stays itself."""
+    from specc.compiler.passes import PassContext, optimize
+
+    import specc
+
+    graph, _ = optimize(specc.compile(KV), PassContext(opt_level=1))
+    kv = sorted(str(n.attr("kv_heads")) for _, n in graph.nodes() if n.op == "attend")
+    assert kv == ["1", "None"] or kv == ["1", "2"], kv
+
+
+test_kv_property = property_test("cse", ["attend({v}, {v}, {v}, heads=2) - attend({v}, {v}, {v}, heads=2, "
+                                         "kv_heads=2) + {v}"])

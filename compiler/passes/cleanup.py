@@ -230,15 +230,25 @@ def _attrs_key(attrs: tuple) -> tuple:
 _AXIS_SETS = frozenset({"amax", "amin", "mean", "sum"})
 
 
+#: (op, attribute) -> the attribute whose value it may take to mean the same as not being given: attend's
+#: kv_heads=heads is attention with a key/value head per query head, attend() without kv_heads.
+_SAME_AS_UNSET = {("attend", "kv_heads"): "heads"}
+
+
 def _axes_key(graph: Graph, node: Node) -> tuple:
     """The attributes with every axis counted from the front (softmax(x, dim=-1) is softmax(x, dim=3) of a
-    rank-4 x; unsqueeze's dim counts in the result's rank), a reduction's axes as a sorted tuple."""
+    rank-4 x; unsqueeze's dim counts in the result's rank), a reduction's axes as a sorted tuple, and an
+    attribute that means what its absence means (_SAME_AS_UNSET) unset."""
     opdef = REGISTRY.get(node.op)
     if opdef is None or not node.inputs:
         return node.attrs
     rank = graph.type_of(node.inputs[0]).rank + (1 if node.op == "unsqueeze" else 0)
+    given = dict(node.attrs)
     out = []
     for k, v in node.attrs:
+        same = _SAME_AS_UNSET.get((node.op, k))
+        if same is not None and v == given.get(same):
+            v = None
         arg = opdef.arg(k)
         if arg is not None and arg.kind in ("axis", "axes") and rank and v is not None:
             if isinstance(v, (list, tuple)):
