@@ -954,6 +954,7 @@ class Elaborator:
         if not isinstance(v, TV):
             return self.fail(e.value.span, f"cannot index {_kind(v)}")
         items = []
+        item_spans: list = []  # where each of items is written ('...': its span for every dimension it takes)
         newaxes: list[int] = []  # x[:, None]: positions of new size-1 dimensions in the result
         dots = [i for i in e.items if isinstance(i, A.Ellipsis_)]
         if len(dots) > 1:
@@ -966,6 +967,7 @@ class Elaborator:
                     return self.fail(e.span, f"index: too many indices ({named}, besides '...' and the new "
                                              f"axes) for {_plain(v.type)}")
                 items.extend([("slice", None, None)] * (v.type.rank - named))
+                item_spans.extend([item.span] * (v.type.rank - named))
                 continue
             if isinstance(item, A.Slice):
                 bounds = []
@@ -986,6 +988,7 @@ class Elaborator:
                                      *([note] if number and step < 0 else []))
                 # step 1 stays ('slice', start, stop): graphs and their keys read as before strides
                 items.append(("slice", bounds[0], bounds[1]) + ((step,) if step != 1 else ()))
+                item_spans.append(item.span)
             else:
                 iv = self.ev(item, scope, hint=None)
                 if iv is POISON:
@@ -996,8 +999,11 @@ class Elaborator:
                 if not isinstance(iv, int) or isinstance(iv, bool):
                     return self.fail(item.span, f"indices must be integers (or none for a new axis), got {_kind(iv)}")
                 items.append(("int", iv))
+                item_spans.append(item.span)
+        # an error about one dimension points at its item (getitem's OpError arg "index[axis]")
+        where = {"index": e.span, **{f"index[{axis}]": sp for axis, sp in enumerate(item_spans)}}
         if not newaxes:
-            return self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, hint, {"index": e.span})
+            return self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, hint, where)
         if len(items) > v.type.rank:
             return self.fail(e.span, f"index: too many indices ({len(items)}, besides the new axes) for "
                                      f"{_plain(v.type)}")
@@ -1006,7 +1012,7 @@ class Elaborator:
             return self.fail(e.span, f"index: the result would have {rank} dimensions; at most {MAX_RANK} are "
                                      f"allowed")
         if any(it != ("slice", None, None) for it in items):  # x[0, None]: index first, then add the axes
-            v = self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, None, {"index": e.span})
+            v = self.make("getitem", {"x": v}, {"index": tuple(items)}, e.span, scope, None, where)
             if v is POISON:
                 return POISON
         for i, axis in enumerate(newaxes):  # increasing positions of the result: each lands where written

@@ -1053,7 +1053,7 @@ def _getitem(c: OpCall):
         if item[0] == "int":
             i = item[1]
             if isinstance(n, int) and not -n <= i < n:
-                raise OpError(f"index: {i} is out of range for dimension {axis} of size {n}", "index")
+                raise OpError(f"index: {i} is out of range for dimension {axis} of size {n}", f"index[{axis}]")
             continue
         _, start, stop = item[:3]
         step = slice_step(item)
@@ -1062,12 +1062,12 @@ def _getitem(c: OpCall):
             stop = n
         for name, b in (("start", start), ("stop", stop)):
             if isinstance(n, int) and isinstance(b, int) and not -n <= b <= n:
-                raise OpError(f"index: slice {name} {b} is out of range for dimension {axis} of size {n}", "index")
+                raise OpError(f"index: slice {name} {b} is out of range for dimension {axis} of size {n}", f"index[{axis}]")
         start = start + n if isinstance(start, int) and start < 0 else start
         stop = stop + n if isinstance(stop, int) and stop < 0 else stop
         length = stop - start
         if isinstance(length, int) and length <= 0:
-            raise OpError(f"index: the slice of dimension {axis} is empty", "index")
+            raise OpError(f"index: the slice of dimension {axis} is empty", f"index[{axis}]")
         if step != 1:
             strided = floor_div(length + (step - 1), step)  # ceil(length / step)
             if strided is None:
@@ -1075,7 +1075,7 @@ def _getitem(c: OpCall):
                               f"of {shape_str(x)} takes {fmt(length)} elements by steps of {step}, and "
                               f"ceil({fmt(length)} / {step}) is not a polynomial in its symbols; declare the "
                               f"dimension as a multiple of {step} (e.g. {step} * {_half_name(n, step)} in the input's "
-                              f"type) or give it a fixed size", "index")
+                              f"type) or give it a fixed size", f"index[{axis}]")
             length = strided
         shape.append(length)
     shape.extend(x.shape[len(items):])

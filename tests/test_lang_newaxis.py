@@ -48,7 +48,7 @@ def test_new_axis_errors():
                  "index: too many indices (3, besides the new axes) for f32[B, T]")
     assert_error(spec("x: 'f32[B, T]'", "y = x[:, 1.5]"), 6, 12,
                  "indices must be integers (or none for a new axis), got the number 1.5")
-    assert_error(spec("x: 'f32[B, 4]'", "y = x[:, 7, None]"), 6, 7,
+    assert_error(spec("x: 'f32[B, 4]'", "y = x[:, 7, None]"), 6, 12,
                  "index: 7 is out of range for dimension 1 of size 4")
     assert_error(spec("x: 'f32[B, T]'", "y = x[None] + x[:, :, None]"), 6, 17,
                  "add: cannot broadcast f32[1, B, T] with f32[B, T, 1]: dimension -2 is B vs T")

@@ -70,7 +70,7 @@ def test_symbolic_lengths_that_divide_exactly():
 
 
 def test_a_symbolic_length_that_does_not_divide_is_a_located_error():
-    assert_error(spec("x: 'f32[B, T, 4]'", "y = x[:, ::2]"), 6, 7,
+    assert_error(spec("x: 'f32[B, T, 4]'", "y = x[:, ::2]"), 6, 12,
                  "index: the strided length of a symbolic dimension must be exact: dimension 1 of f32[B, T, 4] "
                  "takes T elements by steps of 2, and ceil(T / 2) is not a polynomial in its symbols; declare the "
                  "dimension as a multiple of 2 (e.g. 2 * T2 in the input's type) or give it a fixed size")
@@ -80,8 +80,8 @@ def test_a_symbolic_length_that_does_not_divide_is_a_located_error():
 
 
 def test_empty_strided_slices_are_errors_as_unstrided_ones():
-    assert_error(spec("x: 'f32[B, 6]'", "y = x[:, 4:2:2]"), 6, 7, "index: the slice of dimension 1 is empty")
-    assert_error(spec("x: 'f32[B, 6]'", "y = x[:, 8::2]"), 6, 7,
+    assert_error(spec("x: 'f32[B, 6]'", "y = x[:, 4:2:2]"), 6, 12, "index: the slice of dimension 1 is empty")
+    assert_error(spec("x: 'f32[B, 6]'", "y = x[:, 8::2]"), 6, 12,
                  "index: slice start 8 is out of range for dimension 1 of size 6")
 
 
@@ -229,3 +229,11 @@ def test_recipe_expressions_take_steps_as_torch_does():
         _recipe_eval("mean(e[:, ::-1])", {"e": e})
     d = info.value.diagnostics[0]
     assert (d.span.line, d.span.col) == (1, 6) and "step must be greater than zero" in d.message, d
+
+
+def test_an_error_of_one_dimension_points_at_its_item():
+    """The item of the dimension at fault, not the whole index (counted after what '...' takes)."""
+    assert_error(spec("x: 'f32[B, T, 4]'", "y = x[0, 1:T:2, :]"), 6, 12, only_error(
+        spec("x: 'f32[B, T, 4]'", "y = x[0, 1:T:2, :]")).message)
+    assert_error(spec("x: 'f32[B, 4, 5]'", "y = x[..., 7]"), 6, 14, "index: 7 is out of range for dimension 2 of size 5")
+    assert_error(spec("x: 'f32[B, 4, 5]'", "y = x[..., 2:2, 0]"), 6, 14, "index: the slice of dimension 1 is empty")
