@@ -49,7 +49,11 @@ graph: |
   m = mean(x, dim=-1) + mean(x, dim=[2])
   u = unsqueeze(x, -1) + unsqueeze(x, 3)
   p = permute(x, [0, 2, 1]) + permute(x, [-3, -1, -2]) + transpose(permute(x, [0, 1, 2]), 1, 2)
+  k = stack([x, x], dim=-1) + stack([x, x], dim=3)
+  f = flip(x, [0, 2]) + flip(x, [-1, 0])
 outputs:
+  k:
+  f:
   a:
   s:
   m:
@@ -66,7 +70,36 @@ def test_axes_counted_from_either_end_are_one_computation():
     graph, _ = optimize(specc.compile(AXES), PassContext(opt_level=1, disabled=frozenset({"eliminate_identity"})))
     ops = sorted(n.op for _, n in graph.nodes() if n.op not in ("input", "add"))
     # one of each pair; the identity permute differs from the other two (and stays: eliminate_identity is off)
-    assert ops == ["mean", "permute", "permute", "softmax", "sum", "transpose", "unsqueeze"], ops
+    assert ops == ["flip", "mean", "permute", "permute", "softmax", "stack", "sum", "transpose", "unsqueeze"], ops
+
+
+STACKS = """specc: 1
+name: cse_stack
+inputs:
+  x: f32[B, 2]
+graph: |
+  a = stack([x, x * 2.0], dim=-1)
+  b = stack([x, x * 2.0], dim=1)
+  c = stack([x, x * 2.0], dim=2)
+outputs:
+  a:
+  b:
+  c:
+"""
+
+
+def test_stacks_on_different_axes_stay_apart():
+    """stack's dim counts in the result's rank: dim=-1 of [B, 2] inputs is dim 2, not dim 1."""
+    import torch
+
+    import specc
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for level in (0, 1, 2):
+        a, b, c = specc.load(STACKS, opt_level=level).double()(x)
+        pair = (x, x * 2.0)
+        assert torch.equal(a, torch.stack(pair, -1)) and torch.equal(b, torch.stack(pair, 1)), level
+        assert torch.equal(c, torch.stack(pair, 2)), level
 
 
 test_axes_property = property_test("cse", ["softmax({v}, dim=1) - softmax({v}, dim=-2) + {v}",

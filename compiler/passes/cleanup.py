@@ -226,8 +226,11 @@ def _attrs_key(attrs: tuple) -> tuple:
                  for k, v in attrs)
 
 
+#: Ops whose axis counts in the result's rank, one more than the input's (unsqueeze(x, -1), stack(xs, -1)).
+_NEW_AXIS = frozenset({"unsqueeze", "stack"})
+
 #: Ops whose `axes` attribute is a set of dimensions (its order does not matter; one int is a set of one).
-_AXIS_SETS = frozenset({"amax", "amin", "mean", "sum"})
+_AXIS_SETS = frozenset({"amax", "amin", "flip", "mean", "sum"})
 
 
 #: (op, attribute) -> the attribute whose value it may take to mean the same as not being given: attend's
@@ -237,12 +240,12 @@ _SAME_AS_UNSET = {("attend", "kv_heads"): "heads"}
 
 def _axes_key(graph: Graph, node: Node) -> tuple:
     """The attributes with every axis counted from the front (softmax(x, dim=-1) is softmax(x, dim=3) of a
-    rank-4 x; unsqueeze's dim counts in the result's rank), a reduction's axes as a sorted tuple, and an
+    rank-4 x; unsqueeze's and stack's dim count in the result's rank), a reduction's axes as a sorted tuple, and an
     attribute that means what its absence means (_SAME_AS_UNSET) unset."""
     opdef = REGISTRY.get(node.op)
     if opdef is None or not node.inputs:
         return node.attrs
-    rank = graph.type_of(node.inputs[0]).rank + (1 if node.op == "unsqueeze" else 0)
+    rank = graph.type_of(node.inputs[0]).rank + (1 if node.op in _NEW_AXIS else 0)
     given = dict(node.attrs)
     out = []
     for k, v in node.attrs:
