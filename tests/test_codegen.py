@@ -388,3 +388,33 @@ outputs:
         assert torch.equal(b, x[:, :2 * t].reshape(2, t, 8))
     with pytest.raises(ValueError, match="must be 2\\*T \\+ 1 for a whole T >= 1"):
         model(torch.randn(2, 6, 4))
+
+
+def test_an_input_axis_of_several_symbols_is_checked_with_the_known_ones_sizes():
+    """x: [B, 2 * T + S] with s: [S]: T is solved as (size - S) // 2, S's size read from s (it was read as
+    (size - 0) // (2 + 1), which rejected good inputs); a float input takes the module's own float dtype."""
+    text = """specc: 1
+name: mixed_dims
+dims: {B: 2, T: 3, S: 2}
+inputs:
+  x: f32[B, 2 * T + S]
+  s: f32[S]
+graph: |
+  y = sum(x, dim=-1) + sum(s)
+outputs:
+  y:
+"""
+    model = specc.load(text)
+    for t, s in ((3, 2), (1, 5), (4, 1)):
+        x, v = torch.randn(2, 2 * t + s), torch.randn(s)
+        assert torch.allclose(model(x, v), x.sum(-1) + v.sum())
+    for shape, n, message in (((2, 9), 2, "dimension 1 is 9, but must be S + 2*T for a whole T >= 1 with S=2"),
+                              ((2, 8), 3, "dimension 1 is 8, but must be S + 2*T for a whole T >= 1 with S=3"),
+                              ((2, 2), 2, "dimension 1 is 2, but must be S + 2*T for a whole T >= 1 with S=2")):
+        with pytest.raises(ValueError) as info:
+            model(torch.randn(*shape), torch.randn(n))
+        assert str(info.value) == f"input x: {message}"
+    half = specc.load(text.replace("f32[", "f16[")).double()  # the float64 oracle of an f16 model
+    assert half(torch.randn(2, 8, dtype=torch.float64), torch.randn(2, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(ValueError, match="input s: dtype torch.int64, expected torch.float16"):
+        specc.load(text.replace("f32[", "f16["))(torch.randn(2, 8).half(), torch.ones(2, dtype=torch.int64))

@@ -142,8 +142,8 @@ def _bounds(s: str) -> tuple[int, int | None, str]:
 
 
 def check_inputs(*inputs: torch.Tensor) -> None:
-    """ValueError, naming the input and dimension, unless the inputs have the ranks, dtypes (an f32 one:
-    any float dtype, the module's own) and static sizes INPUTS declares, and one size per symbolic
+    """ValueError, naming the input and dimension, unless the inputs have the ranks, dtypes (a float one:
+    any float dtype, the module's own after .double() or .half()) and static sizes INPUTS declares, and one size per symbolic
     dimension (read whole, or solved from a * S + b) within BOUNDS. Reads shapes only, never values;
     skipped while torch.compile or torch.export trace the model."""
     if torch.compiler.is_compiling():
@@ -155,7 +155,7 @@ def check_inputs(*inputs: torch.Tensor) -> None:
         if len(have) != len(shape):
             raise ValueError(f"input {name}: rank {len(have)}, expected {len(shape)}")
         want = getattr(torch, dtype)
-        if x.dtype != want and not (want == torch.float32 and x.dtype.is_floating_point):
+        if x.dtype != want and not (want.is_floating_point and x.dtype.is_floating_point):
             raise ValueError(f"input {name}: dtype {x.dtype}, expected {want}")
         declared.append((name, shape, have))
         for axis, d in enumerate(shape):
@@ -166,12 +166,15 @@ def check_inputs(*inputs: torch.Tensor) -> None:
             if not isinstance(d, list):
                 continue
             unknown = {s for _, ss in d for s in ss} - set(sizes)
-            if len(unknown) == 1 and all(len(ss) <= 1 for _, ss in d):
-                (s,), n = unknown, have[axis]
-                a, b = sum(c for c, ss in d if ss), sum(c for c, ss in d if not ss)
+            if len(unknown) == 1 and all(ss == list(unknown) for _, ss in d if unknown & set(ss)):
+                (s,), n = unknown, have[axis]  # a * S + b: b the known terms' sizes
+                a = sum(c for c, ss in d if ss == [s])
+                b = _size([(c, ss) for c, ss in d if ss != [s]], sizes)
                 if (n - b) % a or (n - b) // a < 1:
+                    known = sorted({k for _, ss in d for k in ss if k != s})
+                    given = f" with {', '.join(f'{k}={sizes[k]}' for k in known)}" if known else ""
                     raise ValueError(f"input {name}: dimension {axis} is {n}, but must be {_show(d)} for a whole "
-                                     f"{s} >= 1")
+                                     f"{s} >= 1{given}")
                 sizes[s], where[s] = (n - b) // a, f"input {name}: dimension {axis} ({_show(d)})"
     for name, shape, have in declared:
         for axis, (d, n) in enumerate(zip(shape, have)):
