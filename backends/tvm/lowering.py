@@ -458,6 +458,18 @@ def _nan_mode(c: Ctx) -> str:
     return NAN if NAN != "auto" else ("kernel" if c.target_kind == "llvm" else "portable")
 
 
+def _isnan(c: Ctx, x: relax.Expr) -> relax.Expr:
+    """R.isnan(x); of bfloat16 through float32 (TIR's isnan takes no bfloat16; the cast keeps a nan)."""
+    if x.ty.dtype == "bfloat16":
+        x = c.emit(R.astype(x, "float32"))
+    return R.isnan(x)
+
+
+def _tir_isnan(v: Any) -> Any:
+    """tirx.isnan(v); of bfloat16 through float32 (as _isnan)."""
+    return tirx.isnan(tirx.Cast("float32", v) if str(v.ty) == "bfloat16" else v)
+
+
 def _nan_where(c: Ctx, nan_seen: relax.Expr, y: relax.Expr) -> relax.Expr:
     """y, with nan where the (0 or 1) float nan_seen is 1."""
     return R.where(c.emit(R.greater(nan_seen, c.const(0.0))), c.const(float("nan")), y)
@@ -473,13 +485,13 @@ def _scalar_of(x: relax.Expr) -> float | int | None:
 def _nan_pick(name: str, a: Any, b: Any) -> Any:
     """max(a, b) or min(a, b) of two float TIR values, nan where either is nan."""
     m = tirx.max(a, b) if name == "maximum" else tirx.min(a, b)
-    return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, m))
+    return tirx.Select(_tir_isnan(a), a, tirx.Select(_tir_isnan(b), b, m))
 
 
 def _keep_nan(c: Ctx, x: relax.Expr, y: relax.Expr) -> relax.Expr:
     """y, or x where x is nan: Relax ops, which fuse into one kernel with the computation of y (and are
     legalised at the static sizes of a tuned copy)."""
-    return R.where(c.emit(R.isnan(x)), x, c.emit(y))
+    return R.where(c.emit(_isnan(c, x)), x, c.emit(y))
 
 
 def _extremum(name: str) -> Lowering:
@@ -587,7 +599,7 @@ def _nan_reduce(name: str) -> Lowering:
         if c.out.dtype not in _FLOATS or _nan_mode(c) == "drop":
             return fn(xs[0], axis=axes, keepdims=keep)
         if _nan_mode(c) == "portable":
-            seen = c.emit(R.max(c.emit(R.astype(c.emit(R.isnan(xs[0])), c.dtype)), axis=axes, keepdims=keep))
+            seen = c.emit(R.max(c.emit(R.astype(c.emit(_isnan(c, xs[0])), c.dtype)), axis=axes, keepdims=keep))
             return _nan_where(c, seen, c.emit(fn(xs[0], axis=axes, keepdims=keep)))
         pick = "maximum" if name == "maximum" else "minimum"
         reducer = _nan_reducer(pick)
@@ -1188,6 +1200,10 @@ def _softmax(c: Ctx, xs: list) -> relax.Expr:
     return R.nn.softmax(xs[0], axis=int(c.a("dim")))
 
 
+#: float16 and bfloat16 sums (sum, mean, cumsum) add up in float32, as torch's do.
+_HALF = ("float16", "bfloat16")
+
+
 def _reduce(fn: Callable) -> Lowering:
     def lower(c: Ctx, xs: list) -> relax.Expr:
         x = _cast(c, xs[0], c.dtype)  # sum of bool counts in i64
@@ -1197,6 +1213,9 @@ def _reduce(fn: Callable) -> Lowering:
             axes = list(range(rank))
         else:
             axes = sorted(_axis(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+        if c.dtype in _HALF:
+            y = c.emit(fn(c.emit(R.astype(x, "float32")), axis=axes, keepdims=bool(c.a("keepdim"))))
+            return R.astype(y, c.dtype)
         return fn(x, axis=axes, keepdims=bool(c.a("keepdim")))
 
     return lower
@@ -1571,7 +1590,7 @@ def _pool(kind: str, n: int) -> Lowering:
         extra = {"count_include_pad": True} if kind == "avg" else {}
         pooled = fn(xs[0], pool_size=kernel, strides=stride, padding=padding + padding, **extra)
         if kind == "max" and c.out.dtype in _FLOATS and _nan_mode(c) == "portable":
-            seen = c.emit(fn(c.emit(R.astype(c.emit(R.isnan(xs[0])), c.dtype)), pool_size=kernel, strides=stride,
+            seen = c.emit(fn(c.emit(R.astype(c.emit(_isnan(c, xs[0])), c.dtype)), pool_size=kernel, strides=stride,
                              padding=padding + padding))
             return _nan_where(c, seen, c.emit(pooled))
         return pooled
@@ -1685,8 +1704,8 @@ def _axes_of(c: Ctx, rank: int) -> list[int]:
 
 
 def _cumsum(c: Ctx, xs: list) -> relax.Expr:
-    """Running sums along dim in the result's dtype (i64 for integers and bools, as torch); reverse: of x
-    flipped along it, flipped back."""
+    """Running sums along dim in the result's dtype (i64 for integers and bools, as torch; float16 and
+    bfloat16 added up in float32); reverse: of x flipped along it, flipped back."""
     rank = c.in_type(0).rank
     axis = _axis(c.a("dim"), rank)
     x = xs[0] if c.in_type(0).dtype != "bool" else c.emit(R.astype(xs[0], "int64"))
@@ -1698,7 +1717,10 @@ def _cumsum(c: Ctx, xs: list) -> relax.Expr:
     at = axis if order is None else rank - 1
     if c.a("reverse"):
         x = c.emit(R.flip(x, at))
-    y = c.emit(R.cumsum(x, axis=at, dtype=c.dtype))
+    if c.dtype in _HALF:  # added up in float32 (torch's accumulation), rounded once
+        y = c.emit(R.astype(c.emit(R.cumsum(c.emit(R.astype(x, "float32")), axis=at, dtype="float32")), c.dtype))
+    else:
+        y = c.emit(R.cumsum(x, axis=at, dtype=c.dtype))
     if c.a("reverse"):
         y = c.emit(R.flip(y, at))
     return y if order is None else R.permute_dims(y, [order.index(a) for a in range(rank)])
@@ -1708,7 +1730,7 @@ def _argmax_combine(a: Any, b: Any) -> Any:
     """Of two (index, value) pairs, the one torch's argmax keeps: a nan first (it counts as the largest),
     else the larger value, on a tie the smaller index."""
     (ia, va), (ib, vb) = a, b
-    na, nb = tirx.isnan(va), tirx.isnan(vb)
+    na, nb = _tir_isnan(va), _tir_isnan(vb)
     first = tirx.Select(na, tirx.Or(tirx.Not(nb), ia < ib),
                         tirx.And(tirx.Not(nb), tirx.Or(va > vb, tirx.And(va == vb, ia < ib))))
     return tirx.Select(first, ia, ib), tirx.Select(first, va, vb)
@@ -1723,13 +1745,16 @@ def _argmax(c: Ctx, xs: list) -> relax.Expr:
         index = _cast(c, c.emit(R.argmax(xs[0], axis=axis, keepdims=keep)), "int64")
         if _nan_mode(c) == "drop" or c.in_type(0).dtype not in _FLOATS:
             return index
-        nans = c.emit(R.astype(c.emit(R.isnan(xs[0])), "int8"))  # the first nan, where there is one
+        nans = c.emit(R.astype(c.emit(_isnan(c, xs[0])), "int8"))  # the first nan, where there is one
         first = _cast(c, c.emit(R.argmax(nans, axis=axis, keepdims=keep)), "int64")
         seen = c.emit(R.max(nans, axis=axis, keepdims=keep))
         return R.where(c.emit(R.greater(seen, relax.const(0, "int8"))), first, index)
     reducer = te.comm_reducer(_argmax_combine, lambda ti, tv: (tirx.max_value(ti), tirx.const(float("-inf"), tv)),
                               name="nan_argmax")
     shape = c.shape(c.out.shape)
+    x = xs[0]
+    if c.in_type(0).dtype == "bf16":  # the combiner's bfloat16 values do not type-check; float32 holds them exactly
+        x = c.emit(R.astype(x, "float32"))
 
     def kernel(x: te.Tensor) -> te.Tensor:
         k = te.reduce_axis((0, x.shape[axis]), name="k")
@@ -1741,7 +1766,7 @@ def _argmax(c: Ctx, xs: list) -> relax.Expr:
 
         return te.compute(shape, at, name="T_argmax")[0]
 
-    return c.bb.emit_te(kernel, xs[0], primfunc_name_hint="argmax")
+    return c.bb.emit_te(kernel, x, primfunc_name_hint="argmax")
 
 
 def _gather(c: Ctx, xs: list) -> relax.Expr:
