@@ -626,7 +626,7 @@ def _pass_context(args: argparse.Namespace, file: str):
 
 
 def _verify(args: argparse.Namespace, src, graph) -> int:
-    from specc.verify import ATOL, RTOL, verify_graph
+    from specc.verify import ATOL, verify_graph
 
     if args.target != "torch":  # an op the target cannot lower: located errors, before any compiling
         from specc.compiler.passes import PassContext, optimize
@@ -651,8 +651,9 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
     except lowering_error as e:
         raise _lowering_error(e, args.target, src) from None
     if report.ok:
+        tol = report.tolerance.get(report.worst_output, ATOL)
         print(f"  worst error {report.worst:.3g}" + (f" (output {report.worst_output})" if report.worst_output else "")
-              + f"; tolerance {ATOL:g}*max(1, max|reference|) + {RTOL:g}*|reference|, per output")
+              + f"; tolerance {tol:g}*max(1, max|reference|) + {tol:g}*|reference|, per output")
         print(f"ok: {report.examples} runs, no mismatch")
         return 0
     m = report.mismatch

@@ -193,3 +193,19 @@ def test_bool_inputs_are_also_tried_all_false_and_all_true(monkeypatch):
     report = verify(spec, examples=20)
     assert report.ok, report.mismatch
     assert seen == {"false", "true", "random"}
+
+
+@pytest.mark.parametrize("dtype, tol", [("f16", 1e-2), ("bf16", 8e-2)])
+def test_half_precision_specs_verify_at_their_own_tolerance(dtype, tol, wrong_pass):
+    """An f16 or bf16 spec verifies against the float64 oracle (its inputs were rejected there: 'dtype
+    torch.float64, expected torch.float16'), at about 10 units in the last place of its dtype; the wrong
+    rewrite (relu as gelu) is still caught."""
+    report = verify(SPEC.replace("f32[", f"{dtype}["), examples=20)
+    assert not report.ok and report.mismatch.output == "y" and report.mismatch.bound >= tol
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_half_precision_specs_pass_verify(dtype):
+    report = verify(SPEC.replace("f32[", f"{dtype}["), examples=10)
+    assert report.ok, report.mismatch
+    assert report.tolerance == {"y": {"f16": 1e-2, "bf16": 8e-2}[dtype]} and 0 < report.worst < report.tolerance["y"]
