@@ -538,8 +538,39 @@ def _sign(c: Ctx, xs: list) -> relax.Expr:
     return R.where(c.emit(R.greater(xs[0], zero)), one, neg)
 
 
+def _tanh(c: Ctx, x: relax.Expr) -> relax.Expr:
+    """tanh(x); in float64, x - x^3/3 + 2x^5/15 - 17x^7/315 where |x| < 0.01 (TVM's float64 tanh, (e^2x - 1) /
+    (e^2x + 1), loses its relative precision near 0: 2e-5 at x = 1e-12; the series is within 3e-18 relative)."""
+    if x.ty.dtype != "float64":
+        return R.tanh(x)
+    x2 = c.emit(R.multiply(x, x))
+    poly = c.const(-17.0 / 315.0)
+    for coef in (2.0 / 15.0, -1.0 / 3.0, 1.0):  # Horner: 1 + x2 (-1/3 + x2 (2/15 - 17/315 x2))
+        poly = c.emit(R.add(c.const(coef), c.emit(R.multiply(x2, poly))))
+    series = c.emit(R.multiply(x, poly))
+    small = c.emit(R.less(c.emit(R.abs(x)), c.const(1e-2)))
+    return R.where(small, series, c.emit(R.tanh(x)))
+
+
 def _softplus(c: Ctx, x: relax.Expr, beta: float = 1.0, threshold: float = 20.0) -> relax.Expr:
-    return R.nn.softplus(x, beta=beta, threshold=threshold)
+    """x where beta * x > threshold, else log1p(exp(beta * x)) / beta, as torch computes it (Relax's softplus
+    takes log(1 + exp(..)), which is 0 below x = -17 in float32 where torch gives exp(x)); float16 and
+    bfloat16 through float32. A nan stays nan (the compare is false)."""
+    dtype = x.ty.dtype
+    if dtype in _HALF:
+        x = c.emit(R.astype(x, "float32"))
+
+    def kernel(a: te.Tensor) -> te.Tensor:
+        def at(*i: Any) -> Any:
+            v = a[i]
+            bx = v * tirx.const(beta, a.dtype)
+            return tirx.Select(bx > tirx.const(threshold, a.dtype), v,
+                               tirx.log1p(tirx.exp(bx)) / tirx.const(beta, a.dtype))
+
+        return te.compute(a.shape, at, name="T_softplus")
+
+    y = c.bb.emit_te(kernel, x, primfunc_name_hint="softplus")
+    return R.astype(y, dtype) if dtype in _HALF else y
 
 
 def _leaky_relu(c: Ctx, x: relax.Expr, negative_slope: float = 0.01) -> relax.Expr:
@@ -559,7 +590,7 @@ def _hardswish(c: Ctx, x: relax.Expr) -> relax.Expr:
 
 
 def _mish(c: Ctx, x: relax.Expr) -> relax.Expr:
-    return R.multiply(x, c.emit(R.tanh(c.emit(_softplus(c, x)))))
+    return R.multiply(x, c.emit(_tanh(c, c.emit(_softplus(c, x)))))
 
 
 #: The activations of mlp and moe_mlp other than relu and identity (see _act), at their ops' default
@@ -567,7 +598,7 @@ def _mish(c: Ctx, x: relax.Expr) -> relax.Expr:
 ACTIVATIONS: dict[str, Callable[[Ctx, relax.Expr], relax.Expr]] = {
     "gelu": lambda c, x: R.nn.gelu(x),
     "silu": lambda c, x: R.nn.silu(x),
-    "tanh": lambda c, x: R.tanh(x),
+    "tanh": _tanh,
     "sigmoid": lambda c, x: R.sigmoid(x),
     "softplus": _softplus,
     "leaky_relu": _leaky_relu,
@@ -1197,6 +1228,8 @@ def _recurrent(cell: str) -> Lowering:
 # -- reductions, shapes ------------------------------------------------------------------------
 
 def _softmax(c: Ctx, xs: list) -> relax.Expr:
+    if c.out.rank == 0:  # of a scalar: the softmax of one entry (1, or nan for a nan or an infinity)
+        return R.reshape(c.emit(R.nn.softmax(c.emit(R.reshape(xs[0], [1])), axis=0)), [])
     return R.nn.softmax(xs[0], axis=int(c.a("dim")))
 
 
@@ -1213,6 +1246,8 @@ def _reduce(fn: Callable) -> Lowering:
             axes = list(range(rank))
         else:
             axes = sorted(_axis(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+        if rank == 0:  # sum(s, dim=0) of a scalar: the scalar
+            return x
         if c.dtype in _HALF:
             y = c.emit(fn(c.emit(R.astype(x, "float32")), axis=axes, keepdims=bool(c.a("keepdim"))))
             return R.astype(y, c.dtype)
@@ -1249,6 +1284,8 @@ def _stack(c: Ctx, xs: list) -> relax.Expr:
 def _flip(c: Ctx, xs: list) -> relax.Expr:
     dims = c.a("dims")
     y = xs[0]
+    if c.out.rank == 0:  # one entry: nothing to reverse
+        return y
     for d in dims if isinstance(dims, (list, tuple)) else [dims]:
         y = c.emit(R.flip(y, _axis(d, c.out.rank)))
     return y
@@ -1839,7 +1876,7 @@ LOWERINGS: dict[str, Lowering] = {
     "mish": lambda c, xs: _mish(c, xs[0]),
     "gelu": _gelu,
     "silu": _unary(R.nn.silu),
-    "tanh": _unary(R.tanh),
+    "tanh": lambda c, xs: _tanh(c, xs[0]),
     "sigmoid": _unary(R.sigmoid),
     "exp": _unary(R.exp),
     "log": _unary(R.log),
