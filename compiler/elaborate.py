@@ -986,6 +986,9 @@ class Elaborator:
                     note = "torch's slices take no negative steps either: an index cannot reverse a dimension"
                     return self.fail(item.step.span, f"slice steps must be positive integers, got {_kind(step)}",
                                      *([note] if number and step < 0 else []))
+                if step > 2 ** 62:  # torch's int64 length arithmetic (length + step - 1) overflows beyond
+                    return self.fail(item.step.span, f"slice steps must be at most 2**62, got {step} (a step as large "
+                                                     f"as the dimension already takes its first entry alone)")
                 # step 1 stays ('slice', start, stop): graphs and their keys read as before strides
                 items.append(("slice", bounds[0], bounds[1]) + ((step,) if step != 1 else ()))
                 item_spans.append(item.span)

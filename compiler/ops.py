@@ -32,7 +32,11 @@ def dims_str(shape) -> str:
     return "[" + ", ".join(fmt(d) for d in shape) + "]"
 
 
-def norm_axis(axis: int, rank: int, op_name: str, arg: str = "dim") -> int:
+def norm_axis(axis: int, rank: int, op_name: str, arg: str = "dim", scalar_ok: bool = False) -> int:
+    """axis counted from the front; scalar_ok: a rank-0 tensor takes dimension 0 (softmax, sum and flip of
+    a scalar, as torch's), else it has none."""
+    if rank == 0 and not scalar_ok:
+        raise OpError(f"{op_name}: a scalar (rank 0) has no dimension {axis}", arg)
     if not -rank <= axis < max(rank, 1):
         raise OpError(f"{op_name}: dimension {axis} is out of range for a rank-{rank} tensor", arg)
     return axis % rank if rank else 0
@@ -127,11 +131,17 @@ def _cast(c: OpCall):
 # elementwise
 # ---------------------------------------------------------------------------------------------
 
-def _unary(name: str, doc: str, float_only: bool = True, extra: tuple[Arg, ...] = (), cost: int = 1):
+def _unary(name: str, doc: str, float_only: bool = True, extra: tuple[Arg, ...] = (), cost: int = 1,
+           positive: tuple[str, ...] = ()):
+    """An elementwise op of x; `positive`: float arguments that must be > 0 (and finite)."""
     def infer(c: OpCall):
         x = c.t("x")
         if float_only:
             need_float(x, name)
+        for arg in positive:
+            v = c.a(arg)
+            if not (0 < v < math.inf):
+                raise OpError(f"{name}: {arg} must be a positive number, got {v}", arg)
         return x if x.value_range is None else T(x.dtype, x.shape)
 
     infer.__doc__ = doc
@@ -159,7 +169,7 @@ _unary("round", "round(x): the nearest integer value, halves to even (as torch.r
 _unary("sign", "sign(x): 1, -1 or 0 by the sign of x (0 for 0, -0 and nan, as torch.sign).")
 _unary("softplus", "softplus(x, beta=1.0, threshold=20.0) = log(1 + exp(beta * x)) / beta, and x where beta * x "
                    "> threshold (as torch's softplus).",
-       extra=(Arg("beta", "float", 1.0), Arg("threshold", "float", 20.0)), cost=4)
+       extra=(Arg("beta", "float", 1.0), Arg("threshold", "float", 20.0)), cost=4, positive=("beta",))
 _unary("leaky_relu", "leaky_relu(x, negative_slope=0.01) = x where x > 0, else negative_slope * x.",
        extra=(Arg("negative_slope", "float", 0.01),))
 _unary("elu", "elu(x, alpha=1.0) = x where x > 0, else alpha * (exp(x) - 1).", extra=(Arg("alpha", "float", 1.0),),
@@ -782,7 +792,7 @@ def _softmax(c: OpCall):
     """softmax(x, dim=-1)."""
     x = c.t("x")
     need_float(x, "softmax")
-    norm_axis(c.a("dim"), x.rank, "softmax")
+    norm_axis(c.a("dim"), x.rank, "softmax", scalar_ok=True)
     return x
 
 
@@ -798,7 +808,7 @@ def _reduce(name: str, doc: str):
             dims = dims if isinstance(dims, (list, tuple)) else [dims]
             if not dims:
                 raise OpError(f"{name}: dim=[] names no dimension; leave dim out to reduce over all of them", "dim")
-            axes = {norm_axis(d, x.rank, name) for d in dims}
+            axes = {norm_axis(d, x.rank, name, scalar_ok=True) for d in dims}
             if len(axes) != len(dims):
                 raise OpError(f"{name}: repeated dimension in {list(dims)}", "dim")
         keep = c.a("keepdim")
@@ -864,6 +874,7 @@ def _transpose(c: OpCall):
 def _permute(c: OpCall):
     """permute(x, d0, d1, ...): reorder all dimensions."""
     x = c.t("x")
+    need_rank(x, 1, "permute")
     dims = [norm_axis(d, x.rank, "permute", "dims") for d in c.a("dims")]
     if sorted(dims) != list(range(x.rank)):
         raise OpError(f"permute: {list(c.a('dims'))} is not a permutation of the {x.rank} dimensions of "
@@ -979,7 +990,7 @@ def _flip(c: OpCall):
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
     if not dims:
         raise OpError("flip: dims=[] names no dimension", "dims")
-    axes = [norm_axis(d, x.rank, "flip") for d in dims]
+    axes = [norm_axis(d, x.rank, "flip", "dims", scalar_ok=True) for d in dims]
     if len(set(axes)) != len(axes):
         raise OpError(f"flip: repeated dimension in {dims}", "dims")
     return x
