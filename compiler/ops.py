@@ -121,6 +121,52 @@ def _max_of(d: Dim, c: OpCall) -> int | None:
     return lo_hi[1] if lo_hi else None
 
 
+def min_of(d: Dim, c: OpCall) -> int | None:
+    """The least value of d over the symbols' declared bounds (a lower bound of it: each term at its least),
+    None where a term has no least value (a negative coefficient on a symbol without a maximum)."""
+    if isinstance(d, int):
+        return d
+    total = 0
+    for mono, coef in d.terms:
+        value = coef
+        for s in mono:
+            lo, hi = c.bounds.get(s, (1, None))
+            pick = lo if coef > 0 else hi
+            if pick is None:
+                return None
+            value *= pick
+        total += value
+    return total
+
+
+def _index_bound_error(n: Dim, need: int, axis: int, what: str, x: TensorType, c: OpCall) -> OpError | None:
+    """The error of an index that needs dimension `axis` (n, symbolic) to be at least `need` where the
+    symbols' bounds allow less: torch would clamp the slice (or raise) and the declared type be wrong."""
+    least = min_of(n, c)
+    if least is not None and least >= need:
+        return None
+    name = symbol_name(n)
+    allowed = f"{fmt(n)} may be {least}" if least is not None else f"{fmt(n)} has no least size above it"
+    hint = (f"; declare {name}: {{min: {need}}} in dims" if name else f"; give its symbols minimums (dims: "
+            f"{{S: {{min: ..}}}}) that make it at least {need}")
+    return OpError(f"index: {what} needs dimension {axis} of {shape_str(x)} to be at least {need}, but "
+                   f"{allowed}{hint}", f"index[{axis}]")
+
+
+def _slice_bound_error(n: Dim, start: Dim, stop: Dim, axis: int, x: TensorType, c: OpCall) -> OpError | None:
+    """The error of a slice with a symbolic bound (start, stop counted from the front) that the symbols'
+    bounds allow outside 0 <= start <= stop <= n: torch would clamp it, and its length not be stop - start."""
+    for what, gap in ((f"start {fmt(start)}", start), (f"stop {fmt(stop)}", n - stop),
+                      (f"{fmt(start)}:{fmt(stop)}", stop - start)):
+        least = min_of(gap, c)
+        if least is None or least < 0:
+            return OpError(f"index: slice {what} of dimension {axis} of {shape_str(x)} may lie outside 0 <= start "
+                           f"<= stop <= {fmt(n)} at sizes the dims allow (torch would clamp it, and its length not "
+                           f"be stop - start); declare minimums in dims that keep it inside, or slice with bounds "
+                           f"that do", f"index[{axis}]")
+    return None
+
+
 @op("cast", Arg("x", "tensor"), Arg("dtype", "dtype"), flops=elementwise_flops)
 def _cast(c: OpCall):
     """cast(x, dtype): convert to another dtype, e.g. cast(ids, f32)."""
@@ -1065,6 +1111,9 @@ def _getitem(c: OpCall):
             i = item[1]
             if isinstance(n, int) and not -n <= i < n:
                 raise OpError(f"index: {i} is out of range for dimension {axis} of size {n}", f"index[{axis}]")
+            if not isinstance(n, int) and (err := _index_bound_error(n, i + 1 if i >= 0 else -i, axis,
+                                                                     f"index {i}", x, c)):
+                raise err
             continue
         _, start, stop = item[:3]
         step = slice_step(item)
@@ -1074,8 +1123,14 @@ def _getitem(c: OpCall):
         for name, b in (("start", start), ("stop", stop)):
             if isinstance(n, int) and isinstance(b, int) and not -n <= b <= n:
                 raise OpError(f"index: slice {name} {b} is out of range for dimension {axis} of size {n}", f"index[{axis}]")
+            if not isinstance(n, int) and isinstance(b, int) and b != 0 and \
+                    (err := _index_bound_error(n, abs(b), axis, f"slice {name} {b}", x, c)):
+                raise err
         start = start + n if isinstance(start, int) and start < 0 else start
         stop = stop + n if isinstance(stop, int) and stop < 0 else stop
+        if not all(isinstance(v, int) for v in (n, start, stop)) and \
+                (err := _slice_bound_error(n, start, stop, axis, x, c)):
+            raise err
         length = stop - start
         if isinstance(length, int) and length <= 0:
             raise OpError(f"index: the slice of dimension {axis} is empty", f"index[{axis}]")

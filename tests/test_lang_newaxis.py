@@ -17,7 +17,7 @@ import specc
 from opcheck import assert_error, close, inputs64, load64, output_types, spec_text
 
 
-spec = functools.partial(spec_text, dims="B: 2, T: 5")
+spec = functools.partial(spec_text, dims="B: {example: 2, min: 2}, T: {example: 5, min: 3}")  # x[0], x[:, 1:3] need them
 
 types = output_types
 

@@ -43,7 +43,7 @@ j = z[:, 2 * S - 3::2]
 l = z[:, -3::2, 1:]
 """
 OUTS = "a b c d e f g h i j l"
-TEXT = spec_text("x: 'f32[B, 7, 12]', z: 'f32[B, 2 * S, 6]', r: 'f32[S]'", GRAPH, OUTS, dims="B: 2, S: 3",
+TEXT = spec_text("x: 'f32[B, 7, 12]', z: 'f32[B, 2 * S, 6]', r: 'f32[S]'", GRAPH, OUTS, dims="B: 2, S: {example: 3, min: 2}",
                  params="{k: 3}")
 
 
@@ -237,3 +237,44 @@ def test_an_error_of_one_dimension_points_at_its_item():
         spec("x: 'f32[B, T, 4]'", "y = x[0, 1:T:2, :]")).message)
     assert_error(spec("x: 'f32[B, 4, 5]'", "y = x[..., 7]"), 6, 14, "index: 7 is out of range for dimension 2 of size 5")
     assert_error(spec("x: 'f32[B, 4, 5]'", "y = x[..., 2:2, 0]"), 6, 14, "index: the slice of dimension 1 is empty")
+
+
+# -- bounds on symbolic dimensions ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("index, col, message", [
+    ("x[:, 0:8]", 12, "index: slice stop 8 needs dimension 1 of f32[B, T, 4] to be at least 8, but T may be 1; "
+                      "declare T: {min: 8} in dims"),
+    ("x[:, -4:]", 12, "index: slice start -4 needs dimension 1 of f32[B, T, 4] to be at least 4, but T may be 1; "
+                      "declare T: {min: 4} in dims"),
+    ("x[:, 6]", 12, "index: index 6 needs dimension 1 of f32[B, T, 4] to be at least 7, but T may be 1; "
+                    "declare T: {min: 7} in dims"),
+    ("x[:, -6]", 12, "index: index -6 needs dimension 1 of f32[B, T, 4] to be at least 6, but T may be 1; "
+                     "declare T: {min: 6} in dims"),
+    ("x[1]", 9, "index: index 1 needs dimension 0 of f32[B, T, 4] to be at least 2, but B may be 1; "
+                "declare B: {min: 2} in dims"),
+    ("x[:, 1:1 + T]", 12, "index: slice stop (T + 1) of dimension 1 of f32[B, T, 4] may lie outside 0 <= start <= "
+                          "stop <= T at sizes the dims allow (torch would clamp it, and its length not be stop - "
+                          "start); declare minimums in dims that keep it inside, or slice with bounds that do"),
+    ("x[:, T - 2:]", 12, "index: slice start (T - 2) of dimension 1 of f32[B, T, 4] may lie outside 0 <= start <= "
+                         "stop <= T at sizes the dims allow (torch would clamp it, and its length not be stop - "
+                         "start); declare minimums in dims that keep it inside, or slice with bounds that do"),
+])
+def test_a_bound_the_dims_allow_outside_a_symbolic_dimension_is_a_located_error(index, col, message):
+    """A constant (or symbolic) bound that some allowed size puts outside the dimension: torch clamps the
+    slice (or raises) and TVM read past the tensor, so the declared type was wrong; now a located error."""
+    assert_error(spec("x: 'f32[B, T, 4]'", f"y = {index}"), 6, col, message)
+
+
+def test_declared_minimums_make_bounds_safe():
+    text = spec_text("x: 'f32[B, T, 4]'", "a = x[:, 0:3]\nb = x[:, -4:]\nc = x[:, 3]\nd = x[:, T - 2:]\ne = x[1, 1:T]",
+                     "a b c d e", dims="B: {example: 2, min: 2}, T: {example: 5, min: 4}")
+    assert output_types(text) == ["f32[B, 3, 4]", "f32[B, 4, 4]", "f32[B, 4]", "f32[B, 2, 4]", "f32[(T - 1), 4]"]
+    model = load64(text, 2)
+    for t in (4, 6):  # the least size and above
+        (x,) = inputs64(model, T=t)
+        got = model(x)
+        want = (x[:, 0:3], x[:, -4:], x[:, 3], x[:, t - 2:], x[1, 1:t])
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="outside \\[4, inf\\]"):  # the input check keeps T within its bounds
+        model(torch.zeros(2, 3, 4, dtype=torch.float64))
