@@ -70,6 +70,9 @@ MAX_NODES = 100_000  # nodes in the elaborated graph, all repeats and block call
 MAX_BLOCK_DEPTH = 32  # blocks calling blocks
 MAX_EVAL_DEPTH = 120  # nested expressions being evaluated, through block calls (about 4 Python frames each)
 MAX_SIZE = 2 ** 63 - 1  # the largest tensor dimension (and element count) a backend can index
+#: The least and the largest value of each integer dtype a value range may name.
+_INT_LIMITS = {"i8": (-2 ** 7, 2 ** 7 - 1), "u8": (0, 2 ** 8 - 1), "i32": (-2 ** 31, 2 ** 31 - 1),
+               "i64": (-2 ** 63, 2 ** 63 - 1)}
 MAX_RANK = 32  # dimensions of one tensor (torch allows 64; no model of the zoo comes near 8)
 
 #: Attribute names an nn.Module already has; a module path segment never takes one of these.
@@ -608,6 +611,10 @@ class Elaborator:
         lo, hi = (0, vals[0]) if len(vals) == 1 else vals
         if hi <= lo:
             return self.fail(expr.span, f"empty range({lo}, {hi})")
+        least, most = _INT_LIMITS[dtype]
+        if lo < least or hi - 1 > most:
+            return self.fail(expr.span, f"range({lo}, {hi}) does not fit {dtype}, whose values lie in "
+                                        f"[{least}, {most}]")
         return (lo, hi)
 
     def declare_inputs(self) -> None:

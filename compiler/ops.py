@@ -416,6 +416,8 @@ def _norm_axis(c: OpCall, name: str) -> int:
     x = c.t("x")
     need_float(x, name)
     need_rank(x, 1, name)
+    if not c.a("eps") >= 0:  # (0 is torch's too: a row of zeros then gives nan, as there)
+        raise OpError(f"{name}: eps must be 0 or more, got {c.a('eps')}", "eps")
     return norm_axis(c.a("dim"), x.rank, name)
 
 

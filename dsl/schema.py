@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .diagnostics import Collector, Diagnostic, SpecError, did_you_mean
 from .yamlpos import Located, load_yaml
@@ -175,7 +175,8 @@ class TrainSection(_Strict):
         description="A built-in data set as a call, e.g. arithmetic(digits=3, format=\"reversed\"), or "
                     "{file: ..., fields: {...}} for a .npz / .csv file.")
     split: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of the samples held out for validation.")
-    seed: int = Field(default=0, description="Seed of the data, the split, the batch order and dropout.")
+    seed: StrictInt = Field(default=0, ge=0, le=2 ** 63 - 1,
+                            description="Seed of the data, the split, the batch order and dropout.")
     feed: dict[str, str] = Field(default_factory=dict,
                                  description="Model input -> data field, for inputs not named like a field.")
     loss: str = Field(description="The loss: an expression over outputs, data fields and scalars, e.g. "
@@ -245,7 +246,7 @@ class SpecFile(_Strict):
     graph: str = Field(description="The graph body: one statement per line.")
     outputs: dict[str, Union[str, None, OutputDecl]] = Field(
         description="Declared outputs: a type (or null to infer), or {type: ..., training_only: true}.")
-    seed: int = Field(default=0, description="Seed for weight initialisation.")
+    seed: StrictInt = Field(default=0, ge=0, le=2 ** 63 - 1, description="Seed for weight initialisation.")
     freeze: list[FreezePattern] = Field(
         default_factory=list,
         description="Glob patterns over parameter paths (as `specc ir` prints them, e.g. 'backbone.*' or "

@@ -376,6 +376,9 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
                         {src.file: src.text})
     if args.nproc < 1:
         raise SystemExit("specc: error: --nproc must be at least 1")
+    from specc.backends.outdir import resolve
+
+    resolve(args.out)  # a file, or a dangling link, is a user error (a run writes a folder)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from specc.train.dist import check_launch, launch
 
@@ -650,6 +653,8 @@ def _verify(args: argparse.Namespace, src, graph) -> int:
         report = verify_graph(graph, src.text, src.file, args.examples, args.opt_level, args.target, weights=weights)
     except lowering_error as e:
         raise _lowering_error(e, args.target, src) from None
+    for note in report.notes:
+        print(f"  note: {note}")
     if report.ok:
         tol = report.tolerance.get(report.worst_output, ATOL)
         print(f"  worst error {report.worst:.3g}" + (f" (output {report.worst_output})" if report.worst_output else "")
@@ -684,6 +689,12 @@ def _run_built(out: Path) -> None:
         with torch.no_grad():
             result = model(*inputs)
     except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "ZeroDivisionError" in str(e):
+            raise SpecError(Diagnostic(Span(str(out / "model.py"), 0, 0),
+                                       "the build is complete, but on its example inputs the model divided an "
+                                       "integer by 0 (torch raises ZeroDivisionError)",
+                                       notes=("example_inputs() draws integers without a range from 0 to 7: give the "
+                                              "divisor's input a range without 0, e.g. i64[B] in range(1, 8)",))) from None
         if not isinstance(e, MemoryError) and "allocate" not in str(e):
             raise
         raise SpecError(Diagnostic(Span(str(out / "model.py"), 0, 0),

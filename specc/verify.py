@@ -53,6 +53,7 @@ class Report:
     tolerance: dict[str, float] = field(default_factory=dict)
     mismatch: Mismatch | None = None
     notes: list[str] = field(default_factory=list)
+    divided_by_zero: int = 0  # generated inputs on which the reference raised ZeroDivisionError (skipped)
 
     @property
     def ok(self) -> bool:
@@ -90,8 +91,9 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
     """Compare the candidate against the float64 reference on `examples` generated inputs. `weights`:
     every parameter of the unoptimised graph (as given_weights returns them), used as they are;
     None: the seeded initialisation plus seeded noise."""
-    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import HealthCheck, Phase, given, reject, settings
     from hypothesis import strategies as st
+    from hypothesis.errors import Unsatisfiable
 
     check_memory(graph, file, copies=5)  # the weights, the float64 reference (2x) and the candidate's copies
     base = perturbed(init_weights(graph), seed) if weights is None else weights
@@ -112,8 +114,19 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
         inputs = tuple(i * scale if i.is_floating_point() else
                        torch.full_like(i, fill) if fill is not None and i.dtype == torch.bool else i for i in inputs)
         with torch.no_grad():
-            want = float64_run(reference, inputs)
-            got = candidate(*inputs)
+            try:
+                want = float64_run(reference, inputs)
+            except RuntimeError as e:  # an integer // or % by an input's 0: no example of the model's function
+                if "ZeroDivisionError" not in str(e):
+                    raise
+                report.divided_by_zero += 1
+                reject()
+            try:
+                got = candidate(*inputs)
+            except RuntimeError as e:
+                if "ZeroDivisionError" not in str(e):
+                    raise
+                raise AssertionError(Mismatch(bindings, input_seed, scale, names[0], float("inf"), 0.0, fill)) from None
         want = want if isinstance(want, tuple) else (want,)
         got = got if isinstance(got, tuple) else (got,)
         report.examples += 1
@@ -155,6 +168,17 @@ def verify_graph(graph: Graph, text: str, file: str, examples: int = 50, opt_lev
             report.mismatch = e.args[0]
         else:
             raise
+    except Unsatisfiable:
+        from specc.dsl.diagnostics import Diagnostic, SpecError, Span
+
+        raise SpecError(Diagnostic(Span(file, 1, 1), f"verify: the unoptimised model divided an integer by 0 on "
+                                                     f"every generated input ({report.divided_by_zero} tries)",
+                                   notes=("example inputs draw integers without a range from 0 to 7: give the "
+                                          "divisor's input a range without 0, e.g. i64[B] in range(1, 8)",)),
+                        {file: text}) from None
+    if report.divided_by_zero:
+        report.notes.append(f"{report.divided_by_zero} generated inputs made the unoptimised model divide an integer "
+                            f"by 0 (torch raises); they are no examples and were skipped")
     return report
 
 

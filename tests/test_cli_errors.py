@@ -414,3 +414,62 @@ def test_numeric_arguments_are_checked_as_usage_errors(tmp_path, capsys, argv, m
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_into_a_file_is_a_user_error(tmp_path):
+    afile = write(tmp_path, "keep me", "tok.npz")
+    err, heads = failed("train", "specs/gpt.yaml", "-o", str(afile), "--set", "train.steps=1")
+    assert heads == [(str(afile), 0, 0, "the output path exists and is not a folder")]
+    assert afile.read_text() == "keep me"
+
+
+DIVIDES = "specc: 1\nname: d\ninputs:\n  a: i64[B, 4]\n  b: i64[B, 4]\ngraph: |\n  q = a // b + a % b\noutputs:\n  q:\n"
+
+
+def test_an_integer_division_by_an_input_zero(tmp_path):
+    """build --run on example inputs that divide by 0: a user error naming the cause (it was an internal
+    error); verify skips such inputs, says so, and still verifies on the others."""
+    spec = write(tmp_path, DIVIDES)
+    r = specc("build", str(spec), "-o", str(tmp_path / "out"), "--run")
+    assert r.stdout.startswith("built d -> ")  # the build itself is complete
+    err, heads = failed(r=subprocess.CompletedProcess(r.args, r.returncode, "", r.stderr))
+    assert heads[0][3] == ("the build is complete, but on its example inputs the model divided an integer by 0 "
+                           "(torch raises ZeroDivisionError)")
+    assert "give the divisor's input a range without 0" in err
+    r = specc("verify", str(spec), "--examples", "20")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert re.search(r"note: \d+ generated inputs made the unoptimised model divide an integer by 0", r.stdout)
+    assert "ok: 20 runs, no mismatch" in r.stdout
+    fine = write(tmp_path, DIVIDES.replace("b: i64[B, 4]", "b: i64[B, 4] in range(1, 8)"), "fine.yaml")
+    r = specc("verify", str(fine), "--examples", "5")
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("line, col, message", [
+    ("seed: 99999999999999999999999", 7, "seed: must be at most 9223372036854775807, got 99999999999999999999999"),
+    ("seed: true", 7, "seed: expected an integer, got a boolean"),
+    ("seed: -1", 7, "seed: must be at least 0, got -1"),
+])
+def test_the_seed_is_an_int64(tmp_path, line, col, message):
+    spec = write(tmp_path, GOOD + line + "\n")
+    _, heads = failed("check", str(spec))
+    assert heads == [(str(spec), 11, col, message)]
+
+
+@pytest.mark.parametrize("decl, col, message", [
+    ("u8[B] in range(300)", 17, "range(0, 300) does not fit u8, whose values lie in [0, 255]"),
+    ("i8[B] in range(-200, 100)", 17, "range(-200, 100) does not fit i8, whose values lie in [-128, 127]"),
+    ("i32[B] in range(2**31 + 1)", 18, "range(0, 2147483649) does not fit i32, whose values lie in "
+                                       "[-2147483648, 2147483647]"),
+])
+def test_a_value_range_must_fit_its_dtype(tmp_path, decl, col, message):
+    spec = write(tmp_path, GOOD.replace("  x: f32[B, T, d]\n", f"  x: f32[B, T, d]\n  ids: {decl}\n"))
+    _, heads = failed("check", str(spec))
+    assert heads == [(str(spec), 7, col, message)]
+
+
+def test_digits_are_ascii_and_eps_is_not_negative(tmp_path):
+    spec = write(tmp_path, GOOD.replace("linear(x, d)", "linear(x, \uff14)"))
+    assert failed("check", str(spec))[1] == [(str(spec), 8, 22, "unexpected character '\uff14'")]
+    spec = write(tmp_path, GOOD.replace("relu(linear(x, d))", "layer_norm(x, eps=-1.0)"))
+    assert failed("check", str(spec))[1] == [(str(spec), 8, 21, "layer_norm: eps must be 0 or more, got -1.0")]
