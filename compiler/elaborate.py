@@ -1071,9 +1071,15 @@ class Elaborator:
             e, options = self.call_options(REGISTRY[target.name], e, scope)
         args = [self.ev(a, scope, hint=None) for a in e.args]
         kwargs = {}
+        opdef = REGISTRY[target.name] if isinstance(target, OpRef) and target.name in REGISTRY else None
         for k in e.kwargs:
             if k.name in kwargs:
                 return self.fail(k.span, f"argument '{k.name}' is given twice")
+            arg = opdef.arg(k.name) if opdef is not None else None
+            if arg is not None and arg.kind == "str" and arg.choices and isinstance(k.value, A.Name) \
+                    and self.is_unknown(k.value, scope):
+                kwargs[k.name] = k.value.id  # mode=bilinear: a choice written bare, as act=gelu is (or a typo of one)
+                continue
             kwargs[k.name] = self.ev(k.value, scope, hint=None)
         if isinstance(target, OpRef) and target.name in REGISTRY:
             # argument names and kinds are checked even when some values are unknown

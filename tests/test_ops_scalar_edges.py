@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import specc
-from opcheck import assert_error, spec_text
+from opcheck import assert_error, output_types, spec_text
 
 
 def spec(graph: str, outputs: str = "y") -> str:
@@ -53,3 +53,19 @@ def test_what_torch_takes_of_a_scalar_runs_on_both_backends():
     runner.bind({})
     for name, g, w in zip(GOOD, runner(x.float()), want):
         assert g.shape == w.shape and (g.double() - w).abs().max().item() <= 1e-6, name
+
+
+def test_a_string_choice_may_be_written_bare():
+    """mode=bilinear as mode="bilinear" (as act=gelu names an activation); a typo lists the choices. A name
+    the spec defines keeps its value."""
+    img = "x: 'f32[B, 3, 4, 4]'"
+    bare = spec_text(img, "a = upsample(x, scale=2, mode=bilinear)\nb = upsample(x, scale=2, mode=\"bilinear\")",
+                     "a b")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    a, b = specc.load(bare).double()(x)
+    assert torch.equal(a, b) and a.shape == (2, 3, 8, 8)
+    assert_error(spec_text(img, "y = upsample(x, 2, mode=bilinar)"), 6, 22,
+                 "upsample(): argument 'mode' must be one of 'nearest', 'linear', 'bilinear', got 'bilinar' "
+                 "(did you mean 'bilinear'?)")
+    defined = spec_text(img, "y = upsample(x, 2, mode=m)", params="{m: nearest}")
+    assert output_types(defined) == ["f32[B, 3, 8, 8]"]
