@@ -138,7 +138,7 @@ params:
   vocab: 11
 dims:
   B: 2
-  T: 6
+  T: {example: 6, min: 3}  # x[:, 1:T - 1][:, 0]
 inputs:
   x: f32[B, T, d]
   ids: i64[B, T] in range(vocab)

@@ -310,7 +310,7 @@ u = unsqueeze(x, 1) + x[:, None]
 """.replace("gather(x[:, 0:5], rows[:, :, 0:1] + 0 * rows[:, :, 0:1], dim=1)[:, 0:1, :]",
             "gather(x[:, 0:5], rows, dim=1)[:, 0:1, 0:1]"),
                "a: f32[B, T]\nk: i64[B]\nc: i64[B, T]\nt: i64[B, 1]\ng: f32[B, T, 1]\nu: f32[B, 1, T, 6]",
-               dims="B: 2\nT: 5"), [dict(B=1, T=5), dict(B=3, T=8)], "select")
+               dims="B: 2\nT: {example: 5, min: 5}"), [dict(B=1, T=5), dict(B=3, T=8)], "select")
 
 
 def test_rot90_and_grad_reverse():
