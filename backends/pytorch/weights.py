@@ -202,6 +202,13 @@ def materialise(graph: Graph, base: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+#: mlp's activations (compiler/ops.py ACTIVATIONS): the ops of those names at their default arguments.
+_MLP_ACTS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+             "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
+             "leaky_relu": torch.nn.functional.leaky_relu, "elu": torch.nn.functional.elu,
+             "hardswish": torch.nn.functional.hardswish, "mish": torch.nn.functional.mish, "identity": lambda t: t}
+
+
 def _chain_step(x: torch.Tensor, step: tuple, base: dict[str, torch.Tensor]) -> torch.Tensor:
     """One per-token op of a folded lookup chain, applied to table rows `x` [num, d] in float64."""
     import torch.nn.functional as F
@@ -218,10 +225,8 @@ def _chain_step(x: torch.Tensor, step: tuple, base: dict[str, torch.Tensor]) -> 
         return F.layer_norm(x, (x.shape[-1],), p.get("weight"), p.get("bias"), a["eps"])
     if op == "rms_norm":
         return F.rms_norm(x, (x.shape[-1],), p.get("weight"), a["eps"])
-    if op == "mlp":  # its act as the op of that name with default arguments (compiler/ops.py ACTIVATIONS)
-        h = F.linear(x, p["fc1.weight"], p.get("fc1.bias"))
-        h = {**acts, "gelu": F.gelu, "softplus": F.softplus, "leaky_relu": F.leaky_relu, "elu": F.elu,
-             "hardswish": F.hardswish, "mish": F.mish}[a["act"]](h)
+    if op == "mlp":
+        h = _MLP_ACTS[a["act"]](F.linear(x, p["fc1.weight"], p.get("fc1.bias")))
         return F.linear(h, p["fc2.weight"], p.get("fc2.bias"))
     if op == "dropout":
         return x
