@@ -445,6 +445,8 @@ def _checked_divisor(c: Ctx, y: relax.Expr, name: str) -> relax.Expr:
 # would drop a nan that torch keeps.)
 
 _FLOATS = ("f16", "bf16", "f32", "f64")
+#: The half-precision Relax dtypes: their sums (sum, mean, cumsum) and softplus compute in float32, as torch's.
+_HALF = ("float16", "bfloat16")
 
 #: How max pools, amax/amin and argmax keep a nan as torch does: "auto" is "kernel" on CPU targets (one TE
 #: reduction whose combiner keeps a nan) and "portable" on GPUs (dlight's reduction rules take only the
@@ -1231,10 +1233,6 @@ def _softmax(c: Ctx, xs: list) -> relax.Expr:
     if c.out.rank == 0:  # of a scalar: the softmax of one entry (1, or nan for a nan or an infinity)
         return R.reshape(c.emit(R.nn.softmax(c.emit(R.reshape(xs[0], [1])), axis=0)), [])
     return R.nn.softmax(xs[0], axis=int(c.a("dim")))
-
-
-#: float16 and bfloat16 sums (sum, mean, cumsum) add up in float32, as torch's do.
-_HALF = ("float16", "bfloat16")
 
 
 def _reduce(fn: Callable) -> Lowering:
