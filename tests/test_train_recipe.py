@@ -251,7 +251,7 @@ def test_check_describes_the_inputs_the_recipe_draws(capsys):
     ("itransformer", "mse(y, x)", "loss: mse: shapes [B, 24, 7] and [B, 96, 7] do not broadcast"),
     ("sla", "cross_entropy(joint, label)", "loss: cross_entropy: class targets [B] must have the logits' shape "
                                            "without the class axis, [4 * B]"),
-    ("lsa_icl", "kl(tokens, e[:, :1])", None),  # not plain names: left to the dry run when training starts
+    ("lsa_icl", "kl(tokens, e[:, :1])", "loss: kl: logits [B, 17, 5] and target_logits [B, 1, 5] differ"),
     ("gpt", "cross_entropy(logits, targets, mask=mask)", None),  # T is bound by the fed field (12)
 ])
 def test_shapes_of_losses_on_outputs_and_fields_are_checked(capsys, spec, loss, message):

@@ -115,7 +115,7 @@ def _eval(e: A.Expr, env: Mapping[str, Any], functions: Mapping[str, Function]) 
     if isinstance(e, A.Unary):
         v = _eval(e.operand, env, functions)
         if e.op == "not":
-            return ~v if _is_tensor(v) else not v
+            return _guard(e.span, lambda: ~v) if _is_tensor(v) else not v
         return _guard(e.span, lambda: -v if e.op == "-" else +v)
     if isinstance(e, A.BinOp):
         a, b = _eval(e.left, env, functions), _eval(e.right, env, functions)
@@ -240,7 +240,7 @@ def _reduce(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     a distributed step: GLOBAL_SUM)."""
     if mask is None:
         return v.mean()
-    m = torch.broadcast_to(mask.to(v.dtype), v.shape)
+    m = torch.broadcast_to(_tensor(mask, "mask").to(v.dtype), v.shape)
     count = m.sum()
     spread = GLOBAL_SUM.get()
     if spread is not None:
@@ -278,8 +278,26 @@ def class_problem(logits: tuple, target: tuple, soft: bool, show=list) -> str | 
     return None
 
 
+def target_problem(dtype: str) -> str | None:
+    """Why class targets of this dtype (a torch dtype name) are wrong: bool is neither class indices nor
+    probabilities."""
+    if dtype == "bool":
+        return "the class targets are bool; give class indices (integers) or probabilities (floats)"
+    return None
+
+
+def smoothing_problem(smoothing: Any, soft: bool) -> str | None:
+    """Why a label smoothing is wrong: a number from 0 to 1, and only for class-index targets."""
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
+        return f"smoothing must be a number from 0 to 1, got {fmt_number(smoothing)}"
+    if smoothing and soft:
+        return "smoothing applies to class-index targets; soft targets (probabilities) are used as given"
+    return None
+
+
 def _check_classes(logits: torch.Tensor, target: torch.Tensor) -> None:
-    problem = class_problem(tuple(logits.shape), tuple(target.shape), target.is_floating_point())
+    problem = class_problem(tuple(logits.shape), tuple(target.shape), target.is_floating_point()) or \
+        target_problem(str(target.dtype).replace("torch.", ""))
     if problem:
         raise ValueError(problem)
 
@@ -288,6 +306,9 @@ def cross_entropy(logits, target, mask=None, smoothing=0.0):
     """Softmax cross-entropy over the last axis; target: class indices, or probabilities (soft)."""
     logits, target = _tensor(logits, "logits"), _tensor(target, "target")
     _check_classes(logits, target)
+    problem = smoothing_problem(smoothing, target.is_floating_point())
+    if problem:
+        raise ValueError(problem)
     logp = F.log_softmax(logits, dim=-1)
     if target.is_floating_point():
         loss = -(target * logp).sum(-1)
@@ -322,7 +343,7 @@ def exact_match(logits, target, mask=None):
     _check_classes(logits, target)
     wrong = logits.argmax(-1) != target
     if mask is not None:
-        wrong = wrong & torch.broadcast_to(mask.bool(), wrong.shape)
+        wrong = wrong & torch.broadcast_to(_tensor(mask, "mask").bool(), wrong.shape)
     return (~wrong.reshape(wrong.shape[0], -1).any(-1)).float().mean()
 
 

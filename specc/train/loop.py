@@ -451,6 +451,9 @@ class Stepper:
                     raise SpecError(Diagnostic(e.span, f"metric '{name}': expected a single number, got "
                                                        f"{list(v.shape)}"), self.recipe.sources)
                 v = v.item()
+            elif not isinstance(v, (int, float)):
+                raise SpecError(Diagnostic(e.span, f"metric '{name}': expected a single number, got "
+                                                   f"{type(v).__name__}"), self.recipe.sources)
             result[name] = float(v)
         return result
 

@@ -255,7 +255,8 @@ class _Checker:
                     self.names(e, known | set(), TENSOR_FUNCTIONS, f"metric '{name}'")
                     metrics[name] = e
         if not self.errors:
-            self.shapes(fields, feed, [(loss, "loss")] + [(m, f"metric '{n}'") for n, m in metrics.items()], random)
+            self.shapes(fields, feed, [(loss, "loss")] + [(m, f"metric '{n}'") for n, m in metrics.items()], random,
+                        set(scalars))
         opt, opt_args = self.optimizer()
         schedule = None
         if t.schedule is not None:
@@ -323,17 +324,15 @@ class _Checker:
         return gen, args, fields, {k: e.span for k in fields}
 
     def shapes(self, fields: dict[str, D.FieldType], feed: dict[str, str], exprs: list[tuple[Any, str]],
-               random: Mapping[str, RandomInput] | None = None) -> None:
-        """The losses and metrics applied directly to outputs and fields get arguments of fitting shapes:
-        mse/l1 broadcast, kl matches, cross_entropy/accuracy/exact_match take targets of the logits' shape
-        without the class axis. Checked on concrete sizes, the batch axis standing as a size no other
-        axis has; other expressions are left to the dry run that `specc train` makes first."""
-        import numpy as np
-
+               random: Mapping[str, RandomInput] | None = None, scalars: set[str] = frozenset()) -> None:
+        """The loss and the metrics evaluated on shapes and dtypes (`shapes.abstract_eval`): every
+        operator and function gets arguments it takes, the loss is a single float and each metric a
+        single number. Checked on concrete sizes, the batch axis standing as a size no other axis has;
+        what depends on values (a tensor index, a scalar that changes with the step) is left to the dry
+        run that `specc train` makes first."""
         from specc.compiler.dims import evaluate
-        from specc.compiler.ir import FLOAT_DTYPES
 
-        from .expr import class_problem
+        from . import shapes as S
 
         inputs = {name: self.graph.node(nid).outputs[0] for name, nid in self.graph.inputs}
         bindings = dict(self.graph.example_bindings())
@@ -350,37 +349,40 @@ class _Checker:
             return
         symbol = batch.pop()
         bindings[symbol] = BATCH
-        env = {k: ((BATCH,) + shape, dtype in FLOAT_DTYPES) for k, (dtype, shape, _) in fields.items()}
-        env.update({k: ((BATCH,) + r.shape, r.dtype in FLOAT_DTYPES) for k, r in (random or {}).items()})
+        S.SYMBOL[0] = symbol
+        env: dict[str, Any] = dict(self.params)
+        env.update({k: S.NUMBER for k in (*SCALAR_NAMES, *scalars)})
+        env.update({k: S.Abstract((BATCH,) + shape, S.TORCH_NAMES[dtype]) for k, (dtype, shape, _) in fields.items()})
+        env.update({k: S.Abstract((BATCH,) + r.shape, S.TORCH_NAMES[r.dtype]) for k, r in (random or {}).items()})
         for name, ref in self.graph.outputs:
             ty = self.graph.type_of(ref)
             try:
-                env[name] = (tuple(d if isinstance(d, int) else evaluate(d, bindings) for d in ty.shape),
-                             ty.dtype in FLOAT_DTYPES)
+                env[name] = S.Abstract(tuple(d if isinstance(d, int) else evaluate(d, bindings) for d in ty.shape),
+                                       S.TORCH_NAMES[ty.dtype])
             except (KeyError, ValueError, TypeError):
-                continue
-
-        def show(shape) -> str:
-            return "[" + ", ".join(_batch_dim(d, symbol) for d in shape) + "]"
+                env[name] = S.UNKNOWN
 
         for e, what in exprs:
-            for sub in walk(e) if e is not None else ():
-                if not isinstance(sub, A.Call) or len(sub.args) < 2 or \
-                        not all(isinstance(a, A.Name) and a.id in env for a in sub.args[:2]):
-                    continue
-                (a, _), (b, b_float) = env[sub.args[0].id], env[sub.args[1].id]
-                name, problem = sub.func_name, None
-                if name in ("mse", "l1"):
-                    try:
-                        np.broadcast_shapes(a, b)
-                    except ValueError:
-                        problem = f"shapes {show(a)} and {show(b)} do not broadcast"
-                elif name == "kl" and a != b:
-                    problem = f"logits {show(a)} and target_logits {show(b)} differ"
-                elif name in ("cross_entropy", "accuracy", "exact_match"):
-                    problem = class_problem(a, b, b_float, show)
-                if problem:
-                    self.errors.error(sub.span, f"{what}: {name}: {problem}")
+            if e is None:
+                continue
+            try:
+                value = S.abstract_eval(e, env)
+            except ExprError as err:
+                self.errors.error(err.span, f"{what}: {err.message}")
+                continue
+            single = isinstance(value, S.Abstract) and value.numel == 1
+            if what == "loss" and value is not S.UNKNOWN and not (single and S.is_float(value.dtype)):
+                got = S.show(value.shape) if isinstance(value, S.Abstract) and not single else \
+                    f"a single {value.dtype}" if isinstance(value, S.Abstract) else \
+                    "a number that is not a tensor" if value is S.NUMBER or isinstance(value, (int, float)) \
+                    else _kind_of(value)
+                self.errors.error(e.span, f"loss: expected a single float (a mean), got {got}",
+                                  "reduce it, e.g. mean(...), or use a loss function such as cross_entropy")
+            elif what != "loss" and isinstance(value, S.Abstract) and not single:
+                self.errors.error(e.span, f"{what}: expected a single number, got {S.show(value.shape)}",
+                                  "reduce it, e.g. mean(...)")
+            elif what != "loss" and (value is None or isinstance(value, (str, list))):
+                self.errors.error(e.span, f"{what}: expected a single number, got {_kind_of(value)}")
 
     def scalars(self) -> dict[str, A.Expr]:
         out: dict[str, A.Expr] = {}
@@ -808,13 +810,9 @@ _BAD = _Bad()
 BATCH = 999_983
 
 
-def _batch_dim(d: int, symbol: str) -> str:
-    """A checked size as the user wrote it: the batch axis (or a multiple of it) by its symbol."""
-    if d == BATCH:
-        return symbol
-    if d % BATCH == 0:
-        return f"{d // BATCH} * {symbol}"
-    return str(d)
+def _kind_of(v: Any) -> str:
+    return "none" if v is None else "a string" if isinstance(v, str) else "a list" if isinstance(v, list) \
+        else type(v).__name__
 
 
 def _plain_number(v: Any) -> bool:
