@@ -30,7 +30,7 @@ from specc.dsl.yamlpos import Located, TextOrigin, load_yaml
 from . import data as D
 from .optim import FLAGS, OPTIMIZERS, UNSUPPORTED, argument_problem
 from .expr import (DRAW_KINDS, DRAWS, INF, SCALAR_NAMES, TENSOR_FUNCTIONS, Clock, ExprError, Function, _eval,
-                   sampler, scalar_functions)
+                   _kind, sampler, scalar_functions)
 
 OVERRIDES_FILE = "<--set>"
 
@@ -331,6 +331,7 @@ class _Checker:
         what depends on values (a tensor index, a scalar that changes with the step) is left to the dry
         run that `specc train` makes first."""
         from specc.compiler.dims import evaluate
+        from specc.compiler.ir import DTYPES
 
         from . import shapes as S
 
@@ -352,13 +353,13 @@ class _Checker:
         S.SYMBOL[0] = symbol
         env: dict[str, Any] = dict(self.params)
         env.update({k: S.NUMBER for k in (*SCALAR_NAMES, *scalars)})
-        env.update({k: S.Abstract((BATCH,) + shape, S.TORCH_NAMES[dtype]) for k, (dtype, shape, _) in fields.items()})
-        env.update({k: S.Abstract((BATCH,) + r.shape, S.TORCH_NAMES[r.dtype]) for k, r in (random or {}).items()})
+        env.update({k: S.Abstract((BATCH,) + shape, DTYPES[dtype]) for k, (dtype, shape, _) in fields.items()})
+        env.update({k: S.Abstract((BATCH,) + r.shape, DTYPES[r.dtype]) for k, r in (random or {}).items()})
         for name, ref in self.graph.outputs:
             ty = self.graph.type_of(ref)
             try:
                 env[name] = S.Abstract(tuple(d if isinstance(d, int) else evaluate(d, bindings) for d in ty.shape),
-                                       S.TORCH_NAMES[ty.dtype])
+                                       DTYPES[ty.dtype])
             except (KeyError, ValueError, TypeError):
                 env[name] = S.UNKNOWN
 
@@ -375,14 +376,14 @@ class _Checker:
                 got = S.show(value.shape) if isinstance(value, S.Abstract) and not single else \
                     f"a single {value.dtype}" if isinstance(value, S.Abstract) else \
                     "a number that is not a tensor" if value is S.NUMBER or isinstance(value, (int, float)) \
-                    else _kind_of(value)
+                    else _kind(value)
                 self.errors.error(e.span, f"loss: expected a single float (a mean), got {got}",
                                   "reduce it, e.g. mean(...), or use a loss function such as cross_entropy")
             elif what != "loss" and isinstance(value, S.Abstract) and not single:
                 self.errors.error(e.span, f"{what}: expected a single number, got {S.show(value.shape)}",
                                   "reduce it, e.g. mean(...)")
             elif what != "loss" and (value is None or isinstance(value, (str, list))):
-                self.errors.error(e.span, f"{what}: expected a single number, got {_kind_of(value)}")
+                self.errors.error(e.span, f"{what}: expected a single number, got {_kind(value)}")
 
     def scalars(self) -> dict[str, A.Expr]:
         out: dict[str, A.Expr] = {}
@@ -808,11 +809,6 @@ _BAD = _Bad()
 
 #: The size the batch axis stands as when shapes are checked: one no other axis is likely to have.
 BATCH = 999_983
-
-
-def _kind_of(v: Any) -> str:
-    return "none" if v is None else "a string" if isinstance(v, str) else "a list" if isinstance(v, list) \
-        else type(v).__name__
 
 
 def _plain_number(v: Any) -> bool:

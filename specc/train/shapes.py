@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from specc.dsl import ast as A
 from specc.dsl.diagnostics import Span
 
-from .expr import INF, TENSOR_FUNCTIONS, ExprError, _binop_at
+from .expr import INF, TENSOR_FUNCTIONS, ExprError, _binop_at, _kind
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ _INTS = ("uint8", "int8", "int16", "int32", "int64")
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 _BITS = {"uint8": 8, "int8": 8, "int16": 16, "int32": 32, "int64": 64,
          "float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
-#: The spec's dtype names (compiler.ir.DTYPES) as torch's.
-TORCH_NAMES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i8": "int8",
-               "i32": "int32", "i64": "int64", "u8": "uint8", "bool": "bool"}
 
 
 def is_float(dtype: str) -> bool:
@@ -499,8 +496,7 @@ def binop(op: str, a: Any, b: Any) -> Any:
         if not isinstance(v, (Abstract, int, float)) and v is not NUMBER:
             if op in ("==", "!="):
                 raise _Stop
-            raise Problem(f"'{op}' needs numbers or tensors, got "
-                          f"{'none' if v is None else 'a string' if isinstance(v, str) else 'a list'}")
+            raise Problem(f"'{op}' needs numbers or tensors, got {_kind(v)}")
     if a is NUMBER or b is NUMBER:  # a float of unknown value
         a, b = (0.5 if v is NUMBER else v for v in (a, b))
     if op == "@":
@@ -622,12 +618,13 @@ def _eval(e: A.Expr, env: Mapping[str, Any]) -> Any:
             raise _Stop
         args = [_eval(a, env) for a in e.args]
         kwargs = {k.name: _eval(k.value, env) for k in e.kwargs}
+        signature = inspect.signature(TENSOR_FUNCTIONS[name].fn)
         try:
-            bound = inspect.signature(TENSOR_FUNCTIONS[name].fn).bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError:
             raise _Stop from None  # reported by the name check
         bound.apply_defaults()
-        params = inspect.signature(TENSOR_FUNCTIONS[name].fn).parameters
+        params = signature.parameters
         pos = [bound.arguments[p] for p, v in params.items() if v.kind == v.POSITIONAL_OR_KEYWORD]
         star = [a for p, v in params.items() if v.kind == v.VAR_POSITIONAL for a in bound.arguments.get(p, ())]
         kw = {p: bound.arguments[p] for p, v in params.items() if v.kind == v.KEYWORD_ONLY}
