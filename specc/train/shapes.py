@@ -88,9 +88,6 @@ def promote(a: str, b: str) -> str:
         return "float32"
     if {a, b} == {"uint8", "int8"}:
         return "int16"
-    if "uint8" in (a, b):
-        other = b if a == "uint8" else a
-        return other
     return a if _BITS[a] >= _BITS[b] else b
 
 
@@ -359,11 +356,8 @@ def sum_(x, dim=None):
 
 def where(cond, a, b):
     c = _tensor(cond, "cond")
-    for v in (a, b):
-        if v is UNKNOWN or v is NUMBER:
-            raise _Stop
-        if not isinstance(v, (Abstract, int, float)):
-            raise _Stop
+    if not all(isinstance(v, (Abstract, int, float)) for v in (a, b)):
+        raise _Stop  # unknown, or a scalar of unknown value
     shapes = [v.shape for v in (c, a, b) if isinstance(v, Abstract)]
     return Abstract(broadcast(*shapes), result_type(a, b))
 
