@@ -368,6 +368,9 @@ def parse(text: str, origin: TextOrigin, start: str, errors: Collector):
     found = 0
     broken: list[str] = []
     names_known = True
+    # A folded scalar (>) joins a body's lines into one: its syntax errors say so.
+    hint = ("the body is a folded scalar (>), which joins its lines; write bodies as literal blocks (|)"
+            if start == "body" and origin.source is not None and origin.source[3] == ">" else "")
     while True:
         try:
             tree = parser.parse(attempt + ("\n" if start == "body" else ""), start=start)
@@ -395,7 +398,7 @@ def parse(text: str, origin: TextOrigin, start: str, errors: Collector):
                     # the error line most likely starts the next statement; keep it unless it does not
                     last = line - 1 if _first_on_line(attempt, line, col) else line
                 else:
-                    errors.error(origin.span(line, col), _describe(e, parser))
+                    errors.error(origin.span(line, col), _describe(e, parser), hint)
                     last = close
                 first = opened[0][0]
                 lines = attempt.split("\n")
@@ -403,7 +406,7 @@ def parse(text: str, origin: TextOrigin, start: str, errors: Collector):
                     lines[i] = " " * len(lines[i])
                 blanked = "\n".join(lines)
             else:
-                errors.error(origin.span(line, col), _describe(e, parser))
+                errors.error(origin.span(line, col), _describe(e, parser), hint)
                 blanked, first, last = _blank_line(attempt, line)
         found += 1
         if start != "body" or found >= _MAX_ERRORS or blanked == attempt:

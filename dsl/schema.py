@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from .diagnostics import Collector, Diagnostic, SpecError, did_you_mean
 from .yamlpos import Located, load_yaml
@@ -71,7 +71,7 @@ class OutputDecl(_Strict):
     """An output with options: its type, and whether only training needs it."""
 
     type: str | None = Field(default=None, description="The declared type, e.g. f32[B, 10] (null: inferred).")
-    training_only: bool = Field(default=False, description="Needed only in training (an auxiliary head or "
+    training_only: StrictBool = Field(default=False, description="Needed only in training (an auxiliary head or "
                                                            "loss input): dropped, with everything only it "
                                                            "needs, from deploy builds (specc build --deploy).")
 
@@ -105,7 +105,7 @@ class DataFile(_Strict):
     file: str = Field(description="Path of a .npz or .csv file, relative to the spec file.")
     fields: dict[str, Union[str, FieldDecl]] = Field(
         description="The fields to read: name -> type (e.g. x: f32[N, 8]), or {type: ..., columns: [...]}.")
-    ordered: bool = Field(default=False, description="Samples are in time order: validate on the last ones, "
+    ordered: StrictBool = Field(default=False, description="Samples are in time order: validate on the last ones, "
                                                      "without shuffling the split.")
 
 
@@ -299,6 +299,9 @@ class SpecSource:
         return self.doc.text
 
 
+_YAML11_BOOLS = {"y", "yes", "n", "no", "on", "off"}  # booleans in YAML 1.1, text in YAML 1.2
+
+
 def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
     """Readable message for one pydantic error; second item: whether it points at a key."""
     kind, loc = err["type"], err["loc"]
@@ -321,7 +324,7 @@ def _message(err: dict[str, Any], data: Any) -> tuple[str, bool]:
         return (f"derived.{loc[1]}: expected an expression over params, e.g. 4 * d_model, got "
                 f"{_yaml_kind(_at(data, loc))} (a fixed value belongs under 'params:')"), False
     if kind in _EXPECTED:
-        return f"{'.'.join(map(str, loc))}: expected {_EXPECTED[kind]}, got {_yaml_kind(_at(data, loc))}", False
+        return _expected(loc, [_EXPECTED[kind]], _at(data, loc)), False
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bound = next(iter((err.get("ctx") or {}).values()), "?")
         words = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than",
@@ -398,10 +401,15 @@ def _located_errors(e: ValidationError, doc: Located) -> Collector:
         span = doc.key_span(loc) if at_key else (doc.span(loc[:-1]) if err["type"] == "missing" else doc.span(loc))
         errors.error(span, msg)
     for loc, kinds in unions.items():
-        field = ".".join(map(str, loc))
-        got = _yaml_kind(_at(doc.data, loc))
-        errors.error(doc.span(loc), f"{field}: expected {' or '.join(dict.fromkeys(kinds))}, got {got}")
+        errors.error(doc.span(loc), _expected(loc, kinds, _at(doc.data, loc)))
     return errors
+
+
+def _expected(loc: tuple, kinds: list[str], value: Any) -> str:
+    why = ""
+    if "a boolean" in kinds and isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+        why = f" ('{value}': spec files are YAML 1.2, whose booleans are true and false)"
+    return f"{'.'.join(map(str, loc))}: expected {' or '.join(dict.fromkeys(kinds))}, got {_yaml_kind(value)}{why}"
 
 
 #: Sections whose keys name things (and so become identifiers in generated code).

@@ -16,10 +16,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import yaml
-from yaml.constructor import SafeConstructor
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -30,7 +30,17 @@ Path = tuple[Any, ...]
 _T = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_T + "str", _T + "int", _T + "float", _T + "bool", _T + "null", _T + "timestamp"}
 _MAX_NODES = 200_000
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)")
+#: The YAML 1.2 core schema's plain scalars, by which a spec file is read. (PyYAML resolves by
+#: YAML 1.1, where `no`, `on` and `y` are booleans, `010` is 8, `1_000` and `1:30` are integers
+#: and `1e-5` is text.) A plain scalar matching none of these is a string.
+_YAML12 = (
+    (_T + "null", re.compile(r"~|null|Null|NULL|")),
+    (_T + "bool", re.compile(r"true|True|TRUE|false|False|FALSE")),
+    (_T + "int", re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")),
+    (_T + "float", re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"
+                              r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")),
+)
+_YAML12_TAG = dict(_YAML12)
 _MAX_DEPTH = 64  # nesting of mappings and lists; real specs use four or five levels
 _MAX_CHARS = 1_000_000
 
@@ -44,9 +54,13 @@ class TextOrigin:
     col: int  # 1-based column of the first character of the content
     block: bool  # literal block scalar: content line i is file line `line + i`, shifted by `col - 1`
     #: For other scalars: how many leading characters of the text stand unchanged in the file from
-    #: (line, col) on; beyond them (escapes, folded lines) the best we know is the scalar's start.
+    #: (line, col) on; beyond them (escapes, folded lines) `source` maps them, or the best we know
+    #: is the scalar's start.
     exact: int | None = None
     start_col: int | None = None  # column of the scalar itself (its opening quote, if quoted)
+    #: (file lines, 0-based line and column of the content's start, scalar style, text): read, when
+    #: a position beyond `exact` is asked for, to align the text with the file (`_align`).
+    source: tuple[list[str], int, int, str | None, str] | None = field(default=None, compare=False, repr=False)
 
     def span(self, line: int, col: int, end_line: int | None = None, end_col: int | None = None) -> Span:
         """Map a 1-based (line, col) inside the string to the file."""
@@ -59,9 +73,82 @@ class TextOrigin:
         if line == 1 and (exact is None or col <= exact + 1):
             shift = self.col - 1
             keep_end = end_line == 1 and end_col is not None and (exact is None or end_col <= exact + 1)
-            return Span(self.file, self.line, col + shift, self.line if keep_end else None,
-                        end_col + shift if keep_end else None)
+            if keep_end or end_line is None or self.source is None:
+                return Span(self.file, self.line, col + shift, self.line if keep_end else None,
+                            end_col + shift if keep_end else None)
+        if self.source is not None:
+            table, starts = self._aligned
+            at = _lookup(table, starts, line, col)
+            if at is not None:
+                last = None if end_line is None or end_col is None else _lookup(table, starts, end_line, end_col - 1)
+                if last is not None and last >= at:
+                    return Span(self.file, at[0] + 1, at[1] + 1, last[0] + 1, last[1] + 2)
+                return Span(self.file, at[0] + 1, at[1] + 1)
         return Span(self.file, self.line, self.start_col or self.col)  # the best we know is its start
+
+    @cached_property
+    def _aligned(self) -> tuple[list[tuple[int, int] | None], list[int]]:
+        lines, line0, col0, style, text = self.source
+        starts = [0]
+        for i, ch in enumerate(text):
+            if ch == "\n":
+                starts.append(i + 1)
+        return _align(text, lines, line0, col0, style), starts
+
+
+def _lookup(table: list, starts: list[int], line: int, col: int) -> tuple[int, int] | None:
+    """The file position of the character at 1-based (line, col) of a text, from its `_align` table."""
+    if not 1 <= line <= len(starts) or col < 1:
+        return None
+    i = starts[line - 1] + col - 1
+    if i >= len(table) and table and table[-1] is not None and i == len(table):  # just past the end
+        return table[-1][0], table[-1][1] + 1
+    return table[i] if i < len(table) else None
+
+
+_ESCAPE_CHARS = {"x": 4, "u": 6, "U": 10}  # a double-quoted escape's length in the file, by its letter
+
+
+def _align(text: str, lines: list[str], line: int, col: int, style: str | None) -> list[tuple[int, int] | None]:
+    """The file's 0-based (line, column) of each character of a flow or folded scalar's `text`, whose
+    content starts at (line, col). Folding and escapes change only where text stands, so the text is
+    walked beside the file: a character that is not blank is found after the blanks, line breaks and
+    escaped line breaks that folding removed; a blank that is not in the file (a folded line break)
+    stands where the file's line ends; an escape (a double-quoted `\\n`, a single-quoted '') is the
+    character it makes. Should the two ever part, the rest of the text is unmapped (None)."""
+    out: list[tuple[int, int] | None] = []
+
+    def here() -> str:
+        return "" if line >= len(lines) else lines[line][col] if col < len(lines[line]) else "\n"
+
+    def step(n: int = 1) -> None:
+        nonlocal line, col
+        if col < len(lines[line]):
+            col += n
+        else:
+            line, col = line + 1, 0
+
+    for ch in text:
+        if ch in " \t\n" and here() not in ("", "\\"):
+            out.append((line, col))
+            if here() == ch:
+                step()
+            continue  # else a folded line break: it stands at the line's end
+        while here() in (" ", "\t", "\n") or (style == '"' and here() == "\\" and col + 1 == len(lines[line])):
+            step(2 if here() == "\\" else 1)
+        got = here()
+        if style == '"' and got == "\\":
+            out.append((line, col))
+            step(_ESCAPE_CHARS.get(lines[line][col + 1], 2))
+        elif style == "'" and ch == "'" and lines[line][col:col + 2] == "''":
+            out.append((line, col))
+            step(2)
+        elif got == ch:
+            out.append((line, col))
+            step()
+        else:
+            break
+    return out + [None] * (len(text) - len(out))
 
 
 @dataclass
@@ -106,6 +193,9 @@ def _origin(file: str, node: ScalarNode, lines: list[str]) -> TextOrigin:
                 indent = len(raw) - len(content)
                 break
         return TextOrigin(file, header + 2, indent + 1, True)
+    if node.style == ">":  # folded: content begins on the line after the indicator
+        return TextOrigin(file, m.line + 2, 1, False, 0, m.column + 1,
+                          (lines, m.line + 1, 0, ">", node.value))
     quote = 1 if node.style in ("'", '"') else 0
     first = lines[m.line][m.column + quote:] if m.line < len(lines) else ""
     exact = 0
@@ -113,7 +203,22 @@ def _origin(file: str, node: ScalarNode, lines: list[str]) -> TextOrigin:
         if a != b or (quote and a in "\\'\""):
             break
         exact += 1
-    return TextOrigin(file, m.line + 1, m.column + 1 + quote, False, exact, m.column + 1)
+    source = None if exact == len(node.value) else (lines, m.line, m.column + quote, node.style, node.value)
+    return TextOrigin(file, m.line + 1, m.column + 1 + quote, False, exact, m.column + 1, source)
+
+
+def _scalar(tag: str, value: str) -> bool | int | float:
+    """A YAML 1.2 core bool, int or float (`value` matches its form in `_YAML12`)."""
+    if tag == _T + "bool":
+        return value.lower() == "true"
+    if tag == _T + "int":
+        sign, digits = (-1, value[1:]) if value[0] == "-" else (1, value.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    low = value.lower().lstrip("+")
+    if low.endswith((".inf", ".nan")):
+        return float(low.replace(".", ""))
+    return float(value)
 
 
 class _TooDeep(Exception):
@@ -130,6 +235,13 @@ class _Loader(yaml.SafeLoader):
         super().__init__(text)
         self.depth = 0
         self.refused: list[tuple[int, int, int, str]] = []  # (0-based line, column, length, message)
+
+    def resolve(self, kind, value, implicit):
+        if kind is ScalarNode and implicit[0]:  # a plain scalar: the YAML 1.2 core schema
+            if value == "<<":
+                return _T + "merge"  # refused where it stands
+            return next((tag for tag, form in _YAML12 if form.fullmatch(value)), _T + "str")
+        return super().resolve(kind, value, implicit)
 
     def compose_node(self, parent, index):
         if self.check_event(AliasEvent):
@@ -189,7 +301,6 @@ def load_yaml(text: str, file: str) -> Located:
         errors.error(Span(file, line + 1, col + 1, line + 1, col + 1 + length), message)
     lines = text.splitlines()
     seen: set[int] = set()
-    constructor = SafeConstructor()
 
     def convert(node: Node, path: Path) -> Any:
         if id(node) in seen:
@@ -204,8 +315,6 @@ def load_yaml(text: str, file: str) -> Located:
             if node.tag not in _SCALAR_TAGS:
                 errors.error(span, f"YAML tag '{_short(node.tag)}' is not allowed in spec files")
                 return None
-            if node.tag == _T + "str" and node.style is None and _YAML12_FLOAT.fullmatch(node.value):
-                return float(node.value)  # YAML 1.2 reads 1e-5 as a number; PyYAML (YAML 1.1) as text
             if node.tag == _T + "str" or node.tag == _T + "timestamp":
                 doc.origins[path] = _origin(file, node, lines)
                 bad = _unsafe_char(node.value)
@@ -216,16 +325,14 @@ def load_yaml(text: str, file: str) -> Located:
                 return node.value
             if node.tag == _T + "null":
                 return None
-            try:
-                return {
-                    _T + "int": constructor.construct_yaml_int,
-                    _T + "float": constructor.construct_yaml_float,
-                    _T + "bool": constructor.construct_yaml_bool,
-                }[node.tag](node)
-            except (ValueError, yaml.YAMLError):
-                shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
-                errors.error(span, f"invalid {_short(node.tag)} value {shown!r}")
-                return None
+            if _YAML12_TAG[node.tag].fullmatch(node.value) and node.value:  # also for explicit tags
+                try:
+                    return _scalar(node.tag, node.value)
+                except ValueError:  # more digits than Python reads
+                    pass
+            shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+            errors.error(span, f"invalid {_short(node.tag)} value {shown!r}")
+            return None
         if isinstance(node, SequenceNode):
             if node.tag != _T + "seq":
                 errors.error(span, f"YAML tag '{_short(node.tag)}' is not allowed in spec files")

@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run both models with these values of the spec's parameters (e.g. a trained model; names "
                         "as `specc ir -O0` shows them), the rest seeded; default: seeded weights plus noise")
     gr = spec_cmd("graph", "Draw the IR: FILE.svg (laid out without Graphviz) and FILE.dot.")
-    gr.add_argument("-o", "--out", required=True, metavar="FILE.svg", help="the SVG to write; the DOT goes beside it")
+    gr.add_argument("-o", "--out", required=True, metavar="FILE.svg",
+                    help="the SVG to write (the DOT goes beside it), or FILE.dot for the DOT alone")
     pass_options(gr, 0)
     tr = spec_cmd("train", "Run the spec's training recipe (its train: section); --set train.KEY=VALUE overrides "
                            "the recipe.")
@@ -527,17 +528,29 @@ def _graph(args: argparse.Namespace, src, graph) -> int:
     from specc.compiler.passes import optimize
     from specc.graph import render
 
+    out = Path(args.out)
+    kind = out.suffix.lower()
+    if kind not in (".svg", ".dot"):
+        raise SpecError(Diagnostic(Span("<-o>", 0, 0), f"-o {args.out}: specc graph writes SVG (FILE.svg, and "
+                                   f"FILE.dot beside it) or DOT (FILE.dot), not {kind or 'a file without a suffix'}",
+                                   "for other formats render the DOT with Graphviz, e.g. dot -Tpng FILE.dot -o "
+                                   "FILE.png"))
     graph, _ = optimize(graph, _pass_context(args, src.file))
     dot, svg = render(graph)
-    out = Path(args.out)
-    dot_path = out.with_suffix(".dot") if out.suffix.lower() == ".svg" else Path(str(out) + ".dot")
-    try:
+    written = {out.with_suffix(".dot"): dot} | ({out: svg} if kind == ".svg" else {})
+    temps: list[Path] = []
+    try:  # each file written beside itself and renamed into place: never half a picture
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(svg)
-        dot_path.write_text(dot)
+        for path, text in written.items():
+            temps.append(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+            temps[-1].write_text(text)
+        for temp, path in zip(temps, written):
+            os.replace(temp, path)
     except OSError as e:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
         raise SpecError(Diagnostic(Span(str(out), 0, 0), f"cannot write: {e.strerror or e}")) from None
-    print(f"drew {graph.name} ({len(graph)} nodes) -> {out} and {dot_path}")
+    print(f"drew {graph.name} ({len(graph)} nodes) -> {' and '.join(map(str, reversed(written)))}")
     return 0
 
 

@@ -4,6 +4,7 @@ message; a failing statement never causes follow-on errors elsewhere."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import specc
 from specc import SpecError
 from specc.dsl.diagnostics import Diagnostic, Span, render
+from specc.dsl.yamlpos import load_yaml
 
 # Lines 1-6 of most specs below; the graph body then starts on line 8 at column 3.
 HEAD = """\
@@ -71,6 +73,23 @@ def test_yaml_tab_indentation_is_a_located_error():
 # ---------------------------------------------------------------------------------------------
 # The YAML layer (schema)
 # ---------------------------------------------------------------------------------------------
+
+def test_spec_files_are_read_as_yaml_1_2():
+    """YAML 1.1's `no`, `on`, octal `010`, `1_000` and sexagesimal `1:30` do not reach a spec."""
+    text = ("a: no\nb: on\nc: 010\nd: 1_000\ne: 1:30\nf: 1e-5\ng: -.inf\nh: 0x1F\ni: 0o17\nj: ~\n"
+            "k: TRUE\nl: !!float 3\nm: +4\nn: 2026-12-07\n")
+    assert load_yaml(text, "s.yaml").data == {
+        "a": "no", "b": "on", "c": 10, "d": "1_000", "e": "1:30", "f": 1e-5, "g": -math.inf, "h": 31,
+        "i": 15, "j": None, "k": True, "l": 3.0, "m": 4, "n": "2026-12-07"}
+    with pytest.raises(SpecError) as info:
+        load_yaml("a: !!int 1_0\nb: !!bool yes\n", "s.yaml")
+    assert [(d.span.line, d.message) for d in info.value.diagnostics] == [
+        (1, "invalid !!int value '1_0'"), (2, "invalid !!bool value 'yes'")]
+    d = only(HEAD + "graph: |\n  y = relu(x)\noutputs:\n  y: {type: null, training_only: yes}\n")
+    assert (d.span.line, d.span.col) == (10, 34)
+    assert d.message == ("outputs.y.training_only: expected a boolean, got a string ('yes': spec files are "
+                         "YAML 1.2, whose booleans are true and false)")
+
 
 def test_schema_errors_point_at_keys_and_values_and_suggest_names():
     text = HEAD.replace("name: m\n", "name: 1m\nnmae: m\n") + "graph: |\n  y = x\noutputs:\n  y: 3\nseed: abc\n"
@@ -235,12 +254,29 @@ def test_positions_inside_one_line_scalars(value, col):
     assert (d.span.line, d.span.col) == (7, col)
 
 
-def test_escapes_in_quoted_scalars_never_give_a_wrong_column():
-    # After an escape the text no longer matches the file column for column: point at the string.
-    d = only(HEAD + 'graph: "y = \\u0072elu(lienar(x, 2))"\noutputs:\n  y: null\n')
-    assert (d.span.line, d.span.col) == (7, 8)
-    d = only(HEAD + 'graph: "y = relu(x)\\nz = lienar(x, 2)"\noutputs:\n  y: null\n')
-    assert (d.span.line, d.span.col) == (7, 8)
+@pytest.mark.parametrize("value, line, col", [
+    ('"y = \\u0072elu(lienar(x, 2))"', 7, 23),                      # after an escape
+    ('"y = relu(x)\\nz = lienar(x, 2)"', 7, 26),                     # an escaped line break
+    ('"y = relu(x)\\n\\tz = lienar(x, 2)"', 7, 28),
+    ('"y = relu(x)\n\n  z = \\\n     lienar(x, 2)"', 10, 6),        # folded lines, an escaped break
+    ("'y = relu(x)\n\n  z = lienar(''x'', 2)'", 9, 7),               # folded single-quoted, ''
+    ("y = relu(x)\n\n  z = lienar(x, 2)", 9, 7),                     # a multi-line plain scalar
+    (">\n  y = relu(x)\n\n  z = lienar(x, 2)", 10, 7),               # folded block scalars
+    (">-   # comment\n    y = relu(x)\n\n\n    z = lienar(x,\n      2)", 11, 9),
+])
+def test_positions_inside_quoted_folded_and_multiline_scalars(value, line, col):
+    """Escapes and folding change where the text stands in the file; errors still point at the token."""
+    text = HEAD + f"graph: {value}\noutputs:\n  y: null\n"
+    d = only(text)
+    assert (d.span.line, d.span.col) == (line, col), d
+    assert (d.span.end_line, d.span.end_col) == (line, col + 6)
+    assert text.splitlines()[line - 1][col - 1:col + 5] == "lienar"
+
+
+def test_a_syntax_error_in_a_folded_body_says_that_folding_joins_lines():
+    d = errors(HEAD + "graph: >\n  h = relu(x)\n  y = relu(h)\noutputs:\n  y: null\n")[0]
+    assert (d.span.line, d.span.col) == (9, 3) and d.message == "syntax error: unexpected 'y'"
+    assert "folded scalar (>)" in d.notes[0] and "literal blocks (|)" in d.notes[0]
 
 
 def test_errors_in_block_signatures_and_types():

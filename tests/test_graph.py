@@ -128,6 +128,21 @@ def test_cli_optimised_graph(tmp_path, capsys):
     assert "h.1 (block)" in titles
 
 
+def test_cli_writes_dot_alone_and_refuses_other_formats(tmp_path, capsys):
+    spec = tmp_path / "aux.yaml"
+    spec.write_text(AUX)
+    assert main(["graph", str(spec), "-o", str(tmp_path / "g.dot")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"-> {tmp_path / 'g.dot'}")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "aux.yaml"] == ["g.dot"]
+    assert (tmp_path / "g.dot").read_text().startswith('digraph "aux" {')
+    for name in ("g.png", "g"):
+        assert main(["graph", str(spec), "-o", str(tmp_path / name), "--no-color"]) == 2
+        err = capsys.readouterr().err
+        assert "specc graph writes SVG (FILE.svg, and FILE.dot beside it) or DOT (FILE.dot)" in err
+        assert "dot -Tpng FILE.dot -o FILE.png" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aux.yaml", "g.dot"]  # nothing else written
+
+
 def test_cli_graph_errors_are_located(tmp_path, capsys):
     spec = tmp_path / "bad.yaml"
     spec.write_text(AUX.replace("linear(h, 4)", "lienar(h, 4)"))
