@@ -101,9 +101,11 @@ def _lookup(table: list, starts: list[int], line: int, col: int) -> tuple[int, i
     if not 1 <= line <= len(starts) or col < 1:
         return None
     i = starts[line - 1] + col - 1
-    if i >= len(table) and table and table[-1] is not None and i == len(table):  # just past the end
+    if i < len(table):
+        return table[i]
+    if i == len(table) and table and table[-1] is not None:  # just past the end
         return table[-1][0], table[-1][1] + 1
-    return table[i] if i < len(table) else None
+    return None
 
 
 _ESCAPE_CHARS = {"x": 4, "u": 6, "U": 10}  # a double-quoted escape's length in the file, by its letter
