@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--out", required=True, metavar="RUN",
                     help="the run folder: metrics.jsonl, checkpoints/, model/ (a specc build of the trained weights)")
     tr.add_argument("--resume", metavar="RUN", help="continue from the newest checkpoint of this run folder")
+    tr.add_argument("--force", action="store_true",
+                    help="replace an earlier run in the -o folder (without it, an earlier run there is an error "
+                         "unless it is the --resume folder)")
     tr.add_argument("--until", type=_count, metavar="STEP", help="stop after this step (resume the run later)")
     tr.add_argument("--nproc", type=int, default=1, metavar="N",
                     help="train with N processes on this machine (torch.distributed: gloo on CPU, nccl on GPUs)")
@@ -377,13 +380,14 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
                         {src.file: src.text})
     if args.nproc < 1:
         raise SystemExit("specc: error: --nproc must be at least 1")
-    from specc.backends.outdir import resolve
-
-    resolve(args.out)  # a file, or a dangling link, is a user error (a run writes a folder)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from specc.train.dist import check_launch, launch
+        from specc.train.files import resolve as data_path
+        from specc.train.rundir import check_run
 
         check_launch(recipe, args.nproc)  # user errors here, before the workers start
+        check_run(args.out, resume=args.resume, force=args.force,
+                  protect=(src.file, data_path(recipe) if recipe.data_file else None, args.weights))
 
         return launch(args.nproc, ["train"] + _argv_of(args))
     from specc.train.dist import process_group
@@ -397,7 +401,8 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
             dist = _device(args.device, dist)
         weights = _read_weights(graph, args.weights) if args.weights else None
         result = run(src, graph, recipe, Path(args.out), Path(args.resume) if args.resume else None, args.until,
-                     progress=not args.quiet, dist=dist, opt_level=args.opt_level, weights=weights)
+                     progress=not args.quiet, dist=dist, opt_level=args.opt_level, weights=weights, force=args.force,
+                     protect=(args.weights,) if args.weights else ())
     if dist.main:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
         if result.stopped:
@@ -432,6 +437,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out += ["--allow-import", m]
     if args.resume:
         out += ["--resume", args.resume]
+    if args.force:
+        out.append("--force")
     if args.until is not None:
         out += ["--until", str(args.until)]
     if args.quiet:

@@ -205,7 +205,7 @@ def test_ctrl_c_leaves_complete_checkpoints_and_the_run_resumes(tmp_path):
 def test_a_new_run_in_an_old_run_folder_starts_afresh(tmp_path):
     run = tmp_path / "run"
     train(MOONS, run)
-    train(MOONS, run, train={"steps": 15, "checkpoint.every": 5})
+    train(MOONS, run, train={"steps": 15, "checkpoint.every": 5}, force=True)  # test_train_rundir.py: the rules
     assert [d.name for d in L.checkpoint_dirs(run)] == ["step-0000005", "step-0000010", "step-0000015"]
     assert max(x["step"] for x in lines(run)) == 15
     other = tmp_path / "other"  # resumed into another folder: the history up to the checkpoint comes along

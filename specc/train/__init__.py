@@ -54,14 +54,15 @@ def prepare(path_or_text: str | Path, overrides: Mapping[str, Any] | None = None
 
 def train(path_or_text: str | Path, out: str | Path, *, train: Mapping[str, Any] | None = None,
           resume: str | Path | None = None, until: int | None = None, progress: bool = False,
-          allow_imports: Iterable[str] = (), weights: Mapping[str, Any] | None = None,
+          allow_imports: Iterable[str] = (), weights: Mapping[str, Any] | None = None, force: bool = False,
           overrides: Mapping[str, Any] | None = None, **more_overrides: Any) -> Result:
     """Run a spec's recipe into the folder `out` (metrics.jsonl, checkpoints/, model/, summary.json).
 
     Parameter overrides as keyword arguments; `train` overrides recipe keys; `resume` continues the
     newest checkpoint of a run folder; `until` stops after that step (resume it later); `weights`
     ({name: tensor}, names as `specc ir -O0` prints them) start training from given values, e.g.
-    a trained model to fine-tune."""
+    a trained model to fine-tune. `out` must be new, empty or the folder resumed; `force` lets a new
+    run replace an earlier run there."""
     from specc.api import given_weights
 
     from .loop import run
@@ -70,7 +71,7 @@ def train(path_or_text: str | Path, out: str | Path, *, train: Mapping[str, Any]
                                  allow_imports=allow_imports)
     start = given_weights(graph, weights) if weights is not None else None
     return run(src, graph, recipe, Path(out), Path(resume) if resume is not None else None, until, progress,
-               weights=start)
+               weights=start, force=force)
 
 
 __all__ = ["train", "prepare", "run", "check_recipe", "Recipe", "Result", "Dist"]

@@ -51,8 +51,8 @@ from specc.dsl.schema import SpecSource
 from . import data as D
 from .expr import GLOBAL_SUM, TENSOR_FUNCTIONS, Clock, ExprError, evaluate, sampler, scalar_functions
 from .recipe import Recipe, group_index, optimizers
+from .rundir import CHECKPOINTS, MODEL, check_run, same_folder
 
-CHECKPOINTS = "checkpoints"
 #: Validation splits up to this many samples are evaluated in one pass.
 EVAL_CHUNK = 4096
 #: A larger split's outputs are gathered whole (exact metrics) up to this size, else averaged over chunks.
@@ -537,13 +537,21 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
 
 def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path | None = None,
         until: int | None = None, progress: bool = False, dist: Dist = Dist(), opt_level: int = 1,
-        weights: dict[str, torch.Tensor] | None = None) -> Result:
+        weights: dict[str, torch.Tensor] | None = None, force: bool = False,
+        protect: tuple[str | Path, ...] = ()) -> Result:
     """Train; write metrics, checkpoints and the built model into `out`. Raises SpecError on user errors.
+
+    `out` must be new, empty, the folder resumed, or (with `force`) an earlier run (`rundir.py`);
+    `protect`: more inputs (besides the spec and its data file) that writing the run must not delete.
 
     weights: starting values of the spec's parameters (all of them, as `specc.api.given_weights` gives
     them: e.g. a trained model to fine-tune); default: the spec's seeded initialisation."""
     t = recipe.section
     out = Path(out)
+    from .files import resolve as data_path
+
+    check_run(out, resume=resume, force=force, protect=(src.file, data_path(recipe) if recipe.data_file else None,
+                                                         *protect))  # in every process, before they meet (DDP)
     train, val = load_data(recipe)
     if t.eval is not None and not len(next(iter(val.values()))):
         raise SpecError(Diagnostic(recipe.span, "train: eval needs a validation split (split > 0)"), recipe.sources)
@@ -701,12 +709,16 @@ def _json_line(record: dict[str, Any]) -> str:
 
 
 def _open_run(out: Path, resume: Path | None, start: int, pending: list[dict[str, Any]]):
-    """Make the run folder (metrics.jsonl kept up to the resumed step, an older run's checkpoints gone) and
-    open metrics.jsonl to append to, with the `pending` lines written."""
+    """Make the run folder (metrics.jsonl kept up to the resumed step; an earlier run that --force
+    replaces: its checkpoints, model and summary gone) and open metrics.jsonl to append to, with the
+    `pending` lines written."""
     out.mkdir(parents=True, exist_ok=True)
     _keep_metrics(out, resume, start)
-    if resume is None or Path(resume).resolve() != out.resolve():
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a new run: an older run's are not its own
+    if not same_folder(resume, out):  # a new run: what is there is an earlier run's (check_run)
+        for name in (CHECKPOINTS, MODEL):
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
+        (out / "summary.json").unlink(missing_ok=True)
     log = open(out / "metrics.jsonl", "a")
     for record in pending:
         log.write(_json_line(record))
