@@ -30,6 +30,8 @@ _MAX_ERRORS = 20
 MAX_DEPTH = 100
 MAX_INT_BITS = 1024  # the largest integer literal, as in the YAML layer
 _TARGETS = re.compile(r"\s*([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*=(?!=)")
+#: A target anywhere on a line (not the tail of a longer name or of an attribute).
+_TARGETS_ANYWHERE = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*=(?!=)")
 
 _PRETTY = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "a new line", "$END": "the end",
@@ -265,15 +267,23 @@ def _blank_line(text: str, line: int) -> tuple[str, int, int]:
 
 
 def _assigned(text: str) -> list[str] | None:
-    """The names a broken statement line assigns, or None when they cannot be read from it."""
+    """The names a broken statement line assigns, or None when they cannot be read from it: every
+    `NAME =` and `A, B =` outside brackets, so that a line holding several statements (`;`, or a
+    folded body's joined lines) gives them all."""
     names: list[str] = []
-    for part in text.split("#", 1)[0].split(";"):
+    code = text.split("#", 1)[0]
+    for part in code.split(";"):
         if not part.strip() or part.strip().startswith("return"):
             continue
-        m = _TARGETS.match(part)
-        if m is None:
+        if _TARGETS.match(part) is None:
             return None
-        names.extend(n.strip() for n in m.group(1).split(","))
+    depth = 0
+    pos = 0
+    for m in _TARGETS_ANYWHERE.finditer(code):
+        depth += sum(code.count(c, pos, m.start()) for c in "([{") - sum(code.count(c, pos, m.start()) for c in ")]}")
+        pos = m.start()
+        if depth <= 0:
+            names.extend(n.strip() for n in m.group(1).split(","))
     return names
 
 

@@ -279,6 +279,17 @@ def test_a_syntax_error_in_a_folded_body_says_that_folding_joins_lines():
     assert "folded scalar (>)" in d.notes[0] and "literal blocks (|)" in d.notes[0]
 
 
+@pytest.mark.parametrize("graph", [
+    ">\n  h = relu(x) +* 2\n  y = relu(h)",             # folding joins the two statements into one line
+    ">\n  h, g = relu(x) +* 2, x\n  y = linear(h, 2, bias=g > 0)",
+    "|\n  h = relu(x) +* 2; y = relu(h)",                # two statements on a line
+])
+def test_every_statement_of_a_broken_line_counts_as_defined(graph):
+    """A broken line's statements all count as assigned (no 'output is not defined' after its error)."""
+    ds = errors(HEAD + f"graph: {graph}\noutputs:\n  y: null\n")
+    assert [d.message for d in ds] == ["syntax error: unexpected '*'"], ds
+
+
 def test_errors_in_block_signatures_and_types():
     text = """\
 specc: 1
