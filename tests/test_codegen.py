@@ -288,7 +288,7 @@ def test_the_model_checks_its_inputs_against_the_declared_shapes(tmp_path):
     import pytest
 
     out = specc.build(CHECKED, tmp_path / "out")
-    assert "        check_inputs(x, ids, tail)  # ranks, dtypes and sizes as INPUTS declares\n" in \
+    assert "        check_inputs(self, x, ids, tail)  # ranks, dtypes and sizes as INPUTS declares\n" in \
         (out / "model.py").read_text()
     module = import_model_module(out)
     model = module.load(out)
@@ -309,9 +309,16 @@ def test_the_model_checks_its_inputs_against_the_declared_shapes(tmp_path):
         with pytest.raises(ValueError) as info:
             model(*inputs)
         assert str(info.value) == message
+    with pytest.raises(ValueError) as info:  # another float dtype than the model's: named, not torch's error
+        model(x.double(), ids, tail)
+    assert str(info.value) == ("input x: dtype torch.float64, expected torch.float32 (the model's floats are "
+                               "torch.float32; convert the input, or the model with .to(torch.float64))")
     with torch.no_grad():  # an f32 input may have the module's own float dtype
         y, z, w = model.double()(x.double(), ids, tail.double())
-    assert y.dtype == torch.float64 and z.shape == (2, 4, 4)
+        assert y.dtype == torch.float64 and z.shape == (2, 4, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts where it needs to
+            y, _, _ = model.float()(x.bfloat16(), ids, tail)
+        assert y.shape == (2, 4)
 
 
 def test_torch_compile_and_export_trace_the_checked_model(tmp_path):

@@ -85,7 +85,7 @@ def load(directory: str | Path | None = None, compile: bool = TORCH_COMPILE) -> 
     compiled = torch.compile(model)
 
     def check(module: nn.Module, args: tuple, kwargs: dict) -> None:  # in eager Python, before the compiled call
-        check_inputs(*_bound_inputs(model.forward, args, kwargs))
+        check_inputs(model, *_bound_inputs(model.forward, args, kwargs))
 
     compiled.register_forward_pre_hook(check, with_kwargs=True)
     return compiled
@@ -141,13 +141,20 @@ def _bounds(s: str) -> tuple[int, int | None, str]:
     return lo, hi, f"outside [{lo}, {'inf' if hi is None else hi}]"
 
 
-def check_inputs(*inputs: torch.Tensor) -> None:
+def _float_dtypes(model: nn.Module) -> set[torch.dtype]:
+    """The float dtypes of the model's parameters and buffers (one after .double() or .half())."""
+    return {t.dtype for t in (*model.parameters(), *model.buffers()) if t.dtype.is_floating_point}
+
+
+def check_inputs(model: nn.Module, *inputs: torch.Tensor) -> None:
     """ValueError, naming the input and dimension, unless the inputs have the ranks, dtypes (a float one:
-    any float dtype, the module's own after .double() or .half()) and static sizes INPUTS declares, and one size per symbolic
-    dimension (read whole, or solved from a * S + b) within BOUNDS. Reads shapes only, never values;
-    skipped while torch.compile or torch.export trace the model."""
+    the declared dtype or that of the model's floats, e.g. float64 after .double(); any float dtype
+    under autocast or when the model holds no floats) and static sizes INPUTS declares, and one size per
+    symbolic dimension (read whole, or solved from a * S + b) within BOUNDS. Reads shapes only, never
+    values; skipped while torch.compile or torch.export trace the model."""
     if torch.compiler.is_compiling():
         return
+    floats = None  # the model's float dtypes, read when a float input has another dtype than declared
     declared = []  # (name, declared shape, shape)
     sizes, where = {}, {}  # symbol -> its size, and where it was read
     for (name, (dtype, shape, _)), x in zip(INPUTS.items(), inputs):
@@ -157,6 +164,12 @@ def check_inputs(*inputs: torch.Tensor) -> None:
         want = getattr(torch, dtype)
         if x.dtype != want and not (want.is_floating_point and x.dtype.is_floating_point):
             raise ValueError(f"input {name}: dtype {x.dtype}, expected {want}")
+        if x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+            floats = _float_dtypes(model) if floats is None else floats
+            if floats and x.dtype not in floats:
+                have = ", ".join(sorted(str(f) for f in floats))
+                raise ValueError(f"input {name}: dtype {x.dtype}, expected {want} (the model's floats are {have}; "
+                                 f"convert the input, or the model with .to({x.dtype}))")
         declared.append((name, shape, have))
         for axis, d in enumerate(shape):
             if isinstance(d, str) and d not in sizes:

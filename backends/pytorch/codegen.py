@@ -752,7 +752,7 @@ class Generator:
         lines.append(f"return {', '.join(out_texts)}" if out_texts else "return None")
         prologue = self.symbol_prologue(inst, shapes_from, sorted(dims_used))
         if not inst.scope and args and INPUT_CHECK in module_names(self.footer):
-            prologue.insert(0, f"{INPUT_CHECK}({', '.join(args)})  # ranks, dtypes and sizes as INPUTS declares")
+            prologue.insert(0, f"{INPUT_CHECK}(self, {', '.join(args)})  # ranks, dtypes and sizes as INPUTS declares")
         return prologue + lines, args, set(dims_used)
 
     def hint_for(self, ref: Ref, inst: Inst) -> str:
