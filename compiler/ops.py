@@ -75,9 +75,14 @@ def broadcast(a: TensorType, b: TensorType, op_name: str) -> tuple[Dim, ...]:
     return tuple(reversed(out))
 
 
-def promote(a: str, b: str) -> str:
+def promote(a: str, b: str, op_name: str = "", arg: str = "y") -> str:
+    """The dtype of an elementwise op of dtypes a and b, as torch's type promotion gives it; u8 with i8
+    (int16 in torch, a dtype specc has not) is an OpError at `arg`."""
     if a == b:
         return a
+    if {a, b} == {"u8", "i8"}:
+        raise OpError(f"{op_name}: u8 and i8 combine to int16 in torch, which specc has no dtype for: cast one of "
+                      f"them first, e.g. cast(x, i32)", arg)
     order = ["bool", "u8", "i8", "i32", "i64", "f16", "bf16", "f32", "f64"]
     if {a, b} == {"f16", "bf16"}:
         return "f32"
@@ -240,7 +245,7 @@ def _binary(name: str, doc: str):
         if name in ("floordiv", "mod") and "bool" in (x.dtype, y.dtype):
             raise OpError(f"{name}: needs numbers, got {shape_str(x)} and {shape_str(y)}",
                           "x" if x.dtype == "bool" else "y")
-        dtype = promote(x.dtype, y.dtype)
+        dtype = promote(x.dtype, y.dtype, name)
         if name == "div" and dtype not in FLOAT_DTYPES:
             dtype = "f32"
         return T(dtype, broadcast(x, y, name), _range_of(name, x, y, dtype))
@@ -289,7 +294,7 @@ def _extremum(name: str, doc: str):
             other = "logical_or" if name == "maximum" else "logical_and"
             raise OpError(f"{name}: needs numbers, got {shape_str(x)} and {shape_str(y)}; for bool tensors use "
                           f"{other}", "x" if x.dtype == "bool" else "y")
-        dtype = promote(x.dtype, y.dtype)
+        dtype = promote(x.dtype, y.dtype, name)
         rng = None
         if dtype in INT_DTYPES and x.value_range is not None and y.value_range is not None:
             rng = (pick(x.value_range[0], y.value_range[0]), pick(x.value_range[1], y.value_range[1]))
@@ -1507,7 +1512,7 @@ def _where(c: OpCall):
         raise OpError(f"where: cannot choose between x {shape_str(x)} and y {shape_str(y)}: one is bool and the "
                       f"other is not", "y")
     shape = broadcast_args(T(x.dtype, broadcast_args(cond, x, "where", "cond", "x")), y, "where", "cond and x", "y")
-    return T(promote(x.dtype, y.dtype), shape)
+    return T(promote(x.dtype, y.dtype, "where"), shape)
 
 
 @op("masked_fill", Arg("x", "tensor"), Arg("mask", "tensor"), Arg("value", "number"), flops=elementwise_flops,

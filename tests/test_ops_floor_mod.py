@@ -91,6 +91,30 @@ def test_types_follow_the_promotion_of_the_other_operators():
     assert output_types(mixed) == ["i64[B, d]", "i32[B, d]", "f16[B, d]", "f16[B, d]"]
 
 
+def test_binary_ops_promote_as_torch_and_refuse_what_has_no_dtype():
+    """Every pair of specc's dtypes combines to torch.promote_types' dtype, except u8 with i8: torch
+    gives int16, which specc has no dtype for, so the spec is refused where the two meet."""
+    from specc.compiler.ir import DTYPES
+    from specc.compiler.ops import promote
+    from specc.compiler.registry import OpError
+
+    for a in DTYPES:
+        for b in DTYPES:
+            want = torch.promote_types(getattr(torch, DTYPES[a]), getattr(torch, DTYPES[b]))
+            if want == torch.int16:
+                with pytest.raises(OpError, match="u8 and i8 combine to int16 in torch"):
+                    promote(a, b, "add")
+            else:
+                assert getattr(torch, DTYPES[promote(a, b, "add")]) == want, (a, b)
+    message = ("{}: u8 and i8 combine to int16 in torch, which specc has no dtype for: cast one of them first, "
+               "e.g. cast(x, i32)")
+    for graph, col, op in (("y = a + b", 11, "add"), ("y = maximum(b, a)", 18, "maximum"),
+                           ("y = where(a > 1, a, b)", 23, "where")):
+        assert_error(spec("a: 'u8[B, d]', b: 'i8[B, d]'", graph), 6, col, message.format(op))
+    assert output_types(spec("a: 'u8[B, d]', b: 'i8[B, d]'", "y = cast(a, i32) + b\nz = a + 1", "y z")) == \
+        ["i32[B, d]", "u8[B, d]"]
+
+
 @pytest.mark.parametrize("opt_level", [0, 1, 2])
 def test_torch_matches_torch_float64_and_int64(opt_level):
     model = specc.load(TEXT, opt_level=opt_level)
