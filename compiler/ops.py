@@ -33,11 +33,11 @@ def dims_str(shape) -> str:
 
 
 def norm_axis(axis: int, rank: int, op_name: str, arg: str = "dim", scalar_ok: bool = False) -> int:
-    """axis counted from the front; scalar_ok: a rank-0 tensor takes dimension 0 (softmax, sum and flip of
-    a scalar, as torch's), else it has none."""
+    """axis counted from the front; scalar_ok: a rank-0 tensor takes dimension 0 or -1 (softmax, sum and
+    flip of a scalar, as torch's: it counts a scalar as of rank 1 there), else it has none."""
     if rank == 0 and not scalar_ok:
         raise OpError(f"{op_name}: a scalar (rank 0) has no dimension {axis}", arg)
-    if not -rank <= axis < max(rank, 1):
+    if not -max(rank, 1) <= axis < max(rank, 1):
         raise OpError(f"{op_name}: dimension {axis} is out of range for a rank-{rank} tensor", arg)
     return axis % rank if rank else 0
 

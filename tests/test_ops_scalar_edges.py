@@ -23,7 +23,8 @@ def spec(graph: str, outputs: str = "y") -> str:
     ("transpose(s, 0, 0)", 20, "transpose: a scalar (rank 0) has no dimension 0"),
     ("split(s, 1, dim=0)", 19, "split: a scalar (rank 0) has no dimension 0"),
     ("permute(s, [])", 15, "permute: expected a tensor of rank >= 1 for 'x', got f32[]"),
-    ("softmax(s)", 7, "softmax: dimension -1 is out of range for a rank-0 tensor"),
+    ("softmax(s, dim=1)", 18, "softmax: dimension 1 is out of range for a rank-0 tensor"),
+    ("sum(s, dim=-2)", 14, "sum: dimension -2 is out of range for a rank-0 tensor"),
     ("flip(x, [0, 1, 2])", 15, "flip: dimension 2 is out of range for a rank-2 tensor"),
     ("softplus(x, beta=0.0)", 19, "softplus: beta must be a positive number, got 0.0"),
     ("softplus(x, beta=-1.0)", 19, "softplus: beta must be a positive number, got -1.0"),
@@ -35,14 +36,15 @@ def test_located_errors(expr, col, message):
 
 
 GOOD = {"f": "flip(s, 0)", "m": "softmax(s, dim=0)", "u": "sum(s, dim=0)", "a": "mean(s, dim=[0], keepdim=true)",
-        "k": "x[:, ::2**62]"}
+        "k": "x[:, ::2**62]", "n": "softmax(s)", "v": "sum(s, dim=-1)", "r": "flip(s, [-1])"}  # -1 too, as torch
 
 
 def test_what_torch_takes_of_a_scalar_runs_on_both_backends():
     text = spec("".join(f"{k} = {v}\n" for k, v in GOOD.items()), " ".join(GOOD))
     x = torch.randn(2, 4, dtype=torch.float64)
     s = x.sum()
-    want = (torch.flip(s, [0]), torch.softmax(s, 0), s.sum(0), s.mean([0], keepdim=True), x[:, ::2 ** 62])
+    want = (torch.flip(s, [0]), torch.softmax(s, 0), s.sum(0), s.mean([0], keepdim=True), x[:, ::2 ** 62],
+            torch.softmax(s, -1), s.sum(-1), torch.flip(s, [-1]))
     got = specc.load(text).double()(x)
     for name, g, w in zip(GOOD, got, want):
         assert g.shape == w.shape and torch.allclose(g, w, rtol=0, atol=1e-12), name
