@@ -52,6 +52,15 @@ def _mix(c):
     return xs[0]
 
 
+def wrong(x, mode=0):
+    return [x, x[..., :-1], x.long(), (x, x), 2.0][mode]
+
+
+@specc.custom_op("{p}wrong", args=["x", ("mode", "int", 0)], torch=wrong)
+def _wrong(c):
+    return c.t("x")
+
+
 @specc.custom_op("{p}broken", torch=mix)
 def _broken(c):
     return c.t("x").shape[5]  # a bug in the rule: IndexError
@@ -119,6 +128,26 @@ def test_generated_source_imports_the_module(ops, tmp_path):
     assert f"_ext_{module}.scaled_tanh(h, alpha=2.0, weight=self.y.weight)" in source
     assert f"_ext_{module}.mix([y, h], scale=3)" in source
     assert "class Parameters(nn.Module):" in source
+
+
+def test_what_an_implementation_returns_is_checked_against_its_shape_rule(ops):
+    """The generated model checks a custom operator's result against the declared type: a wrong shape,
+    dtype or number of values is a RuntimeError naming the operator, not a wrong model."""
+    module, p = ops
+    for mode, message in ((1, f"custom operator {p}wrong has shape [5, 7], its shape rule declares [5, 8]"),
+                          (2, f"custom operator {p}wrong has dtype torch.int64, its shape rule declares "
+                              f"torch.float32"),
+                          (3, f"custom operator {p}wrong is a tuple, not a tensor"),
+                          (4, f"custom operator {p}wrong is a float, not a tensor")):
+        model = specc.load(spec_text(module, p, f"w = {p}wrong(x, mode={mode})"), allow_imports=[module])
+        with pytest.raises(RuntimeError) as info:
+            model(torch.randn(5, 8))
+        assert str(info.value) == message
+    model = specc.load(spec_text(module, p, f"w = {p}wrong(x)"), allow_imports=[module])
+    for batch in (1, 5):  # the symbolic batch: the size the input gives
+        x = torch.randn(batch, 8)
+        assert torch.equal(model(x), x)
+        assert model.double()(x.double()).dtype == torch.float64  # a declared float: the model's float dtype
 
 
 def test_custom_op_parameters_can_be_frozen(ops):

@@ -628,16 +628,40 @@ def custom_lowering(module: str, function: str, args: tuple) -> Lowering:
             else:
                 parts.append(f"{a.name}={_attr_text(c, c.a(a.name))}")
         parts += [f"{p.name}={c.module}.{p.name}" for p in c.node.params]
-        return call(f"{alias}.{function}({', '.join(parts)})")
+        shapes = [[c.dim(d) for d in t.shape] for t in c.node.outputs]
+        declared = ", ".join(f"(({', '.join(d)}{',' if len(d) == 1 else ''}), {DTYPES[t.dtype]!r})"
+                             for d, t in zip(shapes, c.node.outputs))
+        return call(f"custom_result({lit(c.node.op)}, {alias}.{function}({', '.join(parts)}), {declared})")
 
     def init(c: Ctx, ins: InTypes) -> str:
         shapes = ", ".join(f"{p.name}={lit(tuple(p.shape))}" for p in c.node.params)
         return f"Parameters({shapes})"
 
-    return Lowering(expr, init, ("Parameters",), (module,))
+    return Lowering(expr, init, ("Parameters", "custom_result"), (module,))
 
 
 HELPERS: dict[str, str] = {
+    "custom_result": '''
+def custom_result(op: str, result, *declared: tuple[tuple[int, ...], str]):
+    """`result` of the custom operator `op`, unless its outputs differ from what the operator's shape
+    rule declared (RuntimeError naming the output): their number, shapes and dtypes (a declared float:
+    any float dtype, the model's after .double() or .half()). Skipped while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return result
+    outs = result if isinstance(result, (tuple, list)) and len(declared) > 1 else (result,)
+    if len(outs) != len(declared):
+        raise RuntimeError(f"custom operator {op}: returned {len(outs)} values, its shape rule declares {len(declared)}")
+    for i, (y, (shape, dtype)) in enumerate(zip(outs, declared)):
+        what = f"custom operator {op}: output {i}" if len(declared) > 1 else f"custom operator {op}"
+        if not isinstance(y, torch.Tensor):
+            raise RuntimeError(f"{what} is a {type(y).__name__}, not a tensor")
+        want = getattr(torch, dtype)
+        if tuple(y.shape) != shape:
+            raise RuntimeError(f"{what} has shape {list(y.shape)}, its shape rule declares {list(shape)}")
+        if y.dtype != want and not (want.is_floating_point and y.dtype.is_floating_point):
+            raise RuntimeError(f"{what} has dtype {y.dtype}, its shape rule declares {want}")
+    return result
+''',
     "Parameters": '''
 class Parameters(nn.Module):
     """Parameters by name and shape, of a custom operator or a parameter(...) tensor (values come from the weights)."""
