@@ -3,7 +3,8 @@
 References are torch's own functions on float64 tensors. The inputs hold halves (round's ties go to even,
 as torch.round), both zeros, +-inf, nan, and values past softplus's threshold. The float64 module is held to
 tests/opcheck.TOL (the same functions); tvm-llvm (float32) to 1e-5 relative and 2e-6 absolute, nan where
-torch gives nan (TVM's erf clamps its argument, which turned a nan into 1: kept as nan here).
+torch gives nan (TVM's erf clamps its argument, which turned a nan into 1: kept as nan here), and a zero
+with torch's sign (elu(-0.0) is -0.0: TVM's exp(x) - 1 gave +0.0).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def check(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, what:
     assert torch.equal(got.isnan(), want.isnan()), f"{what}: {got} vs {want}"
     ok = ~want.isnan()
     assert torch.allclose(got.double()[ok], want[ok], rtol=rtol, atol=atol), f"{what}: {got} vs {want}"
+    zero = want == 0
+    assert torch.equal(got[zero].signbit(), want[zero].signbit()), f"{what}: the sign of a zero: {got} vs {want}"
 
 
 def test_types_and_flops():

@@ -580,8 +580,11 @@ def _leaky_relu(c: Ctx, x: relax.Expr, negative_slope: float = 0.01) -> relax.Ex
 
 
 def _elu(c: Ctx, x: relax.Expr, alpha: float = 1.0) -> relax.Expr:
-    """x where x > 0, else alpha * (exp(x) - 1) (a nan stays nan: the compare is false)."""
-    below = c.emit(R.multiply(c.const(alpha), c.emit(R.subtract(c.emit(R.exp(x)), c.const(1.0)))))
+    """x where x > 0, else alpha * (exp(x) - 1) (a nan stays nan: the compare is false); of a zero,
+    alpha * x, the sign torch's alpha * expm1(x) gives it (exp(x) - 1 is +0 for -0 too)."""
+    em1 = c.emit(R.subtract(c.emit(R.exp(x)), c.const(1.0)))
+    em1 = c.emit(R.where(c.emit(R.equal(x, c.const(0.0))), x, em1))
+    below = c.emit(R.multiply(c.const(alpha), em1))
     return R.where(c.emit(R.greater(x, c.const(0.0))), x, below)
 
 
