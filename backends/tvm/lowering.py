@@ -239,15 +239,6 @@ def _gelu(c: Ctx, xs: list) -> relax.Expr:
     return R.nn.gelu_tanh(xs[0]) if c.a("approximate") == "tanh" else R.nn.gelu(xs[0])
 
 
-def _binary(fn: Callable[[relax.Expr, relax.Expr], relax.Expr]) -> Lowering:
-    """Both operands converted to the node's result dtype (the IR's promotion rule), then `fn`."""
-
-    def lower(c: Ctx, xs: list) -> relax.Expr:
-        return fn(_cast(c, xs[0], c.dtype), _cast(c, xs[1], c.dtype))
-
-    return lower
-
-
 def _pow(c: Ctx, xs: list) -> relax.Expr:
     """x ** y; integers (Relax's power takes floats only) through float64, which holds every i32 power
     exactly and i64 ones up to 2**53, rounded back."""
@@ -281,6 +272,17 @@ def _opaque_zero(c: Ctx, x: relax.Expr) -> relax.Expr:
 
 def _mul(c: Ctx, xs: list) -> relax.Expr:
     return R.multiply(*(_opaque_zero(c, _cast(c, x, c.dtype)) for x in xs))
+
+
+def _additive(fn: Callable[[relax.Expr, relax.Expr], relax.Expr]) -> Lowering:
+    """add / sub, a literal 0 of floats read from a buffer: TIR folds y + 0 to y and 0 - y to -y, where IEEE
+    gives +0.0 for -0.0 + 0 and 0 - 0.0 (the passes keep such sums for the same reason)."""
+
+    def lower(c: Ctx, xs: list) -> relax.Expr:
+        ys = [_cast(c, x, c.dtype) for x in xs]
+        return fn(*(_opaque_zero(c, y) for y in ys) if c.out.dtype in _FLOATS else ys)
+
+    return lower
 
 
 #: Ops whose kernels fusion inlines into a consumer, elementwise or moving elements: TIR's simplifier sees
@@ -1702,6 +1704,17 @@ def _filled(fn: Callable) -> Lowering:
     return lambda c, xs: fn(c.shape(c.a("shape")), c.dtype)
 
 
+def _float_zeros(c: Ctx, xs: list) -> relax.Expr:
+    """zeros(...): of floats, a [1, ..., 1] constant broadcast, which kernels read from a buffer. R.zeros
+    is an immediate 0 that fusion inlines into its consumers, where TIR's simplifier folds 0 * y to 0,
+    0 + y to y and 0 - y to -y, when torch's IEEE arithmetic gives nan for an inf or nan y, +0.0 for
+    0 + -0.0 and 0 - 0.0 (what _opaque_zero does for a literal 0)."""
+    shape = c.shape(c.a("shape"))
+    if c.out.dtype not in _FLOATS or c.out.rank == 0:
+        return R.zeros(shape, c.dtype)
+    return R.broadcast_to(relax.const(np.zeros((1,) * c.out.rank, _np_dtype(c.dtype)), c.dtype), shape)
+
+
 def _rotary(c: Ctx, xs: list) -> relax.Expr:
     """Rotary position embedding, "rotate half" layout (as backends/pytorch's apply_rotary):
     y = x * cos(a) + concat(-x2, x1) * sin(a), a = positions * base ** (-2i / d), angles in float32 or wider."""
@@ -1884,8 +1897,8 @@ LOWERINGS: dict[str, Lowering] = {
     "sqrt": _unary(R.sqrt),
     "abs": _unary(R.abs),
     "neg": _unary(R.negative),
-    "add": _binary(R.add),
-    "sub": _binary(R.subtract),
+    "add": _additive(R.add),
+    "sub": _additive(R.subtract),
     "mul": _mul,
     "div": _divide,
     "pow": _pow,
@@ -1941,7 +1954,7 @@ LOWERINGS: dict[str, Lowering] = {
     "tril": _triangle(R.tril),
     "triu": _triangle(R.triu),
     "ones": _filled(R.ones),
-    "zeros": _filled(R.zeros),
+    "zeros": _float_zeros,
     "rotary": _rotary,
     "attend": _attend,
     "grad_reverse": lambda c, xs: xs[0],  # the identity forward (it reverses gradients only)

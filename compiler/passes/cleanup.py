@@ -86,14 +86,27 @@ def fold_scalar_arith(ed: Editor, nid: int, node: Node, ctx: PassContext) -> boo
     return True
 
 
+def _neutral(op: str, value, neutral: int, dtype: str) -> bool:
+    """Whether the constant `value` is `op`'s neutral element, exactly as IEEE computes: of floats,
+    x + 0.0 is +0.0 for x = -0.0, so only -0.0 is neutral in a sum (0 + x too) and only +0.0 in x - 0."""
+    if isinstance(value, bool) or value != neutral:
+        return False
+    if neutral != 0 or dtype not in ("f16", "bf16", "f32", "f64"):
+        return True
+    negative = math.copysign(1.0, value) < 0
+    return negative if op == "add" else not negative
+
+
 def drop_neutral(ed: Editor, nid: int, node: Node, ctx: PassContext) -> bool:
-    """x * 1, x / 1, x + 0, x - 0, x ** 1, 1 * x, 0 + x -> x (when that changes no shape or dtype)."""
+    """x * 1, x / 1, x + 0, x - 0, x ** 1, 1 * x, 0 + x -> x (when that changes no shape or dtype; the
+    zeros of floats as `_neutral` says)."""
     if node.op not in _NEUTRAL_RIGHT:
         return False
     x, y = node.inputs
-    if _scalar_value(ed, y) == _NEUTRAL_RIGHT[node.op] and not isinstance(_scalar_value(ed, y), bool):
+    if _neutral(node.op, _scalar_value(ed, y), _NEUTRAL_RIGHT[node.op], node.type.dtype):
         return forward_to(ed, nid, x)
-    if node.op in _NEUTRAL_LEFT and _scalar_value(ed, x) == _NEUTRAL_LEFT[node.op]:
+    if node.op in _NEUTRAL_LEFT and _neutral(node.op, _scalar_value(ed, x), _NEUTRAL_LEFT[node.op],
+                                             node.type.dtype):
         return forward_to(ed, nid, y)
     return False
 
