@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from specc.dsl.diagnostics import Collector
 from specc.dsl.parser import parse
 from specc.dsl.yamlpos import TextOrigin
+from specc.train import recipe as R
 from specc.train import shapes as S
 from specc.train.expr import TENSOR_FUNCTIONS, ExprError, _eval
 from specc.cli import main
@@ -209,6 +210,15 @@ def test_check_reports_losses_and_metrics_that_would_fail(tmp_path, capsys, loss
     assert main(["check", str(spec), "--no-color"]) == 2
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_messages_name_the_batch_axis_as_the_spec_does(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.replace("LOSS", "logits").replace("METRIC", "argmax(logits)").replace("B", "N"))
+    assert main(["check", str(spec), "--no-color"]) == 2
+    err = capsys.readouterr().err
+    assert "loss: expected a single float (a mean), got [N, 3]" in err and "got [N]" in err, err
+    assert S.BATCH_NAME.get() == "B" and S.show((R.BATCH, 3)) == "[B, 3]"  # only while that spec was checked
 
 
 def test_check_passes_losses_and_metrics_that_work(tmp_path, capsys):

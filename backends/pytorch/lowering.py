@@ -650,7 +650,8 @@ def custom_result(op: str, result, *declared: tuple[tuple[int, ...], str]):
         return result
     outs = result if isinstance(result, (tuple, list)) and len(declared) > 1 else (result,)
     if len(outs) != len(declared):
-        raise RuntimeError(f"custom operator {op}: returned {len(outs)} values, its shape rule declares {len(declared)}")
+        raise RuntimeError(f"custom operator {op}: returned {len(outs)} values, its shape rule declares "
+                           f"{len(declared)}")
     for i, (y, (shape, dtype)) in enumerate(zip(outs, declared)):
         what = f"custom operator {op}: output {i}" if len(declared) > 1 else f"custom operator {op}"
         if not isinstance(y, torch.Tensor):

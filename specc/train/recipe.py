@@ -350,40 +350,40 @@ class _Checker:
             return
         symbol = batch.pop()
         bindings[symbol] = BATCH
-        S.SYMBOL[0] = symbol
-        env: dict[str, Any] = dict(self.params)
-        env.update({k: S.NUMBER for k in (*SCALAR_NAMES, *scalars)})
-        env.update({k: S.Abstract((BATCH,) + shape, DTYPES[dtype]) for k, (dtype, shape, _) in fields.items()})
-        env.update({k: S.Abstract((BATCH,) + r.shape, DTYPES[r.dtype]) for k, r in (random or {}).items()})
-        for name, ref in self.graph.outputs:
-            ty = self.graph.type_of(ref)
-            try:
-                env[name] = S.Abstract(tuple(d if isinstance(d, int) else evaluate(d, bindings) for d in ty.shape),
-                                       DTYPES[ty.dtype])
-            except (KeyError, ValueError, TypeError):
-                env[name] = S.UNKNOWN
+        with S.batch_named(symbol):  # messages name the batch axis as the spec does
+            env: dict[str, Any] = dict(self.params)
+            env.update({k: S.NUMBER for k in (*SCALAR_NAMES, *scalars)})
+            env.update({k: S.Abstract((BATCH,) + shape, DTYPES[dtype]) for k, (dtype, shape, _) in fields.items()})
+            env.update({k: S.Abstract((BATCH,) + r.shape, DTYPES[r.dtype]) for k, r in (random or {}).items()})
+            for name, ref in self.graph.outputs:
+                ty = self.graph.type_of(ref)
+                try:
+                    env[name] = S.Abstract(tuple(d if isinstance(d, int) else evaluate(d, bindings) for d in ty.shape),
+                                           DTYPES[ty.dtype])
+                except (KeyError, ValueError, TypeError):
+                    env[name] = S.UNKNOWN
 
-        for e, what in exprs:
-            if e is None:
-                continue
-            try:
-                value = S.abstract_eval(e, env)
-            except ExprError as err:
-                self.errors.error(err.span, f"{what}: {err.message}")
-                continue
-            single = isinstance(value, S.Abstract) and value.numel == 1
-            if what == "loss" and value is not S.UNKNOWN and not (single and S.is_float(value.dtype)):
-                got = S.show(value.shape) if isinstance(value, S.Abstract) and not single else \
-                    f"a single {value.dtype}" if isinstance(value, S.Abstract) else \
-                    "a number that is not a tensor" if value is S.NUMBER or isinstance(value, (int, float)) \
-                    else _kind(value)
-                self.errors.error(e.span, f"loss: expected a single float (a mean), got {got}",
-                                  "reduce it, e.g. mean(...), or use a loss function such as cross_entropy")
-            elif what != "loss" and isinstance(value, S.Abstract) and not single:
-                self.errors.error(e.span, f"{what}: expected a single number, got {S.show(value.shape)}",
-                                  "reduce it, e.g. mean(...)")
-            elif what != "loss" and (value is None or isinstance(value, (str, list))):
-                self.errors.error(e.span, f"{what}: expected a single number, got {_kind(value)}")
+            for e, what in exprs:
+                if e is None:
+                    continue
+                try:
+                    value = S.abstract_eval(e, env)
+                except ExprError as err:
+                    self.errors.error(err.span, f"{what}: {err.message}")
+                    continue
+                single = isinstance(value, S.Abstract) and value.numel == 1
+                if what == "loss" and value is not S.UNKNOWN and not (single and S.is_float(value.dtype)):
+                    got = S.show(value.shape) if isinstance(value, S.Abstract) and not single else \
+                        f"a single {value.dtype}" if isinstance(value, S.Abstract) else \
+                        "a number that is not a tensor" if value is S.NUMBER or isinstance(value, (int, float)) \
+                        else _kind(value)
+                    self.errors.error(e.span, f"loss: expected a single float (a mean), got {got}",
+                                      "reduce it, e.g. mean(...), or use a loss function such as cross_entropy")
+                elif what != "loss" and isinstance(value, S.Abstract) and not single:
+                    self.errors.error(e.span, f"{what}: expected a single number, got {S.show(value.shape)}",
+                                      "reduce it, e.g. mean(...)")
+                elif what != "loss" and (value is None or isinstance(value, (str, list))):
+                    self.errors.error(e.span, f"{what}: expected a single number, got {_kind(value)}")
 
     def scalars(self) -> dict[str, A.Expr]:
         out: dict[str, A.Expr] = {}

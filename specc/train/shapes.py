@@ -16,10 +16,12 @@ same shapes and dtypes, and a failure in torch wherever this module reports one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from specc.dsl import ast as A
 from specc.dsl.diagnostics import Span
@@ -138,19 +140,31 @@ def broadcast_to(shape: tuple[int, ...], to: tuple[int, ...], what: str) -> None
 
 
 def show(shape: tuple[int, ...]) -> str:
-    """A shape for a message, the batch axis by its name (`SYMBOL` is set per check)."""
+    """A shape for a message, the batch axis by its name (`batch_named`)."""
     from .recipe import BATCH
+
+    name = BATCH_NAME.get()
 
     def dim(d: int) -> str:
         if d and d % BATCH == 0:
-            return SYMBOL[0] if d == BATCH else f"{d // BATCH} * {SYMBOL[0]}"
+            return name if d == BATCH else f"{d // BATCH} * {name}"
         return str(d)
 
     return "[" + ", ".join(dim(d) for d in shape) + "]"
 
 
-#: The batch axis's name in messages (one-element list: set by `check_expressions`).
-SYMBOL = ["B"]
+#: The batch axis's name in messages, while a recipe's expressions are checked (`batch_named`).
+BATCH_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("specc_batch_name", default="B")
+
+
+@contextlib.contextmanager
+def batch_named(name: str) -> Iterator[None]:
+    """Within: messages (`show`) call the batch axis `name`, the spec's symbol for it."""
+    token = BATCH_NAME.set(name)
+    try:
+        yield
+    finally:
+        BATCH_NAME.reset(token)
 
 
 def _holds_batch(shape: tuple[int, ...]) -> bool:
