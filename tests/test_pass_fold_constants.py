@@ -10,7 +10,7 @@ inputs:
 params:
   a: 2
 graph: |
-  y = x * (a * 0.5) + 0
+  y = x * (a * 0.5) - 0
   z = (3 * x) * 1
   s = x * (sqrt(4.0) / a) ** 2
 outputs:
@@ -33,6 +33,13 @@ def test_before_expected():
     assert ir_after(BEFORE, "fold_constants") == EXPECTED
 
 
+def test_a_float_sum_with_zero_stays_unless_the_zero_is_negative():
+    # -0.0 + 0 is +0.0, not -0.0: x + 0 and 0 + x are x only for a -0.0 zero (x - 0 for a +0.0 one)
+    text = BEFORE.replace("- 0\n", "+ 0\n  w = -0.0 + x\n  v = x - -0.0\n").replace("  y:\n", "  y:\n  w:\n  v:\n")
+    ir = ir_after(text, "fold_constants")
+    assert "= add(%0, %3)" in ir and "w=%0" in ir and "v=%0" not in ir and "sub(" in ir, ir
+
+
 def test_no_reassociation():
     # x * 2.0 * 3.0 is (x * 2.0) * 3.0: folding it into x * 6.0 would change the rounding, so it stays
     text = BEFORE.replace("graph: |\n", "graph: |\n  w = x * 2.0 * 3.0\n").replace("  y:\n", "  y:\n  w:\n")
@@ -40,5 +47,5 @@ def test_no_reassociation():
     assert "value=2.0" in ir and "value=3.0" in ir and "value=6.0" not in ir
 
 
-test_property = property_test("fold_constants", ["{v} * 1", "{v} + 0", "1 * {v}", "{v} / 1", "0 + {v}", "{v} - 0",
+test_property = property_test("fold_constants", ["{v} * 1", "{v} + -0.0", "1 * {v}", "{v} / 1", "-0.0 + {v}", "{v} - 0",
                                                  "{v} ** 1"])
