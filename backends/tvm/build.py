@@ -34,7 +34,7 @@ from tvm import relax
 from tvm.target import Target
 
 from specc.compiler.dims import to_json as dim_json
-from specc.compiler.ir import DTYPES, Graph
+from specc.compiler.ir import DTYPES, INT_DTYPES, Graph, Node
 
 from .lowering import Signature, to_relax
 from .runtime import MANIFEST, Runner, physical_cores
@@ -191,8 +191,63 @@ def pipeline(target: Target, lift: bool = True, cpu_schedule: bool = False, sche
 # compile and run
 # ---------------------------------------------------------------------------------------------
 
+#: Ops whose result holds every value of their first input and no other (moved, not computed): a range
+#: an index needs of the result, that input needs too. Not slices: the values a slice leaves out may be
+#: anything (the index read through a slice is clamped instead, `lowering._gather`).
+_VALUE_KEEPING = frozenset({"reshape", "unsqueeze", "transpose", "permute", "expand", "flip", "detach",
+                            "grad_reverse"})
+
+
+def _table_size(graph: Graph, node: Node, slot: int) -> tuple[int, str] | None:
+    """(n, what) when input `slot` of `node` indexes n rows or entries: embedding and one_hot ids, a
+    gather's index along a dimension of static size."""
+    name = f"{node.op} '{node.name or node.op}'"
+    if node.op in ("embedding", "one_hot") and slot == 0:
+        n = int(node.attr("num"))
+        return n, f"{name} of {n} {'rows' if node.op == 'embedding' else 'classes'}"
+    if node.op == "gather" and slot == 1:
+        x = graph.type_of(node.inputs[0])
+        n = x.shape[int(node.attr("dim")) % x.rank]
+        if isinstance(n, int):
+            return n, f"{name} along a dimension of size {n}"
+    return None
+
+
+def index_ranges(graph: Graph) -> dict[str, tuple[int, int, str]]:
+    """For each integer input without a declared range that indexes a table (directly, or through ops
+    that only move all its values: reshapes, transposes, flips, ...): (0, n, what) of the smallest table. The runner checks
+    such an input as a declared range, so an id outside the table is an IndexError as in torch, not the
+    nearest row (Relax's take clips) or a value read outside the tensor (gather_elements)."""
+    ranges: dict[str, tuple[int, int, str]] = {}
+    for name, nid in graph.inputs:
+        t = graph.node(nid).type
+        if t.dtype not in INT_DTYPES or t.value_range is not None:
+            continue
+        best: tuple[int, str] | None = None
+        stack, seen = [nid], set()
+        while stack:
+            cur = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            for user in graph.users(cur):
+                node = graph.node(user)
+                for slot, ref in enumerate(node.inputs):
+                    if ref.node != cur:
+                        continue
+                    table = _table_size(graph, node, slot)
+                    if table is not None and (best is None or table[0] < best[0]):
+                        best = table
+                    elif table is None and node.op in _VALUE_KEEPING and slot == 0:
+                        stack.append(user)
+        if best is not None:
+            ranges[name] = (0, *best)
+    return ranges
+
+
 def manifest(graph: Graph, sig: Signature, target: Target, lift: bool) -> dict[str, Any]:
     """What a runner needs to call the compiled function: inputs, weights and outputs, in order."""
+    tables = index_ranges(graph)
     return {
         "name": graph.name,
         "function": FUNC,
@@ -200,7 +255,8 @@ def manifest(graph: Graph, sig: Signature, target: Target, lift: bool) -> dict[s
         "target_kind": target.kind.name,
         "lifted": lift,
         "inputs": [{"name": n, "dtype": DTYPES[t.dtype], "shape": [dim_json(d) for d in t.shape],
-                    "value_range": list(t.value_range) if t.value_range else None} for n, t in sig.inputs],
+                    "value_range": list(t.value_range) if t.value_range else None,
+                    **({"index_range": list(tables[n])} if n in tables else {})} for n, t in sig.inputs],
         "params": [{"name": n, "dtype": DTYPES[p.dtype], "shape": list(p.shape)} for n, p in sig.params],
         "outputs": [{"name": n, "dtype": DTYPES[t.dtype], "shape": [dim_json(d) for d in t.shape]}
                     for n, t in sig.outputs],

@@ -1821,7 +1821,20 @@ def _argmax(c: Ctx, xs: list) -> relax.Expr:
 
 
 def _gather(c: Ctx, xs: list) -> relax.Expr:
-    return R.gather_elements(xs[0], _cast(c, xs[1], "int64"), axis=_axis(c.a("dim"), c.in_type(0).rank))
+    """gather_elements, which reads outside x for an index outside its dimension: an index whose range
+    the IR does not prove inside is first clamped to it, so no index reads past the tensor (torch raises
+    IndexError there; the runner checks the inputs that index tables, `build.index_ranges`)."""
+    axis = _axis(c.a("dim"), c.in_type(0).rank)
+    index = _cast(c, xs[1], "int64")
+    n, known = c.in_type(0).shape[axis], c.in_type(1).value_range
+    if not (isinstance(n, int) and known is not None and known[0] >= 0 and known[1] <= n):
+        def clamped(i: te.Tensor, x: te.Tensor) -> te.Tensor:
+            top = tirx.Cast("int64", x.shape[axis]) - 1
+            return te.compute(i.shape, lambda *k: tirx.max(tirx.min(i(*k), top), tirx.const(0, "int64")),
+                              name="T_index_clamp")
+
+        index = c.bb.emit_te(clamped, index, xs[0], primfunc_name_hint="index_clamp")
+    return R.gather_elements(xs[0], index, axis=axis)
 
 
 def _unsqueeze(c: Ctx, xs: list) -> relax.Expr:

@@ -222,12 +222,15 @@ class Runner:
                                  for spec in specs for axis, d in enumerate(spec["shape"]) if sym in _symbols_of(d))
                     raise ValueError(f"{where} gives {sym}={n}, outside [{lo}, {'inf' if hi is None else hi}]")
         for x, spec in zip(args, specs):  # integer inputs in their declared range (ids index tables)
-            vr = spec.get("value_range")
-            if vr is not None and _numel(x):
+            vr, table = spec.get("value_range"), spec.get("index_range")
+            if (vr is not None or table is not None) and _numel(x):
                 lo, hi = int(x.min()), int(x.max())
-                if lo < vr[0] or hi >= vr[1]:
+                if vr is not None and (lo < vr[0] or hi >= vr[1]):
                     raise IndexError(f"input {spec['name']}: values must lie in range({vr[0]}, {vr[1]}), "
                                      f"got values from {lo} to {hi}")
+                if vr is None and (lo < table[0] or hi >= table[1]):  # no declared range: the table's rows
+                    raise IndexError(f"input {spec['name']}: values must lie in range({table[0]}, {table[1]}) "
+                                     f"(it indexes {table[2]}), got values from {lo} to {hi}")
         return dims
 
     def dims_of(self, args: tuple) -> dict[str, int]:
