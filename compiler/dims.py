@@ -8,7 +8,7 @@ evaluation under a binding. Sums and products normalise, so `B*T == T*B`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Collection, Iterable, Mapping, Union
 
 Monomial = tuple[str, ...]  # sorted symbol names, with repetition for powers
 
@@ -156,6 +156,45 @@ def symbol_name(d: object) -> str | None:
     if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
         return d.terms[0][0][0]
     return None
+
+
+def solve_for(d: Dim, known: Collection[str]) -> tuple[str, Dim, Dim] | None:
+    """(S, a, rest) when d is a * S + rest: S the one symbol of d not in `known`, a degree-one factor
+    of the terms it is in (a number >= 1, or a polynomial of known symbols: T * S), `rest` the other
+    terms (a number, or a polynomial of known symbols), so that a size n of d gives S = (n - rest) // a.
+    None when d has no unknown symbol or several, or S is in a power (S * S)."""
+    if not isinstance(d, Sym):
+        return None
+    unknown = d.symbols - set(known)
+    if len(unknown) != 1:
+        return None
+    (s,) = unknown
+    factor: dict[Monomial, int] = {}
+    rest: dict[Monomial, int] = {}
+    for m, c in d.terms:
+        if m.count(s) > 1:
+            return None
+        if s in m:
+            i = m.index(s)
+            factor[m[:i] + m[i + 1:]] = c
+        else:
+            rest[m] = c
+    a = Sym._norm(factor)
+    if isinstance(a, int) and a < 1:
+        return None
+    return s, a, Sym._norm(rest)
+
+
+def readable_symbols(dims: Iterable[Dim]) -> set[str]:
+    """The symbols whose sizes input dimensions `dims` give: those that are a whole dimension, then, as
+    long as some are found, those solve_for reads from a dimension with the ones known so far."""
+    dims = list(dims)
+    known = {n for n in map(symbol_name, dims) if n}
+    while True:
+        found = {r[0] for r in (solve_for(d, known) for d in dims) if r is not None}
+        if not found:
+            return known
+        known |= found
 
 
 def to_json(d: Dim) -> int | str | list:

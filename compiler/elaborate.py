@@ -34,7 +34,7 @@ from specc.dsl.schema import RESERVED, DimDecl, OutputDecl, SpecSource, check_id
 from specc.dsl.yamlpos import TextOrigin
 
 from . import ops as _ops  # noqa: F401  (registers the built-in operators)
-from .dims import Dim, Sym, div_exact, evaluate, fmt, is_dim
+from .dims import Dim, Sym, div_exact, evaluate, fmt, is_dim, readable_symbols
 from .ir import DTYPES, FLOAT_DTYPES, INT_RANGES, NODE, Frame, Graph, Init, Node, ParamSpec, Ref, TensorType
 from .registry import REGISTRY, REQUIRED, Arg, OpCall, OpDef, OpError
 from .tied import partial_tie_message, select, tied_names
@@ -1828,17 +1828,16 @@ class Elaborator:
     def check_symbols_known(self) -> None:
         """Every symbolic dimension the graph uses must be readable from an input's shape at run time."""
         known: set[str] = set()
-        readable: set[str] = set()  # a whole input dimension, or a * S + b in one symbol (solved from the size)
         part_of: dict[str, str] = {}  # a symbol read nowhere alone -> an input dimension it is part of
         for name, nid in self.graph.inputs:
             for d in self.graph.node(nid).type.shape:
                 if not isinstance(d, Sym):
                     continue
                 known |= d.symbols
-                if len(d.symbols) == 1 and all(not m or (len(m) == 1 and c >= 1) for m, c in d.terms):
-                    readable |= d.symbols
                 for s in d.symbols:
                     part_of.setdefault(s, f"{d} of input '{name}'")
+        # a whole input dimension, or solved from one: a * S + b, a * S + (symbols already read)
+        readable = readable_symbols(d for _, nid in self.graph.inputs for d in self.graph.node(nid).type.shape)
         reported: set[str] = set()
         for _, node in self.graph.nodes():
             used: set[str] = set()
@@ -1855,7 +1854,8 @@ class Elaborator:
                 reported.add(s)
                 self.fail(node.span, f"symbolic dimension '{s}' is only part of an input dimension ({part_of[s]}), "
                                      f"so its value cannot be read when the model runs",
-                          f"give an input a dimension {s} alone (or a * {s} + b)")
+                          f"give an input a dimension {s} alone, or a * {s} + b with a and b numbers or sizes of "
+                          f"symbols the inputs give")
 
     def check_unused_blocks(self) -> None:
         """Blocks the graph never calls get no shapes, but their unknown names are still errors."""

@@ -397,6 +397,44 @@ outputs:
         model(torch.randn(2, 6, 4))
 
 
+def test_a_symbol_solved_with_the_sizes_of_others_sizes_the_computation(tmp_path):
+    """K given only as w: [B, T * K + 1] and H only as z: [B, 2 * T + H], T whole in x: read after T, as
+    (size - 1) // T and size - 2 * T, before they size a reshape and a slice (at the top level and in a
+    block that takes z and x), in the order they need whatever the symbols' names."""
+    spec = """
+specc: 1
+name: solved
+dims: {B: 2, T: 3, H: 4, K: 5}
+inputs:
+  w: f32[B, T * K + 1]
+  z: f32[B, 2 * T + H]
+  x: f32[B, T]
+blocks:
+  head(z, x): |
+    return z[:, :H] * sum(x, dim=-1, keepdim=true)
+graph: |
+  v = reshape(w[:, 1:], [B, T, K])
+  y = head(z, x)
+outputs:
+  v: f32[B, T, K]
+  y: f32[B, H]
+"""
+    out = specc.build(spec, tmp_path / "out")
+    source = (out / "model.py").read_text()
+    assert "        T = x.shape[1]  # symbolic dimension\n        K = (w.shape[1] - 1) // T  # symbolic dimension: " \
+           "w's axis 1 is K*T + 1\n" in source
+    assert "H = (z.shape[1] - 2 * T)  # symbolic dimension: z's axis 1 is H + 2*T" in source
+    model = import_model_module(out).load(out)
+    for t, h, k in ((3, 4, 5), (1, 1, 1), (6, 2, 3)):
+        w, z, x = torch.randn(2, t * k + 1), torch.randn(2, 2 * t + h), torch.randn(2, t)
+        v, y = model(w, z, x)
+        assert torch.equal(v, w[:, 1:].reshape(2, t, k))
+        assert torch.equal(y, z[:, :h] * x.sum(-1, keepdim=True))
+    with pytest.raises(ValueError) as info:
+        model(torch.randn(2, 11), torch.randn(2, 10), torch.randn(2, 3))
+    assert str(info.value) == "input w: dimension 1 is 11, but must be K*T + 1 for a whole K >= 1 with T=3"
+
+
 def test_an_input_axis_of_several_symbols_is_checked_with_the_known_ones_sizes():
     """x: [B, 2 * T + S] with s: [S]: T is solved as (size - S) // 2, S's size read from s (it was read as
     (size - 0) // (2 + 1), which rejected good inputs); a float input takes the module's own float dtype."""

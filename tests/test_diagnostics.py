@@ -559,13 +559,20 @@ def test_render_escapes_control_characters_and_windows_long_lines():
 
 def test_a_symbol_the_model_cannot_read_is_located_where_it_is_used():
     """A size the computation takes (a reshape's, arange's) must be readable from the inputs: a whole
-    input dimension, or a * S + b in one symbol. One in no input, or only inside B * T, is an error at
-    the node; B * T itself, with no node needing B or T alone, is fine."""
-    head = "specc: 1\nname: m\ndims:\n  U: 3\ninputs:\n  x: f32[B * T, 8]\n  y: f32[B, 2 * S + 1]\ngraph: |\n"
-    diags = errors(head + "  a = reshape(x, [B, T, 8])\n  b = sum(arange(U))\noutputs:\n  a: null\n  b: null\n")
+    input dimension, or a * S + b with a and b numbers or sizes read so (B * T with B whole elsewhere
+    gives T). One in no input, or only inside V * T, is an error at the node; V * T itself, with no node
+    needing V or T alone, is fine."""
+    head = ("specc: 1\nname: m\ndims:\n  U: 3\ninputs:\n  x: f32[V * T, 8]\n  y: f32[B, 2 * S + 1]\n"
+            "  z: f32[B * R, S + 2 * R]\ngraph: |\n")
+    diags = errors(head + "  a = reshape(x, [V, T, 8])\n  b = sum(arange(U))\noutputs:\n  a: null\n  b: null\n")
     assert [(d.span.line, d.span.col, d.message, d.notes) for d in diags] == [
-        (9, 7, "symbolic dimension 'T' is only part of an input dimension (B*T of input 'x'), so its value cannot "
-               "be read when the model runs", ("give an input a dimension T alone (or a * T + b)",)),
-        (10, 11, "symbolic dimension 'U' appears in no input's shape, so its value is unknown when the model runs",
+        (10, 7, "symbolic dimension 'T' is only part of an input dimension (T*V of input 'x'), so its value cannot "
+                "be read when the model runs", ("give an input a dimension T alone, or a * T + b with a and b "
+                                                "numbers or sizes of symbols the inputs give",)),
+        (10, 7, "symbolic dimension 'V' is only part of an input dimension (T*V of input 'x'), so its value cannot "
+                "be read when the model runs", ("give an input a dimension V alone, or a * V + b with a and b "
+                                                "numbers or sizes of symbols the inputs give",)),
+        (11, 11, "symbolic dimension 'U' appears in no input's shape, so its value is unknown when the model runs",
          ())]
-    specc.check(head + "  a = relu(x)\n  b = reshape(y[:, 1:], [B, S, 2])\noutputs:\n  a: null\n  b: null\n")
+    specc.check(head + "  a = relu(x)\n  b = reshape(y[:, 1:], [B, S, 2])\n  c = reshape(z, [B, R, S + 2 * R])\n"
+                       "outputs:\n  a: null\n  b: null\n  c: null\n")

@@ -119,8 +119,9 @@ def test_failed_build_keeps_the_earlier_build(capsys, tmp_path):
 
 @pytest.mark.parametrize("command", ["build", "verify"])
 def test_an_input_dimension_the_backend_cannot_solve_is_located(capsys, tmp_path, command):
-    """T * S where neither is a whole dimension of an input (a * S + b and expressions of whole dimensions
-    are supported: tests/test_tvm_input_dims.py): an error at the input's line, for build and verify."""
+    """T * S where neither is a whole dimension of an input or solved from one (a * S + b, expressions of
+    such symbols are supported: tests/test_tvm_input_dims.py): an error at the input's line, for build and
+    verify."""
     spec = tmp_path / "expr.yaml"
     spec.write_text("specc: 1\nname: e\ninputs:\n  x: f32[B, T * S]\ngraph: |\n  y = relu(x)\noutputs:\n  y:\n")
     args = build(tmp_path / "out", spec=spec) if command == "build" else \
@@ -128,7 +129,8 @@ def test_an_input_dimension_the_backend_cannot_solve_is_located(capsys, tmp_path
     [(where, msg)] = fails(capsys, *args, note="targets that support it: torch")
     assert where == f"{spec}:4:3", where
     assert "input 'x': dimension 1 is the expression S*T; the TVM backend takes an input dimension that is a " \
-           "symbol, a * S + b in one symbol, or an expression of symbols that are whole dimensions" in msg
+           "symbol, a * S + b, or an expression of symbols the inputs give (whole, or solved from such a " \
+           "dimension)" in msg
     assert not (tmp_path / "out").exists()
 
 

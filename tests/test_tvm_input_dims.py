@@ -1,6 +1,7 @@
 """Input dimensions that are expressions, on the TVM backend: a * S + b in one symbol (an image side 4 * Hq
 that pools twice; 2 * T + 1), and expressions of symbols that are whole dimensions of other inputs
-(B * T). One library serves every size: the function takes a size variable for such an axis, S is
+(B * T), and a * S + b whose a and b hold symbols other inputs give (2 * T + H, T * K + 1: H and K
+solved once T is known, in the order that needs). One library serves every size: the function takes a size variable for such an axis, S is
 solved from it, and the runner checks that the sizes fit before the call (a clear ValueError, not a VM
 error). Outputs against the float64 torch oracle on the same perturbed weights (tolerance as
 tests/test_tvm_equivalence.py: 1e-4 * max(1, |oracle|)); tuned static copies at such sizes too.
@@ -56,6 +57,28 @@ outputs:
 """
 
 
+#: H solved from 2 * T + H once T is read; K from K * T + 1 (a symbol's factor); G from G + H, after H
+SOLVED = """\
+specc: 1
+name: solved
+dims:
+  H: {example: 4, max: 12}
+  K: 5
+  G: 2
+inputs:
+  later: f32[B, G + H]
+  x: f32[B, T]
+  z: f32[B, 2 * T + H]
+  w: f32[B, T * K + 1]
+graph: |
+  y = z[:, :H] * 2.0 + later[:, G:]
+  v = reshape(w[:, 1:], B, T, K) * x[:, :, None]
+outputs:
+  y: f32[B, H]
+  v: f32[B, T, K]
+"""
+
+
 #: one pooling step over 2 * Hq: the tuning test's spec (tuning the U-Net's five convolutions would take long;
 #: the U-Net is compiled once, for the two tests that run it)
 POOL = """\
@@ -97,6 +120,21 @@ def test_a_unet_over_symbolic_image_sizes_from_one_library(perturb, unet):
 
 def test_a_constant_term_and_a_product_of_whole_dimensions(perturb):
     _check(MIXED, [{"B": 2, "T": 3}, {"B": 3, "T": 7}], perturb)
+
+
+def test_symbols_solved_with_the_sizes_of_others(perturb):
+    runner, model = _check(SOLVED, [{"B": 2, "T": 3}, {"B": 1, "T": 1, "H": 1, "K": 1, "G": 1},
+                                    {"B": 3, "T": 6, "H": 12, "K": 2, "G": 4}], perturb)
+    assert runner.manifest["inputs"][2]["shape"] == ["B", [[1, ["H"]], [2, ["T"]]]]
+    x, later, z, w = torch.randn(2, 3), torch.randn(2, 6), torch.randn(2, 10), torch.randn(2, 16)
+    for bad, message in (({"z": torch.randn(2, 6)}, "input z: dimension 1 is 6, but must be H + 2*T for a whole "
+                                                    "H >= 1 with T=3"),
+                         ({"w": torch.randn(2, 15)}, "input w: dimension 1 is 15, but must be K*T + 1 for a whole "
+                                                     "K >= 1 with T=3"),
+                         ({"later": torch.randn(2, 4)}, "input later: dimension 1 is 4, but must be G + H for a "
+                                                        "whole G >= 1 with H=4")):
+        given = {"later": later, "x": x, "z": z, "w": w, **bad}
+        assert _same_error(runner, model, *given.values()) == message
 
 
 def _same_error(runner, model, *inputs) -> str:

@@ -150,8 +150,9 @@ def check_inputs(model: nn.Module, *inputs: torch.Tensor) -> None:
     """ValueError, naming the input and dimension, unless the inputs have the ranks, dtypes (a float one:
     the declared dtype or that of the model's floats, e.g. float64 after .double(); any float dtype
     under autocast or when the model holds no floats) and static sizes INPUTS declares, and one size per
-    symbolic dimension (read whole, or solved from a * S + b) within BOUNDS. Reads shapes only, never
-    values; skipped while torch.compile or torch.export trace the model."""
+    symbolic dimension (read whole, or solved from a * S + b, a and b numbers or sizes read before)
+    within BOUNDS. Reads shapes only, never values; skipped while torch.compile or torch.export trace
+    the model."""
     if torch.compiler.is_compiling():
         return
     floats = None  # the model's float dtypes, read when a float input has another dtype than declared
@@ -174,21 +175,26 @@ def check_inputs(model: nn.Module, *inputs: torch.Tensor) -> None:
         for axis, d in enumerate(shape):
             if isinstance(d, str) and d not in sizes:
                 sizes[d], where[d] = have[axis], f"input {name}: dimension {axis} ({d})"
-    for name, shape, have in declared:  # a * S + b, S given whole by no input: solved from the size
-        for axis, d in enumerate(shape):
-            if not isinstance(d, list):
-                continue
-            unknown = {s for _, ss in d for s in ss} - set(sizes)
-            if len(unknown) == 1 and all(ss == list(unknown) for _, ss in d if unknown & set(ss)):
-                (s,), n = unknown, have[axis]  # a * S + b: b the known terms' sizes
-                a = sum(c for c, ss in d if ss == [s])
-                b = _size([(c, ss) for c, ss in d if ss != [s]], sizes)
-                if (n - b) % a or (n - b) // a < 1:
+    progress = True
+    while progress:  # a * S + b, S given whole by no input: solved from the size once a and b are known
+        progress = False
+        for name, shape, have in declared:
+            for axis, d in enumerate(shape):
+                if not isinstance(d, list):
+                    continue
+                unknown = {s for _, ss in d for s in ss} - set(sizes)
+                if len(unknown) != 1 or any(ss.count(s) > 1 for _, ss in d for s in unknown):
+                    continue
+                (s,), n = unknown, have[axis]  # a: the known factor of S's terms, b: the other terms' sizes
+                a = _size([(c, [k for k in ss if k != s]) for c, ss in d if s in ss], sizes)
+                b = _size([(c, ss) for c, ss in d if s not in ss], sizes)
+                if a < 1 or (n - b) % a or (n - b) // a < 1:
                     known = sorted({k for _, ss in d for k in ss if k != s})
                     given = f" with {', '.join(f'{k}={sizes[k]}' for k in known)}" if known else ""
                     raise ValueError(f"input {name}: dimension {axis} is {n}, but must be {_show(d)} for a whole "
                                      f"{s} >= 1{given}")
                 sizes[s], where[s] = (n - b) // a, f"input {name}: dimension {axis} ({_show(d)})"
+                progress = True
     for name, shape, have in declared:
         for axis, (d, n) in enumerate(zip(shape, have)):
             if isinstance(d, int) and n != d:

@@ -22,7 +22,8 @@ from typing import Any
 
 import networkx as nx
 
-from specc.compiler.dims import Sym, fmt
+from specc.compiler.dims import Sym, fmt, solve_for, symbol_name
+from specc.compiler.dims import symbols as dims_symbols
 from specc.compiler.ir import DTYPES, FLOAT_DTYPES, Frame, Graph, Node, Ref, TensorType
 
 from .lowering import ATOM, EXT_PREFIX, HELPERS, LOWERINGS, Ctx, Expr, dim_text, lit, module_alias
@@ -775,35 +776,52 @@ class Generator:
         raise AssertionError  # pragma: no cover
 
     def symbol_prologue(self, inst: Inst, ins: list[tuple[str, Ref]], symbols: list[str]) -> list[str]:
+        """The lines that read the symbolic sizes `symbols` (and those they are solved with) from the
+        arguments `ins`: a whole dimension's size, else solved from a dimension a * S + rest whose other
+        symbols are read already (`dims.solve_for`). Lines in the order of `symbols`, each after those it
+        reads."""
         g = self.graph
-        lines = []
-        for s in symbols:
-            found = None
+        how: dict[str, tuple[str, frozenset[str]]] = {}  # symbol -> (its line, the symbols it reads)
+        for name, r in ins:
+            for axis, d in enumerate(g.type_of(r).shape):
+                s = symbol_name(d)
+                if s is not None and s not in how:
+                    how[s] = (f"{self.sym_name(s)} = {name}.shape[{axis}]  # symbolic dimension", frozenset())
+        progress = True
+        while progress:  # a symbol solved from a dimension whose other symbols are known so far
+            progress = False
             for name, r in ins:
                 for axis, d in enumerate(g.type_of(r).shape):
-                    if d == Sym.of(s):
-                        found = (name, axis)
-                        break
-                if found:
-                    break
-            if found is not None:
-                lines.append(f"{self.sym_name(s)} = {found[0]}.shape[{found[1]}]  # symbolic dimension")
-                continue
-            for name, r in ins:  # an axis a * s + b (an image side 4 * H): s solved from its size
-                for axis, d in enumerate(g.type_of(r).shape):
-                    ab = _affine_in(d, s)
-                    if ab is not None:
-                        found = (name, axis, *ab, d)
-                        break
-                if found:
-                    break
-            if found is None:
+                    solved = solve_for(d, how)
+                    if solved is None:
+                        continue
+                    s, a, rest = solved
+                    size = f"{name}.shape[{axis}]"
+                    if isinstance(rest, int) and rest:
+                        size = f"({size} {'-' if rest > 0 else '+'} {abs(rest)})"
+                    elif rest:
+                        size = f"({size} - {dim_text(rest, self.sym_name)})"
+                    divisor = f" // {dim_text(a, self.sym_name)}" if a != 1 else ""
+                    how[s] = (f"{self.sym_name(s)} = {size}{divisor}  # symbolic dimension: {name}'s axis {axis} "
+                              f"is {d}", dims_symbols(a) | dims_symbols(rest))
+                    progress = True
+        for s in symbols:
+            if s not in how:
                 raise CodegenError(f"symbolic dimension {s} is not readable from the inputs of "
                                    f"{'/'.join(inst_path(inst.scope)) or 'the model'}")
-            name, axis, a, b, d = found
-            size = f"{name}.shape[{axis}]" if not b else f"({name}.shape[{axis}] {'-' if b > 0 else '+'} {abs(b)})"
-            lines.append(f"{self.sym_name(s)} = {size}{f' // {a}' if a != 1 else ''}  # symbolic dimension: "
-                         f"{name}'s axis {axis} is {d}")
+        lines: list[str] = []
+        done: set[str] = set()
+
+        def emit(s: str) -> None:
+            if s in done:
+                return
+            done.add(s)
+            for dep in sorted(how[s][1]):
+                emit(dep)
+            lines.append(how[s][0])
+
+        for s in symbols:
+            emit(s)
         return lines
 
 
@@ -859,18 +877,3 @@ def generate_source(graph: Graph, header: str, footer: str = "") -> str:
 
 
 __all__ = ["generate_source", "CodegenError", "DTYPES", "lit"]
-
-
-def _affine_in(d: Any, s: str) -> tuple[int, int] | None:
-    """(a, b) when the dimension d is a * s + b with a >= 1, else None."""
-    if not isinstance(d, Sym):
-        return None
-    a, b = 0, 0
-    for m, c in d.terms:
-        if not m:
-            b = c
-        elif m == (s,):
-            a = c
-        else:
-            return None
-    return (a, b) if a >= 1 else None

@@ -49,7 +49,7 @@ from tvm.relax import op as R
 from specc.backends.tvm import rowops
 from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
-from specc.compiler.dims import Dim, Sym, product, symbol_name
+from specc.compiler.dims import Dim, Sym, evaluate, product, solve_for, symbol_name
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType, slice_step
 
 
@@ -2011,33 +2011,19 @@ def parameters(graph: Graph) -> list[tuple[str, ParamSpec]]:
     return out
 
 
-def affine(d: Any) -> tuple[str, int, int] | None:
-    """(S, a, b) when the dimension d is a * S + b in one symbol S with a >= 1, else None."""
-    if not isinstance(d, Sym):
-        return None
-    sym, a, b = None, 0, 0
-    for m, c in d.terms:
-        if not m:
-            b = c
-        elif len(m) == 1 and sym is None:
-            sym, a = m[0], c
-        else:
-            return None
-    return (sym, a, b) if sym is not None and a >= 1 else None
-
-
 @dataclass(frozen=True)
 class InputShapes:
     """How the function's inputs define the spec's symbols. A symbol that is a whole input dimension
     somewhere is a size variable of the function. One that appears only as a * S + b (an image side
-    4 * Hq that pools twice, say) is (v - b) // a of a variable v the function takes for that axis;
+    4 * Hq that pools twice, say; b, or a, may hold symbols the inputs give too: 2 * T + H) is
+    (v - b) // a of a variable v the function takes for that axis;
     such an input (and one with an axis whose expression uses symbols defined elsewhere) is reshaped
     once inside the function to its shape in the spec's symbols. The sizes must fit: the runner
     checks them before it calls the function."""
 
     syms: dict[str, Any]  # symbol -> its tirx.Var, or (v - b) // a of an axis variable
     annotations: dict[int, list[Any]]  # input node -> the shape its parameter is declared with
-    derived: dict[str, tuple[str, int, int]]  # axis variable name -> (S, a, b): v = a * S + b
+    derived: dict[str, Dim]  # axis variable name -> the dimension it is (a * S + b, 2 * T + H, ...)
     checked: frozenset[int]  # input nodes reshaped to their shape in the spec's symbols inside the function
 
 
@@ -2047,8 +2033,9 @@ def input_shapes(graph: Graph) -> InputShapes:
         for name in filter(None, map(symbol_name, graph.node(nid).type.shape)):
             syms.setdefault(name, tirx.Var(name, "int64"))
     annotations: dict[int, list[Any]] = {}
-    derived: dict[str, tuple[str, int, int]] = {}
+    derived: dict[str, Dim] = {}
     checked = set()
+    where: dict[str, tuple[str, int, int]] = {}  # axis variable name -> (input, axis, its node)
     for name, nid in graph.inputs:
         shape = []
         for axis, d in enumerate(graph.node(nid).type.shape):
@@ -2056,23 +2043,30 @@ def input_shapes(graph: Graph) -> InputShapes:
                 shape.append(dim_expr(d, syms) if isinstance(d, Sym) else tirx.IntImm("int64", d))
                 continue
             v = tirx.Var(f"{_hint(name)}__{axis}", "int64")
-            if all(isinstance(syms.get(x), tirx.Var) for x in d.symbols):  # e.g. B * T, both whole dimensions
-                shape.append(v)
-                checked.add(nid)
-                continue
-            form = affine(d)
-            if form is None:
-                raise LoweringError(f"input '{name}': dimension {axis} is the expression {d}; the TVM backend "
-                                    f"takes an input dimension that is a symbol, a * S + b in one symbol, or an "
-                                    f"expression of symbols that are whole dimensions of the inputs",
-                                    graph.node(nid).span)
-            sym, a, b = form
-            derived[v.name] = form
-            if sym not in syms:
-                syms[sym] = tirx.floordiv(v - b, a) if a != 1 else v - b
             shape.append(v)
             checked.add(nid)
+            if not all(isinstance(syms.get(x), tirx.Var) for x in d.symbols):  # not only whole dimensions (B * T)
+                derived[v.name], where[v.name] = d, (name, axis, nid)
         annotations[nid] = shape
+    variables = {v.name: v for shape in annotations.values() for v in shape if isinstance(v, tirx.Var)}
+    progress = True
+    while progress:  # S of a * S + rest, once the symbols of a and rest are known: (v - rest) // a
+        progress = False
+        for vname, d in derived.items():
+            solved = solve_for(d, syms)
+            if solved is None:
+                continue
+            sym, a, rest = solved
+            v = variables[vname]
+            size = v - dim_expr(rest, syms) if rest != 0 else v
+            syms[sym] = tirx.floordiv(size, dim_expr(a, syms)) if a != 1 else size
+            progress = True
+    for vname, d in derived.items():
+        if not d.symbols <= set(syms):
+            name, axis, nid = where[vname]
+            raise LoweringError(f"input '{name}': dimension {axis} is the expression {d}; the TVM backend takes an "
+                                f"input dimension that is a symbol, a * S + b, or an expression of symbols the "
+                                f"inputs give (whole, or solved from such a dimension)", graph.node(nid).span)
     return InputShapes(syms, annotations, derived, frozenset(checked))
 
 
@@ -2107,10 +2101,10 @@ def to_relax(graph: Graph, target_kind: str = "llvm", func_name: str = "main",
     kernels: dict[Any, tvm.ir.GlobalVar] = {}
     attrs = {"num_input": len(in_vars)}
     bounds = {s: hi for s, (_, _, hi) in graph.dims.items() if hi is not None and isinstance(syms.get(s), tirx.Var)}
-    for v, (sym, a, b) in shapes.derived.items():
-        hi = graph.dims.get(sym, (None, None, None))[2]
-        if hi is not None:
-            bounds[v] = a * hi + b
+    for v, d in shapes.derived.items():  # the largest size: every symbol at its largest (a sum of non-negative terms)
+        his = {s: graph.dims.get(s, (None, None, None))[2] for s in d.symbols}
+        if None not in his.values() and all(c >= 0 for m, c in d.terms if m):
+            bounds[v] = evaluate(d, his)
     if bounds:
         attrs["tir_var_upper_bound"] = bounds
     with bb.function(func_name, in_vars + list(weights.values()), attrs=attrs):

@@ -100,19 +100,20 @@ def _to_tvm(x: Any, dev: Any) -> Any:
     return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
 
 
-def _affine(d: Any) -> tuple[str, int, int] | None:
-    """(S, a, b) for a manifest dimension [[a, [S]], [b, []]] (a * S + b in one symbol, a >= 1), else None."""
+def _solvable(d: Any, dims: Mapping[str, int]) -> tuple[str, int, int] | None:
+    """(S, a, b) for a manifest dimension [[coefficient, [symbols]], ...] that is a * S + b in the one
+    symbol S it holds that `dims` lacks (S in no power), a and b at the sizes of `dims`; else None."""
     if not isinstance(d, list):
         return None
-    sym, a, b = None, 0, 0
-    for coef, symbols in d:
-        if not symbols:
-            b = coef
-        elif len(symbols) == 1 and sym is None:
-            sym, a = symbols[0], coef
-        else:
-            return None
-    return (sym, a, b) if sym is not None and a >= 1 else None
+    unknown = _symbols_of(d) - set(dims)
+    if len(unknown) != 1:
+        return None
+    (sym,) = unknown
+    if any(symbols.count(sym) > 1 for _, symbols in d):
+        return None
+    a = _size([[c, [k for k in symbols if k != sym]] for c, symbols in d if sym in symbols], dims)
+    b = _size([[c, symbols] for c, symbols in d if sym not in symbols], dims)
+    return sym, a, b
 
 
 def _size(d: Any, dims: Mapping[str, int]) -> int:
@@ -235,25 +236,32 @@ class Runner:
 
     def dims_of(self, args: tuple) -> dict[str, int]:
         """The sizes of the symbolic dimensions, read from the inputs' shapes: a symbol that is a whole
-        dimension somewhere is that dimension's size; one that appears only as a * S + b is solved for
-        (ValueError when the size is not of that form)."""
+        dimension somewhere is that dimension's size; one that appears only as a * S + b is solved for,
+        a and b numbers or the sizes of symbols known so far (ValueError when the size is not of that
+        form)."""
         dims: dict[str, int] = {}
         specs = self.manifest["inputs"]
         for x, spec in zip(args, specs):
             for axis, d in enumerate(spec["shape"]):
                 if isinstance(d, str):
                     dims.setdefault(d, int(x.shape[axis]))
-        for x, spec in zip(args, specs):
-            for axis, d in enumerate(spec["shape"]):
-                form = _affine(d)
-                if form is None or form[0] in dims:
-                    continue
-                sym, a, b = form
-                n = int(x.shape[axis])
-                if (n - b) % a or (n - b) // a < 1:
-                    raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but must be {_show(d)} for "
-                                     f"a whole {sym} >= 1")
-                dims[sym] = (n - b) // a
+        progress = True
+        while progress:  # a * S + b: solved once the other symbols' sizes are known
+            progress = False
+            for x, spec in zip(args, specs):
+                for axis, d in enumerate(spec["shape"]):
+                    form = _solvable(d, dims)
+                    if form is None:
+                        continue
+                    sym, a, b = form
+                    n = int(x.shape[axis])
+                    if a < 1 or (n - b) % a or (n - b) // a < 1:
+                        known = sorted(_symbols_of(d) - {sym})
+                        given = f" with {', '.join(f'{k}={dims[k]}' for k in known)}" if known else ""
+                        raise ValueError(f"input {spec['name']}: dimension {axis} is {n}, but must be {_show(d)} "
+                                         f"for a whole {sym} >= 1{given}")
+                    dims[sym] = (n - b) // a
+                    progress = True
         return dims
 
     def run_tvm(self, *args: Any) -> Any:

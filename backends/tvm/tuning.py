@@ -106,7 +106,7 @@ def specialise(mod: tvm.IRModule, dims_list: list[dict[str, int]], func: str = "
         binding = dict(dims)
         if shapes is not None:
             binding = {k: v for k, v in dims.items() if isinstance(shapes.syms.get(k), tirx.Var)}
-            binding.update({v: a * dims[sym] + b for v, (sym, a, b) in shapes.derived.items()})
+            binding.update({v: evaluate(d, dims) for v, d in shapes.derived.items()})
         one = relax.transform.BindSymbolicVars(binding)(tvm.IRModule({func: base}))[func]
         mod[name] = one.with_attr("global_symbol", name)
         mod = _StaticKernels(mod).run(name)
