@@ -5,6 +5,7 @@ folder named) that leaves the folder exactly as it was; in-process through `spec
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -91,6 +92,22 @@ def test_resuming_in_place_needs_no_force(tmp_path, capsys):
     code, err = train(run, capsys, "--resume", str(run))
     assert code == 0, err
     assert (run / "model" / "manifest.json").is_file() and "step-0000004" in steps_of(run)
+
+
+def test_resuming_past_the_recipes_steps_is_an_error_and_at_them_trains_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, capsys)[0] == 0
+    before = snapshot(run)
+    code, err = train(run, capsys, "--resume", str(run), steps=2)
+    assert code == 2, err
+    assert f"{run}: error: --resume: the run's newest checkpoint is at step 4, past the recipe's 2 steps" in err
+    assert "raise train.steps (--set train.steps=N) to train on" in err
+    assert snapshot(run) == before
+    last = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' not in line][-1]
+    code = main(["train", str(MOONS), "-o", str(run), "--quiet", "--resume", str(run), "--set", "train.steps=4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "trained moons: 4 steps" in out, out
+    assert f"loss {json.loads(last)['loss']:.4g}" in out  # the run's last loss, not nan: nothing was trained
 
 
 def test_a_resumed_run_into_another_folder_follows_the_same_rules(tmp_path, capsys):

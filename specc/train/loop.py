@@ -578,6 +578,11 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     start = 0
     if resume is not None:
         start = load_checkpoint(Path(resume), model, names, opt, recipe.sources)
+        if start > steps:
+            raise SpecError(Diagnostic(Span(str(resume), 0, 0), f"--resume: the run's newest checkpoint is at step "
+                                                                f"{start}, past the recipe's {steps} steps",
+                                       notes=("raise train.steps (--set train.steps=N) to train on",)),
+                            recipe.sources)
     trained = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -605,6 +610,7 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     try:
         if start >= stop and dist.main:  # nothing to train (--until at the resumed step): the folder all the same
             log = _open_run(out, resume, start, pending)
+            loss_value = _logged_loss(Path(resume), start)
         for step in range(start, stop):
             scalars = stepper.scalars(step)
             factor = stepper.lr_factor(step)
@@ -723,6 +729,18 @@ def _open_run(out: Path, resume: Path | None, start: int, pending: list[dict[str
     for record in pending:
         log.write(_json_line(record))
     return log
+
+
+def _logged_loss(run: Path, step: int) -> float:
+    """The training loss metrics.jsonl of `run` holds for `step` (nan when it holds none)."""
+    try:
+        for line in reversed((run / "metrics.jsonl").read_text().splitlines()):
+            record = json.loads(line) if line.strip() else {}
+            if record.get("step") == step and "split" not in record and isinstance(record.get("loss"), float):
+                return record["loss"]
+    except (OSError, ValueError):
+        pass
+    return float("nan")
 
 
 def _keep_metrics(out: Path, resume: Path | None, start: int) -> None:
