@@ -598,7 +598,6 @@ class Generator:
         g = self.graph
         uses = set() if uses is None else uses
         names: dict[Ref, str] = {}
-        live_until: dict[str, int] = {}  # python name -> last statement index that reads it
         # Arguments: block arguments (or graph inputs). A read of an outside value reads the argument
         # it was in the spec (a pseudo-ref per argument: two arguments may be passed one value)
         arg_refs: dict[str, Ref] = {}
