@@ -2,7 +2,7 @@
 # GPU check of specc's TVM CUDA path: build the zoo for sm_90 here, run it on a GPU machine there.
 #
 #   tools/gpu_check.sh stage [DIR]   # here (no GPU needed; nvcc is): build and stage into DIR
-#                                    #   (default build/gpu_check, git-ignored; about 44 MiB for cuda;
+#                                    #   (default build/gpu_check, git-ignored; about 47 MiB for cuda;
 #                                    #   2.5 minutes on 2 cores, nvcc included)
 #   tools/gpu_check.sh run [DIR]     # there: run every staged model against torch on the GPU
 #   tools/gpu_check.sh cpu-smoke     # here: the same loader on llvm builds of three small models
