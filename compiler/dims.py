@@ -8,7 +8,7 @@ evaluation under a binding. Sums and products normalise, so `B*T == T*B`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Iterable, Mapping, Union
+from typing import Collection, Iterable, Mapping, Sequence, Union
 
 Monomial = tuple[str, ...]  # sorted symbol names, with repetition for powers
 
@@ -185,16 +185,30 @@ def solve_for(d: Dim, known: Collection[str]) -> tuple[str, Dim, Dim] | None:
     return s, a, Sym._norm(rest)
 
 
+def solve_all(dims: Sequence[Dim], known: Iterable[str]) -> list[tuple[int, str, Dim, Dim]]:
+    """(index, S, a, rest) for each symbol solve_for reads from `dims` beyond the `known` ones, in the
+    order they can be read: sweeping `dims` in order, each solved symbol known from then on, until a
+    sweep finds none; a symbol comes from the first dimension that gives it."""
+    known = set(known)
+    out: list[tuple[int, str, Dim, Dim]] = []
+    progress = True
+    while progress:
+        progress = False
+        for i, d in enumerate(dims):
+            solved = solve_for(d, known)
+            if solved is not None:
+                known.add(solved[0])
+                out.append((i, *solved))
+                progress = True
+    return out
+
+
 def readable_symbols(dims: Iterable[Dim]) -> set[str]:
-    """The symbols whose sizes input dimensions `dims` give: those that are a whole dimension, then, as
-    long as some are found, those solve_for reads from a dimension with the ones known so far."""
+    """The symbols whose sizes input dimensions `dims` give: those that are a whole dimension, then
+    those solve_all reads with them."""
     dims = list(dims)
     known = {n for n in map(symbol_name, dims) if n}
-    while True:
-        found = {r[0] for r in (solve_for(d, known) for d in dims) if r is not None}
-        if not found:
-            return known
-        known |= found
+    return known | {s for _, s, _, _ in solve_all(dims, known)}
 
 
 def to_json(d: Dim) -> int | str | list:

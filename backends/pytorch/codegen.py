@@ -22,7 +22,7 @@ from typing import Any
 
 import networkx as nx
 
-from specc.compiler.dims import Sym, fmt, solve_for, symbol_name
+from specc.compiler.dims import Sym, fmt, solve_all, symbol_name
 from specc.compiler.dims import symbols as dims_symbols
 from specc.compiler.ir import DTYPES, FLOAT_DTYPES, Frame, Graph, Node, Ref, TensorType
 
@@ -777,7 +777,7 @@ class Generator:
     def symbol_prologue(self, inst: Inst, ins: list[tuple[str, Ref]], symbols: list[str]) -> list[str]:
         """The lines that read the symbolic sizes `symbols` (and those they are solved with) from the
         arguments `ins`: a whole dimension's size, else solved from a dimension a * S + rest whose other
-        symbols are read already (`dims.solve_for`). Lines in the order of `symbols`, each after those it
+        symbols are read already (`dims.solve_all`). Lines in the order of `symbols`, each after those it
         reads."""
         g = self.graph
         how: dict[str, tuple[str, frozenset[str]]] = {}  # symbol -> (its line, the symbols it reads)
@@ -786,24 +786,17 @@ class Generator:
                 s = symbol_name(d)
                 if s is not None and s not in how:
                     how[s] = (f"{self.sym_name(s)} = {name}.shape[{axis}]  # symbolic dimension", frozenset())
-        progress = True
-        while progress:  # a symbol solved from a dimension whose other symbols are known so far
-            progress = False
-            for name, r in ins:
-                for axis, d in enumerate(g.type_of(r).shape):
-                    solved = solve_for(d, how)
-                    if solved is None:
-                        continue
-                    s, a, rest = solved
-                    size = f"{name}.shape[{axis}]"
-                    if isinstance(rest, int) and rest:
-                        size = f"({size} {'-' if rest > 0 else '+'} {abs(rest)})"
-                    elif rest:
-                        size = f"({size} - {dim_text(rest, self.sym_name)})"
-                    divisor = f" // {dim_text(a, self.sym_name)}" if a != 1 else ""
-                    how[s] = (f"{self.sym_name(s)} = {size}{divisor}  # symbolic dimension: {name}'s axis {axis} "
-                              f"is {d}", dims_symbols(a) | dims_symbols(rest))
-                    progress = True
+        axes = [(name, axis, d) for name, r in ins for axis, d in enumerate(g.type_of(r).shape)]
+        for i, s, a, rest in solve_all([d for _, _, d in axes], how):  # solved once the others are read
+            name, axis, d = axes[i]
+            size = f"{name}.shape[{axis}]"
+            if isinstance(rest, int) and rest:
+                size = f"({size} {'-' if rest > 0 else '+'} {abs(rest)})"
+            elif rest:
+                size = f"({size} - {dim_text(rest, self.sym_name)})"
+            divisor = f" // {dim_text(a, self.sym_name)}" if a != 1 else ""
+            how[s] = (f"{self.sym_name(s)} = {size}{divisor}  # symbolic dimension: {name}'s axis {axis} is {d}",
+                      dims_symbols(a) | dims_symbols(rest))
         for s in symbols:
             if s not in how:
                 raise CodegenError(f"symbolic dimension {s} is not readable from the inputs of "

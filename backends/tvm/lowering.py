@@ -49,7 +49,7 @@ from tvm.relax import op as R
 from specc.backends.tvm import rowops
 from specc.backends.tvm.kernels import fused_attention, gate_fns
 from specc.backends.tvm.schedules import BATCH_MARK, GATHER_MARK
-from specc.compiler.dims import Dim, Sym, evaluate, product, solve_for, symbol_name
+from specc.compiler.dims import Dim, Sym, evaluate, product, solve_all, symbol_name
 from specc.compiler.ir import DTYPES, Graph, Node, ParamSpec, Ref, TensorType, slice_step
 
 
@@ -1712,7 +1712,7 @@ def _float_zeros(c: Ctx, xs: list) -> relax.Expr:
     shape = c.shape(c.a("shape"))
     if c.out.dtype not in _FLOATS or c.out.rank == 0:
         return R.zeros(shape, c.dtype)
-    return R.broadcast_to(relax.const(np.zeros((1,) * c.out.rank, _np_dtype(c.dtype)), c.dtype), shape)
+    return R.broadcast_to(_opaque_zero(c, c.const(0.0)), shape)
 
 
 def _rotary(c: Ctx, xs: list) -> relax.Expr:
@@ -2049,18 +2049,11 @@ def input_shapes(graph: Graph) -> InputShapes:
                 derived[v.name], where[v.name] = d, (name, axis, nid)
         annotations[nid] = shape
     variables = {v.name: v for shape in annotations.values() for v in shape if isinstance(v, tirx.Var)}
-    progress = True
-    while progress:  # S of a * S + rest, once the symbols of a and rest are known: (v - rest) // a
-        progress = False
-        for vname, d in derived.items():
-            solved = solve_for(d, syms)
-            if solved is None:
-                continue
-            sym, a, rest = solved
-            v = variables[vname]
-            size = v - dim_expr(rest, syms) if rest != 0 else v
-            syms[sym] = tirx.floordiv(size, dim_expr(a, syms)) if a != 1 else size
-            progress = True
+    names = list(derived)
+    for i, sym, a, rest in solve_all([derived[n] for n in names], syms):  # S of a * S + rest: (v - rest) // a
+        v = variables[names[i]]
+        size = v - dim_expr(rest, syms) if rest != 0 else v
+        syms[sym] = tirx.floordiv(size, dim_expr(a, syms)) if a != 1 else size
     for vname, d in derived.items():
         if not d.symbols <= set(syms):
             name, axis, nid = where[vname]
