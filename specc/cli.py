@@ -382,12 +382,10 @@ def _train(args: argparse.Namespace, src, graph, recipe) -> int:
         raise SystemExit("specc: error: --nproc must be at least 1")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from specc.train.dist import check_launch, launch
-        from specc.train.files import resolve as data_path
-        from specc.train.rundir import check_run
+        from specc.train.rundir import check_run, run_inputs
 
         check_launch(recipe, args.nproc)  # user errors here, before the workers start
-        check_run(args.out, resume=args.resume, force=args.force,
-                  protect=(src.file, data_path(recipe) if recipe.data_file else None, args.weights))
+        check_run(args.out, resume=args.resume, force=args.force, protect=(*run_inputs(src, recipe), args.weights))
 
         return launch(args.nproc, ["train"] + _argv_of(args))
     from specc.train.dist import process_group

@@ -51,7 +51,7 @@ from specc.dsl.schema import SpecSource
 from . import data as D
 from .expr import GLOBAL_SUM, TENSOR_FUNCTIONS, Clock, ExprError, evaluate, sampler, scalar_functions
 from .recipe import Recipe, group_index, optimizers
-from .rundir import CHECKPOINTS, MODEL, check_run, same_folder
+from .rundir import CHECKPOINTS, MODEL, check_run, run_inputs, same_folder
 
 #: Validation splits up to this many samples are evaluated in one pass.
 EVAL_CHUNK = 4096
@@ -548,10 +548,8 @@ def run(src: SpecSource, graph: Graph, recipe: Recipe, out: Path, resume: Path |
     them: e.g. a trained model to fine-tune); default: the spec's seeded initialisation."""
     t = recipe.section
     out = Path(out)
-    from .files import resolve as data_path
-
-    check_run(out, resume=resume, force=force, protect=(src.file, data_path(recipe) if recipe.data_file else None,
-                                                         *protect))  # in every process, before they meet (DDP)
+    # in every process, before they meet (DDP)
+    check_run(out, resume=resume, force=force, protect=(*run_inputs(src, recipe), *protect))
     train, val = load_data(recipe)
     if t.eval is not None and not len(next(iter(val.values()))):
         raise SpecError(Diagnostic(recipe.span, "train: eval needs a validation split (split > 0)"), recipe.sources)

@@ -21,19 +21,14 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from specc.backends.outdir import BUILD_FILES, is_specc_manifest
+from specc.backends.outdir import BUILD_FILES, _error, _inside, is_specc_manifest
 from specc.backends.outdir import resolve as resolve_folder
-from specc.dsl.diagnostics import Diagnostic, Span, SpecError
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 #: The files a run writes at the top of its folder (and the temporary file metrics.jsonl is rewritten through).
 RUN_FILES = ("metrics.jsonl", "summary.json", ".metrics.jsonl.tmp")
 RUN_NAMES = frozenset({*RUN_FILES, CHECKPOINTS, MODEL})
-
-
-def _error(out: Path | str, message: str, *notes: str) -> SpecError:
-    return SpecError(Diagnostic(Span(str(out), 0, 0), message, notes=tuple(notes)))
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -46,12 +41,15 @@ def is_checkpoint_name(name: str) -> bool:
     return (name.startswith("step-") and name[5:].isdigit()) or name.startswith(".tmp-step-")
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def same_folder(a: str | Path | None, b: str | Path) -> bool:
     return a is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def run_inputs(src, recipe) -> tuple[str | Path, ...]:
+    """The files a run reads that writing it must not delete: the spec and its data file."""
+    from .files import resolve as data_path
+
+    return (src.file,) + ((data_path(recipe),) if recipe.data_file else ())
 
 
 def check_run(out: str | Path, *, resume: str | Path | None = None, force: bool = False,
